@@ -1,0 +1,52 @@
+"""The `threeds` command line: one subcommand per stage of 3DS."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from threeds import __version__
+from threeds.commands import COMMANDS
+
+DESCRIPTION = """\
+3DS: Decomposed Difficulty Data Selection (Ding et al., EMNLP 2025).
+Select supervised fine-tuning data that fits the target model: Stage 1 keeps pairs the model itself
+rates highly; Stage 2 keeps samples of moderate difficulty on three metrics (Instruction
+Understanding, Response Confidence, Response Correctness), then k-center greedy picks a diverse set.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="threeds", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"threeds {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"threeds.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"threeds.commands.{name}":
+                raise
+            continue
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted: finished work is saved; run the same command again to continue", file=sys.stderr)
+        return 130
