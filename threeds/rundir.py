@@ -1,0 +1,122 @@
+"""A run directory (`cache/<run>/`): manifest, resumable chunks, consolidated stage outputs.
+
+Scoring writes one chunk of samples at a time into `chunks/`, each file atomically (temp file +
+rename) and the chunk's metrics file last, so a chunk counts as done only when all of it is on disk.
+A killed run started again skips finished chunks: no row is lost or duplicated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from threeds.data import write_json, write_jsonl
+
+MANIFEST = "manifest.json"
+PACKAGES = ("threeds", "torch", "transformers", "numpy", "pandas", "pyarrow", "spacy", "jieba")
+
+
+class RunError(RuntimeError):
+    """The run directory cannot be used as asked; the message says why and what to do."""
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call `write(tmp_path)` then rename over `path`: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def package_versions() -> dict[str, str]:
+    found = {}
+    for name in PACKAGES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return found
+
+
+class RunDir:
+    """Paths and chunk bookkeeping of one run directory."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.chunks = self.path / "chunks"
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def read_manifest(self) -> dict:
+        path = self.file(MANIFEST)
+        if not path.exists():
+            return {}
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise RunError(f"{path}: corrupt manifest ({exc}); delete the run directory or use a new --out") from exc
+
+    def update_manifest(self, **fields: object) -> dict:
+        manifest = self.read_manifest() | fields
+        write_json(self.file(MANIFEST), manifest)
+        return manifest
+
+    def write_progress(self, stage: str, done: int, total: int) -> None:
+        write_json(self.file("progress.json"), {"stage": stage, "done": done, "total": total, "updated": time.time()})
+
+    def _chunk(self, index: int, kind: str) -> Path:
+        return self.chunks / f"{index:06d}.{kind}"
+
+    def done_chunks(self) -> set[int]:
+        """Chunks whose metrics file (written last) exists."""
+        if not self.chunks.exists():
+            return set()
+        return {int(p.name.split(".")[0]) for p in self.chunks.glob("*.metrics.parquet")}
+
+    def write_chunk(self, index: int, metrics: pd.DataFrame, embeddings: np.ndarray, tokens: pd.DataFrame) -> None:
+        atomic_write(self._chunk(index, "tokens.parquet"), lambda p: tokens.to_parquet(p, index=False))
+        atomic_write(self._chunk(index, "emb.npy"), lambda p: _save_npy(p, embeddings))
+        atomic_write(self._chunk(index, "metrics.parquet"), lambda p: metrics.to_parquet(p, index=False))
+
+    def consolidate(self, n_chunks: int, records: list[dict]) -> pd.DataFrame:
+        """Join the chunks in order into metrics.parquet, embeddings.npy, tokens.parquet, data.jsonl."""
+        missing = sorted(set(range(n_chunks)) - self.done_chunks())
+        if missing:
+            raise RunError(f"{self.chunks}: chunks {missing[:5]} are missing; run the same command again")
+        metrics = pd.concat([pd.read_parquet(self._chunk(i, "metrics.parquet")) for i in range(n_chunks)], ignore_index=True)
+        embeddings = np.concatenate([np.load(self._chunk(i, "emb.npy"), allow_pickle=False) for i in range(n_chunks)])
+        tokens = pd.concat([pd.read_parquet(self._chunk(i, "tokens.parquet")) for i in range(n_chunks)], ignore_index=True)
+        if list(metrics["id"]) != [r["id"] for r in records]:
+            raise RunError(f"{self.chunks}: chunks do not match the input records; delete the run and score again")
+        write_jsonl(self.file("data.jsonl"), records)
+        atomic_write(self.file("embeddings.npy"), lambda p: _save_npy(p, embeddings))
+        atomic_write(self.file("tokens.parquet"), lambda p: tokens.to_parquet(p, index=False))
+        atomic_write(self.file("metrics.parquet"), lambda p: metrics.to_parquet(p, index=False))
+        shutil.rmtree(self.chunks)
+        return metrics
+
+    def clear_scores(self) -> None:
+        """Forget earlier scoring output (used with --overwrite or a changed config)."""
+        shutil.rmtree(self.chunks, ignore_errors=True)
+        for name in ("metrics.parquet", "embeddings.npy", "tokens.parquet", "data.jsonl", "selection.json"):
+            self.file(name).unlink(missing_ok=True)
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as fh:
+        np.save(fh, np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
+

@@ -1,0 +1,357 @@
+"""Stage 2 of 3DS: decomposed difficulty scores for each (instruction, A, A') sample.
+
+Two forward passes per sample (spec, "Equivalences"): `P + A + E` gives Instruction Understanding
+(`ins_ppl`), the instruction embedding and Response Correctness (A's weighted loss); `P + A' + E`
+gives Response Confidence (A''s weighted loss). Sequences of all samples in a chunk are sorted by
+length and packed into batches by a token budget; only the last layer's attention is computed
+outside SDPA (`threeds.attention`).
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from tqdm.auto import tqdm
+
+from threeds.attention import capture_last_layer, use_threeds_attention
+from threeds.data import full_instruction, require_fields, write_jsonl
+from threeds.function_words import FunctionWords
+from threeds.model import load_model, model_label
+from threeds.prompts import PromptFormat, prompt_format
+from threeds.rundir import RunDir, RunError, package_versions
+
+log = logging.getLogger(__name__)
+
+RESPONSES = {"gt": "output", "gen": "generated_output"}
+# Rows of [rows, vocab] float32 logits computed at once (256 MiB).
+LOGIT_ELEMENTS = 1 << 26
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One templated text `P + R + E`, tokenised and truncated on the right."""
+
+    ids: list[int]
+    offsets: list[tuple[int, int]]
+    prompt_chars: int  # len(P): tokens starting at or after it are response tokens
+    n_prompt: int  # tokens starting before len(P), within the kept window
+    text: str
+    truncated: bool
+
+
+@dataclass(frozen=True)
+class SequenceOut:
+    """Per-position results of one forward pass, on the CPU."""
+
+    ce: np.ndarray  # ce[t] = CE(logits[t-1], token[t]); ce[0] = 0
+    w_mean: np.ndarray
+    w_max: np.ndarray
+    embedding: np.ndarray  # mean of last hidden states over the prompt tokens
+
+
+def encode(tokenizer: PreTrainedTokenizerBase, prompt: str, response: str, eot: str, max_length: int) -> Encoded:
+    """Tokenise `P + R + E` without added special tokens (the template is the authority)."""
+    text = prompt + response + eot
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+    truncated = len(ids) > max_length
+    ids, offsets = ids[:max_length], offsets[:max_length]
+    n_prompt = bisect.bisect_left([start for start, _ in offsets], len(prompt))
+    return Encoded(ids, offsets, len(prompt), n_prompt, text, truncated)
+
+
+def plan_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
+    """Indices grouped longest first so that (batch size x longest length) stays within the budget."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= batch_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def _token_losses(model: PreTrainedModel, hidden: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B, L] next-token cross-entropy in float32, computed in bounded chunks of logits."""
+    head = model.get_output_embeddings()
+    predict = mask[:, 1:]
+    states, targets = hidden[:, :-1][predict], ids[:, 1:][predict]
+    rows = max(1, LOGIT_ELEMENTS // head.weight.shape[0])
+    losses = torch.cat(
+        [
+            F.cross_entropy(head(states[i : i + rows]).float(), targets[i : i + rows], reduction="none")
+            for i in range(0, states.shape[0], rows)
+        ]
+    ) if states.shape[0] else states.new_zeros(0, dtype=torch.float32)
+    full = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)
+    full[:, 1:][predict] = losses
+    return full
+
+
+@torch.inference_mode()
+def forward_batch(model: PreTrainedModel, batch: Sequence[Encoded], pad_id: int) -> list[SequenceOut]:
+    """One padded (right) forward pass; everything reduced on the device, one copy back per batch."""
+    device = model.device
+    length = max(len(e.ids) for e in batch)
+    ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
+    for row, enc in enumerate(batch):
+        ids[row, : len(enc.ids)] = torch.tensor(enc.ids, dtype=torch.long)
+    lengths = torch.tensor([len(e.ids) for e in batch])
+    positions = torch.arange(length)[None, :]
+    mask = positions < lengths[:, None]
+    in_prompt = positions < torch.tensor([e.n_prompt for e in batch])[:, None]
+    ids, mask, in_prompt = ids.to(device), mask.to(device), in_prompt.to(device) & mask.to(device)
+    with capture_last_layer(model, mask) as capture:
+        hidden = model.base_model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+    ce = _token_losses(model, hidden, ids, mask)
+    weights = in_prompt.float()
+    emb = (hidden.float() * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp(min=1)
+    ce, w_mean, w_max, emb = (t.float().cpu().numpy() for t in (ce, capture.w_mean, capture.w_max, emb))
+    return [
+        SequenceOut(ce[r, :n], w_mean[r, :n], w_max[r, :n], emb[r]) for r, n in enumerate(lengths.tolist())
+    ]
+
+
+def weighted_loss(losses: np.ndarray, weights: np.ndarray, keep: np.ndarray) -> float:
+    """sum(loss * w) / sum(w) over kept tokens (weights renormalised); NaN when none is kept."""
+    w = weights[keep].astype(np.float64)
+    if w.size == 0 or w.sum() <= 0:
+        return math.nan
+    return float((losses[keep].astype(np.float64) * w).sum() / w.sum())
+
+
+def prompt_perplexity(enc: Encoded, out: SequenceOut) -> float:
+    """exp(mean next-token CE over the prompt tokens); NaN for a prompt of fewer than two tokens."""
+    ce = out.ce[1 : enc.n_prompt]
+    return float(np.exp(ce.astype(np.float64).mean())) if ce.size else math.nan
+
+
+@dataclass
+class ChunkResult:
+    """Scores of a list of samples: rows of metrics.parquet, embeddings, rows of tokens.parquet."""
+
+    metrics: pd.DataFrame
+    embeddings: np.ndarray
+    tokens: pd.DataFrame
+
+
+class Scorer:
+    """Scores samples with one model; holds what does not change between chunks."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        fmt: PromptFormat,
+        function_words: FunctionWords,
+        max_length: int = 1024,
+        batch_tokens: int = 16384,
+    ) -> None:
+        if max_length < 2:
+            raise ValueError("max_length must be at least 2 tokens")
+        self.model, self.tokenizer, self.fmt, self.fw = model, tokenizer, fmt, function_words
+        self.max_length, self.batch_tokens = max_length, max(batch_tokens, max_length)
+        self.eot = fmt.end_of_turn
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = int(pad or 0)
+
+    def encode_record(self, record: dict) -> dict[str, Encoded]:
+        prompt = self.fmt.prompt(full_instruction(record))
+        return {
+            name: encode(self.tokenizer, prompt, record[field], self.eot, self.max_length)
+            for name, field in RESPONSES.items()
+        }
+
+    def run_sequences(self, encoded: list[Encoded], progress: Callable[[int], None] | None = None) -> list[SequenceOut]:
+        outs: list[SequenceOut | None] = [None] * len(encoded)
+        for batch in plan_batches([len(e.ids) for e in encoded], self.batch_tokens):
+            for i, out in zip(batch, forward_batch(self.model, [encoded[i] for i in batch], self.pad_id)):
+                outs[i] = out
+            if progress:
+                progress(len(batch))
+        return outs  # type: ignore[return-value]
+
+    def score(self, records: list[dict], progress: Callable[[int], None] | None = None) -> ChunkResult:
+        """All Stage-2 numbers for `records` (each needs `output` and `generated_output`)."""
+        encoded = [self.encode_record(r) for r in records]
+        flat = [enc[name] for enc in encoded for name in RESPONSES]
+        outs = self.run_sequences(flat, progress)
+        responses = [enc.text[enc.prompt_chars :] for enc in flat]
+        spans = [[(s - enc.prompt_chars, e - enc.prompt_chars) for s, e in enc.offsets[enc.n_prompt :]] for enc in flat]
+        flags = self.fw.flags(
+            [text[: len(text) - len(self.eot)] for text in responses], spans
+        )
+        metric_rows, token_rows, embeddings = [], [], []
+        for i, record in enumerate(records):
+            row = {"id": record["id"]}
+            for j, name in enumerate(RESPONSES):
+                k = 2 * i + j
+                enc, out, flag = flat[k], outs[k], np.asarray(flags[k], dtype=bool)
+                resp = slice(enc.n_prompt, len(enc.ids))
+                losses, w_mean, w_max = out.ce[resp], out.w_mean[resp], out.w_max[resp]
+                keep = ~flag
+                row[f"{name}_wloss_mean"] = weighted_loss(losses, w_mean, keep)
+                row[f"{name}_wloss_max"] = weighted_loss(losses, w_max, keep)
+                row[f"{name}_tokens"] = int(losses.size)
+                row[f"{name}_kept_tokens"] = int(keep.sum())
+                row[f"{name}_truncated"] = enc.truncated
+                token_rows.extend(_token_rows(record["id"], name, responses[k], spans[k], losses, w_mean, w_max, flag))
+                if name == "gt":
+                    row["ins_ppl"] = prompt_perplexity(enc, out)
+                    row["prompt_tokens"] = enc.n_prompt
+                    embeddings.append(out.embedding)
+            row["truncated"] = row["gt_truncated"] or row["gen_truncated"]
+            metric_rows.append(row)
+        hidden = self.model.config.get_text_config().hidden_size
+        return ChunkResult(
+            metrics=pd.DataFrame(metric_rows, columns=METRIC_COLUMNS),
+            embeddings=np.asarray(embeddings, dtype=np.float32).reshape(len(records), hidden),
+            tokens=pd.DataFrame(token_rows, columns=TOKEN_COLUMNS),
+        )
+
+
+METRIC_COLUMNS = [
+    "id", "ins_ppl", "gt_wloss_mean", "gt_wloss_max", "gen_wloss_mean", "gen_wloss_max",
+    "prompt_tokens", "gt_tokens", "gen_tokens", "gt_kept_tokens", "gen_kept_tokens",
+    "gt_truncated", "gen_truncated", "truncated",
+]  # fmt: skip
+TOKEN_COLUMNS = ["id", "response", "pos", "token", "start", "end", "loss", "w_mean", "w_max", "function_word"]
+
+
+def _token_rows(
+    sample_id: str,
+    response: str,
+    text: str,
+    spans: list[tuple[int, int]],
+    losses: np.ndarray,
+    w_mean: np.ndarray,
+    w_max: np.ndarray,
+    flags: np.ndarray,
+) -> list[tuple]:
+    """What an attention/loss heatmap of one response needs, one row per response token."""
+    return [
+        (sample_id, response, pos, text[s:e], s, e, float(losses[pos]), float(w_mean[pos]), float(w_max[pos]), bool(flags[pos]))
+        for pos, (s, e) in enumerate(spans)
+    ]
+
+
+def records_fingerprint(records: list[dict]) -> str:
+    """Content hash of the records to score: a changed input never resumes an old run."""
+    digest = hashlib.sha256()
+    for record in records:
+        digest.update(json.dumps(record, sort_keys=True, ensure_ascii=False).encode())
+    return digest.hexdigest()
+
+
+def score_run(
+    records: list[dict],
+    run_dir: str | os.PathLike,
+    *,
+    model_spec: str | None = None,
+    model: PreTrainedModel | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    max_length: int = 1024,
+    function_words: str = "auto",
+    batch_tokens: int = 16384,
+    template: str | None = None,
+    system: str | None = None,
+    chunk_size: int = 256,
+    data_path: str | None = None,
+    rejects: Sequence[dict] = (),
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Score `records` into `run_dir` (resumable) and return the run's manifest.
+
+    `rejects` (from reading the input) and records without a non-empty `generated_output` are
+    written to `rejects.jsonl`; the rest are scored.
+    """
+    run = RunDir(run_dir)
+    kept, missing = require_fields(records, ["generated_output"])
+    rejects = [*rejects, *missing]
+    config = {
+        "model": model_spec or (model.name_or_path if model is not None else None),
+        "max_length": max_length, "function_words": function_words, "template": template,
+        "system": system, "chunk_size": chunk_size, "data_fingerprint": records_fingerprint(kept),
+    }  # fmt: skip
+    manifest = run.read_manifest()
+    if overwrite or manifest.get("score_config") != config:
+        if manifest.get("score_config") and not overwrite and (run.chunks.exists() or run.file("metrics.parquet").exists()):
+            raise RunError(
+                f"{run.path} holds scores made with another configuration or data; "
+                "pass --overwrite to replace them or choose another --out"
+            )
+        run.clear_scores()
+    elif manifest.get("status") == "scored" and run.file("metrics.parquet").exists():
+        log.info("%s: already scored with this configuration; nothing to do", run.path)
+        return manifest
+    run.path.mkdir(parents=True, exist_ok=True)
+    if rejects:
+        write_jsonl(run.file("rejects.jsonl"), rejects)
+        log.warning("%d records rejected (see %s)", len(rejects), run.file("rejects.jsonl"))
+    timings = manifest.get("timings", {}) if manifest.get("score_config") == config else {}
+    manifest = run.update_manifest(
+        status="scoring", score_config=config, config={**manifest.get("config", {}), **config},
+        data={"path": data_path, "fingerprint": config["data_fingerprint"], "n_records": len(records) + len(rejects) - len(missing),
+              "n_rejected": len(rejects), "n_scored": len(kept)},
+        packages=package_versions(), timings=timings,
+    )  # fmt: skip
+    chunks = [kept[i : i + chunk_size] for i in range(0, len(kept), chunk_size)]
+    pending = [i for i in range(len(chunks)) if i not in run.done_chunks()]
+    if pending:
+        started = time.perf_counter()
+        if model is None or tokenizer is None:
+            model, tokenizer = load_model(model_spec)
+        use_threeds_attention(model)
+        load_seconds = time.perf_counter() - started
+        scorer = Scorer(model, tokenizer, prompt_format(tokenizer, template, system), FunctionWords(function_words),
+                        max_length=max_length, batch_tokens=batch_tokens)  # fmt: skip
+        manifest = run.update_manifest(model=_model_info(model, model_spec), function_words=scorer.fw.describe())
+        started = time.perf_counter()
+        total = 2 * sum(len(chunks[i]) for i in pending)
+        with tqdm(total=total, unit="seq", desc="score", disable=not progress) as bar:
+            for index in pending:
+                result = scorer.score(chunks[index], progress=bar.update)
+                run.write_chunk(index, result.metrics, result.embeddings, result.tokens)
+                run.write_progress("score", bar.n, total)
+        timings = {
+            "load_seconds": timings.get("load_seconds", 0.0) + load_seconds,
+            "score_seconds": timings.get("score_seconds", 0.0) + time.perf_counter() - started,
+        }
+    metrics = run.consolidate(len(chunks), kept)
+    return run.update_manifest(status="scored", timings=timings, report=score_report(metrics))
+
+
+def score_report(metrics: pd.DataFrame) -> dict:
+    """Counts a user wants after scoring: truncations and samples left without a response token."""
+    return {
+        "n_scored": len(metrics),
+        "n_truncated": int(metrics["truncated"].sum()),
+        "n_nan": {c: int(metrics[c].isna().sum()) for c in METRIC_COLUMNS if c.endswith(("_ppl", "_mean", "_max"))},
+    }
+
+
+def _model_info(model: PreTrainedModel, spec: str | None) -> dict:
+    return {
+        "spec": model_label(spec) if model is not None and spec is None else spec,
+        "name_or_path": model.name_or_path,
+        "architecture": type(model).__name__,
+        "dtype": str(model.dtype),
+        "device": str(model.device),
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
