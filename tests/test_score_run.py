@@ -1,0 +1,127 @@
+"""The run directory: files read back, resume after a real kill, config changes, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import ROOT, make_records
+
+from threeds.data import read_jsonl
+from threeds.rundir import RunError
+from threeds.score import METRIC_COLUMNS, score_run
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def threeds(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "threeds", *args], cwd=ROOT, capture_output=True, text=True, **kwargs)
+
+
+def test_score_run_writes_every_file(tmp_path, tiny_model_dir):
+    records = make_records(7)
+    records[3]["generated_output"] = "  "  # rejected, the rest still scored
+    manifest = score_run(records, tmp_path / "run", model_spec=str(tiny_model_dir), chunk_size=3,
+                         function_words="lexical", progress=False)  # fmt: skip
+    run = tmp_path / "run"
+    metrics = pd.read_parquet(run / "metrics.parquet")
+    assert list(metrics.columns) == METRIC_COLUMNS
+    assert list(metrics.id) == [r["id"] for r in records if r["id"] != "r3"]
+    emb = np.load(run / "embeddings.npy", allow_pickle=False)
+    assert emb.dtype == np.float32 and emb.shape == (6, 32)
+    data = read_jsonl(run / "data.jsonl")
+    assert [d["id"] for d in data] == list(metrics.id) and data[0]["source"] == "synthetic"
+    tokens = pd.read_parquet(run / "tokens.parquet")
+    assert set(tokens.id) == set(metrics.id)
+    counts = tokens.groupby(["id", "response"]).size()
+    assert counts.loc[(metrics.id[0], "gt")] == metrics.gt_tokens[0]
+    rejects = read_jsonl(run / "rejects.jsonl")
+    assert rejects[0]["id"] == "r3" and rejects[0]["field"] == "generated_output"
+    assert set(manifest["timings"]) == {"load_seconds", "score_seconds"}
+    assert manifest["data"]["n_scored"] == 6 and manifest["data"]["n_rejected"] == 1
+    assert manifest["status"] == "scored" and "transformers" in manifest["packages"]
+    assert not (run / "chunks").exists()
+    # same config again: nothing recomputed; another config: refused unless --overwrite
+    assert score_run(records, run, model_spec=str(tiny_model_dir), chunk_size=3, function_words="lexical",
+                     progress=False)["timings"] == manifest["timings"]  # fmt: skip
+    with pytest.raises(RunError, match="--overwrite"):
+        score_run(records, run, model_spec=str(tiny_model_dir), chunk_size=3, max_length=64, progress=False)
+    redone = score_run(records, run, model_spec=str(tiny_model_dir), chunk_size=3, max_length=64,
+                       overwrite=True, progress=False)  # fmt: skip
+    assert redone["score_config"]["max_length"] == 64
+
+
+def test_killed_run_resumes_without_loss_or_duplicates(tmp_path, tiny_model_dir):
+    records = make_records(300, seed=5)
+    data = write_jsonl(tmp_path / "data.jsonl", records)
+    out = tmp_path / "run"
+    args = ["score", "--data", str(data), "--out", str(out), "--model", str(tiny_model_dir), "--chunk-size", "3",
+            "--function-words", "lexical"]  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "threeds", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((out / "chunks").glob("*.metrics.parquet"))) < 3:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_at_kill = len(list((out / "chunks").glob("*.metrics.parquet")))
+    assert 3 <= done_at_kill < 100 and not (out / "metrics.parquet").exists(), "the kill must land mid-run"
+    result = threeds(*args)
+    assert result.returncode == 0, result.stderr
+    metrics = pd.read_parquet(out / "metrics.parquet")
+    assert list(metrics.id) == [r["id"] for r in records]
+    reference = score_run(records, tmp_path / "ref", model_spec=str(tiny_model_dir), chunk_size=3,
+                          function_words="lexical", progress=False)  # fmt: skip
+    assert reference["status"] == "scored"
+    expected = pd.read_parquet(tmp_path / "ref" / "metrics.parquet")
+    pd.testing.assert_frame_equal(metrics, expected, rtol=1e-5)
+    tokens = pd.read_parquet(out / "tokens.parquet")
+    assert not tokens.duplicated(["id", "response", "pos"]).any()
+    assert len(tokens) == len(pd.read_parquet(tmp_path / "ref" / "tokens.parquet"))
+
+
+def test_cli_score_then_select(tmp_path, tiny_model_dir):
+    records = make_records(20, seed=2)
+    data = write_jsonl(tmp_path / "data.jsonl", records + [{"id": "bad", "instruction": "", "output": "x"}])
+    out = tmp_path / "run"
+    result = threeds("score", "--data", str(data), "--out", str(out), "--model", str(tiny_model_dir),
+                     "--function-words", "none")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["report"]["n_scored"] == 20
+    assert read_jsonl(out / "rejects.jsonl")[0]["id"] == "bad"
+    sel = tmp_path / "selected.json"
+    result = threeds("select", "--run", str(out), "--out", str(sel), "--sample-num", "3", "--corr-low", "0")
+    assert result.returncode == 0, result.stderr
+    selected = json.loads(sel.read_text())
+    assert len(selected) == 3 and {"instruction", "output", "generated_output", "source"} <= set(selected[0])
+    selection = json.loads((out / "selection.json").read_text())
+    assert [r["id"] for r in selected] == selection["selected_ids"]
+
+
+def test_cli_reports_bad_input_clearly(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "a", "instruction": "q", "output": "a", "generated_output": "b"}\n{"id": oops}\n')
+    result = threeds("score", "--data", str(bad), "--out", str(tmp_path / "run"))
+    assert result.returncode == 1
+    assert "bad.jsonl" in result.stderr and "line 2" in result.stderr
+
+
+def test_help_explains_flags():
+    result = threeds("score", "--help")
+    assert result.returncode == 0
+    for flag in ("--max-length", "--function-words", "--batch-tokens", "Instruction Understanding"):
+        assert flag in result.stdout
+    result = threeds("select", "--help")
+    for flag in ("--low-th", "--up-th", "--sample-num", "--atten-method", "--ins-low", "k-center"):
+        assert flag in result.stdout
