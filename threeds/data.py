@@ -1,0 +1,485 @@
+"""Reading and writing records.
+
+Every later stage sees one shape: a dict with `id` (str), `instruction`, `output`, `input` (only
+if the source had it) and every other source field untouched. Bad records go to a rejects list
+instead of stopping a long run; errors that make the whole file untrustworthy (malformed JSON,
+duplicate ids) raise `DataError` with the position, so the user can fix the file.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+PathLike = str | os.PathLike
+
+_JSONL_SUFFIXES = {".jsonl", ".ndjson"}
+_HUMAN_ROLES = {"human", "user"}
+_ASSISTANT_ROLES = {"gpt", "assistant"}
+_SYSTEM_ROLE = "system"
+_ALPACA_KEYS = {"id", "instruction", "input", "output"}
+_REQUIRED = ("instruction", "output")
+DUPLICATE_ID_POLICIES = ("error", "rename")
+
+
+class DataError(ValueError):
+    """The input file cannot be trusted as a whole (bad syntax, duplicate ids, unknown format)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------
+
+
+def read_records(
+    path: PathLike, duplicate_ids: str = "error"
+) -> tuple[list[dict], list[dict]]:
+    """Read and normalise a dataset file; returns (records, rejects).
+
+    The format follows the extension (.json, .jsonl/.ndjson, .parquet, .csv); a .json file
+    holding JSON Lines is read as such. Rejects are `{"index", "id", "field", "reason"}` with
+    `index` the 0-based position of the record in the file.
+
+    Ids join every later output, so they must be unique. `duplicate_ids="error"` raises on a
+    reused id; `"rename"` (for sources whose ids are known not to be unique, like MedQuAD's)
+    keeps the first and renames later ones `<id>#2`, `<id>#3`, ... in file order, with a warning.
+    """
+    if duplicate_ids not in DUPLICATE_ID_POLICIES:
+        raise ValueError(
+            f"duplicate_ids must be one of {DUPLICATE_ID_POLICIES}, got {duplicate_ids!r}"
+        )
+    path = Path(path)
+    raw, where = _load_raw(path)
+    given = [_given_id(item) for item in raw]
+    first_seen = _first_positions(path, given, where, duplicate_ids)
+    records: list[dict] = []
+    rejects: list[dict] = []
+    unnamed: list[dict] = []
+    repeated: list[dict] = []
+    for index, (item, given_id) in enumerate(zip(raw, given)):
+        rec, problem = _normalise(item)
+        if problem is not None:
+            field, reason = problem
+            rejects.append({"index": index, "id": given_id, "field": field, "reason": reason})
+            continue
+        if given_id is None:
+            unnamed.append(rec)
+        elif first_seen[given_id] != index:
+            repeated.append(rec)
+        records.append(rec)
+    taken = set(first_seen)
+    _rename_repeated(repeated, taken)
+    _assign_hash_ids(unnamed, taken)
+    return records, rejects
+
+
+def _first_positions(
+    path: Path, given: list[str | None], where: Callable[[int], str], policy: str
+) -> dict[str, int]:
+    """Index of each given id's first occurrence; a reuse raises or is warned about."""
+    first: dict[str, int] = {}
+    reused: list[str] = []
+    for index, given_id in enumerate(given):
+        if given_id is None:
+            continue
+        if given_id not in first:
+            first[given_id] = index
+            continue
+        message = f"duplicate id {given_id!r} at {where(first[given_id])} and {where(index)}"
+        if policy == "error":
+            raise DataError(f"{path}: {message}")
+        reused.append(message)
+    if reused:
+        warnings.warn(
+            f"{path}: {len(reused)} records reuse an earlier id (first: {reused[0]}); "
+            "renamed <id>#2, <id>#3, ...",
+            stacklevel=3,
+        )
+    return first
+
+
+def require_fields(records: list[dict], fields: Iterable[str]) -> tuple[list[dict], list[dict]]:
+    """Split records into those whose `fields` are all non-empty strings and rejects.
+
+    For later stages (e.g. `generated_output` must exist before scoring); `index` in a reject is
+    the position in `records`.
+    """
+    fields = tuple(fields)
+    kept: list[dict] = []
+    rejects: list[dict] = []
+    for index, rec in enumerate(records):
+        problem = _first_problem(rec, fields)
+        if problem is None:
+            kept.append(rec)
+        else:
+            rejects.append(
+                {"index": index, "id": rec.get("id"), "field": problem[0], "reason": problem[1]}
+            )
+    return kept, rejects
+
+
+def full_instruction(rec: dict) -> str:
+    """The user turn: instruction, then input after a newline (LlamaFactory's Alpaca rule)."""
+    inp = rec.get("input")
+    return f"{rec['instruction']}\n{inp}" if isinstance(inp, str) and inp else rec["instruction"]
+
+
+def _load_raw(path: Path) -> tuple[list[Any], Any]:
+    """Parse the file into raw items plus a function describing an item's position for errors."""
+    suffix = path.suffix.lower()
+    if suffix in _JSONL_SUFFIXES:
+        return _load_jsonl(path)
+    if suffix == ".json":
+        return _load_json(path)
+    if suffix in {".parquet", ".pq"}:
+        return _load_parquet(path), _index_position
+    if suffix in {".csv", ".tsv"}:
+        return _load_csv(path, delimiter="\t" if suffix == ".tsv" else ","), _index_position
+    raise DataError(f"{path}: unsupported file type {suffix!r} (use .json, .jsonl, .parquet, .csv)")
+
+
+def _index_position(index: int) -> str:
+    return f"index {index}"
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start})") from e
+
+
+def _load_json(path: Path) -> tuple[list[Any], Any]:
+    text = _read_text(path)
+    if not text.strip():
+        return [], _index_position
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data":  # several top-level values: JSON Lines saved as .json
+            return _parse_jsonl(path, text)
+        raise DataError(
+            f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}"
+        ) from e
+    if isinstance(data, dict):
+        return [data], _index_position
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON array of records, got {type(data).__name__}")
+    return data, _index_position
+
+
+def _load_jsonl(path: Path) -> tuple[list[Any], Any]:
+    return _parse_jsonl(path, _read_text(path))
+
+
+def _parse_jsonl(path: Path, text: str) -> tuple[list[Any], Any]:
+    items: list[Any] = []
+    lines: list[int] = []
+    for lineno, line in enumerate(_split_lines(text), start=1):
+        if not line.strip():
+            continue
+        try:
+            items.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: invalid JSON on line {lineno}: {e.msg}") from e
+        lines.append(lineno)
+    return items, lambda index: f"line {lines[index]}"
+
+
+def _split_lines(text: str) -> list[str]:
+    """Split on newlines only: str.splitlines would also split on U+2028 and friends, which
+    json.dumps(ensure_ascii=False) leaves unescaped inside strings."""
+    return text.split("\n")
+
+
+def _load_parquet(path: Path) -> list[dict]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: cannot read Parquet: {e}") from e
+
+
+def _load_csv(path: Path, delimiter: str) -> list[dict]:
+    """CSV cells stay strings (no type guessing that would turn ids into floats)."""
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as f:
+            return list(csv.DictReader(f, delimiter=delimiter))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start})") from e
+    except csv.Error as e:
+        raise DataError(f"{path}: invalid CSV: {e}") from e
+
+
+def _given_id(item: Any) -> str | None:
+    """The source's own id as a string; missing, null or blank means none was given."""
+    if not isinstance(item, dict):
+        return None
+    value = item.get("id")
+    if value is None:
+        return None
+    value = str(value)
+    return value if value.strip() else None
+
+
+def _normalise(item: Any) -> tuple[dict, tuple[str, str] | None]:
+    """One raw item to the record shape, or the (field, reason) that rejects it."""
+    if not isinstance(item, dict):
+        return {}, ("record", f"not a JSON object ({type(item).__name__})")
+    if "instruction" not in item and "output" not in item:
+        if isinstance(item.get("conversations"), list):
+            return _from_turns(item, "conversations", "from", "value")
+        if isinstance(item.get("messages"), list):
+            return _from_turns(item, "messages", "role", "content")
+    return _from_alpaca(item)
+
+
+def _from_alpaca(item: dict) -> tuple[dict, tuple[str, str] | None]:
+    """Alpaca fields first; a null input counts as none (Parquet/CSV fill absent cells)."""
+    inp = item.get("input")
+    if inp is not None and not isinstance(inp, str):
+        return {}, ("input", f"not a string ({type(inp).__name__})")
+    rec: dict = {"id": _given_id(item)}
+    for key in ("instruction", "input", "output"):
+        if key in item and not (key == "input" and inp is None):
+            rec[key] = item[key]
+    rec.update((k, v) for k, v in item.items() if k not in _ALPACA_KEYS)
+    return rec, _first_problem(rec, _REQUIRED)
+
+
+def _from_turns(
+    item: dict, key: str, role_key: str, text_key: str
+) -> tuple[dict, tuple[str, str] | None]:
+    """A ShareGPT `conversations` or OpenAI-style `messages` list holding one exchange."""
+    turns = item[key]
+    if not all(isinstance(t, dict) for t in turns):
+        return {}, (key, "every turn must be an object")
+    system = [t for t in turns if t.get(role_key) == _SYSTEM_ROLE]
+    dialogue = [t for t in turns if t.get(role_key) != _SYSTEM_ROLE]
+    roles = [t.get(role_key) for t in dialogue]
+    if sum(r in _HUMAN_ROLES for r in roles) > 1 or sum(r in _ASSISTANT_ROLES for r in roles) > 1:
+        return {}, (key, f"multi-turn conversation ({len(dialogue)} turns); single-turn only")
+    if len(roles) != 2 or roles[0] not in _HUMAN_ROLES or roles[1] not in _ASSISTANT_ROLES:
+        return {}, (key, f"expected one user turn then one assistant turn, got roles {roles}")
+    if len(system) > 1:
+        return {}, (key, "more than one system turn")
+    rec: dict = {"id": _given_id(item)}
+    for field, turn in zip(_REQUIRED, dialogue):
+        if text_key in turn:
+            rec[field] = turn[text_key]
+    rec.update((k, v) for k, v in item.items() if k not in {"id", key})
+    if system:
+        rec["system"] = system[0].get(text_key)
+    return rec, _first_problem(rec, _REQUIRED)
+
+
+def _first_problem(rec: dict, fields: tuple[str, ...]) -> tuple[str, str] | None:
+    """(field, reason) for the first of `fields` that is not usable text, else None."""
+    for field in fields:
+        reason = _text_problem(rec, field)
+        if reason is not None:
+            return field, reason
+    return None
+
+
+def _text_problem(rec: dict, field: str) -> str | None:
+    """Why `rec[field]` is not usable text, or None if it is a non-blank string."""
+    if field not in rec:
+        return "missing"
+    value = rec[field]
+    if value is None:
+        return "null"
+    if not isinstance(value, str):
+        return f"not a string ({type(value).__name__})"
+    if not value.strip():
+        return "empty" if not value else "whitespace only"
+    return None
+
+
+def content_hash(rec: dict) -> str:
+    """Stable id from the content: `h-` + 16 hex digits of sha256 over instruction/input/output.
+
+    A missing and an empty input hash alike, so a CSV (empty cell) and a JSONL (no key) of the
+    same data get the same ids.
+    """
+    payload = json.dumps(
+        [rec["instruction"], rec.get("input") or "", rec["output"]], ensure_ascii=False
+    ).encode("utf-8")
+    return "h-" + hashlib.sha256(payload).hexdigest()[:16]
+
+
+def _rename_repeated(records: list[dict], taken: set[str]) -> None:
+    """Rename records that reuse an id to `<id>#2`, `<id>#3`, ... in file order."""
+    for rec in records:
+        rec["id"] = _unused(rec["id"], "#", taken)
+
+
+def _unused(base: str, sep: str, taken: set[str]) -> str:
+    """`base`, or `base<sep>2`, `base<sep>3`, ...: the first not yet taken (then taken)."""
+    candidate, n = base, 1
+    while candidate in taken:
+        n += 1
+        candidate = f"{base}{sep}{n}"
+    taken.add(candidate)
+    return candidate
+
+
+def _assign_hash_ids(records: list[dict], taken: set[str]) -> None:
+    """Give id-less records content-hash ids; repeats get `-2`, `-3`, ... in file order."""
+    for rec in records:
+        rec["id"] = _unused(content_hash(rec), "-", taken)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------
+
+
+def _json_default(obj: Any) -> Any:
+    """Let numpy scalars and arrays (metrics, embeddings) serialise as plain JSON."""
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def _dumps_line(row: Any) -> str:
+    return json.dumps(row, ensure_ascii=False, default=_json_default) + "\n"
+
+
+def _atomic_write(path: PathLike, text: str) -> None:
+    """Write via a temp file + os.replace so readers never see a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_jsonl(path: PathLike, rows: Iterable[Any]) -> int:
+    """Replace `path` atomically with one JSON value per line; returns the number of rows."""
+    lines = [_dumps_line(row) for row in rows]
+    _atomic_write(path, "".join(lines))
+    return len(lines)
+
+
+def append_jsonl(path: PathLike, rows: Iterable[Any]) -> int:
+    """Append rows durably (flush + fsync) for resumable outputs; returns the number appended.
+
+    A partial last line left by a killed writer is cut off first, so the new rows start on a
+    line of their own instead of corrupting the file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "".join(_dumps_line(row) for row in rows)
+    _drop_partial_tail(path)
+    with path.open("a", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    return text.count("\n")
+
+
+def _drop_partial_tail(path: Path, block: int = 1 << 16) -> None:
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with path.open("rb+") as f:
+        end = f.seek(0, os.SEEK_END)
+        f.seek(end - 1)
+        if f.read(1) == b"\n":
+            return
+        pos = end
+        while pos > 0:
+            start = max(0, pos - block)
+            f.seek(start)
+            cut = f.read(pos - start).rfind(b"\n")
+            if cut >= 0:
+                pos = start + cut + 1
+                break
+            pos = start
+        warnings.warn(f"{path}: dropping a truncated last line ({end - pos} bytes)", stacklevel=3)
+        f.truncate(pos)
+
+
+def read_jsonl(path: PathLike) -> list[Any]:
+    """Read JSON Lines written by `write_jsonl` / `append_jsonl`.
+
+    A malformed last line without a trailing newline is what a killed writer leaves behind: it
+    is ignored with a warning. Any other malformed line raises DataError.
+    """
+    path = Path(path)
+    text = _read_text(path)
+    lines = _split_lines(text)
+    rows: list[Any] = []
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if lineno == len(lines):  # no newline after it: an interrupted write
+                warnings.warn(f"{path}: ignoring truncated last line {lineno}", stacklevel=2)
+                break
+            raise DataError(f"{path}: invalid JSON on line {lineno}: {e.msg}") from e
+    return rows
+
+
+def write_json(path: PathLike, obj: Any) -> None:
+    """Write one JSON document atomically (manifests, selections)."""
+    _atomic_write(path, json.dumps(obj, ensure_ascii=False, indent=2, default=_json_default) + "\n")
+
+
+def fingerprint(path: PathLike, chunk: int = 1 << 20) -> str:
+    """sha256 hex digest of the file's bytes, streamed so large datasets need no memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Export
+# ---------------------------------------------------------------------------------------------
+
+
+def to_alpaca(rec: dict) -> dict:
+    """Alpaca row: instruction, input ("" if none), output, then every other field."""
+    out = {
+        "instruction": rec["instruction"],
+        "input": rec.get("input") or "",
+        "output": rec["output"],
+    }
+    out.update((k, v) for k, v in rec.items() if k not in out)
+    return out
+
+
+def to_sharegpt(rec: dict) -> dict:
+    """ShareGPT row: one human/gpt exchange (input folded into the human turn), system if any,
+    then every other field."""
+    out: dict = {
+        "conversations": [
+            {"from": "human", "value": full_instruction(rec)},
+            {"from": "gpt", "value": rec["output"]},
+        ]
+    }
+    if rec.get("system"):
+        out["system"] = rec["system"]
+    skip = {"instruction", "input", "output", "system", "conversations"}
+    out.update((k, v) for k, v in rec.items() if k not in skip)
+    return out
