@@ -94,7 +94,7 @@ def _first_positions(
             continue
         message = f"duplicate id {given_id!r} at {where(first[given_id])} and {where(index)}"
         if policy == "error":
-            raise DataError(f"{path}: {message}")
+            raise DataError(f"{path}: {message} (fix the file, or pass --duplicate-ids rename to keep both)")
         reused.append(message)
     if reused:
         warnings.warn(

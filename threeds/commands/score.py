@@ -14,6 +14,15 @@ from threeds.score import score_run
 log = logging.getLogger(__name__)
 
 
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """How input records are read (shared by every command that reads --data)."""
+    parser.add_argument(
+        "--duplicate-ids", choices=["error", "rename"], default="error",
+        help="two records with the same id: stop with an error naming both (default), or keep the first and "
+        "rename later ones <id>#2, <id>#3 (MedQuAD, for one, numbers ids per source site)",
+    )  # fmt: skip
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Model and prompt flags shared by every command that runs the target model."""
     parser.add_argument(
@@ -66,6 +75,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--data", required=True, type=Path, help="records: JSON array, JSONL, Parquet or CSV "
                         "(Alpaca or single-turn ShareGPT/messages) carrying generated_output")  # fmt: skip
     parser.add_argument("--out", required=True, type=Path, help="run directory, e.g. cache/my-run")
+    add_data_arguments(parser)
     add_model_arguments(parser)
     add_score_arguments(parser)
     parser.add_argument("--overwrite", action="store_true", help="replace scores made with another configuration")
@@ -74,7 +84,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def main(args: argparse.Namespace) -> int:
     try:
-        records, rejects = read_records(args.data)
+        records, rejects = read_records(args.data, duplicate_ids=args.duplicate_ids)
         manifest = score_run(
             records, args.out, model_spec=args.model, max_length=args.max_length,
             function_words=args.function_words, batch_tokens=args.batch_tokens, template=args.template,
