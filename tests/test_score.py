@@ -31,9 +31,12 @@ def test_weighted_loss_by_hand():
     assert math.isnan(weighted_loss(np.array([]), np.array([]), np.array([], dtype=bool)))
 
 
-def test_plan_batches_respects_budget_longest_first():
-    # sorted lengths 8, 5, 3, 2: [8] alone (2 x 8 > 10), [5, 3] (2 x 5 = 10), [2] (3 x 5 > 10)
-    assert plan_batches([5, 3, 8, 2], batch_tokens=10) == [[2], [0, 1], [3]]
+def test_plan_batches_respects_budget_and_padding():
+    # sorted lengths 8, 5, 3, 2 with any padding allowed: [8] alone (2 x 8 > 10), [5, 3] (2 x 5 = 10), [2]
+    assert plan_batches([5, 3, 8, 2], batch_tokens=10, max_padding=1.0) == [[2], [0, 1], [3]]
+    # at most 10% padding: 3 would be padded by 40% next to 5, so it goes alone
+    assert plan_batches([5, 3, 8, 2], batch_tokens=10) == [[2], [0], [1], [3]]
+    assert plan_batches([10, 9, 10, 9, 8], batch_tokens=100) == [[0, 2, 1, 3], [4]]
     # a sequence longer than the budget still gets a batch of its own
     assert plan_batches([50, 1], batch_tokens=10) == [[0], [1]]
 

@@ -74,15 +74,19 @@ def encode(tokenizer: PreTrainedTokenizerBase, prompt: str, response: str, eot: 
     return Encoded(ids, offsets, len(prompt), n_prompt, text, truncated)
 
 
-def plan_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
-    """Indices grouped longest first so that (batch size x longest length) stays within the budget."""
+def plan_batches(lengths: Sequence[int], batch_tokens: int, max_padding: float = 0.1) -> list[list[int]]:
+    """Indices grouped longest first: batch size x longest length stays within the token budget,
+    and no sequence is padded by more than `max_padding` of the longest (padding is wasted compute)."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     batches: list[list[int]] = []
     for i in order:
-        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= batch_tokens:
-            batches[-1].append(i)
-        else:
-            batches.append([i])
+        if batches:
+            longest = lengths[batches[-1][0]]
+            fits = (len(batches[-1]) + 1) * longest <= batch_tokens
+            if fits and lengths[i] >= (1 - max_padding) * longest:
+                batches[-1].append(i)
+                continue
+        batches.append([i])
     return batches
 
 
