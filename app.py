@@ -1,0 +1,196 @@
+"""threeds app: explore a 3DS run's difficulty, tune the bands, inspect attention, export.
+
+`streamlit run app.py` (binds 127.0.0.1, see .streamlit/config.toml). This file holds the
+navigation and the Runs page; the other pages live in pages/. Every page starts with
+`common.setup()` rather than relying on this file running first: Streamlit runs a page file on
+its own when it sees the pages/ directory (AppTest always, a server on its first request).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+import threeds
+from pages import common
+from threeds.runs import (
+    NOT_RUNS,
+    RunOptions,
+    job_running,
+    log_tail,
+    read_job,
+    read_progress,
+    run_command,
+    stage_counts,
+    start_run,
+    stop_run,
+)
+
+SAMPLE_DATA = Path(threeds.__file__).parent / "sample_data"
+DATA_TYPES = ["json", "jsonl", "parquet", "csv"]
+STAGE_FILES = ["ratings.jsonl", "metrics.parquet", "embeddings.npy", "tokens.parquet", "selection.json"]
+
+
+def runs_page() -> None:
+    common.setup()
+    st.title("Runs")
+    names = common.run_names()
+    if not names:
+        st.info(
+            "No run yet in `cache/`. Start one below, or make the demo run with "
+            "`python bench/make_demo.py` (see the README) and reload."
+        )
+    else:
+        run_table(names)
+    run = common.current_run()
+    if run is not None:
+        show_run(run)
+    start_form()
+
+
+def run_table(names: list[str]) -> None:
+    rows = []
+    for name in names:
+        path = common.cache_dir() / name
+        progress = read_progress(path) or {}
+        rows.append(
+            {
+                "run": name,
+                **{f: (path / f).exists() for f in STAGE_FILES},
+                "running": job_running(path),
+                "stage": progress.get("stage", ""),
+            }
+        )
+    st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+
+
+def show_run(run) -> None:
+    st.header(f"Run `{run.name}`")
+    for file, problem in run.errors.items():
+        st.error(f"`{file}`: {problem}")
+    progress_panel(str(run.path))
+    counts = stage_counts(run)
+    cols = st.columns(len(counts))
+    for col, (label, value) in zip(cols, counts.items()):
+        col.metric(label, "—" if value is None else f"{value:,}")
+    with st.expander("Manifest", expanded=False):
+        if run.manifest:
+            st.json(run.manifest)
+        else:
+            st.caption("No manifest.json yet.")
+
+
+@st.fragment(run_every=2)
+def progress_panel(path: str) -> None:
+    """Live progress of a background run; re-drawn every 2 s without re-running the page."""
+    run_dir = Path(path)
+    running = job_running(run_dir)
+    progress = read_progress(run_dir)
+    if progress:
+        done, total = int(progress.get("done", 0)), int(progress.get("total", 0)) or 1
+        age = time.time() - float(progress.get("updated", time.time()))
+        st.progress(min(done / total, 1.0), text=f"{progress.get('stage', '?')}: {done:,} / {total:,} (updated {age:.0f} s ago)")
+    job = read_job(run_dir)
+    if job is None:
+        return
+    c1, c2 = st.columns([1, 5])
+    if running:
+        c2.caption(f"Running in the background (pid {job['pid']}); you can leave this page and come back.")
+        if c1.button("Stop", key="stop_run"):
+            stop_run(run_dir)
+            st.rerun(scope="app")
+    else:
+        c2.caption("Not running. Resuming runs the same command again; finished work is kept.")
+        if c1.button("Resume", key="resume_run"):
+            start_run(job["argv"], run_dir)
+            st.rerun(scope="app")
+    tail = log_tail(run_dir)
+    if tail:
+        st.code(tail, language=None)
+    if st.session_state.get("was_running", {}).get(path) and not running:
+        st.session_state["was_running"][path] = False
+        st.rerun(scope="app")  # the run finished: reload its files everywhere
+    st.session_state.setdefault("was_running", {})[path] = running
+
+
+def start_form() -> None:
+    st.header("Start a new run")
+    samples = sorted(p.name for p in SAMPLE_DATA.glob("*") if p.suffix.lstrip(".") in DATA_TYPES)
+    source = st.radio("Data", ["Sample data", "Upload", "Path on this machine"], horizontal=True, key="new_source")
+    if source == "Sample data":
+        if not samples:
+            st.warning(f"No sample data found in {SAMPLE_DATA}.")
+        choice = st.selectbox("Sample data set", samples, key="new_sample")
+        data = str(SAMPLE_DATA / choice) if choice else ""
+    elif source == "Upload":
+        upload = st.file_uploader("Data set", type=DATA_TYPES, key="new_upload")
+        data = save_upload(upload) if upload else ""
+    else:
+        data = st.text_input("Data file", key="new_path", placeholder="/path/to/data.jsonl")
+    with st.form("new_run"):
+        name = st.text_input("Run name", value=time.strftime("run-%Y%m%d-%H%M%S"), key="new_name")
+        model = st.text_input("Model (empty: the embedded SmolLM2)", placeholder="local dir, .gguf or hub id", key="new_model")
+        backend = st.radio("Stage 1 rating and A' generation", ["local", "openai"], horizontal=True, key="new_backend")
+        c1, c2 = st.columns(2)
+        base_url = c1.text_input("OpenAI-compatible base URL", placeholder="http://127.0.0.1:8000/v1", key="new_base_url")
+        api_model = c2.text_input("Server model name", key="new_api_model")
+        c1, c2, c3, c4, c5 = st.columns(5)
+        threshold = c1.number_input("Quality threshold", 0.0, 100.0, 85.0, 1.0, key="new_threshold")
+        low = c2.number_input("Band low %", 0.0, 100.0, 25.0, 1.0, key="new_low")
+        up = c3.number_input("Band high %", 0.0, 100.0, 75.0, 1.0, key="new_up")
+        sample_num = c4.number_input("sample_num", 1, 10_000_000, 5000, key="new_sample_num")
+        atten = c5.selectbox("Attention", ["mean", "max"], key="new_atten")
+        submitted = st.form_submit_button("Start run", type="primary", key="new_start")
+    if not submitted:
+        return
+    problem = validate_new_run(name, data, backend, base_url, api_model)
+    if problem:
+        st.error(problem)
+        return
+    options = RunOptions(
+        model=model.strip() or None, backend=backend,
+        base_url=base_url.strip() or None if backend == "openai" else None,
+        api_model=api_model.strip() or None if backend == "openai" else None,
+        quality_threshold=threshold, low_th=low, up_th=up, sample_num=int(sample_num), atten_method=atten,
+    )  # fmt: skip
+    out = common.cache_dir() / name
+    argv = run_command(data, out, options)
+    start_run(argv, out)
+    common.switch_run(name)
+
+
+def validate_new_run(name: str, data: str, backend: str, base_url: str, api_model: str) -> str | None:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name or ""):
+        return "Run name: letters, digits, '.', '_' and '-' only."
+    if name in common.run_names() or name in NOT_RUNS:
+        return f"A run named {name!r} exists; pick it in the sidebar (and resume it there) or choose another name."
+    if not data or not Path(data).is_file():
+        return f"Data file not found: {data or '(none chosen)'}"
+    if backend == "openai" and not (base_url.strip() and api_model.strip()):
+        return "The OpenAI-compatible backend needs a base URL and a model name."
+    return None
+
+
+def save_upload(upload) -> str:
+    """Store an upload under cache/uploads/ so the background run can read it."""
+    target = common.cache_dir() / "uploads" / Path(upload.name).name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(upload.getbuffer())
+    return str(target)
+
+
+navigation = st.navigation(
+    [
+        st.Page(runs_page, title="Runs", icon=":material/folder_open:", default=True),
+        st.Page("pages/quality.py", title="Quality", icon=":material/star:"),
+        st.Page("pages/difficulty.py", title="Difficulty", icon=":material/bar_chart:"),
+        st.Page(common.INSPECTOR, title="Sample inspector", icon=":material/search:"),
+        st.Page("pages/embedding_map.py", title="Embedding map", icon=":material/scatter_plot:"),
+        st.Page("pages/export.py", title="Export", icon=":material/download:"),
+    ]
+)
+navigation.run()

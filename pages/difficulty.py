@@ -1,0 +1,98 @@
+"""Difficulty: the three Stage-2 metrics, their percentile bands, and what the intersection keeps."""
+
+from __future__ import annotations
+
+import numpy as np
+import plotly.graph_objects as go
+import streamlit as st
+
+from pages import common
+from threeds.select import METRICS, metric_column
+
+SPLOM_POINTS = 3000
+IN_COLOUR, OUT_COLOUR = "#1565c0", "#bdbdbd"
+
+
+def histogram_figure(values: np.ndarray, key: tuple, lo: float | None, hi: float | None, log: bool) -> go.Figure:
+    """Pre-binned histogram (bins cached per column) with the band [lo, hi] shaded.
+
+    Built in one constructor call (Plotly's add_*/update_* chain costs several times more on
+    every re-render); the band is a filled trace, in data coordinates on a log axis too."""
+    counts, edges = common.histogram(values, key, log=log)
+    centres = np.sqrt(edges[:-1] * edges[1:]) if log else (edges[:-1] + edges[1:]) / 2
+    traces = []
+    if lo is not None and hi is not None and counts.size:
+        top = float(counts.max()) * 1.05
+        traces.append(
+            go.Scatter(
+                x=[lo, lo, hi, hi, lo], y=[0, top, top, 0, 0], fill="toself", mode="lines", line_width=0,
+                fillcolor="rgba(21,101,192,0.15)", name="band", hoverinfo="skip",
+            )
+        )  # fmt: skip
+    inside = np.zeros(len(centres), bool) if lo is None else (centres >= lo) & (centres <= hi)
+    traces.append(
+        go.Bar(
+            x=centres, y=counts, width=np.diff(edges), name="samples",
+            marker=dict(color=inside.astype(np.int8), colorscale=[[0, OUT_COLOUR], [1, IN_COLOUR]], cmin=0, cmax=1),
+        )
+    )  # fmt: skip
+    layout = dict(
+        height=260, margin=dict(l=10, r=10, t=10, b=10), bargap=0, showlegend=False,
+        xaxis=dict(type="log" if log else "linear"),
+    )  # fmt: skip
+    return go.Figure(data=traces, layout=layout)
+
+
+def band_panel(col, run, metric: str, info: dict, log: bool) -> None:
+    column = metric_column(metric, st.session_state["atten_method"])
+    with col:
+        st.markdown(f"**{common.metric_label(metric)}**")
+        st.slider("percentile band", 0.0, 100.0, step=1.0, format="%.0f", key=f"band_{metric}")
+        values = run.metrics[column].to_numpy(dtype=float)
+        st.plotly_chart(
+            histogram_figure(values, (common.key_of(run), column, log), info["lo"], info["hi"], log),
+            width="stretch", key=f"hist_{metric}",
+        )  # fmt: skip
+        if info["lo"] is not None:
+            st.caption(f"band {info['lo']:.4g} – {info['hi']:.4g}")
+        st.metric("removed by this band", f"{info['n_removed']:,}")
+        if info["n_nan"]:
+            st.caption(f"{info['n_nan']:,} NaN: {info['nan_reason']}")
+
+
+def scatter_matrix(run, mask: np.ndarray) -> go.Figure:
+    rows = common.display_rows(len(mask), SPLOM_POINTS)
+    atten = st.session_state["atten_method"]
+    dims = [dict(label=m, values=run.metrics[metric_column(m, atten)].to_numpy()[rows]) for m in METRICS]
+    splom = go.Splom(
+        dimensions=dims, showupperhalf=False, diagonal_visible=False,
+        # numbers, not colour names: Plotly validates a list of strings one by one (slow)
+        marker=dict(size=3, color=mask[rows].astype(np.int8), colorscale=[[0, OUT_COLOUR], [1, IN_COLOUR]], cmin=0, cmax=1),
+        hovertemplate="%{x:.4g}, %{y:.4g}<extra></extra>",
+    )  # fmt: skip
+    return go.Figure(data=[splom], layout=dict(height=520, margin=dict(l=10, r=10, t=10, b=10)))
+
+
+def main() -> None:
+    common.setup()
+    st.title("Difficulty (Stage 2)")
+    run = common.require_run()
+    common.require(run, "metrics.parquet", "Stage-2 metrics")
+    c1, c2 = st.columns([2, 1])
+    with c1:
+        common.atten_toggle()
+    log = c2.toggle("log x for Instruction Understanding", key="ins_ppl_log")
+    mask, report = common.band_result(run)
+    k1, k2, k3 = st.columns(3)
+    k1.metric("in all three bands", f"{report['n_kept']:,}")
+    k2.metric("scored samples", f"{report['n_total']:,}")
+    k3.metric("excluded (NaN metric)", f"{report['n_excluded_nan']:,}")
+    for col, metric in zip(st.columns(3), METRICS):
+        band_panel(col, run, metric, report["metrics"][metric], log and metric == "ins_ppl")
+    st.subheader("Scatter matrix")
+    shown = min(len(mask), SPLOM_POINTS)
+    st.caption(f"blue: inside all three bands; {shown:,} of {len(mask):,} samples drawn" + (" (fixed random subset)" if shown < len(mask) else ""))
+    st.plotly_chart(scatter_matrix(run, mask), width="stretch", key="splom")
+
+
+main()

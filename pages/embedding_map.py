@@ -1,0 +1,117 @@
+"""Embedding map: UMAP of the instruction embeddings, coloured by metric, quality, band or pick."""
+
+from __future__ import annotations
+
+import html
+
+import numpy as np
+import plotly.graph_objects as go
+import streamlit as st
+
+from pages import common
+from threeds.data import full_instruction
+from threeds.embed_map import MIN_POINTS
+from threeds.select import METRICS, metric_column
+
+MAP_POINTS = 10_000  # drawn besides the picks: each drawn point costs every re-render (hover text)
+GREY = "#c8c8c8"
+
+
+@st.cache_resource(max_entries=4, show_spinner=False)
+def hover_texts(_run, key: tuple) -> np.ndarray:
+    return np.array([html.escape(common.short(full_instruction(r), 100)) for r in _run.records], dtype=object)
+
+
+def colour_options(run) -> list[str]:
+    atten = st.session_state["atten_method"]
+    options = ["k-center pick", "in band", *(metric_column(m, atten) for m in METRICS)]
+    return options + (["quality"] if run.ratings is not None else [])
+
+
+def quality_scores(run) -> np.ndarray:
+    scores = dict(zip(run.ratings["id"], run.ratings["score"]))
+    return np.array([scores.get(i, np.nan) for i in run.metrics["id"]], dtype=float)
+
+
+def scatter(x, y, rows, ids, texts, name: str, marker: dict, extra: str = "") -> go.Scattergl:
+    return go.Scattergl(
+        x=x[rows], y=y[rows], mode="markers", name=name, marker=marker, customdata=ids[rows], text=texts[rows],
+        hovertemplate="<b>%{customdata}</b>" + extra + "<br>%{text}<extra></extra>",
+    )  # fmt: skip
+
+
+def map_figure(run, coords: np.ndarray, colour: str, picked: np.ndarray, shown: np.ndarray) -> go.Figure:
+    """The map in one constructor call (Plotly's add_*/update_* chain is slow on every re-render)."""
+    x, y = coords[:, 0], coords[:, 1]
+    ids = run.metrics["id"].to_numpy(dtype=object)
+    texts = hover_texts(run, common.key_of(run))
+    if colour == "k-center pick":
+        order = np.empty(len(ids), dtype=float)
+        order[picked] = np.arange(1, len(picked) + 1)
+        traces = [
+            scatter(x, y, np.setdiff1d(shown, picked), ids, texts, "not picked", dict(size=4, color=GREY)),
+            scatter(
+                x, y, picked, ids, texts, "picked",
+                dict(size=7, color=order[picked], colorscale="Viridis", colorbar=dict(title="pick #")),
+                extra=" · pick #%{marker.color}",
+            ),
+        ]  # fmt: skip
+    elif colour == "in band":
+        mask, _ = common.band_result(run)
+        traces = [
+            scatter(x, y, shown[mask[shown] == inside], ids, texts, name, dict(size=5, color=c))
+            for inside, name, c in ((False, "outside a band", GREY), (True, "in all bands", "#1565c0"))
+        ]
+    else:
+        values = quality_scores(run) if colour == "quality" else run.metrics[colour].to_numpy(dtype=float)
+        traces = [
+            scatter(
+                x, y, shown, ids, texts, colour,
+                dict(size=5, color=values[shown], colorscale="Viridis", colorbar=dict(title=colour)),
+                extra=f" · {colour} %{{marker.color:.4g}}",
+            )
+        ]  # fmt: skip
+    axis = dict(showticklabels=False)
+    layout = dict(
+        height=620, margin=dict(l=10, r=10, t=10, b=10), legend=dict(orientation="h"), dragmode="pan",
+        xaxis=dict(axis, title="UMAP 1"), yaxis=dict(axis, title="UMAP 2"),
+    )  # fmt: skip
+    return go.Figure(data=traces, layout=layout)
+
+
+def on_select() -> None:
+    points = st.session_state["map"]["selection"]["points"]
+    if points:
+        st.session_state["inspect_id"] = str(points[0]["customdata"])
+        st.session_state["goto_inspector"] = True
+
+
+def main() -> None:
+    common.setup()
+    st.title("Embedding map")
+    run = common.require_run()
+    common.require(run, "metrics.parquet", "Stage-2 metrics")
+    common.require(run, "embeddings.npy", "instruction embeddings")
+    common.require(run, "data.jsonl", "scored records")
+    if st.session_state.pop("goto_inspector", False):
+        common.open_inspector(st.session_state["inspect_id"])
+    if len(run.metrics) < MIN_POINTS:
+        st.info(f"A map needs at least {MIN_POINTS} scored samples; this run has {len(run.metrics)}.")
+        return
+    coords = common.umap_coords(run, common.key_of(run))
+    c1, c2 = st.columns([1, 2])
+    with c1:
+        common.atten_toggle()
+        colour = st.selectbox("Colour by", colour_options(run), key="map_colour")
+    with c2:
+        k = common.sample_num_slider(run)
+    picked = common.picks(run, k)
+    shown = np.union1d(common.display_rows(len(coords), MAP_POINTS), picked)
+    st.caption(
+        f"{len(picked):,} k-center picks among {int(common.band_result(run)[0].sum()):,} band survivors · "
+        f"{len(shown):,} of {len(coords):,} points drawn · click a point to open it in the inspector"
+    )
+    st.plotly_chart(map_figure(run, coords, colour, picked, shown), key="map", on_select=on_select, selection_mode="points", width="stretch")
+
+
+main()

@@ -1,0 +1,57 @@
+"""Export: the selection made with the current bands and sample_num, ready for LlamaFactory."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import streamlit as st
+
+from pages import common
+from threeds.data import full_instruction
+from threeds.export import FORMATS, MIME, dataset_info_entry, export_text, file_name, select_command
+from threeds.runs import selected_ids
+
+LABELS = {"alpaca": "JSON (Alpaca)", "jsonl": "JSONL (Alpaca rows)", "sharegpt": "ShareGPT JSON"}
+
+
+def main() -> None:
+    common.setup()
+    st.title("Export")
+    run = common.require_run()
+    common.require(run, "metrics.parquet", "Stage-2 metrics")
+    common.require(run, "embeddings.npy", "instruction embeddings")
+    common.require(run, "data.jsonl", "scored records")
+    c1, c2 = st.columns([1, 2])
+    with c1:
+        common.atten_toggle()
+    with c2:
+        k = common.sample_num_slider(run)
+    rows = common.picks(run, k)
+    ids = tuple(str(i) for i in run.metrics["id"].to_numpy()[rows])
+    records = [run.records[r] for r in rows]
+    bands = common.bands()
+    st.metric("selected samples", f"{len(ids):,}")
+    st.caption(
+        "bands " + ", ".join(f"{m} {lo:g}–{hi:g}" for m, (lo, hi) in bands.items())
+        + f" · attention {st.session_state['atten_method']} · seed {st.session_state['seed']} (set on Difficulty / Embedding map)"
+    )  # fmt: skip
+    if run.selection is not None:
+        same = selected_ids(run.selection) == list(ids)
+        st.caption(f"The run's own selection.json has {len(selected_ids(run.selection)):,} ids; " + ("this selection is identical." if same else "this selection differs."))
+    dataset = st.text_input("Dataset name (LlamaFactory)", value=f"threeds_{run.name}".replace("-", "_"), key="export_name")
+    fmt = st.radio("Format", FORMATS, format_func=LABELS.get, horizontal=True, key="export_format")
+    # The file is made when the button is clicked, not on every slider move.
+    data = lambda: export_text(records, fmt).encode("utf-8")  # noqa: E731
+    st.download_button(f"Download {file_name(dataset, fmt)}", data, file_name=file_name(dataset, fmt), mime=MIME[fmt], type="primary", on_click="ignore")
+    has_system = any(r.get("system") for r in records)
+    st.markdown("**`dataset_info.json` entry** (merge into LlamaFactory's `data/dataset_info.json`, put the file next to it)")
+    st.code(json.dumps(dataset_info_entry(dataset, fmt, has_system), indent=2), language="json")
+    st.markdown("**Reproduce this selection from the command line**")
+    st.code(select_command(str(run.path), f"{dataset}_selected.json", bands, k, st.session_state["atten_method"], st.session_state["seed"]), language="bash")
+    st.markdown("**First rows**")
+    preview = pd.DataFrame({"pick": range(1, min(len(ids), 20) + 1), "id": ids[:20], "instruction": [common.short(full_instruction(r), 120) for r in records[:20]]})
+    st.dataframe(preview, hide_index=True, width="stretch")
+
+
+main()

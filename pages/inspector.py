@@ -1,0 +1,149 @@
+"""Sample inspector: one sample's texts, per-token attention weight and loss, and where it ranks."""
+
+from __future__ import annotations
+
+import html
+
+import pandas as pd
+import streamlit as st
+
+from pages import common
+from threeds.data import full_instruction
+from threeds.runs import RunFileError, percentile_rank
+from threeds.select import METRIC_NAMES, METRICS, metric_column
+
+MATCHES = 50
+RESPONSES = {"gt": ("A (ground truth)", "output"), "gen": ("A' (model's own answer)", "generated_output")}
+
+
+@st.cache_data(max_entries=4, show_spinner=False)
+def instruction_texts(_run, key: tuple) -> list[str]:
+    return [full_instruction(r).lower() for r in _run.records]
+
+
+def find(run, query: str) -> list[str]:
+    """Ids matching `query`: the id itself, else instructions containing it (case-insensitive)."""
+    query = query.strip()
+    if not query:
+        return []
+    if query in run.row_of:
+        return [query]
+    needle = query.lower()
+    texts = instruction_texts(run, common.key_of(run))
+    ids = run.metrics["id"]
+    return [str(ids.iloc[i]) for i, t in enumerate(texts) if needle in t][:MATCHES]
+
+
+def heatmap_html(tokens: pd.DataFrame, value: str, text: str) -> str:
+    """Tokens laid out as the response text, background by `value` (scaled to the response's kept
+    maximum); function words (dropped from the weighted loss) greyed; hover shows token, loss and
+    weights. Pieces come from the offsets, so tokens sharing a character do not repeat it."""
+    kept = tokens.loc[~tokens["function_word"], value]
+    top = float(kept.max()) if len(kept) and kept.max() > 0 else 1.0
+    spans, cursor = [], 0
+    for row in tokens.itertuples(index=False):
+        piece = row.token if row.start >= len(text) else text[max(cursor, row.start) : row.end]
+        cursor = max(cursor, row.end)
+        if not piece:
+            continue
+        tip = f"{row.token!r}  loss {row.loss:.3f}  w_mean {row.w_mean:.4g}  w_max {row.w_max:.4g}"
+        if row.function_word:
+            style, tip = "color:#9e9e9e;", tip + "  (function word: dropped)"
+        else:
+            style = f"background:rgba(211,47,47,{min(1.0, max(0.0, float(getattr(row, value)) / top)):.3f});"
+        spans.append(f'<span title="{html.escape(tip)}" style="{style}">{html.escape(piece)}</span>')
+    return (
+        '<div style="white-space:pre-wrap;font-family:monospace;font-size:0.85rem;line-height:1.6;'
+        f'border:1px solid #e0e0e0;border-radius:4px;padding:6px">{"".join(spans)}</div>'
+    )
+
+
+def response_panel(col, run, tokens: pd.DataFrame, response: str, record: dict) -> None:
+    title, field = RESPONSES[response]
+    weight = f"w_{st.session_state['atten_method']}"
+    part = tokens[tokens["response"] == response]
+    text = str(record.get(field, ""))
+    with col:
+        st.subheader(title)
+        if part.empty:
+            st.info("No tokens for this response in tokens.parquet.")
+            st.text(text)
+            return
+        st.markdown(f"**attention weight** (`{weight}`, darker = more weight)")
+        st.html(heatmap_html(part, weight, text))
+        st.markdown("**loss** (darker = higher)")
+        st.html(heatmap_html(part, "loss", text))
+        st.caption(f"{len(part)} tokens, {int(part['function_word'].sum())} function words (grey)")
+
+
+def metric_table(run, row: int) -> pd.DataFrame:
+    mask, _ = common.band_result(run)
+    atten = st.session_state["atten_method"]
+    rows = []
+    for metric in METRICS:
+        for method in ("mean", "max") if metric != "ins_ppl" else ("mean",):
+            column = metric_column(metric, method)
+            values = run.metrics[column].to_numpy(dtype=float)
+            rows.append(
+                {
+                    "metric": METRIC_NAMES[metric],
+                    "column": column,
+                    "value": values[row],
+                    "percentile rank": percentile_rank(values, values[row]),
+                    "used now": method == atten or metric == "ins_ppl",
+                }
+            )
+    frame = pd.DataFrame(rows)
+    st.caption(f"inside all three bands now: **{'yes' if mask[row] else 'no'}**")
+    return frame
+
+
+def chosen_id(run) -> str | None:
+    """From a link (?id=), another page (session state) or the search box, in that order."""
+    arrived = st.query_params.get("id")
+    if arrived and arrived in run.row_of and arrived != st.session_state.get("inspect_id"):
+        st.session_state["inspect_id"] = arrived
+    query = st.text_input("Find a sample by id or text", key="inspect_query")
+    if query:
+        matches = find(run, query)
+        if not matches:
+            st.warning(f"No sample id or instruction matches {query!r}.")
+        else:
+            labels = {m: f"{m} — {common.short(full_instruction(run.records[run.row_of[m]]), 90)}" for m in matches}
+            label = f"{len(matches)} match(es)" + (" (first 50)" if len(matches) == MATCHES else "")
+            pick = st.selectbox(label, matches, format_func=labels.get, key="inspect_match")
+            st.session_state["inspect_id"] = pick
+    return st.session_state.get("inspect_id")
+
+
+def main() -> None:
+    common.setup()
+    st.title("Sample inspector")
+    run = common.require_run()
+    common.require(run, "metrics.parquet", "Stage-2 metrics")
+    common.require(run, "data.jsonl", "scored records")
+    common.atten_toggle()
+    sample_id = chosen_id(run)
+    if sample_id not in run.row_of:
+        st.info("Type an id or some words of an instruction, or click a point on **Embedding map**.")
+        return
+    st.query_params["id"] = sample_id
+    row = run.row_of[sample_id]
+    record = run.records[row]
+    st.markdown(f"### `{sample_id}`")
+    st.markdown("**Instruction**")
+    st.text(full_instruction(record))
+    st.dataframe(metric_table(run, row), hide_index=True, width="stretch", column_config={"value": st.column_config.NumberColumn(format="%.4f"), "percentile rank": st.column_config.NumberColumn(format="%.1f")})
+    try:
+        tokens = run.tokens(sample_id)
+    except RunFileError as exc:
+        st.error(str(exc))
+        for col, response in zip(st.columns(2), RESPONSES):
+            col.subheader(RESPONSES[response][0])
+            col.text(str(record.get(RESPONSES[response][1], "")))
+        return
+    for col, response in zip(st.columns(2), RESPONSES):
+        response_panel(col, run, tokens, response, record)
+
+
+main()

@@ -1,0 +1,268 @@
+"""Every page of the Streamlit app through `AppTest`, on run directories built in the test.
+
+The numbers the pages show are compared with what the library computes for the same settings.
+UMAP is replaced by a fast stand-in here (the real one is tested in test_embed_map.py).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from streamlit.testing.v1 import AppTest
+from synthetic_run import make_run
+
+from threeds import embed_map
+from threeds.export import dataset_info_entry, select_command
+from threeds.runs import load_run, quality_mask, run_command, stage_counts, RunOptions
+from threeds.select import METRICS, band_filter
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = ["pages/quality.py", "pages/difficulty.py", "pages/inspector.py", "pages/embedding_map.py", "pages/export.py"]
+
+
+@pytest.fixture()
+def cache(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    monkeypatch.setenv("THREEDS_CACHE", str(cache))
+    monkeypatch.setattr(embed_map, "compute_umap", lambda emb, settings=None: np.asarray(emb[:, :2], np.float32))
+    return cache
+
+
+@pytest.fixture()
+def demo(cache):
+    return make_run(cache / "demo", n=40, n_dropped=10)
+
+
+def app() -> AppTest:
+    return AppTest.from_file(str(ROOT / "app.py"), default_timeout=60)
+
+
+def open_page(page: str, **state) -> AppTest:
+    at = app().run()
+    for key, value in state.items():
+        at.session_state[key] = value
+    at.switch_page(page).run()
+    assert not at.exception, at.exception[0].value if at.exception else None
+    return at
+
+
+def metric(at: AppTest, label: str) -> str:
+    return next(m.value for m in at.metric if m.label == label)
+
+
+def texts(elements) -> str:
+    return "\n".join(str(e.value) for e in elements)
+
+
+def test_no_run_yet_every_page_says_so(cache):
+    at = app().run()
+    assert not at.exception
+    assert "No run yet" in texts(at.info)
+    for page in PAGES:
+        at.switch_page(page).run()
+        assert not at.exception
+        assert "No run yet" in texts(at.info), page
+
+
+def test_runs_page_shows_counts_and_manifest(demo):
+    at = app().run()
+    assert at.sidebar.selectbox(key="run_name").value == "demo"
+    counts = stage_counts(load_run(demo))
+    for label, value in counts.items():
+        assert metric(at, label) == ("—" if value is None else f"{value:,}")
+    assert at.json[0].value  # the manifest
+    assert at.dataframe[0].value["run"].tolist() == ["demo"]
+
+
+def test_runs_page_starts_a_run_in_the_background(demo, monkeypatch):
+    started = []
+
+    def fake_start(argv, run_dir, cwd=None):
+        run_dir.mkdir()
+        started.append((argv, run_dir))
+        return 1
+
+    monkeypatch.setattr("threeds.runs.start_run", fake_start)
+    at = app().run()
+    at.radio(key="new_source").set_value("Path on this machine").run()
+    at.text_input(key="new_path").set_value(str(demo / "input.jsonl")).run()
+    at.text_input(key="new_name").set_value("demo")  # an existing name is refused
+    at.button(key="new_start").click().run()
+    assert "exists" in texts(at.error)
+    assert not started
+    at.text_input(key="new_name").set_value("fresh")
+    at.number_input(key="new_sample_num").set_value(17)
+    at.button(key="new_start").click().run()
+    assert not at.exception
+    argv, run_dir = started[0]
+    expected = run_command(
+        str(demo / "input.jsonl"), run_dir,
+        RunOptions(backend="local", quality_threshold=85.0, low_th=25.0, up_th=75.0, sample_num=17, atten_method="mean"),
+    )  # fmt: skip
+    assert argv == expected and run_dir.name == "fresh"
+    assert at.session_state["run_name"] == "fresh"
+
+
+def test_quality_threshold_slider(demo):
+    at = open_page("pages/quality.py")
+    scores = load_run(demo).ratings["score"].to_numpy()
+    for threshold in (85.0, 50.0, 95.0):
+        at.slider(key="quality_threshold").set_value(threshold).run()
+        kept = int(quality_mask(scores, threshold).sum())
+        assert metric(at, "kept") == f"{kept:,}"
+        assert metric(at, "dropped") == f"{len(scores) - kept:,}"
+    table = at.dataframe[0].value
+    assert table["rated"].sum() == len(scores) and table["kept"].sum() == kept
+    border = texts(at.markdown)
+    above = sorted(s for s in scores if s >= 95.0)[0]
+    below = sorted(s for s in scores if s < 95.0)[-1]
+    assert f"**{above:g}**" in border and f"**{below:g}**" in border
+
+
+def test_quality_page_without_stage1(cache):
+    make_run(cache / "s2only", stages=("score",))
+    at = open_page("pages/quality.py")
+    assert "no Stage-1 ratings yet" in texts(at.info)
+
+
+def test_difficulty_bands_follow_the_library(demo):
+    at = open_page("pages/difficulty.py")
+    metrics = load_run(demo).metrics
+    settings = [
+        ("mean", {"ins_ppl": (25.0, 75.0)}),
+        ("mean", {"ins_ppl": (10.0, 90.0), "gt_wloss": (0.0, 60.0)}),
+        ("max", {"gen_wloss": (30.0, 100.0)}),
+    ]
+    bands = {m: (25.0, 75.0) for m in METRICS}
+    for atten, change in settings:
+        at.radio(key="atten_method").set_value(atten)
+        for m, band in change.items():
+            at.slider(key=f"band_{m}").set_value(band)
+            bands[m] = band
+        at.run()
+        assert not at.exception
+        _, report = band_filter(metrics, bands, atten)
+        assert metric(at, "in all three bands") == f"{report['n_kept']:,}"
+        assert metric(at, "excluded (NaN metric)") == f"{report['n_excluded_nan']:,}"
+        removed = [m.value for m in at.metric if m.label == "removed by this band"]
+        assert removed == [f"{report['metrics'][m]['n_removed']:,}" for m in METRICS]
+    at.toggle(key="ins_ppl_log").set_value(True).run()
+    assert not at.exception
+
+
+def test_difficulty_without_stage2(cache):
+    make_run(cache / "s1", stages=("rate",))
+    at = open_page("pages/difficulty.py")
+    assert "no Stage-2 metrics yet" in texts(at.info)
+
+
+def test_corrupt_file_is_reported_on_the_page(demo):
+    (demo / "metrics.parquet").write_bytes(b"not parquet")
+    at = open_page("pages/difficulty.py")
+    assert "cannot read Parquet" in texts(at.error)
+    assert str(demo / "metrics.parquet") in texts(at.error)
+    at.switch_page("pages/quality.py").run()  # Stage 1 is intact: that page still works
+    assert not at.error and metric(at, "kept")
+
+
+def test_inspector_by_search_and_by_link(demo):
+    run = load_run(demo)
+    at = open_page("pages/inspector.py")
+    assert "Type an id" in texts(at.info)
+    at.text_input(key="inspect_query").set_value("asthma").run()
+    wanted = [r["id"] for r in run.records if "asthma" in r["instruction"]]
+    options = at.selectbox(key="inspect_match").options
+    assert [o.split(" ")[0] for o in options] == wanted
+    sample = wanted[1]
+    at.selectbox(key="inspect_match").set_value(sample).run()
+    assert f"`{sample}`" in texts(at.markdown)
+    table = at.dataframe[0].value
+    row = run.row_of[sample]
+    ins = table[table["column"] == "ins_ppl"].iloc[0]
+    assert ins["value"] == pytest.approx(run.metrics["ins_ppl"].iloc[row])
+    values = run.metrics["ins_ppl"].to_numpy()
+    assert ins["percentile rank"] == pytest.approx(100 * (values <= values[row]).mean())
+    heatmaps = [h.value for h in at.html]
+    assert len(heatmaps) == 4  # weight and loss, for A and A'
+    tokens = run.tokens(sample)
+    first_gt = tokens[tokens["response"] == "gt"].iloc[0]
+    assert f"loss {first_gt.loss:.3f}" in heatmaps[0]
+    assert "color:#9e9e9e" in heatmaps[0]  # function words greyed
+
+    other = run.records[5]["id"]
+    link = app()
+    link.query_params["id"] = other
+    link.run()
+    link.switch_page("pages/inspector.py").run()
+    assert f"`{other}`" in texts(link.markdown)
+
+
+def test_inspector_without_token_file(demo):
+    (demo / "tokens.parquet").unlink()
+    at = open_page("pages/inspector.py", inspect_id="s000003")
+    assert "missing" in texts(at.error)
+    assert "treatment" in texts(at.text)  # the texts are still shown
+
+
+def test_embedding_map_sample_num_and_click(demo):
+    at = open_page("pages/embedding_map.py")
+    run = load_run(demo)
+    mask, report = band_filter(run.metrics, None, "mean")
+    slider = at.slider(key="sample_num")
+    assert slider.max == report["n_kept"] and slider.value == report["n_kept"]  # 5000 clamped
+    slider.set_value(3).run()
+    assert "3 k-center picks" in texts(at.caption)
+    for colour in at.selectbox(key="map_colour").options:
+        at.selectbox(key="map_colour").set_value(colour).run()
+        assert not at.exception, colour
+    at.session_state["inspect_id"] = "s000007"
+    at.session_state["goto_inspector"] = True  # what a click on a point sets (on_select callback)
+    at.run()
+    assert at.title[0].value == "Sample inspector"
+    assert "`s000007`" in texts(at.markdown)
+
+
+def test_export_page_matches_the_library(demo):
+    at = open_page("pages/export.py", sample_num=4)
+    run = load_run(demo)
+    assert metric(at, "selected samples") == "4"
+    codes = [c.value for c in at.code]
+    assert json.loads(codes[0]) == dataset_info_entry("threeds_demo", "alpaca")
+    assert codes[1] == select_command(str(demo), "threeds_demo_selected.json", {m: (25.0, 75.0) for m in METRICS}, 4, "mean", 0)
+    at.radio(key="export_format").set_value("sharegpt").run()
+    assert json.loads(at.code[0].value)["threeds_demo"]["formatting"] == "sharegpt"
+    assert "threeds_demo_sharegpt.json" in at.get("download_button")[0].proto.label
+    assert len(run.metrics) == 40
+
+
+def test_every_page_on_a_real_threeds_run(cache, tiny_model_dir):
+    """A run made by `threeds run` (tiny model, fake OpenAI-compatible server for Stage 1 and A'):
+    every page opens without error and starts from the run's own settings, so Export shows the
+    run's own selection."""
+    from fake_openai_server import FakeOpenAIServer
+    from test_run_command import _fake_model
+
+    from threeds.cli import main as cli
+
+    data = cache.parent / "data.jsonl"
+    rows = [{"id": f"q{i}", "instruction": f"About question {i}: why do I cough at night?",
+             "output": "Coughing at night is often caused by postnasal drip or asthma. " * (1 + i % 3),
+             "source": "ab"[i % 2]} for i in range(14)]  # fmt: skip
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with FakeOpenAIServer(default_reply=_fake_model) as server:
+        assert cli(["run", "--data", str(data), "--out", str(cache / "real"), "--backend", "openai",
+                    "--base-url", server.base_url, "--model", str(tiny_model_dir), "--quality-threshold", "70",
+                    "--sample-num", "3", "--low-th", "10", "--up-th", "90", "--max-new-tokens", "12"]) == 0  # fmt: skip
+    at = app().run()
+    assert metric(at, "kept by quality") == "10" and metric(at, "selected") == "3"  # 50 + 5 i >= 70
+    for page in PAGES:
+        at.switch_page(page).run()
+        assert not at.exception and not at.error, (page, at.exception or at.error)
+    assert at.slider(key="sample_num").value == 3
+    assert "this selection is identical" in texts(at.caption)
+    at.switch_page("pages/quality.py").run()
+    assert at.slider(key="quality_threshold").value == 70.0

@@ -1,0 +1,218 @@
+"""The app in a real browser: `streamlit run app.py` on 127.0.0.1 driven by headless Chromium.
+
+Goes through every page, moves a slider on each page that has one, clicks a point on the
+embedding map, and saves a screenshot of each page to docs/screenshots/ (the README shows them).
+Needs Debian's `chromium` and `chromium-driver`. The run is synthetic unless
+THREEDS_SCREENSHOT_RUN names a run directory (e.g. cache/demo) to show instead.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from synthetic_run import make_run
+
+from threeds import embed_map
+from threeds.runs import load_run
+
+ROOT = Path(__file__).resolve().parents[1]
+SHOTS = ROOT / "docs" / "screenshots"
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--disable-dev-shm-usage", "--window-size=1400,1000", "--force-device-scale-factor=1",
+]  # fmt: skip
+TIMEOUT = 60
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not (CHROMIUM.exists() and CHROMEDRIVER.exists()), reason="needs apt packages chromium and chromium-driver"),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prepare_cache(cache: Path) -> None:
+    """The run to show, with its UMAP cache written beforehand (a real fit is tested elsewhere)."""
+    source = os.environ.get("THREEDS_SCREENSHOT_RUN")
+    if source:
+        shutil.copytree(source, cache / "demo")
+    else:
+        make_run(cache / "demo", n=300, n_dropped=60, dim=32)
+    run = load_run(cache / "demo")
+    if not (cache / "demo" / embed_map.UMAP_FILE).exists():
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(embed_map, "compute_umap", lambda emb, settings=None: _spread(emb))
+            embed_map.load_or_compute_umap(run.path, run.embeddings)
+
+
+def _spread(emb: np.ndarray) -> np.ndarray:
+    """A quick 2-D projection (top two principal axes) standing in for UMAP."""
+    centred = emb - emb.mean(0)
+    return (centred @ np.linalg.svd(centred, full_matrices=False)[2][:2].T).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("browser") / "cache"
+    cache.mkdir()
+    prepare_cache(cache)
+    port = free_port()
+    env = {**os.environ, "THREEDS_CACHE": str(cache)}
+    argv = [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port), "--server.headless", "true"]
+    log = open(cache.parent / "server.log", "wb")
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + TIMEOUT
+        while True:
+            try:
+                if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
+                    break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError((cache.parent / "server.log").read_text())
+                time.sleep(0.3)
+        yield url, cache
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in FLAGS:
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}")
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    driver.set_page_load_timeout(TIMEOUT)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def wait_for(driver, condition, what: str):
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(driver, TIMEOUT, poll_frequency=0.2, ignored_exceptions=[StaleElementReferenceException])
+    return wait.until(lambda d: condition(d), message=what)  # elements go stale as Streamlit redraws
+
+
+def body_text(driver) -> str:
+    return driver.execute_script("return document.body.innerText")
+
+
+def idle(driver) -> None:
+    """Wait until the script run finished (the status widget shows while a rerun is in flight)."""
+    time.sleep(0.3)
+    wait_for(driver, lambda d: not d.find_elements("css selector", '[data-testid="stStatusWidget"]'), "app idle")
+
+
+def metrics(driver) -> dict[str, str]:
+    found = {}
+    for element in driver.find_elements("css selector", '[data-testid="stMetric"]'):
+        name = element.find_element("css selector", '[data-testid="stMetricLabel"]').text.strip()
+        found[name] = element.find_element("css selector", '[data-testid="stMetricValue"]').text.strip()
+    return found
+
+
+def metric(driver, label: str) -> str:
+    """The value shown under `label`, waiting for it to be drawn."""
+    return wait_for(driver, lambda d: metrics(d).get(label), f"metric {label!r}")
+
+
+def go(driver, title: str) -> None:
+    """Open a page through the sidebar navigation (keeps the session, like a user)."""
+    link = next(a for a in driver.find_elements("css selector", '[data-testid="stSidebarNavLink"]') if a.text.strip().endswith(title))
+    link.click()
+    wait_for(driver, lambda d: any(h.text.strip() == title or h.text.startswith(title) for h in d.find_elements("css selector", "h1")), f"page {title}")
+    idle(driver)
+
+
+def nudge_slider(driver, index: int, key: str, times: int) -> None:
+    """Move the `index`-th slider thumb on the page with the keyboard, as a user can."""
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    thumb = wait_for(driver, lambda d: d.find_elements("css selector", '[data-testid="stSlider"] input[type="range"]')[index:], "slider")[0]
+    driver.execute_script("arguments[0].focus()", thumb)
+    ActionChains(driver).send_keys(key * times).perform()
+    idle(driver)
+
+
+def shot(driver, name: str) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    time.sleep(0.5)  # let Plotly finish drawing
+    driver.save_screenshot(str(SHOTS / f"{name}.png"))
+
+
+def test_every_page_in_chromium(server, browser):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.keys import Keys
+
+    url, _ = server
+    d = browser
+    d.get(url)
+    wait_for(d, lambda d: "Start a new run" in body_text(d), "Runs page")
+    idle(d)
+    assert metric(d, "scored (Stage 2)") != "—"
+    shot(d, "runs")
+
+    go(d, "Quality")
+    before = metric(d, "kept")
+    nudge_slider(d, 0, Keys.ARROW_LEFT, 10)
+    wait_for(d, lambda d: metric(d, "kept") != before, "kept count changes with the threshold")
+    shot(d, "quality")
+
+    go(d, "Difficulty")
+    before = metric(d, "in all three bands")
+    nudge_slider(d, 0, Keys.ARROW_LEFT, 15)  # the low end of Instruction Understanding's band
+    wait_for(d, lambda d: metric(d, "in all three bands") != before, "intersection changes with a band")
+    assert len(d.find_elements("css selector", ".js-plotly-plot")) == 4  # three histograms + scatter matrix
+    shot(d, "difficulty")
+
+    go(d, "Embedding map")
+    nudge_slider(d, 0, Keys.ARROW_LEFT, 5)
+    wait_for(d, lambda d: "k-center picks" in body_text(d), "map caption")
+    shot(d, "embedding_map")
+    x, y = d.execute_script(
+        """
+        const gd = document.querySelector('.js-plotly-plot');
+        const trace = gd._fullData[gd._fullData.length - 1];
+        const xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis, box = gd.getBoundingClientRect();
+        return [box.left + xa._offset + xa.l2p(trace.x[0]), box.top + ya._offset + ya.l2p(trace.y[0])];
+        """
+    )
+    ActionChains(d).move_by_offset(int(x), int(y)).click().perform()
+    wait_for(d, lambda d: "Sample inspector" in [h.text.strip() for h in d.find_elements("css selector", "h1")], "click opens the inspector")
+    idle(d)
+    wait_for(d, lambda d: len(d.find_elements("css selector", "span[title*='loss']")) > 0, "token heatmaps")
+    shot(d, "inspector")
+
+    go(d, "Export")
+    wait_for(d, lambda d: "threeds select --run" in body_text(d), "the reproducing command")
+    before = metric(d, "selected samples")
+    nudge_slider(d, 0, Keys.ARROW_LEFT, 3)
+    wait_for(d, lambda d: metric(d, "selected samples") != before, "selection size follows sample_num")
+    shot(d, "export")

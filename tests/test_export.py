@@ -1,0 +1,83 @@
+"""Export formats, the LlamaFactory entry, and the `threeds select` command that reproduces a selection."""
+
+from __future__ import annotations
+
+import json
+import shlex
+
+import numpy as np
+import pytest
+from synthetic_run import make_run
+
+from threeds.cli import build_parser, main
+from threeds.commands.select import bands_from_args
+from threeds.embed_map import PickOrder
+from threeds.export import dataset_info_entry, export_text, file_name, select_command
+from threeds.runs import load_run
+from threeds.select import band_filter
+
+RECORDS = [
+    {"id": "a", "instruction": "Q1", "input": "ctx", "output": "A1", "source": "x"},
+    {"id": "b", "instruction": "Q2", "output": "A2", "system": "be brief"},
+]
+
+
+def test_alpaca_and_jsonl_rows():
+    rows = json.loads(export_text(RECORDS, "alpaca"))
+    assert rows[0] == {"instruction": "Q1", "input": "ctx", "output": "A1", "id": "a", "source": "x"}
+    assert rows[1]["input"] == ""
+    lines = export_text(RECORDS, "jsonl").splitlines()
+    assert [json.loads(line) for line in lines] == rows
+
+
+def test_sharegpt_rows():
+    rows = json.loads(export_text(RECORDS, "sharegpt"))
+    assert rows[0]["conversations"] == [{"from": "human", "value": "Q1\nctx"}, {"from": "gpt", "value": "A1"}]
+    assert rows[1]["system"] == "be brief"
+
+
+def test_unknown_format():
+    with pytest.raises(ValueError, match="unknown export format"):
+        export_text(RECORDS, "csv")
+
+
+def test_dataset_info_entries():
+    alpaca = dataset_info_entry("med", "alpaca")
+    assert alpaca == {"med": {"file_name": "med.json", "columns": {"prompt": "instruction", "query": "input", "response": "output"}}}
+    assert dataset_info_entry("med", "jsonl")["med"]["file_name"] == "med.jsonl"
+    share = dataset_info_entry("med", "sharegpt", has_system=True)["med"]
+    assert share["file_name"] == file_name("med", "sharegpt") == "med_sharegpt.json"
+    assert share["formatting"] == "sharegpt"
+    assert share["columns"] == {"messages": "conversations", "system": "system"}
+    assert share["tags"]["user_tag"] == "human" and share["tags"]["assistant_tag"] == "gpt"
+
+
+@pytest.mark.parametrize(
+    "bands",
+    [
+        {"ins_ppl": (25, 75), "gen_wloss": (25, 75), "gt_wloss": (25, 75)},
+        {"ins_ppl": (10, 90), "gen_wloss": (20.5, 80), "gt_wloss": (0, 100)},
+    ],
+)
+def test_select_command_parses_back_to_the_same_settings(bands):
+    command = select_command("cache/my run", "out.json", bands, 123, "max", 7)
+    argv = command.split(" ", 1)[1]
+    args = build_parser().parse_args(shlex.split(argv))
+    assert str(args.run) == "cache/my run" and args.sample_num == 123 and args.atten_method == "max" and args.seed == 7
+    assert bands_from_args(args) == {m: tuple(float(v) for v in b) for m, b in bands.items()}
+    shared = len(set(map(tuple, bands.values()))) == 1
+    assert ("--low-th" in command) == shared and ("--ins-low" in command) != shared
+
+
+def test_select_command_reproduces_the_app_selection(tmp_path):
+    """What the app picks (band filter + PickOrder slice) is what the printed command selects."""
+    run_dir = make_run(tmp_path / "run", n=60, n_dropped=0)
+    run = load_run(run_dir)
+    bands = {"ins_ppl": (10, 90), "gen_wloss": (5, 95), "gt_wloss": (15, 85)}
+    mask, _ = band_filter(run.metrics, bands, "mean")
+    survivors = np.flatnonzero(mask)
+    app_ids = run.metrics["id"].to_numpy()[survivors[PickOrder(run.embeddings[mask]).picks(9)]].tolist()
+    out = tmp_path / "selected.json"
+    command = select_command(str(run_dir), str(out), bands, 9, "mean", 0)
+    assert main(shlex.split(command)[1:]) == 0
+    assert [r["id"] for r in json.loads(out.read_text())] == app_ids

@@ -1,0 +1,176 @@
+"""Loading run directories for the app: partial runs, damaged files, counts, background runs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import time
+
+import numpy as np
+import pytest
+from synthetic_run import make_run
+
+from threeds.cli import build_parser
+from threeds.rate import filter_by_rating
+from threeds.runs import (
+    RunOptions,
+    job_running,
+    list_runs,
+    load_run,
+    percentile_rank,
+    quality_mask,
+    read_progress,
+    run_command,
+    run_key,
+    stage_counts,
+    start_run,
+    stop_run,
+)
+
+
+@pytest.fixture()
+def run_dir(tmp_path):
+    return make_run(tmp_path / "cache" / "r1", n=30, n_dropped=6)
+
+
+def test_full_run_loads_aligned(run_dir):
+    run = load_run(run_dir)
+    assert run.errors == {}
+    assert len(run.metrics) == len(run.records) == run.embeddings.shape[0] == 30
+    assert run.embeddings.dtype == np.float32
+    assert run.ratings["score"].isna().sum() == 1  # the unrated one
+    sid = run.metrics["id"].iloc[3]
+    assert run.record(sid) is run.records[3]
+    assert run.record("d000001")["instruction"].startswith("What is")  # dropped by Stage 1: from the input file
+    tokens = run.tokens(sid)
+    assert set(tokens["id"]) == {sid}
+    assert list(tokens["response"].unique()) == ["gt", "gen"]
+    assert (np.diff(tokens.loc[tokens["response"] == "gt", "pos"]) == 1).all()
+
+
+def test_stage_counts_follow_the_files(run_dir):
+    run = load_run(run_dir)
+    counts = stage_counts(run)
+    assert counts["input records"] == 36 and counts["rejected"] == 1
+    assert counts["rated (Stage 1)"] == 35
+    assert counts["kept by quality"] == 30  # threshold 85 from the manifest
+    assert counts["scored (Stage 2)"] == 30 and counts["selected"] is None
+
+
+def test_quality_mask_matches_the_filter_command(run_dir):
+    run = load_run(run_dir)
+    ratings = [json.loads(line) for line in (run_dir / "ratings.jsonl").read_text().splitlines()]
+    records = list(run.input_records.values())
+    for threshold in (0, 40.5, 85, 99):
+        kept, _ = filter_by_rating(records, ratings, threshold)
+        assert quality_mask(run.ratings["score"].to_numpy(), threshold).sum() == len(kept)
+
+
+def test_stage1_only_run(tmp_path):
+    run = load_run(make_run(tmp_path / "s1", stages=("rate",)))
+    assert run.errors == {} and run.ratings is not None
+    assert run.metrics is None and run.records is None and run.embeddings is None
+    assert stage_counts(run)["scored (Stage 2)"] is None
+
+
+@pytest.mark.parametrize(
+    "file, damage, message",
+    [
+        ("manifest.json", lambda p: p.write_text("{not json"), "corrupt JSON"),
+        ("metrics.parquet", lambda p: p.write_bytes(b"PAR1 garbage"), "cannot read Parquet"),
+        ("ratings.jsonl", lambda p: p.write_text('{"id": "a", "score": 1}\n{broken\n{"id": "b"}\n'), "invalid JSON on line 2"),
+        ("embeddings.npy", lambda p: np.save(p, np.zeros((3, 4), np.float32)), "does not match 30 rows"),
+        ("data.jsonl", lambda p: p.write_text(p.read_text().split("\n", 1)[1]), "do not match metrics.parquet"),
+    ],
+)
+def test_damaged_file_is_reported_not_raised(run_dir, file, damage, message):
+    damage(run_dir / file)
+    run = load_run(run_dir)
+    assert message in run.errors[file]
+    assert str(run_dir / file) in run.errors[file]
+    assert set(run.errors) == {file}
+
+
+def test_missing_metric_column_is_reported(run_dir):
+    import pandas as pd
+
+    frame = pd.read_parquet(run_dir / "metrics.parquet").drop(columns=["gt_wloss_max"])
+    frame.to_parquet(run_dir / "metrics.parquet")
+    assert "missing columns ['gt_wloss_max']" in load_run(run_dir).errors["metrics.parquet"]
+
+
+def test_tokens_missing_or_corrupt_raise_with_the_path(run_dir):
+    from threeds.runs import RunFileError
+
+    run = load_run(run_dir)
+    (run_dir / "tokens.parquet").write_bytes(b"junk")
+    with pytest.raises(RunFileError, match="cannot read Parquet"):
+        run.tokens("s000000")
+    (run_dir / "tokens.parquet").unlink()
+    with pytest.raises(RunFileError, match="missing"):
+        run.tokens("s000000")
+
+
+def test_list_runs_skips_models_and_uploads(tmp_path):
+    cache = tmp_path / "cache"
+    make_run(cache / "a", n=5, n_dropped=0)
+    (cache / "models" / "m").mkdir(parents=True)
+    (cache / "uploads").mkdir()
+    assert [p.name for p in list_runs(cache)] == ["a"]
+    assert list_runs(tmp_path / "nowhere") == []
+
+
+def test_run_key_changes_when_a_file_changes(run_dir):
+    before = run_key(run_dir)
+    time.sleep(0.01)
+    (run_dir / "selection.json").write_text("{}")
+    assert run_key(run_dir) != before
+
+
+def test_percentile_rank():
+    values = np.array([1.0, 2.0, 3.0, 4.0, np.nan])
+    assert percentile_rank(values, 2.0) == 50.0
+    assert percentile_rank(values, 0.5) == 0.0
+    assert percentile_rank(values, 4.0) == 100.0
+    assert np.isnan(percentile_rank(values, np.nan))
+
+
+def test_run_command_is_accepted_by_the_cli(tmp_path):
+    options = RunOptions(
+        model="some/model", backend="openai", base_url="http://127.0.0.1:1/v1", api_model="m",
+        quality_threshold=80, low_th=10, up_th=90, sample_num=7, atten_method="max",
+    )  # fmt: skip
+    argv = run_command(tmp_path / "d.jsonl", tmp_path / "out", options)
+    assert argv[:4] == [sys.executable, "-m", "threeds", "run"]
+    if importlib.util.find_spec("threeds.commands.run") is None:
+        pytest.skip("`threeds run` is not there yet")
+    args = build_parser().parse_args(argv[3:])
+    assert (args.model, args.backend, args.api_model, args.sample_num, args.atten_method) == ("some/model", "openai", "m", 7, "max")
+    assert (args.quality_threshold, args.low_th, args.up_th) == (80, 10, 90)
+
+
+def test_background_job_start_status_stop(tmp_path):
+    run_dir = tmp_path / "job"
+    script = (
+        "import json, time, pathlib, sys\n"
+        "p = pathlib.Path(sys.argv[1])\n"
+        "for i in range(600):\n"
+        "    p.joinpath('progress.json').write_text(json.dumps({'stage': 'rate', 'done': i, 'total': 600, 'updated': time.time()}))\n"
+        "    time.sleep(0.05)\n"
+    )
+    pid = start_run([sys.executable, "-c", script, str(run_dir)], run_dir)
+    assert pid > 0 and job_running(run_dir)
+    with pytest.raises(RuntimeError, match="already in progress"):
+        start_run([sys.executable, "-c", "pass"], run_dir)
+    deadline = time.time() + 10
+    while read_progress(run_dir) is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert read_progress(run_dir)["stage"] == "rate"
+    assert stop_run(run_dir)
+    deadline = time.time() + 10
+    while job_running(run_dir) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not job_running(run_dir)
+    assert "KeyboardInterrupt" in (run_dir / "run.log").read_text()
+    assert not stop_run(run_dir)

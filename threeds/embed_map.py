@@ -1,0 +1,115 @@
+"""The 2-D map of instruction embeddings, and k-center pick orders that grow on demand.
+
+UMAP takes minutes on 100k rows, so it runs once per run: the result is cached as `umap.npy`
+in the run directory with `umap.json` saying which embeddings and settings produced it; a
+re-scored run (different embeddings) or other settings recompute it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from threeds.select import k_center_greedy
+
+UMAP_FILE = "umap.npy"
+UMAP_META = "umap.json"
+MIN_POINTS = 4  # UMAP needs a neighbour graph; fewer points make no map
+
+
+@dataclass(frozen=True)
+class MapSettings:
+    seed: int = 0
+    n_neighbors: int = 15
+    min_dist: float = 0.1
+
+
+def embeddings_digest(embeddings: np.ndarray) -> str:
+    """sha256 of the float32 rows: identifies the embeddings a cached map was made from."""
+    digest = hashlib.sha256(str(embeddings.shape).encode())
+    rows = max(1, (64 << 20) // max(1, embeddings.shape[1] * 4))
+    for start in range(0, len(embeddings), rows):
+        digest.update(np.ascontiguousarray(embeddings[start : start + rows], dtype=np.float32).tobytes())
+    return digest.hexdigest()
+
+
+def compute_umap(embeddings: np.ndarray, settings: MapSettings = MapSettings()) -> np.ndarray:
+    """2-D UMAP coordinates [n, 2] (float32); deterministic for a fixed seed."""
+    n = len(embeddings)
+    if n < MIN_POINTS:
+        raise ValueError(f"a map needs at least {MIN_POINTS} samples, this run has {n}")
+    import umap  # slow import (numba): only when a map is actually computed
+
+    reducer = umap.UMAP(
+        n_components=2,
+        n_neighbors=min(settings.n_neighbors, n - 1),
+        min_dist=settings.min_dist,
+        random_state=settings.seed,
+        n_jobs=1,  # a fixed seed makes umap-learn single-threaded anyway
+        init="spectral" if n > 32 else "random",  # spectral init fails on tiny graphs
+    )
+    return reducer.fit_transform(np.asarray(embeddings, dtype=np.float32)).astype(np.float32)
+
+
+def load_or_compute_umap(
+    run_dir: str | os.PathLike, embeddings: np.ndarray, settings: MapSettings = MapSettings()
+) -> np.ndarray:
+    """The run's cached map if it matches `embeddings` and `settings`, else compute and cache it."""
+    run_dir = Path(run_dir)
+    meta = {"embeddings_sha256": embeddings_digest(embeddings), "rows": len(embeddings), **settings.__dict__}
+    cached = _read_cached(run_dir, meta)
+    if cached is not None:
+        return cached
+    coords = compute_umap(embeddings, settings)
+    _write_cached(run_dir, coords, meta)
+    return coords
+
+
+def _read_cached(run_dir: Path, meta: dict) -> np.ndarray | None:
+    try:
+        if json.loads((run_dir / UMAP_META).read_text(encoding="utf-8")) != meta:
+            return None
+        coords = np.load(run_dir / UMAP_FILE, allow_pickle=False)
+    except (OSError, ValueError):  # missing, torn or corrupt: recompute
+        return None
+    return coords if coords.shape == (meta["rows"], 2) and np.isfinite(coords).all() else None
+
+
+def _write_cached(run_dir: Path, coords: np.ndarray, meta: dict) -> None:
+    """Map first, then its description: a torn write leaves a mismatch, never a wrong map."""
+    tmp = run_dir / f".{UMAP_FILE}.tmp"
+    with open(tmp, "wb") as fh:
+        np.save(fh, coords, allow_pickle=False)
+    os.replace(tmp, run_dir / UMAP_FILE)
+    tmp = run_dir / f".{UMAP_META}.tmp"
+    tmp.write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, run_dir / UMAP_META)
+
+
+@dataclass
+class PickOrder:
+    """k-center greedy pick order over fixed survivors, computed only as far as asked.
+
+    k-center greedy is prefix-consistent: the first k picks of a run for k' > k are the picks
+    for k (same first centre, same farthest-point steps). A `sample_num` slider therefore only
+    slices a cached order; a request past it recomputes to twice the cached length, so moving
+    the slider up costs a logarithmic number of recomputations.
+    """
+
+    embeddings: np.ndarray  # survivors' rows only
+    seed: int = 0
+    _order: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+
+    def picks(self, k: int) -> np.ndarray:
+        """Survivor indices picked for `sample_num = k`, in pick order (all if k >= n)."""
+        n = len(self.embeddings)
+        if k >= n:
+            return k_center_greedy(self.embeddings, k, seed=self.seed)  # every survivor, as the library orders them
+        if k > len(self._order):
+            self._order = k_center_greedy(self.embeddings, min(n - 1, max(k, 2 * len(self._order))), seed=self.seed)
+        return self._order[:k]
