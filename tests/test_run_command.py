@@ -1,0 +1,95 @@
+"""`threeds run` end to end: rate -> filter -> generate -> score -> select, stages skipped when current."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from conftest import SHARED_DATA
+from fake_openai_server import FakeOpenAIServer
+from threeds.cli import main as cli
+from threeds.data import read_jsonl
+
+
+def _fake_model(content: str) -> str:
+    """Rates record i as 50 + 5 i; answers with a few words that depend on i."""
+    i = int(re.search(r"question (\d+)", content).group(1))
+    if "Reply with the number only" in content:
+        return f"Score: {min(100, 50 + 5 * i)}"
+    return " ".join(["the", "fever", "may", "pass", "in", "a", "few", "days"][: 2 + i % 6]) + "."
+
+
+@pytest.fixture()
+def data(tmp_path) -> Path:
+    path = tmp_path / "data.jsonl"
+    rows = [{"id": f"q{i}", "instruction": f"About question {i}: why do I cough at night?",
+             "output": "Coughing at night is often caused by postnasal drip or asthma. " * (1 + i % 3), "source": "t"}
+            for i in range(12)]  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _mtime(path: Path) -> int:
+    return path.stat().st_mtime_ns
+
+
+def test_run_end_to_end_then_skips_current_stages(tmp_path, data, tiny_model_dir):
+    run = tmp_path / "run"
+    with FakeOpenAIServer(default_reply=_fake_model) as server:
+        args = ["run", "--data", str(data), "--out", str(run), "--backend", "openai", "--base-url", server.base_url,
+                "--model", str(tiny_model_dir), "--function-words", "none", "--low-th", "0", "--up-th", "100",
+                "--sample-num", "3", "--max-new-tokens", "20"]  # fmt: skip
+        assert cli(args) == 0
+        selected = json.loads((run / "selected.json").read_text())
+        kept = {f"q{i}" for i in range(7, 12)}  # 50 + 5 i >= 85
+        assert len(selected) == 3 and {r["id"] for r in selected} <= kept
+        assert all(r["generated_output"] == _fake_model(r["instruction"]) and r["source"] == "t" for r in selected)
+        manifest = json.loads((run / "manifest.json").read_text())
+        assert manifest["stages"]["rate"]["data"]["n_records"] == 12 and manifest["stages"]["filter"]["report"]["kept"] == 5
+        assert len(manifest["stages"]["rate"]["data"]["fingerprint"]) == 64
+        assert json.loads((run / "progress.json").read_text())["stage"] == "done"
+        asked, scored, picked = len(server.requests), _mtime(run / "metrics.parquet"), _mtime(run / "selected.json")
+
+        assert cli(args) == 0  # nothing changed: no request, no scoring, no selection
+        assert len(server.requests) == asked
+        assert (_mtime(run / "metrics.parquet"), _mtime(run / "selected.json")) == (scored, picked)
+
+        assert cli([*args, "--sample-num", "2"]) == 0  # only selection again
+        assert len(json.loads((run / "selected.json").read_text())) == 2
+        assert _mtime(run / "metrics.parquet") == scored and len(server.requests) == asked
+
+        assert cli([*args, "--quality-threshold", "75"]) == 0  # two more records: A' for them only, then rescore
+        assert len(server.requests) == asked + 2
+        assert len(read_jsonl(run / "data.jsonl")) == 7
+        assert _mtime(run / "metrics.parquet") != scored
+
+
+def test_run_stops_clearly_when_nothing_passes_stage_one(tmp_path, data, caplog):
+    with FakeOpenAIServer(default_reply="Score: 10") as server:
+        rc = cli(["run", "--data", str(data), "--out", str(tmp_path / "run"), "--backend", "openai",
+                  "--base-url", server.base_url])  # fmt: skip
+    assert rc == 1
+    assert any("no record passed stage 1" in r.message for r in caplog.records)
+
+
+@pytest.mark.integration
+def test_run_with_the_local_embedded_model_to_a_selected_json(tmp_path):
+    """The default path: raw records, the embedded model, nothing else. Threshold 0 keeps every record
+    the 135M model managed to rate (it is not a good rater; this checks the plumbing)."""
+    source = SHARED_DATA / "medquad_en_200.jsonl"
+    if not source.exists():
+        pytest.skip(f"{source} not found")
+    lines = source.read_text(encoding="utf-8").splitlines(keepends=True)
+    shortest = sorted(lines, key=len)[:4]  # short prompts keep this test quick on a CPU
+    data = tmp_path / "four.jsonl"
+    data.write_text("".join(shortest), encoding="utf-8")
+    run = tmp_path / "run"
+    assert cli(["run", "--data", str(data), "--out", str(run), "--quality-threshold", "0", "--max-new-tokens", "16",
+                "--max-length", "512", "--sample-num", "2", "--low-th", "0", "--up-th", "100"]) == 0  # fmt: skip
+    ratings = [json.loads(line) for line in (run / "ratings.jsonl").read_text().splitlines()]
+    assert len(ratings) == 4 and all(r["backend"] == "local" for r in ratings)
+    selected = json.loads((run / "selected.json").read_text())
+    assert 1 <= len(selected) <= 2 and all(r["generated_output"] for r in selected)

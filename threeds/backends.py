@@ -1,0 +1,322 @@
+"""Two interchangeable ways to ask the target model: in-process (`local`) or over HTTP (`openai`).
+
+Both answer a list of single-turn user messages with greedy decoding and report each reply through
+`on_reply` the moment it is ready, so callers can store it before anything else can go wrong.
+A failed request becomes a `Reply` with `error` set (after retries); only a misconfiguration that
+would fail every request (bad key, URL or model name) raises `BackendError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+T = TypeVar("T")
+
+API_KEY_ENV = ("THREEDS_API_KEY", "OPENAI_API_KEY")
+RETRYABLE_STATUS = {408, 409, 429}  # plus every 5xx: the server may recover
+FATAL_STATUS = {401: "check the API key (THREEDS_API_KEY or OPENAI_API_KEY)",
+                403: "the API key is not allowed to use this model",
+                404: "check --base-url (it usually ends in /v1) and --api-model",
+                405: "check --base-url (it usually ends in /v1)"}  # fmt: skip
+
+
+class BackendError(RuntimeError):
+    """A misconfiguration that would fail every request; the message says what to fix."""
+
+
+@dataclass
+class Reply:
+    """One answer: `text` (None on failure), wall seconds, and the error after the last attempt."""
+
+    text: str | None
+    seconds: float
+    error: str | None = None
+    attempts: int = 1
+    model: str | None = None
+
+
+OnReply = Callable[[int, Reply], None]
+
+
+class Backend(Protocol):
+    name: str
+
+    @property
+    def signature(self) -> dict:
+        """What, besides the prompt, decides the replies (stored with results to detect stale ones)."""
+
+    @property
+    def label(self) -> str:
+        """Model name for the output rows."""
+
+    def chat(self, prompts: Sequence[str], max_new_tokens: int, on_reply: OnReply | None = None) -> list[Reply]:
+        """Greedy replies to single-turn user messages, in the order of `prompts`."""
+
+
+# ------------------------------------------------------------------------------------------ local
+
+
+class LocalBackend:
+    """The model in this process through transformers: batched greedy generation, left padding.
+
+    Prompts are templated with the tokenizer's chat template (threeds.prompts); generation stops at
+    the template's end-of-turn marker or EOS. Replies of a batch arrive together; each reply's
+    `seconds` is its share of the batch's time. The model loads on the first `chat` call, so a run
+    with nothing left to do never loads it.
+    """
+
+    name = "local"
+
+    def __init__(
+        self, model_spec: str | None = None, *, template: str | None = None, system: str | None = None,
+        batch_size: int = 8, model=None, tokenizer=None,
+    ) -> None:  # fmt: skip
+        self.model_spec, self.template, self.system, self.batch_size = model_spec, template, system, batch_size
+        self.model, self.tokenizer = model, tokenizer
+
+    @property
+    def label(self) -> str:
+        from threeds.model import model_label
+
+        return model_label(self.model_spec)
+
+    @property
+    def signature(self) -> dict:
+        return {"backend": self.name, "model": self.label, "template": self.template, "system": self.system}
+
+    def load(self):
+        """(model, tokenizer), loading them once."""
+        if self.model is None or self.tokenizer is None:
+            from threeds.model import load_model
+
+            self.model, self.tokenizer = load_model(self.model_spec)
+        return self.model, self.tokenizer
+
+    def close(self) -> None:
+        """Free the model (e.g. before another stage loads its own copy)."""
+        import gc
+
+        import torch
+
+        self.model = self.tokenizer = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def chat(self, prompts: Sequence[str], max_new_tokens: int, on_reply: OnReply | None = None) -> list[Reply]:
+        from threeds.prompts import prompt_format
+
+        model, tokenizer = self.load()
+        fmt = prompt_format(tokenizer, self.template, self.system)
+        encoded = [tokenizer(fmt.prompt(p), add_special_tokens=False)["input_ids"] for p in prompts]
+        stop = _stop_ids(tokenizer, fmt.end_of_turn)
+        # Longest first: similar lengths share a batch (little padding) and memory errors show early.
+        order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+        replies: list[Reply | None] = [None] * len(prompts)
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start : start + self.batch_size]
+            began = time.perf_counter()
+            texts = generate_batch(model, tokenizer, [encoded[i] for i in batch], stop, max_new_tokens, fmt.end_of_turn)
+            seconds = (time.perf_counter() - began) / len(batch)
+            for i, text in zip(batch, texts):
+                replies[i] = Reply(text, seconds, model=self.label)
+                if on_reply:
+                    on_reply(i, replies[i])
+        return replies
+
+
+def _stop_ids(tokenizer, end_of_turn: str) -> list[int]:
+    """EOS plus the end-of-turn marker when it is a single token (e.g. ChatML's <|im_end|>)."""
+    ids = {tokenizer.eos_token_id}
+    marker = tokenizer.encode(end_of_turn, add_special_tokens=False)
+    if len(marker) == 1:
+        ids.add(marker[0])
+    return sorted(i for i in ids if i is not None)
+
+
+def generate_batch(model, tokenizer, inputs: list[list[int]], stop: list[int], max_new_tokens: int, end_of_turn: str) -> list[str]:
+    """Greedy continuations of token lists, left-padded into one batch; text up to the first stop."""
+    import torch
+    from transformers import GenerationConfig
+
+    width = max(map(len, inputs))
+    pad = tokenizer.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(x)) + x for x in inputs], device=model.device)
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in inputs], device=model.device)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop, pad_token_id=pad)
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+    texts = []
+    for row in out[:, width:].tolist():
+        cut = next((j for j, t in enumerate(row) if t in stop), len(row))
+        text = tokenizer.decode(row[:cut], skip_special_tokens=True)
+        texts.append(text.split(end_of_turn)[0])  # a multi-token marker is not a stop id
+    return texts
+
+
+# ----------------------------------------------------------------------------------------- openai
+
+
+class _Malformed(Exception):
+    """The server answered 200 but not with a chat completion."""
+
+
+class OpenAIBackend:
+    """Any OpenAI-compatible `/v1/chat/completions` server (LlamaFactory, vLLM, llama.cpp, Ollama).
+
+    Up to `concurrency` requests run at once (asyncio). Each attempt has a hard `timeout`; timeouts,
+    connection errors, malformed replies, 408/409/429 and 5xx are retried `retries` times with
+    exponential backoff and jitter (the client's own retries are off, so these are the only ones).
+    401/403/404/405 raise `BackendError` at once, and so does 400 before any request succeeded (the
+    settings are wrong); a later 400/413/422 fails only its record (e.g. a prompt too long).
+    """
+
+    name = "openai"
+
+    def __init__(
+        self, base_url: str, model: str | None = None, *, api_key: str | None = None, system: str | None = None,
+        concurrency: int = 8, timeout: float = 120.0, retries: int = 5, backoff: float = 1.0, max_backoff: float = 60.0,
+    ) -> None:  # fmt: skip
+        self.base_url, self.model, self.system = base_url, model, system
+        self.requested_model = model  # `model` is filled in from the server when None
+        self.api_key = api_key or next((os.environ[k] for k in API_KEY_ENV if os.environ.get(k)), "none")
+        self.concurrency, self.timeout, self.retries = max(1, concurrency), timeout, retries
+        self.backoff, self.max_backoff = backoff, max_backoff
+        self._succeeded = False
+
+    @property
+    def label(self) -> str:
+        return self.model or "(server default)"
+
+    @property
+    def signature(self) -> dict:
+        return {"backend": self.name, "model": self.requested_model, "system": self.system}
+
+    def chat(self, prompts: Sequence[str], max_new_tokens: int, on_reply: OnReply | None = None) -> list[Reply]:
+        if not prompts:
+            return []
+        return asyncio.run(self._chat_all(prompts, max_new_tokens, on_reply))
+
+    async def _chat_all(self, prompts: Sequence[str], max_new_tokens: int, on_reply: OnReply | None) -> list[Reply]:
+        from openai import AsyncOpenAI
+
+        replies: list[Reply | None] = [None] * len(prompts)
+        pending = iter(range(len(prompts)))  # shared by the workers; asyncio runs one at a time
+
+        async with AsyncOpenAI(base_url=self.base_url, api_key=self.api_key, max_retries=0, timeout=self.timeout) as client:
+            if self.model is None:
+                self.model = await self._server_model(client)
+            model = self.model
+
+            async def worker() -> None:
+                for i in pending:
+                    replies[i] = await self._ask(client, model, prompts[i], max_new_tokens)
+                    if on_reply:
+                        on_reply(i, replies[i])
+
+            workers = [asyncio.ensure_future(worker()) for _ in range(min(self.concurrency, len(prompts)))]
+            try:
+                await asyncio.gather(*workers)
+            finally:
+                for w in workers:
+                    w.cancel()
+                await asyncio.gather(*workers, return_exceptions=True)
+        return replies
+
+    async def _server_model(self, client) -> str:
+        """The one model the server serves, for when --api-model is not given."""
+        listing, _, error = await self._call(lambda: client.models.list())
+        if listing is None:
+            raise BackendError(f"{self.base_url}: could not list the served models ({error}); pass --api-model")
+        names = [m.id for m in listing.data]
+        if len(names) != 1:
+            raise BackendError(f"{self.base_url} serves {len(names)} models {names}; choose one with --api-model")
+        return names[0]
+
+    async def _ask(self, client, model: str, prompt: str, max_new_tokens: int) -> Reply:
+        messages = ([{"role": "system", "content": self.system}] if self.system is not None else []) + [
+            {"role": "user", "content": prompt}
+        ]
+
+        async def request() -> tuple[str, str]:
+            try:
+                resp = await client.chat.completions.create(
+                    model=model, messages=messages, max_tokens=max_new_tokens, temperature=0.0
+                )
+            except json.JSONDecodeError as exc:  # a body cut off or not JSON, labelled as JSON
+                raise _Malformed(f"invalid JSON ({exc})") from exc
+            return _completion_text(resp), getattr(resp, "model", None) or model
+
+        began = time.perf_counter()
+        result, attempts, error = await self._call(request)
+        seconds = time.perf_counter() - began
+        if result is None:
+            return Reply(None, seconds, error, attempts, model)
+        self._succeeded = True
+        return Reply(result[0], seconds, None, attempts, result[1])
+
+    async def _call(self, request: Callable[[], Awaitable[T]]) -> tuple[T | None, int, str | None]:
+        """(result, attempts, None) or (None, attempts, last error) after the retries."""
+        import openai
+
+        error = None
+        for attempt in range(1, self.retries + 2):
+            retry_after = None
+            try:
+                return await asyncio.wait_for(request(), self.timeout), attempt, None
+            except openai.APIStatusError as exc:
+                code = exc.status_code
+                error = f"HTTP {code}: {_status_text(exc)}"
+                if code not in RETRYABLE_STATUS and code < 500:
+                    if code in FATAL_STATUS or not self._succeeded:
+                        hint = FATAL_STATUS.get(code, "check the request settings")
+                        raise BackendError(f"{self.base_url}: {error} ({hint})") from exc
+                    return None, attempt, error
+                retry_after = _retry_after(exc.response.headers.get("retry-after"))
+            except (openai.APITimeoutError, TimeoutError):
+                error = f"no reply within {self.timeout:g} s"
+            except openai.APIConnectionError as exc:
+                error = f"connection failed: {exc.__cause__ or exc}"
+            except _Malformed as exc:
+                error = f"malformed reply: {exc}"
+            if attempt <= self.retries:
+                await asyncio.sleep(self._delay(attempt, retry_after))
+        return None, self.retries + 1, f"{error} (gave up after {self.retries + 1} attempts)"
+
+    def _delay(self, attempt: int, retry_after: float | None) -> float:
+        """Exponential backoff with jitter, so many clients do not retry in lockstep."""
+        delay = min(self.max_backoff, self.backoff * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+        return max(delay, min(retry_after or 0.0, self.max_backoff))
+
+
+def _completion_text(resp) -> str:
+    from openai.types.chat import ChatCompletion
+
+    if not isinstance(resp, ChatCompletion):
+        raise _Malformed(f"expected a chat completion, got {str(resp)[:200]!r}")
+    try:
+        content = resp.choices[0].message.content
+    except (AttributeError, IndexError, TypeError) as exc:
+        raise _Malformed(f"no choices[0].message in {str(resp)[:200]!r}") from exc
+    return content or ""
+
+
+def _status_text(exc) -> str:
+    body = exc.body
+    if isinstance(body, dict):
+        body = body.get("message") or body.get("error") or body
+    return str(body or exc.message)[:300]
+
+
+def _retry_after(value: str | None) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None  # an HTTP date: fall back to our own backoff

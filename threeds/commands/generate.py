@@ -1,0 +1,97 @@
+"""`threeds generate`: the target model's own greedy answer A' for each record (`generated_output`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from threeds.backends import Backend, BackendError, LocalBackend, OpenAIBackend
+from threeds.commands.score import add_model_arguments
+from threeds.data import DataError, read_records
+from threeds.generate import StaleResultsError, generate_records, write_records
+
+log = logging.getLogger(__name__)
+
+# What the stage commands turn into exit status 1 with a one-line message.
+EXPECTED_ERRORS = (BackendError, DataError, StaleResultsError, OSError)
+
+
+def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
+    """--backend and its options (model flags included), shared by rate, generate and run."""
+    add_model_arguments(parser)
+    group = parser.add_argument_group("backend")
+    group.add_argument(
+        "--backend", choices=["local", "openai"], default="local",
+        help="local = run --model in this process (transformers); openai = any OpenAI-compatible server "
+        "(LlamaFactory `llamafactory-cli api`, `vllm serve`, llama.cpp server, Ollama) (default: local)",
+    )  # fmt: skip
+    group.add_argument("--batch-size", type=int, default=8, help="local: prompts generated together (default: 8)")
+    group.add_argument("--base-url", default="http://127.0.0.1:8000/v1",
+                       help="openai: the server's API root (default: http://127.0.0.1:8000/v1, where LlamaFactory and vLLM listen)")  # fmt: skip
+    group.add_argument("--api-model", default=None,
+                       help="openai: model name to request (default: the server's only model, from /v1/models)")  # fmt: skip
+    group.add_argument("--concurrency", type=int, default=8, help="openai: requests in flight at once (default: 8)")
+    group.add_argument("--timeout", type=float, default=120.0, help="openai: seconds one attempt may take (default: 120)")
+    group.add_argument("--retries", type=int, default=5,
+                       help="openai: retries after a timeout, connection error, 429 or 5xx (default: 5)")  # fmt: skip
+    group.add_argument("--retry-backoff", type=float, default=1.0,
+                       help="openai: first retry delay in seconds, doubled each retry, with jitter (default: 1)")  # fmt: skip
+
+
+def backend_from_args(args: argparse.Namespace) -> Backend:
+    """The backend the flags ask for; the API key comes from THREEDS_API_KEY or OPENAI_API_KEY."""
+    if not getattr(args, "verbose", False):
+        for name in ("httpx", "httpx2"):  # one INFO line per request would bury the progress bar
+            logging.getLogger(name).setLevel(logging.WARNING)
+    if args.backend == "local":
+        return LocalBackend(args.model, template=args.template, system=args.system, batch_size=args.batch_size)
+    return OpenAIBackend(
+        args.base_url, args.api_model, system=args.system, concurrency=args.concurrency, timeout=args.timeout,
+        retries=args.retries, backoff=args.retry_backoff,
+    )  # fmt: skip
+
+
+def print_summary(summary: dict) -> None:
+    """The counts, and where the failures are when there are any."""
+    print(json.dumps(summary, indent=2, ensure_ascii=False))
+    if summary["failed"]:
+        print(f"{summary['failed']} {summary['stage']} failures are in {summary['log']} (rows with an \"error\"); "
+              "run the same command again to retry them")  # fmt: skip
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "generate",
+        help="the model's own greedy answer A' to each instruction (needed by `threeds score`)",
+        description="Generate A', the target model's greedy answer to each record's instruction, and write the "
+        "records with it as `generated_output` beside their original fields. Each answer is logged the "
+        "moment it arrives; run the same command again to resume after an interruption or to retry failures.",
+    )  # fmt: skip
+    parser.add_argument("--data", required=True, type=Path, help="records: JSON, JSONL, Parquet or CSV")
+    parser.add_argument("--out", required=True, type=Path,
+                        help="records with generated_output: a JSON array, or JSON Lines if it ends in .jsonl")  # fmt: skip
+    parser.add_argument("--log", type=Path, default=None,
+                        help="per-record log used to resume (default: OUT's folder/<OUT name>.generations.jsonl)")  # fmt: skip
+    parser.add_argument("--max-new-tokens", type=int, default=512, help="longest answer in tokens (default: 512)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="redo answers the log holds from another model, prompt or settings")  # fmt: skip
+    add_backend_arguments(parser)
+    parser.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    log_path = args.log or args.out.with_name(f"{args.out.stem}.generations.jsonl")
+    try:
+        records, rejects = read_records(args.data)
+        if rejects:
+            log.warning("%d input records rejected, e.g. %s", len(rejects), rejects[0])
+        done, summary = generate_records(records, backend_from_args(args), log_path, args.max_new_tokens,
+                                         overwrite=args.overwrite)  # fmt: skip
+        write_records(args.out, done)
+    except EXPECTED_ERRORS as exc:
+        log.error("%s", exc)
+        return 1
+    print_summary({**summary, "out": str(args.out)})
+    return 0 if not summary["failed"] else 3
