@@ -1,0 +1,414 @@
+"""Stage 2 selection: percentile bands on the three difficulty metrics, then k-center greedy.
+
+Spec items 7 and 8 (docs/SPEC-3DS.md): keep samples inside a percentile band of every metric,
+then pick `sample_num` survivors by farthest-point (k-center) greedy over their embeddings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+METRICS = ("ins_ppl", "gen_wloss", "gt_wloss")
+METRIC_NAMES = {
+    "ins_ppl": "Instruction Understanding",
+    "gen_wloss": "Response Confidence",
+    "gt_wloss": "Response Correctness",
+}
+ATTEN_METHODS = ("mean", "max")
+DEFAULT_BAND = (25.0, 75.0)
+# Why a metric can be NaN (spec item 6); inf (overflow) is counted with NaN.
+NAN_REASONS = {
+    "ins_ppl": "no prompt token to score",
+    "gen_wloss": "no generated-response token left after truncation and function-word filtering",
+    "gt_wloss": "no ground-truth-response token left after truncation and function-word filtering",
+}
+STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_CHUNK_BYTES = 64 << 20  # float32 bytes per chunk when uploading / converting rows
+_CENTRE_ROWS = 4096  # about this many evenly spaced rows estimate the centroid
+
+
+# ---------------------------------------------------------------------------- band filter
+
+
+def metric_column(metric: str, atten_method: str = "mean") -> str:
+    """Column of metrics.parquet holding `metric`; the weighted losses exist per attention method."""
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
+    if atten_method not in ATTEN_METHODS:
+        raise ValueError(f"unknown atten_method {atten_method!r}; expected one of {ATTEN_METHODS}")
+    return metric if metric == "ins_ppl" else f"{metric}_{atten_method}"
+
+
+def _check_band(low: float, high: float) -> tuple[float, float]:
+    low, high = float(low), float(high)
+    if not (0.0 <= low <= high <= 100.0):
+        raise ValueError(f"percentile band needs 0 <= low <= high <= 100, got low={low}, high={high}")
+    return low, high
+
+
+def band_thresholds(values: np.ndarray, low: float, high: float) -> tuple[float, float]:
+    """Values at the `low` and `high` percentiles of the finite entries (NaN, NaN if none)."""
+    low, high = _check_band(low, high)
+    v = np.asarray(values, dtype=np.float64)
+    finite = v[np.isfinite(v)]
+    if finite.size == 0:
+        return float("nan"), float("nan")
+    lo, hi = np.percentile(finite, [low, high])  # numpy's default: linear interpolation
+    return float(lo), float(hi)
+
+
+def band_mask(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    """True where percentile(low) <= value <= percentile(high); NaN/inf never pass.
+
+    Percentiles come from the finite values only, so a failed sample does not shift the band.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    lo, hi = band_thresholds(v, low, high)
+    with np.errstate(invalid="ignore"):
+        return np.isfinite(v) & (v >= lo) & (v <= hi)
+
+
+def _resolve_bands(bands: Mapping[str, Sequence[float]] | None) -> dict[str, tuple[float, float]]:
+    bands = dict(bands or {})
+    unknown = set(bands) - set(METRICS)
+    if unknown:
+        raise ValueError(f"bands for unknown metrics {sorted(unknown)}; expected keys from {METRICS}")
+    out = {}
+    for m in METRICS:
+        band = bands.get(m, DEFAULT_BAND)
+        if len(band) != 2:
+            raise ValueError(f"band for {m} must be (low, high), got {band!r}")
+        out[m] = _check_band(*band)
+    return out
+
+
+def _float_or_none(x: float) -> float | None:
+    return float(x) if np.isfinite(x) else None
+
+
+def band_filter(
+    metrics: pd.DataFrame,
+    bands: Mapping[str, Sequence[float]] | None = None,
+    atten_method: str = "mean",
+) -> tuple[np.ndarray, dict]:
+    """Intersection of the three percentile bands (spec item 7) and a report of what each removed.
+
+    Missing entries of `bands` default to (25, 75). Each band's percentiles are computed over
+    that metric's finite values. Report: `n_total`; `n_excluded_nan` (rows with a non-finite value
+    in any metric); `n_finite`; per metric its column, band, thresholds `lo`/`hi`, `n_nan` with
+    the reason, and `n_removed` (rows finite in all metrics that this band alone rejects; bands
+    overlap, so these do not add up); `n_kept`.
+    """
+    bands = _resolve_bands(bands)
+    columns = {m: metric_column(m, atten_method) for m in METRICS}
+    missing = [c for c in columns.values() if c not in metrics.columns]
+    if missing:
+        raise ValueError(f"metrics table lacks columns {missing}")
+    values = {m: metrics[c].to_numpy(dtype=np.float64) for m, c in columns.items()}
+    finite_all = np.logical_and.reduce([np.isfinite(v) for v in values.values()])
+    keep = finite_all.copy()
+    per_metric = {}
+    for m in METRICS:
+        lo, hi = band_thresholds(values[m], *bands[m])
+        inside = band_mask(values[m], *bands[m])
+        keep &= inside
+        per_metric[m] = {
+            "name": METRIC_NAMES[m],
+            "column": columns[m],
+            "band": list(bands[m]),
+            "lo": _float_or_none(lo),
+            "hi": _float_or_none(hi),
+            "n_nan": int((~np.isfinite(values[m])).sum()),
+            "nan_reason": NAN_REASONS[m],
+            "n_removed": int((finite_all & ~inside).sum()),
+        }
+    report = {
+        "n_total": int(len(metrics)),
+        "atten_method": atten_method,
+        "n_excluded_nan": int((~finite_all).sum()),
+        "n_finite": int(finite_all.sum()),
+        "metrics": per_metric,
+        "n_kept": int(keep.sum()),
+    }
+    return keep, report
+
+
+# ---------------------------------------------------------------------------- k-center greedy
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """CUDA when present unless told otherwise."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _storage_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, str):
+        if dtype not in STORAGE_DTYPES:
+            raise ValueError(f"dtype must be one of {list(STORAGE_DTYPES)}, got {dtype!r}")
+        return STORAGE_DTYPES[dtype]
+    if dtype not in STORAGE_DTYPES.values():
+        raise ValueError(f"dtype must be one of {list(STORAGE_DTYPES.values())}, got {dtype}")
+    return dtype
+
+
+def _rows_float32(emb: np.ndarray | torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Rows [start, stop) as a float32 tensor, without copying the whole input."""
+    if isinstance(emb, torch.Tensor):
+        return emb[start:stop].to(torch.float32)
+    rows = np.ascontiguousarray(emb[start:stop], dtype=np.float32)
+    if not rows.flags.writeable:  # e.g. a read-only memmap; torch wants writable memory
+        rows = rows.copy()
+    return torch.from_numpy(rows)
+
+
+def _centre(emb: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Approximate centroid from evenly spaced rows.
+
+    Used before rounding rows to half precision: distances do not change under translation, but
+    without the common offset the stored values keep more significant bits, stay inside float16's
+    range, and ||x||^2 + ||c||^2 - 2 x.c cancels less. Float32 rows are not centred, so inputs
+    that tie exactly (e.g. small integers) still tie exactly.
+    """
+    step = max(1, len(emb) // _CENTRE_ROWS)
+    sample = emb[::step]
+    if isinstance(sample, torch.Tensor):
+        return sample.to(torch.float64).mean(0).cpu().numpy()
+    return np.asarray(sample, dtype=np.float64).mean(0)
+
+
+def _shared_float32(emb: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    """The input itself as a float32 tensor on `device` when that needs no copy (saves n*dim*4 B)."""
+    if isinstance(emb, torch.Tensor):
+        same_device = emb.device == torch.empty(0, device=device).device
+        ok = same_device and emb.dtype == torch.float32 and emb.is_contiguous()
+        return emb if ok else None
+    flags = emb.flags
+    if device.type == "cpu" and emb.dtype == np.float32 and flags.c_contiguous and flags.writeable:
+        return torch.from_numpy(emb)
+    return None
+
+
+def _upload(
+    emb: np.ndarray | torch.Tensor, device: torch.device, dtype: torch.dtype, chunk_rows: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows in storage dtype on `device` (centred if half), and their float32 squared norms.
+
+    Chunked so that only one float32 chunk exists besides the stored matrix. Norms come from the
+    stored (possibly rounded) values so that a point's distance to itself is ~0.
+    """
+    n, d = emb.shape
+    x = _shared_float32(emb, device) if dtype == torch.float32 else None
+    if x is None:
+        centre = None
+        if dtype != torch.float32:
+            centre = torch.from_numpy(_centre(emb)).to(device, torch.float32)
+        x = torch.empty((n, d), dtype=dtype, device=device)
+        for s in range(0, n, chunk_rows):
+            rows = _rows_float32(emb, s, s + chunk_rows).to(device)
+            x[s : s + chunk_rows] = rows if centre is None else rows - centre
+    norms = torch.empty(n, dtype=torch.float32, device=device)
+    for s in range(0, n, chunk_rows):
+        stored = x[s : s + chunk_rows].to(torch.float32)
+        norms[s : s + chunk_rows] = (stored * stored).sum(1)
+    if not bool(torch.isfinite(norms).all()):
+        hint = "" if dtype == torch.float32 else f" or overflow {dtype} storage (try float32)"
+        raise ValueError(f"embeddings contain NaN/inf{hint}")
+    return x, norms
+
+
+def _mixed_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch.mm can multiply `dtype` matrices straight into float32 (CUDA, torch >= 2.8)."""
+    try:
+        a = torch.ones((2, 2), dtype=dtype, device=device)
+        return torch.mm(a, a[:, :1], out_dtype=torch.float32).dtype == torch.float32
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+
+
+def _partial_dist_fn(x: torch.Tensor, norms: torch.Tensor, chunk_rows: int):
+    """Function c -> ||x||^2 - 2 x.c in float32 for the storage dtype of `x`.
+
+    Half rows go through a mixed-precision matmul where the device has one (CUDA); otherwise they
+    are converted chunk by chunk (slow on CPU, where half storage only saves memory).
+    """
+    if x.dtype != torch.float32 and _mixed_mm_supported(x.device, x.dtype):
+        return lambda c: torch.mm(x, c[:, None], out_dtype=torch.float32)[:, 0].mul_(-2.0).add_(norms)
+    out = torch.empty_like(norms)
+    if x.dtype == torch.float32:
+        return lambda c: torch.addmv(norms, x, c, alpha=-2.0, out=out)
+
+    def chunked(c: torch.Tensor) -> torch.Tensor:
+        c32 = c.to(torch.float32)
+        for s in range(0, len(x), chunk_rows):
+            e = s + chunk_rows
+            torch.addmv(norms[s:e], x[s:e].to(torch.float32), c32, alpha=-2.0, out=out[s:e])
+        return out
+
+    return chunked
+
+
+def k_center_greedy(
+    embeddings: np.ndarray | torch.Tensor,
+    k: int,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    chunk_rows: int | None = None,
+    dtype: torch.dtype | str | None = None,
+    progress: bool = False,
+) -> np.ndarray:
+    """Farthest-point greedy (spec item 8); returns row indices in pick order.
+
+    First centre `np.random.default_rng(seed).integers(n)`, then repeatedly the unchosen row
+    with the largest squared Euclidean distance to its nearest chosen centre; exact ties go to
+    the lowest index (torch.argmax returns the first maximum). If n <= k all rows are returned
+    as 0..n-1.
+
+    One pass over the rows per pick: a matrix-vector product gives x.c, and
+    d = ||x||^2 + ||c||^2 - 2 x.c (float32, clamped at 0) updates a running min-distance vector.
+    On random float32 data the picks equal a plain float32 `((x - c) ** 2).sum()` reference
+    (tested); the two can differ only where candidates lie within float32 round-off of each
+    other. `dtype` float16/bfloat16 stores centred rows (see `_centre`) in half precision, half
+    the memory and bandwidth, with float32 accumulation; that rounds the data, so picks can
+    differ from the float32 ones where distances are that close. `chunk_rows` bounds the float32
+    working copy during upload (and per-pick conversion where no mixed-precision matmul exists).
+    Nothing is synchronised with the device inside the loop. Half storage pays off on CUDA only;
+    on CPU it saves memory but converting rows back costs far more than the float32 product.
+    """
+    if embeddings.ndim != 2:
+        raise ValueError(f"embeddings must be 2-D [n, dim], got shape {tuple(embeddings.shape)}")
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    n = len(embeddings)
+    if n <= k:
+        return np.arange(n, dtype=np.int64)
+    if k == 0:
+        return np.empty(0, dtype=np.int64)
+    device = resolve_device(device)
+    dtype = _storage_dtype(dtype)
+    chunk_rows = chunk_rows or max(1, _CHUNK_BYTES // (4 * embeddings.shape[1]))
+    x, norms = _upload(embeddings, device, dtype, chunk_rows)
+    partial_dist = _partial_dist_fn(x, norms, chunk_rows)
+
+    min_dist = torch.full((n,), float("inf"), dtype=torch.float32, device=device)
+    picks = torch.empty(k, dtype=torch.int64, device=device)
+    idx = torch.tensor([int(np.random.default_rng(seed).integers(n))], device=device)
+    picks[0] = idx[0]
+    steps = range(1, k)
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc="k-center", unit="pick", initial=1, total=k)
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")  # TF32 would round the dot products
+    try:
+        for i in steps:
+            dist = partial_dist(x.index_select(0, idx)[0]).add_(norms.index_select(0, idx))
+            torch.minimum(min_dist, dist.clamp_min_(0.0), out=min_dist)
+            min_dist.index_fill_(0, idx, float("-inf"))  # a chosen row is never picked again
+            idx = torch.argmax(min_dist).view(1)
+            picks[i] = idx[0]
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    return picks.cpu().numpy()
+
+
+# ---------------------------------------------------------------------------- run directory
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    """Write a sibling temporary file, then rename: readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, ensure_ascii=False, indent=1, allow_nan=False)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def select_run(
+    run_dir: str | os.PathLike,
+    bands: Mapping[str, Sequence[float]] | None = None,
+    sample_num: int = 5000,
+    atten_method: str = "mean",
+    seed: int = 0,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+    progress: bool = False,
+) -> dict:
+    """Band filter + k-center over a run directory; writes and returns `selection.json`'s content.
+
+    Returns {"params", "report", "selected_ids", "selected_rows"}; ids and rows (indices into
+    metrics.parquet) are in pick order.
+    """
+    if sample_num < 1:
+        raise ValueError(f"sample_num must be >= 1, got {sample_num}")
+    run_dir = Path(run_dir)
+    metrics = pd.read_parquet(run_dir / "metrics.parquet")
+    embeddings = np.load(run_dir / "embeddings.npy", mmap_mode="r", allow_pickle=False)
+    if embeddings.ndim != 2 or len(embeddings) != len(metrics):
+        raise ValueError(
+            f"embeddings.npy has shape {embeddings.shape} but metrics.parquet has {len(metrics)} "
+            "rows; they must be one embedding row per metrics row (same order)"
+        )
+    if "id" not in metrics.columns:
+        raise ValueError("metrics.parquet lacks the 'id' column")
+    keep, report = band_filter(metrics, bands, atten_method)
+    survivors = np.flatnonzero(keep)
+    device = resolve_device(device)
+    start = time.perf_counter()
+    picks = k_center_greedy(
+        embeddings[survivors], sample_num, seed=seed, device=device, dtype=dtype, progress=progress
+    )
+    report["n_selected"] = int(len(picks))
+    report["kcenter_seconds"] = round(time.perf_counter() - start, 3)
+    rows = survivors[picks]
+    result = {
+        "params": {
+            "bands": {m: list(b) for m, b in _resolve_bands(bands).items()},
+            "sample_num": int(sample_num),
+            "atten_method": atten_method,
+            "seed": int(seed),
+            "device": str(device),
+            "dtype": str(_storage_dtype(dtype)).removeprefix("torch."),
+        },
+        "report": report,
+        "selected_ids": [str(i) for i in metrics["id"].to_numpy()[rows]],
+        "selected_rows": [int(r) for r in rows],
+    }
+    _write_json_atomic(run_dir / "selection.json", result)
+    return result
+
+
+def selected_records(run_dir: str | os.PathLike, selected_ids: Sequence[str]) -> list[dict]:
+    """Records of `data.jsonl` with the given ids, in the given (pick) order, all fields kept."""
+    wanted = {str(i) for i in selected_ids}
+    found: dict[str, dict] = {}
+    with open(Path(run_dir) / "data.jsonl", encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            rec = json.loads(line)
+            rid = str(rec.get("id"))
+            if rid in wanted:
+                if rid in found:
+                    raise ValueError(f"data.jsonl line {line_no}: duplicate id {rid!r}")
+                found[rid] = rec
+    missing = [i for i in selected_ids if str(i) not in found]
+    if missing:
+        raise KeyError(f"{len(missing)} selected ids not in data.jsonl, e.g. {missing[:5]}")
+    return [found[str(i)] for i in selected_ids]
