@@ -90,45 +90,82 @@ def plan_batches(lengths: Sequence[int], batch_tokens: int, max_padding: float =
     return batches
 
 
-def _token_losses(model: PreTrainedModel, hidden: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """[B, L] next-token cross-entropy in float32, computed in bounded chunks of logits."""
+def _predicted_rows(lengths: Sequence[int], length: int) -> torch.Tensor:
+    """Flat indices into [B, length - 1] of the positions followed by a real token.
+
+    Made on the host from the known lengths, so selecting them on the device needs no sync (a boolean
+    mask would: its count decides the result's shape).
+    """
+    return torch.cat([torch.arange(n - 1) + row * (length - 1) for row, n in enumerate(lengths)])
+
+
+def _token_losses(model: PreTrainedModel, hidden: torch.Tensor, ids: torch.Tensor, predict: torch.Tensor) -> torch.Tensor:
+    """[B, L] next-token cross-entropy in float32 (0 at position 0 and on padding), in bounded chunks of logits."""
     head = model.get_output_embeddings()
-    predict = mask[:, 1:]
-    states, targets = hidden[:, :-1][predict], ids[:, 1:][predict]
+    batch, length = ids.shape
+    states = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, predict)
+    targets = ids[:, 1:].reshape(-1).index_select(0, predict)
+    flat = torch.zeros(batch * (length - 1), dtype=torch.float32, device=ids.device)
     rows = max(1, LOGIT_ELEMENTS // head.weight.shape[0])
-    losses = torch.cat(
-        [
-            F.cross_entropy(head(states[i : i + rows]).float(), targets[i : i + rows], reduction="none")
-            for i in range(0, states.shape[0], rows)
-        ]
-    ) if states.shape[0] else states.new_zeros(0, dtype=torch.float32)
-    full = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)
-    full[:, 1:][predict] = losses
-    return full
+    for i in range(0, len(predict), rows):
+        losses = F.cross_entropy(head(states[i : i + rows]).float(), targets[i : i + rows], reduction="none")
+        flat.index_copy_(0, predict[i : i + rows], losses)
+    return F.pad(flat.view(batch, length - 1), (1, 0))
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host to device without blocking the host (pinned source) where the device is a GPU."""
+    return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor
+
+
+@dataclass
+class PendingBatch:
+    """One batch's results on their way to the host: [ce, w_mean, w_max] ([3, B, L]) then the
+    embeddings ([B, hidden]), packed in one float32 buffer so that they take one copy."""
+
+    packed: torch.Tensor
+    copied: torch.cuda.Event | None  # recorded after the asynchronous copy; None when already on the host
+    lengths: list[int]
+
+    def outputs(self) -> list[SequenceOut]:
+        """Wait for the copy (a no-op on CPU) and split the buffer per sequence."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        batch, length = len(self.lengths), max(self.lengths)
+        flat = self.packed.numpy()
+        per_token = flat[: 3 * batch * length].reshape(3, batch, length)
+        emb = flat[3 * batch * length :].reshape(batch, -1)
+        return [SequenceOut(*per_token[:, row, :n], emb[row]) for row, n in enumerate(self.lengths)]
 
 
 @torch.inference_mode()
-def forward_batch(model: PreTrainedModel, batch: Sequence[Encoded], pad_id: int) -> list[SequenceOut]:
-    """One padded (right) forward pass; everything reduced on the device, one copy back per batch."""
+def launch_batch(model: PreTrainedModel, batch: Sequence[Encoded], pad_id: int) -> PendingBatch:
+    """Queue one padded (right) forward pass; everything is reduced on the device and copied back in
+    one asynchronous copy, so that on a GPU the host prepares the next batch while this one runs."""
     device = model.device
-    length = max(len(e.ids) for e in batch)
+    lengths = [len(e.ids) for e in batch]
+    length = max(lengths)
     ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
     for row, enc in enumerate(batch):
         ids[row, : len(enc.ids)] = torch.tensor(enc.ids, dtype=torch.long)
-    lengths = torch.tensor([len(e.ids) for e in batch])
     positions = torch.arange(length)[None, :]
-    mask = positions < lengths[:, None]
-    in_prompt = positions < torch.tensor([e.n_prompt for e in batch])[:, None]
-    ids, mask, in_prompt = ids.to(device), mask.to(device), in_prompt.to(device) & mask.to(device)
+    mask = positions < torch.tensor(lengths)[:, None]
+    in_prompt = mask & (positions < torch.tensor([e.n_prompt for e in batch])[:, None])
+    ids, mask, in_prompt, predict = (
+        _to_device(t, device) for t in (ids, mask, in_prompt, _predicted_rows(lengths, length))
+    )
     with capture_last_layer(model, mask) as capture:
         hidden = model.base_model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
-    ce = _token_losses(model, hidden, ids, mask)
+    ce = _token_losses(model, hidden, ids, predict)
     weights = in_prompt.float()
     emb = (hidden.float() * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp(min=1)
-    ce, w_mean, w_max, emb = (t.float().cpu().numpy() for t in (ce, capture.w_mean, capture.w_max, emb))
-    return [
-        SequenceOut(ce[r, :n], w_mean[r, :n], w_max[r, :n], emb[r]) for r, n in enumerate(lengths.tolist())
-    ]
+    packed = torch.cat([torch.stack([ce, capture.w_mean, capture.w_max]).flatten(), emb.flatten()])
+    if packed.device.type != "cuda":
+        return PendingBatch(packed, None, lengths)
+    host = packed.to("cpu", non_blocking=True)  # into pinned memory
+    copied = torch.cuda.Event()
+    copied.record()
+    return PendingBatch(host, copied, lengths)
 
 
 def weighted_loss(losses: np.ndarray, weights: np.ndarray, keep: np.ndarray) -> float:
@@ -182,12 +219,23 @@ class Scorer:
         }
 
     def run_sequences(self, encoded: list[Encoded], progress: Callable[[int], None] | None = None) -> list[SequenceOut]:
+        """Forward passes over length-sorted batches, one batch in flight while the previous one is read."""
         outs: list[SequenceOut | None] = [None] * len(encoded)
-        for batch in plan_batches([len(e.ids) for e in encoded], self.batch_tokens):
-            for i, out in zip(batch, forward_batch(self.model, [encoded[i] for i in batch], self.pad_id)):
+
+        def collect(batch: list[int], pending: PendingBatch) -> None:
+            for i, out in zip(batch, pending.outputs()):
                 outs[i] = out
             if progress:
                 progress(len(batch))
+
+        in_flight: tuple[list[int], PendingBatch] | None = None
+        for batch in plan_batches([len(e.ids) for e in encoded], self.batch_tokens):
+            launched = (batch, launch_batch(self.model, [encoded[i] for i in batch], self.pad_id))
+            if in_flight:
+                collect(*in_flight)
+            in_flight = launched
+        if in_flight:
+            collect(*in_flight)
         return outs  # type: ignore[return-value]
 
     def score(self, records: list[dict], progress: Callable[[int], None] | None = None) -> ChunkResult:
@@ -279,11 +327,15 @@ def score_run(
     rejects: Sequence[dict] = (),
     overwrite: bool = False,
     progress: bool = True,
+    engine: str = "local",
+    ray_address: str | None = None,
+    ray_workers: int | None = None,
 ) -> dict:
     """Score `records` into `run_dir` (resumable) and return the run's manifest.
 
     `rejects` (from reading the input) and records without a non-empty `generated_output` are
-    written to `rejects.jsonl`; the rest are scored.
+    written to `rejects.jsonl`; the rest are scored. `engine="ray"` scores the chunks on a Ray cluster
+    (`threeds.engine_ray`) into the same chunk files, so either engine resumes the other's run.
     """
     run = RunDir(run_dir)
     kept, missing = require_fields(records, ["generated_output"])
@@ -318,27 +370,61 @@ def score_run(
     chunks = [kept[i : i + chunk_size] for i in range(0, len(kept), chunk_size)]
     pending = [i for i in range(len(chunks)) if i not in run.done_chunks()]
     if pending:
-        started = time.perf_counter()
-        if model is None or tokenizer is None:
-            model, tokenizer = load_model(model_spec)
-        use_threeds_attention(model)
-        load_seconds = time.perf_counter() - started
-        scorer = Scorer(model, tokenizer, prompt_format(tokenizer, template, system), FunctionWords(function_words),
-                        max_length=max_length, batch_tokens=batch_tokens)  # fmt: skip
-        manifest = run.update_manifest(model=_model_info(model, model_spec), function_words=scorer.fw.describe())
-        started = time.perf_counter()
-        total = 2 * sum(len(chunks[i]) for i in pending)
-        with tqdm(total=total, unit="seq", desc="score", disable=not progress) as bar:
-            for index in pending:
-                result = scorer.score(chunks[index], progress=bar.update)
-                run.write_chunk(index, result.metrics, result.embeddings, result.tokens)
-                run.write_progress("score", bar.n, total)
-        timings = {
-            "load_seconds": timings.get("load_seconds", 0.0) + load_seconds,
-            "score_seconds": timings.get("score_seconds", 0.0) + time.perf_counter() - started,
-        }
+        settings = {"max_length": max_length, "function_words": function_words, "batch_tokens": batch_tokens,
+                    "template": template, "system": system}  # fmt: skip
+        if engine == "ray":
+            from threeds.engine_ray import score_chunks_ray
+
+            spent = score_chunks_ray(run, chunks, pending, model_spec, settings, address=ray_address,
+                                     workers=ray_workers, progress=progress)  # fmt: skip
+        else:
+            spent = _score_chunks_local(run, chunks, pending, model_spec, model, tokenizer, settings, progress)
+        timings = {name: timings.get(name, 0.0) + seconds for name, seconds in spent.items()}
     metrics = run.consolidate(len(chunks), kept)
     return run.update_manifest(status="scored", timings=timings, report=score_report(metrics))
+
+
+def build_scorer(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    max_length: int,
+    function_words: str,
+    batch_tokens: int,
+    template: str | None,
+    system: str | None,
+) -> Scorer:
+    """A Scorer from the run's settings (with the capturing attention switched on)."""
+    use_threeds_attention(model)
+    fmt = prompt_format(tokenizer, template, system)
+    return Scorer(model, tokenizer, fmt, FunctionWords(function_words), max_length=max_length, batch_tokens=batch_tokens)
+
+
+def _score_chunks_local(
+    run: RunDir,
+    chunks: list[list[dict]],
+    pending: list[int],
+    model_spec: str | None,
+    model: PreTrainedModel | None,
+    tokenizer: PreTrainedTokenizerBase | None,
+    settings: dict,
+    progress: bool,
+) -> dict[str, float]:
+    """Score the pending chunks in this process, writing each as it finishes; returns the timings."""
+    started = time.perf_counter()
+    if model is None or tokenizer is None:
+        model, tokenizer = load_model(model_spec)
+    scorer = build_scorer(model, tokenizer, **settings)
+    load_seconds = time.perf_counter() - started
+    run.update_manifest(model=model_info(model, model_spec), function_words=scorer.fw.describe())
+    started = time.perf_counter()
+    total = 2 * sum(len(chunks[i]) for i in pending)
+    with tqdm(total=total, unit="seq", desc="score", disable=not progress) as bar:
+        for index in pending:
+            result = scorer.score(chunks[index], progress=bar.update)
+            run.write_chunk(index, result.metrics, result.embeddings, result.tokens)
+            run.write_progress("score", bar.n, total)
+    return {"load_seconds": load_seconds, "score_seconds": time.perf_counter() - started}
 
 
 def score_report(metrics: pd.DataFrame) -> dict:
@@ -350,7 +436,7 @@ def score_report(metrics: pd.DataFrame) -> dict:
     }
 
 
-def _model_info(model: PreTrainedModel, spec: str | None) -> dict:
+def model_info(model: PreTrainedModel, spec: str | None) -> dict:
     return {
         "spec": model_label(spec) if model is not None and spec is None else spec,
         "name_or_path": model.name_or_path,

@@ -61,6 +61,24 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where the scoring runs: this process, or a Ray cluster."""
+    parser.add_argument(
+        "--engine", choices=["local", "ray"], default="local",
+        help="local = this process, one model; ray = a Ray Data pipeline with one model replica per GPU (or per CPU "
+        "without GPUs) over a Ray cluster, writing the same run directory; either engine resumes the other's run",
+    )  # fmt: skip
+    parser.add_argument(
+        "--ray-address", default=None,
+        help="with --engine ray: the cluster to join, e.g. HEAD_IP:6379 from `ray start --head` "
+        "(default: RAY_ADDRESS, a cluster already running on this machine, or a new local one)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--ray-workers", type=int, default=None,
+        help="with --engine ray: model replicas (default: one per GPU in the cluster, else one per CPU)",
+    )  # fmt: skip
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "score",
@@ -78,6 +96,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_data_arguments(parser)
     add_model_arguments(parser)
     add_score_arguments(parser)
+    add_engine_arguments(parser)
     parser.add_argument("--overwrite", action="store_true", help="replace scores made with another configuration")
     parser.set_defaults(func=main)
 
@@ -89,6 +108,7 @@ def main(args: argparse.Namespace) -> int:
             records, args.out, model_spec=args.model, max_length=args.max_length,
             function_words=args.function_words, batch_tokens=args.batch_tokens, template=args.template,
             system=args.system, chunk_size=args.chunk_size, data_path=str(args.data), rejects=rejects, overwrite=args.overwrite,
+            engine=args.engine, ray_address=args.ray_address, ray_workers=args.ray_workers,
         )  # fmt: skip
     except (DataError, RunError) as exc:
         log.error("%s", exc)
