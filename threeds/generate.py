@@ -26,8 +26,6 @@ from threeds.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
-PROGRESS_EVERY_S = 1.0
-
 
 class StaleResultsError(RuntimeError):
     """The log holds results made from other prompts or settings; the message says what to do."""
@@ -93,7 +91,7 @@ class Progress:
     def __init__(self, stage: str, log_path: Path, total: int, done_before: int, enabled: bool) -> None:
         self.stage, self.log_path, self.total = stage, log_path, total
         self.before, self.ok, self.failed = done_before, 0, 0
-        self.started = self.written = time.monotonic()
+        self.started = time.monotonic()
         self.rundir = RunDir(log_path.parent)
         self.bar = tqdm(total=total, initial=done_before, desc=stage, unit="rec", disable=not enabled, dynamic_ncols=True)
         self.rundir.write_progress(stage, done_before, total)
@@ -102,12 +100,10 @@ class Progress:
         self.ok += ok
         self.failed += not ok
         self.bar.update()
-        if time.monotonic() - self.written >= PROGRESS_EVERY_S:
-            self.flush()
+        self.flush()  # every record: a burst at the end of a local batch must not leave it stale
 
     def flush(self) -> None:
         self.rundir.write_progress(self.stage, self.before + self.ok + self.failed, self.total)
-        self.written = time.monotonic()
 
     def close(self) -> dict:
         self.bar.close()

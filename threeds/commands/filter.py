@@ -7,6 +7,7 @@ import json
 import logging
 from pathlib import Path
 
+from threeds.commands.score import add_data_arguments
 from threeds.data import DataError, read_jsonl, read_records
 from threeds.generate import write_records
 from threeds.rate import filter_by_rating
@@ -22,6 +23,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "Records without a valid rating are left out and counted as unrated.",
     )  # fmt: skip
     parser.add_argument("--data", required=True, type=Path, help="the records that were rated")
+    add_data_arguments(parser)
     parser.add_argument("--ratings", required=True, type=Path, help="ratings JSONL written by `threeds rate`")
     parser.add_argument("--out", required=True, type=Path,
                         help="kept records: a JSON array, or JSON Lines if it ends in .jsonl")  # fmt: skip
@@ -32,7 +34,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def main(args: argparse.Namespace) -> int:
     try:
-        records, _ = read_records(args.data)
+        records, _ = read_records(args.data, args.duplicate_ids)
         kept, report = filter_by_rating(records, read_jsonl(args.ratings), args.quality_threshold)
         write_records(args.out, kept)
     except (DataError, OSError) as exc:

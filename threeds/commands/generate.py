@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 
 from threeds.backends import Backend, BackendError, LocalBackend, OpenAIBackend
-from threeds.commands.score import add_model_arguments
+from threeds.commands.score import add_data_arguments, add_model_arguments
 from threeds.data import DataError, read_records
 from threeds.generate import StaleResultsError, generate_records, write_records
 
@@ -70,6 +70,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "moment it arrives; run the same command again to resume after an interruption or to retry failures.",
     )  # fmt: skip
     parser.add_argument("--data", required=True, type=Path, help="records: JSON, JSONL, Parquet or CSV")
+    add_data_arguments(parser)
     parser.add_argument("--out", required=True, type=Path,
                         help="records with generated_output: a JSON array, or JSON Lines if it ends in .jsonl")  # fmt: skip
     parser.add_argument("--log", type=Path, default=None,
@@ -84,7 +85,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def main(args: argparse.Namespace) -> int:
     log_path = args.log or args.out.with_name(f"{args.out.stem}.generations.jsonl")
     try:
-        records, rejects = read_records(args.data)
+        records, rejects = read_records(args.data, args.duplicate_ids)
         if rejects:
             log.warning("%d input records rejected, e.g. %s", len(rejects), rejects[0])
         done, summary = generate_records(records, backend_from_args(args), log_path, args.max_new_tokens,

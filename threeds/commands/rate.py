@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 from threeds.commands.generate import EXPECTED_ERRORS, add_backend_arguments, backend_from_args, print_summary
+from threeds.commands.score import add_data_arguments
 from threeds.data import read_records
 from threeds.rate import PROMPT_NAMES, PromptError, load_rating_prompt, rate_records
 
@@ -37,6 +38,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "again to resume or to retry failures. Then `threeds filter` keeps the high ones.",
     )  # fmt: skip
     parser.add_argument("--data", required=True, type=Path, help="records: JSON, JSONL, Parquet or CSV")
+    add_data_arguments(parser)
     parser.add_argument("--out", required=True, type=Path,
                         help="ratings JSONL; progress.json is written beside it")  # fmt: skip
     add_rating_arguments(parser)
@@ -49,7 +51,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def main(args: argparse.Namespace) -> int:
     try:
         template = load_rating_prompt(args.prompt)
-        records, rejects = read_records(args.data)
+        records, rejects = read_records(args.data, args.duplicate_ids)
         if rejects:
             log.warning("%d input records rejected, e.g. %s", len(rejects), rejects[0])
         summary = rate_records(records, backend_from_args(args), args.out, template, args.rate_max_new_tokens,

@@ -16,7 +16,7 @@ from pathlib import Path
 from threeds.backends import LocalBackend
 from threeds.commands.generate import EXPECTED_ERRORS, add_backend_arguments, backend_from_args
 from threeds.commands.rate import add_rating_arguments
-from threeds.commands.score import add_score_arguments
+from threeds.commands.score import add_data_arguments, add_score_arguments
 from threeds.commands.select import add_select_arguments, bands_from_args
 from threeds.data import fingerprint, read_jsonl, read_records, write_json, write_jsonl
 from threeds.generate import generate_records
@@ -38,6 +38,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "output is current is skipped, and changing a setting redoes that stage and the ones after it.",
     )  # fmt: skip
     parser.add_argument("--data", required=True, type=Path, help="records: JSON, JSONL, Parquet or CSV")
+    add_data_arguments(parser)
     parser.add_argument("--out", type=Path, default=None, help="run directory (default: cache/<data file name>)")
     add_backend_arguments(parser)
     stage1 = parser.add_argument_group("stage 1: rating")
@@ -94,7 +95,7 @@ def run_pipeline(args: argparse.Namespace, run: RunDir) -> dict:
     """All five stages; returns where things are and each stage's counts."""
     run.path.mkdir(parents=True, exist_ok=True)
     stages = Stages(run)
-    records, rejects = read_records(args.data)
+    records, rejects = read_records(args.data, args.duplicate_ids)
     if rejects:
         write_jsonl(run.file("rejects.jsonl"), rejects)
         log.warning("%d input records rejected (see %s)", len(rejects), run.file("rejects.jsonl"))
