@@ -16,7 +16,7 @@ from pathlib import Path
 from threeds.backends import LocalBackend
 from threeds.commands.generate import EXPECTED_ERRORS, add_backend_arguments, backend_from_args
 from threeds.commands.rate import add_rating_arguments
-from threeds.commands.score import add_data_arguments, add_score_arguments
+from threeds.commands.score import add_data_arguments, add_engine_arguments, add_score_arguments
 from threeds.commands.select import add_select_arguments, bands_from_args
 from threeds.data import fingerprint, read_jsonl, read_records, write_json, write_jsonl
 from threeds.generate import generate_records
@@ -48,6 +48,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     stage2 = parser.add_argument_group("stage 2: A' generation, scoring and selection")
     stage2.add_argument("--max-new-tokens", type=int, default=512, help="longest A' in tokens (default: 512)")
     add_score_arguments(stage2)
+    add_engine_arguments(stage2)
     add_select_arguments(stage2)
     parser.set_defaults(func=main)
 
@@ -139,7 +140,8 @@ def run_pipeline(args: argparse.Namespace, run: RunDir) -> dict:
     manifest = score_run(
         generated, run.path, model_spec=args.model, max_length=args.max_length, function_words=args.function_words,
         batch_tokens=args.batch_tokens, template=args.template, system=args.system, chunk_size=args.chunk_size,
-        data_path=str(args.data), rejects=rejects, overwrite=fresh,
+        data_path=str(args.data), rejects=rejects, overwrite=fresh, engine=args.engine, ray_address=args.ray_address,
+        ray_workers=args.ray_workers,
     )  # fmt: skip
 
     select_meta = {"config": {"bands": bands_from_args(args), "sample_num": args.sample_num,
