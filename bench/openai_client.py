@@ -98,6 +98,7 @@ def main() -> None:
     server.start()
     base_url = f"http://127.0.0.1:{ports.get(timeout=60)}/v1"
     try:
+        measure(base_url, 4, 1, args.reply_tokens)  # warm-up: imports, first connection
         print(f"{args.requests} requests per row, {args.reply_tokens} tokens per reply\n")
         print("| server latency (s) | concurrency | max in flight | requests/s | ideal requests/s | reply tokens/s "
               "| client CPU ms/request | errors |\n|---|---|---|---|---|---|---|---|")  # fmt: skip
