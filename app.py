@@ -1,14 +1,17 @@
 """threeds app: explore a 3DS run's difficulty, tune the bands, inspect attention, export.
 
-`streamlit run app.py` (binds 127.0.0.1, see .streamlit/config.toml). This file holds the
-navigation and the Runs page; the other pages live in pages/. Every page starts with
-`common.setup()` rather than relying on this file running first: Streamlit runs a page file on
-its own when it sees the pages/ directory (AppTest always, a server on its first request).
+`streamlit run app.py` (binds 127.0.0.1, see .streamlit/config.toml). This file runs first on
+every page: page config, shared state, the run picker and the navigation; it also holds the Runs
+page. The other pages are in app_pages/ (not `pages/`: Streamlit treats a `pages/` directory as
+the older file-per-page navigation and, on a server's first request for a page URL, would run
+that file without this one).
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
+import shlex
 import time
 from pathlib import Path
 
@@ -16,7 +19,7 @@ import pandas as pd
 import streamlit as st
 
 import threeds
-from pages import common
+from app_pages import common
 from threeds.runs import (
     NOT_RUNS,
     RunOptions,
@@ -36,7 +39,6 @@ STAGE_FILES = ["ratings.jsonl", "metrics.parquet", "embeddings.npy", "tokens.par
 
 
 def runs_page() -> None:
-    common.setup()
     st.title("Runs")
     names = common.run_names()
     if not names:
@@ -72,11 +74,12 @@ def show_run(run) -> None:
     st.header(f"Run `{run.name}`")
     for file, problem in run.errors.items():
         st.error(f"`{file}`: {problem}")
-    progress_panel(str(run.path))
-    counts = stage_counts(run)
-    cols = st.columns(len(counts))
-    for col, (label, value) in zip(cols, counts.items()):
-        col.metric(label, "—" if value is None else f"{value:,}")
+    # Re-drawn every 2 s while a background run works, without re-running the whole page.
+    st.fragment(progress_panel, run_every=2 if job_running(run.path) else None)(str(run.path))
+    counts = list(stage_counts(run).items())
+    for row in (counts[:4], counts[4:]):
+        for col, (label, value) in zip(st.columns(4), row):
+            col.metric(label, "—" if value is None else f"{value:,}")
     with st.expander("Manifest", expanded=False):
         if run.manifest:
             st.json(run.manifest)
@@ -84,42 +87,44 @@ def show_run(run) -> None:
             st.caption("No manifest.json yet.")
 
 
-@st.fragment(run_every=2)
 def progress_panel(path: str) -> None:
-    """Live progress of a background run; re-drawn every 2 s without re-running the page."""
+    """Progress of the run's current stage, and Stop/Resume for a run started from this page."""
     run_dir = Path(path)
     running = job_running(run_dir)
-    progress = read_progress(run_dir)
-    if progress:
+    progress = read_progress(run_dir) or {}
+    finished = progress.get("stage") == "done"
+    if progress and not finished:
         done, total = int(progress.get("done", 0)), int(progress.get("total", 0)) or 1
         age = time.time() - float(progress.get("updated", time.time()))
         st.progress(min(done / total, 1.0), text=f"{progress.get('stage', '?')}: {done:,} / {total:,} (updated {age:.0f} s ago)")
     job = read_job(run_dir)
-    if job is None:
-        return
-    c1, c2 = st.columns([1, 5])
     if running:
+        c1, c2 = st.columns([1, 5])
         c2.caption(f"Running in the background (pid {job['pid']}); you can leave this page and come back.")
         if c1.button("Stop", key="stop_run"):
             stop_run(run_dir)
             st.rerun(scope="app")
-    else:
-        c2.caption("Not running. Resuming runs the same command again; finished work is kept.")
+    elif job is not None and not finished:
+        c1, c2 = st.columns([1, 5])
+        c2.caption("Stopped before the end. Resume runs the same command again; finished work is kept.")
         if c1.button("Resume", key="resume_run"):
             start_run(job["argv"], run_dir)
             st.rerun(scope="app")
-    tail = log_tail(run_dir)
-    if tail:
-        st.code(tail, language=None)
-    if st.session_state.get("was_running", {}).get(path) and not running:
-        st.session_state["was_running"][path] = False
-        st.rerun(scope="app")  # the run finished: reload its files everywhere
-    st.session_state.setdefault("was_running", {})[path] = running
+    if job is not None:
+        with st.expander("Command and log", expanded=running or not finished):
+            st.code(shlex.join(job["argv"]), language="bash")
+            st.code(log_tail(run_dir) or "(no output yet)", language=None)
+    was_running = st.session_state.setdefault("was_running", {})
+    if was_running.get(path) and not running:
+        was_running[path] = False
+        st.rerun(scope="app")  # the run ended: reload its files on every element of the page
+    was_running[path] = running
 
 
 def start_form() -> None:
     st.header("Start a new run")
-    samples = sorted(p.name for p in SAMPLE_DATA.glob("*") if p.suffix.lstrip(".") in DATA_TYPES)
+    # English first: the embedded model is English.
+    samples = sorted((p.name for p in SAMPLE_DATA.glob("*") if p.suffix.lstrip(".") in DATA_TYPES), key=lambda n: ("_en" not in n, n))
     source = st.radio("Data", ["Sample data", "Upload", "Path on this machine"], horizontal=True, key="new_source")
     if source == "Sample data":
         if not samples:
@@ -131,13 +136,17 @@ def start_form() -> None:
         data = save_upload(upload) if upload else ""
     else:
         data = st.text_input("Data file", key="new_path", placeholder="/path/to/data.jsonl")
+    st.session_state.setdefault("new_name", time.strftime("run-%Y%m%d-%H%M%S"))  # once, not on every re-run
     with st.form("new_run"):
-        name = st.text_input("Run name", value=time.strftime("run-%Y%m%d-%H%M%S"), key="new_name")
-        model = st.text_input("Model (empty: the embedded SmolLM2)", placeholder="local dir, .gguf or hub id", key="new_model")
+        name = st.text_input("Run name", key="new_name")
+        model = st.text_input(
+            "Model (empty: the embedded SmolLM2-135M)", placeholder="local dir, .gguf or hub id", key="new_model",
+            help="scores Stage 2; with the local backend it also rates (Stage 1) and writes A'",
+        )  # fmt: skip
         backend = st.radio("Stage 1 rating and A' generation", ["local", "openai"], horizontal=True, key="new_backend")
         c1, c2 = st.columns(2)
-        base_url = c1.text_input("OpenAI-compatible base URL", placeholder="http://127.0.0.1:8000/v1", key="new_base_url")
-        api_model = c2.text_input("Server model name", key="new_api_model")
+        base_url = c1.text_input("OpenAI-compatible base URL", placeholder="http://127.0.0.1:8000/v1 (default)", key="new_base_url")
+        api_model = c2.text_input("Server model name", placeholder="the server's only model (default)", key="new_api_model")
         c1, c2, c3, c4, c5 = st.columns(5)
         threshold = c1.number_input("Quality threshold", 0.0, 100.0, 85.0, 1.0, key="new_threshold")
         low = c2.number_input("Band low %", 0.0, 100.0, 25.0, 1.0, key="new_low")
@@ -147,7 +156,7 @@ def start_form() -> None:
         submitted = st.form_submit_button("Start run", type="primary", key="new_start")
     if not submitted:
         return
-    problem = validate_new_run(name, data, backend, base_url, api_model)
+    problem = validate_new_run(name, data)
     if problem:
         st.error(problem)
         return
@@ -163,34 +172,36 @@ def start_form() -> None:
     common.switch_run(name)
 
 
-def validate_new_run(name: str, data: str, backend: str, base_url: str, api_model: str) -> str | None:
+def validate_new_run(name: str, data: str) -> str | None:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name or ""):
         return "Run name: letters, digits, '.', '_' and '-' only."
     if name in common.run_names() or name in NOT_RUNS:
         return f"A run named {name!r} exists; pick it in the sidebar (and resume it there) or choose another name."
     if not data or not Path(data).is_file():
         return f"Data file not found: {data or '(none chosen)'}"
-    if backend == "openai" and not (base_url.strip() and api_model.strip()):
-        return "The OpenAI-compatible backend needs a base URL and a model name."
     return None
 
 
 def save_upload(upload) -> str:
-    """Store an upload under cache/uploads/ so the background run can read it."""
-    target = common.cache_dir() / "uploads" / Path(upload.name).name
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_bytes(upload.getbuffer())
+    """Store an upload under cache/uploads/ so the background run can read it; the content hash
+    in the name keeps a later upload of the same name from changing a running job's input."""
+    data = upload.getbuffer()
+    target = common.cache_dir() / "uploads" / f"{hashlib.sha256(data).hexdigest()[:12]}-{Path(upload.name).name}"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
     return str(target)
 
 
 navigation = st.navigation(
     [
         st.Page(runs_page, title="Runs", icon=":material/folder_open:", default=True),
-        st.Page("pages/quality.py", title="Quality", icon=":material/star:"),
-        st.Page("pages/difficulty.py", title="Difficulty", icon=":material/bar_chart:"),
+        st.Page("app_pages/quality.py", title="Quality", icon=":material/star:"),
+        st.Page("app_pages/difficulty.py", title="Difficulty", icon=":material/bar_chart:"),
         st.Page(common.INSPECTOR, title="Sample inspector", icon=":material/search:"),
-        st.Page("pages/embedding_map.py", title="Embedding map", icon=":material/scatter_plot:"),
-        st.Page("pages/export.py", title="Export", icon=":material/download:"),
+        st.Page("app_pages/embedding_map.py", title="Embedding map", icon=":material/scatter_plot:"),
+        st.Page("app_pages/export.py", title="Export", icon=":material/download:"),
     ]
 )
+common.setup()
 navigation.run()

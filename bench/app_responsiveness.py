@@ -102,19 +102,19 @@ def main() -> int:
     lows = [float(v) for v in np.linspace(5, 45, m).round()]
     results, firsts = {}, {}
 
-    at, firsts["Quality"] = open_page("pages/quality.py")
+    at, firsts["Quality"] = open_page("app_pages/quality.py")
     results["Quality: threshold"] = timed_moves(at, "quality_threshold", [float(v) for v in np.linspace(60, 95, m).round()])
 
-    at, firsts["Difficulty"] = open_page("pages/difficulty.py")
+    at, firsts["Difficulty"] = open_page("app_pages/difficulty.py")
     results["Difficulty: ins_ppl band"] = timed_moves(at, "band_ins_ppl", [(lo, 75.0) for lo in lows])
     results["Difficulty: gt_wloss band"] = timed_moves(at, "band_gt_wloss", [(25.0, 100.0 - lo) for lo in lows])
 
     # Default bands (25-75 on each metric); k-center runs once for them, then the slider slices.
     ks = [int(v) for v in np.linspace(args.sample_num, args.sample_num // 2, m)]
-    at, firsts["Embedding map (first k-center)"] = open_page("pages/embedding_map.py", sample_num=args.sample_num)
+    at, firsts["Embedding map (first k-center)"] = open_page("app_pages/embedding_map.py", sample_num=args.sample_num)
     results["Embedding map: sample_num"] = timed_moves(at, "sample_num", ks)
 
-    at, firsts["Export"] = open_page("pages/export.py", sample_num=args.sample_num)
+    at, firsts["Export"] = open_page("app_pages/export.py", sample_num=args.sample_num)
     results["Export: sample_num"] = timed_moves(at, "sample_num", [k - 1 for k in ks])
 
     print(report(args, setup, firsts, results))
@@ -130,7 +130,8 @@ def report(args, setup: dict, firsts: dict, results: dict) -> str:
         f"sample_num {args.sample_num}; {args.moves} moves per slider",
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible, torch {torch.__version__} "
         f"(threads {torch.get_num_threads()}), streamlit {streamlit.__version__}",
-        f"setup: synthetic run {setup['build_run_s']:.1f} s, map ({'UMAP' if args.real_umap else 'PCA stand-in'}) {setup['map_s']:.1f} s",
+        f"setup: synthetic run {setup['build_run_s']:.1f} s, map ({'UMAP' if args.real_umap else 'PCA stand-in'}) {setup['map_s']:.1f} s; "
+        f"load average at the end {os.getloadavg()[0]:.1f} (other work on the machine slows every figure)",
         "",
         "| slider | median ms | p90 ms | max ms |",
         "|---|---:|---:|---:|",
@@ -140,7 +141,7 @@ def report(args, setup: dict, firsts: dict, results: dict) -> str:
         p90 = ms[min(len(ms) - 1, int(round(0.9 * (len(ms) - 1))))]
         lines.append(f"| {name} | {statistics.median(ms):.0f} | {p90:.0f} | {ms[-1]:.0f} |")
     lines += ["", "| first render of a page (loads and caches) | s |", "|---|---:|"]
-    lines += [f"| {name} | {t:.1f} |" for name, t in firsts.items()]
+    lines += [f"| {name} | {t:.2f} |" for name, t in firsts.items()]
     return "\n".join(lines)
 
 

@@ -20,7 +20,7 @@ from threeds.runs import load_run, quality_mask, run_command, stage_counts, RunO
 from threeds.select import METRICS, band_filter
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = ["pages/quality.py", "pages/difficulty.py", "pages/inspector.py", "pages/embedding_map.py", "pages/export.py"]
+PAGES = ["app_pages/quality.py", "app_pages/difficulty.py", "app_pages/inspector.py", "app_pages/embedding_map.py", "app_pages/export.py"]
 
 
 @pytest.fixture()
@@ -108,7 +108,7 @@ def test_runs_page_starts_a_run_in_the_background(demo, monkeypatch):
 
 
 def test_quality_threshold_slider(demo):
-    at = open_page("pages/quality.py")
+    at = open_page("app_pages/quality.py")
     scores = load_run(demo).ratings["score"].to_numpy()
     for threshold in (85.0, 50.0, 95.0):
         at.slider(key="quality_threshold").set_value(threshold).run()
@@ -125,12 +125,12 @@ def test_quality_threshold_slider(demo):
 
 def test_quality_page_without_stage1(cache):
     make_run(cache / "s2only", stages=("score",))
-    at = open_page("pages/quality.py")
+    at = open_page("app_pages/quality.py")
     assert "no Stage-1 ratings yet" in texts(at.info)
 
 
 def test_difficulty_bands_follow_the_library(demo):
-    at = open_page("pages/difficulty.py")
+    at = open_page("app_pages/difficulty.py")
     metrics = load_run(demo).metrics
     settings = [
         ("mean", {"ins_ppl": (25.0, 75.0)}),
@@ -156,22 +156,22 @@ def test_difficulty_bands_follow_the_library(demo):
 
 def test_difficulty_without_stage2(cache):
     make_run(cache / "s1", stages=("rate",))
-    at = open_page("pages/difficulty.py")
+    at = open_page("app_pages/difficulty.py")
     assert "no Stage-2 metrics yet" in texts(at.info)
 
 
 def test_corrupt_file_is_reported_on_the_page(demo):
     (demo / "metrics.parquet").write_bytes(b"not parquet")
-    at = open_page("pages/difficulty.py")
+    at = open_page("app_pages/difficulty.py")
     assert "cannot read Parquet" in texts(at.error)
     assert str(demo / "metrics.parquet") in texts(at.error)
-    at.switch_page("pages/quality.py").run()  # Stage 1 is intact: that page still works
+    at.switch_page("app_pages/quality.py").run()  # Stage 1 is intact: that page still works
     assert not at.error and metric(at, "kept")
 
 
 def test_inspector_by_search_and_by_link(demo):
     run = load_run(demo)
-    at = open_page("pages/inspector.py")
+    at = open_page("app_pages/inspector.py")
     assert "Type an id" in texts(at.info)
     at.text_input(key="inspect_query").set_value("asthma").run()
     wanted = [r["id"] for r in run.records if "asthma" in r["instruction"]]
@@ -197,19 +197,19 @@ def test_inspector_by_search_and_by_link(demo):
     link = app()
     link.query_params["id"] = other
     link.run()
-    link.switch_page("pages/inspector.py").run()
+    link.switch_page("app_pages/inspector.py").run()
     assert f"`{other}`" in texts(link.markdown)
 
 
 def test_inspector_without_token_file(demo):
     (demo / "tokens.parquet").unlink()
-    at = open_page("pages/inspector.py", inspect_id="s000003")
+    at = open_page("app_pages/inspector.py", inspect_id="s000003")
     assert "missing" in texts(at.error)
     assert "treatment" in texts(at.text)  # the texts are still shown
 
 
 def test_embedding_map_sample_num_and_click(demo):
-    at = open_page("pages/embedding_map.py")
+    at = open_page("app_pages/embedding_map.py")
     run = load_run(demo)
     mask, report = band_filter(run.metrics, None, "mean")
     slider = at.slider(key="sample_num")
@@ -227,7 +227,7 @@ def test_embedding_map_sample_num_and_click(demo):
 
 
 def test_export_page_matches_the_library(demo):
-    at = open_page("pages/export.py", sample_num=4)
+    at = open_page("app_pages/export.py", sample_num=4)
     run = load_run(demo)
     assert metric(at, "selected samples") == "4"
     codes = [c.value for c in at.code]
@@ -264,5 +264,34 @@ def test_every_page_on_a_real_threeds_run(cache, tiny_model_dir):
         assert not at.exception and not at.error, (page, at.exception or at.error)
     assert at.slider(key="sample_num").value == 3
     assert "this selection is identical" in texts(at.caption)
-    at.switch_page("pages/quality.py").run()
+    at.switch_page("app_pages/quality.py").run()
     assert at.slider(key="quality_threshold").value == 70.0
+
+
+def test_runs_page_follows_a_background_run(demo):
+    """A job started the way the Runs page starts one: progress while it runs, Resume once stopped."""
+    import sys
+    import time
+
+    from threeds.runs import job_running, start_run
+
+    script = (
+        "import json, sys, time, pathlib\n"
+        "p = pathlib.Path(sys.argv[1]) / 'progress.json'\n"
+        "p.write_text(json.dumps({'stage': 'rate', 'done': 3, 'total': 10, 'updated': time.time()}))\n"
+        "time.sleep(60)\n"
+    )
+    start_run([sys.executable, "-c", script, str(demo)], demo)
+    deadline = time.time() + 10
+    while not (demo / "progress.json").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    at = app().run()
+    assert "rate: 3 / 10" in at.get("progress")[0].proto.text
+    assert "Running in the background" in texts(at.caption)
+    at.button(key="stop_run").click().run()
+    deadline = time.time() + 10
+    while job_running(demo) and time.time() < deadline:
+        time.sleep(0.05)
+    at.run()
+    assert "Stopped before the end" in texts(at.caption)
+    assert at.button(key="resume_run")

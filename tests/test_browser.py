@@ -2,8 +2,9 @@
 
 Goes through every page, moves a slider on each page that has one, clicks a point on the
 embedding map, and saves a screenshot of each page to docs/screenshots/ (the README shows them).
-Needs Debian's `chromium` and `chromium-driver`. The run is synthetic unless
-THREEDS_SCREENSHOT_RUN names a run directory (e.g. cache/demo) to show instead.
+Needs Debian's `chromium` and `chromium-driver`. The run shown is a copy of the shipped demo run
+(cache/demo), or of the run directory THREEDS_SCREENSHOT_RUN names, or a synthetic one when
+neither exists.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver"
 FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--disable-dev-shm-usage", "--window-size=1400,1000", "--force-device-scale-factor=1",
+    "--disable-dev-shm-usage", "--window-size=1400,1300", "--force-device-scale-factor=1",
 ]  # fmt: skip
 TIMEOUT = 60
 
@@ -48,8 +49,8 @@ def free_port() -> int:
 
 def prepare_cache(cache: Path) -> None:
     """The run to show, with its UMAP cache written beforehand (a real fit is tested elsewhere)."""
-    source = os.environ.get("THREEDS_SCREENSHOT_RUN")
-    if source:
+    source = Path(os.environ.get("THREEDS_SCREENSHOT_RUN", ROOT / "cache" / "demo"))
+    if source.is_dir():
         shutil.copytree(source, cache / "demo")
     else:
         make_run(cache / "demo", n=300, n_dropped=60, dim=32)
@@ -181,7 +182,7 @@ def test_every_page_in_chromium(server, browser):
 
     go(d, "Quality")
     before = metric(d, "kept")
-    nudge_slider(d, 0, Keys.ARROW_LEFT, 10)
+    nudge_slider(d, 0, Keys.ARROW_RIGHT, 10)  # raise the threshold by 10 points
     wait_for(d, lambda d: metric(d, "kept") != before, "kept count changes with the threshold")
     shot(d, "quality")
 

@@ -28,6 +28,10 @@ DEFAULT_CACHE = Path("cache")
 NOT_RUNS = {"models", "uploads"}
 METRIC_COLUMNS = ["id", "ins_ppl", "gt_wloss_mean", "gt_wloss_max", "gen_wloss_mean", "gen_wloss_max"]
 TOKEN_COLUMNS = ["id", "response", "pos", "token", "start", "end", "loss", "w_mean", "w_max", "function_word"]
+RUN_FILES = (
+    "manifest.json", "ratings.jsonl", "rejects.jsonl", "metrics.parquet", "selection.json",
+    "data.jsonl", "embeddings.npy", "tokens.parquet",
+)  # fmt: skip
 JOB_FILE = "job.json"  # written by `start_run`: pid and command of a background run
 LOG_FILE = "run.log"  # stdout + stderr of a background run
 
@@ -41,6 +45,7 @@ class Run:
     """The loaded files of one run directory; `None` where a stage has not written its file."""
 
     path: Path
+    key: tuple = ()  # `run_key` taken before loading: what the loaded files correspond to
     manifest: dict = field(default_factory=dict)
     ratings: pd.DataFrame | None = None  # Stage 1: id, score (NaN when unrated), ...
     metrics: pd.DataFrame | None = None  # Stage 2, one row per scored sample
@@ -64,13 +69,14 @@ class Run:
         """Records by id: the scored ones plus, for Stage-1-only ids, those of the input file.
 
         Stage 1 rates every input record but `data.jsonl` holds only the scored ones; the
-        dropped ones' text is read back from the input file named in the manifest, if it is there.
+        dropped ones' text is read back from the input file named in the manifest, if it is there
+        (duplicate ids renamed, as a run that accepted them did).
         """
         found = {r["id"]: r for r in self.records or []}
         source = (self.manifest.get("data") or {}).get("path")
         if self.ratings is not None and source and Path(source).is_file():
             try:
-                found = {r["id"]: r for r in read_records(source)[0]} | found
+                found = {r["id"]: r for r in read_records(source, duplicate_ids="rename")[0]} | found
             except (DataError, OSError) as exc:
                 self.errors.setdefault("input data", f"{source}: {exc}")
         return found
@@ -100,11 +106,17 @@ def _latest_mtime(path: Path) -> float:
 
 
 def run_key(path: str | os.PathLike) -> tuple:
-    """Changes whenever a file of the run changes: the cache key for everything loaded from it."""
+    """Changes whenever a file `load_run` reads changes: the cache key for everything loaded from
+    the run (files the app itself adds, such as umap.npy, do not count)."""
     path = Path(path)
-    if not path.is_dir():
-        return (str(path),)
-    return (str(path.resolve()), *sorted((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in path.iterdir() if f.is_file()))
+    stamps = []
+    for name in RUN_FILES:
+        try:
+            stat = (path / name).stat()
+        except OSError:
+            continue
+        stamps.append((name, stat.st_mtime_ns, stat.st_size))
+    return (str(path.resolve()), *stamps)
 
 
 def load_run(path: str | os.PathLike) -> Run:
@@ -112,7 +124,7 @@ def load_run(path: str | os.PathLike) -> Run:
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such run directory")
-    run = Run(path)
+    run = Run(path, key=run_key(path))
     loaders = [
         ("manifest.json", lambda: setattr(run, "manifest", _read_json(path / "manifest.json"))),
         ("ratings.jsonl", lambda: setattr(run, "ratings", read_ratings(path / "ratings.jsonl"))),

@@ -6,7 +6,7 @@ import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 
-from pages import common
+from app_pages import common
 from threeds.select import METRICS, metric_column
 
 SPLOM_POINTS = 3000
@@ -74,7 +74,6 @@ def scatter_matrix(run, mask: np.ndarray) -> go.Figure:
 
 
 def main() -> None:
-    common.setup()
     st.title("Difficulty (Stage 2)")
     run = common.require_run()
     common.require(run, "metrics.parquet", "Stage-2 metrics")

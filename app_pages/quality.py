@@ -7,7 +7,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from pages import common
+from app_pages import common
 from threeds.runs import Run, quality_mask, run_settings
 
 EXAMPLES = 3
@@ -34,7 +34,7 @@ def source_codes(_run: Run, key: tuple) -> tuple[np.ndarray, list[str]] | None:
 def histogram_figure(scores: np.ndarray, threshold: float, key: tuple) -> go.Figure:
     """Pre-binned (cached) score histogram, kept bins green; built in one constructor call,
     which is several times faster than Plotly's add_*/update_* chain on every re-render."""
-    counts, edges = common.histogram(scores, (key, "score"), bins=50)
+    counts, edges = common.histogram(scores, (key, "score"), bins=50, span=(0.0, 100.0))
     centres, widths = (edges[:-1] + edges[1:]) / 2, np.diff(edges)
     kept = centres >= threshold
     bars = [
@@ -63,8 +63,8 @@ def border_examples(run: Run, scores: np.ndarray, order: np.ndarray, threshold: 
             rec = run.record(sample_id) or {}
             with col.container(border=True):
                 st.markdown(f"**{scores[row]:g}** · `{sample_id}`")
-                st.caption(common.short(rec.get("instruction", "(text not available)"), 200))
-                st.text(common.short(rec.get("output", ""), 300))
+                st.text("Q: " + common.short(rec.get("instruction", "(text not available)"), 200))  # text: no markdown in data
+                st.text("A: " + common.short(rec.get("output", ""), 300))
                 if sample_id in run.row_of and st.button("Inspect", key=f"inspect_{sample_id}"):
                     common.open_inspector(sample_id)
 
@@ -78,7 +78,6 @@ def source_breakdown(codes: np.ndarray, names: list[str], kept: np.ndarray) -> p
 
 
 def main() -> None:
-    common.setup()
     st.title("Quality (Stage 1)")
     run = common.require_run()
     common.require(run, "ratings.jsonl", "Stage-1 ratings")

@@ -7,7 +7,7 @@ import html
 import pandas as pd
 import streamlit as st
 
-from pages import common
+from app_pages import common
 from threeds.data import full_instruction
 from threeds.runs import RunFileError, percentile_rank
 from threeds.select import METRIC_NAMES, METRICS, metric_column
@@ -77,7 +77,7 @@ def response_panel(col, run, tokens: pd.DataFrame, response: str, record: dict) 
 
 
 def metric_table(run, row: int) -> pd.DataFrame:
-    mask, _ = common.band_result(run)
+    """Every metric column's value for the sample and its percentile rank among all samples."""
     atten = st.session_state["atten_method"]
     rows = []
     for metric in METRICS:
@@ -93,9 +93,7 @@ def metric_table(run, row: int) -> pd.DataFrame:
                     "used now": method == atten or metric == "ins_ppl",
                 }
             )
-    frame = pd.DataFrame(rows)
-    st.caption(f"inside all three bands now: **{'yes' if mask[row] else 'no'}**")
-    return frame
+    return pd.DataFrame(rows)
 
 
 def chosen_id(run) -> str | None:
@@ -117,7 +115,6 @@ def chosen_id(run) -> str | None:
 
 
 def main() -> None:
-    common.setup()
     st.title("Sample inspector")
     run = common.require_run()
     common.require(run, "metrics.parquet", "Stage-2 metrics")
@@ -130,20 +127,25 @@ def main() -> None:
     st.query_params["id"] = sample_id
     row = run.row_of[sample_id]
     record = run.records[row]
-    st.markdown(f"### `{sample_id}`")
+    mask, _ = common.band_result(run)
+    st.markdown(f"### `{sample_id}`  ·  inside all three bands now: **{'yes' if mask[row] else 'no'}**")
     st.markdown("**Instruction**")
     st.text(full_instruction(record))
-    st.dataframe(metric_table(run, row), hide_index=True, width="stretch", column_config={"value": st.column_config.NumberColumn(format="%.4f"), "percentile rank": st.column_config.NumberColumn(format="%.1f")})
     try:
         tokens = run.tokens(sample_id)
     except RunFileError as exc:
         st.error(str(exc))
-        for col, response in zip(st.columns(2), RESPONSES):
+        tokens = None
+    for col, response in zip(st.columns(2), RESPONSES):
+        if tokens is None:
             col.subheader(RESPONSES[response][0])
             col.text(str(record.get(RESPONSES[response][1], "")))
-        return
-    for col, response in zip(st.columns(2), RESPONSES):
-        response_panel(col, run, tokens, response, record)
-
+        else:
+            response_panel(col, run, tokens, response, record)
+    st.markdown("**Metrics and percentile ranks** (rank = % of scored samples at or below this value)")
+    st.dataframe(
+        metric_table(run, row), hide_index=True, width="stretch",
+        column_config={"value": st.column_config.NumberColumn(format="%.4f"), "percentile rank": st.column_config.NumberColumn(format="%.1f")},
+    )  # fmt: skip
 
 main()

@@ -7,7 +7,7 @@ import json
 import pandas as pd
 import streamlit as st
 
-from pages import common
+from app_pages import common
 from threeds.data import full_instruction
 from threeds.export import FORMATS, MIME, dataset_info_entry, export_text, file_name, select_command
 from threeds.runs import selected_ids
@@ -16,7 +16,6 @@ LABELS = {"alpaca": "JSON (Alpaca)", "jsonl": "JSONL (Alpaca rows)", "sharegpt":
 
 
 def main() -> None:
-    common.setup()
     st.title("Export")
     run = common.require_run()
     common.require(run, "metrics.parquet", "Stage-2 metrics")

@@ -8,18 +8,21 @@ import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 
-from pages import common
+from app_pages import common
 from threeds.data import full_instruction
 from threeds.embed_map import MIN_POINTS
 from threeds.select import METRICS, metric_column
 
-MAP_POINTS = 10_000  # drawn besides the picks: each drawn point costs every re-render (hover text)
+MAP_POINTS = 8_000  # drawn besides the picks: each drawn point costs every re-render (hover text)
 GREY = "#c8c8c8"
 
 
 @st.cache_resource(max_entries=4, show_spinner=False)
-def hover_texts(_run, key: tuple) -> np.ndarray:
-    return np.array([html.escape(common.short(full_instruction(r), 100)) for r in _run.records], dtype=object)
+def hover_texts(_run, key: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, escaped instruction starts) per row, made once per run: the map re-sends them on
+    every re-render, so short strings keep re-renders fast."""
+    ids = _run.metrics["id"].to_numpy(dtype=str)
+    return ids, np.array([html.escape(common.short(full_instruction(r), 80)) for r in _run.records], dtype=str)
 
 
 def colour_options(run) -> list[str]:
@@ -43,8 +46,7 @@ def scatter(x, y, rows, ids, texts, name: str, marker: dict, extra: str = "") ->
 def map_figure(run, coords: np.ndarray, colour: str, picked: np.ndarray, shown: np.ndarray) -> go.Figure:
     """The map in one constructor call (Plotly's add_*/update_* chain is slow on every re-render)."""
     x, y = coords[:, 0], coords[:, 1]
-    ids = run.metrics["id"].to_numpy(dtype=object)
-    texts = hover_texts(run, common.key_of(run))
+    ids, texts = hover_texts(run, common.key_of(run))
     if colour == "k-center pick":
         order = np.empty(len(ids), dtype=float)
         order[picked] = np.arange(1, len(picked) + 1)
@@ -87,7 +89,6 @@ def on_select() -> None:
 
 
 def main() -> None:
-    common.setup()
     st.title("Embedding map")
     run = common.require_run()
     common.require(run, "metrics.parquet", "Stage-2 metrics")

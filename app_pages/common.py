@@ -17,7 +17,7 @@ from threeds.embed_map import PickOrder, load_or_compute_umap
 from threeds.runs import DEFAULT_CACHE, Run, list_runs, load_run, run_key, run_settings
 from threeds.select import ATTEN_METHODS, DEFAULT_BAND, METRIC_NAMES, METRICS, band_filter, metric_column
 
-INSPECTOR = "pages/inspector.py"
+INSPECTOR = "app_pages/inspector.py"
 DEFAULTS = {
     "atten_method": "mean",
     "quality_threshold": 85.0,
@@ -31,7 +31,7 @@ PERSISTENT = (*DEFAULTS, "run_name", "inspect_id", "ins_ppl_log")
 
 
 def setup() -> None:
-    """Page config, state kept across pages, and the run picker: the first call of every page."""
+    """Page config, state kept across pages, and the run picker (app.py, before any page)."""
     st.set_page_config(page_title="threeds", page_icon=":material/stethoscope:", layout="wide")
     keep_state()
     run_picker()
@@ -123,7 +123,8 @@ def require(run: Run, file: str, what: str) -> None:
 
 
 def key_of(run: Run) -> tuple:
-    return run_key(run.path)
+    """Cache key for what is computed from `run`: the file stamps it was loaded with."""
+    return run.key
 
 
 # ---------------------------------------------------------------------------------- selection state
@@ -189,13 +190,16 @@ def metric_label(metric: str) -> str:
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
-def histogram(_values: np.ndarray, key: tuple, bins: int = 60, log: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """(counts, edges) over the finite values; log-spaced edges for a log axis."""
+def histogram(
+    _values: np.ndarray, key: tuple, bins: int = 60, log: bool = False, span: tuple[float, float] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(counts, edges) over the finite values, between `span` or the data's min and max;
+    log-spaced edges for a log axis."""
     v = np.asarray(_values, dtype=float)
     v = v[np.isfinite(v) & (v > 0)] if log else v[np.isfinite(v)]
     if v.size == 0:
         return np.zeros(0), np.zeros(1)
-    lo, hi = float(v.min()), float(v.max())
+    lo, hi = span or (float(v.min()), float(v.max()))
     if hi == lo:
         hi = lo + (abs(lo) or 1.0) * 1e-6
     edges = np.geomspace(lo, hi, bins + 1) if log else np.linspace(lo, hi, bins + 1)
