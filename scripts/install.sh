@@ -8,6 +8,12 @@ PY=${PYTHON:-python3}
 pip() { .venv/bin/python -m pip "$@"; }
 pip install -q torch==2.13.0
 if [ "${1:-}" = "--dev" ]; then
+  # Debian's Chromium and its driver for the real-browser app test (Playwright's download doesn't work offline).
+  if [ ! -x /usr/bin/chromedriver ] && command -v apt-get >/dev/null; then
+    SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
+    { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; } \
+      || echo "warning: chromium not installed; the browser test will be skipped" >&2
+  fi
   pip install -q -r requirements-dev.txt
   # llama.cpp's OpenAI-compatible server, for the real-server backend test. Built from source (minutes
   # on 2 cores; pip caches the wheel); without it that one test is skipped, so a failed build is tolerated.
