@@ -143,6 +143,10 @@ def start_form() -> None:
             "Model (empty: the embedded SmolLM2-135M)", placeholder="local dir, .gguf or hub id", key="new_model",
             help="scores Stage 2; with the local backend it also rates (Stage 1) and writes A'",
         )  # fmt: skip
+        rename = st.checkbox(
+            "Keep records whose id repeats (rename them <id>#2, …)", value=True, key="new_rename",
+            help="off: a repeated id stops the run with an error naming both records (the bundled MedQuAD sample has one)",
+        )  # fmt: skip
         backend = st.radio("Stage 1 rating and A' generation", ["local", "openai"], horizontal=True, key="new_backend")
         c1, c2 = st.columns(2)
         base_url = c1.text_input("OpenAI-compatible base URL", placeholder="http://127.0.0.1:8000/v1 (default)", key="new_base_url")
@@ -161,7 +165,7 @@ def start_form() -> None:
         st.error(problem)
         return
     options = RunOptions(
-        model=model.strip() or None, backend=backend,
+        duplicate_ids="rename" if rename else "error", model=model.strip() or None, backend=backend,
         base_url=base_url.strip() or None if backend == "openai" else None,
         api_model=api_model.strip() or None if backend == "openai" else None,
         quality_threshold=threshold, low_th=low, up_th=up, sample_num=int(sample_num), atten_method=atten,

@@ -16,7 +16,7 @@ from synthetic_run import make_run
 
 from threeds import embed_map
 from threeds.export import dataset_info_entry, select_command
-from threeds.runs import load_run, quality_mask, run_command, stage_counts, RunOptions
+from threeds.runs import RunOptions, load_run, quality_mask, run_command, stage_counts
 from threeds.select import METRICS, band_filter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,7 +101,8 @@ def test_runs_page_starts_a_run_in_the_background(demo, monkeypatch):
     argv, run_dir = started[0]
     expected = run_command(
         str(demo / "input.jsonl"), run_dir,
-        RunOptions(backend="local", quality_threshold=85.0, low_th=25.0, up_th=75.0, sample_num=17, atten_method="mean"),
+        RunOptions(duplicate_ids="rename", backend="local", quality_threshold=85.0, low_th=25.0, up_th=75.0,
+                   sample_num=17, atten_method="mean"),
     )  # fmt: skip
     assert argv == expected and run_dir.name == "fresh"
     assert at.session_state["run_name"] == "fresh"

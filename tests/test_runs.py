@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 import time
@@ -140,16 +139,14 @@ def test_percentile_rank():
 
 def test_run_command_is_accepted_by_the_cli(tmp_path):
     options = RunOptions(
-        model="some/model", backend="openai", base_url="http://127.0.0.1:1/v1", api_model="m",
+        duplicate_ids="rename", model="some/model", backend="openai", base_url="http://127.0.0.1:1/v1", api_model="m",
         quality_threshold=80, low_th=10, up_th=90, sample_num=7, atten_method="max",
     )  # fmt: skip
     argv = run_command(tmp_path / "d.jsonl", tmp_path / "out", options)
     assert argv[:4] == [sys.executable, "-m", "threeds", "run"]
-    if importlib.util.find_spec("threeds.commands.run") is None:
-        pytest.skip("`threeds run` is not there yet")
     args = build_parser().parse_args(argv[3:])
     assert (args.model, args.backend, args.api_model, args.sample_num, args.atten_method) == ("some/model", "openai", "m", 7, "max")
-    assert (args.quality_threshold, args.low_th, args.up_th) == (80, 10, 90)
+    assert (args.quality_threshold, args.low_th, args.up_th, args.duplicate_ids) == (80, 10, 90, "rename")
 
 
 def test_background_job_start_status_stop(tmp_path):

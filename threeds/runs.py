@@ -317,6 +317,7 @@ def percentile_rank(values: np.ndarray, x: float) -> float:
 class RunOptions:
     """Options of `python -m threeds run` the Runs page offers; None means the CLI default."""
 
+    duplicate_ids: str | None = None  # "error" | "rename"
     model: str | None = None  # local path, .gguf or hub id; None = embedded default
     backend: str | None = None  # "local" | "openai" (Stage 1 rating and A' generation)
     base_url: str | None = None
@@ -329,7 +330,7 @@ class RunOptions:
 
 
 _FLAGS = {
-    "model": "--model", "backend": "--backend", "base_url": "--base-url", "api_model": "--api-model",
+    "duplicate_ids": "--duplicate-ids", "model": "--model", "backend": "--backend", "base_url": "--base-url", "api_model": "--api-model",
     "quality_threshold": "--quality-threshold", "low_th": "--low-th", "up_th": "--up-th",
     "sample_num": "--sample-num", "atten_method": "--atten-method",
 }  # fmt: skip
