@@ -136,7 +136,8 @@ def start_form() -> None:
         data = save_upload(upload) if upload else ""
     else:
         data = st.text_input("Data file", key="new_path", placeholder="/path/to/data.jsonl")
-    st.session_state.setdefault("new_name", time.strftime("run-%Y%m%d-%H%M%S"))  # once, not on every re-run
+    taken = set(common.run_names())
+    st.session_state.setdefault("new_name", next(f"run-{i}" for i in range(1, len(taken) + 2) if f"run-{i}" not in taken))
     with st.form("new_run"):
         name = st.text_input("Run name", key="new_name")
         model = st.text_input(

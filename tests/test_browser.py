@@ -1,7 +1,10 @@
 """The app in a real browser: `streamlit run app.py` on 127.0.0.1 driven by headless Chromium.
 
 Goes through every page, moves a slider on each page that has one, clicks a point on the
-embedding map, and saves a screenshot of each page to docs/screenshots/ (the README shows them).
+embedding map, and saves a screenshot of each page: into THREEDS_SCREENSHOTS_DIR when set (the
+README's images: THREEDS_SCREENSHOTS_DIR=docs/screenshots), else into pytest's temporary
+directory, because Chromium's PNGs differ byte-wise from run to run and a plain test run should
+not rewrite tracked files.
 Needs Debian's `chromium` and `chromium-driver`. The run shown is a copy of the shipped demo run
 (cache/demo), or of the run directory THREEDS_SCREENSHOT_RUN names, or a synthetic one when
 neither exists.
@@ -26,7 +29,6 @@ from threeds import embed_map
 from threeds.runs import load_run
 
 ROOT = Path(__file__).resolve().parents[1]
-SHOTS = ROOT / "docs" / "screenshots"
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -162,13 +164,20 @@ def nudge_slider(driver, index: int, key: str, times: int) -> None:
     idle(driver)
 
 
-def shot(driver, name: str) -> None:
-    SHOTS.mkdir(parents=True, exist_ok=True)
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory) -> Path:
+    folder = Path(os.environ.get("THREEDS_SCREENSHOTS_DIR") or tmp_path_factory.mktemp("screenshots"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def shot(driver, folder: Path, name: str) -> None:
     time.sleep(0.5)  # let Plotly finish drawing
-    driver.save_screenshot(str(SHOTS / f"{name}.png"))
+    driver.save_screenshot(str(folder / f"{name}.png"))
+    assert (folder / f"{name}.png").stat().st_size > 10_000  # a drawn page, not a blank one
 
 
-def test_every_page_in_chromium(server, browser):
+def test_every_page_in_chromium(server, browser, shots):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.keys import Keys
 
@@ -178,25 +187,25 @@ def test_every_page_in_chromium(server, browser):
     wait_for(d, lambda d: "Start a new run" in body_text(d), "Runs page")
     idle(d)
     assert metric(d, "scored (Stage 2)") != "—"
-    shot(d, "runs")
+    shot(d, shots, "runs")
 
     go(d, "Quality")
     before = metric(d, "kept")
     nudge_slider(d, 0, Keys.ARROW_RIGHT, 10)  # raise the threshold by 10 points
     wait_for(d, lambda d: metric(d, "kept") != before, "kept count changes with the threshold")
-    shot(d, "quality")
+    shot(d, shots, "quality")
 
     go(d, "Difficulty")
     before = metric(d, "in all three bands")
     nudge_slider(d, 0, Keys.ARROW_LEFT, 15)  # the low end of Instruction Understanding's band
     wait_for(d, lambda d: metric(d, "in all three bands") != before, "intersection changes with a band")
     assert len(d.find_elements("css selector", ".js-plotly-plot")) == 4  # three histograms + scatter matrix
-    shot(d, "difficulty")
+    shot(d, shots, "difficulty")
 
     go(d, "Embedding map")
     nudge_slider(d, 0, Keys.ARROW_LEFT, 5)
     wait_for(d, lambda d: "k-center picks" in body_text(d), "map caption")
-    shot(d, "embedding_map")
+    shot(d, shots, "embedding_map")
     x, y = d.execute_script(
         """
         const gd = document.querySelector('.js-plotly-plot');
@@ -209,11 +218,11 @@ def test_every_page_in_chromium(server, browser):
     wait_for(d, lambda d: "Sample inspector" in [h.text.strip() for h in d.find_elements("css selector", "h1")], "click opens the inspector")
     idle(d)
     wait_for(d, lambda d: len(d.find_elements("css selector", "span[title*='loss']")) > 0, "token heatmaps")
-    shot(d, "inspector")
+    shot(d, shots, "inspector")
 
     go(d, "Export")
     wait_for(d, lambda d: "threeds select --run" in body_text(d), "the reproducing command")
     before = metric(d, "selected samples")
     nudge_slider(d, 0, Keys.ARROW_LEFT, 3)
     wait_for(d, lambda d: metric(d, "selected samples") != before, "selection size follows sample_num")
-    shot(d, "export")
+    shot(d, shots, "export")
