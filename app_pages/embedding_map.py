@@ -54,7 +54,7 @@ def map_figure(run, coords: np.ndarray, colour: str, picked: np.ndarray, shown: 
             scatter(x, y, np.setdiff1d(shown, picked), ids, texts, "not picked", dict(size=4, color=GREY)),
             scatter(
                 x, y, picked, ids, texts, "picked",
-                dict(size=7, color=order[picked], colorscale="Viridis", colorbar=dict(title="pick #")),
+                dict(size=7, color=order[picked], colorscale="Viridis", colorbar=dict(title="pick #", **({"dtick": 1} if len(picked) <= 10 else {}))),  # whole pick numbers
                 extra=" · pick #%{marker.color}",
             ),
         ]  # fmt: skip

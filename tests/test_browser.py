@@ -203,7 +203,7 @@ def test_every_page_in_chromium(server, browser, shots):
     shot(d, shots, "difficulty")
 
     go(d, "Embedding map")
-    nudge_slider(d, 0, Keys.ARROW_LEFT, 5)
+    nudge_slider(d, 0, Keys.ARROW_LEFT, 2)
     wait_for(d, lambda d: "k-center picks" in body_text(d), "map caption")
     shot(d, shots, "embedding_map")
     x, y = d.execute_script(
