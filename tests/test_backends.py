@@ -64,7 +64,8 @@ def test_retry_after_header_and_backoff_are_bounded(server):
     ("status", "hint"), [(401, "API key"), (403, "not allowed"), (404, "--base-url"), (400, "request settings")]
 )
 def test_fatal_statuses_stop_at_once(server, status, hint):
-    backend = OpenAIBackend(server.base_url, **FAST)
+    # one request at a time, the faulty one first: a 400 is fatal only before any request succeeded
+    backend = OpenAIBackend(server.base_url, concurrency=1, **FAST)
     with pytest.raises(BackendError, match=hint):
         backend.chat([f"[[z{status};status={status}]]"] + ["plain"] * 3, 8)
     assert server.attempts[f"z{status};status={status}"] == 1
