@@ -111,15 +111,24 @@ def require_run() -> Run:
     return run
 
 
-def require(run: Run, file: str, what: str) -> None:
-    """Stop the page with a clear message when `file` is corrupt or its stage has not run."""
-    if file in run.errors:
-        st.error(f"Cannot use this run's {what}: {run.errors[file]}")
-        st.stop()
-    attr = {"ratings.jsonl": "ratings", "metrics.parquet": "metrics", "embeddings.npy": "embeddings", "data.jsonl": "records"}[file]
-    if getattr(run, attr) is None:
-        st.info(f"Run **{run.name}** has no {what} yet (`{file}` is missing). Start or resume the run on **Runs**.")
-        st.stop()
+REQUIRED_FILES = {
+    "ratings.jsonl": ("ratings", "Stage-1 ratings"),
+    "metrics.parquet": ("metrics", "Stage-2 metrics"),
+    "embeddings.npy": ("embeddings", "instruction embeddings"),
+    "data.jsonl": ("records", "scored records"),
+}
+
+
+def require(run: Run, *files: str) -> None:
+    """Stop the page with a clear message when one of `files` is corrupt or its stage has not run."""
+    for file in files:
+        attr, what = REQUIRED_FILES[file]
+        if file in run.errors:
+            st.error(f"Cannot use this run's {what}: {run.errors[file]}")
+            st.stop()
+        if getattr(run, attr) is None:
+            st.info(f"Run **{run.name}** has no {what} yet (`{file}` is missing). Start or resume the run on **Runs**.")
+            st.stop()
 
 
 def key_of(run: Run) -> tuple:

@@ -76,7 +76,7 @@ def scatter_matrix(run, mask: np.ndarray) -> go.Figure:
 def main() -> None:
     st.title("Difficulty (Stage 2)")
     run = common.require_run()
-    common.require(run, "metrics.parquet", "Stage-2 metrics")
+    common.require(run, "metrics.parquet")
     c1, c2 = st.columns([2, 1])
     with c1:
         common.atten_toggle()

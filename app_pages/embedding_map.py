@@ -91,9 +91,7 @@ def on_select() -> None:
 def main() -> None:
     st.title("Embedding map")
     run = common.require_run()
-    common.require(run, "metrics.parquet", "Stage-2 metrics")
-    common.require(run, "embeddings.npy", "instruction embeddings")
-    common.require(run, "data.jsonl", "scored records")
+    common.require(run, "metrics.parquet", "embeddings.npy", "data.jsonl")
     if st.session_state.pop("goto_inspector", False):
         common.open_inspector(st.session_state["inspect_id"])
     if len(run.metrics) < MIN_POINTS:

@@ -18,9 +18,7 @@ LABELS = {"alpaca": "JSON (Alpaca)", "jsonl": "JSONL (Alpaca rows)", "sharegpt":
 def main() -> None:
     st.title("Export")
     run = common.require_run()
-    common.require(run, "metrics.parquet", "Stage-2 metrics")
-    common.require(run, "embeddings.npy", "instruction embeddings")
-    common.require(run, "data.jsonl", "scored records")
+    common.require(run, "metrics.parquet", "embeddings.npy", "data.jsonl")
     c1, c2 = st.columns([1, 2])
     with c1:
         common.atten_toggle()

@@ -117,8 +117,7 @@ def chosen_id(run) -> str | None:
 def main() -> None:
     st.title("Sample inspector")
     run = common.require_run()
-    common.require(run, "metrics.parquet", "Stage-2 metrics")
-    common.require(run, "data.jsonl", "scored records")
+    common.require(run, "metrics.parquet", "data.jsonl")
     common.atten_toggle()
     sample_id = chosen_id(run)
     if sample_id not in run.row_of:

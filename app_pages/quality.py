@@ -80,7 +80,7 @@ def source_breakdown(codes: np.ndarray, names: list[str], kept: np.ndarray) -> p
 def main() -> None:
     st.title("Quality (Stage 1)")
     run = common.require_run()
-    common.require(run, "ratings.jsonl", "Stage-1 ratings")
+    common.require(run, "ratings.jsonl")
     key = common.key_of(run)
     scores, order = score_order(run, key)
     threshold = st.slider("Quality threshold (keep score ≥ threshold)", 0.0, 100.0, step=1.0, format="%.0f", key="quality_threshold")
