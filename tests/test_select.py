@@ -13,6 +13,7 @@ from threeds.select import (
     METRICS,
     band_filter,
     band_mask,
+    _first_copies,
     k_center_greedy,
     metric_column,
     select_run,
@@ -220,6 +221,47 @@ def test_k_center_equals_float32_reference(seed):
         strided = np.asfortranarray(x.astype(np.float64))
         assert k_center_greedy(strided, 300, seed=seed, chunk_rows=333).tolist() == expected
         assert k_center_greedy(torch.from_numpy(x), 300, seed=seed).tolist() == expected
+
+
+def test_k_center_widening_search_and_small_blocks(monkeypatch):
+    """One row refreshed per try forces the search to widen (1, 4, 16, ...) on most picks."""
+    import threeds.select as select
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((700, 16)).astype(np.float32)
+    expected = reference_kcenter(x, 120, 1)
+    monkeypatch.setattr(select, "_REFRESH_ROWS", 1)
+    assert k_center_greedy(x, 120, seed=1, device="cpu").tolist() == expected
+    assert k_center_greedy(x, 120, seed=1, device="cpu", chunk_rows=3).tolist() == expected
+
+
+def test_first_copies():
+    x = torch.tensor([[1.0, 2.0], [0.0, -0.0], [1.0, 2.0], [0.0, 0.0], [2.0, 1.0], [1.0, 2.0]])
+    assert _first_copies(x, chunk_rows=2).tolist() == [0, 1, 0, 1, 4, 0]
+    assert _first_copies(x.to(torch.float16), chunk_rows=4).tolist() == [0, 1, 0, 1, 4, 0]
+
+
+def test_k_center_clustered_copies_farthest_within_round_off():
+    """Clustered rows with exact copies: every pick is the farthest row up to float32 round-off
+    of the distances (checked in float64), a copy is never picked before its first copy, and
+    once every distinct row is a centre the rest follow in index order (all at distance 0)."""
+    rng = np.random.default_rng(11)
+    centres = rng.standard_normal((8, 24)) * 6
+    x = (centres[rng.integers(8, size=600)] + rng.standard_normal((600, 24))).astype(np.float32)
+    x[300:400] = x[:100]  # rows 300..399 copy rows 0..99
+    first = int(np.random.default_rng(2).integers(600))
+    picks = k_center_greedy(x, 580, seed=2, device="cpu").tolist()
+    assert picks[0] == first and len(set(picks)) == 580
+    x64 = x.astype(np.float64)
+    min_dist = np.full(600, np.inf)
+    for step, pick in enumerate(picks[:-1]):
+        min_dist = np.minimum(min_dist, ((x64 - x64[pick]) ** 2).sum(1))
+        nxt = picks[step + 1]
+        best = np.delete(min_dist, picks[: step + 1]).max()
+        assert min_dist[nxt] >= best * (1 - 1e-5) - 1e-9, step
+    head, tail = picks[:500], picks[500:]  # 500 distinct rows
+    assert not [r for r in head[1:] if 300 <= r < 400]
+    assert tail == sorted(tail) and set(tail) <= set(range(100)) | set(range(300, 400))
 
 
 def _well_separated(n: int = 48, dim: int = 64, seed: int = 0) -> np.ndarray:

@@ -33,6 +33,7 @@ NAN_REASONS = {
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _CHUNK_BYTES = 64 << 20  # float32 bytes per chunk when uploading / converting rows
 _CENTRE_ROWS = 4096  # about this many evenly spaced rows estimate the centroid
+_REFRESH_ROWS = 64  # rows brought up to date per try when looking for the farthest one
 
 
 # ---------------------------------------------------------------------------- band filter
@@ -228,35 +229,120 @@ def _upload(
     return x, norms
 
 
-def _mixed_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether torch.mm can multiply `dtype` matrices straight into float32 (CUDA, torch >= 2.8)."""
-    try:
-        a = torch.ones((2, 2), dtype=dtype, device=device)
-        return torch.mm(a, a[:, :1], out_dtype=torch.float32).dtype == torch.float32
-    except (RuntimeError, NotImplementedError, TypeError):
-        return False
+def _first_copies(x: torch.Tensor, chunk_rows: int) -> torch.Tensor:
+    """For every row, the lowest index of a row with the same values (itself if none earlier).
 
-
-def _partial_dist_fn(x: torch.Tensor, norms: torch.Tensor, chunk_rows: int):
-    """Function c -> ||x||^2 - 2 x.c in float32 for the storage dtype of `x`.
-
-    Half rows go through a mixed-precision matmul where the device has one (CUDA); otherwise they
-    are converted chunk by chunk (slow on CPU, where half storage only saves memory).
+    Rows are hashed by their bits with integer arithmetic (exact and order-free, so equal rows
+    hash equally wherever they sit), hash collisions are ruled out by comparing the rows, and a
+    stable sort groups them.
     """
-    if x.dtype != torch.float32 and _mixed_mm_supported(x.device, x.dtype):
-        return lambda c: torch.mm(x, c[:, None], out_dtype=torch.float32)[:, 0].mul_(-2.0).add_(norms)
-    out = torch.empty_like(norms)
-    if x.dtype == torch.float32:
-        return lambda c: torch.addmv(norms, x, c, alpha=-2.0, out=out)
+    n, dim = x.shape
+    bits_dtype = torch.int32 if x.element_size() == 4 else torch.int16
+    span = 2 ** (62 - 8 * x.element_size() - max(1, dim - 1).bit_length())  # no int64 overflow
+    gen = torch.Generator().manual_seed(0)
+    weights = torch.randint(-span, span, (dim,), generator=gen, dtype=torch.int64).to(x.device)
+    hashes = torch.empty(n, dtype=torch.int64, device=x.device)
+    for s in range(0, n, chunk_rows):
+        rows = x[s : s + chunk_rows] + 0.0  # -0.0 and 0.0 are the same point
+        hashes[s : s + chunk_rows] = (rows.view(bits_dtype).to(torch.int64) * weights).sum(1)
+    ordered, order = torch.sort(hashes, stable=True)
+    starts = torch.ones(n, dtype=torch.bool, device=x.device)
+    starts[1:] = ordered[1:] != ordered[:-1]
+    position = torch.arange(n, device=x.device)
+    run_start = torch.cummax(torch.where(starts, position, 0), 0).values
+    first = torch.empty_like(order)
+    first[order] = order[run_start]
+    copies = torch.nonzero(first != position)[:, 0]
+    for s in range(0, len(copies), chunk_rows):
+        c = copies[s : s + chunk_rows]
+        same = (x.index_select(0, c) == x.index_select(0, first[c])).all(1)
+        first[c] = torch.where(same, first[c], c)
+    return first
 
-    def chunked(c: torch.Tensor) -> torch.Tensor:
-        c32 = c.to(torch.float32)
-        for s in range(0, len(x), chunk_rows):
-            e = s + chunk_rows
-            torch.addmv(norms[s:e], x[s:e].to(torch.float32), c32, alpha=-2.0, out=out[s:e])
-        return out
 
-    return chunked
+class _LazyFarthest:
+    """Farthest-point state in which each row's min distance may lag behind the chosen centres.
+
+    `bound[i]` is row i's min squared distance over the first `seen[i]` centres: an upper bound
+    on its min over all of them. Bringing a row up to date costs one small matrix product
+    against the centres it has not seen, and a new centre moves few rows' distances, so the
+    farthest row is usually found among the few rows with the largest bounds.
+    """
+
+    def __init__(self, x: torch.Tensor, norms: torch.Tensor, k: int, chunk_rows: int) -> None:
+        n, dim = x.shape
+        self.x, self.norms, self.chunk_rows = x, norms, chunk_rows
+        self.centres = torch.empty((k, dim), dtype=torch.float32, device=x.device)
+        self.centre_norms = torch.empty(k, dtype=torch.float32, device=x.device)
+        self.count = 0
+        self.bound = torch.full((n,), float("inf"), dtype=torch.float32, device=x.device)
+        self.seen = torch.zeros(n, dtype=torch.int64, device=x.device)
+        self.remaining = n
+
+    def add(self, row: int) -> None:
+        """Make `row` a centre; a chosen row is never picked again (bound -inf)."""
+        self.centres[self.count] = self.x[row].to(torch.float32)
+        self.centre_norms[self.count] = self.norms[row]
+        self.count += 1
+        self.drop(torch.tensor([row], device=self.bound.device))
+
+    def drop(self, rows: torch.Tensor) -> None:
+        """Never pick `rows` (bound -inf): chosen rows, and later copies of other rows."""
+        self.remaining -= int((self.bound.index_select(0, rows) > float("-inf")).sum())
+        self.bound[rows] = float("-inf")
+
+    def refresh(self, rows: torch.Tensor) -> None:
+        """Bring `rows` up to date: min over the centres each has not seen yet.
+
+        Most rows missed only the newest centre, and a few missed many; the two groups are
+        done apart so the first does not pay for the second. Within a group, a centre a row
+        has already seen is masked out rather than recomputed, so a bound never depends on how
+        the work was grouped.
+        """
+        t = self.count
+        seen = self.seen.index_select(0, rows)
+        for group in (rows[seen == t - 1], rows[seen < t - 1]):
+            if len(group):
+                self._catch_up(group, int(self.seen.index_select(0, group).min()))
+        self.seen[rows] = t
+
+    def _catch_up(self, rows: torch.Tensor, lo: int) -> None:
+        """Fold centres [lo, count) into `rows`' bounds, in blocks of about chunk_rows x dim floats."""
+        t = self.count
+        cols = torch.arange(lo, t, device=rows.device)
+        step = max(1, self.chunk_rows * self.x.shape[1] // (t - lo))
+        for s in range(0, len(rows), step):
+            r = rows[s : s + step]
+            xr = self.x.index_select(0, r).to(torch.float32)
+            dist = torch.mm(xr, self.centres[lo:t].T).mul_(-2.0)
+            dist.add_(self.norms.index_select(0, r)[:, None]).add_(self.centre_norms[lo:t])
+            dist.clamp_min_(0.0).masked_fill_(cols < self.seen.index_select(0, r)[:, None], float("inf"))
+            self.bound[r] = torch.minimum(self.bound.index_select(0, r), dist.amin(1))
+
+    def refresh_all(self) -> None:
+        n = len(self.bound)
+        for s in range(0, n, self.chunk_rows):
+            self.refresh(torch.arange(s, min(n, s + self.chunk_rows), device=self.bound.device))
+
+    def farthest(self) -> int:
+        """The unchosen row farthest from all centres (ties: lowest index), exactly.
+
+        Refreshes the m rows with the largest bounds; when the best refreshed row beats the
+        largest bound left outside (strictly, so ties are settled), no other row can exceed it.
+        Otherwise m grows fourfold, up to refreshing every row.
+        """
+        m = _REFRESH_ROWS
+        while m < self.remaining:
+            values, rows = torch.topk(self.bound, m + 1, sorted=True)
+            rows = rows[:m]
+            self.refresh(rows)
+            fresh = self.bound.index_select(0, rows)
+            best = fresh.max()
+            if bool(best > values[m]):
+                return int(rows[fresh == best].min())
+            m *= 4
+        self.refresh_all()
+        return int(torch.argmax(self.bound))
 
 
 def k_center_greedy(
@@ -272,19 +358,17 @@ def k_center_greedy(
 
     First centre `np.random.default_rng(seed).integers(n)`, then repeatedly the unchosen row
     with the largest squared Euclidean distance to its nearest chosen centre; exact ties go to
-    the lowest index (torch.argmax returns the first maximum). If n <= k all rows are returned
-    as 0..n-1.
+    the lowest index. If n <= k all rows are returned as 0..n-1.
 
-    One pass over the rows per pick: a matrix-vector product gives x.c, and
-    d = ||x||^2 + ||c||^2 - 2 x.c (float32, clamped at 0) updates a running min-distance vector.
-    On random float32 data the picks equal a plain float32 `((x - c) ** 2).sum()` reference
-    (tested); the two can differ only where candidates lie within float32 round-off of each
-    other. `dtype` float16/bfloat16 stores centred rows (see `_centre`) in half precision, half
-    the memory and bandwidth, with float32 accumulation; that rounds the data, so picks can
-    differ from the float32 ones where distances are that close. `chunk_rows` bounds the float32
-    working copy during upload (and per-pick conversion where no mixed-precision matmul exists).
-    Nothing is synchronised with the device inside the loop. Half storage pays off on CUDA only;
-    on CPU it saves memory but converting rows back costs far more than the float32 product.
+    Distances are d = ||x||^2 + ||c||^2 - 2 x.c in float32, clamped at 0. Rather than updating
+    every row's min distance after every pick (one pass over all n x dim values per pick, which
+    is memory-bound), rows are brought up to date lazily (`_LazyFarthest`): the picks are the
+    same, the work is a few small matrix products per pick. On random float32 data the picks
+    equal a plain float32 `((x - c) ** 2).sum()` reference (tested); the two can differ only
+    where candidates lie within float32 round-off of each other. `dtype` float16/bfloat16
+    stores centred rows (see `_centre`) in half precision, half the memory, with float32
+    arithmetic; that rounds the data, so picks can differ from the float32 ones where distances
+    are that close. `chunk_rows` bounds the float32 working blocks.
     """
     if embeddings.ndim != 2:
         raise ValueError(f"embeddings must be 2-D [n, dim], got shape {tuple(embeddings.shape)}")
@@ -299,29 +383,35 @@ def k_center_greedy(
     dtype = _storage_dtype(dtype)
     chunk_rows = chunk_rows or max(1, _CHUNK_BYTES // (4 * embeddings.shape[1]))
     x, norms = _upload(embeddings, device, dtype, chunk_rows)
-    partial_dist = _partial_dist_fn(x, norms, chunk_rows)
-
-    min_dist = torch.full((n,), float("inf"), dtype=torch.float32, device=device)
-    picks = torch.empty(k, dtype=torch.int64, device=device)
-    idx = torch.tensor([int(np.random.default_rng(seed).integers(n))], device=device)
-    picks[0] = idx[0]
-    steps = range(1, k)
+    state = _LazyFarthest(x, norms, k, chunk_rows)
+    first = _first_copies(x, chunk_rows)
+    # a later copy of a row ties with it at every step and loses on index: never a candidate
+    state.drop(torch.nonzero(first != torch.arange(n, device=device))[:, 0])
+    picks = [int(np.random.default_rng(seed).integers(n))]
+    bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        steps = tqdm(steps, desc="k-center", unit="pick", initial=1, total=k)
+        bar = tqdm(desc="k-center", unit="pick", initial=1, total=k)
     precision = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")  # TF32 would round the dot products
     try:
-        for i in steps:
-            dist = partial_dist(x.index_select(0, idx)[0]).add_(norms.index_select(0, idx))
-            torch.minimum(min_dist, dist.clamp_min_(0.0), out=min_dist)
-            min_dist.index_fill_(0, idx, float("-inf"))  # a chosen row is never picked again
-            idx = torch.argmax(min_dist).view(1)
-            picks[i] = idx[0]
+        state.add(picks[0])
+        state.drop(first[picks[0]].view(1))  # the first copy of the first centre is at distance 0
+        state.refresh_all()
+        while len(picks) < k and state.remaining:
+            picks.append(state.farthest())
+            state.add(picks[-1])
+            if bar is not None:
+                bar.update()
     finally:
         torch.set_float32_matmul_precision(precision)
-    return picks.cpu().numpy()
+        if bar is not None:
+            bar.close()
+    if len(picks) < k:  # every distinct point is a centre; the rest are at distance 0
+        rest = np.setdiff1d(np.arange(n), picks)  # ascending: ties go to the lowest index
+        picks.extend(rest[: k - len(picks)].tolist())
+    return np.asarray(picks, dtype=np.int64)
 
 
 # ---------------------------------------------------------------------------- run directory
