@@ -72,9 +72,12 @@ def band_mask(values: np.ndarray, low: float, high: float) -> np.ndarray:
     Percentiles come from the finite values only, so a failed sample does not shift the band.
     """
     v = np.asarray(values, dtype=np.float64)
-    lo, hi = band_thresholds(v, low, high)
+    return _within(v, *band_thresholds(v, low, high))
+
+
+def _within(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
     with np.errstate(invalid="ignore"):
-        return np.isfinite(v) & (v >= lo) & (v <= hi)
+        return np.isfinite(values) & (values >= lo) & (values <= hi)
 
 
 def _resolve_bands(bands: Mapping[str, Sequence[float]] | None) -> dict[str, tuple[float, float]]:
@@ -119,7 +122,7 @@ def band_filter(
     per_metric = {}
     for m in METRICS:
         lo, hi = band_thresholds(values[m], *bands[m])
-        inside = band_mask(values[m], *bands[m])
+        inside = _within(values[m], lo, hi)
         keep &= inside
         per_metric[m] = {
             "name": METRIC_NAMES[m],
@@ -242,9 +245,10 @@ def _first_copies(x: torch.Tensor, chunk_rows: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(0)
     weights = torch.randint(-span, span, (dim,), generator=gen, dtype=torch.int64).to(x.device)
     hashes = torch.empty(n, dtype=torch.int64, device=x.device)
-    for s in range(0, n, chunk_rows):
-        rows = x[s : s + chunk_rows] + 0.0  # -0.0 and 0.0 are the same point
-        hashes[s : s + chunk_rows] = (rows.view(bits_dtype).to(torch.int64) * weights).sum(1)
+    step = max(1, chunk_rows * 4 // 16)  # two int64 temporaries per value: keep near chunk bytes
+    for s in range(0, n, step):
+        rows = x[s : s + step] + 0.0  # -0.0 and 0.0 are the same point
+        hashes[s : s + step] = (rows.view(bits_dtype).to(torch.int64) * weights).sum(1)
     ordered, order = torch.sort(hashes, stable=True)
     starts = torch.ones(n, dtype=torch.bool, device=x.device)
     starts[1:] = ordered[1:] != ordered[:-1]
@@ -310,7 +314,7 @@ class _LazyFarthest:
         """Fold centres [lo, count) into `rows`' bounds, in blocks of about chunk_rows x dim floats."""
         t = self.count
         cols = torch.arange(lo, t, device=rows.device)
-        step = max(1, self.chunk_rows * self.x.shape[1] // (t - lo))
+        step = max(1, min(self.chunk_rows, self.chunk_rows * self.x.shape[1] // (t - lo)))
         for s in range(0, len(rows), step):
             r = rows[s : s + step]
             xr = self.x.index_select(0, r).to(torch.float32)
