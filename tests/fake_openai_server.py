@@ -23,16 +23,25 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 DIRECTIVE = re.compile(r"\[\[([^\]]*)\]\]")
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 512  # the default backlog of 5 stalls a burst of new connections
+
+
 class FakeOpenAIServer:
     """Serve on 127.0.0.1 on a free port in a background thread; use as a context manager."""
 
-    def __init__(self, default_reply: str | Callable[[str], str] = "85", delay: float = 0.0, model: str = "fake-model") -> None:
+    def __init__(
+        self, default_reply: str | Callable[[str], str] = "85", delay: float = 0.0, model: str = "fake-model",
+        keep_alive: bool = False,
+    ) -> None:  # fmt: skip
+        """keep_alive: speak HTTP/1.1 so clients reuse connections; `connections` counts them."""
         self.default_reply, self.delay, self.model = default_reply, delay, model
+        self.keep_alive, self.connections = keep_alive, 0
         self.in_flight = self.max_in_flight = 0
         self.attempts: Counter[str] = Counter()
         self.requests: list[dict] = []
         self.lock = threading.Lock()
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.httpd = _Server(("127.0.0.1", 0), self._handler())
         self.httpd.daemon_threads = True
         self.base_url = f"http://127.0.0.1:{self.httpd.server_port}/v1"
 
@@ -62,6 +71,13 @@ class FakeOpenAIServer:
         server = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1" if server.keep_alive else "HTTP/1.0"
+
+            def setup(self) -> None:  # one handler per connection
+                super().setup()
+                with server.lock:
+                    server.connections += 1
+
             def log_message(self, *args) -> None:  # keep test output clean
                 pass
 

@@ -89,6 +89,16 @@ def test_concurrency_is_bounded_and_replies_keep_prompt_order():
         assert all(req["temperature"] == 0 and req["max_tokens"] == 8 for req in server.requests)
 
 
+def test_connections_are_reused_above_a_hundred_in_flight():
+    """The SDK's own pool keeps only 100 idle connections: at 150 in flight, 50 would be reopened
+    for every wave of requests. The backend sizes the pool to its concurrency."""
+    with FakeOpenAIServer(delay=0.5, keep_alive=True) as server:
+        replies = OpenAIBackend(server.base_url, "m", concurrency=150, **FAST).chat(["x"] * 450, 4)
+        assert all(r.text == "85" for r in replies)
+        assert server.max_in_flight == 150
+        assert server.connections <= 160  # about one per worker, not one per request
+
+
 def test_system_prompt_and_unreachable_server(server):
     OpenAIBackend(server.base_url, system="be brief", **FAST).chat(["plain"], 4)
     assert server.requests[-1]["messages"][0] == {"role": "system", "content": "be brief"}

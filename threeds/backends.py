@@ -205,12 +205,18 @@ class OpenAIBackend:
         return asyncio.run(self._chat_all(prompts, max_new_tokens, on_reply))
 
     async def _chat_all(self, prompts: Sequence[str], max_new_tokens: int, on_reply: OnReply | None) -> list[Reply]:
-        from openai import AsyncOpenAI
+        import httpx
+        from openai import AsyncOpenAI, DefaultAsyncHttpxClient
 
+        # the SDK's pool keeps 100 idle connections: more workers would reconnect on every request
+        limits = httpx.Limits(max_connections=self.concurrency + 10, max_keepalive_connections=self.concurrency + 10)
+        http = DefaultAsyncHttpxClient(limits=limits)
         replies: list[Reply | None] = [None] * len(prompts)
         pending = iter(range(len(prompts)))  # shared by the workers; asyncio runs one at a time
 
-        async with AsyncOpenAI(base_url=self.base_url, api_key=self.api_key, max_retries=0, timeout=self.timeout) as client:
+        async with AsyncOpenAI(
+            base_url=self.base_url, api_key=self.api_key, max_retries=0, timeout=self.timeout, http_client=http
+        ) as client:
             if self.model is None:
                 self.model = await self._server_model(client)
             model = self.model
