@@ -48,6 +48,20 @@ def test_full_run_loads_aligned(run_dir):
     assert (np.diff(tokens.loc[tokens["response"] == "gt", "pos"]) == 1).all()
 
 
+def test_input_file_found_beside_a_moved_run(run_dir, tmp_path, monkeypatch):
+    """A manifest naming its input relative to another working directory (the shipped demo's
+    "cache/demo/input.jsonl") still finds the copy in the run directory."""
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    manifest["data"]["path"] = "elsewhere/cache/r1/input.jsonl"
+    (run_dir / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.chdir(tmp_path)
+    run = load_run(run_dir)
+    assert run.input_path == run_dir / "input.jsonl"
+    assert run.record("d000001")["instruction"].startswith("What is")
+    (run_dir / "input.jsonl").unlink()
+    assert load_run(run_dir).record("d000001") is None
+
+
 def test_stage_counts_follow_the_files(run_dir):
     run = load_run(run_dir)
     counts = stage_counts(run)

@@ -73,13 +73,25 @@ class Run:
         (duplicate ids renamed, as a run that accepted them did).
         """
         found = {r["id"]: r for r in self.records or []}
-        source = (self.manifest.get("data") or {}).get("path")
-        if self.ratings is not None and source and Path(source).is_file():
+        source = self.input_path
+        if self.ratings is not None and source is not None:
             try:
                 found = {r["id"]: r for r in read_records(source, duplicate_ids="rename")[0]} | found
             except (DataError, OSError) as exc:
                 self.errors.setdefault("input data", f"{source}: {exc}")
         return found
+
+    @property
+    def input_path(self) -> Path | None:
+        """The input file named in the manifest; a relative name that does not resolve from here
+        (a run made elsewhere, such as the shipped demo) is looked for in the run directory."""
+        source = (self.manifest.get("data") or {}).get("path")
+        if not source:
+            return None
+        for candidate in (Path(source), self.path / Path(source).name):
+            if candidate.is_file():
+                return candidate
+        return None
 
     def record(self, sample_id: str) -> dict | None:
         row = self.row_of.get(sample_id)
