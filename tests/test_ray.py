@@ -1,23 +1,29 @@
-"""`--engine ray`: scoring as a Ray Data pipeline on a local 2-CPU cluster gives the single-process
-numbers, writes the same run directory, and resumes a run another engine left unfinished."""
+"""`--engine ray` on a local 2-CPU cluster: scoring gives the single-process numbers, writes the same run
+directory and resumes a run another engine left unfinished; local-backend generation gives the
+single-process answers into the same per-record log, and either engine finishes the other's log."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from collections import Counter
 
 import numpy as np
 import pandas as pd
 import pytest
 from conftest import ROOT, make_records
 
-from threeds.data import read_records
+from threeds.backends import LocalBackend
+from threeds.cli import main as cli
+from threeds.data import read_jsonl, read_records, write_jsonl
+from threeds.generate import generate_records
 from threeds.model import load_model
 from threeds.rundir import RunDir
 from threeds.score import score_run
 
 ray = pytest.importorskip("ray")
+from threeds.engine_ray import RayLocalBackend  # noqa: E402  (after the skip: it needs Ray only when used)
 
 SETTINGS = {"chunk_size": 3, "function_words": "lexical", "progress": False}
 
@@ -95,3 +101,78 @@ def test_cli_ray_resumes_an_interrupted_local_run(cluster, tmp_path, tiny_model_
     assert (final.ins_ppl.iloc[:3] == -1.0).all() and (final.ins_ppl.iloc[3:] > 0).all()
     assert_same_run(out, reference, skip_ids=list(metrics.id))
     assert json.loads((out / "manifest.json").read_text())["engine"]["address"] == cluster
+
+
+# ------------------------------------------------------------------------------ A' generation on Ray
+
+GEN_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def gen_records():
+    """Prompts of varied length, so batches are formed by length as in the single-process backend."""
+    words = "why does my chest hurt when I cough at night and what should I take".split()
+    return [{"id": f"g{i}", "instruction": " ".join(words[: 2 + (5 * i) % 13]) + "?", "output": "x"} for i in range(7)]
+
+
+@pytest.fixture(scope="module")
+def gen_reference(tmp_path_factory, tiny_model_dir, gen_records):
+    """Single-process local generation of the same records: id -> log row."""
+    log_path = tmp_path_factory.mktemp("gen-ref") / "g.jsonl"
+    generate_records(gen_records, LocalBackend(str(tiny_model_dir), batch_size=2), log_path, GEN_TOKENS, progress=False)
+    rows = {r["id"]: r for r in read_jsonl(log_path)}
+    assert len(rows) == len(gen_records) and any(r["generated_output"] for r in rows.values())
+    return rows
+
+
+def _answers(rows) -> dict:
+    return {r["id"]: (r["generated_output"], r["error"]) for r in rows}
+
+
+def test_ray_generation_gives_the_single_process_answers(cluster, tmp_path, tiny_model_dir, gen_records, gen_reference):
+    log_path = tmp_path / "g.jsonl"
+    backend = RayLocalBackend(str(tiny_model_dir), batch_size=2)
+    out, summary = generate_records(gen_records, backend, log_path, GEN_TOKENS, progress=False)
+    rows = read_jsonl(log_path)
+    assert _answers(rows) == _answers(gen_reference.values())  # text for text (greedy is deterministic)
+    assert [r["key"] for r in rows] == [gen_reference[r["id"]]["key"] for r in rows]  # same log, same keys
+    assert {(r["backend"], r["model"]) for r in rows} == {("local", str(tiny_model_dir))}
+    assert summary["done"] + summary["failed"] == len(gen_records) and summary["skipped"] == 0
+    assert [r["id"] for r in out] == [r["id"] for r in gen_records if gen_reference[r["id"]]["error"] is None]
+    # the single-process engine takes the Ray engine's log as its own: nothing left to do, no model loaded
+    local = LocalBackend(str(tiny_model_dir), batch_size=2)
+    _, again = generate_records(gen_records, local, log_path, GEN_TOKENS, progress=False)
+    assert (again["skipped"], again["new"], local.model) == (summary["done"], again["failed"], None)
+
+
+def test_cli_ray_generation_finishes_a_local_log(cluster, tmp_path, tiny_model_dir, gen_records, gen_reference):
+    """`threeds generate --engine ray` on a log the local engine started: finished rows are kept as they
+    are (one is marked to prove it), a failed one is retried, the rest are generated on Ray."""
+    data, out, log_path = tmp_path / "d.jsonl", tmp_path / "g.jsonl", tmp_path / "g.generations.jsonl"
+    write_jsonl(data, gen_records)
+    backend = LocalBackend(str(tiny_model_dir), batch_size=2)
+    generate_records(gen_records[:3], backend, log_path, GEN_TOKENS, progress=False)
+    rows = read_jsonl(log_path)
+    rows[0] = {**rows[0], "generated_output": "kept from the local run", "error": None}
+    rows[1] = {**rows[1], "generated_output": None, "error": "HTTP 500: try again"}
+    write_jsonl(log_path, rows)
+
+    args = ["generate", "--data", str(data), "--out", str(out), "--model", str(tiny_model_dir), "--batch-size", "2",
+            "--max-new-tokens", str(GEN_TOKENS), "--engine", "ray", "--ray-address", cluster,
+            "--ray-workers", "2"]  # fmt: skip
+    expected = {**_answers(gen_reference.values()), rows[0]["id"]: ("kept from the local run", None)}
+    assert cli(args) == (0 if all(error is None for _, error in expected.values()) else 3)
+    final = read_jsonl(log_path)
+    assert Counter(r["id"] for r in final) == Counter(r["id"] for r in gen_records)  # every id exactly once
+    assert _answers(final) == expected
+    written = {r["id"]: r["generated_output"] for r in read_jsonl(out)}
+    assert written == {i: text for i, (text, error) in expected.items() if error is None}
+
+
+def test_ray_engine_with_the_openai_backend_is_an_error(tmp_path, caplog):
+    data = tmp_path / "d.jsonl"
+    write_jsonl(data, [{"id": "a", "instruction": "q?", "output": "a"}])
+    args = ["generate", "--data", str(data), "--out", str(tmp_path / "g.json"), "--backend", "openai", "--engine", "ray"]
+    assert cli(args) == 1
+    assert "--engine ray" in caplog.text and "--backend openai" in caplog.text
+    assert not (tmp_path / "g.generations.jsonl").exists()

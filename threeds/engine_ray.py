@@ -1,12 +1,22 @@
-"""`threeds score --engine ray`: Stage-2 scoring as a Ray Data pipeline over a cluster.
+"""`--engine ray`: Stage-2 scoring and local-backend generation as Ray Data pipelines over a cluster.
 
-Each pending chunk of records is one row (and block) of a Ray dataset; `map_batches` streams the
-chunks through a pool of actors (`ChunkScorer`), each holding one model replica (one GPU per actor,
-or one CPU where the cluster has no GPU) and scoring a chunk exactly as the single-process path
-does. The driver takes results as they stream back, in whatever order they finish, and writes each
-into the run directory as the same chunk files (`RunDir.write_chunk`): a killed run resumes from its
-finished chunks with either engine, and worker nodes need no shared file system, only threeds and
-the model. The records enter Ray's object store from the driver, which has read them all already.
+Both stream units of work through one pool of actors (`_stream`), each actor holding one model
+replica (one GPU per actor, or one CPU where the cluster has no GPU). The driver joins the cluster
+(`_connect`), resolves the model once (`_model_source`), and writes each result the moment it
+streams back, in whatever order results finish. Worker nodes need no shared file system, only
+threeds and the model; the records enter Ray's object store from the driver, which has read them.
+
+Scoring (`score_chunks_ray`): each pending chunk of records is one row (and block) of a Ray dataset,
+scored by a `ChunkScorer` exactly as the single-process path does and written into the run
+directory as the same chunk files (`RunDir.write_chunk`): a killed run resumes from its finished
+chunks with either engine.
+
+Generation (`RayLocalBackend`): a `LocalBackend` whose `chat` sends each generation batch (the same
+batches, longest prompts first, that the single-process backend forms, so the greedy answers are
+the same) to a `BatchGenerator`. Replies reach `on_reply` as each batch returns, so
+`threeds.generate` appends and fsyncs their log rows just as in one process: the log, its keys and
+its resume are shared, a kill loses only the batches in flight, and either engine finishes a log
+the other started.
 """
 
 from __future__ import annotations
@@ -15,13 +25,15 @@ import io
 import json
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from threeds.model import load_model, resolve_model
+from threeds.backends import LocalBackend, OnReply, Reply
+from threeds.model import load_model, load_tokenizer, resolve_model
 from threeds.rundir import RunDir, RunError
 
 log = logging.getLogger(__name__)
@@ -65,6 +77,14 @@ class ChunkScorer:
         return {name: np.array(values, dtype=np.int64 if name == "chunk" else object) for name, values in out.items()}
 
 
+def _import_ray():
+    try:
+        import ray
+    except ImportError as exc:
+        raise RunError("--engine ray needs Ray: pip install 'ray[data]' (on every machine of the cluster)") from exc
+    return ray
+
+
 def _connect(address: str | None) -> bool:
     """Join the cluster at `address` (None: Ray's default, `RAY_ADDRESS` or a local cluster);
     True when this call started the connection, so the caller shuts it down again."""
@@ -83,6 +103,30 @@ def _model_source(model_spec: str | None) -> str:
     return str(Path(source).resolve()) if Path(source).exists() else source
 
 
+def _replicas(workers: int | None, units: int) -> tuple[int, int]:
+    """(model replicas, GPUs in the cluster): `workers`, else one per GPU, else one per CPU; never
+    more than the `units` of work there are (an idle replica would only load the model)."""
+    import ray
+
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    replicas = max(1, min(workers or gpus or int(resources.get("CPU", 1)), units))
+    log.info("ray: %d model replicas on %s", replicas, "GPUs" if gpus else "CPUs")
+    return replicas, gpus
+
+
+def _stream(actor: type, kwargs: dict, items: list[dict], replicas: int, gpus: int):
+    """Rows of `actor(**kwargs)(row)` for every item, one item per call, through a pool of `replicas`
+    actors (one GPU each when the cluster has GPUs, else one CPU), in the order they finish."""
+    import ray
+
+    ray.data.DataContext.get_current().enable_progress_bars = False  # the caller shows its own bar
+    return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        actor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=replicas), num_cpus=1,
+        num_gpus=1 if gpus else 0, fn_constructor_kwargs=kwargs,
+    ).iter_rows()  # fmt: skip
+
+
 def score_chunks_ray(
     run: RunDir,
     chunks: list[list[dict]],
@@ -98,31 +142,18 @@ def score_chunks_ray(
 
     `workers` model replicas (default: one per GPU in the cluster, else one per CPU).
     """
-    try:
-        import ray
-    except ImportError as exc:
-        raise RunError("--engine ray needs Ray: pip install 'ray[data]' (on every machine of the cluster)") from exc
-
+    ray = _import_ray()
     started = time.perf_counter()
     source = _model_source(model_spec)
     owned = _connect(address)
     try:
-        resources = ray.cluster_resources()
-        gpus = int(resources.get("GPU", 0))
-        replicas = workers or gpus or max(1, int(resources.get("CPU", 1)))
+        replicas, gpus = _replicas(workers, len(pending))
         run.update_manifest(engine={"name": "ray", "address": address, "workers": replicas, "gpus_per_worker": int(gpus > 0)})
-        log.info("ray: %d model replicas on %s", replicas, "GPUs" if gpus else "CPUs")
         connect_seconds = time.perf_counter() - started
-        context = ray.data.DataContext.get_current()
-        context.enable_progress_bars = False
         items = [{"chunk": i, "records": json.dumps(chunks[i], ensure_ascii=False)} for i in pending]
-        results = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            ChunkScorer, batch_size=1, compute=ray.data.ActorPoolStrategy(size=replicas), num_cpus=1,
-            num_gpus=1 if gpus else 0,
-            fn_constructor_kwargs={"source": source, "model_spec": model_spec, "settings": settings},
-        )  # fmt: skip
+        kwargs = {"source": source, "model_spec": model_spec, "settings": settings}
         started = time.perf_counter()
-        _write_results(run, chunks, pending, results.iter_rows(), progress)
+        _write_results(run, chunks, pending, _stream(ChunkScorer, kwargs, items, replicas, gpus), progress)
         return {"load_seconds": connect_seconds, "score_seconds": time.perf_counter() - started}
     finally:
         if owned:
@@ -145,3 +176,87 @@ def _write_results(run: RunDir, chunks: list[list[dict]], pending: list[int], ro
                 described = True
             bar.update(2 * len(chunks[index]))
             run.write_progress("score", bar.n, total)
+
+
+# ------------------------------------------------------------------------------------- generation
+
+
+class BatchGenerator:
+    """A Ray Data actor: loads the model once, then answers one generation batch per call with the
+    single-process `LocalBackend` (same templating, stop markers and greedy decoding)."""
+
+    def __init__(
+        self, source: str, template: str | None, system: str | None, batch_size: int, max_new_tokens: int
+    ) -> None:
+        self.backend = LocalBackend(source, template=template, system=system, batch_size=batch_size)
+        self.backend.load()
+        self.max_new_tokens = max_new_tokens
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        replies = [
+            json.dumps([[r.text, r.seconds] for r in self.backend.chat(json.loads(prompts), self.max_new_tokens)])
+            for prompts in batch["prompts"]
+        ]  # fmt: skip
+        return {"batch": np.asarray(batch["batch"], dtype=np.int64), "replies": np.array(replies, dtype=object)}
+
+
+class RayLocalBackend(LocalBackend):
+    """`--backend local --engine ray`: the local backend's generation on a Ray cluster.
+
+    Same `name`, `label` and `signature` as `LocalBackend`, so its log rows (and their keys) are the
+    single-process ones. The driver loads only the tokenizer, to form the batches; the cluster is
+    joined on the first `chat` and left by `close()` when this backend started the connection.
+    `workers` model replicas (default: one per GPU in the cluster, else one per CPU).
+    """
+
+    def __init__(
+        self, model_spec: str | None = None, *, template: str | None = None, system: str | None = None,
+        batch_size: int = 8, address: str | None = None, workers: int | None = None,
+    ) -> None:  # fmt: skip
+        super().__init__(model_spec, template=template, system=system, batch_size=batch_size)
+        self.address, self.workers = address, workers
+        self._source: str | None = None
+        self._owned = False
+
+    def _batches(self, prompts: Sequence[str]) -> list[list[int]]:
+        """Indices of `prompts` per generation batch, as `LocalBackend.chat` groups them: by
+        templated token length, longest first, `batch_size` at a time."""
+        from threeds.prompts import prompt_format
+
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(self._source)
+        fmt = prompt_format(self.tokenizer, self.template, self.system)
+        lengths = [len(self.tokenizer(fmt.prompt(p), add_special_tokens=False)["input_ids"]) for p in prompts]
+        order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
+        return [order[start : start + self.batch_size] for start in range(0, len(order), self.batch_size)]
+
+    def chat(self, prompts: Sequence[str], max_new_tokens: int, on_reply: OnReply | None = None) -> list[Reply]:
+        if not prompts:
+            return []
+        _import_ray()
+        if self._source is None:
+            self._source = _model_source(self.model_spec)
+        batches = self._batches(prompts)
+        if not self._owned:
+            self._owned = _connect(self.address)
+        replicas, gpus = _replicas(self.workers, len(batches))
+        items = [{"batch": b, "prompts": json.dumps([prompts[i] for i in batch], ensure_ascii=False)}
+                 for b, batch in enumerate(batches)]  # fmt: skip
+        kwargs = {"source": self._source, "template": self.template, "system": self.system,
+                  "batch_size": self.batch_size, "max_new_tokens": max_new_tokens}  # fmt: skip
+        replies: list[Reply | None] = [None] * len(prompts)
+        for row in _stream(BatchGenerator, kwargs, items, replicas, gpus):
+            for i, (text, seconds) in zip(batches[int(row["batch"])], json.loads(row["replies"])):
+                replies[i] = Reply(text, seconds, model=self.label)
+                if on_reply:
+                    on_reply(i, replies[i])
+        return replies
+
+    def close(self) -> None:
+        """Leave the cluster if this backend joined it (a local cluster it started stops)."""
+        super().close()
+        if self._owned:
+            import ray
+
+            ray.shutdown()
+            self._owned = False
