@@ -117,11 +117,8 @@ class LocalBackend:
         fmt = prompt_format(tokenizer, self.template, self.system)
         encoded = [tokenizer(fmt.prompt(p), add_special_tokens=False)["input_ids"] for p in prompts]
         stop = _stop_ids(tokenizer, fmt.end_of_turn)
-        # Longest first: similar lengths share a batch (little padding) and memory errors show early.
-        order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
         replies: list[Reply | None] = [None] * len(prompts)
-        for start in range(0, len(order), self.batch_size):
-            batch = order[start : start + self.batch_size]
+        for batch in length_batches([len(e) for e in encoded], self.batch_size):
             began = time.perf_counter()
             texts = generate_batch(model, tokenizer, [encoded[i] for i in batch], stop, max_new_tokens, fmt.end_of_turn)
             seconds = (time.perf_counter() - began) / len(batch)
@@ -130,6 +127,13 @@ class LocalBackend:
                 if on_reply:
                     on_reply(i, replies[i])
         return replies
+
+
+def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices per generation batch: longest first, so similar lengths share a batch (little
+    padding) and memory errors show early."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
 
 def _stop_ids(tokenizer, end_of_turn: str) -> list[int]:

@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from threeds.backends import LocalBackend, OnReply, Reply
+from threeds.backends import LocalBackend, OnReply, Reply, length_batches
 from threeds.model import load_model, load_tokenizer, resolve_model
 from threeds.rundir import RunDir, RunError
 
@@ -227,8 +227,7 @@ class RayLocalBackend(LocalBackend):
             self.tokenizer = load_tokenizer(self._source)
         fmt = prompt_format(self.tokenizer, self.template, self.system)
         lengths = [len(self.tokenizer(fmt.prompt(p), add_special_tokens=False)["input_ids"]) for p in prompts]
-        order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
-        return [order[start : start + self.batch_size] for start in range(0, len(order), self.batch_size)]
+        return length_batches(lengths, self.batch_size)
 
     def chat(self, prompts: Sequence[str], max_new_tokens: int, on_reply: OnReply | None = None) -> list[Reply]:
         if not prompts:

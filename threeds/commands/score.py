@@ -62,11 +62,12 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    """Where the scoring runs: this process, or a Ray cluster."""
+    """Where the model work runs: this process, or a Ray cluster (scoring and local generation)."""
     parser.add_argument(
         "--engine", choices=["local", "ray"], default="local",
         help="local = this process, one model; ray = a Ray Data pipeline with one model replica per GPU (or per CPU "
-        "without GPUs) over a Ray cluster, writing the same run directory; either engine resumes the other's run",
+        "without GPUs) over a Ray cluster, writing the same outputs (run directory, per-record logs); either engine "
+        "resumes the other's work",
     )  # fmt: skip
     parser.add_argument(
         "--ray-address", default=None,
