@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import copy
 import math
+import random
+import threading
+import time
 
 import numpy as np
 import pandas as pd
@@ -15,7 +18,8 @@ from naive_score import naive_sample
 from threeds.attention import capture_last_layer, use_threeds_attention
 from threeds.function_words import FunctionWords
 from threeds.prompts import prompt_format
-from threeds.score import Scorer, encode, plan_batches, prompt_perplexity, weighted_loss
+import threeds.score as score_module
+from threeds.score import RESPONSES, Scorer, encode, encode_texts, plan_batches, prompt_perplexity, weighted_loss
 
 METRICS = ["ins_ppl", "gt_wloss_mean", "gt_wloss_max", "gen_wloss_mean", "gen_wloss_max"]
 
@@ -162,3 +166,236 @@ def test_prompt_perplexity_of_one_token_prompt_is_nan():
     enc = Encoded([1, 2], [(0, 1), (1, 2)], 1, 1, "ab", False)
     out = SequenceOut(np.array([0.0, 2.0]), np.ones(2), np.ones(2), np.zeros(1))
     assert math.isnan(prompt_perplexity(enc, out))
+
+
+# ---------------------------------------------------------------------------------------------
+# The host pipeline of Scorer.score_chunks
+# ---------------------------------------------------------------------------------------------
+
+
+def pipeline_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("threeds-")]
+
+
+def serial_reference(scorer: Scorer, records: list[dict]) -> dict:
+    """Every step in turn without the pipeline: one tokenizer call per text, `run_sequences`, then the
+    metrics; the numbers the pipeline must reproduce exactly."""
+    encoded = [enc[name] for r in records for enc in [scorer.encode_record(r)] for name in RESPONSES]
+    outs = scorer.run_sequences(encoded)
+    responses = scorer.responses(encoded)
+    ref = {"id": [], "ins_ppl": [], "gt_wloss_mean": [], "gen_wloss_max": [], "gen_kept_tokens": [], "embedding": []}
+    for i, record in enumerate(records):
+        gt, gen = 2 * i, 2 * i + 1
+        resp = slice(encoded[gen].n_prompt, len(encoded[gen].ids))
+        ref["id"].append(record["id"])
+        ref["ins_ppl"].append(prompt_perplexity(encoded[gt], outs[gt]))
+        keep = ~responses[gt].function_word
+        span = slice(encoded[gt].n_prompt, len(encoded[gt].ids))
+        ref["gt_wloss_mean"].append(weighted_loss(outs[gt].ce[span], outs[gt].w_mean[span], keep))
+        ref["gen_wloss_max"].append(weighted_loss(outs[gen].ce[resp], outs[gen].w_max[resp], ~responses[gen].function_word))
+        ref["gen_kept_tokens"].append(int((~responses[gen].function_word).sum()))
+        ref["embedding"].append(outs[gt].embedding)
+    return ref
+
+
+def test_encode_texts_matches_encode(tokenizer):
+    fmt = prompt_format(tokenizer)
+    records = make_records(8, seed=7)
+    prompts = [fmt.prompt(r["instruction"]) for r in records]
+    texts = [p + r["output"] + fmt.end_of_turn for p, r in zip(prompts, records)]
+    for max_length in (1024, 12):
+        many = encode_texts(tokenizer, [len(p) for p in prompts], texts, max_length)
+        assert many == [encode(tokenizer, p, r["output"], fmt.end_of_turn, max_length) for p, r in zip(prompts, records)]
+    assert encode_texts(tokenizer, [], [], 1024) == []
+
+
+def test_pipeline_keeps_order_and_numbers_with_many_batches(tokenizer, tiny_model, monkeypatch):
+    """Small batches (17, far more than are ever in flight), an empty chunk, and random delays in
+    both background threads: results come out in chunk and record order, equal to the serial
+    computation to the last bit."""
+    fmt = prompt_format(tokenizer)
+    use_threeds_attention(tiny_model)
+    scorer = Scorer(tiny_model, tokenizer, fmt, FunctionWords("lexical"), max_length=256, batch_tokens=1)
+    records = make_records(16, seed=11)
+    chunks = [records[:5], [], records[5:12], records[12:]]
+    calm = [scorer.score(c) for c in chunks]
+
+    jitter = random.Random(0)
+    finish, respond = scorer._finish_batch, scorer.responses
+
+    def slow_finish(*args):
+        time.sleep(jitter.uniform(0, 0.02))
+        return finish(*args)
+
+    def slow_responses(encoded):
+        time.sleep(jitter.uniform(0, 0.05))
+        return respond(encoded)
+
+    monkeypatch.setattr(scorer, "_finish_batch", slow_finish)
+    monkeypatch.setattr(scorer, "responses", slow_responses)
+    seen = []
+    results = list(scorer.score_chunks(iter(chunks), progress=seen.append))
+    assert len(results) == len(chunks) and sum(seen) == 2 * len(records) and len(seen) >= 12
+    for chunk, result, again in zip(chunks, results, calm):
+        assert list(result.metrics.id) == [r["id"] for r in chunk]
+        pd.testing.assert_frame_equal(result.metrics, again.metrics, check_exact=True)
+        pd.testing.assert_frame_equal(result.tokens, again.tokens, check_exact=True)
+        np.testing.assert_array_equal(result.embeddings, again.embeddings)
+        if not chunk:
+            assert result.embeddings.shape == (0, 32) and result.tokens.empty
+            continue
+        ref = serial_reference(scorer, chunk)
+        for col in ("ins_ppl", "gt_wloss_mean", "gen_wloss_max", "gen_kept_tokens"):
+            np.testing.assert_array_equal(result.metrics[col].to_numpy(dtype=float), np.array(ref[col], dtype=float), col)
+        np.testing.assert_array_equal(result.embeddings, np.stack(ref["embedding"]))
+        for response in RESPONSES:
+            counts = result.tokens[result.tokens.response == response].groupby("id", sort=False).size()
+            assert list(counts.index) == list(result.metrics.id)
+    assert not pipeline_threads()
+
+
+def test_pipeline_overlaps_host_work_with_the_model(tokenizer, tiny_model, monkeypatch):
+    """Proof by handshake: a piece of host work first waits until the calling thread is inside
+    `launch_batch` (where the model runs), and that forward pass does not go on until the work is
+    done. Done one step after another, each handshake would time out. The pieces:
+
+    - during chunk A's first batch: A's function words and the tokenising of the next chunk, B;
+    - during batch k of A: turning batch k-2's outputs into rows."""
+    fmt = prompt_format(tokenizer)
+    use_threeds_attention(tiny_model)
+    scorer = Scorer(tiny_model, tokenizer, fmt, FunctionWords("lexical"), max_length=256, batch_tokens=1)
+    records = make_records(6, seed=2)
+    chunks = [records[:4], records[4:]]
+    n_first = len(plan_batches([len(e.ids) for e in scorer.encode_records(chunks[0])], scorer.batch_tokens))
+    assert n_first >= 5
+    running = [threading.Event() for _ in range(n_first)]  # the calling thread is in launch k of chunk A
+    done = [threading.Event() for _ in range(n_first)]  # the host work promised for launch k is done
+    handshakes, threads, finishes = [], {}, []
+    encode_records, responses = scorer.encode_records, scorer.responses
+    finish, launch = scorer._finish_batch, score_module.launch_batch
+
+    def during(k: int, what: str, work, last: bool = True):
+        threads.setdefault(what, set()).add(threading.current_thread().name.rsplit("_", 1)[0])
+        handshakes.append((what, k, running[k].wait(20)))
+        out = work()
+        if last:
+            done[k].set()
+        return out
+
+    def encode_watched(recs):
+        if recs and recs[0]["id"] == chunks[1][0]["id"]:
+            return during(0, "tokenise B", lambda: encode_records(recs))
+        return encode_records(recs)
+
+    def responses_watched(encoded):
+        if len(encoded) == 2 * len(chunks[0]):
+            return during(0, "function words of A", lambda: responses(encoded), last=False)
+        return responses(encoded)
+
+    def finish_watched(*args):
+        j = len(finishes)
+        finishes.append(j)
+        if j + 2 < n_first:
+            return during(j + 2, "rows", lambda: finish(*args))
+        return finish(*args)
+
+    launches = []
+
+    def gated_launch(*args):
+        k = len(launches)
+        launches.append(k)
+        threads.setdefault("model", set()).add(threading.current_thread().name)
+        if k < n_first:
+            running[k].set()
+            if k != 1:
+                handshakes.append(("model", k, done[k].wait(20)))
+        return launch(*args)
+
+    monkeypatch.setattr(scorer, "encode_records", encode_watched)
+    monkeypatch.setattr(scorer, "responses", responses_watched)
+    monkeypatch.setattr(scorer, "_finish_batch", finish_watched)
+    monkeypatch.setattr(score_module, "launch_batch", gated_launch)
+    results = list(scorer.score_chunks(chunks))
+    assert [list(r.metrics.id) for r in results] == [[r["id"] for r in c] for c in chunks]
+    failed = [(what, k) for what, k, ok in handshakes if not ok]
+    assert not failed, f"host work not done while the model ran: {failed}"
+    assert len(handshakes) == 2 * (n_first - 2) + 3
+    assert threads == {"model": {threading.main_thread().name}, "tokenise B": {"threeds-prep"},
+                       "function words of A": {"threeds-prep"}, "rows": {"threeds-post"}}  # fmt: skip
+
+
+def _bad_records(kind: str) -> list[dict]:
+    records = make_records(6, seed=1)
+    if kind == "missing":
+        del records[4]["generated_output"]
+    else:
+        records[4]["output"] = None
+    return records
+
+
+@pytest.mark.parametrize("kind", ["missing", "not a string"])
+def test_bad_record_fails_as_before_and_earlier_chunks_come_out(tokenizer, tiny_model, kind):
+    fmt = prompt_format(tokenizer)
+    use_threeds_attention(tiny_model)
+    scorer = Scorer(tiny_model, tokenizer, fmt, FunctionWords("lexical"), batch_tokens=1)
+    records = _bad_records(kind)
+    with pytest.raises(Exception) as serial:
+        [scorer.encode_record(r) for r in records]  # the error of the one-record-at-a-time path
+    with pytest.raises(type(serial.value)) as piped:
+        scorer.score(records)
+    assert str(piped.value) == str(serial.value)
+    assert not pipeline_threads()
+    out = []
+    with pytest.raises(type(serial.value)) as piped:
+        for result in scorer.score_chunks([records[:3], records[3:]]):
+            out.append(result)
+    assert str(piped.value) == str(serial.value)
+    assert [list(r.metrics.id) for r in out] == [["r0", "r1", "r2"]]  # finished before the failure
+    assert not pipeline_threads()
+
+
+@pytest.mark.parametrize("stage", ["function words", "rows"])
+def test_background_errors_surface(tokenizer, tiny_model, monkeypatch, stage):
+    fmt = prompt_format(tokenizer)
+    use_threeds_attention(tiny_model)
+    scorer = Scorer(tiny_model, tokenizer, fmt, FunctionWords("lexical"), batch_tokens=1)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError(f"boom in {stage}")
+
+    if stage == "function words":
+        monkeypatch.setattr(scorer.fw, "flags", boom)
+    else:
+        monkeypatch.setattr(scorer, "_score_sequence", boom)
+    with pytest.raises(RuntimeError, match=f"boom in {stage}"):
+        list(scorer.score_chunks([make_records(3), make_records(2, seed=9)]))
+    assert not pipeline_threads()
+
+
+def test_interrupt_stops_the_pipeline_promptly(tokenizer, tiny_model, monkeypatch):
+    """Ctrl-C in the model's thread while both background threads have work queued: it propagates at
+    once and every pipeline thread is gone (nothing blocks on a full queue)."""
+    fmt = prompt_format(tokenizer)
+    use_threeds_attention(tiny_model)
+    scorer = Scorer(tiny_model, tokenizer, fmt, FunctionWords("lexical"), batch_tokens=1)
+    launch, calls = score_module.launch_batch, []
+    encode_records = scorer.encode_records
+
+    def slow_encode(recs):
+        time.sleep(0.2)
+        return encode_records(recs)
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return launch(*args)
+
+    monkeypatch.setattr(scorer, "encode_records", slow_encode)
+    monkeypatch.setattr(score_module, "launch_batch", interrupted)
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        for _ in scorer.score_chunks([make_records(4, seed=s) for s in range(20)]):
+            pass
+    assert time.monotonic() - started < 10
+    assert not pipeline_threads()

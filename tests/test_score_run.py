@@ -91,6 +91,30 @@ def test_killed_run_resumes_without_loss_or_duplicates(tmp_path, tiny_model_dir)
     assert len(tokens) == len(pd.read_parquet(tmp_path / "ref" / "tokens.parquet"))
 
 
+def test_interrupted_run_stops_promptly_and_resumes(tmp_path, tiny_model_dir):
+    """Ctrl-C (SIGINT) mid-run: the process leaves within seconds, its background threads blocking
+    nothing, says how to continue; the same command then finishes the run."""
+    records = make_records(300, seed=6)
+    data = write_jsonl(tmp_path / "data.jsonl", records)
+    out = tmp_path / "run"
+    args = ["score", "--data", str(data), "--out", str(out), "--model", str(tiny_model_dir), "--chunk-size", "3",
+            "--function-words", "lexical"]  # fmt: skip
+    with open(tmp_path / "stderr.txt", "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "threeds", *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
+        deadline = time.time() + 120
+        while time.time() < deadline and len(list((out / "chunks").glob("*.metrics.parquet"))) < 2:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        sent = time.monotonic()
+        code = proc.wait(timeout=60)
+    assert time.monotonic() - sent < 30
+    assert code == 130 and "interrupted" in (tmp_path / "stderr.txt").read_text()
+    assert not (out / "metrics.parquet").exists(), "the interrupt must land mid-run"
+    result = threeds(*args)
+    assert result.returncode == 0, result.stderr
+    assert list(pd.read_parquet(out / "metrics.parquet").id) == [r["id"] for r in records]
+
+
 def test_cli_score_then_select(tmp_path, tiny_model_dir):
     records = make_records(20, seed=2)
     data = write_jsonl(tmp_path / "data.jsonl", records + [{"id": "bad", "instruction": "", "output": "x"}])

@@ -5,6 +5,12 @@ Two forward passes per sample (spec, "Equivalences"): `P + A + E` gives Instruct
 gives Response Confidence (A''s weighted loss). Sequences of all samples in a chunk are sorted by
 length and packed into batches by a token budget; only the last layer's attention is computed
 outside SDPA (`threeds.attention`).
+
+The host's share (tokenising, function-word flags, per-token rows) runs beside the model, not
+between its passes: `Scorer.score_chunks` is a pipeline in which a background thread prepares the
+next chunk (tokens and function-word flags) and another turns each finished batch into rows while
+the calling thread keeps the model busy, one batch in flight as before. Batches and results are
+exactly those of doing each step in turn.
 """
 
 from __future__ import annotations
@@ -16,8 +22,12 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing
+from dataclasses import dataclass, field
+from itertools import chain, repeat
 
 import numpy as np
 import pandas as pd
@@ -67,11 +77,29 @@ def encode(tokenizer: PreTrainedTokenizerBase, prompt: str, response: str, eot: 
     """Tokenise `P + R + E` without added special tokens (the template is the authority)."""
     text = prompt + response + eot
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+    return _truncated(len(prompt), text, enc["input_ids"], enc["offset_mapping"], max_length)
+
+
+def encode_texts(
+    tokenizer: PreTrainedTokenizerBase, prompt_chars: Sequence[int], texts: Sequence[str], max_length: int
+) -> list[Encoded]:
+    """`encode` of many texts `P + R + E` (given with `len(P)` each) in one tokenizer call: a fast
+    tokenizer encodes a list in parallel and outside the GIL. Same result as one call per text."""
+    if not texts:
+        return []
+    enc = tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True)
+    return [
+        _truncated(n, text, ids, offsets, max_length)
+        for n, text, ids, offsets in zip(prompt_chars, texts, enc["input_ids"], enc["offset_mapping"], strict=True)
+    ]
+
+
+def _truncated(prompt_chars: int, text: str, ids: Sequence[int], offsets: Sequence, max_length: int) -> Encoded:
+    ids, offsets = list(ids), [tuple(o) for o in offsets]
     truncated = len(ids) > max_length
     ids, offsets = ids[:max_length], offsets[:max_length]
-    n_prompt = bisect.bisect_left([start for start, _ in offsets], len(prompt))
-    return Encoded(ids, offsets, len(prompt), n_prompt, text, truncated)
+    n_prompt = bisect.bisect_left([start for start, _ in offsets], prompt_chars)
+    return Encoded(ids, offsets, prompt_chars, n_prompt, text, truncated)
 
 
 def plan_batches(lengths: Sequence[int], batch_tokens: int, max_padding: float = 0.1) -> list[list[int]]:
@@ -127,10 +155,14 @@ class PendingBatch:
     copied: torch.cuda.Event | None  # recorded after the asynchronous copy; None when already on the host
     lengths: list[int]
 
-    def outputs(self) -> list[SequenceOut]:
-        """Wait for the copy (a no-op on CPU) and split the buffer per sequence."""
+    def wait(self) -> None:
+        """Block until the results are on the host (a no-op on CPU)."""
         if self.copied is not None:
             self.copied.synchronize()
+
+    def outputs(self) -> list[SequenceOut]:
+        """Wait for the copy (a no-op on CPU) and split the buffer per sequence."""
+        self.wait()
         batch, length = len(self.lengths), max(self.lengths)
         flat = self.packed.numpy()
         per_token = flat[: 3 * batch * length].reshape(3, batch, length)
@@ -238,42 +270,159 @@ class Scorer:
             collect(*in_flight)
         return outs  # type: ignore[return-value]
 
+    def encode_records(self, records: Sequence[dict]) -> list[Encoded]:
+        """`P + R + E` of every record, in the order (gt, gen) of the first record, then the second's...
+        A bad record fails as `encode_record` would (same error, same record first)."""
+        prompt_chars, texts = [], []
+        for record in records:
+            prompt = self.fmt.prompt(full_instruction(record))
+            for field_name in RESPONSES.values():
+                prompt_chars.append(len(prompt))
+                texts.append(prompt + record[field_name] + self.eot)
+        return encode_texts(self.tokenizer, prompt_chars, texts, self.max_length)
+
+    def responses(self, encoded: Sequence[Encoded]) -> list[Response]:
+        """Each sequence's response `R + E`, its tokens' spans in it and their function-word flags
+        (one `FunctionWords.flags` call over all of them, as the flags do not depend on the model)."""
+        texts = [enc.text[enc.prompt_chars :] for enc in encoded]
+        spans = [[(s - enc.prompt_chars, e - enc.prompt_chars) for s, e in enc.offsets[enc.n_prompt :]] for enc in encoded]
+        flags = self.fw.flags([text[: len(text) - len(self.eot)] for text in texts], spans)
+        return [Response(t, s, np.asarray(f, dtype=bool)) for t, s, f in zip(texts, spans, flags)]
+
     def score(self, records: list[dict], progress: Callable[[int], None] | None = None) -> ChunkResult:
         """All Stage-2 numbers for `records` (each needs `output` and `generated_output`)."""
-        encoded = [self.encode_record(r) for r in records]
-        flat = [enc[name] for enc in encoded for name in RESPONSES]
-        outs = self.run_sequences(flat, progress)
-        responses = [enc.text[enc.prompt_chars :] for enc in flat]
-        spans = [[(s - enc.prompt_chars, e - enc.prompt_chars) for s, e in enc.offsets[enc.n_prompt :]] for enc in flat]
-        flags = self.fw.flags(
-            [text[: len(text) - len(self.eot)] for text in responses], spans
-        )
-        metric_rows, token_rows, embeddings = [], [], []
-        for i, record in enumerate(records):
+        with closing(self.score_chunks([records], progress)) as results:
+            return next(results)
+
+    def score_chunks(
+        self, chunks: Iterable[list[dict]], progress: Callable[[int], None] | None = None
+    ) -> Iterator[ChunkResult]:
+        """`score` of each chunk in turn, with the host's work beside the model's instead of between it.
+
+        The calling thread only queues forward passes (`launch_batch`), one batch in flight while the
+        previous one is read, as `run_sequences` does. A "prep" thread tokenises the next chunk and
+        finds the function words of this one; a "post" thread turns each finished batch into metrics
+        and token rows. A chunk's result comes out once the first batch of the next chunk is queued,
+        so the model is busy while the caller writes it. Batches (per chunk, `plan_batches`) and all
+        numbers are those of doing each step in turn. An error in either thread is raised here, as the
+        same exception; the chunks finished before it are yielded first. `progress(n)`: n sequences
+        through the model.
+        """
+        prep = ThreadPoolExecutor(1, thread_name_prefix="threeds-prep")
+        post = ThreadPoolExecutor(1, thread_name_prefix="threeds-post")
+        in_flight: tuple[_Chunk, list[int], PendingBatch] | None = None
+        waiting: deque[_Chunk] = deque()  # planned and not yet handed out, in order
+
+        def start(records: list[dict]) -> _Chunk:
+            records = list(records)
+            encoded = prep.submit(self.encode_records, records)
+            # Runs after `encoded` on the same single thread, so its result is there.
+            responses = prep.submit(lambda: self.responses(encoded.result()))
+            return _Chunk(records, encoded, responses)
+
+        def retire() -> None:
+            """The batch in flight is done: report it and hand its outputs to the post thread."""
+            nonlocal in_flight
+            if in_flight is not None:
+                chunk, batch, pending = in_flight
+                in_flight = None
+                pending.wait()
+                if progress:
+                    progress(len(batch))
+                chunk.finished.append(post.submit(self._finish_batch, chunk, batch, pending))
+
+        def completed() -> Iterator[ChunkResult]:
+            while waiting and waiting[0].complete:
+                result = self._assemble(waiting[0])  # a chunk that fails stays first: none is skipped
+                waiting.popleft()
+                yield result
+
+        try:
+            upcoming = iter(chunks)
+            first = next(upcoming, _END)
+            chunk = start(first) if first is not _END else None
+            while chunk is not None:
+                encoded = chunk.encoded.result()
+                following = next(upcoming, _END)
+                following = start(following) if following is not _END else None  # prepared during this one
+                chunk.batches = plan_batches([len(e.ids) for e in encoded], self.batch_tokens)
+                waiting.append(chunk)
+                for batch in chunk.batches:
+                    launched = launch_batch(self.model, [encoded[i] for i in batch], self.pad_id)
+                    retire()
+                    in_flight = (chunk, batch, launched)
+                    yield from completed()
+                chunk = following
+            retire()
+            yield from completed()
+        except Exception:
+            # Hand out what was finished before the failure (best effort), then raise the failure.
+            try:
+                retire()
+                finished = list(completed())
+            except Exception:
+                finished = []
+            yield from finished
+            raise
+        finally:
+            for pool in (prep, post):
+                pool.shutdown(wait=True, cancel_futures=True)
+
+    def _finish_batch(self, chunk: _Chunk, batch: list[int], pending: PendingBatch) -> list[tuple[int, _Scored]]:
+        """(post thread) One finished batch: each sequence's metrics and token columns."""
+        encoded, responses = chunk.encoded.result(), chunk.responses.result()
+        names = list(RESPONSES)
+        return [
+            (i, self._score_sequence(names[i % len(names)], encoded[i], out, responses[i]))
+            for i, out in zip(batch, pending.outputs())
+        ]
+
+    @staticmethod
+    def _score_sequence(name: str, enc: Encoded, out: SequenceOut, response: Response) -> _Scored:
+        resp = slice(enc.n_prompt, len(enc.ids))
+        losses, w_mean, w_max = out.ce[resp], out.w_mean[resp], out.w_max[resp]
+        flags = response.function_word
+        keep = ~flags
+        row = {
+            f"{name}_wloss_mean": weighted_loss(losses, w_mean, keep),
+            f"{name}_wloss_max": weighted_loss(losses, w_max, keep),
+            f"{name}_tokens": int(losses.size),
+            f"{name}_kept_tokens": int(keep.sum()),
+            f"{name}_truncated": enc.truncated,
+        }
+        if name == "gt":
+            row["ins_ppl"] = prompt_perplexity(enc, out)
+            row["prompt_tokens"] = enc.n_prompt
+        spans = np.asarray(response.spans, dtype=np.int64).reshape(-1, 2)
+        tokens = {
+            "pos": np.arange(len(spans), dtype=np.int64),
+            "token": [response.text[s:e] for s, e in response.spans],
+            "start": spans[:, 0], "end": spans[:, 1],
+            "loss": losses, "w_mean": w_mean, "w_max": w_max, "function_word": flags,
+        }  # fmt: skip
+        return _Scored(row, tokens, out.embedding if name == "gt" else None)
+
+    def _assemble(self, chunk: _Chunk) -> ChunkResult:
+        """The chunk's frames from its sequences' parts, in record order (gt, then gen)."""
+        names = list(RESPONSES)
+        parts: list[_Scored] = [None] * len(names) * len(chunk.records)  # type: ignore[list-item]
+        for finished in chunk.finished:
+            for i, part in finished.result():
+                parts[i] = part
+        metric_rows, embeddings = [], []
+        for i, record in enumerate(chunk.records):
             row = {"id": record["id"]}
-            for j, name in enumerate(RESPONSES):
-                k = 2 * i + j
-                enc, out, flag = flat[k], outs[k], np.asarray(flags[k], dtype=bool)
-                resp = slice(enc.n_prompt, len(enc.ids))
-                losses, w_mean, w_max = out.ce[resp], out.w_mean[resp], out.w_max[resp]
-                keep = ~flag
-                row[f"{name}_wloss_mean"] = weighted_loss(losses, w_mean, keep)
-                row[f"{name}_wloss_max"] = weighted_loss(losses, w_max, keep)
-                row[f"{name}_tokens"] = int(losses.size)
-                row[f"{name}_kept_tokens"] = int(keep.sum())
-                row[f"{name}_truncated"] = enc.truncated
-                token_rows.extend(_token_rows(record["id"], name, responses[k], spans[k], losses, w_mean, w_max, flag))
-                if name == "gt":
-                    row["ins_ppl"] = prompt_perplexity(enc, out)
-                    row["prompt_tokens"] = enc.n_prompt
-                    embeddings.append(out.embedding)
+            for part in parts[len(names) * i : len(names) * (i + 1)]:
+                row.update(part.row)
+                if part.embedding is not None:
+                    embeddings.append(part.embedding)
             row["truncated"] = row["gt_truncated"] or row["gen_truncated"]
             metric_rows.append(row)
         hidden = self.model.config.get_text_config().hidden_size
         return ChunkResult(
             metrics=pd.DataFrame(metric_rows, columns=METRIC_COLUMNS),
-            embeddings=np.asarray(embeddings, dtype=np.float32).reshape(len(records), hidden),
-            tokens=pd.DataFrame(token_rows, columns=TOKEN_COLUMNS),
+            embeddings=np.asarray(embeddings, dtype=np.float32).reshape(len(chunk.records), hidden),
+            tokens=_token_frame([r["id"] for r in chunk.records], names, parts),
         )
 
 
@@ -283,23 +432,59 @@ METRIC_COLUMNS = [
     "gt_truncated", "gen_truncated", "truncated",
 ]  # fmt: skip
 TOKEN_COLUMNS = ["id", "response", "pos", "token", "start", "end", "loss", "w_mean", "w_max", "function_word"]
+_END = object()
 
 
-def _token_rows(
-    sample_id: str,
-    response: str,
-    text: str,
-    spans: list[tuple[int, int]],
-    losses: np.ndarray,
-    w_mean: np.ndarray,
-    w_max: np.ndarray,
-    flags: np.ndarray,
-) -> list[tuple]:
-    """What an attention/loss heatmap of one response needs, one row per response token."""
-    return [
-        (sample_id, response, pos, text[s:e], s, e, float(losses[pos]), float(w_mean[pos]), float(w_max[pos]), bool(flags[pos]))
-        for pos, (s, e) in enumerate(spans)
-    ]
+@dataclass(frozen=True)
+class Response:
+    """One sequence's response text `R + E`, its tokens' character spans in it, their function-word flags."""
+
+    text: str
+    spans: list[tuple[int, int]]
+    function_word: np.ndarray  # bool, one per response token
+
+
+@dataclass
+class _Scored:
+    """One response's share of a chunk's results."""
+
+    row: dict  # its columns of metrics.parquet
+    tokens: dict  # its columns of tokens.parquet but `id` and `response`
+    embedding: np.ndarray | None  # the sample's embedding (from the gt sequence)
+
+
+@dataclass
+class _Chunk:
+    """A chunk of records on its way through `Scorer.score_chunks`."""
+
+    records: list[dict]
+    encoded: Future  # -> list[Encoded], (gt, gen) per record
+    responses: Future  # -> list[Response], same order
+    batches: list[list[int]] | None = None  # set once planned
+    finished: list[Future] = field(default_factory=list)  # one per batch through the model
+
+    @property
+    def complete(self) -> bool:
+        return self.batches is not None and len(self.finished) == len(self.batches)
+
+
+def _token_frame(ids: list, names: list[str], parts: list[_Scored]) -> pd.DataFrame:
+    """What an attention/loss heatmap of each response needs, one row per response token (columns
+    built whole: the float columns are the float32 results widened to float64, as before)."""
+    sizes = [len(part.tokens["pos"]) for part in parts]
+    if not sum(sizes):
+        return pd.DataFrame([], columns=TOKEN_COLUMNS)
+    labels = [(sample_id, name) for sample_id in ids for name in names]
+    columns = {
+        "id": list(chain.from_iterable(repeat(sample_id, n) for (sample_id, _), n in zip(labels, sizes))),
+        "response": list(chain.from_iterable(repeat(name, n) for (_, name), n in zip(labels, sizes))),
+        "token": list(chain.from_iterable(part.tokens["token"] for part in parts)),
+    }
+    for name in ("pos", "start", "end", "function_word"):
+        columns[name] = np.concatenate([part.tokens[name] for part in parts])
+    for name in ("loss", "w_mean", "w_max"):
+        columns[name] = np.concatenate([part.tokens[name] for part in parts]).astype(np.float64)
+    return pd.DataFrame(columns, columns=TOKEN_COLUMNS)
 
 
 def records_fingerprint(records: list[dict]) -> str:
@@ -420,10 +605,11 @@ def _score_chunks_local(
     started = time.perf_counter()
     total = 2 * sum(len(chunks[i]) for i in pending)
     with tqdm(total=total, unit="seq", desc="score", disable=not progress) as bar:
-        for index in pending:
-            result = scorer.score(chunks[index], progress=bar.update)
-            run.write_chunk(index, result.metrics, result.embeddings, result.tokens)
-            run.write_progress("score", bar.n, total)
+        # One pipeline over all pending chunks: the next chunk is prepared while this one runs.
+        with closing(scorer.score_chunks((chunks[i] for i in pending), progress=bar.update)) as results:
+            for index, result in zip(pending, results, strict=True):
+                run.write_chunk(index, result.metrics, result.embeddings, result.tokens)
+                run.write_progress("score", bar.n, total)
     return {"load_seconds": load_seconds, "score_seconds": time.perf_counter() - started}
 
 
