@@ -12,7 +12,8 @@ its distribution under the embedded tokenizer (prompt median 41 tokens, response
 Three measurements on one model in one process, each after a warm-up:
   gpu path   `Scorer.run_sequences` over pre-tokenised chunks: the forward passes, losses and
              last-layer weights, reduced on the device and copied back (the MFU target applies here)
-  end to end `Scorer.score`: the same plus tokenising, function words and token rows on the host
+  end to end `Scorer.score_chunks` over the same chunks, as `threeds score` runs them: the same plus
+             tokenising, function words and token rows on the host, in two threads beside the model
   naive      the original release's method (`bench/naive_score.py`): one sample at a time, three
              passes, eager attention in every layer with all attention maps returned
 MFU = 2 x (parameters of all matmul weights, lm_head included, input embedding excluded) x forward
@@ -140,7 +141,7 @@ def run(args: argparse.Namespace) -> dict:
 
     seconds, memory = measure(device, lambda: [scorer.run_sequences(seqs) for seqs in encoded])
     results["gpu path"] = (len(records), forward_tokens, seconds, memory)
-    seconds, memory = measure(device, lambda: [scorer.score(chunk) for chunk in chunks])
+    seconds, memory = measure(device, lambda: list(scorer.score_chunks(chunks)))
     results["end to end"] = (len(records), forward_tokens, seconds, memory)
 
     naive = records[: args.naive_samples]
