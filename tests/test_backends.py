@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 
 from fake_openai_server import FakeOpenAIServer
 from threeds.backends import BackendError, LocalBackend, OpenAIBackend
@@ -121,6 +122,18 @@ def test_local_backend_stops_at_end_of_turn_and_reports_every_reply(tiny_model_d
     assert sorted(seen) == [0, 1, 2]
     assert all(isinstance(r.text, str) and r.error is None and r.seconds > 0 for r in replies)
     assert "<|im_end|>" not in "".join(r.text for r in replies)
+
+
+def test_local_backend_dtype_loads_and_keys_the_log(tiny_model_dir):
+    """--dtype reaches the loaded model and the log key; the default key is the one logs had
+    before the flag, so they still resume."""
+    default = LocalBackend(str(tiny_model_dir))
+    assert "dtype" not in default.signature and LocalBackend(str(tiny_model_dir), dtype="auto").signature == default.signature
+    bf16 = LocalBackend(str(tiny_model_dir), batch_size=2, dtype="bfloat16")
+    assert bf16.signature == default.signature | {"dtype": "bfloat16"}
+    model, _ = bf16.load()
+    assert model.dtype == torch.bfloat16
+    assert all(r.error is None for r in bf16.chat(["short", "a longer question"], 4))
 
 
 @pytest.mark.integration

@@ -133,6 +133,24 @@ def test_cli_score_then_select(tmp_path, tiny_model_dir):
     assert [r["id"] for r in selected] == selection["selected_ids"]
 
 
+def test_dtype_is_loaded_recorded_and_guards_resume(tmp_path, tiny_model_dir):
+    """--dtype bfloat16 loads the model in bf16, is part of the run's config (so a float32 rerun
+    does not mix precisions in one run), and the default leaves the config as before the flag."""
+    records = make_records(6, seed=4)
+    common = {"model_spec": str(tiny_model_dir), "function_words": "none", "progress": False}
+    default = score_run(records, tmp_path / "fp32", **common)
+    assert "dtype" not in default["score_config"] and default["model"]["dtype"] == "torch.float32"
+    bf16 = score_run(records, tmp_path / "bf16", dtype="bfloat16", **common)
+    assert bf16["score_config"]["dtype"] == "bfloat16" and bf16["model"]["dtype"] == "torch.bfloat16"
+    a = pd.read_parquet(tmp_path / "fp32" / "metrics.parquet")
+    b = pd.read_parquet(tmp_path / "bf16" / "metrics.parquet")
+    assert (a["id"] == b["id"]).all()
+    for column in ("ins_ppl", "gt_wloss_mean", "gen_wloss_max"):
+        np.testing.assert_allclose(b[column], a[column], rtol=2e-2)  # bf16 round-off, see test_bf16.py
+    with pytest.raises(RunError, match="another configuration"):
+        score_run(records, tmp_path / "bf16", **common)
+
+
 def test_cli_reports_bad_input_clearly(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": "a", "instruction": "q", "output": "a", "generated_output": "b"}\n{"id": oops}\n')
@@ -144,7 +162,7 @@ def test_cli_reports_bad_input_clearly(tmp_path):
 def test_help_explains_flags():
     result = threeds("score", "--help")
     assert result.returncode == 0
-    for flag in ("--max-length", "--function-words", "--batch-tokens", "Instruction Understanding"):
+    for flag in ("--max-length", "--function-words", "--batch-tokens", "--dtype", "Instruction Understanding"):
         assert flag in result.stdout
     result = threeds("select", "--help")
     for flag in ("--low-th", "--up-th", "--sample-num", "--atten-method", "--ins-low", "k-center"):

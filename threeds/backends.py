@@ -76,10 +76,12 @@ class LocalBackend:
 
     def __init__(
         self, model_spec: str | None = None, *, template: str | None = None, system: str | None = None,
-        batch_size: int = 8, model=None, tokenizer=None,
+        batch_size: int = 8, model=None, tokenizer=None, dtype: str | None = None,
     ) -> None:  # fmt: skip
+        """`dtype`: the weights' precision when `model_spec` is loaded (None: the device's default)."""
         self.model_spec, self.template, self.system, self.batch_size = model_spec, template, system, batch_size
         self.model, self.tokenizer = model, tokenizer
+        self.dtype = None if dtype == "auto" else dtype
 
     @property
     def label(self) -> str:
@@ -89,14 +91,16 @@ class LocalBackend:
 
     @property
     def signature(self) -> dict:
-        return {"backend": self.name, "model": self.label, "template": self.template, "system": self.system}
+        signature = {"backend": self.name, "model": self.label, "template": self.template, "system": self.system}
+        # absent by default, so logs written before the flag still match
+        return signature | ({"dtype": self.dtype} if self.dtype else {})
 
     def load(self):
         """(model, tokenizer), loading them once."""
         if self.model is None or self.tokenizer is None:
             from threeds.model import load_model
 
-            self.model, self.tokenizer = load_model(self.model_spec)
+            self.model, self.tokenizer = load_model(self.model_spec, dtype=self.dtype)
         return self.model, self.tokenizer
 
     def close(self) -> None:

@@ -58,10 +58,10 @@ class ChunkScorer:
     exactly as the single-process path writes them.
     """
 
-    def __init__(self, source: str, model_spec: str | None, settings: dict) -> None:
+    def __init__(self, source: str, model_spec: str | None, settings: dict, dtype: str | None) -> None:
         from threeds.score import build_scorer, model_info
 
-        model, tokenizer = load_model(source)
+        model, tokenizer = load_model(source, dtype=dtype)
         self.scorer = build_scorer(model, tokenizer, **settings)
         self.info = json.dumps({"model": model_info(model, model_spec), "function_words": self.scorer.fw.describe()})
 
@@ -137,10 +137,12 @@ def score_chunks_ray(
     address: str | None = None,
     workers: int | None = None,
     progress: bool = True,
+    dtype: str | None = None,
 ) -> dict[str, float]:
     """Score `pending` chunks on a Ray cluster into `run`; returns the timings (connect, score).
 
-    `workers` model replicas (default: one per GPU in the cluster, else one per CPU).
+    `workers` model replicas (default: one per GPU in the cluster, else one per CPU), each loading
+    the model at `dtype` (None: its device's default).
     """
     ray = _import_ray()
     started = time.perf_counter()
@@ -151,7 +153,7 @@ def score_chunks_ray(
         run.update_manifest(engine={"name": "ray", "address": address, "workers": replicas, "gpus_per_worker": int(gpus > 0)})
         connect_seconds = time.perf_counter() - started
         items = [{"chunk": i, "records": json.dumps(chunks[i], ensure_ascii=False)} for i in pending]
-        kwargs = {"source": source, "model_spec": model_spec, "settings": settings}
+        kwargs = {"source": source, "model_spec": model_spec, "settings": settings, "dtype": dtype}
         started = time.perf_counter()
         _write_results(run, chunks, pending, _stream(ChunkScorer, kwargs, items, replicas, gpus), progress)
         return {"load_seconds": connect_seconds, "score_seconds": time.perf_counter() - started}
@@ -186,9 +188,10 @@ class BatchGenerator:
     single-process `LocalBackend` (same templating, stop markers and greedy decoding)."""
 
     def __init__(
-        self, source: str, template: str | None, system: str | None, batch_size: int, max_new_tokens: int
-    ) -> None:
-        self.backend = LocalBackend(source, template=template, system=system, batch_size=batch_size)
+        self, source: str, template: str | None, system: str | None, batch_size: int, max_new_tokens: int,
+        dtype: str | None,
+    ) -> None:  # fmt: skip
+        self.backend = LocalBackend(source, template=template, system=system, batch_size=batch_size, dtype=dtype)
         self.backend.load()
         self.max_new_tokens = max_new_tokens
 
@@ -211,9 +214,9 @@ class RayLocalBackend(LocalBackend):
 
     def __init__(
         self, model_spec: str | None = None, *, template: str | None = None, system: str | None = None,
-        batch_size: int = 8, address: str | None = None, workers: int | None = None,
+        batch_size: int = 8, address: str | None = None, workers: int | None = None, dtype: str | None = None,
     ) -> None:  # fmt: skip
-        super().__init__(model_spec, template=template, system=system, batch_size=batch_size)
+        super().__init__(model_spec, template=template, system=system, batch_size=batch_size, dtype=dtype)
         self.address, self.workers = address, workers
         self._source: str | None = None
         self._owned = False
@@ -242,7 +245,7 @@ class RayLocalBackend(LocalBackend):
         items = [{"batch": b, "prompts": json.dumps([prompts[i] for i in batch], ensure_ascii=False)}
                  for b, batch in enumerate(batches)]  # fmt: skip
         kwargs = {"source": self._source, "template": self.template, "system": self.system,
-                  "batch_size": self.batch_size, "max_new_tokens": max_new_tokens}  # fmt: skip
+                  "batch_size": self.batch_size, "max_new_tokens": max_new_tokens, "dtype": self.dtype}  # fmt: skip
         replies: list[Reply | None] = [None] * len(prompts)
         for row in _stream(BatchGenerator, kwargs, items, replicas, gpus):
             for i, (text, seconds) in zip(batches[int(row["batch"])], json.loads(row["replies"])):

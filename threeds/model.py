@@ -46,9 +46,23 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
 def default_dtype(device: torch.device) -> torch.dtype:
-    """float32 on CPU (exact, and bf16 matmuls are slow there), bfloat16 on CUDA."""
+    """float32 on CPU (exact; bf16 is opt-in there), bfloat16 on CUDA."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+    """A torch dtype from a name in DTYPES, a dtype, or None / "auto" (the device's default)."""
+    if dtype is None or dtype == "auto":
+        return default_dtype(device)
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ModelError(f"dtype must be auto or one of {sorted(DTYPES)}, got {dtype!r}")
+        return DTYPES[dtype]
+    return dtype
 
 
 def _gguf_copy_dir(gguf: Path, cache_dir: Path) -> Path:
@@ -121,13 +135,13 @@ def _tokenizer_from(source: str) -> PreTrainedTokenizerBase:
 def load_model(
     spec: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     attn_implementation: str = "sdpa",
     cache_dir: Path = DEFAULT_CACHE,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load (model, tokenizer) for inference; `spec=None` is the embedded SmolLM2-135M-Instruct."""
     device = torch.device(device) if device is not None else default_device()
-    dtype = dtype or default_dtype(device)
+    dtype = resolve_dtype(dtype, device)
     source = resolve_model(spec, cache_dir)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn_implementation)

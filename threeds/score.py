@@ -515,8 +515,12 @@ def score_run(
     engine: str = "local",
     ray_address: str | None = None,
     ray_workers: int | None = None,
+    dtype: str | None = None,
 ) -> dict:
     """Score `records` into `run_dir` (resumable) and return the run's manifest.
+
+    `dtype` names the weights' precision for a model loaded from `model_spec` (None: float32 on
+    CPU, bfloat16 on CUDA); a run made at another precision is not resumed.
 
     `rejects` (from reading the input) and records without a non-empty `generated_output` are
     written to `rejects.jsonl`; the rest are scored. `engine="ray"` scores the chunks on a Ray cluster
@@ -530,6 +534,8 @@ def score_run(
         "max_length": max_length, "function_words": function_words, "template": template,
         "system": system, "chunk_size": chunk_size, "data_fingerprint": records_fingerprint(kept),
     }  # fmt: skip
+    if dtype not in (None, "auto"):  # absent by default, so runs made before the flag still resume
+        config["dtype"] = dtype
     manifest = run.read_manifest()
     if overwrite or manifest.get("score_config") != config:
         if manifest.get("score_config") and not overwrite and (run.chunks.exists() or run.file("metrics.parquet").exists()):
@@ -561,9 +567,10 @@ def score_run(
             from threeds.engine_ray import score_chunks_ray
 
             spent = score_chunks_ray(run, chunks, pending, model_spec, settings, address=ray_address,
-                                     workers=ray_workers, progress=progress)  # fmt: skip
+                                     workers=ray_workers, progress=progress, dtype=dtype)  # fmt: skip
         else:
-            spent = _score_chunks_local(run, chunks, pending, model_spec, model, tokenizer, settings, progress)
+            loaded = (model, tokenizer) if model is not None and tokenizer is not None else None
+            spent = _score_chunks_local(run, chunks, pending, model_spec, loaded, dtype, settings, progress)
         timings = {name: timings.get(name, 0.0) + seconds for name, seconds in spent.items()}
     metrics = run.consolidate(len(chunks), kept)
     return run.update_manifest(status="scored", timings=timings, report=score_report(metrics))
@@ -590,15 +597,17 @@ def _score_chunks_local(
     chunks: list[list[dict]],
     pending: list[int],
     model_spec: str | None,
-    model: PreTrainedModel | None,
-    tokenizer: PreTrainedTokenizerBase | None,
+    loaded: tuple[PreTrainedModel, PreTrainedTokenizerBase] | None,
+    dtype: str | None,
     settings: dict,
     progress: bool,
 ) -> dict[str, float]:
-    """Score the pending chunks in this process, writing each as it finishes; returns the timings."""
+    """Score the pending chunks in this process, writing each as it finishes; returns the timings.
+
+    `loaded`: the caller's (model, tokenizer), else `model_spec` is loaded at `dtype`.
+    """
     started = time.perf_counter()
-    if model is None or tokenizer is None:
-        model, tokenizer = load_model(model_spec)
+    model, tokenizer = loaded or load_model(model_spec, dtype=dtype)
     scorer = build_scorer(model, tokenizer, **settings)
     load_seconds = time.perf_counter() - started
     run.update_manifest(model=model_info(model, model_spec), function_words=scorer.fw.describe())

@@ -53,9 +53,10 @@ def backend_from_args(args: argparse.Namespace) -> Backend:
         from threeds.engine_ray import RayLocalBackend
 
         return RayLocalBackend(args.model, template=args.template, system=args.system, batch_size=args.batch_size,
-                               address=args.ray_address, workers=args.ray_workers)  # fmt: skip
+                               address=args.ray_address, workers=args.ray_workers, dtype=args.dtype)  # fmt: skip
     if args.backend == "local":
-        return LocalBackend(args.model, template=args.template, system=args.system, batch_size=args.batch_size)
+        return LocalBackend(args.model, template=args.template, system=args.system, batch_size=args.batch_size,
+                            dtype=args.dtype)  # fmt: skip
     return OpenAIBackend(
         args.base_url, args.api_model, system=args.system, concurrency=args.concurrency, timeout=args.timeout,
         retries=args.retries, backoff=args.retry_backoff,

@@ -131,7 +131,8 @@ def run_pipeline(args: argparse.Namespace, run: RunDir) -> dict:
 
     # Stage 2: score (resumable chunks), then select.
     score_meta = {"config": {"model": args.model, "max_length": args.max_length, "function_words": args.function_words,
-                             "template": args.template, "system": args.system, "chunk_size": args.chunk_size},
+                             "template": args.template, "system": args.system, "chunk_size": args.chunk_size,
+                             **({"dtype": args.dtype} if args.dtype != "auto" else {})},
                   "input": records_fingerprint(generated)}  # fmt: skip
     fresh = not stages.current("score", score_meta)
     if fresh and (run.file("metrics.parquet").exists() or run.chunks.exists()):
@@ -141,7 +142,7 @@ def run_pipeline(args: argparse.Namespace, run: RunDir) -> dict:
         generated, run.path, model_spec=args.model, max_length=args.max_length, function_words=args.function_words,
         batch_tokens=args.batch_tokens, template=args.template, system=args.system, chunk_size=args.chunk_size,
         data_path=str(args.data), rejects=rejects, overwrite=fresh, engine=args.engine, ray_address=args.ray_address,
-        ray_workers=args.ray_workers,
+        ray_workers=args.ray_workers, dtype=args.dtype,
     )  # fmt: skip
 
     select_meta = {"config": {"bands": bands_from_args(args), "sample_num": args.sample_num,
