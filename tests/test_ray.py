@@ -69,6 +69,14 @@ def test_ray_engine_gives_the_single_process_numbers(cluster, tmp_path, tiny_mod
     assert_same_run(tmp_path / "run", reference)
 
 
+def test_ray_engine_loads_the_requested_dtype(cluster, tmp_path, tiny_model_dir, data):
+    records = read_records(data)[0][:4]
+    manifest = score_run(records, tmp_path / "run", model_spec=str(tiny_model_dir), engine="ray", dtype="bfloat16",
+                         **SETTINGS)  # fmt: skip
+    assert manifest["model"]["dtype"] == "torch.bfloat16" and manifest["score_config"]["dtype"] == "bfloat16"
+    assert RayLocalBackend(str(tiny_model_dir), dtype="bfloat16").signature["dtype"] == "bfloat16"
+
+
 class Interrupted(RuntimeError):
     pass
 
