@@ -245,7 +245,7 @@ def _first_copies(x: torch.Tensor, chunk_rows: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(0)
     weights = torch.randint(-span, span, (dim,), generator=gen, dtype=torch.int64).to(x.device)
     hashes = torch.empty(n, dtype=torch.int64, device=x.device)
-    step = max(1, chunk_rows * 4 // 16)  # two int64 temporaries per value: keep near chunk bytes
+    step = max(1, chunk_rows // 4)  # two int64 temporaries per value: about the float32 chunk's bytes
     for s in range(0, n, step):
         rows = x[s : s + step] + 0.0  # -0.0 and 0.0 are the same point
         hashes[s : s + step] = (rows.view(bits_dtype).to(torch.int64) * weights).sum(1)
@@ -305,9 +305,9 @@ class _LazyFarthest:
         """
         t = self.count
         seen = self.seen.index_select(0, rows)
-        for group in (rows[seen == t - 1], rows[seen < t - 1]):
-            if len(group):
-                self._catch_up(group, int(self.seen.index_select(0, group).min()))
+        for behind in (seen == t - 1, seen < t - 1):
+            if bool(behind.any()):
+                self._catch_up(rows[behind], int(seen[behind].min()))
         self.seen[rows] = t
 
     def _catch_up(self, rows: torch.Tensor, lo: int) -> None:
