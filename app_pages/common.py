@@ -14,8 +14,9 @@ import numpy as np
 import streamlit as st
 
 from threeds.embed_map import PickOrder, load_or_compute_umap
+from threeds.names import ATTEN_METHODS, METRIC_NAMES, METRICS, metric_column
 from threeds.runs import DEFAULT_CACHE, Run, list_runs, load_run, run_key, run_settings
-from threeds.select import ATTEN_METHODS, DEFAULT_BAND, METRIC_NAMES, METRICS, band_filter, metric_column
+from threeds.select import DEFAULT_BAND, band_filter
 
 INSPECTOR = "app_pages/inspector.py"
 DEFAULTS = {

@@ -7,7 +7,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from app_pages import common
-from threeds.select import METRICS, metric_column
+from threeds.names import METRICS, metric_column
 
 SPLOM_POINTS = 3000
 IN_COLOUR, OUT_COLOUR = "#1565c0", "#bdbdbd"

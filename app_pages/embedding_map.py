@@ -11,7 +11,7 @@ import streamlit as st
 from app_pages import common
 from threeds.data import full_instruction
 from threeds.embed_map import MIN_POINTS
-from threeds.select import METRICS, metric_column
+from threeds.names import METRICS, metric_column
 
 MAP_POINTS = 8_000  # drawn besides the picks: each drawn point costs every re-render (hover text)
 GREY = "#c8c8c8"

@@ -10,7 +10,7 @@ import streamlit as st
 from app_pages import common
 from threeds.data import full_instruction
 from threeds.runs import RunFileError, percentile_rank
-from threeds.select import METRIC_NAMES, METRICS, metric_column
+from threeds.names import METRIC_NAMES, METRICS, metric_column
 
 MATCHES = 50
 RESPONSES = {"gt": ("A (ground truth)", "output"), "gen": ("A' (model's own answer)", "generated_output")}

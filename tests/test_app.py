@@ -17,7 +17,8 @@ from synthetic_run import make_run
 from threeds import embed_map
 from threeds.export import dataset_info_entry, select_command
 from threeds.runs import RunOptions, load_run, quality_mask, run_command, stage_counts
-from threeds.select import METRICS, band_filter
+from threeds.names import METRICS
+from threeds.select import band_filter
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = ["app_pages/quality.py", "app_pages/difficulty.py", "app_pages/inspector.py", "app_pages/embedding_map.py", "app_pages/export.py"]

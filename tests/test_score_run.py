@@ -17,7 +17,8 @@ from conftest import ROOT, make_records
 
 from threeds.data import read_jsonl
 from threeds.rundir import RunError
-from threeds.score import METRIC_COLUMNS, score_run
+from threeds.names import SCORE_COLUMNS
+from threeds.score import score_run
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -36,7 +37,7 @@ def test_score_run_writes_every_file(tmp_path, tiny_model_dir):
                          function_words="lexical", progress=False)  # fmt: skip
     run = tmp_path / "run"
     metrics = pd.read_parquet(run / "metrics.parquet")
-    assert list(metrics.columns) == METRIC_COLUMNS
+    assert list(metrics.columns) == SCORE_COLUMNS
     assert list(metrics.id) == [r["id"] for r in records if r["id"] != "r3"]
     emb = np.load(run / "embeddings.npy", allow_pickle=False)
     assert emb.dtype == np.float32 and emb.shape == (6, 32)

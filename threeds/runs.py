@@ -23,11 +23,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from threeds.data import DataError, read_jsonl, read_records
+from threeds.names import METRIC_COLUMNS, TOKEN_COLUMNS
 
 DEFAULT_CACHE = Path("cache")
 NOT_RUNS = {"models", "uploads"}
-METRIC_COLUMNS = ["id", "ins_ppl", "gt_wloss_mean", "gt_wloss_max", "gen_wloss_mean", "gen_wloss_max"]
-TOKEN_COLUMNS = ["id", "response", "pos", "token", "start", "end", "loss", "w_mean", "w_max", "function_word"]
 RUN_FILES = (
     "manifest.json", "ratings.jsonl", "rejects.jsonl", "metrics.parquet", "selection.json",
     "data.jsonl", "embeddings.npy", "tokens.parquet",

@@ -41,6 +41,7 @@ from threeds.attention import capture_last_layer, use_threeds_attention
 from threeds.data import full_instruction, require_fields, write_jsonl
 from threeds.function_words import FunctionWords
 from threeds.model import load_model, model_label
+from threeds.names import METRIC_COLUMNS, SCORE_COLUMNS, TOKEN_COLUMNS
 from threeds.prompts import PromptFormat, prompt_format
 from threeds.rundir import RunDir, RunError, package_versions
 
@@ -420,18 +421,12 @@ class Scorer:
             metric_rows.append(row)
         hidden = self.model.config.get_text_config().hidden_size
         return ChunkResult(
-            metrics=pd.DataFrame(metric_rows, columns=METRIC_COLUMNS),
+            metrics=pd.DataFrame(metric_rows, columns=SCORE_COLUMNS),
             embeddings=np.asarray(embeddings, dtype=np.float32).reshape(len(chunk.records), hidden),
             tokens=_token_frame([r["id"] for r in chunk.records], names, parts),
         )
 
 
-METRIC_COLUMNS = [
-    "id", "ins_ppl", "gt_wloss_mean", "gt_wloss_max", "gen_wloss_mean", "gen_wloss_max",
-    "prompt_tokens", "gt_tokens", "gen_tokens", "gt_kept_tokens", "gen_kept_tokens",
-    "gt_truncated", "gen_truncated", "truncated",
-]  # fmt: skip
-TOKEN_COLUMNS = ["id", "response", "pos", "token", "start", "end", "loss", "w_mean", "w_max", "function_word"]
 _END = object()
 
 
@@ -627,7 +622,7 @@ def score_report(metrics: pd.DataFrame) -> dict:
     return {
         "n_scored": len(metrics),
         "n_truncated": int(metrics["truncated"].sum()),
-        "n_nan": {c: int(metrics[c].isna().sum()) for c in METRIC_COLUMNS if c.endswith(("_ppl", "_mean", "_max"))},
+        "n_nan": {c: int(metrics[c].isna().sum()) for c in METRIC_COLUMNS[1:]},
     }
 
 

@@ -16,13 +16,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-METRICS = ("ins_ppl", "gen_wloss", "gt_wloss")
-METRIC_NAMES = {
-    "ins_ppl": "Instruction Understanding",
-    "gen_wloss": "Response Confidence",
-    "gt_wloss": "Response Correctness",
-}
-ATTEN_METHODS = ("mean", "max")
+from threeds.names import METRIC_NAMES, METRICS, metric_column
+
 DEFAULT_BAND = (25.0, 75.0)
 # Why a metric can be NaN (spec item 6); inf (overflow) is counted with NaN.
 NAN_REASONS = {
@@ -37,15 +32,6 @@ _REFRESH_ROWS = 64  # rows brought up to date per try when looking for the farth
 
 
 # ---------------------------------------------------------------------------- band filter
-
-
-def metric_column(metric: str, atten_method: str = "mean") -> str:
-    """Column of metrics.parquet holding `metric`; the weighted losses exist per attention method."""
-    if metric not in METRICS:
-        raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
-    if atten_method not in ATTEN_METHODS:
-        raise ValueError(f"unknown atten_method {atten_method!r}; expected one of {ATTEN_METHODS}")
-    return metric if metric == "ins_ppl" else f"{metric}_{atten_method}"
 
 
 def _check_band(low: float, high: float) -> tuple[float, float]:

