@@ -20,18 +20,8 @@ import streamlit as st
 
 import threeds
 from app_pages import common
-from threeds.runs import (
-    NOT_RUNS,
-    RunOptions,
-    job_running,
-    log_tail,
-    read_job,
-    read_progress,
-    run_command,
-    stage_counts,
-    start_run,
-    stop_run,
-)
+from threeds.config import BackendConfig, DataConfig, FilterConfig, ModelConfig, RunConfig, SelectConfig, run_command
+from threeds.runs import NOT_RUNS, job_running, log_tail, read_job, read_progress, stage_counts, start_run, stop_run
 
 SAMPLE_DATA = Path(threeds.__file__).parent / "sample_data"
 DATA_TYPES = ["json", "jsonl", "parquet", "csv"]
@@ -165,14 +155,15 @@ def start_form() -> None:
     if problem:
         st.error(problem)
         return
-    options = RunOptions(
-        duplicate_ids="rename" if rename else "error", model=model.strip() or None, backend=backend,
-        base_url=base_url.strip() or None if backend == "openai" else None,
-        api_model=api_model.strip() or None if backend == "openai" else None,
-        quality_threshold=threshold, low_th=low, up_th=up, sample_num=int(sample_num), atten_method=atten,
+    server = {"base_url": base_url.strip() or BackendConfig.base_url, "api_model": api_model.strip() or None}
+    config = RunConfig(
+        data=DataConfig("rename" if rename else "error"), model=ModelConfig(model=model.strip() or None),
+        backend=BackendConfig(backend=backend, **(server if backend == "openai" else {})),
+        filter=FilterConfig(float(threshold)),
+        select=SelectConfig(low_th=float(low), up_th=float(up), sample_num=int(sample_num), atten_method=atten),
     )  # fmt: skip
     out = common.cache_dir() / name
-    argv = run_command(data, out, options)
+    argv = run_command(data, out, config)
     start_run(argv, out)
     common.switch_run(name)
 

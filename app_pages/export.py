@@ -9,6 +9,7 @@ import streamlit as st
 
 from app_pages import common
 from threeds.data import full_instruction
+from threeds.config import SelectConfig
 from threeds.export import FORMATS, MIME, dataset_info_entry, export_text, file_name, select_command
 from threeds.runs import selected_ids
 
@@ -45,7 +46,8 @@ def main() -> None:
     st.markdown("**`dataset_info.json` entry** (merge into LlamaFactory's `data/dataset_info.json`, put the file next to it)")
     st.code(json.dumps(dataset_info_entry(dataset, fmt, has_system), indent=2), language="json")
     st.markdown("**Reproduce this selection from the command line**")
-    st.code(select_command(str(run.path), f"{dataset}_selected.json", bands, k, st.session_state["atten_method"], st.session_state["seed"]), language="bash")
+    config = SelectConfig.from_bands(bands, sample_num=k, atten_method=st.session_state["atten_method"], seed=st.session_state["seed"])
+    st.code(select_command(str(run.path), f"{dataset}_selected.json", config), language="bash")
     st.markdown("**First rows**")
     preview = pd.DataFrame({"pick": range(1, min(len(ids), 20) + 1), "id": ids[:20], "instruction": [common.short(full_instruction(r), 120) for r in records[:20]]})
     st.dataframe(preview, hide_index=True, width="stretch")

@@ -8,7 +8,8 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from app_pages import common
-from threeds.runs import Run, quality_mask, run_settings
+from threeds.rate import quality_mask
+from threeds.runs import Run, run_settings
 
 EXAMPLES = 3
 

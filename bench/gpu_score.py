@@ -38,6 +38,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, Qwen2Config
 from naive_score import naive_sample
 from threeds.data import full_instruction, read_records
 from threeds.model import load_tokenizer
+from threeds.config import ModelConfig, ScoreConfig
 from threeds.score import RESPONSES, Scorer, build_scorer, launch_batch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,8 +130,8 @@ def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = build_model(args.shape, device)
     tokenizer = load_tokenizer()
-    scorer = build_scorer(model, tokenizer, max_length=args.max_length, function_words=args.function_words,
-                          batch_tokens=args.batch_tokens, template=None, system=None)  # fmt: skip
+    score = ScoreConfig(max_length=args.max_length, function_words=args.function_words, batch_tokens=args.batch_tokens)
+    scorer = build_scorer(model, tokenizer, score, ModelConfig())
     records = sample_records(args.samples, args.seed)
     chunks = [records[i : i + args.chunk_size] for i in range(0, len(records), args.chunk_size)]
     encoded = [[enc[name] for r in chunk for enc in [scorer.encode_record(r)] for name in RESPONSES] for chunk in chunks]

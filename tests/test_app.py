@@ -16,7 +16,9 @@ from synthetic_run import make_run
 
 from threeds import embed_map
 from threeds.export import dataset_info_entry, select_command
-from threeds.runs import RunOptions, load_run, quality_mask, run_command, stage_counts
+from threeds.config import DataConfig, RunConfig, SelectConfig, run_command
+from threeds.rate import quality_mask
+from threeds.runs import load_run, stage_counts
 from threeds.names import METRICS
 from threeds.select import band_filter
 
@@ -100,11 +102,7 @@ def test_runs_page_starts_a_run_in_the_background(demo, monkeypatch):
     at.button(key="new_start").click().run()
     assert not at.exception
     argv, run_dir = started[0]
-    expected = run_command(
-        str(demo / "input.jsonl"), run_dir,
-        RunOptions(duplicate_ids="rename", backend="local", quality_threshold=85.0, low_th=25.0, up_th=75.0,
-                   sample_num=17, atten_method="mean"),
-    )  # fmt: skip
+    expected = run_command(str(demo / "input.jsonl"), run_dir, RunConfig(data=DataConfig("rename"), select=SelectConfig(sample_num=17)))
     assert argv == expected and run_dir.name == "fresh"
     assert at.session_state["run_name"] == "fresh"
 
@@ -234,7 +232,7 @@ def test_export_page_matches_the_library(demo):
     assert metric(at, "selected samples") == "4"
     codes = [c.value for c in at.code]
     assert json.loads(codes[0]) == dataset_info_entry("threeds_demo", "alpaca")
-    assert codes[1] == select_command(str(demo), "threeds_demo_selected.json", {m: (25.0, 75.0) for m in METRICS}, 4, "mean", 0)
+    assert codes[1] == select_command(str(demo), "threeds_demo_selected.json", SelectConfig(sample_num=4))
     at.radio(key="export_format").set_value("sharegpt").run()
     assert json.loads(at.code[0].value)["threeds_demo"]["formatting"] == "sharegpt"
     assert "threeds_demo_sharegpt.json" in at.get("download_button")[0].proto.label

@@ -23,10 +23,11 @@ import torch
 from conftest import make_records, tiny_llama
 
 from threeds.attention import capture_last_layer, use_threeds_attention
+from threeds.config import ModelConfig, ScoreConfig
 from threeds.score import build_scorer
 
 METRICS = ["ins_ppl", "gt_wloss_mean", "gt_wloss_max", "gen_wloss_mean", "gen_wloss_max"]
-SETTINGS = {"max_length": 1024, "function_words": "lexical", "batch_tokens": 16384, "template": None, "system": None}
+SETTINGS = ScoreConfig(function_words="lexical")
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,7 @@ def models(tokenizer):
 @pytest.fixture(scope="module")
 def results(tokenizer, models):
     records = make_records(8, seed=11)
-    return [build_scorer(model, tokenizer, **SETTINGS).score(records) for model in models]
+    return [build_scorer(model, tokenizer, SETTINGS, ModelConfig()).score(records) for model in models]
 
 
 def test_bf16_metrics_agree_with_float32(results):

@@ -10,7 +10,7 @@ import pytest
 from synthetic_run import make_run
 
 from threeds.cli import build_parser, main
-from threeds.commands.select import bands_from_args
+from threeds.config import SelectConfig, from_args
 from threeds.embed_map import PickOrder
 from threeds.export import dataset_info_entry, export_text, file_name, select_command
 from threeds.runs import load_run
@@ -60,13 +60,14 @@ def test_dataset_info_entries():
     ],
 )
 def test_select_command_parses_back_to_the_same_settings(bands):
-    command = select_command("cache/my run", "out.json", bands, 123, "max", 7)
+    config = SelectConfig.from_bands(bands, sample_num=123, atten_method="max", seed=7)
+    command = select_command("cache/my run", "out.json", config)
     argv = command.split(" ", 1)[1]
     args = build_parser().parse_args(shlex.split(argv))
-    assert str(args.run) == "cache/my run" and args.sample_num == 123 and args.atten_method == "max" and args.seed == 7
-    assert bands_from_args(args) == {m: tuple(float(v) for v in b) for m, b in bands.items()}
+    assert str(args.run) == "cache/my run" and from_args(SelectConfig, args) == config
+    assert config.bands() == {m: tuple(float(v) for v in b) for m, b in bands.items()}
     shared = len(set(map(tuple, bands.values()))) == 1
-    assert ("--low-th" in command) == shared and ("--ins-low" in command) != shared
+    assert ("--ins-low" in command) != shared and "--sample-num 123" in command and "--seed 7" in command
 
 
 def test_select_command_reproduces_the_app_selection(tmp_path):
@@ -78,6 +79,6 @@ def test_select_command_reproduces_the_app_selection(tmp_path):
     survivors = np.flatnonzero(mask)
     app_ids = run.metrics["id"].to_numpy()[survivors[PickOrder(run.embeddings[mask]).picks(9)]].tolist()
     out = tmp_path / "selected.json"
-    command = select_command(str(run_dir), str(out), bands, 9, "mean", 0)
+    command = select_command(str(run_dir), str(out), SelectConfig.from_bands(bands, sample_num=9))
     assert main(shlex.split(command)[1:]) == 0
     assert [r["id"] for r in json.loads(out.read_text())] == app_ids

@@ -12,7 +12,8 @@ from conftest import ROOT
 
 from threeds.data import read_records
 from threeds.model import embedded_gguf_path, load_model
-from threeds.score import score_run
+from threeds.config import ScoreConfig
+from threeds.pipeline import score_run
 from threeds.select import select_run
 
 pytestmark = pytest.mark.integration
@@ -37,7 +38,7 @@ def test_score_and_select_sample_records(tmp_path, embedded):
     records = records[:6]
     for r in records:  # a stand-in answer A': the first sentence of A
         r["generated_output"] = r["output"].split(". ")[0] + "."
-    manifest = score_run(records, tmp_path, model=model, tokenizer=tokenizer, max_length=512, progress=False)
+    manifest = score_run(records, tmp_path, ScoreConfig(max_length=512), loaded=(model, tokenizer), progress=False)
     metrics = pd.read_parquet(tmp_path / "metrics.parquet")
     assert list(metrics.id) == [r["id"] for r in records]
     # a trained model finds real questions far from random (a random model: about the vocabulary size)

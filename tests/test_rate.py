@@ -16,7 +16,7 @@ import pytest
 from fake_openai_server import FakeOpenAIServer
 from threeds.backends import OpenAIBackend
 from threeds.cli import main as cli
-from threeds.generate import StaleResultsError
+from threeds.joblog import StaleResultsError
 from threeds.rate import NO_SCORE, PROMPT_NAMES, PromptError, filter_by_rating, load_rating_prompt, parse_score, rate_records, render
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,7 +116,8 @@ def test_rate_records_retries_records_failures_and_reruns_only_failures(tmp_path
         assert rows["r5"]["score"] == 88 and rows["r0"]["raw"] == "Score: 88" and rows["r0"]["model"] == "fake-model"
         asked = len(server.requests)
 
-        summary = rate_records(records, backend, out, template, 8, reasks=2, progress=False)  # r2 now recovers
+        summary = rate_records(records, backend, out, template, 8, reasks=2, progress=False,
+                               progress_path=tmp_path / "progress.json")  # r2 now recovers
         assert (summary["done"], summary["failed"], summary["skipped"]) == (5, 1, 4)
         assert len(server.requests) - asked == 1 + 3  # only the two failures were asked again
         assert Counter(r["id"] for r in _rows(out)) == Counter(f"r{i}" for i in range(6))

@@ -20,12 +20,14 @@ from threeds.data import read_jsonl, read_records, write_jsonl
 from threeds.generate import generate_records
 from threeds.model import load_model
 from threeds.rundir import RunDir
-from threeds.score import score_run
+from threeds.config import EngineConfig, ModelConfig, ScoreConfig
+from threeds.pipeline import score_run
 
 ray = pytest.importorskip("ray")
 from threeds.engine_ray import RayLocalBackend  # noqa: E402  (after the skip: it needs Ray only when used)
 
-SETTINGS = {"chunk_size": 3, "function_words": "lexical", "progress": False}
+SETTINGS = ScoreConfig(chunk_size=3, function_words="lexical")
+RAY = EngineConfig(engine="ray")
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +49,7 @@ def data(tmp_path_factory):
 def reference(tmp_path_factory, tiny_model_dir, data):
     """The single-process run of the same records."""
     out = tmp_path_factory.mktemp("ray-ref") / "run"
-    score_run(read_records(data)[0], out, model_spec=str(tiny_model_dir), **SETTINGS)
+    score_run(read_records(data)[0], out, SETTINGS, ModelConfig(model=str(tiny_model_dir)), progress=False)
     return out
 
 
@@ -62,8 +64,7 @@ def assert_same_run(run, reference, skip_ids=()):
 
 
 def test_ray_engine_gives_the_single_process_numbers(cluster, tmp_path, tiny_model_dir, data, reference):
-    manifest = score_run(read_records(data)[0], tmp_path / "run", model_spec=str(tiny_model_dir), engine="ray",
-                         **SETTINGS)  # fmt: skip
+    manifest = score_run(read_records(data)[0], tmp_path / "run", SETTINGS, ModelConfig(model=str(tiny_model_dir)), RAY, progress=False)
     assert manifest["status"] == "scored" and manifest["engine"]["workers"] == 2
     assert manifest["model"]["architecture"] == "LlamaForCausalLM" and not (tmp_path / "run" / "chunks").exists()
     assert_same_run(tmp_path / "run", reference)
@@ -71,8 +72,8 @@ def test_ray_engine_gives_the_single_process_numbers(cluster, tmp_path, tiny_mod
 
 def test_ray_engine_loads_the_requested_dtype(cluster, tmp_path, tiny_model_dir, data):
     records = read_records(data)[0][:4]
-    manifest = score_run(records, tmp_path / "run", model_spec=str(tiny_model_dir), engine="ray", dtype="bfloat16",
-                         **SETTINGS)  # fmt: skip
+    bf16 = ModelConfig(model=str(tiny_model_dir), dtype="bfloat16")
+    manifest = score_run(records, tmp_path / "run", SETTINGS, bf16, RAY, progress=False)
     assert manifest["model"]["dtype"] == "torch.bfloat16" and manifest["score_config"]["dtype"] == "bfloat16"
     assert RayLocalBackend(str(tiny_model_dir), dtype="bfloat16").signature["dtype"] == "bfloat16"
 
@@ -93,8 +94,7 @@ def test_cli_ray_resumes_an_interrupted_local_run(cluster, tmp_path, tiny_model_
 
     model.model.register_forward_pre_hook(stop_after_two_chunks)
     with pytest.raises(Interrupted):
-        score_run(read_records(data)[0], out, model_spec=str(tiny_model_dir), model=model, tokenizer=tokenizer,
-                  **SETTINGS)  # fmt: skip
+        score_run(read_records(data)[0], out, SETTINGS, ModelConfig(model=str(tiny_model_dir)), loaded=(model, tokenizer), progress=False)
     marked = out / "chunks" / "000000.metrics.parquet"
     metrics = pd.read_parquet(marked).assign(ins_ppl=-1.0)
     metrics.to_parquet(marked, index=False)

@@ -11,16 +11,17 @@ import pytest
 from synthetic_run import make_run
 
 from threeds.cli import build_parser
-from threeds.rate import filter_by_rating
+from threeds.commands.run import config_from_args
+from threeds.config import (
+    BackendConfig, DataConfig, FilterConfig, GenerateConfig, ModelConfig, RateConfig, RunConfig, SelectConfig, run_command,
+)  # fmt: skip
+from threeds.rate import filter_by_rating, quality_mask
 from threeds.runs import (
-    RunOptions,
     job_running,
     list_runs,
     load_run,
     percentile_rank,
-    quality_mask,
     read_progress,
-    run_command,
     run_key,
     stage_counts,
     start_run,
@@ -152,15 +153,16 @@ def test_percentile_rank():
 
 
 def test_run_command_is_accepted_by_the_cli(tmp_path):
-    options = RunOptions(
-        duplicate_ids="rename", model="some/model", backend="openai", base_url="http://127.0.0.1:1/v1", api_model="m",
-        quality_threshold=80, low_th=10, up_th=90, sample_num=7, atten_method="max",
+    config = RunConfig(
+        data=DataConfig("rename"), model=ModelConfig(model="some/model"),
+        backend=BackendConfig(backend="openai", base_url="http://127.0.0.1:1/v1", api_model="m"),
+        rate=RateConfig(max_new_tokens=9), filter=FilterConfig(80), generate=GenerateConfig(max_new_tokens=33),
+        select=SelectConfig(low_th=10, up_th=90, conf_up=80.5, sample_num=7, atten_method="max"),
     )  # fmt: skip
-    argv = run_command(tmp_path / "d.jsonl", tmp_path / "out", options)
+    argv = run_command(tmp_path / "d.jsonl", tmp_path / "out", config)
     assert argv[:4] == [sys.executable, "-m", "threeds", "run"]
-    args = build_parser().parse_args(argv[3:])
-    assert (args.model, args.backend, args.api_model, args.sample_num, args.atten_method) == ("some/model", "openai", "m", 7, "max")
-    assert (args.quality_threshold, args.low_th, args.up_th, args.duplicate_ids) == (80, 10, 90, "rename")
+    assert "--rate-max-new-tokens" in argv and "--sample-num" in argv and "--seed" not in argv  # defaults left out
+    assert config_from_args(build_parser().parse_args(argv[3:])) == config
 
 
 def test_background_job_start_status_stop(tmp_path):

@@ -18,7 +18,8 @@ from conftest import ROOT, make_records
 from threeds.data import read_jsonl
 from threeds.rundir import RunError
 from threeds.names import SCORE_COLUMNS
-from threeds.score import score_run
+from threeds.config import ModelConfig, ScoreConfig
+from threeds.pipeline import score_run
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -33,8 +34,8 @@ def threeds(*args: str, **kwargs) -> subprocess.CompletedProcess:
 def test_score_run_writes_every_file(tmp_path, tiny_model_dir):
     records = make_records(7)
     records[3]["generated_output"] = "  "  # rejected, the rest still scored
-    manifest = score_run(records, tmp_path / "run", model_spec=str(tiny_model_dir), chunk_size=3,
-                         function_words="lexical", progress=False)  # fmt: skip
+    lexical, model = ScoreConfig(chunk_size=3, function_words="lexical"), ModelConfig(model=str(tiny_model_dir))
+    manifest = score_run(records, tmp_path / "run", lexical, model, progress=False)
     run = tmp_path / "run"
     metrics = pd.read_parquet(run / "metrics.parquet")
     assert list(metrics.columns) == SCORE_COLUMNS
@@ -54,12 +55,10 @@ def test_score_run_writes_every_file(tmp_path, tiny_model_dir):
     assert manifest["status"] == "scored" and "transformers" in manifest["packages"]
     assert not (run / "chunks").exists()
     # same config again: nothing recomputed; another config: refused unless --overwrite
-    assert score_run(records, run, model_spec=str(tiny_model_dir), chunk_size=3, function_words="lexical",
-                     progress=False)["timings"] == manifest["timings"]  # fmt: skip
+    assert score_run(records, run, lexical, model, progress=False)["timings"] == manifest["timings"]
     with pytest.raises(RunError, match="--overwrite"):
-        score_run(records, run, model_spec=str(tiny_model_dir), chunk_size=3, max_length=64, progress=False)
-    redone = score_run(records, run, model_spec=str(tiny_model_dir), chunk_size=3, max_length=64,
-                       overwrite=True, progress=False)  # fmt: skip
+        score_run(records, run, ScoreConfig(chunk_size=3, max_length=64), model, progress=False)
+    redone = score_run(records, run, ScoreConfig(chunk_size=3, max_length=64), model, overwrite=True, progress=False)
     assert redone["score_config"]["max_length"] == 64
 
 
@@ -82,8 +81,8 @@ def test_killed_run_resumes_without_loss_or_duplicates(tmp_path, tiny_model_dir)
     assert result.returncode == 0, result.stderr
     metrics = pd.read_parquet(out / "metrics.parquet")
     assert list(metrics.id) == [r["id"] for r in records]
-    reference = score_run(records, tmp_path / "ref", model_spec=str(tiny_model_dir), chunk_size=3,
-                          function_words="lexical", progress=False)  # fmt: skip
+    reference = score_run(records, tmp_path / "ref", ScoreConfig(chunk_size=3, function_words="lexical"), ModelConfig(model=str(tiny_model_dir)),
+                          progress=False)  # fmt: skip
     assert reference["status"] == "scored"
     expected = pd.read_parquet(tmp_path / "ref" / "metrics.parquet")
     pd.testing.assert_frame_equal(metrics, expected, rtol=1e-5)
@@ -138,10 +137,10 @@ def test_dtype_is_loaded_recorded_and_guards_resume(tmp_path, tiny_model_dir):
     """--dtype bfloat16 loads the model in bf16, is part of the run's config (so a float32 rerun
     does not mix precisions in one run), and the default leaves the config as before the flag."""
     records = make_records(6, seed=4)
-    common = {"model_spec": str(tiny_model_dir), "function_words": "none", "progress": False}
-    default = score_run(records, tmp_path / "fp32", **common)
+    common = {"score": ScoreConfig(function_words="none"), "progress": False}
+    default = score_run(records, tmp_path / "fp32", spec=ModelConfig(model=str(tiny_model_dir)), **common)
     assert "dtype" not in default["score_config"] and default["model"]["dtype"] == "torch.float32"
-    bf16 = score_run(records, tmp_path / "bf16", dtype="bfloat16", **common)
+    bf16 = score_run(records, tmp_path / "bf16", spec=ModelConfig(model=str(tiny_model_dir), dtype="bfloat16"), **common)
     assert bf16["score_config"]["dtype"] == "bfloat16" and bf16["model"]["dtype"] == "torch.bfloat16"
     a = pd.read_parquet(tmp_path / "fp32" / "metrics.parquet")
     b = pd.read_parquet(tmp_path / "bf16" / "metrics.parquet")
@@ -149,7 +148,7 @@ def test_dtype_is_loaded_recorded_and_guards_resume(tmp_path, tiny_model_dir):
     for column in ("ins_ppl", "gt_wloss_mean", "gen_wloss_max"):
         np.testing.assert_allclose(b[column], a[column], rtol=2e-2)  # bf16 round-off, see test_bf16.py
     with pytest.raises(RunError, match="another configuration"):
-        score_run(records, tmp_path / "bf16", **common)
+        score_run(records, tmp_path / "bf16", spec=ModelConfig(model=str(tiny_model_dir)), **common)
 
 
 def test_cli_reports_bad_input_clearly(tmp_path):

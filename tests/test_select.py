@@ -9,16 +9,22 @@ import pandas as pd
 import pytest
 import torch
 
+from threeds.names import METRICS, metric_column
 from threeds.select import (
-    METRICS,
-    band_filter,
-    band_mask,
     _first_copies,
+    band_filter,
+    band_thresholds,
     k_center_greedy,
-    metric_column,
     select_run,
     selected_records,
+    within,
 )
+
+
+def band_mask(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    """One metric's band as band_filter applies it: percentiles of the finite values, bounds inclusive."""
+    v = np.asarray(values, dtype=np.float64)
+    return within(v, *band_thresholds(v, low, high))
 
 
 def reference_kcenter(x: np.ndarray, k: int, seed: int) -> list[int]:

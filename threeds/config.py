@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -178,6 +180,26 @@ class SelectConfig:
         return {"bands": self.bands(), "sample_num": self.sample_num, "atten_method": self.atten_method, "seed": self.seed}
 
 
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything `threeds run` does, as one object: what the CLI parses, the app's launcher fills in
+    and each stage records (its own part) in the manifest."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    rate: RateConfig = field(default_factory=RateConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
+
+
+# `threeds run` has two token budgets: the rating reply's is renamed there.
+RUN_FLAGS = {RateConfig: {"max_new_tokens": "--rate-max-new-tokens"}}
+
+
 # ------------------------------------------------------------------------------- CLI flags
 
 
@@ -206,14 +228,29 @@ def from_args(cls: type[C], args: argparse.Namespace) -> C:
     return cls(**{f.name: getattr(args, dest_of(cls, f.name)) for f in dataclasses.fields(cls)})
 
 
-def to_argv(config: Any, flags: dict[str, str] | None = None) -> list[str]:
-    """The flags that reproduce `config`: only the fields that differ from the defaults."""
+def to_argv(config: Any, flags: dict[str, str] | None = None, explicit: bool = False) -> list[str]:
+    """The flags that reproduce `config`: the fields that differ from their defaults, or every set one
+    when `explicit` (a command meant to reproduce a result should not depend on today's defaults)."""
     argv: list[str] = []
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
-        if value != f.default and value is not None:
+        if value is not None and (explicit or value != f.default):
             argv += [flag_of(type(config), f.name, flags), format_value(value)]
     return argv
+
+
+def run_command(data: str | os.PathLike, out: str | os.PathLike, config: RunConfig) -> list[str]:
+    """argv of the `threeds run` the app's launcher starts (also shown to the user)."""
+    return [sys.executable, "-m", "threeds", "run", "--data", str(data), "--out", str(out), *run_to_argv(config)]
+
+
+def run_to_argv(config: RunConfig) -> list[str]:
+    """`threeds run` flags for every setting of `config` that differs from the defaults."""
+    return [arg for part in dataclasses.fields(config) for arg in _part_argv(getattr(config, part.name))]
+
+
+def _part_argv(part: Any) -> list[str]:
+    return to_argv(part, RUN_FLAGS.get(type(part)))
 
 
 def format_value(value: Any) -> str:

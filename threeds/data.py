@@ -12,11 +12,12 @@ import csv
 import hashlib
 import json
 import os
-import tempfile
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+from threeds.atomic import atomic_write
 
 PathLike = str | os.PathLike
 
@@ -355,26 +356,10 @@ def _dumps_line(row: Any) -> str:
     return json.dumps(row, ensure_ascii=False, default=_json_default) + "\n"
 
 
-def _atomic_write(path: PathLike, text: str) -> None:
-    """Write via a temp file + os.replace so readers never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_jsonl(path: PathLike, rows: Iterable[Any]) -> int:
     """Replace `path` atomically with one JSON value per line; returns the number of rows."""
     lines = [_dumps_line(row) for row in rows]
-    _atomic_write(path, "".join(lines))
+    atomic_write(path, lambda f: f.write("".join(lines)), "w")
     return len(lines)
 
 
@@ -441,7 +426,16 @@ def read_jsonl(path: PathLike) -> list[Any]:
 
 def write_json(path: PathLike, obj: Any) -> None:
     """Write one JSON document atomically (manifests, selections)."""
-    _atomic_write(path, json.dumps(obj, ensure_ascii=False, indent=2, default=_json_default) + "\n")
+    text = json.dumps(obj, ensure_ascii=False, indent=2, default=_json_default) + "\n"
+    atomic_write(path, lambda f: f.write(text), "w")
+
+
+def write_records(path: PathLike, records: Sequence[dict]) -> None:
+    """A JSON array, or JSON Lines when the name ends in .jsonl, written atomically."""
+    if Path(path).suffix.lower() in _JSONL_SUFFIXES:
+        write_jsonl(path, records)
+    else:
+        write_json(path, list(records))
 
 
 def fingerprint(path: PathLike, chunk: int = 1 << 20) -> str:

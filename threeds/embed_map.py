@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from threeds.atomic import atomic_write
 from threeds.select import k_center_greedy
 
 UMAP_FILE = "umap.npy"
@@ -82,13 +83,8 @@ def _read_cached(run_dir: Path, meta: dict) -> np.ndarray | None:
 
 def _write_cached(run_dir: Path, coords: np.ndarray, meta: dict) -> None:
     """Map first, then its description: a torn write leaves a mismatch, never a wrong map."""
-    tmp = run_dir / f".{UMAP_FILE}.tmp"
-    with open(tmp, "wb") as fh:
-        np.save(fh, coords, allow_pickle=False)
-    os.replace(tmp, run_dir / UMAP_FILE)
-    tmp = run_dir / f".{UMAP_META}.tmp"
-    tmp.write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, run_dir / UMAP_META)
+    atomic_write(run_dir / UMAP_FILE, lambda f: np.save(f, coords, allow_pickle=False))
+    atomic_write(run_dir / UMAP_META, lambda f: f.write(json.dumps(meta, indent=1) + "\n"), "w")
 
 
 @dataclass

@@ -6,9 +6,9 @@ replica (one GPU per actor, or one CPU where the cluster has no GPU). The driver
 streams back, in whatever order results finish. Worker nodes need no shared file system, only
 threeds and the model; the records enter Ray's object store from the driver, which has read them.
 
-Scoring (`score_chunks_ray`): each pending chunk of records is one row (and block) of a Ray dataset,
+Scoring (`RayEngine`): each pending chunk of records is one row (and block) of a Ray dataset,
 scored by a `ChunkScorer` exactly as the single-process path does and written into the run
-directory as the same chunk files (`RunDir.write_chunk`): a killed run resumes from its finished
+directory by the caller as the same chunk files (`RunDir.write_chunk`): a killed run resumes from its finished
 chunks with either engine.
 
 Generation (`RayLocalBackend`): a `LocalBackend` whose `chat` sends each generation batch (the same
@@ -24,17 +24,18 @@ from __future__ import annotations
 import io
 import json
 import logging
-import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from threeds.backends import LocalBackend, OnReply, Reply, length_batches
 from threeds.model import load_model, load_tokenizer, resolve_model
-from threeds.rundir import RunDir, RunError
+from threeds.config import EngineConfig, ModelConfig, ScoreConfig
+from threeds.rundir import RunError
+from threeds.score import ChunkResult, ScoredChunk, build_scorer, model_info
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +59,12 @@ class ChunkScorer:
     exactly as the single-process path writes them.
     """
 
-    def __init__(self, source: str, model_spec: str | None, settings: dict, dtype: str | None) -> None:
-        from threeds.score import build_scorer, model_info
-
-        model, tokenizer = load_model(source, dtype=dtype)
-        self.scorer = build_scorer(model, tokenizer, **settings)
-        self.info = json.dumps({"model": model_info(model, model_spec), "function_words": self.scorer.fw.describe()})
+    def __init__(self, source: str, score: dict, spec: dict) -> None:
+        """`score`, `spec`: the run's ScoreConfig and ModelConfig as dicts (they travel to the actor)."""
+        score_config, model_config = ScoreConfig(**score), ModelConfig(**spec)
+        model, tokenizer = load_model(source, dtype=model_config.load_dtype)
+        self.scorer = build_scorer(model, tokenizer, score_config, model_config)
+        self.info = json.dumps({"model": model_info(model, model_config.model), "function_words": self.scorer.fw.describe()})
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out: dict[str, list] = {"chunk": [], "metrics": [], "embeddings": [], "tokens": [], "info": []}
@@ -127,57 +128,44 @@ def _stream(actor: type, kwargs: dict, items: list[dict], replicas: int, gpus: i
     ).iter_rows()  # fmt: skip
 
 
-def score_chunks_ray(
-    run: RunDir,
-    chunks: list[list[dict]],
-    pending: list[int],
-    model_spec: str | None,
-    settings: dict,
-    *,
-    address: str | None = None,
-    workers: int | None = None,
-    progress: bool = True,
-    dtype: str | None = None,
-) -> dict[str, float]:
-    """Score `pending` chunks on a Ray cluster into `run`; returns the timings (connect, score).
+class RayEngine:
+    """Scores chunks on a Ray cluster (`--engine ray`), one model replica per GPU (or CPU); the same
+    interface as `threeds.score.LocalEngine`, so the caller writes either's chunks the same way."""
 
-    `workers` model replicas (default: one per GPU in the cluster, else one per CPU), each loading
-    the model at `dtype` (None: its device's default).
-    """
-    ray = _import_ray()
-    started = time.perf_counter()
-    source = _model_source(model_spec)
-    owned = _connect(address)
-    try:
-        replicas, gpus = _replicas(workers, len(pending))
-        run.update_manifest(engine={"name": "ray", "address": address, "workers": replicas, "gpus_per_worker": int(gpus > 0)})
-        connect_seconds = time.perf_counter() - started
+    def __init__(self, score: ScoreConfig, spec: ModelConfig, engine: EngineConfig) -> None:
+        self.score, self.spec, self.engine = score, spec, engine
+        self.owned = False
+
+    def start(self) -> dict:
+        """Join the cluster; the model is described by the first chunk that comes back."""
+        _import_ray()
+        self.source = _model_source(self.spec.model)
+        self.owned = _connect(self.engine.ray_address)
+        return {}
+
+    def results(
+        self, chunks: Sequence[list[dict]], pending: Sequence[int], progress: Callable[[int], None]
+    ) -> Iterator[ScoredChunk]:
+        replicas, gpus = _replicas(self.engine.ray_workers, len(pending))
+        engine = {"name": "ray", "address": self.engine.ray_address, "workers": replicas, "gpus_per_worker": int(gpus > 0)}
         items = [{"chunk": i, "records": json.dumps(chunks[i], ensure_ascii=False)} for i in pending]
-        kwargs = {"source": source, "model_spec": model_spec, "settings": settings, "dtype": dtype}
-        started = time.perf_counter()
-        _write_results(run, chunks, pending, _stream(ChunkScorer, kwargs, items, replicas, gpus), progress)
-        return {"load_seconds": connect_seconds, "score_seconds": time.perf_counter() - started}
-    finally:
-        if owned:
-            ray.shutdown()
-
-
-def _write_results(run: RunDir, chunks: list[list[dict]], pending: list[int], rows, progress: bool) -> None:
-    """Write each chunk as it arrives; the first one also records the model in the manifest."""
-    total = 2 * sum(len(chunks[i]) for i in pending)
-    described = False
-    with tqdm(total=total, unit="seq", desc="score (ray)", disable=not progress) as bar:
-        for row in rows:
+        kwargs = {"source": self.source, "score": asdict(self.score), "spec": asdict(self.spec)}
+        for row in _stream(ChunkScorer, kwargs, items, replicas, gpus):
             index = int(row["chunk"])
-            metrics = pd.read_parquet(io.BytesIO(row["metrics"]))
-            embeddings = np.load(io.BytesIO(row["embeddings"]), allow_pickle=False)
-            run.write_chunk(index, metrics, embeddings, pd.read_parquet(io.BytesIO(row["tokens"])))
-            if not described:
-                info = json.loads(row["info"])
-                run.update_manifest(model=info["model"], function_words=info["function_words"])
-                described = True
-            bar.update(2 * len(chunks[index]))
-            run.write_progress("score", bar.n, total)
+            result = ChunkResult(
+                metrics=pd.read_parquet(io.BytesIO(row["metrics"])),
+                embeddings=np.load(io.BytesIO(row["embeddings"]), allow_pickle=False),
+                tokens=pd.read_parquet(io.BytesIO(row["tokens"])),
+            )  # fmt: skip
+            progress(2 * len(chunks[index]))
+            yield ScoredChunk(index, result, info={**json.loads(row["info"]), "engine": engine})
+
+    def close(self) -> None:
+        if self.owned:
+            import ray
+
+            ray.shutdown()
+            self.owned = False
 
 
 # ------------------------------------------------------------------------------------- generation

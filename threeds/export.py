@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import json
 import shlex
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
-from threeds.commands.select import FLAG_NAMES
+from threeds.config import SelectConfig, to_argv
 from threeds.data import to_alpaca, to_sharegpt
-from threeds.select import DEFAULT_BAND, METRICS
 
 FORMATS = ("alpaca", "jsonl", "sharegpt")
 SUFFIX = {"alpaca": ".json", "jsonl": ".jsonl", "sharegpt": ".json"}
@@ -45,32 +44,8 @@ def dataset_info_entry(dataset: str, fmt: str, has_system: bool = False) -> dict
     return {dataset: entry}
 
 
-def select_command(
-    run_dir: str,
-    out: str,
-    bands: Mapping[str, Sequence[float]],
-    sample_num: int,
-    atten_method: str = "mean",
-    seed: int = 0,
-) -> str:
-    """The `threeds select` call that selects the same ids in the same order.
-
-    One `--low-th/--up-th` pair when every metric shares a band, else one pair per metric.
-    """
-    resolved = {m: tuple(float(v) for v in bands.get(m, DEFAULT_BAND)) for m in METRICS}
-    argv = ["threeds", "select", "--run", str(run_dir), "--out", str(out)]
-    shared = set(resolved.values())
-    if len(shared) == 1:
-        low, high = shared.pop()
-        argv += ["--low-th", _num(low), "--up-th", _num(high)]
-    else:
-        for metric in METRICS:
-            low, high = resolved[metric]
-            argv += [f"--{FLAG_NAMES[metric]}-low", _num(low), f"--{FLAG_NAMES[metric]}-up", _num(high)]
-    argv += ["--sample-num", str(int(sample_num)), "--atten-method", atten_method, "--seed", str(int(seed))]
+def select_command(run_dir: str, out: str, config: SelectConfig) -> str:
+    """The `threeds select` call that selects the same ids in the same order: every setting spelled
+    out, so it does not depend on the defaults of the threeds that runs it."""
+    argv = ["threeds", "select", "--run", str(run_dir), "--out", str(out), *to_argv(config, explicit=True)]
     return shlex.join(argv)
-
-
-def _num(value: float) -> str:
-    """Shortest text that parses back to the same float (25.0 -> '25')."""
-    return repr(int(value)) if float(value).is_integer() else repr(float(value))

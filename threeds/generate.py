@@ -1,175 +1,14 @@
-"""Ask the model once per record and keep every answer the moment it arrives (rating and A').
-
-A job's log is a JSONL file with one row per finished record: `id`, the stage's result fields,
-`backend`, `model`, `seconds`, `attempts`, `error` (None when it worked) and `key`, a hash of what
-produced the row (backend signature, token budget, exact prompt). Each row is appended and fsynced
-when its reply arrives, so a kill loses nothing finished. A rerun keeps the rows whose key still
-matches, drops failed rows (their records are asked again) and rewrites the log atomically before
-appending, so every id appears once.
-"""
+"""A', the target model's own greedy answer to each instruction (Stage 2's generated response),
+through the resumable per-record job log (`threeds.joblog`)."""
 
 from __future__ import annotations
 
-import hashlib
-import json
-import logging
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
-from tqdm import tqdm
-
 from threeds.backends import Backend, Reply
-from threeds.data import append_jsonl, full_instruction, read_jsonl, write_json, write_jsonl
-from threeds.rundir import RunDir
-
-log = logging.getLogger(__name__)
-
-
-class StaleResultsError(RuntimeError):
-    """The log holds results made from other prompts or settings; the message says what to do."""
-
-
-@dataclass(frozen=True)
-class Task:
-    id: str
-    prompt: str
-    key: str
-
-
-@dataclass(frozen=True)
-class Job:
-    """What differs between stages: the result fields of a reply and whether to re-ask."""
-
-    stage: str
-    to_fields: Callable[[Reply], dict]  # must include "error": None when the reply is usable
-    reask: Callable[[str], str] | None = None  # prompt for a reply that came back but was unusable
-    reasks: int = 0
-
-
-def make_tasks(records: Sequence[dict], prompts: Sequence[str], backend: Backend, max_new_tokens: int) -> list[Task]:
-    sig = json.dumps([backend.signature, max_new_tokens], sort_keys=True)
-    return [
-        Task(rec["id"], p, hashlib.sha256(f"{sig}\n{p}".encode()).hexdigest()[:16]) for rec, p in zip(records, prompts)
-    ]
-
-
-def resume(log_path: Path, tasks: Sequence[Task], overwrite: bool) -> list[Task]:
-    """The tasks still to do; compacts the log to one good row per id (atomically).
-
-    Rows of ids outside `tasks` are kept untouched (e.g. records a stricter filter left out).
-    Rows whose key differs were made another way: an error unless `overwrite`, then dropped.
-    """
-    rows = read_jsonl(log_path) if log_path.exists() else []
-    current = {t.id: t.key for t in tasks}
-    keep, done, stale = [], set(), 0
-    for row in rows:
-        rid = row.get("id")
-        if rid not in current:
-            keep.append(row)
-        elif row.get("key") != current[rid]:
-            stale += 1
-        elif row.get("error") is None and rid not in done:
-            done.add(rid)
-            keep.append(row)
-    if stale and not overwrite:
-        raise StaleResultsError(
-            f"{log_path}: {stale} results were made with another prompt, model, settings or record text; "
-            "pass --overwrite to redo them or choose another output"
-        )
-    if stale:
-        log.warning("%s: %d results were made another way; redoing them", log_path, stale)
-    if len(keep) != len(rows):
-        write_jsonl(log_path, keep)
-    return [t for t in tasks if t.id not in done]
-
-
-class Progress:
-    """A tqdm bar plus `progress.json` beside the log (for the app), and the run's counts."""
-
-    def __init__(self, stage: str, log_path: Path, total: int, done_before: int, enabled: bool) -> None:
-        self.stage, self.log_path, self.total = stage, log_path, total
-        self.before, self.ok, self.failed = done_before, 0, 0
-        self.started = time.monotonic()
-        self.rundir = RunDir(log_path.parent)
-        self.bar = tqdm(total=total, initial=done_before, desc=stage, unit="rec", disable=not enabled, dynamic_ncols=True)
-        self.rundir.write_progress(stage, done_before, total)
-
-    def update(self, ok: bool) -> None:
-        self.ok += ok
-        self.failed += not ok
-        self.bar.update()
-        self.flush()  # every record: a burst at the end of a local batch must not leave it stale
-
-    def flush(self) -> None:
-        self.rundir.write_progress(self.stage, self.before + self.ok + self.failed, self.total)
-
-    def close(self) -> dict:
-        self.bar.close()
-        self.flush()
-        return {
-            "stage": self.stage, "total": self.total, "done": self.before + self.ok, "failed": self.failed,
-            "skipped": self.before, "new": self.ok, "seconds": round(time.monotonic() - self.started, 3),
-            "log": str(self.log_path),
-        }  # fmt: skip
-
-
-def run_job(
-    job: Job, tasks: Sequence[Task], backend: Backend, log_path: Path, max_new_tokens: int,
-    *, overwrite: bool = False, progress: bool = True,
-) -> dict:  # fmt: skip
-    """Ask the backend for every task not yet done; append each row as it finishes; summary dict."""
-    log_path = Path(log_path)
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    todo = resume(log_path, tasks, overwrite)
-    bar = Progress(job.stage, log_path, len(tasks), len(tasks) - len(todo), progress)
-    spent: dict[str, tuple[float, int]] = {}  # seconds and attempts of earlier rounds, per id
-    try:
-        for round_ in range(job.reasks + 1):
-            if not todo:
-                break
-            prompts = [t.prompt if round_ == 0 else job.reask(t.prompt) for t in todo]
-            final = round_ == job.reasks
-            todo = _ask_round(job, todo, prompts, backend, log_path, max_new_tokens, bar, spent, final)
-    finally:
-        summary = bar.close()
-    return summary
-
-
-def _ask_round(
-    job: Job, tasks: list[Task], prompts: list[str], backend: Backend, log_path: Path, max_new_tokens: int,
-    bar: Progress, spent: dict[str, tuple[float, int]], final: bool,
-) -> list[Task]:  # fmt: skip
-    """One pass over `tasks`; returns those whose reply came back unusable, to ask again."""
-    retry: list[Task] = []
-
-    def on_reply(i: int, reply: Reply) -> None:
-        task = tasks[i]
-        seconds, attempts = spent.get(task.id, (0.0, 0))
-        seconds, attempts = seconds + reply.seconds, attempts + reply.attempts
-        fields = job.to_fields(reply)
-        if reply.error is None and fields["error"] is not None and not final:
-            spent[task.id] = (seconds, attempts)
-            retry.append(task)
-            return
-        row = {"id": task.id, **fields, "backend": backend.name, "model": reply.model or backend.label,
-               "seconds": round(seconds, 4), "attempts": attempts, "key": task.key}  # fmt: skip
-        append_jsonl(log_path, [row])
-        bar.update(ok=row["error"] is None)
-
-    backend.chat(prompts, max_new_tokens, on_reply)
-    return retry
-
-
-def good_rows(log_path: Path, tasks: Sequence[Task]) -> dict[str, dict]:
-    """id -> the successful, current row of each task that has one."""
-    keys = {t.id: t.key for t in tasks}
-    rows = read_jsonl(log_path) if Path(log_path).exists() else []
-    return {r["id"]: r for r in rows if r.get("error") is None and keys.get(r.get("id")) == r.get("key")}
-
-
-# --------------------------------------------------------------------------------------- generate
+from threeds.data import full_instruction
+from threeds.joblog import Job, Task, good_rows, make_tasks, run_job
 
 
 def _generated_fields(reply: Reply) -> dict:
@@ -189,22 +28,15 @@ def generate_tasks(records: Sequence[dict], backend: Backend, max_new_tokens: in
 
 def generate_records(
     records: Sequence[dict], backend: Backend, log_path: Path, max_new_tokens: int = 512,
-    *, overwrite: bool = False, progress: bool = True,
+    *, overwrite: bool = False, progress: bool = True, progress_path: Path | None = None,
 ) -> tuple[list[dict], dict]:  # fmt: skip
     """A' for every record into the log; returns (records that got one, in input order, summary).
 
     `generated_output` is put beside the original fields (replacing one the input may carry).
     """
     tasks = generate_tasks(records, backend, max_new_tokens)
-    summary = run_job(GENERATE, tasks, backend, log_path, max_new_tokens, overwrite=overwrite, progress=progress)
+    summary = run_job(GENERATE, tasks, backend, log_path, max_new_tokens, overwrite=overwrite, progress=progress,
+                      progress_path=progress_path)  # fmt: skip
     rows = good_rows(log_path, tasks)
     out = [{**r, "generated_output": rows[r["id"]]["generated_output"]} for r in records if r["id"] in rows]
     return out, summary
-
-
-def write_records(path: Path, records: Sequence[dict]) -> None:
-    """A JSON array, or JSON Lines when the name ends in .jsonl, written atomically."""
-    if Path(path).suffix.lower() in {".jsonl", ".ndjson"}:
-        write_jsonl(path, records)
-    else:
-        write_json(path, list(records))

@@ -12,9 +12,11 @@ from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
+
 from threeds.backends import Backend, Reply
 from threeds.data import full_instruction
-from threeds.generate import Job, make_tasks, run_job
+from threeds.joblog import Job, make_tasks, run_job
 
 PROMPT_NAMES = ("en-medical", "zh-medical", "general")
 SLOTS = re.compile(r"\{(instruction|output)\}")
@@ -101,17 +103,26 @@ def rating_job(reasks: int) -> Job:
 
 def rate_records(
     records: Sequence[dict], backend: Backend, out_path: Path, template: str, max_new_tokens: int = 16,
-    *, reasks: int = 2, overwrite: bool = False, progress: bool = True,
+    *, reasks: int = 2, overwrite: bool = False, progress: bool = True, progress_path: Path | None = None,
 ) -> dict:  # fmt: skip
     """Rate every record not yet rated into `out_path` (ratings JSONL); returns the summary."""
     tasks = make_tasks(records, [render(template, r) for r in records], backend, max_new_tokens)
-    return run_job(rating_job(reasks), tasks, backend, Path(out_path), max_new_tokens, overwrite=overwrite, progress=progress)
+    return run_job(rating_job(reasks), tasks, backend, Path(out_path), max_new_tokens, overwrite=overwrite,
+                   progress=progress, progress_path=progress_path)  # fmt: skip
+
+
+def quality_mask(scores: np.ndarray, threshold: float) -> np.ndarray:
+    """Stage 1's rule: keep score >= threshold; an unrated (NaN) record is dropped."""
+    scores = np.asarray(scores, dtype=float)
+    with np.errstate(invalid="ignore"):
+        return scores >= threshold
 
 
 def filter_by_rating(records: Sequence[dict], ratings: Sequence[dict], threshold: float = 85) -> tuple[list[dict], dict]:
     """(records scored >= threshold, report). Records without a valid rating are left out and counted."""
     scores = {r["id"]: r["score"] for r in ratings if r.get("score") is not None}
-    kept = [r for r in records if scores.get(r["id"], -1) >= threshold]
+    keep = quality_mask([scores.get(r["id"], np.nan) for r in records], threshold)
+    kept = [r for r, k in zip(records, keep) if k]
     unrated = sum(r["id"] not in scores for r in records)
     report = {"quality_threshold": threshold, "total": len(records), "kept": len(kept),
               "below": len(records) - len(kept) - unrated, "unrated": unrated}  # fmt: skip

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -18,9 +17,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from threeds.atomic import atomic_write
 from threeds.data import write_json, write_jsonl
 
 MANIFEST = "manifest.json"
+PROGRESS = "progress.json"
 PACKAGES = ("threeds", "torch", "transformers", "numpy", "pandas", "pyarrow", "spacy", "jieba")
 
 
@@ -28,17 +29,9 @@ class RunError(RuntimeError):
     """The run directory cannot be used as asked; the message says why and what to do."""
 
 
-def atomic_write(path: Path, write) -> None:
-    """Call `write(tmp_path)` then rename over `path`: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+def write_progress(path: Path, stage: str, done: int, total: int) -> None:
+    """progress.json: the stage running now and its counts, which the app polls."""
+    write_json(path, {"stage": stage, "done": done, "total": total, "updated": time.time()})
 
 
 def package_versions() -> dict[str, str]:
@@ -76,7 +69,7 @@ class RunDir:
         return manifest
 
     def write_progress(self, stage: str, done: int, total: int) -> None:
-        write_json(self.file("progress.json"), {"stage": stage, "done": done, "total": total, "updated": time.time()})
+        write_progress(self.file(PROGRESS), stage, done, total)
 
     def _chunk(self, index: int, kind: str) -> Path:
         return self.chunks / f"{index:06d}.{kind}"
@@ -88,9 +81,9 @@ class RunDir:
         return {int(p.name.split(".")[0]) for p in self.chunks.glob("*.metrics.parquet")}
 
     def write_chunk(self, index: int, metrics: pd.DataFrame, embeddings: np.ndarray, tokens: pd.DataFrame) -> None:
-        atomic_write(self._chunk(index, "tokens.parquet"), lambda p: tokens.to_parquet(p, index=False))
-        atomic_write(self._chunk(index, "emb.npy"), lambda p: _save_npy(p, embeddings))
-        atomic_write(self._chunk(index, "metrics.parquet"), lambda p: metrics.to_parquet(p, index=False))
+        atomic_write(self._chunk(index, "tokens.parquet"), lambda f: tokens.to_parquet(f, index=False))
+        atomic_write(self._chunk(index, "emb.npy"), lambda f: _save_npy(f, embeddings))
+        atomic_write(self._chunk(index, "metrics.parquet"), lambda f: metrics.to_parquet(f, index=False))
 
     def consolidate(self, n_chunks: int, records: list[dict]) -> pd.DataFrame:
         """Join the chunks in order into metrics.parquet, embeddings.npy, tokens.parquet, data.jsonl."""
@@ -103,9 +96,9 @@ class RunDir:
         if list(metrics["id"]) != [r["id"] for r in records]:
             raise RunError(f"{self.chunks}: chunks do not match the input records; delete the run and score again")
         write_jsonl(self.file("data.jsonl"), records)
-        atomic_write(self.file("embeddings.npy"), lambda p: _save_npy(p, embeddings))
-        atomic_write(self.file("tokens.parquet"), lambda p: tokens.to_parquet(p, index=False))
-        atomic_write(self.file("metrics.parquet"), lambda p: metrics.to_parquet(p, index=False))
+        atomic_write(self.file("embeddings.npy"), lambda f: _save_npy(f, embeddings))
+        atomic_write(self.file("tokens.parquet"), lambda f: tokens.to_parquet(f, index=False))
+        atomic_write(self.file("metrics.parquet"), lambda f: metrics.to_parquet(f, index=False))
         shutil.rmtree(self.chunks)
         return metrics
 
@@ -116,7 +109,6 @@ class RunDir:
             self.file(name).unlink(missing_ok=True)
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    with open(path, "wb") as fh:
-        np.save(fh, np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
+def _save_npy(fh, array: np.ndarray) -> None:
+    np.save(fh, np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
 

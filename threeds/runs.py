@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -24,6 +23,7 @@ import pyarrow.parquet as pq
 
 from threeds.data import DataError, read_jsonl, read_records
 from threeds.names import METRIC_COLUMNS, TOKEN_COLUMNS
+from threeds.rate import quality_mask
 
 DEFAULT_CACHE = Path("cache")
 NOT_RUNS = {"models", "uploads"}
@@ -281,14 +281,6 @@ def run_settings(run: Run) -> dict:
     return found
 
 
-def quality_mask(scores: np.ndarray, threshold: float) -> np.ndarray:
-    """Stage 1's rule (`threeds.rate.filter_by_rating`, vectorised for sliders): keep score >=
-    threshold; an unrated (NaN) record is dropped."""
-    scores = np.asarray(scores, dtype=float)
-    with np.errstate(invalid="ignore"):
-        return scores >= threshold
-
-
 def selected_ids(selection: dict) -> list[str]:
     """Selected ids in pick order from a selection.json (written by `threeds.select.select_run`)."""
     ids = selection.get("selected_ids")
@@ -322,39 +314,6 @@ def percentile_rank(values: np.ndarray, x: float) -> float:
 # ---------------------------------------------------------------------------------------------
 # Background runs
 # ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RunOptions:
-    """Options of `python -m threeds run` the Runs page offers; None means the CLI default."""
-
-    duplicate_ids: str | None = None  # "error" | "rename"
-    model: str | None = None  # local path, .gguf or hub id; None = embedded default
-    backend: str | None = None  # "local" | "openai" (Stage 1 rating and A' generation)
-    base_url: str | None = None
-    api_model: str | None = None
-    quality_threshold: float | None = None
-    low_th: float | None = None
-    up_th: float | None = None
-    sample_num: int | None = None
-    atten_method: str | None = None
-
-
-_FLAGS = {
-    "duplicate_ids": "--duplicate-ids", "model": "--model", "backend": "--backend", "base_url": "--base-url", "api_model": "--api-model",
-    "quality_threshold": "--quality-threshold", "low_th": "--low-th", "up_th": "--up-th",
-    "sample_num": "--sample-num", "atten_method": "--atten-method",
-}  # fmt: skip
-
-
-def run_command(data: str | os.PathLike, out: str | os.PathLike, options: RunOptions = RunOptions()) -> list[str]:
-    """argv of the `threeds run` that the Runs page starts (also shown to the user)."""
-    argv = [sys.executable, "-m", "threeds", "run", "--data", str(data), "--out", str(out)]
-    for name, flag in _FLAGS.items():
-        value = getattr(options, name)
-        if value is not None and value != "":
-            argv += [flag, str(value)]
-    return argv
 
 
 def start_run(argv: list[str], run_dir: str | os.PathLike, cwd: str | os.PathLike | None = None) -> int:

@@ -16,12 +16,7 @@ exactly those of doing each step in turn.
 from __future__ import annotations
 
 import bisect
-import hashlib
-import json
-import logging
 import math
-import os
-import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -35,17 +30,13 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from tqdm.auto import tqdm
-
 from threeds.attention import capture_last_layer, use_threeds_attention
-from threeds.data import full_instruction, require_fields, write_jsonl
+from threeds.config import ModelConfig, ScoreConfig
+from threeds.data import full_instruction
 from threeds.function_words import FunctionWords
 from threeds.model import load_model, model_label
 from threeds.names import METRIC_COLUMNS, SCORE_COLUMNS, TOKEN_COLUMNS
 from threeds.prompts import PromptFormat, prompt_format
-from threeds.rundir import RunDir, RunError, package_versions
-
-log = logging.getLogger(__name__)
 
 RESPONSES = {"gt": "output", "gen": "generated_output"}
 # Rows of [rows, vocab] float32 logits computed at once (256 MiB).
@@ -298,16 +289,13 @@ class Scorer:
     def score_chunks(
         self, chunks: Iterable[list[dict]], progress: Callable[[int], None] | None = None
     ) -> Iterator[ChunkResult]:
-        """`score` of each chunk in turn, with the host's work beside the model's instead of between it.
+        """`score` of each chunk in turn, with the host's work beside the model's (module docstring).
 
-        The calling thread only queues forward passes (`launch_batch`), one batch in flight while the
-        previous one is read, as `run_sequences` does. A "prep" thread tokenises the next chunk and
-        finds the function words of this one; a "post" thread turns each finished batch into metrics
-        and token rows. A chunk's result comes out once the first batch of the next chunk is queued,
-        so the model is busy while the caller writes it. Batches (per chunk, `plan_batches`) and all
-        numbers are those of doing each step in turn. An error in either thread is raised here, as the
-        same exception; the chunks finished before it are yielded first. `progress(n)`: n sequences
-        through the model.
+        This thread only queues forward passes, one batch in flight while the previous one is read; a
+        "prep" thread tokenises the next chunk and flags its function words, a "post" thread turns
+        finished batches into rows. A chunk comes out once the next chunk's first batch is queued.
+        Numbers are those of the serial order; an error in either thread is raised here, after the
+        chunks finished before it. `progress(n)`: n sequences through the model.
         """
         prep = ThreadPoolExecutor(1, thread_name_prefix="threeds-prep")
         post = ThreadPoolExecutor(1, thread_name_prefix="threeds-post")
@@ -482,139 +470,48 @@ def _token_frame(ids: list, names: list[str], parts: list[_Scored]) -> pd.DataFr
     return pd.DataFrame(columns, columns=TOKEN_COLUMNS)
 
 
-def records_fingerprint(records: list[dict]) -> str:
-    """Content hash of the records to score: a changed input never resumes an old run."""
-    digest = hashlib.sha256()
-    for record in records:
-        digest.update(json.dumps(record, sort_keys=True, ensure_ascii=False).encode())
-    return digest.hexdigest()
-
-
-def score_run(
-    records: list[dict],
-    run_dir: str | os.PathLike,
-    *,
-    model_spec: str | None = None,
-    model: PreTrainedModel | None = None,
-    tokenizer: PreTrainedTokenizerBase | None = None,
-    max_length: int = 1024,
-    function_words: str = "auto",
-    batch_tokens: int = 16384,
-    template: str | None = None,
-    system: str | None = None,
-    chunk_size: int = 256,
-    data_path: str | None = None,
-    rejects: Sequence[dict] = (),
-    overwrite: bool = False,
-    progress: bool = True,
-    engine: str = "local",
-    ray_address: str | None = None,
-    ray_workers: int | None = None,
-    dtype: str | None = None,
-) -> dict:
-    """Score `records` into `run_dir` (resumable) and return the run's manifest.
-
-    `dtype` names the weights' precision for a model loaded from `model_spec` (None: float32 on
-    CPU, bfloat16 on CUDA); a run made at another precision is not resumed.
-
-    `rejects` (from reading the input) and records without a non-empty `generated_output` are
-    written to `rejects.jsonl`; the rest are scored. `engine="ray"` scores the chunks on a Ray cluster
-    (`threeds.engine_ray`) into the same chunk files, so either engine resumes the other's run.
-    """
-    run = RunDir(run_dir)
-    kept, missing = require_fields(records, ["generated_output"])
-    rejects = [*rejects, *missing]
-    config = {
-        "model": model_spec or (model.name_or_path if model is not None else None),
-        "max_length": max_length, "function_words": function_words, "template": template,
-        "system": system, "chunk_size": chunk_size, "data_fingerprint": records_fingerprint(kept),
-    }  # fmt: skip
-    if dtype not in (None, "auto"):  # absent by default, so runs made before the flag still resume
-        config["dtype"] = dtype
-    manifest = run.read_manifest()
-    if overwrite or manifest.get("score_config") != config:
-        if manifest.get("score_config") and not overwrite and (run.chunks.exists() or run.file("metrics.parquet").exists()):
-            raise RunError(
-                f"{run.path} holds scores made with another configuration or data; "
-                "pass --overwrite to replace them or choose another --out"
-            )
-        run.clear_scores()
-    elif manifest.get("status") == "scored" and run.file("metrics.parquet").exists():
-        log.info("%s: already scored with this configuration; nothing to do", run.path)
-        return manifest
-    run.path.mkdir(parents=True, exist_ok=True)
-    if rejects:
-        write_jsonl(run.file("rejects.jsonl"), rejects)
-        log.warning("%d records rejected (see %s)", len(rejects), run.file("rejects.jsonl"))
-    timings = manifest.get("timings", {}) if manifest.get("score_config") == config else {}
-    manifest = run.update_manifest(
-        status="scoring", score_config=config, config={**manifest.get("config", {}), **config},
-        data={"path": data_path, "fingerprint": config["data_fingerprint"], "n_records": len(records) + len(rejects) - len(missing),
-              "n_rejected": len(rejects), "n_scored": len(kept)},
-        packages=package_versions(), timings=timings,
-    )  # fmt: skip
-    chunks = [kept[i : i + chunk_size] for i in range(0, len(kept), chunk_size)]
-    pending = [i for i in range(len(chunks)) if i not in run.done_chunks()]
-    if pending:
-        settings = {"max_length": max_length, "function_words": function_words, "batch_tokens": batch_tokens,
-                    "template": template, "system": system}  # fmt: skip
-        if engine == "ray":
-            from threeds.engine_ray import score_chunks_ray
-
-            spent = score_chunks_ray(run, chunks, pending, model_spec, settings, address=ray_address,
-                                     workers=ray_workers, progress=progress, dtype=dtype)  # fmt: skip
-        else:
-            loaded = (model, tokenizer) if model is not None and tokenizer is not None else None
-            spent = _score_chunks_local(run, chunks, pending, model_spec, loaded, dtype, settings, progress)
-        timings = {name: timings.get(name, 0.0) + seconds for name, seconds in spent.items()}
-    metrics = run.consolidate(len(chunks), kept)
-    return run.update_manifest(status="scored", timings=timings, report=score_report(metrics))
-
-
-def build_scorer(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    *,
-    max_length: int,
-    function_words: str,
-    batch_tokens: int,
-    template: str | None,
-    system: str | None,
-) -> Scorer:
+def build_scorer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, score: ScoreConfig, spec: ModelConfig) -> Scorer:
     """A Scorer from the run's settings (with the capturing attention switched on)."""
     use_threeds_attention(model)
-    fmt = prompt_format(tokenizer, template, system)
-    return Scorer(model, tokenizer, fmt, FunctionWords(function_words), max_length=max_length, batch_tokens=batch_tokens)
+    fmt = prompt_format(tokenizer, spec.template, spec.system)
+    return Scorer(model, tokenizer, fmt, FunctionWords(score.function_words), max_length=score.max_length,
+                  batch_tokens=score.batch_tokens)  # fmt: skip
 
 
-def _score_chunks_local(
-    run: RunDir,
-    chunks: list[list[dict]],
-    pending: list[int],
-    model_spec: str | None,
-    loaded: tuple[PreTrainedModel, PreTrainedTokenizerBase] | None,
-    dtype: str | None,
-    settings: dict,
-    progress: bool,
-) -> dict[str, float]:
-    """Score the pending chunks in this process, writing each as it finishes; returns the timings.
+@dataclass
+class ScoredChunk:
+    """One chunk's results from an engine; `info` (manifest fields naming the model) where the engine
+    learns them only with the results, as the Ray engine does."""
 
-    `loaded`: the caller's (model, tokenizer), else `model_spec` is loaded at `dtype`.
-    """
-    started = time.perf_counter()
-    model, tokenizer = loaded or load_model(model_spec, dtype=dtype)
-    scorer = build_scorer(model, tokenizer, **settings)
-    load_seconds = time.perf_counter() - started
-    run.update_manifest(model=model_info(model, model_spec), function_words=scorer.fw.describe())
-    started = time.perf_counter()
-    total = 2 * sum(len(chunks[i]) for i in pending)
-    with tqdm(total=total, unit="seq", desc="score", disable=not progress) as bar:
-        # One pipeline over all pending chunks: the next chunk is prepared while this one runs.
-        with closing(scorer.score_chunks((chunks[i] for i in pending), progress=bar.update)) as results:
+    index: int
+    result: ChunkResult
+    info: dict | None = None
+
+
+class LocalEngine:
+    """Scores chunks in this process with one model (the default engine; `threeds.engine_ray` is the other)."""
+
+    def __init__(self, score: ScoreConfig, spec: ModelConfig, loaded: tuple | None = None) -> None:
+        """`loaded`: a (model, tokenizer) the caller already has, else `spec` is loaded on `start`."""
+        self.score, self.spec, self.loaded = score, spec, loaded
+        self.scorer: Scorer | None = None
+
+    def start(self) -> dict:
+        """Load the model; returns the manifest fields that describe it."""
+        model, tokenizer = self.loaded or load_model(self.spec.model, dtype=self.spec.load_dtype)
+        self.scorer = build_scorer(model, tokenizer, self.score, self.spec)
+        return {"model": model_info(model, self.spec.model), "function_words": self.scorer.fw.describe()}
+
+    def results(
+        self, chunks: Sequence[list[dict]], pending: Sequence[int], progress: Callable[[int], None]
+    ) -> Iterator[ScoredChunk]:
+        """One pipeline over all pending chunks: the next chunk is prepared while this one runs."""
+        with closing(self.scorer.score_chunks((chunks[i] for i in pending), progress=progress)) as results:
             for index, result in zip(pending, results, strict=True):
-                run.write_chunk(index, result.metrics, result.embeddings, result.tokens)
-                run.write_progress("score", bar.n, total)
-    return {"load_seconds": load_seconds, "score_seconds": time.perf_counter() - started}
+                yield ScoredChunk(index, result)
+
+    def close(self) -> None:
+        self.scorer = None
 
 
 def score_report(metrics: pd.DataFrame) -> dict:

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from threeds.atomic import atomic_write
 from threeds.names import METRIC_NAMES, METRICS, metric_column
 
 DEFAULT_BAND = (25.0, 75.0)
@@ -52,16 +53,8 @@ def band_thresholds(values: np.ndarray, low: float, high: float) -> tuple[float,
     return float(lo), float(hi)
 
 
-def band_mask(values: np.ndarray, low: float, high: float) -> np.ndarray:
-    """True where percentile(low) <= value <= percentile(high); NaN/inf never pass.
-
-    Percentiles come from the finite values only, so a failed sample does not shift the band.
-    """
-    v = np.asarray(values, dtype=np.float64)
-    return _within(v, *band_thresholds(v, low, high))
-
-
-def _within(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+def within(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """True where lo <= value <= hi; NaN/inf never pass."""
     with np.errstate(invalid="ignore"):
         return np.isfinite(values) & (values >= lo) & (values <= hi)
 
@@ -108,7 +101,7 @@ def band_filter(
     per_metric = {}
     for m in METRICS:
         lo, hi = band_thresholds(values[m], *bands[m])
-        inside = _within(values[m], lo, hi)
+        inside = within(values[m], lo, hi)
         keep &= inside
         per_metric[m] = {
             "name": METRIC_NAMES[m],
@@ -407,18 +400,6 @@ def k_center_greedy(
 # ---------------------------------------------------------------------------- run directory
 
 
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    """Write a sibling temporary file, then rename: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, ensure_ascii=False, indent=1, allow_nan=False)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def select_run(
     run_dir: str | os.PathLike,
     bands: Mapping[str, Sequence[float]] | None = None,
@@ -470,7 +451,7 @@ def select_run(
         "selected_ids": [str(i) for i in metrics["id"].to_numpy()[rows]],
         "selected_rows": [int(r) for r in rows],
     }
-    _write_json_atomic(run_dir / "selection.json", result)
+    atomic_write(run_dir / "selection.json", lambda f: json.dump(result, f, ensure_ascii=False, indent=1, allow_nan=False), "w")
     return result
 
 

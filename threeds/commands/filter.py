@@ -7,9 +7,8 @@ import json
 import logging
 from pathlib import Path
 
-from threeds.commands.score import add_data_arguments
-from threeds.data import DataError, read_jsonl, read_records
-from threeds.generate import write_records
+from threeds.config import DataConfig, FilterConfig, add_arguments, from_args
+from threeds.data import DataError, read_jsonl, read_records, write_records
 from threeds.rate import filter_by_rating
 
 log = logging.getLogger(__name__)
@@ -23,19 +22,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "Records without a valid rating are left out and counted as unrated.",
     )  # fmt: skip
     parser.add_argument("--data", required=True, type=Path, help="the records that were rated")
-    add_data_arguments(parser)
     parser.add_argument("--ratings", required=True, type=Path, help="ratings JSONL written by `threeds rate`")
     parser.add_argument("--out", required=True, type=Path,
                         help="kept records: a JSON array, or JSON Lines if it ends in .jsonl")  # fmt: skip
-    parser.add_argument("--quality-threshold", type=float, default=85,
-                        help="lowest score kept, 0-100 (default: 85, as in the paper)")  # fmt: skip
+    add_arguments(parser, DataConfig)
+    add_arguments(parser, FilterConfig)
     parser.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
+    threshold = from_args(FilterConfig, args).quality_threshold
     try:
-        records, _ = read_records(args.data, args.duplicate_ids)
-        kept, report = filter_by_rating(records, read_jsonl(args.ratings), args.quality_threshold)
+        records, _ = read_records(args.data, from_args(DataConfig, args).duplicate_ids)
+        kept, report = filter_by_rating(records, read_jsonl(args.ratings), threshold)
         write_records(args.out, kept)
     except (DataError, OSError) as exc:
         log.error("%s", exc)

@@ -6,26 +6,13 @@ import argparse
 import logging
 from pathlib import Path
 
-from threeds.commands.generate import EXPECTED_ERRORS, add_backend_arguments, backend_from_args, print_summary
-from threeds.commands.score import add_data_arguments
+from threeds.commands.common import EXPECTED_ERRORS, print_summary
+from threeds.config import BackendConfig, DataConfig, ModelConfig, RateConfig, RunConfig, add_arguments, from_args
 from threeds.data import read_records
-from threeds.rate import PROMPT_NAMES, PromptError, load_rating_prompt, rate_records
+from threeds.pipeline import make_backend
+from threeds.rate import load_rating_prompt, rate_records
 
 log = logging.getLogger(__name__)
-
-
-def add_rating_arguments(parser: argparse.ArgumentParser, tokens_flag: str = "--max-new-tokens") -> None:
-    """Rating prompt and reply flags (also used by `threeds run`, with its own name for the token flag)."""
-    parser.add_argument(
-        "--prompt", default="en-medical",
-        help=f"rating prompt: one of {', '.join(PROMPT_NAMES)} (zh-medical is the paper's setting), or a text file "
-        "with {instruction} and {output} slots (default: en-medical)",
-    )  # fmt: skip
-    parser.add_argument(tokens_flag, dest="rate_max_new_tokens", type=int, default=16,
-                        help="longest rating reply in tokens; the score is the first number in it (default: 16)")  # fmt: skip
-    parser.add_argument("--reasks", type=int, default=2,
-                        help="times a reply without a score is asked again, with a reminder, before it is "
-                        "recorded as a failure (default: 2)")  # fmt: skip
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -38,25 +25,27 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "again to resume or to retry failures. Then `threeds filter` keeps the high ones.",
     )  # fmt: skip
     parser.add_argument("--data", required=True, type=Path, help="records: JSON, JSONL, Parquet or CSV")
-    add_data_arguments(parser)
-    parser.add_argument("--out", required=True, type=Path,
-                        help="ratings JSONL; progress.json is written beside it")  # fmt: skip
-    add_rating_arguments(parser)
+    parser.add_argument("--out", required=True, type=Path, help="ratings JSONL")
     parser.add_argument("--overwrite", action="store_true",
                         help="redo ratings the file holds from another model, prompt or settings")  # fmt: skip
-    add_backend_arguments(parser)
+    add_arguments(parser, DataConfig)
+    add_arguments(parser, RateConfig)
+    add_arguments(parser, ModelConfig)
+    add_arguments(parser.add_argument_group("backend"), BackendConfig)
     parser.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
+    rate = from_args(RateConfig, args)
+    config = RunConfig(model=from_args(ModelConfig, args), backend=from_args(BackendConfig, args))
     try:
-        template = load_rating_prompt(args.prompt)
-        records, rejects = read_records(args.data, args.duplicate_ids)
+        template = load_rating_prompt(rate.prompt)
+        records, rejects = read_records(args.data, from_args(DataConfig, args).duplicate_ids)
         if rejects:
             log.warning("%d input records rejected, e.g. %s", len(rejects), rejects[0])
-        summary = rate_records(records, backend_from_args(args), args.out, template, args.rate_max_new_tokens,
-                               reasks=args.reasks, overwrite=args.overwrite)  # fmt: skip
-    except (PromptError, *EXPECTED_ERRORS) as exc:
+        summary = rate_records(records, make_backend(config), args.out, template, rate.max_new_tokens,
+                               reasks=rate.reasks, overwrite=args.overwrite)  # fmt: skip
+    except EXPECTED_ERRORS as exc:
         log.error("%s", exc)
         return 1
     print_summary(summary)

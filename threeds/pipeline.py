@@ -1,0 +1,293 @@
+"""The stages of 3DS in one place: rate -> filter -> generate -> score -> select.
+
+This module owns their order, the settings and input fingerprint each stage records under
+`stages` in the run's manifest (written and read only here, through `Stages`), and the rule that
+a stage whose output is there and current is skipped. Rating and generation resume per record
+(`threeds.joblog`), scoring per chunk; a stage whose settings or input changed is done again, and
+so is everything after it. The CLI's commands and the app's launcher call these functions; the
+two scoring engines (`threeds.score.LocalEngine`, `threeds.engine_ray.RayEngine`) only turn chunks
+of records into results, and `score_chunks` writes them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from threeds.backends import Backend, LocalBackend, OpenAIBackend
+from threeds.config import EngineConfig, ModelConfig, RunConfig, ScoreConfig
+from threeds.data import fingerprint, read_jsonl, read_records, require_fields, write_json, write_jsonl
+from threeds.generate import generate_records
+from threeds.rate import filter_by_rating, load_rating_prompt, rate_records
+from threeds.rundir import RunDir, RunError, package_versions
+from threeds.score import LocalEngine, score_report
+from threeds.select import select_run, selected_records
+
+log = logging.getLogger(__name__)
+
+STAGES = ("rate", "filter", "generate", "score", "select")
+
+
+def digest(obj: object) -> str:
+    """Short hash of a JSON-able value (a prompt, a stage's settings)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def records_fingerprint(records: Sequence[dict]) -> str:
+    """Content hash of the records to score: a changed input never resumes an old run."""
+    sha = hashlib.sha256()
+    for record in records:
+        sha.update(json.dumps(record, sort_keys=True, ensure_ascii=False).encode())
+    return sha.hexdigest()
+
+
+class Stages:
+    """The `stages` section of the manifest: per stage, `config`, `input` or `data`, and its outcome
+    (`summary` or `report`)."""
+
+    def __init__(self, run: RunDir) -> None:
+        self.run = run
+        self.all = run.read_manifest().get("stages", {})
+
+    def current(self, name: str, meta: dict, *outputs: str) -> bool:
+        """Same settings and input as last time, and the outputs are there."""
+        meta = json.loads(json.dumps(meta, default=str))  # as the manifest stores it (tuples -> lists)
+        same = {k: self.all.get(name, {}).get(k) for k in meta} == meta
+        return same and all(self.run.file(o).exists() for o in outputs)
+
+    def record(self, name: str, **meta: object) -> None:
+        self.all[name] = {**self.all.get(name, {}), **meta}
+        self.run.update_manifest(stages=self.all)
+
+
+def make_backend(config: RunConfig) -> Backend:
+    """The backend for rating and A' that `config` asks for (the Ray one for local + --engine ray).
+
+    The API key of an OpenAI-compatible server comes from THREEDS_API_KEY or OPENAI_API_KEY.
+    """
+    backend, spec = config.backend, config.model
+    if backend.backend == "local" and config.engine.engine == "ray":
+        from threeds.engine_ray import RayLocalBackend
+
+        return RayLocalBackend(spec.model, template=spec.template, system=spec.system, batch_size=backend.batch_size,
+                               address=config.engine.ray_address, workers=config.engine.ray_workers, dtype=spec.dtype)  # fmt: skip
+    if backend.backend == "local":
+        return LocalBackend(spec.model, template=spec.template, system=spec.system, batch_size=backend.batch_size,
+                            dtype=spec.dtype)  # fmt: skip
+    return OpenAIBackend(
+        backend.base_url, backend.api_model, system=spec.system, concurrency=backend.concurrency,
+        timeout=backend.timeout, retries=backend.retries, backoff=backend.retry_backoff,
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------ scoring
+
+
+def score_config(score: ScoreConfig, spec: ModelConfig, records: Sequence[dict], loaded: tuple | None = None) -> dict:
+    """What a scored run depends on (manifest `score_config`): a run is resumed only if it matches."""
+    model = spec.model or (loaded[0].name_or_path if loaded is not None else None)
+    return {
+        "model": model, "max_length": score.max_length, "function_words": score.function_words,
+        "template": spec.template, "system": spec.system, "chunk_size": score.chunk_size,
+        "data_fingerprint": records_fingerprint(records), **spec.recorded(),
+    }  # fmt: skip
+
+
+def score_run(
+    records: list[dict],
+    run_dir: str | os.PathLike,
+    score: ScoreConfig = ScoreConfig(),
+    spec: ModelConfig = ModelConfig(),
+    engine: EngineConfig = EngineConfig(),
+    *,
+    loaded: tuple | None = None,
+    data_path: str | None = None,
+    rejects: Sequence[dict] = (),
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Score `records` into `run_dir` (resumable) and return the run's manifest.
+
+    `loaded`: a (model, tokenizer) to use instead of loading `spec.model`. `rejects` (from reading
+    the input) and records without a non-empty `generated_output` go to `rejects.jsonl`.
+    """
+    run = RunDir(run_dir)
+    kept, missing = require_fields(records, ["generated_output"])
+    config = score_config(score, spec, kept, loaded)
+    manifest = _open_scoring(run, config, overwrite)
+    if manifest.get("status") == "scored":
+        log.info("%s: already scored with this configuration; nothing to do", run.path)
+        return manifest
+    rejects = [*rejects, *missing]
+    if rejects:
+        write_jsonl(run.file("rejects.jsonl"), rejects)
+        log.warning("%d records rejected (see %s)", len(rejects), run.file("rejects.jsonl"))
+    timings = manifest.get("timings", {}) if manifest.get("score_config") == config else {}
+    run.update_manifest(
+        status="scoring", score_config=config, config={**manifest.get("config", {}), **config},
+        data={"path": data_path, "fingerprint": config["data_fingerprint"], "n_records": len(records) + len(rejects) - len(missing),
+              "n_rejected": len(rejects), "n_scored": len(kept)},
+        packages=package_versions(), timings=timings,
+    )  # fmt: skip
+    chunks = [kept[i : i + score.chunk_size] for i in range(0, len(kept), score.chunk_size)]
+    pending = [i for i in range(len(chunks)) if i not in run.done_chunks()]
+    if pending:
+        spent = score_chunks(run, _engine(score, spec, engine, loaded), chunks, pending, progress)
+        timings = {name: timings.get(name, 0.0) + seconds for name, seconds in spent.items()}
+    metrics = run.consolidate(len(chunks), kept)
+    return run.update_manifest(status="scored", timings=timings, report=score_report(metrics))
+
+
+def _open_scoring(run: RunDir, config: dict, overwrite: bool) -> dict:
+    """The manifest to go on from: scores of another configuration are cleared (with `overwrite`) or
+    refused; `status` "scored" means there is nothing to do."""
+    manifest = run.read_manifest()
+    if overwrite or manifest.get("score_config") != config:
+        if manifest.get("score_config") and not overwrite and (run.chunks.exists() or run.file("metrics.parquet").exists()):
+            raise RunError(
+                f"{run.path} holds scores made with another configuration or data; "
+                "pass --overwrite to replace them or choose another --out"
+            )
+        run.clear_scores()
+        manifest.pop("status", None)
+    elif manifest.get("status") == "scored" and not run.file("metrics.parquet").exists():
+        manifest.pop("status")
+    run.path.mkdir(parents=True, exist_ok=True)
+    return manifest
+
+
+def _engine(score: ScoreConfig, spec: ModelConfig, engine: EngineConfig, loaded: tuple | None):
+    if engine.engine == "ray":
+        from threeds.engine_ray import RayEngine
+
+        return RayEngine(score, spec, engine)
+    return LocalEngine(score, spec, loaded)
+
+
+def score_chunks(run: RunDir, engine, chunks: list[list[dict]], pending: list[int], progress: bool) -> dict[str, float]:
+    """The one chunk writer: start `engine`, write each chunk it returns the moment it arrives (the
+    manifest names the model once known), keep progress.json current; returns the timings."""
+    started = time.perf_counter()
+    described = engine.start()
+    if described:
+        run.update_manifest(**described)
+    load_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    total = 2 * sum(len(chunks[i]) for i in pending)
+    try:
+        with tqdm(total=total, unit="seq", desc="score", disable=not progress) as bar:
+            for scored in engine.results(chunks, pending, bar.update):
+                if scored.info and not described:
+                    run.update_manifest(**scored.info)
+                    described = scored.info
+                result = scored.result
+                run.write_chunk(scored.index, result.metrics, result.embeddings, result.tokens)
+                run.write_progress("score", bar.n, total)
+    finally:
+        engine.close()
+    return {"load_seconds": load_seconds, "score_seconds": time.perf_counter() - started}
+
+
+# ------------------------------------------------------------------------------- threeds run
+
+
+def run_pipeline(data: Path, run: RunDir, config: RunConfig) -> dict:
+    """All five stages into `run`; returns where things are and each stage's counts."""
+    run.path.mkdir(parents=True, exist_ok=True)
+    stages = Stages(run)
+    records, rejects = read_records(data, config.data.duplicate_ids)
+    if rejects:
+        write_jsonl(run.file("rejects.jsonl"), rejects)
+        log.warning("%d input records rejected (see %s)", len(rejects), run.file("rejects.jsonl"))
+    backend = make_backend(config)
+    rated = _rate(stages, data, records, backend, config)
+    kept, report = _filter(stages, records, config)
+    generated, gen_summary = _generate(stages, kept, backend, config)
+    score_meta = _score(stages, data, generated, rejects, config)
+    selection = _select(stages, score_meta, config)
+    run.write_progress("done", len(selection["selected_ids"]), len(selection["selected_ids"]))
+    return {
+        "run": str(run.path), "selected": len(selection["selected_ids"]), "out": str(run.file("selected.json")),
+        "rate": rated, "filter": report, "generate": gen_summary, "score": run.read_manifest().get("report"),
+        "select": selection["report"],
+    }  # fmt: skip
+
+
+def _warn_failures(summary: dict) -> None:
+    if summary["failed"]:
+        log.warning("%s: %d records failed and are left out (see the rows with an \"error\" in %s); "
+                    "run the same command again to retry them", summary["stage"], summary["failed"], summary["log"])  # fmt: skip
+
+
+def _rate(stages: Stages, data: Path, records: list[dict], backend: Backend, config: RunConfig) -> dict:
+    """Stage 1 rating (resumes per record; ratings made another way are redone)."""
+    run, rate = stages.run, config.rate
+    template = load_rating_prompt(rate.prompt)
+    recorded = {**backend.signature, "prompt": rate.prompt, "prompt_sha": digest(template), "max_new_tokens": rate.max_new_tokens}
+    source = {"path": str(data), "fingerprint": fingerprint(data), "n_records": len(records)}
+    stages.record("rate", config=recorded, data=source)
+    summary = rate_records(records, backend, run.file("ratings.jsonl"), template, rate.max_new_tokens,
+                           reasks=rate.reasks, overwrite=True, progress_path=run.file("progress.json"))  # fmt: skip
+    stages.record("rate", summary=summary)
+    _warn_failures(summary)
+    return summary
+
+
+def _filter(stages: Stages, records: list[dict], config: RunConfig) -> tuple[list[dict], dict]:
+    run, threshold = stages.run, config.filter.quality_threshold
+    kept, report = filter_by_rating(records, read_jsonl(run.file("ratings.jsonl")), threshold)
+    write_jsonl(run.file("filtered.jsonl"), kept)
+    stages.record("filter", config={"quality_threshold": threshold}, report=report)
+    log.info("stage 1: %d of %d records rated >= %g (%d unrated)", report["kept"], report["total"], threshold,
+             report["unrated"])  # fmt: skip
+    if not kept:
+        raise RunError(f"no record passed stage 1 ({report}); lower --quality-threshold or check {run.file('ratings.jsonl')}")
+    return kept, report
+
+
+def _generate(stages: Stages, kept: list[dict], backend: Backend, config: RunConfig) -> tuple[list[dict], dict]:
+    """A' for the kept records (resumes per record); frees a local model, as scoring loads its own."""
+    run, tokens = stages.run, config.generate.max_new_tokens
+    generated, summary = generate_records(kept, backend, run.file("generations.jsonl"), tokens, overwrite=True,
+                                          progress_path=run.file("progress.json"))  # fmt: skip
+    stages.record("generate", config={**backend.signature, "max_new_tokens": tokens}, summary=summary)
+    _warn_failures(summary)
+    if not generated:
+        raise RunError(f"no A' could be generated; see the errors in {run.file('generations.jsonl')}")
+    if isinstance(backend, LocalBackend):
+        backend.close()
+    return generated, summary
+
+
+def _score(stages: Stages, data: Path, generated: list[dict], rejects: list[dict], config: RunConfig) -> dict:
+    """Stage 2 scoring (resumable chunks); returns the stage's recorded settings and input."""
+    run, score, spec = stages.run, config.score, config.model
+    recorded = {"model": spec.model, "max_length": score.max_length, "function_words": score.function_words,
+                "template": spec.template, "system": spec.system, "chunk_size": score.chunk_size, **spec.recorded()}  # fmt: skip
+    meta = {"config": recorded, "input": records_fingerprint(generated)}
+    fresh = not stages.current("score", meta)
+    if fresh and (run.file("metrics.parquet").exists() or run.chunks.exists()):
+        log.warning("score: the records or settings changed since the last run; scoring again")
+    stages.record("score", **meta)  # before scoring, so a killed run resumes its chunks
+    score_run(generated, run.path, score, spec, config.engine, data_path=str(data), rejects=rejects, overwrite=fresh)
+    return meta
+
+
+def _select(stages: Stages, score_meta: dict, config: RunConfig) -> dict:
+    """Bands + k-center, unless the selection is current; writes selection.json and selected.json."""
+    run, select = stages.run, config.select
+    meta = {"config": select.recorded(), "input": digest(score_meta)}
+    if stages.current("select", meta, "selection.json", "selected.json"):
+        log.info("select: up to date")
+        return json.loads(run.file("selection.json").read_text())
+    selection = select_run(run.path, select.bands(), select.sample_num, select.atten_method, select.seed)
+    write_json(run.file("selected.json"), selected_records(run.path, selection["selected_ids"]))
+    stages.record("select", **meta, report=selection["report"])
+    return selection
