@@ -21,7 +21,9 @@ import streamlit as st
 import threeds
 from app_pages import common
 from threeds.config import BackendConfig, DataConfig, FilterConfig, ModelConfig, RunConfig, SelectConfig, run_command
-from threeds.runs import NOT_RUNS, job_running, log_tail, read_job, read_progress, stage_counts, start_run, stop_run
+from threeds.errors import ThreedsError
+from threeds.jobs import job_running, log_tail, read_job, start_run, stop_run
+from threeds.runs import NOT_RUNS, read_progress, stage_counts
 
 SAMPLE_DATA = Path(threeds.__file__).parent / "sample_data"
 DATA_TYPES = ["json", "jsonl", "parquet", "csv"]
@@ -61,9 +63,9 @@ def run_table(names: list[str]) -> None:
 
 
 def show_run(run) -> None:
-    st.header(f"Run `{run.name}`")
+    st.header(f"Run {common.md(run.name)}")
     for file, problem in run.errors.items():
-        st.error(f"`{file}`: {problem}")
+        st.error(common.md(problem))  # names the file
     # Re-drawn every 2 s while a background run works, without re-running the whole page.
     st.fragment(progress_panel, run_every=2 if job_running(run.path) else None)(str(run.path))
     counts = list(stage_counts(run).items())
@@ -92,14 +94,18 @@ def progress_panel(path: str) -> None:
         c1, c2 = st.columns([1, 5])
         c2.caption(f"Running in the background (pid {job['pid']}); you can leave this page and come back.")
         if c1.button("Stop", key="stop_run"):
-            stop_run(run_dir)
+            with st.spinner("Stopping (SIGINT, then SIGTERM, then SIGKILL if it does not stop)…"):
+                st.session_state.setdefault("stopped", {})[path] = stop_run(run_dir).message
             st.rerun(scope="app")
     elif job is not None and not finished:
         c1, c2 = st.columns([1, 5])
         c2.caption("Stopped before the end. Resume runs the same command again; finished work is kept.")
         if c1.button("Resume", key="resume_run"):
-            start_run(job["argv"], run_dir)
-            st.rerun(scope="app")
+            if start_background(job["argv"], run_dir):
+                st.rerun(scope="app")
+    stopped = st.session_state.get("stopped", {}).get(path)
+    if stopped and not running:
+        st.info(f"Stop: {stopped}")
     if job is not None:
         with st.expander("Command and log", expanded=running or not finished):
             st.code(shlex.join(job["argv"]), language="bash")
@@ -153,7 +159,7 @@ def start_form() -> None:
         return
     problem = validate_new_run(name, data)
     if problem:
-        st.error(problem)
+        st.error(common.md(problem))
         return
     server = {"base_url": base_url.strip() or BackendConfig.base_url, "api_model": api_model.strip() or None}
     config = RunConfig(
@@ -163,9 +169,18 @@ def start_form() -> None:
         select=SelectConfig(low_th=float(low), up_th=float(up), sample_num=int(sample_num), atten_method=atten),
     )  # fmt: skip
     out = common.cache_dir() / name
-    argv = run_command(data, out, config)
-    start_run(argv, out)
-    common.switch_run(name)
+    if start_background(run_command(data, out, config), out):
+        common.switch_run(name)
+
+
+def start_background(argv: list[str], run_dir: Path) -> bool:
+    """Start the run, or say in one line why not (another writer holds the run directory)."""
+    try:
+        start_run(argv, run_dir)
+    except (ThreedsError, OSError) as exc:
+        st.error(common.md(common.one_line_error(exc)))
+        return False
+    return True
 
 
 def validate_new_run(name: str, data: str) -> str | None:

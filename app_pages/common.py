@@ -8,12 +8,14 @@ per band setting, histogram counts per column, the UMAP map and k-center pick or
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
 import streamlit as st
 
 from threeds.embed_map import PickOrder, load_or_compute_umap
+from threeds.errors import describe
 from threeds.names import ATTEN_METHODS, METRIC_NAMES, METRICS, metric_column
 from threeds.runs import DEFAULT_CACHE, Run, list_runs, load_run, run_key, run_settings
 from threeds.select import DEFAULT_BAND, band_filter
@@ -125,10 +127,10 @@ def require(run: Run, *files: str) -> None:
     for file in files:
         attr, what = REQUIRED_FILES[file]
         if file in run.errors:
-            st.error(f"Cannot use this run's {what}: {run.errors[file]}")
+            st.error(f"Cannot use this run's {what}: {md(run.errors[file])}")
             st.stop()
         if getattr(run, attr) is None:
-            st.info(f"Run **{run.name}** has no {what} yet (`{file}` is missing). Start or resume the run on **Runs**.")
+            st.info(f"Run **{md(run.name)}** has no {what} yet (`{file}` is missing). Start or resume the run on **Runs**.")
             st.stop()
 
 
@@ -237,3 +239,20 @@ def short(text: str, n: int = 120) -> str:
 def open_inspector(sample_id: str) -> None:
     st.session_state["inspect_id"] = sample_id
     st.switch_page(INSPECTOR)
+
+
+def one_line_error(exc: BaseException) -> str:
+    """The same one line the command line prints for this failure (`threeds.errors.describe`)."""
+    return describe(exc)[0]
+
+
+_MARKDOWN_INLINE = re.compile(r"([\\`*_\[\]<>~$:|!&])")  # special anywhere in a line
+_MARKDOWN_LEADING = re.compile(r"^(\s*)([#>+=-]|\d+[.)])")  # special at the start of one
+
+
+def md(text: object) -> str:
+    """User-controlled text (ids, run names, file names, messages quoting them) made literal in
+    Streamlit markdown: emphasis, code, links, HTML, LaTeX (`$`), emoji and colour directives (`:`)
+    and line-start markers (headings, lists, quotes) are escaped; line breaks become spaces."""
+    escaped = _MARKDOWN_INLINE.sub(r"\\\1", " ".join(str(text).splitlines()))
+    return _MARKDOWN_LEADING.sub(lambda m: m.group(1) + "\\" + m.group(2), escaped)

@@ -105,7 +105,7 @@ def chosen_id(run) -> str | None:
     if query:
         matches = find(run, query)
         if not matches:
-            st.warning(f"No sample id or instruction matches {query!r}.")
+            st.warning(f"No sample id or instruction matches {common.md(repr(query))}.")
         else:
             labels = {m: f"{m} — {common.short(full_instruction(run.records[run.row_of[m]]), 90)}" for m in matches}
             label = f"{len(matches)} match(es)" + (" (first 50)" if len(matches) == MATCHES else "")
@@ -127,13 +127,13 @@ def main() -> None:
     row = run.row_of[sample_id]
     record = run.records[row]
     mask, _ = common.band_result(run)
-    st.markdown(f"### `{sample_id}`  ·  inside all three bands now: **{'yes' if mask[row] else 'no'}**")
+    st.markdown(f"### {common.md(sample_id)}  ·  inside all three bands now: **{'yes' if mask[row] else 'no'}**")
     st.markdown("**Instruction**")
     st.text(full_instruction(record))
     try:
         tokens = run.tokens(sample_id)
     except RunFileError as exc:
-        st.error(str(exc))
+        st.error(common.md(common.one_line_error(exc)))
         tokens = None
     for col, response in zip(st.columns(2), RESPONSES):
         if tokens is None:

@@ -7,6 +7,7 @@ UMAP is replaced by a fast stand-in here (the real one is tested in test_embed_m
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +18,9 @@ from synthetic_run import make_run
 from threeds import embed_map
 from threeds.export import dataset_info_entry, select_command
 from threeds.config import DataConfig, RunConfig, SelectConfig, run_command
+from threeds.names import METRICS
 from threeds.rate import quality_mask
 from threeds.runs import load_run, stage_counts
-from threeds.names import METRICS
 from threeds.select import band_filter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,7 +90,7 @@ def test_runs_page_starts_a_run_in_the_background(demo, monkeypatch):
         started.append((argv, run_dir))
         return 1
 
-    monkeypatch.setattr("threeds.runs.start_run", fake_start)
+    monkeypatch.setattr("threeds.jobs.start_run", fake_start)
     at = app().run()
     at.radio(key="new_source").set_value("Path on this machine").run()
     at.text_input(key="new_path").set_value(str(demo / "input.jsonl")).run()
@@ -273,7 +274,7 @@ def test_runs_page_follows_a_background_run(demo):
     import sys
     import time
 
-    from threeds.runs import job_running, start_run
+    from threeds.jobs import job_running, start_run
 
     script = (
         "import json, sys, time, pathlib\n"
@@ -294,4 +295,27 @@ def test_runs_page_follows_a_background_run(demo):
         time.sleep(0.05)
     at.run()
     assert "Stopped before the end" in texts(at.caption)
+    assert "Stop: stopped (SIGINT): finished work is saved" in texts(at.info)
     assert at.button(key="resume_run")
+
+
+def test_user_controlled_text_is_escaped_and_run_file_errors_are_one_line(cache):
+    """A run name and a sample id full of markdown reach the page as literal text; a repeated id in
+    metrics.parquet shows the one line the command line prints."""
+    import pandas as pd
+
+    from app_pages.common import md
+
+    hostile = "*x* _y_ `z` [l](http://e) $a$ :red[r] <b>#"
+    assert md(hostile) == r"\*x\* \_y\_ \`z\` \[l\](http\://e) \$a\$ \:red\[r\] \<b\>#"
+    assert md("# a\nb") == r"\# a b" and md("1. x") == r"\1. x" and md("- x") == r"\- x"
+    run = make_run(cache / "r*1*", n=30, n_dropped=0)
+    at = app().run()
+    assert not at.exception
+    assert at.header[0].value == r"Run r\*1\*"
+    metrics = pd.read_parquet(run / "metrics.parquet")
+    metrics.loc[5, "id"] = metrics.loc[1, "id"]
+    metrics.to_parquet(run / "metrics.parquet", index=False)
+    at = app().run()
+    errors = re.sub(r"\\(.)", r"\1", texts(at.error))  # the markdown source, unescaped
+    assert f"{run / 'metrics.parquet'}: row 5: duplicate id 's000001' (first at row 1)" in errors and "\n" not in errors

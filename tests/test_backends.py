@@ -17,6 +17,7 @@ import torch
 
 from fake_openai_server import FakeOpenAIServer
 from threeds.backends import BackendError, LocalBackend, OpenAIBackend
+from threeds.errors import ServerDownError
 
 FAST = {"retries": 2, "backoff": 0.01, "timeout": 5.0}
 
@@ -106,7 +107,7 @@ def test_system_prompt_and_unreachable_server(server):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
-    with pytest.raises(BackendError, match="could not list"):
+    with pytest.raises(ServerDownError, match="server is down"):
         OpenAIBackend(dead, retries=1, backoff=0.01, timeout=2).chat(["x"], 4)
     (reply,) = OpenAIBackend(dead, "m", retries=1, backoff=0.01, timeout=2).chat(["x"], 4)
     assert "connection failed" in reply.error and reply.attempts == 2

@@ -322,3 +322,71 @@ def test_real_medquad_file_has_one_empty_answer_and_reused_ids():
     assert rejects[0]["reason"] == "empty" and rejects[0]["id"] is not None
     assert len({r["id"] for r in records}) == 2999
     assert all(set(r) == {"id", "instruction", "output", "source", "qtype"} for r in records)
+
+
+# ------------------------------------------------------------------------------ strictness (issue 13)
+
+
+def test_ragged_csv_rows_are_rejected_naming_the_line(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("id,instruction,output\na,Q1,A1\nb,Q2,A2,surplus\nc,Q3\nd,\"Q4\nmore\",A4\ne,Q5,A5\n", encoding="utf-8")
+    records, rejects = read_records(path)
+    assert [r["id"] for r in records] == ["a", "d", "e"] and records[1]["instruction"] == "Q4\nmore"
+    assert rejects == [
+        {"index": 1, "id": "b", "field": "record", "reason": "line 3: 4 cells, the header has 3"},
+        {"index": 2, "id": "c", "field": "record", "reason": "line 4: 2 cells, the header has 3"},
+    ]
+
+
+@pytest.mark.parametrize("text", ["\u200b", " \u200b\u200d\ufeff\t", "\u2060\u00ad", "\u3000\u3164", "\u202e\n"])
+def test_texts_blank_after_normalisation_are_rejected(tmp_path, text):
+    rows = [{"id": "ok", "instruction": "Q \u200b", "output": "A"}, {"id": "blank", "instruction": text, "output": "A"}]
+    records, rejects = read_records(write_lines(tmp_path / "d.jsonl", rows))
+    assert [r["id"] for r in records] == ["ok"] and records[0]["instruction"] == "Q \u200b"  # kept unchanged
+    assert [(r["index"], r["field"]) for r in rejects] == [(1, "instruction")]
+    assert rejects[0]["reason"] in {"whitespace only", "blank: only whitespace and invisible characters (zero-width, format, control)"}
+    assert rejects[0]["reason"] != "whitespace only" or not text.strip()
+
+
+def test_rejects_number_records_by_their_position_in_the_input_file(tmp_path):
+    from threeds.data import file_positions
+
+    rows = [{"id": "a", "instruction": "Q", "output": "A"}, {"id": "x", "instruction": "", "output": "A"},
+            {"id": "b", "instruction": "Q", "output": "A"}, {"id": "c", "instruction": "Q", "output": "A", "generated_output": " "}]  # fmt: skip
+    records, rejects = read_records(write_lines(tmp_path / "d.jsonl", rows))
+    positions = file_positions(records, rejects)
+    assert positions == {"a": 0, "b": 2, "c": 3}
+    _, later = require_fields([records[2]], ["generated_output"], positions)
+    assert [(r["index"], r["id"]) for r in [*rejects, *later]] == [(1, "x"), (3, "c")]
+
+
+def test_nan_and_infinity_are_written_as_null_and_nothing_else_changes(tmp_path):
+    row = {"id": "a", "score": float("nan"), "w": [1.5, float("inf"), np.float32("-inf")], "n": np.float64(2.5),
+           "arr": np.array([np.nan, 1.0]), "text": "NaN", "k": 7}  # fmt: skip
+    write_json(tmp_path / "a.json", row)
+    write_jsonl(tmp_path / "a.jsonl", [row])
+    append_jsonl(tmp_path / "a.jsonl", [row])
+    expected = {"id": "a", "score": None, "w": [1.5, None, None], "n": 2.5, "arr": [None, 1.0], "text": "NaN", "k": 7}
+    strict = {"parse_constant": lambda name: pytest.fail(f"{name} written")}
+    assert json.loads((tmp_path / "a.json").read_text(), **strict) == expected
+    assert [json.loads(line, **strict) for line in (tmp_path / "a.jsonl").read_text().splitlines()] == [expected] * 2
+
+
+def test_writing_over_a_directory_names_it(tmp_path):
+    (tmp_path / "out.json").mkdir()
+    with pytest.raises(IsADirectoryError) as caught:
+        write_json(tmp_path / "out.json", [])
+    assert caught.value.filename == str(tmp_path / "out.json")
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]  # no temp file left
+
+
+def test_an_input_without_usable_records_is_one_clear_error(tmp_path):
+    from threeds.data import require_records
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match="empty.jsonl: no records"):
+        require_records(empty, *read_records(empty))
+    bad = write_lines(tmp_path / "bad.jsonl", [{"id": "a", "instruction": " ", "output": "A"}])
+    with pytest.raises(DataError, match=r"bad.jsonl: all 1 records were rejected; the first, at index 0: field instruction"):
+        require_records(bad, *read_records(bad))

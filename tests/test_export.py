@@ -82,3 +82,21 @@ def test_select_command_reproduces_the_app_selection(tmp_path):
     command = select_command(str(run_dir), str(out), SelectConfig.from_bands(bands, sample_num=9))
     assert main(shlex.split(command)[1:]) == 0
     assert [r["id"] for r in json.loads(out.read_text())] == app_ids
+
+
+def test_dataset_names_become_plain_file_names():
+    from threeds.export import safe_name
+
+    assert safe_name("../../etc/passwd") == "_.._etc_passwd"
+    assert file_name("../x", "alpaca") == "_x.json" and file_name(".hidden", "jsonl") == "hidden.jsonl"
+    assert file_name("a b/c\\d", "sharegpt") == "a_b_c_d_sharegpt.json"
+    assert file_name("医学_数据-1.0", "alpaca") == "医学_数据-1.0.json"
+    assert file_name(" ", "alpaca") == "dataset.json" and file_name("..", "alpaca") == "dataset.json"
+    assert list(dataset_info_entry("x/y", "jsonl")) == ["x_y"]
+
+
+def test_export_is_strict_json():
+    rec = {"id": "a", "instruction": "Q", "output": "A", "score": float("nan")}
+    for fmt in ("alpaca", "jsonl", "sharegpt"):
+        text = export_text([rec], fmt)
+        assert "NaN" not in text and '"score": null' in text

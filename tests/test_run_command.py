@@ -87,9 +87,37 @@ def test_run_with_the_local_embedded_model_to_a_selected_json(tmp_path):
     data = tmp_path / "four.jsonl"
     data.write_text("".join(shortest), encoding="utf-8")
     run = tmp_path / "run"
-    assert cli(["run", "--data", str(data), "--out", str(run), "--quality-threshold", "0", "--max-new-tokens", "16",
-                "--max-length", "512", "--sample-num", "2", "--low-th", "0", "--up-th", "100"]) == 0  # fmt: skip
+    rc = cli(["run", "--data", str(data), "--out", str(run), "--quality-threshold", "0", "--max-new-tokens", "16",
+              "--max-length", "512", "--sample-num", "2", "--low-th", "0", "--up-th", "100"])  # fmt: skip
+    stages = json.loads((run / "manifest.json").read_text())["stages"]
+    failed = stages["rate"]["summary"]["failed"] + stages["generate"]["summary"]["failed"]
+    assert rc == (3 if failed else 0)  # 3: records left to retry
     ratings = [json.loads(line) for line in (run / "ratings.jsonl").read_text().splitlines()]
     assert len(ratings) == 4 and all(r["backend"] == "local" for r in ratings)
     selected = json.loads((run / "selected.json").read_text())
     assert 1 <= len(selected) <= 2 and all(r["generated_output"] for r in selected)
+
+
+def test_run_with_failed_records_exits_3_and_counts_rejects(tmp_path, data, tiny_model_dir, caplog):
+    """Exit status tells the truth: failed ratings left to retry are exit 3 with a line saying so, and
+    records rejected on reading are counted in the rating stage's summary."""
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    rows.insert(2, {"id": "blank", "instruction": "\u200b ", "output": "x"})
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def model(content: str) -> str:
+        return "I would rather not say" if "question 11" in content and "Reply with the number only" in content else _fake_model(content)
+
+    run = tmp_path / "run"
+    with FakeOpenAIServer(default_reply=model) as server:
+        args = ["run", "--data", str(data), "--out", str(run), "--backend", "openai", "--base-url", server.base_url,
+                "--model", str(tiny_model_dir), "--function-words", "none", "--low-th", "0", "--up-th", "100",
+                "--sample-num", "3", "--max-new-tokens", "20", "--reasks", "0"]  # fmt: skip
+        assert cli(args) == 3
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "run the same command again" in r.getMessage()]
+    assert any("1 records in rate" in m for m in warned), warned
+    stages = json.loads((run / "manifest.json").read_text())["stages"]
+    assert stages["rate"]["summary"] | {"seconds": 0} == stages["rate"]["summary"] | {
+        "total": 12, "done": 11, "failed": 1, "rejected": 1, "seconds": 0}
+    assert read_jsonl(run / "rejects.jsonl")[0] | {"reason": ""} == {"index": 2, "id": "blank", "field": "instruction", "reason": ""}
+    assert len(json.loads((run / "selected.json").read_text())) == 3  # the run still finished

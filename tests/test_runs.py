@@ -15,18 +15,10 @@ from threeds.commands.run import config_from_args
 from threeds.config import (
     BackendConfig, DataConfig, FilterConfig, GenerateConfig, ModelConfig, RateConfig, RunConfig, SelectConfig, run_command,
 )  # fmt: skip
+from threeds.errors import LockedError
+from threeds.jobs import StopResult, job_running, start_run, stop_run
 from threeds.rate import filter_by_rating, quality_mask
-from threeds.runs import (
-    job_running,
-    list_runs,
-    load_run,
-    percentile_rank,
-    read_progress,
-    run_key,
-    stage_counts,
-    start_run,
-    stop_run,
-)
+from threeds.runs import list_runs, load_run, percentile_rank, read_progress, run_key, stage_counts
 
 
 @pytest.fixture()
@@ -176,16 +168,13 @@ def test_background_job_start_status_stop(tmp_path):
     )
     pid = start_run([sys.executable, "-c", script, str(run_dir)], run_dir)
     assert pid > 0 and job_running(run_dir)
-    with pytest.raises(RuntimeError, match="already in progress"):
+    with pytest.raises(LockedError, match="already in progress"):
         start_run([sys.executable, "-c", "pass"], run_dir)
     deadline = time.time() + 10
     while read_progress(run_dir) is None and time.time() < deadline:
         time.sleep(0.05)
     assert read_progress(run_dir)["stage"] == "rate"
-    assert stop_run(run_dir)
-    deadline = time.time() + 10
-    while job_running(run_dir) and time.time() < deadline:
-        time.sleep(0.05)
+    assert stop_run(run_dir) == StopResult(("SIGINT",), stopped=True)
     assert not job_running(run_dir)
     assert "KeyboardInterrupt" in (run_dir / "run.log").read_text()
-    assert not stop_run(run_dir)
+    assert stop_run(run_dir).signals == ()

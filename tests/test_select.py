@@ -335,7 +335,7 @@ def test_select_run(tmp_path):
     assert result["params"]["bands"]["gt_wloss"] == [25.0, 75.0]
     assert result["params"]["seed"] == 1 and result["params"]["sample_num"] == 5
     assert json.loads((tmp_path / "selection.json").read_text(encoding="utf-8")) == result
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != ".lock") == [
         "data.jsonl", "embeddings.npy", "metrics.parquet", "selection.json"
     ]  # fmt: skip
 

@@ -3,6 +3,7 @@ target. Readers (the app, a resumed run) see the old file or the new one, never 
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from collections.abc import Callable
@@ -13,7 +14,9 @@ from typing import IO, Any
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[Any]], object], mode: str = "wb") -> None:
     """Call `write(file)` on a temporary file opened with `mode` ("wb" or "w"), then rename it to `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():  # else os.replace would name the temporary file in its error
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+    make_parent(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as f:
@@ -21,6 +24,18 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[Any]], object], mo
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename is None:  # e.g. ENOSPC from write or fsync: name the file
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
         raise
+
+
+def make_parent(path: str | os.PathLike) -> None:
+    """Create the folder `path` goes in; a file in the way is named (mkdir would say "exists")."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as exc:
+        blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), path.parent)
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(blocker)) from exc

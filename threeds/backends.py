@@ -17,6 +17,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
+from threeds.errors import ServerDownError, ThreedsError
+
 T = TypeVar("T")
 
 API_KEY_ENV = ("THREEDS_API_KEY", "OPENAI_API_KEY")
@@ -25,9 +27,10 @@ FATAL_STATUS = {401: "check the API key (THREEDS_API_KEY or OPENAI_API_KEY)",
                 403: "the API key is not allowed to use this model",
                 404: "check --base-url (it usually ends in /v1) and --api-model",
                 405: "check --base-url (it usually ends in /v1)"}  # fmt: skip
+UNREACHABLE = ("connection failed", "no reply within")  # how errors that never reached the server start
 
 
-class BackendError(RuntimeError):
+class BackendError(ThreedsError, RuntimeError):
     """A misconfiguration that would fail every request; the message says what to fix."""
 
 
@@ -184,6 +187,9 @@ class OpenAIBackend:
     exponential backoff and jitter (the client's own retries are off, so these are the only ones).
     401/403/404/405 raise `BackendError` at once, and so does 400 before any request succeeded (the
     settings are wrong); a later 400/413/422 fails only its record (e.g. a prompt too long).
+    After `max_consecutive_failures` records in a row failed without reaching the server (connection
+    errors, timeouts, after their retries) it raises `ServerDownError`: the server is down, and
+    asking it for every remaining record would take hours. 0 never gives up.
     """
 
     name = "openai"
@@ -191,6 +197,7 @@ class OpenAIBackend:
     def __init__(
         self, base_url: str, model: str | None = None, *, api_key: str | None = None, system: str | None = None,
         concurrency: int = 8, timeout: float = 120.0, retries: int = 5, backoff: float = 1.0, max_backoff: float = 60.0,
+        max_consecutive_failures: int = 5,
     ) -> None:  # fmt: skip
         self.base_url, self.model, self.system = base_url, model, system
         self.requested_model = model  # `model` is filled in from the server when None
@@ -198,6 +205,7 @@ class OpenAIBackend:
         self.concurrency, self.timeout, self.retries = max(1, concurrency), timeout, retries
         self.backoff, self.max_backoff = backoff, max_backoff
         self._succeeded = False
+        self.max_consecutive_failures, self._unreachable_in_a_row = max_consecutive_failures, 0
 
     @property
     def label(self) -> str:
@@ -247,6 +255,8 @@ class OpenAIBackend:
     async def _server_model(self, client) -> str:
         """The one model the server serves, for when --api-model is not given."""
         listing, _, error = await self._call(lambda: client.models.list())
+        if listing is None and error.startswith(UNREACHABLE):
+            raise ServerDownError(f"{self.base_url}: the server is down: {error}; start it and run the same command again")
         if listing is None:
             raise BackendError(f"{self.base_url}: could not list the served models ({error}); pass --api-model")
         names = [m.id for m in listing.data]
@@ -271,10 +281,22 @@ class OpenAIBackend:
         began = time.perf_counter()
         result, attempts, error = await self._call(request)
         seconds = time.perf_counter() - began
+        self._count_unreachable(result is None and error.startswith(UNREACHABLE), error)
         if result is None:
             return Reply(None, seconds, error, attempts, model)
         self._succeeded = True
         return Reply(result[0], seconds, None, attempts, result[1])
+
+    def _count_unreachable(self, unreachable: bool, error: str | None) -> None:
+        """Records in a row that never reached the server; too many means it is down."""
+        self._unreachable_in_a_row = self._unreachable_in_a_row + 1 if unreachable else 0
+        limit = self.max_consecutive_failures
+        if limit and self._unreachable_in_a_row >= limit:
+            raise ServerDownError(
+                f"{self.base_url}: the server is down: {self._unreachable_in_a_row} records in a row failed "
+                f"({error}); records already answered are kept: start the server and run the same command again "
+                "(--max-consecutive-failures sets how many failures stop a run)"
+            )  # fmt: skip
 
     async def _call(self, request: Callable[[], Awaitable[T]]) -> tuple[T | None, int, str | None]:
         """(result, attempts, None) or (None, attempts, last error) after the retries."""

@@ -5,10 +5,15 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import sys
 
 from threeds import __version__
 from threeds.commands import COMMANDS
+from threeds.errors import USAGE, ThreedsError, describe
+
+log = logging.getLogger("threeds")
+
+# Failures a user can cause and fix: one line, a documented exit status (threeds.errors.EXIT_CODES).
+EXPECTED = (ThreedsError, OSError, KeyboardInterrupt)
 
 DESCRIPTION = """\
 3DS: Decomposed Difficulty Data Selection (Ding et al., EMNLP 2025).
@@ -24,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"threeds {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error, not only its one line")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         try:
@@ -47,9 +53,10 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger(name).setLevel(logging.WARNING)
     if not getattr(args, "func", None):
         parser.print_help()
-        return 2
+        return USAGE
     try:
         return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print("interrupted: finished work is saved; run the same command again to continue", file=sys.stderr)
-        return 130
+    except EXPECTED as exc:
+        message, code = describe(exc)
+        log.error("%s", message, exc_info=args.debug)
+        return code

@@ -81,6 +81,10 @@ class BackendConfig:
     timeout: float = setting(120.0, "openai: seconds one attempt may take (default: 120)")
     retries: int = setting(5, "openai: retries after a timeout, connection error, 429 or 5xx (default: 5)")
     retry_backoff: float = setting(1.0, "openai: first retry delay in seconds, doubled each retry, with jitter (default: 1)")
+    max_consecutive_failures: int = setting(
+        5, "openai: stop (exit status 6, server down) after this many records in a row could not reach the server, "
+        "even with retries; finished records are kept and a rerun resumes; 0 = never stop (default: 5)",
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,14 @@
 """Reading and writing records.
 
 Every later stage sees one shape: a dict with `id` (str), `instruction`, `output`, `input` (only
-if the source had it) and every other source field untouched. Bad records go to a rejects list
-instead of stopping a long run; errors that make the whole file untrustworthy (malformed JSON,
-duplicate ids) raise `DataError` with the position, so the user can fix the file.
+if the source had it) and every other source field untouched. Bad records (a text that is blank
+once whitespace and invisible characters are set aside, a CSV row with too many or too few cells)
+go to a rejects list instead of stopping a long run; errors that make the whole file
+untrustworthy (malformed JSON, duplicate ids) raise `DataError` with the position, so the user
+can fix the file. Every reject's `index` is the record's 0-based position in the input file.
+
+Everything written is strict JSON: a NaN or infinite number (say in a field passed through from
+a Parquet file) is written as null, since `NaN` is not JSON and other tools refuse it.
 """
 
 from __future__ import annotations
@@ -11,13 +16,16 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
 import os
+import unicodedata
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from threeds.atomic import atomic_write
+from threeds.atomic import atomic_write, make_parent
+from threeds.errors import ThreedsError
 
 PathLike = str | os.PathLike
 
@@ -30,7 +38,7 @@ _REQUIRED = ("instruction", "output")
 DUPLICATE_ID_POLICIES = ("error", "rename")
 
 
-class DataError(ValueError):
+class DataError(ThreedsError, ValueError):
     """The input file cannot be trusted as a whole (bad syntax, duplicate ids, unknown format)."""
 
 
@@ -106,11 +114,14 @@ def _first_positions(
     return first
 
 
-def require_fields(records: list[dict], fields: Iterable[str]) -> tuple[list[dict], list[dict]]:
-    """Split records into those whose `fields` are all non-empty strings and rejects.
+def require_fields(
+    records: list[dict], fields: Iterable[str], positions: dict[str, int] | None = None
+) -> tuple[list[dict], list[dict]]:
+    """Split records into those whose `fields` are all non-blank strings and rejects.
 
-    For later stages (e.g. `generated_output` must exist before scoring); `index` in a reject is
-    the position in `records`.
+    For later stages (e.g. `generated_output` must exist before scoring). `index` in a reject is
+    the record's position in the input file, from `positions` (see `file_positions`), else its
+    position in `records`.
     """
     fields = tuple(fields)
     kept: list[dict] = []
@@ -120,10 +131,30 @@ def require_fields(records: list[dict], fields: Iterable[str]) -> tuple[list[dic
         if problem is None:
             kept.append(rec)
         else:
+            where = index if positions is None else positions.get(rec.get("id"), index)
             rejects.append(
-                {"index": index, "id": rec.get("id"), "field": problem[0], "reason": problem[1]}
+                {"index": where, "id": rec.get("id"), "field": problem[0], "reason": problem[1]}
             )
     return kept, rejects
+
+
+def file_positions(records: list[dict], rejects: list[dict]) -> dict[str, int]:
+    """id -> 0-based position in the input file, for `read_records`'s full result: the records
+    fill, in order, the positions its rejects do not take."""
+    taken = {r["index"] for r in rejects}
+    free = (i for i in range(len(records) + len(rejects)) if i not in taken)
+    return {rec["id"]: position for rec, position in zip(records, free)}
+
+
+def require_records(path: PathLike, records: list[dict], rejects: list[dict]) -> None:
+    """Stop with one line when the input holds no usable record (empty, or every one rejected)."""
+    if records:
+        return
+    if not rejects:
+        raise DataError(f"{path}: no records (the file is empty)")
+    first = rejects[0]
+    raise DataError(f"{path}: all {len(rejects)} records were rejected; the first, at index {first['index']}: "
+                    f"field {first['field']}: {first['reason']}")  # fmt: skip
 
 
 def full_instruction(rec: dict) -> str:
@@ -210,15 +241,34 @@ def _load_parquet(path: Path) -> list[dict]:
         raise DataError(f"{path}: cannot read Parquet: {e}") from e
 
 
+class _RaggedRow(dict):
+    """A CSV row with more or fewer cells than the header: rejected with `problem` as the reason."""
+
+    problem = ""
+
+
 def _load_csv(path: Path, delimiter: str) -> list[dict]:
     """CSV cells stay strings (no type guessing that would turn ids into floats)."""
     try:
         with path.open(encoding="utf-8-sig", newline="") as f:
-            return list(csv.DictReader(f, delimiter=delimiter))
+            reader = csv.DictReader(f, delimiter=delimiter)
+            return [_checked_row(row, reader) for row in reader]
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text (byte {e.start})") from e
     except csv.Error as e:
         raise DataError(f"{path}: invalid CSV: {e}") from e
+
+
+def _checked_row(row: dict, reader: csv.DictReader) -> dict:
+    """The row, or a `_RaggedRow` when its cell count differs from the header's."""
+    extra = row.pop(None, None)  # DictReader's restkey: cells past the header
+    missing = sum(value is None for value in row.values())  # its restval: cells the row lacks
+    if not extra and not missing:
+        return row
+    cells = len(reader.fieldnames) + len(extra or []) - missing
+    ragged = _RaggedRow({k: v for k, v in row.items() if v is not None})
+    ragged.problem = f"line {reader.line_num}: {cells} cells, the header has {len(reader.fieldnames)}"
+    return ragged
 
 
 def _given_id(item: Any) -> str | None:
@@ -236,6 +286,8 @@ def _normalise(item: Any) -> tuple[dict, tuple[str, str] | None]:
     """One raw item to the record shape, or the (field, reason) that rejects it."""
     if not isinstance(item, dict):
         return {}, ("record", f"not a JSON object ({type(item).__name__})")
+    if isinstance(item, _RaggedRow):
+        return {}, ("record", item.problem)
     if "instruction" not in item and "output" not in item:
         if isinstance(item.get("conversations"), list):
             return _from_turns(item, "conversations", "from", "value")
@@ -303,7 +355,20 @@ def _text_problem(rec: dict, field: str) -> str | None:
         return f"not a string ({type(value).__name__})"
     if not value.strip():
         return "empty" if not value else "whitespace only"
+    if not any(_visible(c) for c in value):
+        return "blank: only whitespace and invisible characters (zero-width, format, control)"
     return None
+
+
+# Letters that draw nothing (fillers), beside the categories below.
+_BLANK_LETTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
+_INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Cn", "Zs", "Zl", "Zp"})
+
+
+def _visible(char: str) -> bool:
+    """Whether the character shows anything: not whitespace, a format or control character
+    (zero-width space and joiners, BOM, bidi marks, soft hyphen), or a blank filler."""
+    return char not in _BLANK_LETTERS and unicodedata.category(char) not in _INVISIBLE_CATEGORIES
 
 
 def content_hash(rec: dict) -> str:
@@ -352,8 +417,29 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
 
 
+def strict_json(obj: Any, **kwargs: Any) -> str:
+    """`json.dumps` that never writes NaN or Infinity (not JSON): such numbers become null."""
+    try:
+        return json.dumps(obj, ensure_ascii=False, default=_json_default, allow_nan=False, **kwargs)
+    except ValueError:
+        return json.dumps(_finite(obj), ensure_ascii=False, default=_json_default, allow_nan=False, **kwargs)
+
+
+def _finite(obj: Any) -> Any:
+    """A copy with NaN and infinite floats (numpy ones too) replaced by None."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if hasattr(obj, "tolist") and not isinstance(obj, (str, bytes)):
+        return _finite(obj.tolist())
+    return obj
+
+
 def _dumps_line(row: Any) -> str:
-    return json.dumps(row, ensure_ascii=False, default=_json_default) + "\n"
+    return strict_json(row) + "\n"
 
 
 def write_jsonl(path: PathLike, rows: Iterable[Any]) -> int:
@@ -370,7 +456,7 @@ def append_jsonl(path: PathLike, rows: Iterable[Any]) -> int:
     line of their own instead of corrupting the file.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_parent(path)
     text = "".join(_dumps_line(row) for row in rows)
     _drop_partial_tail(path)
     with path.open("a", encoding="utf-8") as f:
@@ -426,7 +512,7 @@ def read_jsonl(path: PathLike) -> list[Any]:
 
 def write_json(path: PathLike, obj: Any) -> None:
     """Write one JSON document atomically (manifests, selections)."""
-    text = json.dumps(obj, ensure_ascii=False, indent=2, default=_json_default) + "\n"
+    text = strict_json(obj, indent=2) + "\n"
     atomic_write(path, lambda f: f.write(text), "w")
 
 

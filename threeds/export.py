@@ -3,12 +3,12 @@ the `threeds select` command line that reproduces the selection from the run dir
 
 from __future__ import annotations
 
-import json
+import re
 import shlex
 from collections.abc import Sequence
 
 from threeds.config import SelectConfig, to_argv
-from threeds.data import to_alpaca, to_sharegpt
+from threeds.data import strict_json, to_alpaca, to_sharegpt
 
 FORMATS = ("alpaca", "jsonl", "sharegpt")
 SUFFIX = {"alpaca": ".json", "jsonl": ".jsonl", "sharegpt": ".json"}
@@ -18,15 +18,23 @@ MIME = {"alpaca": "application/json", "jsonl": "application/x-ndjson", "sharegpt
 def export_text(records: Sequence[dict], fmt: str) -> str:
     """The selected records as a file: Alpaca JSON array, Alpaca rows as JSON Lines, or ShareGPT."""
     if fmt == "alpaca":
-        return json.dumps([to_alpaca(r) for r in records], ensure_ascii=False, indent=2) + "\n"
+        return strict_json([to_alpaca(r) for r in records], indent=2) + "\n"
     if fmt == "jsonl":
-        return "".join(json.dumps(to_alpaca(r), ensure_ascii=False) + "\n" for r in records)
+        return "".join(strict_json(to_alpaca(r)) + "\n" for r in records)
     if fmt == "sharegpt":
-        return json.dumps([to_sharegpt(r) for r in records], ensure_ascii=False, indent=2) + "\n"
+        return strict_json([to_sharegpt(r) for r in records], indent=2) + "\n"
     raise ValueError(f"unknown export format {fmt!r}; expected one of {FORMATS}")
 
 
+def safe_name(dataset: str) -> str:
+    """The dataset name as a plain file name: letters and digits of any script, '.', '_' and '-' only, not starting
+    with a dot (no path separators, no hidden or parent-directory names); '_' for the rest."""
+    name = re.sub(r"[^\w.-]", "_", dataset.strip()).lstrip(".")
+    return name or "dataset"
+
+
 def file_name(dataset: str, fmt: str) -> str:
+    dataset = safe_name(dataset)
     return f"{dataset}_sharegpt.json" if fmt == "sharegpt" else f"{dataset}{SUFFIX[fmt]}"
 
 
@@ -41,7 +49,7 @@ def dataset_info_entry(dataset: str, fmt: str, has_system: bool = False) -> dict
         entry["columns"] = {"prompt": "instruction", "query": "input", "response": "output"}
         if has_system:
             entry["columns"]["system"] = "system"
-    return {dataset: entry}
+    return {safe_name(dataset): entry}
 
 
 def select_command(run_dir: str, out: str, config: SelectConfig) -> str:

@@ -23,12 +23,14 @@ from tqdm import tqdm
 
 from threeds.backends import Backend, Reply
 from threeds.data import append_jsonl, read_jsonl, write_jsonl
+from threeds.errors import ThreedsError
+from threeds.lock import locked
 from threeds.rundir import write_progress
 
 log = logging.getLogger(__name__)
 
 
-class StaleResultsError(RuntimeError):
+class StaleResultsError(ThreedsError, RuntimeError):
     """The log holds results made from other prompts or settings; the message says what to do."""
 
 
@@ -122,21 +124,25 @@ def run_job(
     job: Job, tasks: Sequence[Task], backend: Backend, log_path: Path, max_new_tokens: int,
     *, overwrite: bool = False, progress: bool = True, progress_path: Path | None = None,
 ) -> dict:  # fmt: skip
-    """Ask the backend for every task not yet done; append each row as it finishes; summary dict."""
+    """Ask the backend for every task not yet done; append each row as it finishes; summary dict.
+
+    Holds the lock of the log's folder (`threeds.lock`): two jobs appending to one log would each
+    ask for every record.
+    """
     log_path = Path(log_path)
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    todo = resume(log_path, tasks, overwrite)
-    bar = Progress(job.stage, log_path, len(tasks), len(tasks) - len(todo), progress, progress_path)
-    spent: dict[str, tuple[float, int]] = {}  # seconds and attempts of earlier rounds, per id
-    try:
-        for round_ in range(job.reasks + 1):
-            if not todo:
-                break
-            prompts = [t.prompt if round_ == 0 else job.reask(t.prompt) for t in todo]
-            final = round_ == job.reasks
-            todo = _ask_round(job, todo, prompts, backend, log_path, max_new_tokens, bar, spent, final)
-    finally:
-        summary = bar.close()
+    with locked(log_path.parent):
+        todo = resume(log_path, tasks, overwrite)
+        bar = Progress(job.stage, log_path, len(tasks), len(tasks) - len(todo), progress, progress_path)
+        spent: dict[str, tuple[float, int]] = {}  # seconds and attempts of earlier rounds, per id
+        try:
+            for round_ in range(job.reasks + 1):
+                if not todo:
+                    break
+                prompts = [t.prompt if round_ == 0 else job.reask(t.prompt) for t in todo]
+                final = round_ == job.reasks
+                todo = _ask_round(job, todo, prompts, backend, log_path, max_new_tokens, bar, spent, final)
+        finally:
+            summary = bar.close()
     return summary
 
 

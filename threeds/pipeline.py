@@ -23,8 +23,12 @@ from tqdm.auto import tqdm
 
 from threeds.backends import Backend, LocalBackend, OpenAIBackend
 from threeds.config import EngineConfig, ModelConfig, RunConfig, ScoreConfig
-from threeds.data import fingerprint, read_jsonl, read_records, require_fields, write_json, write_jsonl
+from threeds.data import (
+    DataError, file_positions, fingerprint, read_jsonl, read_records, require_fields, require_records, write_json,
+    write_jsonl,
+)  # fmt: skip
 from threeds.generate import generate_records
+from threeds.lock import locked
 from threeds.rate import filter_by_rating, load_rating_prompt, rate_records
 from threeds.rundir import RunDir, RunError, package_versions
 from threeds.score import LocalEngine, score_report
@@ -84,6 +88,7 @@ def make_backend(config: RunConfig) -> Backend:
     return OpenAIBackend(
         backend.base_url, backend.api_model, system=spec.system, concurrency=backend.concurrency,
         timeout=backend.timeout, retries=backend.retries, backoff=backend.retry_backoff,
+        max_consecutive_failures=backend.max_consecutive_failures,
     )  # fmt: skip
 
 
@@ -110,22 +115,36 @@ def score_run(
     loaded: tuple | None = None,
     data_path: str | None = None,
     rejects: Sequence[dict] = (),
+    positions: dict[str, int] | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
-    """Score `records` into `run_dir` (resumable) and return the run's manifest.
+    """Score `records` into `run_dir` (resumable, holding its lock) and return the run's manifest.
 
     `loaded`: a (model, tokenizer) to use instead of loading `spec.model`. `rejects` (from reading
-    the input) and records without a non-empty `generated_output` go to `rejects.jsonl`.
+    the input) and records without a non-empty `generated_output` go to `rejects.jsonl`, numbered
+    by position in the input file (`positions`; by default `records` and `rejects` are taken as
+    `read_records` returned them).
     """
-    run = RunDir(run_dir)
-    kept, missing = require_fields(records, ["generated_output"])
+    with locked(run_dir):
+        return _score_run(records, RunDir(run_dir), score, spec, engine, loaded, data_path, rejects, positions,
+                          overwrite, progress)  # fmt: skip
+
+
+def _score_run(
+    records: list[dict], run: RunDir, score: ScoreConfig, spec: ModelConfig, engine: EngineConfig, loaded: tuple | None,
+    data_path: str | None, rejects: Sequence[dict], positions: dict[str, int] | None, overwrite: bool, progress: bool,
+) -> dict:  # fmt: skip
+    kept, missing = require_fields(records, ["generated_output"], positions or file_positions(records, list(rejects)))
+    rejects = sorted([*rejects, *missing], key=lambda r: r["index"])
+    if not kept:
+        first = f"; the first, at index {rejects[0]['index']}: field {rejects[0]['field']}: {rejects[0]['reason']}" if rejects else ""
+        raise DataError(f"{data_path or run.path}: no record to score ({len(rejects)} rejected{first})")
     config = score_config(score, spec, kept, loaded)
     manifest = _open_scoring(run, config, overwrite)
     if manifest.get("status") == "scored":
         log.info("%s: already scored with this configuration; nothing to do", run.path)
         return manifest
-    rejects = [*rejects, *missing]
     if rejects:
         write_jsonl(run.file("rejects.jsonl"), rejects)
         log.warning("%d records rejected (see %s)", len(rejects), run.file("rejects.jsonl"))
@@ -199,18 +218,23 @@ def score_chunks(run: RunDir, engine, chunks: list[list[dict]], pending: list[in
 
 
 def run_pipeline(data: Path, run: RunDir, config: RunConfig) -> dict:
-    """All five stages into `run`; returns where things are and each stage's counts."""
-    run.path.mkdir(parents=True, exist_ok=True)
+    """All five stages into `run`, holding its lock; returns where things are and each stage's counts."""
+    with locked(run.path):
+        return _run_stages(data, run, config)
+
+
+def _run_stages(data: Path, run: RunDir, config: RunConfig) -> dict:
     stages = Stages(run)
     records, rejects = read_records(data, config.data.duplicate_ids)
+    require_records(data, records, rejects)
     if rejects:
         write_jsonl(run.file("rejects.jsonl"), rejects)
         log.warning("%d input records rejected (see %s)", len(rejects), run.file("rejects.jsonl"))
     backend = make_backend(config)
-    rated = _rate(stages, data, records, backend, config)
+    rated = _rate(stages, data, records, len(rejects), backend, config)
     kept, report = _filter(stages, records, config)
     generated, gen_summary = _generate(stages, kept, backend, config)
-    score_meta = _score(stages, data, generated, rejects, config)
+    score_meta = _score(stages, data, generated, rejects, file_positions(records, rejects), config)
     selection = _select(stages, score_meta, config)
     run.write_progress("done", len(selection["selected_ids"]), len(selection["selected_ids"]))
     return {
@@ -226,8 +250,9 @@ def _warn_failures(summary: dict) -> None:
                     "run the same command again to retry them", summary["stage"], summary["failed"], summary["log"])  # fmt: skip
 
 
-def _rate(stages: Stages, data: Path, records: list[dict], backend: Backend, config: RunConfig) -> dict:
-    """Stage 1 rating (resumes per record; ratings made another way are redone)."""
+def _rate(stages: Stages, data: Path, records: list[dict], rejected: int, backend: Backend, config: RunConfig) -> dict:
+    """Stage 1 rating (resumes per record; ratings made another way are redone). Its summary counts the
+    input records rejected before it (`rejected`, listed in rejects.jsonl) beside those it rated."""
     run, rate = stages.run, config.rate
     template = load_rating_prompt(rate.prompt)
     recorded = {**backend.signature, "prompt": rate.prompt, "prompt_sha": digest(template), "max_new_tokens": rate.max_new_tokens}
@@ -235,6 +260,7 @@ def _rate(stages: Stages, data: Path, records: list[dict], backend: Backend, con
     stages.record("rate", config=recorded, data=source)
     summary = rate_records(records, backend, run.file("ratings.jsonl"), template, rate.max_new_tokens,
                            reasks=rate.reasks, overwrite=True, progress_path=run.file("progress.json"))  # fmt: skip
+    summary = {**summary, "rejected": rejected}
     stages.record("rate", summary=summary)
     _warn_failures(summary)
     return summary
@@ -266,7 +292,8 @@ def _generate(stages: Stages, kept: list[dict], backend: Backend, config: RunCon
     return generated, summary
 
 
-def _score(stages: Stages, data: Path, generated: list[dict], rejects: list[dict], config: RunConfig) -> dict:
+def _score(stages: Stages, data: Path, generated: list[dict], rejects: list[dict], positions: dict[str, int],
+           config: RunConfig) -> dict:  # fmt: skip
     """Stage 2 scoring (resumable chunks); returns the stage's recorded settings and input."""
     run, score, spec = stages.run, config.score, config.model
     recorded = {"model": spec.model, "max_length": score.max_length, "function_words": score.function_words,
@@ -276,7 +303,8 @@ def _score(stages: Stages, data: Path, generated: list[dict], rejects: list[dict
     if fresh and (run.file("metrics.parquet").exists() or run.chunks.exists()):
         log.warning("score: the records or settings changed since the last run; scoring again")
     stages.record("score", **meta)  # before scoring, so a killed run resumes its chunks
-    score_run(generated, run.path, score, spec, config.engine, data_path=str(data), rejects=rejects, overwrite=fresh)
+    score_run(generated, run.path, score, spec, config.engine, data_path=str(data), rejects=rejects, positions=positions,
+              overwrite=fresh)  # fmt: skip
     return meta
 
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from threeds.backends import Backend, Reply
 from threeds.data import full_instruction
+from threeds.errors import ThreedsError
 from threeds.joblog import Job, make_tasks, run_job
 
 PROMPT_NAMES = ("en-medical", "zh-medical", "general")
@@ -35,7 +36,7 @@ _DENOMINATOR_AFTER = re.compile(r"\s*(?:/|out of|满分)\s*(\d+(?:\.\d+)?)", re.
 _DENOMINATOR_BEFORE = re.compile(r"(?:/|out of|满分)\s*$", re.I)
 
 
-class PromptError(ValueError):
+class PromptError(ThreedsError, ValueError):
     """The rating prompt cannot be used; the message says why."""
 
 

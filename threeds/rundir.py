@@ -7,7 +7,6 @@ A killed run started again skips finished chunks: no row is lost or duplicated.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -19,13 +18,15 @@ import pandas as pd
 
 from threeds.atomic import atomic_write
 from threeds.data import write_json, write_jsonl
+from threeds.errors import ThreedsError
+from threeds.runcheck import read_manifest
 
 MANIFEST = "manifest.json"
 PROGRESS = "progress.json"
 PACKAGES = ("threeds", "torch", "transformers", "numpy", "pandas", "pyarrow", "spacy", "jieba")
 
 
-class RunError(RuntimeError):
+class RunError(ThreedsError, RuntimeError):
     """The run directory cannot be used as asked; the message says why and what to do."""
 
 
@@ -58,10 +59,7 @@ class RunDir:
         path = self.file(MANIFEST)
         if not path.exists():
             return {}
-        try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise RunError(f"{path}: corrupt manifest ({exc}); delete the run directory or use a new --out") from exc
+        return read_manifest(path)  # a corrupt one or one of the wrong shape: RunFileError naming it
 
     def update_manifest(self, **fields: object) -> dict:
         manifest = self.read_manifest() | fields

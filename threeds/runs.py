@@ -1,4 +1,4 @@
-"""Run directories as the app sees them: list, load with validation, start in the background.
+"""Run directories as the app sees them: list them, load them with validation (background runs: `threeds.jobs`).
 
 A run may be partial (Stage 1 only, still scoring) or hold a damaged file. Loading never stops
 at the first bad file: each file's problem is kept in `Run.errors` with a message that names the
@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import time
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -22,8 +19,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from threeds.data import DataError, read_jsonl, read_records
-from threeds.names import METRIC_COLUMNS, TOKEN_COLUMNS
+from threeds.errors import describe
+from threeds.names import TOKEN_COLUMNS
 from threeds.rate import quality_mask
+from threeds.runcheck import (
+    RunFileError,
+    check_token_ids,
+    read_embeddings,
+    read_json_object,
+    read_manifest,
+    read_metrics,
+    read_scored_records,
+)
 
 DEFAULT_CACHE = Path("cache")
 NOT_RUNS = {"models", "uploads"}
@@ -31,12 +38,6 @@ RUN_FILES = (
     "manifest.json", "ratings.jsonl", "rejects.jsonl", "metrics.parquet", "selection.json",
     "data.jsonl", "embeddings.npy", "tokens.parquet",
 )  # fmt: skip
-JOB_FILE = "job.json"  # written by `start_run`: pid and command of a background run
-LOG_FILE = "run.log"  # stdout + stderr of a background run
-
-
-class RunFileError(ValueError):
-    """One file of a run directory is missing, unreadable or inconsistent with the others."""
 
 
 @dataclass
@@ -137,18 +138,19 @@ def load_run(path: str | os.PathLike) -> Run:
         raise FileNotFoundError(f"{path}: no such run directory")
     run = Run(path, key=run_key(path))
     loaders = [
-        ("manifest.json", lambda: setattr(run, "manifest", _read_json(path / "manifest.json"))),
+        ("manifest.json", lambda: setattr(run, "manifest", read_manifest(path / "manifest.json"))),
         ("ratings.jsonl", lambda: setattr(run, "ratings", read_ratings(path / "ratings.jsonl"))),
         ("rejects.jsonl", lambda: setattr(run, "rejects", len(read_jsonl(path / "rejects.jsonl")))),
         ("metrics.parquet", lambda: setattr(run, "metrics", read_metrics(path / "metrics.parquet"))),
-        ("selection.json", lambda: setattr(run, "selection", _read_json(path / "selection.json"))),
+        ("selection.json", lambda: setattr(run, "selection", read_json_object(path / "selection.json"))),
     ]
     for name, load in loaders:
         _collect(run, name, load)
     if run.metrics is not None:
         n, ids = len(run.metrics), run.metrics["id"].tolist()
         _collect(run, "data.jsonl", lambda: setattr(run, "records", read_scored_records(path / "data.jsonl", ids)))
-        _collect(run, "embeddings.npy", lambda: setattr(run, "embeddings", read_embeddings(path / "embeddings.npy", n)))
+        _collect(run, "embeddings.npy", lambda: setattr(run, "embeddings", np.asarray(read_embeddings(path / "embeddings.npy", n), np.float32)))
+        _collect(run, "tokens.parquet", lambda: check_token_ids(path / "tokens.parquet", ids))
     return run
 
 
@@ -158,17 +160,8 @@ def _collect(run: Run, name: str, load) -> None:
     try:
         load()
     except (RunFileError, DataError, OSError, ValueError, pa.ArrowException) as exc:
-        run.errors[name] = f"{run.path / name}: {exc}"
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise RunFileError(f"corrupt JSON ({exc}); delete the file and run the stage again") from exc
-    if not isinstance(value, dict):
-        raise RunFileError(f"expected a JSON object, got {type(value).__name__}")
-    return value
+        message = describe(exc)[0]  # the line the command line would print
+        run.errors[name] = message if str(run.path / name) in message else f"{run.path / name}: {message}"
 
 
 def read_ratings(path: Path) -> pd.DataFrame:
@@ -183,36 +176,6 @@ def read_ratings(path: Path) -> pd.DataFrame:
     frame["score"] = pd.to_numeric(frame["score"], errors="coerce").astype(float)
     frame["id"] = frame["id"].astype(str)
     return frame.drop_duplicates("id", keep="last").reset_index(drop=True)
-
-
-def read_metrics(path: Path) -> pd.DataFrame:
-    try:
-        frame = pq.read_table(path).to_pandas()
-    except pa.ArrowException as exc:
-        raise RunFileError(f"cannot read Parquet ({exc}); score again") from exc
-    missing = [c for c in METRIC_COLUMNS if c not in frame.columns]
-    if missing:
-        raise RunFileError(f"missing columns {missing}; score again with this version of threeds")
-    if frame["id"].duplicated().any():
-        raise RunFileError(f"duplicate ids, e.g. {frame['id'][frame['id'].duplicated()].iloc[0]!r}; score again")
-    return frame
-
-
-def read_scored_records(path: Path, ids: list[str]) -> list[dict]:
-    records = read_jsonl(path)
-    if [r.get("id") for r in records] != ids:
-        raise RunFileError("its ids do not match metrics.parquet row for row; score again")
-    return records
-
-
-def read_embeddings(path: Path, n: int) -> np.ndarray:
-    try:
-        emb = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError) as exc:
-        raise RunFileError(f"not a readable .npy array ({exc}); score again") from exc
-    if emb.ndim != 2 or emb.shape[0] != n:
-        raise RunFileError(f"shape {emb.shape} does not match {n} rows of metrics.parquet; score again")
-    return np.asarray(emb, dtype=np.float32)
 
 
 def read_tokens(path: Path, sample_id: str) -> pd.DataFrame:
@@ -309,83 +272,3 @@ def percentile_rank(values: np.ndarray, x: float) -> float:
     if np.isnan(x) or values.size == 0:
         return float("nan")
     return 100.0 * np.searchsorted(values, x, side="right") / values.size
-
-
-# ---------------------------------------------------------------------------------------------
-# Background runs
-# ---------------------------------------------------------------------------------------------
-
-
-def start_run(argv: list[str], run_dir: str | os.PathLike, cwd: str | os.PathLike | None = None) -> int:
-    """Start `argv` detached from the app (own session), logging to run.log; returns the pid.
-
-    Detached so that it keeps running when the user leaves the page or the app restarts; the
-    CLI is resumable, so starting the same command again continues a stopped run.
-    """
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if job_running(run_dir):
-        raise RuntimeError(f"{run_dir}: a run is already in progress (pid {read_job(run_dir)['pid']})")
-    with open(run_dir / LOG_FILE, "ab") as log:
-        proc = subprocess.Popen(
-            argv, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
-        )
-    job = {"pid": proc.pid, "argv": argv, "started": time.time()}
-    (run_dir / JOB_FILE).write_text(json.dumps(job, indent=2) + "\n", encoding="utf-8")
-    _children[proc.pid] = proc
-    return proc.pid
-
-
-_children: dict[int, subprocess.Popen] = {}  # started by this process: poll() reaps them
-
-
-def read_job(run_dir: str | os.PathLike) -> dict | None:
-    try:
-        job = json.loads((Path(run_dir) / JOB_FILE).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    return job if isinstance(job, dict) and isinstance(job.get("pid"), int) else None
-
-
-def job_running(run_dir: str | os.PathLike) -> bool:
-    """Whether the background run recorded in job.json is still alive."""
-    job = read_job(run_dir)
-    if job is None:
-        return False
-    pid = job["pid"]
-    if pid in _children:
-        return _children[pid].poll() is None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return _cmdline_matches(pid, job.get("argv") or [])
-
-
-def _cmdline_matches(pid: int, argv: list[str]) -> bool:
-    """Guard against a recycled pid: the live process must be the command we started."""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return True  # no /proc: trust the pid
-    return [c.decode(errors="replace") for c in cmdline[:-1]] == argv
-
-
-def stop_run(run_dir: str | os.PathLike) -> bool:
-    """Interrupt the background run (SIGINT: the CLI saves finished work); True if one was running."""
-    job = read_job(run_dir)
-    if job is None or not job_running(run_dir):
-        return False
-    os.killpg(job["pid"], signal.SIGINT)
-    return True
-
-
-def log_tail(run_dir: str | os.PathLike, lines: int = 20) -> str:
-    path = Path(run_dir) / LOG_FILE
-    if not path.exists():
-        return ""
-    with open(path, "rb") as fh:
-        fh.seek(max(0, path.stat().st_size - 16384))
-        return "\n".join(fh.read().decode("utf-8", errors="replace").splitlines()[-lines:])

@@ -17,7 +17,10 @@ import pandas as pd
 import torch
 
 from threeds.atomic import atomic_write
+from threeds.errors import SettingsError
+from threeds.lock import locked
 from threeds.names import METRIC_NAMES, METRICS, metric_column
+from threeds.runcheck import RESCORE, RunFileError, load_scored
 
 DEFAULT_BAND = (25.0, 75.0)
 # Why a metric can be NaN (spec item 6); inf (overflow) is counted with NaN.
@@ -32,13 +35,17 @@ _CENTRE_ROWS = 4096  # about this many evenly spaced rows estimate the centroid
 _REFRESH_ROWS = 64  # rows brought up to date per try when looking for the farthest one
 
 
+class NonFiniteError(ValueError):
+    """The embeddings hold NaN or infinity: no distance can be computed."""
+
+
 # ---------------------------------------------------------------------------- band filter
 
 
 def _check_band(low: float, high: float) -> tuple[float, float]:
     low, high = float(low), float(high)
     if not (0.0 <= low <= high <= 100.0):
-        raise ValueError(f"percentile band needs 0 <= low <= high <= 100, got low={low}, high={high}")
+        raise SettingsError(f"percentile band needs 0 <= low <= high <= 100, got low={low}, high={high}")
     return low, high
 
 
@@ -207,7 +214,7 @@ def _upload(
         norms[s : s + chunk_rows] = (stored * stored).sum(1)
     if not bool(torch.isfinite(norms).all()):
         hint = "" if dtype == torch.float32 else f" or overflow {dtype} storage (try float32)"
-        raise ValueError(f"embeddings contain NaN/inf{hint}")
+        raise NonFiniteError(f"embeddings contain NaN/inf{hint}")
     return x, norms
 
 
@@ -417,42 +424,38 @@ def select_run(
     metrics.parquet) are in pick order.
     """
     if sample_num < 1:
-        raise ValueError(f"sample_num must be >= 1, got {sample_num}")
+        raise SettingsError(f"sample_num must be >= 1, got {sample_num}")
     run_dir = Path(run_dir)
-    metrics = pd.read_parquet(run_dir / "metrics.parquet")
-    embeddings = np.load(run_dir / "embeddings.npy", mmap_mode="r", allow_pickle=False)
-    if embeddings.ndim != 2 or len(embeddings) != len(metrics):
-        raise ValueError(
-            f"embeddings.npy has shape {embeddings.shape} but metrics.parquet has {len(metrics)} "
-            "rows; they must be one embedding row per metrics row (same order)"
-        )
-    if "id" not in metrics.columns:
-        raise ValueError("metrics.parquet lacks the 'id' column")
-    keep, report = band_filter(metrics, bands, atten_method)
-    survivors = np.flatnonzero(keep)
-    device = resolve_device(device)
-    start = time.perf_counter()
-    picks = k_center_greedy(
-        embeddings[survivors], sample_num, seed=seed, device=device, dtype=dtype, progress=progress
-    )
-    report["n_selected"] = int(len(picks))
-    report["kcenter_seconds"] = round(time.perf_counter() - start, 3)
-    rows = survivors[picks]
-    result = {
-        "params": {
-            "bands": {m: list(b) for m, b in _resolve_bands(bands).items()},
-            "sample_num": int(sample_num),
-            "atten_method": atten_method,
-            "seed": int(seed),
-            "device": str(device),
-            "dtype": str(_storage_dtype(dtype)).removeprefix("torch."),
-        },
-        "report": report,
-        "selected_ids": [str(i) for i in metrics["id"].to_numpy()[rows]],
-        "selected_rows": [int(r) for r in rows],
-    }
-    atomic_write(run_dir / "selection.json", lambda f: json.dump(result, f, ensure_ascii=False, indent=1, allow_nan=False), "w")
-    return result
+    with locked(run_dir, create=False):  # one writer of the run directory (selection.json)
+        metrics, embeddings = load_scored(run_dir)  # ids unique and aligned across the run's files
+        keep, report = band_filter(metrics, bands, atten_method)
+        survivors = np.flatnonzero(keep)
+        device = resolve_device(device)
+        start = time.perf_counter()
+        try:
+            picks = k_center_greedy(
+                embeddings[survivors], sample_num, seed=seed, device=device, dtype=dtype, progress=progress
+            )
+        except NonFiniteError as exc:
+            raise RunFileError(f"{exc} in rows that passed the bands; {RESCORE}", path=run_dir / "embeddings.npy") from exc
+        report["n_selected"] = int(len(picks))
+        report["kcenter_seconds"] = round(time.perf_counter() - start, 3)
+        rows = survivors[picks]
+        result = {
+            "params": {
+                "bands": {m: list(b) for m, b in _resolve_bands(bands).items()},
+                "sample_num": int(sample_num),
+                "atten_method": atten_method,
+                "seed": int(seed),
+                "device": str(device),
+                "dtype": str(_storage_dtype(dtype)).removeprefix("torch."),
+            },
+            "report": report,
+            "selected_ids": [str(i) for i in metrics["id"].to_numpy()[rows]],
+            "selected_rows": [int(r) for r in rows],
+        }
+        atomic_write(run_dir / "selection.json", lambda f: json.dump(result, f, ensure_ascii=False, indent=1, allow_nan=False), "w")
+        return result
 
 
 def selected_records(run_dir: str | os.PathLike, selected_ids: Sequence[str]) -> list[dict]:

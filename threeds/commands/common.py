@@ -1,17 +1,10 @@
-"""What the commands share: the exceptions that end a command with one line, and the summary print."""
+"""What the commands share: the summary print. (Failures end in one line through `threeds.cli.main`,
+with the exit status of `threeds.errors`.)"""
 
 from __future__ import annotations
 
 import json
 
-from threeds.backends import BackendError
-from threeds.data import DataError
-from threeds.joblog import StaleResultsError
-from threeds.rate import PromptError
-from threeds.rundir import RunError
-
-# What the stage commands turn into exit status 1 with a one-line message.
-EXPECTED_ERRORS = (BackendError, DataError, PromptError, StaleResultsError, RunError, OSError)
 
 
 def print_summary(summary: dict) -> None:

@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 
 from threeds.config import DataConfig, FilterConfig, add_arguments, from_args
-from threeds.data import DataError, read_jsonl, read_records, write_records
+from threeds.data import read_jsonl, read_records, write_records
 from threeds.rate import filter_by_rating
 
 log = logging.getLogger(__name__)
@@ -32,13 +32,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def main(args: argparse.Namespace) -> int:
     threshold = from_args(FilterConfig, args).quality_threshold
-    try:
-        records, _ = read_records(args.data, from_args(DataConfig, args).duplicate_ids)
-        kept, report = filter_by_rating(records, read_jsonl(args.ratings), threshold)
-        write_records(args.out, kept)
-    except (DataError, OSError) as exc:
-        log.error("%s", exc)
-        return 1
+    records, _ = read_records(args.data, from_args(DataConfig, args).duplicate_ids)
+    kept, report = filter_by_rating(records, read_jsonl(args.ratings), threshold)
+    write_records(args.out, kept)
     if report["unrated"]:
         log.warning("%d records have no valid rating and were left out; rerun `threeds rate` to retry them",
                     report["unrated"])  # fmt: skip

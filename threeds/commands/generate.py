@@ -7,12 +7,14 @@ import logging
 from pathlib import Path
 
 from threeds.backends import LocalBackend
-from threeds.commands.common import EXPECTED_ERRORS, print_summary
+from threeds.commands.common import print_summary
 from threeds.config import (
     BackendConfig, DataConfig, EngineConfig, GenerateConfig, ModelConfig, RunConfig, add_arguments, from_args,
 )  # fmt: skip
-from threeds.data import read_records, write_records
+from threeds.data import read_records, require_records, write_records
+from threeds.errors import RECORDS_FAILED, ThreedsError
 from threeds.generate import generate_records
+from threeds.lock import locked
 from threeds.pipeline import make_backend
 
 log = logging.getLogger(__name__)
@@ -54,23 +56,21 @@ def main(args: argparse.Namespace) -> int:
     config = RunConfig(model=from_args(ModelConfig, args), backend=from_args(BackendConfig, args),
                        engine=from_args(EngineConfig, args))  # fmt: skip
     if config.engine.engine == "ray" and config.backend.backend != "local":
-        log.error("%s", RAY_OPENAI)
-        return 1
+        raise ThreedsError(RAY_OPENAI)
     log_path = args.log or args.out.with_name(f"{args.out.stem}.generations.jsonl")
+    records, rejects = read_records(args.data, from_args(DataConfig, args).duplicate_ids)
+    require_records(args.data, records, rejects)
+    if rejects:
+        log.warning("%d input records rejected, e.g. %s", len(rejects), rejects[0])
     backend = None
-    try:
-        records, rejects = read_records(args.data, from_args(DataConfig, args).duplicate_ids)
-        if rejects:
-            log.warning("%d input records rejected, e.g. %s", len(rejects), rejects[0])
-        backend = make_backend(config)
-        tokens = from_args(GenerateConfig, args).max_new_tokens
-        done, summary = generate_records(records, backend, log_path, tokens, overwrite=args.overwrite)
-        write_records(args.out, done)
-    except EXPECTED_ERRORS as exc:
-        log.error("%s", exc)
-        return 1
-    finally:
-        if isinstance(backend, LocalBackend):
-            backend.close()  # frees the model; a Ray backend also leaves the cluster it joined
+    with locked(log_path.parent):  # before the model loads: a second writer is refused at once
+        try:
+            backend = make_backend(config)
+            tokens = from_args(GenerateConfig, args).max_new_tokens
+            done, summary = generate_records(records, backend, log_path, tokens, overwrite=args.overwrite)
+            write_records(args.out, done)
+        finally:
+            if isinstance(backend, LocalBackend):
+                backend.close()  # frees the model; a Ray backend also leaves the cluster it joined
     print_summary({**summary, "out": str(args.out)})
-    return 0 if not summary["failed"] else 3
+    return RECORDS_FAILED if summary["failed"] else 0

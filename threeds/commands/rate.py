@@ -6,9 +6,11 @@ import argparse
 import logging
 from pathlib import Path
 
-from threeds.commands.common import EXPECTED_ERRORS, print_summary
+from threeds.commands.common import print_summary
 from threeds.config import BackendConfig, DataConfig, ModelConfig, RateConfig, RunConfig, add_arguments, from_args
-from threeds.data import read_records
+from threeds.data import read_records, require_records
+from threeds.errors import RECORDS_FAILED
+from threeds.lock import locked
 from threeds.pipeline import make_backend
 from threeds.rate import load_rating_prompt, rate_records
 
@@ -38,15 +40,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def main(args: argparse.Namespace) -> int:
     rate = from_args(RateConfig, args)
     config = RunConfig(model=from_args(ModelConfig, args), backend=from_args(BackendConfig, args))
-    try:
-        template = load_rating_prompt(rate.prompt)
-        records, rejects = read_records(args.data, from_args(DataConfig, args).duplicate_ids)
-        if rejects:
-            log.warning("%d input records rejected, e.g. %s", len(rejects), rejects[0])
+    template = load_rating_prompt(rate.prompt)
+    records, rejects = read_records(args.data, from_args(DataConfig, args).duplicate_ids)
+    require_records(args.data, records, rejects)
+    if rejects:
+        log.warning("%d input records rejected, e.g. %s", len(rejects), rejects[0])
+    with locked(args.out.parent):  # before the model loads: a second writer is refused at once
         summary = rate_records(records, make_backend(config), args.out, template, rate.max_new_tokens,
                                reasks=rate.reasks, overwrite=args.overwrite)  # fmt: skip
-    except EXPECTED_ERRORS as exc:
-        log.error("%s", exc)
-        return 1
     print_summary(summary)
-    return 0 if not summary["failed"] else 3
+    return RECORDS_FAILED if summary["failed"] else 0

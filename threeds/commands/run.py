@@ -8,12 +8,12 @@ import json
 import logging
 from pathlib import Path
 
-from threeds.commands.common import EXPECTED_ERRORS
 from threeds.config import (
     RUN_FLAGS, BackendConfig, DataConfig, EngineConfig, FilterConfig, GenerateConfig, ModelConfig, RateConfig,
     RunConfig, ScoreConfig, SelectConfig, add_arguments, from_args,
 )  # fmt: skip
 from threeds.pipeline import run_pipeline
+from threeds.errors import RECORDS_FAILED
 from threeds.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -54,10 +54,12 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 def main(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     out = args.out or Path("cache") / args.data.stem
-    try:
-        result = run_pipeline(args.data, RunDir(out), config)
-    except (ValueError, *EXPECTED_ERRORS) as exc:
-        log.error("%s", exc)
-        return 1
+    result = run_pipeline(args.data, RunDir(out), config)
     print(json.dumps(result, indent=2, ensure_ascii=False, default=str))
-    return 0
+    failed = {stage: result[stage]["failed"] for stage in ("rate", "generate") if result[stage]["failed"]}
+    if failed:
+        log.warning("%s failed and were left out (rows with an \"error\" in %s); run the same command again to retry "
+                    "them", " and ".join(f"{n} records in {stage}" for stage, n in failed.items()), out)  # fmt: skip
+    if not result["selected"]:
+        log.warning("no sample was selected: none is inside every band; widen the bands")
+    return RECORDS_FAILED if failed or not result["selected"] else 0

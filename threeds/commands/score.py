@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 from pathlib import Path
 
 from threeds.config import DataConfig, EngineConfig, ModelConfig, ScoreConfig, add_arguments, from_args
-from threeds.data import DataError, read_records
+from threeds.data import read_records, require_records
 from threeds.pipeline import score_run
-from threeds.rundir import RunError
-
-log = logging.getLogger(__name__)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -36,14 +32,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        records, rejects = read_records(args.data, duplicate_ids=from_args(DataConfig, args).duplicate_ids)
-        manifest = score_run(
-            records, args.out, from_args(ScoreConfig, args), from_args(ModelConfig, args), from_args(EngineConfig, args),
-            data_path=str(args.data), rejects=rejects, overwrite=args.overwrite,
-        )  # fmt: skip
-    except (DataError, RunError) as exc:
-        log.error("%s", exc)
-        return 1
+    records, rejects = read_records(args.data, duplicate_ids=from_args(DataConfig, args).duplicate_ids)
+    require_records(args.data, records, rejects)
+    manifest = score_run(
+        records, args.out, from_args(ScoreConfig, args), from_args(ModelConfig, args), from_args(EngineConfig, args),
+        data_path=str(args.data), rejects=rejects, overwrite=args.overwrite,
+    )  # fmt: skip
     print(json.dumps({"run": str(args.out), "timings": manifest.get("timings"), "report": manifest.get("report")}, indent=2))
     return 0

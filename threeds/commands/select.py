@@ -8,8 +8,8 @@ import logging
 from pathlib import Path
 
 from threeds.config import SelectConfig, add_arguments, from_args
-from threeds.data import DataError, write_json
-from threeds.rundir import RunError
+from threeds.data import write_json
+from threeds.errors import RECORDS_FAILED
 from threeds.select import select_run, selected_records
 
 log = logging.getLogger(__name__)
@@ -32,12 +32,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def main(args: argparse.Namespace) -> int:
     config = from_args(SelectConfig, args)
-    try:
-        result = select_run(args.run, config.bands(), config.sample_num, config.atten_method, config.seed)
-        records = selected_records(args.run, result["selected_ids"])
-    except (DataError, RunError, ValueError, FileNotFoundError) as exc:
-        log.error("%s", exc)
-        return 1
+    result = select_run(args.run, config.bands(), config.sample_num, config.atten_method, config.seed)
+    records = selected_records(args.run, result["selected_ids"])
     write_json(args.out, records)
     print(json.dumps({"selected": len(records), "out": str(args.out), "report": result["report"]}, indent=2, default=str))
+    if not records:
+        log.warning("no sample is inside every band (%s); widen the bands", result["report"].get("n_kept"))
+        return RECORDS_FAILED
     return 0

@@ -1,0 +1,310 @@
+"""Hostile inputs: the CLI on bad files and corrupted run directories.
+
+Every case must end with the documented exit status and exactly one error line that names the
+file (and the line, row or field where there is one), never a traceback, and must leave the run's
+files as they were (nothing lost, nothing half written). Every case runs through `threeds.cli.main`
+in this process (a fresh interpreter costs seconds of imports); a few also run black box, as
+`python -m threeds`, to check what really reaches stderr.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from synthetic_run import make_run
+
+from threeds.errors import BAD_INPUT, IO_ERROR, LOCKED, USAGE
+
+ROOT = Path(__file__).resolve().parents[1]
+GOOD = {"instruction": "What helps a fever?", "output": "Rest and fluids.", "generated_output": "Rest."}
+
+
+def jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def scored_run(tmp: Path) -> Path:
+    return make_run(tmp / "run", n=30, n_dropped=0)
+
+
+def select(run: Path, out: Path, *flags: str) -> list[str]:
+    return ["select", "--run", str(run), "--out", str(out), "--sample-num", "5", *flags]
+
+
+def score(tmp: Path, data: Path, model: Path) -> list[str]:
+    return ["score", "--data", str(data), "--out", str(tmp / "run"), "--model", str(model)]
+
+
+# --------------------------------------------------------------------------------- the corpus
+
+
+@dataclass
+class Case:
+    name: str
+    build: Callable[[Path, Path], tuple[list[str], list[str]]]  # (tmp, model) -> (argv, words the line must hold)
+    code: int
+    writes: tuple[str, ...] = ()  # files it may write before it fails (complete ones)
+
+
+def _missing_run(tmp, model):
+    return select(tmp / "nope", tmp / "o.json"), [str(tmp / "nope"), "no such run directory"]
+
+
+def _corrupt_metrics(tmp, model):
+    run = scored_run(tmp)
+    (run / "metrics.parquet").write_bytes(b"PAR1 not really parquet PAR1")
+    return select(run, tmp / "o.json"), [str(run / "metrics.parquet"), "cannot read Parquet"]
+
+
+def _truncated_embeddings(tmp, model):
+    run = scored_run(tmp)
+    data = (run / "embeddings.npy").read_bytes()
+    (run / "embeddings.npy").write_bytes(data[: len(data) // 2])
+    return select(run, tmp / "o.json"), [str(run / "embeddings.npy"), "not a readable .npy"]
+
+
+def _int_embeddings(tmp, model):
+    run = scored_run(tmp)
+    np.save(run / "embeddings.npy", np.zeros((30, 4), np.int64))
+    return select(run, tmp / "o.json"), [str(run / "embeddings.npy"), "dtype int64"]
+
+
+def _repeated_id_in_metrics(tmp, model):
+    run = scored_run(tmp)
+    metrics = pd.read_parquet(run / "metrics.parquet")
+    metrics.loc[7, "id"] = metrics.loc[2, "id"]
+    metrics.to_parquet(run / "metrics.parquet", index=False)
+    return select(run, tmp / "o.json"), [str(run / "metrics.parquet"), "row 7: duplicate id 's000002' (first at row 2)"]
+
+
+def _repeated_id_in_data(tmp, model):
+    run = scored_run(tmp)
+    lines = (run / "data.jsonl").read_text().splitlines()
+    lines[4] = lines[1]
+    (run / "data.jsonl").write_text("\n".join(lines) + "\n")
+    return select(run, tmp / "o.json"), [str(run / "data.jsonl"), "line 5: duplicate id 's000001' (first at line 2)"]
+
+
+def _data_out_of_order(tmp, model):
+    run = scored_run(tmp)
+    lines = (run / "data.jsonl").read_text().splitlines()
+    lines[3], lines[4] = lines[4], lines[3]
+    (run / "data.jsonl").write_text("\n".join(lines) + "\n")
+    return select(run, tmp / "o.json"), [str(run / "data.jsonl"), "do not match metrics.parquet", "row 3"]
+
+
+def _stray_token_ids(tmp, model):
+    run = scored_run(tmp)
+    tokens = pd.read_parquet(run / "tokens.parquet")
+    tokens.loc[0, "id"] = "ghost"
+    tokens.to_parquet(run / "tokens.parquet", index=False)
+    return select(run, tmp / "o.json"), [str(run / "tokens.parquet"), "'ghost'"]
+
+
+def _missing_metric_column(tmp, model):
+    run = scored_run(tmp)
+    pd.read_parquet(run / "metrics.parquet").drop(columns=["gen_wloss_mean"]).to_parquet(run / "metrics.parquet")
+    return select(run, tmp / "o.json"), [str(run / "metrics.parquet"), "missing columns ['gen_wloss_mean']"]
+
+
+def _out_is_a_directory(tmp, model):
+    (tmp / "o.json").mkdir()
+    return select(scored_run(tmp), tmp / "o.json"), [str(tmp / "o.json"), "is a directory"]
+
+
+def _out_under_a_file(tmp, model):
+    (tmp / "file").write_text("x")
+    return select(scored_run(tmp), tmp / "file" / "o.json"), [str(tmp / "file"), "not a directory"]
+
+
+def _bad_band(tmp, model):
+    return select(scored_run(tmp), tmp / "o.json", "--low-th", "90", "--up-th", "10"), ["low=90", "high=10"]
+
+
+def _manifest_wrong_shape(tmp, model):
+    (tmp / "run").mkdir()
+    (tmp / "run" / "manifest.json").write_text("[1, 2]")
+    return score(tmp, jsonl(tmp / "d.jsonl", [{"id": "a", **GOOD}]), model), [str(tmp / "run" / "manifest.json"), "got list"]
+
+
+def _manifest_section_wrong_shape(tmp, model):
+    (tmp / "run").mkdir()
+    (tmp / "run" / "manifest.json").write_text('{"stages": "rate"}')
+    return score(tmp, jsonl(tmp / "d.jsonl", [{"id": "a", **GOOD}]), model), [str(tmp / "run" / "manifest.json"), "field stages"]
+
+
+def _empty_input(tmp, model):
+    (tmp / "d.jsonl").write_text("")
+    return score(tmp, tmp / "d.jsonl", model), [str(tmp / "d.jsonl"), "no records"]
+
+
+def _all_rejected(tmp, model):
+    data = jsonl(tmp / "d.jsonl", [{"id": "a", **GOOD, "output": " "}, {"id": "b", **GOOD, "instruction": None}])
+    return score(tmp, data, model), [str(data), "all 2 records were rejected", "index 0", "field output"]
+
+
+def _all_lack_generated_output(tmp, model):
+    data = jsonl(tmp / "d.jsonl", [{"id": "a", **GOOD, "generated_output": ""}])
+    return score(tmp, data, model), [str(data), "no record to score", "field generated_output"]
+
+
+def _ragged_csv(tmp, model):
+    (tmp / "d.csv").write_text("id,instruction,output,generated_output\na,Q,A,G,extra\n")
+    return score(tmp, tmp / "d.csv", model), [str(tmp / "d.csv"), "line 2: 5 cells, the header has 4"]
+
+
+def _invisible_instruction(tmp, model):
+    data = jsonl(tmp / "d.jsonl", [{"id": "a", **GOOD, "instruction": "\u200b \u2060\ufeff\u00a0"}])
+    return score(tmp, data, model), [str(data), "field instruction", "invisible"]
+
+
+def _broken_jsonl_line(tmp, model):
+    data = jsonl(tmp / "d.jsonl", [{"id": "a", **GOOD}, '{"id": "b", "instruction":'])
+    (tmp / "d.jsonl").write_text((tmp / "d.jsonl").read_text() + json.dumps({"id": "c", **GOOD}) + "\n")
+    return score(tmp, data, model), [str(data), "line 2"]
+
+
+def _repeated_input_id(tmp, model):
+    data = jsonl(tmp / "d.jsonl", [{"id": "a", **GOOD}, {"id": "b", **GOOD}, {"id": "a", **GOOD}])
+    return score(tmp, data, model), [str(data), "duplicate id 'a' at line 1 and line 3"]
+
+
+def _missing_input(tmp, model):
+    return score(tmp, tmp / "absent.jsonl", model), [str(tmp / "absent.jsonl"), "no such file"]
+
+
+def _unsupported_input(tmp, model):
+    (tmp / "d.xml").write_text("<a/>")
+    return score(tmp, tmp / "d.xml", model), [str(tmp / "d.xml"), "unsupported file type"]
+
+
+def _broken_ratings(tmp, model):
+    data = jsonl(tmp / "d.jsonl", [{"id": "a", **GOOD}])
+    ratings = jsonl(tmp / "r.jsonl", ['{"id": "a", "score": 90}', "{oops", '{"id": "b", "score": 1}'])
+    return ["filter", "--data", str(data), "--ratings", str(ratings), "--out", str(tmp / "o.json")], [str(ratings), "line 2"]
+
+
+CASES = [
+    Case("missing run directory", _missing_run, BAD_INPUT),
+    Case("corrupt metrics.parquet", _corrupt_metrics, BAD_INPUT),
+    Case("truncated embeddings.npy", _truncated_embeddings, BAD_INPUT),
+    Case("integer embeddings", _int_embeddings, BAD_INPUT),
+    Case("repeated id in metrics.parquet", _repeated_id_in_metrics, BAD_INPUT),
+    Case("repeated id in data.jsonl", _repeated_id_in_data, BAD_INPUT),
+    Case("data.jsonl out of order", _data_out_of_order, BAD_INPUT),
+    Case("tokens of an unknown id", _stray_token_ids, BAD_INPUT),
+    Case("metrics column missing", _missing_metric_column, BAD_INPUT),
+    Case("--out is a directory", _out_is_a_directory, IO_ERROR, writes=("run/selection.json",)),
+    Case("--out under a file", _out_under_a_file, IO_ERROR, writes=("run/selection.json",)),
+    Case("band out of order", _bad_band, USAGE),
+    Case("manifest of the wrong shape", _manifest_wrong_shape, BAD_INPUT),
+    Case("manifest section of the wrong shape", _manifest_section_wrong_shape, BAD_INPUT),
+    Case("empty input", _empty_input, BAD_INPUT),
+    Case("every record rejected", _all_rejected, BAD_INPUT),
+    Case("no generated_output anywhere", _all_lack_generated_output, BAD_INPUT),
+    Case("ragged CSV row", _ragged_csv, BAD_INPUT),
+    Case("invisible-only instruction", _invisible_instruction, BAD_INPUT),
+    Case("broken JSONL line", _broken_jsonl_line, BAD_INPUT),
+    Case("repeated id in the input", _repeated_input_id, BAD_INPUT),
+    Case("missing input file", _missing_input, IO_ERROR),
+    Case("unsupported input type", _unsupported_input, BAD_INPUT),
+    Case("broken ratings line", _broken_ratings, BAD_INPUT),
+]
+
+
+def snapshot(tmp: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(tmp)): p.read_bytes() for p in sorted(tmp.rglob("*")) if p.is_file()}
+
+
+def run_cli(argv: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "threeds", *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def unchanged(tmp: Path, before: dict[str, bytes], case: Case) -> bool:
+    """Nothing lost, nothing half written: the files are as they were (the lock file aside)."""
+    after = snapshot(tmp)
+    return {k: v for k, v in after.items() if not k.endswith(".lock") and k not in case.writes} == before
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input_ends_in_one_line_naming_the_file(case, tmp_path, tiny_model_dir, caplog):
+    from threeds.cli import main
+
+    argv, words = case.build(tmp_path, tiny_model_dir)
+    before = snapshot(tmp_path)
+    caplog.clear()
+    code = main(argv)  # an unexpected exception would escape here and fail the test
+    said = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [r.levelname for r in said] == ["ERROR"], [r.getMessage() for r in said]
+    assert not said[0].exc_info and said[0].name == "threeds"  # no traceback without --debug
+    line = said[0].getMessage()
+    assert "\n" not in line and all(word in line for word in words), line
+    assert code == case.code, line
+    assert unchanged(tmp_path, before, case)
+
+
+BLACK_BOX = ["missing run directory", "repeated id in metrics.parquet", "--out is a directory", "ragged CSV row"]
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.name in BLACK_BOX], ids=BLACK_BOX)
+def test_black_box_stderr_is_one_line(case, tmp_path, tiny_model_dir):
+    argv, words = case.build(tmp_path, tiny_model_dir)
+    before = snapshot(tmp_path)
+    result = run_cli(argv)
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ERROR threeds: "), result.stderr
+    assert all(word in lines[0] for word in words), lines[0]
+    assert result.returncode == case.code, result.stderr
+    assert unchanged(tmp_path, before, case)
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    result = run_cli(["--debug", *select(tmp_path / "nope", tmp_path / "o.json")])
+    assert result.returncode == BAD_INPUT
+    assert "Traceback" in result.stderr and "no such run directory" in result.stderr
+
+
+def test_nan_in_a_passed_through_field_is_written_as_null(tmp_path):
+    data = jsonl(tmp_path / "d.jsonl", ['{"id": "a", "instruction": "Q", "output": "A", "weight": NaN, "w": [Infinity, 1]}'])
+    ratings = jsonl(tmp_path / "r.jsonl", [{"id": "a", "score": 90}])
+    for out in (tmp_path / "o.json", tmp_path / "o.jsonl"):
+        result = run_cli(["filter", "--data", str(data), "--ratings", str(ratings), "--out", str(out)])
+        assert result.returncode == 0, result.stderr
+        text = out.read_text()
+        value = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in {out}"))
+        row = value[0] if isinstance(value, list) else value
+        assert row == {"id": "a", "instruction": "Q", "output": "A", "weight": None, "w": [None, 1]}
+
+
+@pytest.mark.parametrize("code, words", [(errno.ENOSPC, "disk full"), (errno.EACCES, "permission denied")])
+def test_a_full_disk_or_refused_write_is_one_line_and_leaves_no_partial_file(tmp_path, monkeypatch, caplog, code, words):
+    from threeds import atomic
+    from threeds.cli import main
+
+    run = scored_run(tmp_path)
+    before = snapshot(tmp_path)
+
+    def refuse(fd):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(atomic.os, "fsync", refuse)  # every file threeds replaces goes through atomic_write
+    caplog.clear()
+    assert main(select(run, tmp_path / "o.json")) == IO_ERROR
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors == [f"{run / 'selection.json'}: {words}" + ("; free some space and run the same command again" if code == errno.ENOSPC else "")]
+    assert not (tmp_path / "o.json").exists()
+    after = snapshot(tmp_path)
+    assert {k: v for k, v in after.items() if not k.endswith(".lock")} == before  # no temp file, nothing half written

@@ -1,0 +1,156 @@
+"""Run files checked as they are read: readable, the shapes and dtypes of docs/DESIGN.md, and in
+agreement with each other.
+
+`metrics.parquet` is the reference: its ids must be unique, `data.jsonl` must hold the same ids
+row for row, `embeddings.npy` one float row per metrics row, and `tokens.parquet` only ids of
+scored samples. A file that breaks any of this raises `RunFileError` with one line naming the
+file and what to do, before anything is computed from it: a repeated id would otherwise make
+`select` hand back the wrong record without a word.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from threeds.data import DataError, read_jsonl
+from threeds.errors import ThreedsError
+from threeds.names import METRIC_COLUMNS, TOKEN_COLUMNS
+
+MANIFEST_SECTIONS = ("config", "score_config", "model", "data", "timings", "report", "stages", "packages")
+RESCORE = "score again (threeds score --overwrite, or delete the run directory)"
+
+
+class RunFileError(ThreedsError, ValueError):
+    """One file of a run directory is missing, unreadable or inconsistent with the others."""
+
+
+def _fail(path: Path, problem: str, fix: str = RESCORE) -> RunFileError:
+    return RunFileError(f"{problem}; {fix}", path=path)
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON file that must hold one object (manifest.json, selection.json, progress.json)."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise _fail(path, f"not UTF-8 text (byte {exc.start})", "delete the file and run the stage again") from exc
+    except json.JSONDecodeError as exc:
+        raise _fail(path, f"corrupt JSON ({exc})", "delete the file and run the stage again") from exc
+    if not isinstance(value, dict):
+        raise _fail(path, f"expected a JSON object, got {type(value).__name__}", "delete the file and run the stage again")
+    return value
+
+
+def read_manifest(path: Path) -> dict:
+    """manifest.json: an object whose sections, where present, are objects."""
+    manifest = read_json_object(path)
+    for key in MANIFEST_SECTIONS:
+        if key in manifest and not isinstance(manifest[key], dict):
+            raise _fail(path, f"field {key}: expected an object, got {type(manifest[key]).__name__}",
+                        "delete the run directory or use a new --out")  # fmt: skip
+    return manifest
+
+
+def read_metrics(path: Path) -> pd.DataFrame:
+    """metrics.parquet: the metric columns as numbers, non-empty unique string ids."""
+    frame = _read_parquet(path)
+    missing = [c for c in METRIC_COLUMNS if c not in frame.columns]
+    if missing:
+        raise _fail(path, f"missing columns {missing}", "score again with this version of threeds")
+    ids = frame["id"]
+    if not all(isinstance(i, str) and i for i in ids):
+        row = next(r for r, i in enumerate(ids) if not (isinstance(i, str) and i))
+        raise _fail(path, f"row {row}: field id: expected a non-empty string, got {ids.iloc[row]!r}")
+    _require_unique(path, ids.tolist(), "row")
+    for column in METRIC_COLUMNS[1:]:
+        if not pd.api.types.is_numeric_dtype(frame[column]) or pd.api.types.is_bool_dtype(frame[column]):
+            raise _fail(path, f"column {column}: expected numbers, got {frame[column].dtype}")
+    return frame
+
+
+def read_scored_records(path: Path, ids: list[str]) -> list[dict]:
+    """data.jsonl: one record per metrics row, same ids in the same order."""
+    try:
+        records = read_jsonl(path)
+    except DataError as exc:
+        raise RunFileError(f"{exc}; {RESCORE}") from exc
+    got = [r.get("id") if isinstance(r, dict) else None for r in records]
+    _require_unique(path, got, "line")
+    if got != ids:
+        row = next((r for r, (a, b) in enumerate(zip(got, ids)) if a != b), min(len(got), len(ids)))
+        raise _fail(path, f"its ids do not match metrics.parquet row for row ({len(got)} records for {len(ids)} "
+                    f"rows; first difference at row {row})")  # fmt: skip
+    return records
+
+
+def read_embeddings(path: Path, n: int) -> np.ndarray:
+    """embeddings.npy: a 2-D float array with one row per metrics row, memory-mapped."""
+    try:
+        emb = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise _fail(path, f"not a readable .npy array ({exc})") from exc
+    if not isinstance(emb, np.ndarray) or emb.ndim != 2 or emb.shape[0] != n:
+        raise _fail(path, f"shape {getattr(emb, 'shape', None)} does not match {n} rows of metrics.parquet")
+    if emb.dtype.kind != "f":
+        raise _fail(path, f"dtype {emb.dtype}: expected float32")
+    return emb
+
+
+def check_token_ids(path: Path, ids: list[str]) -> None:
+    """tokens.parquet: the columns of DESIGN.md, and only ids that metrics.parquet holds."""
+    try:
+        schema = pq.read_schema(path)
+        table = pq.read_table(path, columns=["id"], read_dictionary=["id"]) if "id" in schema.names else None
+    except (pa.ArrowException, OSError) as exc:
+        raise _fail(path, f"cannot read Parquet ({_short(exc)})") from exc
+    missing = [c for c in TOKEN_COLUMNS if c not in schema.names]
+    if missing:
+        raise _fail(path, f"missing columns {missing}")
+    found: set = set()
+    for chunk in table.column("id").chunks:
+        found.update(chunk.dictionary.to_pylist() if pa.types.is_dictionary(chunk.type) else chunk.to_pylist())
+    stray = found - set(ids)
+    if stray:
+        raise _fail(path, f"{len(stray)} ids that metrics.parquet lacks, e.g. {sorted(map(str, stray))[:3]}")
+
+
+def load_scored(run_dir: Path) -> tuple[pd.DataFrame, np.ndarray]:
+    """metrics and embeddings of a scored run, after checking them against data.jsonl and tokens."""
+    if not run_dir.is_dir():
+        raise RunFileError(f"{run_dir}: no such run directory")
+    for name in ("metrics.parquet", "embeddings.npy", "data.jsonl"):
+        if not (run_dir / name).is_file():
+            raise _fail(run_dir / name, "missing (the run has not been scored)", "run `threeds score` into it first")
+    metrics = read_metrics(run_dir / "metrics.parquet")
+    ids = metrics["id"].tolist()
+    embeddings = read_embeddings(run_dir / "embeddings.npy", len(metrics))
+    read_scored_records(run_dir / "data.jsonl", ids)
+    if (run_dir / "tokens.parquet").exists():
+        check_token_ids(run_dir / "tokens.parquet", ids)
+    return metrics, embeddings
+
+
+def _read_parquet(path: Path) -> pd.DataFrame:
+    try:
+        return pq.read_table(path).to_pandas()
+    except (pa.ArrowException, OSError) as exc:
+        raise _fail(path, f"cannot read Parquet ({_short(exc)})") from exc
+
+
+def _require_unique(path: Path, ids: list, unit: str) -> None:
+    seen: dict = {}
+    for position, sample_id in enumerate(ids):
+        if sample_id in seen:
+            first = seen[sample_id] + (unit == "line")
+            raise _fail(path, f"{unit} {position + (unit == 'line')}: duplicate id {sample_id!r} (first at {unit} {first})")
+        seen[sample_id] = position
+
+
+def _short(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:200]
