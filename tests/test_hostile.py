@@ -24,7 +24,7 @@ import pandas as pd
 import pytest
 from synthetic_run import make_run
 
-from threeds.errors import BAD_INPUT, IO_ERROR, LOCKED, USAGE
+from threeds.errors import BAD_INPUT, IO_ERROR, USAGE
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD = {"instruction": "What helps a fever?", "output": "Rest and fluids.", "generated_output": "Rest."}
