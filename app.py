@@ -63,7 +63,7 @@ def run_table(names: list[str]) -> None:
 
 
 def show_run(run) -> None:
-    st.header(f"Run {common.md(run.name)}")
+    st.header(f"Run {common.code(run.name)}")
     for file, problem in run.errors.items():
         st.error(common.md(problem))  # names the file
     # Re-drawn every 2 s while a background run works, without re-running the whole page.

@@ -130,7 +130,7 @@ def require(run: Run, *files: str) -> None:
             st.error(f"Cannot use this run's {what}: {md(run.errors[file])}")
             st.stop()
         if getattr(run, attr) is None:
-            st.info(f"Run **{md(run.name)}** has no {what} yet (`{file}` is missing). Start or resume the run on **Runs**.")
+            st.info(f"Run {code(run.name)} has no {what} yet (`{file}` is missing). Start or resume the run on **Runs**.")
             st.stop()
 
 
@@ -256,3 +256,12 @@ def md(text: object) -> str:
     and line-start markers (headings, lists, quotes) are escaped; line breaks become spaces."""
     escaped = _MARKDOWN_INLINE.sub(r"\\\1", " ".join(str(text).splitlines()))
     return _MARKDOWN_LEADING.sub(lambda m: m.group(1) + "\\" + m.group(2), escaped)
+
+
+def code(text: object) -> str:
+    """User-controlled text as an inline code span (ids, names): literal whatever it holds, the
+    fence one backtick longer than any run of backticks inside it."""
+    text = " ".join(str(text).splitlines())
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"

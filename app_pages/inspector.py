@@ -127,7 +127,7 @@ def main() -> None:
     row = run.row_of[sample_id]
     record = run.records[row]
     mask, _ = common.band_result(run)
-    st.markdown(f"### {common.md(sample_id)}  ·  inside all three bands now: **{'yes' if mask[row] else 'no'}**")
+    st.markdown(f"### {common.code(sample_id)}  ·  inside all three bands now: **{'yes' if mask[row] else 'no'}**")
     st.markdown("**Instruction**")
     st.text(full_instruction(record))
     try:

@@ -63,7 +63,7 @@ def border_examples(run: Run, scores: np.ndarray, order: np.ndarray, threshold: 
             sample_id = str(run.ratings["id"].iloc[row])
             rec = run.record(sample_id) or {}
             with col.container(border=True):
-                st.markdown(f"**{scores[row]:g}** · {common.md(sample_id)}")
+                st.markdown(f"**{scores[row]:g}** · {common.code(sample_id)}")
                 st.text("Q: " + common.short(rec.get("instruction", "(text not available)"), 200))  # text: no markdown in data
                 st.text("A: " + common.short(rec.get("output", ""), 300))
                 if sample_id in run.row_of and st.button("Inspect", key=f"inspect_{sample_id}"):
