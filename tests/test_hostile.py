@@ -308,3 +308,19 @@ def test_a_full_disk_or_refused_write_is_one_line_and_leaves_no_partial_file(tmp
     assert not (tmp_path / "o.json").exists()
     after = snapshot(tmp_path)
     assert {k: v for k, v in after.items() if not k.endswith(".lock")} == before  # no temp file, nothing half written
+
+
+def test_an_empty_selection_says_so_and_exits_3(tmp_path, caplog, capsys):
+    from threeds.cli import main
+    from threeds.errors import RECORDS_FAILED
+
+    run = scored_run(tmp_path)
+    metrics = pd.read_parquet(run / "metrics.parquet")
+    metrics["gen_wloss_mean"] = np.nan  # no sample can be inside the Response Confidence band
+    metrics.to_parquet(run / "metrics.parquet", index=False)
+    caplog.clear()
+    assert main(select(run, tmp_path / "o.json")) == RECORDS_FAILED
+    assert json.loads((tmp_path / "o.json").read_text()) == []
+    assert json.loads(capsys.readouterr().out)["selected"] == 0
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [
+        "no sample is inside every band (0); widen the bands"]
