@@ -280,9 +280,11 @@ def test_debug_shows_the_traceback(tmp_path):
 def test_nan_in_a_passed_through_field_is_written_as_null(tmp_path):
     data = jsonl(tmp_path / "d.jsonl", ['{"id": "a", "instruction": "Q", "output": "A", "weight": NaN, "w": [Infinity, 1]}'])
     ratings = jsonl(tmp_path / "r.jsonl", [{"id": "a", "score": 90}])
-    for out in (tmp_path / "o.json", tmp_path / "o.jsonl"):
-        result = run_cli(["filter", "--data", str(data), "--ratings", str(ratings), "--out", str(out)])
-        assert result.returncode == 0, result.stderr
+    from threeds.cli import main
+
+    for out in (tmp_path / "o.json", tmp_path / "o.jsonl"):  # black box once, in this process once
+        argv = ["filter", "--data", str(data), "--ratings", str(ratings), "--out", str(out)]
+        assert (run_cli(argv).returncode if out.suffix == ".json" else main(argv)) == 0
         text = out.read_text()
         value = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in {out}"))
         row = value[0] if isinstance(value, list) else value
