@@ -19,6 +19,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import pandas as pd
 from tqdm.auto import tqdm
 
 from threeds.backends import Backend, LocalBackend, OpenAIBackend
@@ -29,9 +30,9 @@ from threeds.data import (
 )  # fmt: skip
 from threeds.generate import generate_records
 from threeds.lock import locked
+from threeds.names import METRIC_COLUMNS
 from threeds.rate import filter_by_rating, load_rating_prompt, rate_records
 from threeds.rundir import RunDir, RunError, package_versions
-from threeds.score import LocalEngine, score_report
 from threeds.select import select_run, selected_records
 
 log = logging.getLogger(__name__)
@@ -183,10 +184,13 @@ def _open_scoring(run: RunDir, config: dict, overwrite: bool) -> dict:
 
 
 def _engine(score: ScoreConfig, spec: ModelConfig, engine: EngineConfig, loaded: tuple | None):
+    """The engine `engine` names; imported here, so commands that do not score start without torch's models."""
     if engine.engine == "ray":
         from threeds.engine_ray import RayEngine
 
         return RayEngine(score, spec, engine)
+    from threeds.score import LocalEngine
+
     return LocalEngine(score, spec, loaded)
 
 
@@ -212,6 +216,16 @@ def score_chunks(run: RunDir, engine, chunks: list[list[dict]], pending: list[in
     finally:
         engine.close()
     return {"load_seconds": load_seconds, "score_seconds": time.perf_counter() - started}
+
+
+
+def score_report(metrics: pd.DataFrame) -> dict:
+    """Counts a user wants after scoring: truncations and samples left without a response token."""
+    return {
+        "n_scored": len(metrics),
+        "n_truncated": int(metrics["truncated"].sum()),
+        "n_nan": {c: int(metrics[c].isna().sum()) for c in METRIC_COLUMNS[1:]},
+    }
 
 
 # ------------------------------------------------------------------------------- threeds run

@@ -35,7 +35,7 @@ from threeds.config import ModelConfig, ScoreConfig
 from threeds.data import full_instruction
 from threeds.function_words import FunctionWords
 from threeds.model import load_model, model_label
-from threeds.names import METRIC_COLUMNS, SCORE_COLUMNS, TOKEN_COLUMNS
+from threeds.names import SCORE_COLUMNS, TOKEN_COLUMNS
 from threeds.prompts import PromptFormat, prompt_format
 
 RESPONSES = {"gt": "output", "gen": "generated_output"}
@@ -512,15 +512,6 @@ class LocalEngine:
 
     def close(self) -> None:
         self.scorer = None
-
-
-def score_report(metrics: pd.DataFrame) -> dict:
-    """Counts a user wants after scoring: truncations and samples left without a response token."""
-    return {
-        "n_scored": len(metrics),
-        "n_truncated": int(metrics["truncated"].sum()),
-        "n_nan": {c: int(metrics[c].isna().sum()) for c in METRIC_COLUMNS[1:]},
-    }
 
 
 def model_info(model: PreTrainedModel, spec: str | None) -> dict:
