@@ -189,6 +189,7 @@ def save_upload(upload) -> str:
     return str(target)
 
 
+common.page_config()
 navigation = st.navigation(
     [
         st.Page(runs_page, title="Runs", icon=":material/folder_open:", default=True),

@@ -14,7 +14,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 from synthetic_run import make_run
 
-from threeds import embed_map
+from threeds import embed_map, heatmap
 from threeds.export import dataset_info_entry, select_command
 from threeds.config import DataConfig, RunConfig, SelectConfig, run_command
 from threeds.rate import quality_mask
@@ -187,11 +187,26 @@ def test_inspector_by_search_and_by_link(demo):
     values = run.metrics["ins_ppl"].to_numpy()
     assert ins["percentile rank"] == pytest.approx(100 * (values <= values[row]).mean())
     heatmaps = [h.value for h in at.html]
-    assert len(heatmaps) == 4  # weight and loss, for A and A'
+    assert len(heatmaps) == 2  # A and A' side by side, the contribution view first
     tokens = run.tokens(sample)
-    first_gt = tokens[tokens["response"] == "gt"].iloc[0]
-    assert f"loss {first_gt.loss:.3f}" in heatmaps[0]
-    assert "color:#9e9e9e" in heatmaps[0]  # function words greyed
+    gt = heatmap.token_view(tokens[tokens["response"] == "gt"], "w_mean", len(run.records[row]["output"]))
+    first = gt.iloc[0]
+    assert f"loss {first.loss:.3f}" in heatmaps[0] and f"contribution {first.contribution:.4g}" in heatmaps[0]
+    assert f"weight share {100 * first.share:.2f}%" in heatmaps[0]
+    assert "function word: yes" in heatmaps[0] and "color:#9e9e9e" in heatmaps[0]  # function words greyed
+    assert "max-height:22rem;overflow-y:auto" in heatmaps[0]  # long answers scroll in a fixed box
+    assert f"**gt_wloss_mean** = {heatmap.weighted_loss(gt):.4f}" in texts(at.markdown)
+    colours = {}
+    for view in heatmap.VIEWS:
+        at.radio(key="inspect_view").set_value(view).run()
+        assert not at.exception
+        page = at.html[0].value
+        scale = heatmap.view_scale(gt, heatmap.VIEWS[view][0])
+        assert f"{scale.top:.3g}</span> clipped ({int(scale.clipped.sum())})" in page  # the legend's values
+        assert page.count("outline:2px dashed") == 1 + int(scale.clipped.sum())  # legend swatch + clipped cells
+        colours[view] = page.split("background:rgba(")[1].split(",")[:3]
+    assert len({tuple(c) for c in colours.values()}) == 3  # a colour map per view
+    assert at.session_state["atten_method"] == "mean"  # the view choice is the page's own
 
     other = run.records[5]["id"]
     link = app()
@@ -266,6 +281,11 @@ def test_every_page_on_a_real_threeds_run(cache, tiny_model_dir):
     assert "this selection is identical" in texts(at.caption)
     at.switch_page("app_pages/quality.py").run()
     assert at.slider(key="quality_threshold").value == 70.0
+    scored = load_run(cache / "real").metrics.iloc[1]
+    at.session_state["inspect_id"] = scored["id"]
+    at.switch_page("app_pages/inspector.py").run()
+    shown = texts(at.markdown)  # the contributions drawn add up to the run's own metrics
+    assert f"**gt_wloss_mean** = {scored['gt_wloss_mean']:.4f}" in shown and f"**gen_wloss_mean** = {scored['gen_wloss_mean']:.4f}" in shown
 
 
 def test_runs_page_follows_a_background_run(demo):

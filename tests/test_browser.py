@@ -107,6 +107,7 @@ def browser(tmp_path_factory):
     for flag in FLAGS:
         options.add_argument(flag)
     options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}")
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})  # every request, for `requested_urls`
     driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
     driver.set_page_load_timeout(TIMEOUT)
     try:
@@ -154,6 +155,31 @@ def go(driver, title: str) -> None:
     idle(driver)
 
 
+def requested_urls(driver) -> set[str]:
+    """URLs the page requested since the last call (Chromium's network log)."""
+    import json
+
+    found = set()
+    for entry in driver.get_log("performance"):
+        message = json.loads(entry["message"])["message"]
+        if message["method"] == "Network.requestWillBeSent":
+            found.add(message["params"]["request"]["url"])
+    return found
+
+
+def outside(urls: set[str]) -> set[str]:
+    """The network URLs that leave this machine (data:, blob: and chrome: URLs never touch the network)."""
+    from urllib.parse import urlsplit
+
+    return {u for u in urls if urlsplit(u).scheme in ("http", "https", "ws", "wss") and urlsplit(u).hostname != "127.0.0.1"}
+
+
+def pick_radio(driver, label: str, option: str) -> None:
+    group = next(r for r in driver.find_elements("css selector", '[data-testid="stRadio"]') if r.text.startswith(label))
+    next(o for o in group.find_elements("css selector", "label") if o.text.strip() == option).click()
+    idle(driver)
+
+
 def nudge_slider(driver, index: int, key: str, times: int) -> None:
     """Move the `index`-th slider thumb on the page with the keyboard, as a user can."""
     from selenium.webdriver.common.action_chains import ActionChains
@@ -183,6 +209,7 @@ def test_every_page_in_chromium(server, browser, shots):
 
     url, _ = server
     d = browser
+    requested_urls(d)  # what Chromium itself requested at startup is not the app's
     d.get(url)
     wait_for(d, lambda d: "Start a new run" in body_text(d), "Runs page")
     idle(d)
@@ -217,7 +244,8 @@ def test_every_page_in_chromium(server, browser, shots):
     ActionChains(d).move_by_offset(int(x), int(y)).click().perform()
     wait_for(d, lambda d: "Sample inspector" in [h.text.strip() for h in d.find_elements("css selector", "h1")], "click opens the inspector")
     idle(d)
-    wait_for(d, lambda d: len(d.find_elements("css selector", "span[title*='loss']")) > 0, "token heatmaps")
+    wait_for(d, lambda d: len(d.find_elements("css selector", "span[title*='contribution']")) > 0, "token heatmaps")
+    check_heatmaps(d)
     shot(d, shots, "inspector")
 
     go(d, "Export")
@@ -226,3 +254,26 @@ def test_every_page_in_chromium(server, browser, shots):
     nudge_slider(d, 0, Keys.ARROW_LEFT, 3)
     wait_for(d, lambda d: metric(d, "selected samples") != before, "selection size follows sample_num")
     shot(d, shots, "export")
+    assert not outside(requested_urls(d)), "the app fetched something from the internet"
+
+
+def heatmap_boxes(driver) -> list:
+    """The two heatmap boxes (A, A'): the scrolling divs that hold the token spans."""
+    return [b for b in driver.find_elements("css selector", "div[style*='overflow-y']") if b.find_elements("css selector", "span[title]")]
+
+
+def check_heatmaps(d) -> None:
+    """Three views with their own colours and legends; hover text; long answers scroll in a box."""
+    backgrounds = {}
+    for view in ("attention weight", "loss", "contribution"):
+        pick_radio(d, "Heatmap", view)
+        boxes = wait_for(d, lambda d: heatmap_boxes(d) if len(heatmap_boxes(d)) == 2 else None, f"{view}: A and A'")
+        first = boxes[0].find_elements("css selector", "span[title]")
+        coloured = next(s for s in first if "function word: no" in s.get_attribute("title"))
+        backgrounds[view] = coloured.value_of_css_property("background-color").rsplit(",", 1)[0]
+        assert all(b.size["height"] <= 22 * 16 + 40 for b in boxes)  # fixed height, whatever the length
+        assert "clipped" in d.execute_script("return document.body.innerText")  # the legend
+    assert len(set(backgrounds.values())) == 3, backgrounds
+    tip = coloured.get_attribute("title")
+    for part in ("loss ", "weight share ", "contribution ", "function word: "):
+        assert part in tip, tip
