@@ -26,7 +26,8 @@ from threeds.config import EngineConfig, ModelConfig, RunConfig, ScoreConfig
 from threeds.data import fingerprint, read_jsonl, read_records, require_fields, write_json, write_jsonl
 from threeds.generate import generate_records
 from threeds.rate import filter_by_rating, load_rating_prompt, rate_records
-from threeds.rundir import RunDir, RunError, package_versions
+from threeds.progress import ProgressFile
+from threeds.rundir import PROGRESS, RunDir, RunError, package_versions
 from threeds.score import LocalEngine, score_report
 from threeds.select import select_run, selected_records
 
@@ -181,15 +182,22 @@ def score_chunks(run: RunDir, engine, chunks: list[list[dict]], pending: list[in
     load_seconds = time.perf_counter() - started
     started = time.perf_counter()
     total = 2 * sum(len(chunks[i]) for i in pending)
+    before = 2 * sum(map(len, chunks)) - total  # sequences of the chunks an earlier run finished
+    file = ProgressFile(run.file(PROGRESS), "score", before + total, before, unit="sequences")
     try:
         with tqdm(total=total, unit="seq", desc="score", disable=not progress) as bar:
-            for scored in engine.results(chunks, pending, bar.update):
+
+            def advance(n: int) -> None:
+                bar.update(n)
+                file.update(before + bar.n)  # per batch, rate-limited
+
+            for scored in engine.results(chunks, pending, advance):
                 if scored.info and not described:
                     run.update_manifest(**scored.info)
                     described = scored.info
                 result = scored.result
                 run.write_chunk(scored.index, result.metrics, result.embeddings, result.tokens)
-                run.write_progress("score", bar.n, total)
+        file.close()
     finally:
         engine.close()
     return {"load_seconds": load_seconds, "score_seconds": time.perf_counter() - started}
