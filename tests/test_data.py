@@ -322,3 +322,17 @@ def test_real_medquad_file_has_one_empty_answer_and_reused_ids():
     assert rejects[0]["reason"] == "empty" and rejects[0]["id"] is not None
     assert len({r["id"] for r in records}) == 2999
     assert all(set(r) == {"id", "instruction", "output", "source", "qtype"} for r in records)
+
+
+def test_take_records_first_or_random_subset():
+    from threeds.data import take_records
+
+    records = [{"id": str(i)} for i in range(10)]
+    assert take_records(records) == records and take_records(records, limit=20) == records
+    assert [r["id"] for r in take_records(records, limit=3)] == ["0", "1", "2"]
+    picked = [int(r["id"]) for r in take_records(records, sample=4, seed=7)]
+    assert len(picked) == 4 == len(set(picked)) and picked == sorted(picked)
+    assert picked == [int(r["id"]) for r in take_records(records, sample=4, seed=7)]
+    assert take_records(records, sample=10) == records
+    with pytest.raises(ValueError, match="not both"):
+        take_records(records, limit=2, sample=2)

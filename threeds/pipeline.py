@@ -23,9 +23,9 @@ from tqdm.auto import tqdm
 
 from threeds.backends import Backend, LocalBackend, OpenAIBackend
 from threeds.config import EngineConfig, ModelConfig, RunConfig, ScoreConfig
-from threeds.data import fingerprint, read_jsonl, read_records, require_fields, write_json, write_jsonl
+from threeds.data import fingerprint, read_jsonl, read_records, require_fields, take_records, write_json, write_jsonl
 from threeds.generate import generate_records
-from threeds.rate import filter_by_rating, load_rating_prompt, rate_records
+from threeds.rate import filter_by_rating, load_rating_prompt, rate_records, rating_prompt_name
 from threeds.progress import ProgressFile
 from threeds.rundir import PROGRESS, RunDir, RunError, package_versions
 from threeds.score import LocalEngine, score_report
@@ -214,6 +214,7 @@ def run_pipeline(data: Path, run: RunDir, config: RunConfig) -> dict:
     if rejects:
         write_jsonl(run.file("rejects.jsonl"), rejects)
         log.warning("%d input records rejected (see %s)", len(rejects), run.file("rejects.jsonl"))
+    records = take_records(records, config.subset.limit, config.subset.sample, config.subset.sample_seed)
     backend = make_backend(config)
     rated = _rate(stages, data, records, backend, config)
     kept, report = _filter(stages, records, config)
@@ -237,9 +238,10 @@ def _warn_failures(summary: dict) -> None:
 def _rate(stages: Stages, data: Path, records: list[dict], backend: Backend, config: RunConfig) -> dict:
     """Stage 1 rating (resumes per record; ratings made another way are redone)."""
     run, rate = stages.run, config.rate
-    template = load_rating_prompt(rate.prompt)
-    recorded = {**backend.signature, "prompt": rate.prompt, "prompt_sha": digest(template), "max_new_tokens": rate.max_new_tokens}
-    source = {"path": str(data), "fingerprint": fingerprint(data), "n_records": len(records)}
+    prompt = rating_prompt_name(rate.prompt, records)
+    template = load_rating_prompt(prompt)
+    recorded = {**backend.signature, "prompt": prompt, "prompt_sha": digest(template), "max_new_tokens": rate.max_new_tokens}
+    source = {"path": str(data), "fingerprint": fingerprint(data), "n_records": len(records), **config.subset.recorded()}
     stages.record("rate", config=recorded, data=source)
     summary = rate_records(records, backend, run.file("ratings.jsonl"), template, rate.max_new_tokens,
                            reasks=rate.reasks, overwrite=True, progress_path=run.file("progress.json"))  # fmt: skip

@@ -10,7 +10,7 @@ from threeds.commands.common import EXPECTED_ERRORS, print_summary
 from threeds.config import BackendConfig, DataConfig, ModelConfig, RateConfig, RunConfig, add_arguments, from_args
 from threeds.data import read_records
 from threeds.pipeline import make_backend
-from threeds.rate import load_rating_prompt, rate_records
+from threeds.rate import load_rating_prompt, rate_records, rating_prompt_name
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +39,10 @@ def main(args: argparse.Namespace) -> int:
     rate = from_args(RateConfig, args)
     config = RunConfig(model=from_args(ModelConfig, args), backend=from_args(BackendConfig, args))
     try:
-        template = load_rating_prompt(rate.prompt)
         records, rejects = read_records(args.data, from_args(DataConfig, args).duplicate_ids)
         if rejects:
             log.warning("%d input records rejected, e.g. %s", len(rejects), rejects[0])
+        template = load_rating_prompt(rating_prompt_name(rate.prompt, records))
         summary = rate_records(records, make_backend(config), args.out, template, rate.max_new_tokens,
                                reasks=rate.reasks, overwrite=args.overwrite)  # fmt: skip
     except EXPECTED_ERRORS as exc:

@@ -11,16 +11,17 @@ from pathlib import Path
 from threeds.commands.common import EXPECTED_ERRORS
 from threeds.config import (
     RUN_FLAGS, BackendConfig, DataConfig, EngineConfig, FilterConfig, GenerateConfig, ModelConfig, RateConfig,
-    RunConfig, ScoreConfig, SelectConfig, add_arguments, from_args,
+    RunConfig, ScoreConfig, SelectConfig, SubsetConfig, add_arguments, from_args,
 )  # fmt: skip
 from threeds.pipeline import run_pipeline
+from threeds.progress import write_status
 from threeds.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
 # The parts of RunConfig, and the help group each one's flags are listed under.
 GROUPS = {
-    "data": (DataConfig, None), "model": (ModelConfig, None), "backend": (BackendConfig, "backend"),
+    "data": (DataConfig, None), "subset": (SubsetConfig, "a small run first"), "model": (ModelConfig, None), "backend": (BackendConfig, "backend"),
     "rate": (RateConfig, "stage 1: rating"), "filter": (FilterConfig, "stage 1: rating"),
     "generate": (GenerateConfig, "stage 2: A' generation, scoring and selection"),
     "score": (ScoreConfig, "stage 2: A' generation, scoring and selection"),
@@ -52,12 +53,22 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Run the pipeline and record how it ended in OUT/status.json (done, stopped, failed)."""
     config = config_from_args(args)
     out = args.out or Path("cache") / args.data.stem
+    write_status(out, "running")
     try:
         result = run_pipeline(args.data, RunDir(out), config)
     except (ValueError, *EXPECTED_ERRORS) as exc:
         log.error("%s", exc)
+        write_status(out, "failed", exit_code=1, error=str(exc))
         return 1
+    except KeyboardInterrupt:
+        write_status(out, "stopped", exit_code=130, error="interrupted")
+        raise
+    except Exception as exc:
+        write_status(out, "failed", exit_code=1, error=f"{type(exc).__name__}: {exc}")
+        raise
     print(json.dumps(result, indent=2, ensure_ascii=False, default=str))
+    write_status(out, "done", exit_code=0)
     return 0
