@@ -16,7 +16,7 @@ from synthetic_run import make_run
 
 from threeds import embed_map, heatmap
 from threeds.export import dataset_info_entry, select_command
-from threeds.config import DataConfig, RunConfig, SelectConfig, run_command
+from threeds.config import DataConfig, RunConfig, SelectConfig, SubsetConfig, run_command
 from threeds.rate import quality_mask
 from threeds.runs import load_run, stage_counts
 from threeds.names import METRICS
@@ -102,9 +102,44 @@ def test_runs_page_starts_a_run_in_the_background(demo, monkeypatch):
     at.button(key="new_start").click().run()
     assert not at.exception
     argv, run_dir = started[0]
-    expected = run_command(str(demo / "input.jsonl"), run_dir, RunConfig(data=DataConfig("rename"), select=SelectConfig(sample_num=17)))
-    assert argv == expected and run_dir.name == "fresh"
+    expected = run_command(str(demo / "input.jsonl"), run_dir,
+                           RunConfig(data=DataConfig("rename"), subset=SubsetConfig(limit=20), select=SelectConfig(sample_num=17)))
+    assert argv == expected and run_dir.name == "fresh"  # starts small: the first 20 records
     assert at.session_state["run_name"] == "fresh"
+
+
+def test_launcher_inputs_reach_the_command(demo, monkeypatch):
+    from threeds.cli import build_parser
+    from threeds.commands.run import config_from_args
+
+    started = []
+    monkeypatch.setattr("threeds.runs.start_run", lambda argv, run_dir, cwd=None: started.append(argv) or run_dir.mkdir())
+    at = app().run()
+    at.radio(key="new_source").set_value("Path on this machine").run()
+    at.text_input(key="new_path").set_value(str(demo / "input.jsonl")).run()
+    at.text_input(key="new_name").set_value("small")
+    at.selectbox(key="new_subset").set_value("N random records")
+    at.number_input(key="new_n").set_value(7)
+    at.number_input(key="new_sample_seed").set_value(3)
+    at.selectbox(key="new_prompt").set_value("zh-medical")
+    at.number_input(key="new_max_new_tokens").set_value(64)
+    at.number_input(key="new_batch_size").set_value(4)
+    at.selectbox(key="new_dtype").set_value("bfloat16")
+    at.button(key="new_start").click().run()
+    assert not at.exception
+    config = config_from_args(build_parser().parse_args(started[0][3:]))
+    assert config.subset == SubsetConfig(sample=7, sample_seed=3) and config.rate.prompt == "zh-medical"
+    assert (config.generate.max_new_tokens, config.backend.batch_size, config.model.dtype) == (64, 4, "bfloat16")
+
+    at.text_input(key="new_name").set_value("whole")
+    at.selectbox(key="new_subset").set_value("all records")
+    at.selectbox(key="new_prompt").set_value("auto (from the data's language)")
+    at.selectbox(key="new_dtype").set_value("auto")
+    at.radio(key="new_backend").set_value("openai")
+    at.button(key="new_start").click().run()
+    config = config_from_args(build_parser().parse_args(started[1][3:]))
+    assert config.subset == SubsetConfig() and (config.rate.prompt, config.model.dtype, config.backend.backend) == ("auto", "auto", "openai")
+    assert "--batch-size" not in started[1]  # a local-backend setting
 
 
 def test_quality_threshold_slider(demo):
@@ -315,3 +350,52 @@ def test_runs_page_follows_a_background_run(demo):
     at.run()
     assert "Stopped before the end" in texts(at.caption)
     assert at.button(key="resume_run")
+
+
+def test_runs_page_shows_a_failed_run_as_failed(demo, tmp_path):
+    """A real `threeds run` started the way the Runs page starts one, on data with a broken line."""
+    import sys
+    import time
+
+    from threeds.runs import job_running, start_run
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "a", "instruction": "q", "output": "a"}\nnot json\n')
+    run_dir = demo.parent / "broken"
+    start_run(run_command(bad, run_dir, RunConfig()), run_dir, cwd=ROOT)
+    deadline = time.time() + 120
+    while job_running(run_dir) and time.time() < deadline:
+        time.sleep(0.2)
+    at = app()
+    at.session_state["run_name"] = "broken"
+    at.run()
+    assert not at.exception
+    shown = texts(at.error)
+    assert "Failed (exit code 1)" in shown and "line 2" in shown and str(bad) in shown
+    assert at.button(key="resume_run").label == "Run again"
+    table = at.dataframe[0].value.set_index("run")
+    assert table.loc["broken", "state"] == "failed" and table.loc["demo", "state"] == "unknown"
+    log = [c.value for c in at.code][1]
+    assert "ERROR" in log and "\r" not in log and "\x1b" not in log
+    assert sys.executable in at.code[0].value  # the full command
+
+
+def test_runs_page_shows_done_and_the_time_left(demo):
+    """status.json 'done' is shown as done; a running stage shows its pace as a time left."""
+    import time
+
+    from threeds.progress import write_status
+
+    write_status(demo, "done", exit_code=0)
+    at = app().run()
+    assert "Done" in texts(at.success)
+    now = time.time()
+    (demo / "progress.json").write_text(json.dumps({"stage": "generate", "done": 13, "total": 40, "unit": "records",
+                                                    "started": now - 30, "done_at_start": 10, "updated": now}))  # fmt: skip
+    (demo / "status.json").unlink()  # a run started in a terminal by an older threeds: no status
+    at.run()
+    assert "generate: 13 / 40 records · about 4 min 30 s left" in at.get("progress")[0].proto.text
+    write_status(demo, "running")
+    at.run()  # no process behind a status 'running': it was killed
+    assert "killed" in texts(at.warning) and not at.get("progress")
+    assert "Reached generate: 13 / 40 records" in texts(at.caption)

@@ -12,6 +12,7 @@ neither exists.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -157,8 +158,6 @@ def go(driver, title: str) -> None:
 
 def requested_urls(driver) -> set[str]:
     """URLs the page requested since the last call (Chromium's network log)."""
-    import json
-
     found = set()
     for entry in driver.get_log("performance"):
         message = json.loads(entry["message"])["message"]
@@ -175,8 +174,10 @@ def outside(urls: set[str]) -> set[str]:
 
 
 def pick_radio(driver, label: str, option: str) -> None:
-    group = next(r for r in driver.find_elements("css selector", '[data-testid="stRadio"]') if r.text.startswith(label))
-    next(o for o in group.find_elements("css selector", "label") if o.text.strip() == option).click()
+    def group(d):
+        return next((r for r in d.find_elements("css selector", '[data-testid="stRadio"]') if r.text.startswith(label)), None)
+
+    next(o for o in wait_for(driver, group, f"radio {label}").find_elements("css selector", "label") if o.text.strip() == option).click()
     idle(driver)
 
 
@@ -277,3 +278,62 @@ def check_heatmaps(d) -> None:
     tip = coloured.get_attribute("title")
     for part in ("loss ", "weight share ", "contribution ", "function word: "):
         assert part in tip, tip
+
+
+def type_into(driver, label: str, text: str) -> None:
+    """Type into the text input labelled `label` and leave it (Tab commits it, like a user)."""
+    from selenium.webdriver.common.keys import Keys
+
+    def box(d):
+        return next((b for b in d.find_elements("css selector", '[data-testid="stTextInput"]') if b.text.strip().startswith(label)), None)
+
+    field = wait_for(driver, box, f"text input {label}").find_element("css selector", "input")
+    field.send_keys(Keys.CONTROL, "a")  # replace what is there (clear() bypasses React's state)
+    field.send_keys(text + Keys.TAB)
+
+
+def test_a_run_started_on_the_page_updates_live_and_ends_failed(server, browser, tmp_path, shots):
+    """Start a run from the form (Stage 1 and A' from a slow fake server, a model path that does not
+    exist for Stage 2): the same page shows the counts and progress moving and then the failure,
+    with no reload."""
+    from fake_openai_server import FakeOpenAIServer
+
+    url, _ = server
+    d = browser
+    data = tmp_path / "six.jsonl"
+    rows = [{"id": f"q{i}", "instruction": f"Question {i} [[q{i};sleep={1.2 * i}]]: why do I cough at night?",
+             "output": "Often postnasal drip or asthma."} for i in range(6)]  # fmt: skip
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def reply(content: str) -> str:
+        return "Score: 90" if "Reply with the number only" in content else "Rest and fluids."
+
+    with FakeOpenAIServer(default_reply=reply) as fake:
+        d.get(url)
+        wait_for(d, lambda d: "Start a new run" in body_text(d), "Runs page")
+        idle(d)
+        requested_urls(d)
+        pick_radio(d, "Data", "Path on this machine")
+        type_into(d, "Data file", str(data))
+        idle(d)
+        type_into(d, "Run name", "live")
+        type_into(d, "Model", str(tmp_path / "no-such-model"))
+        pick_radio(d, "Stage 1 rating", "openai")
+        type_into(d, "OpenAI-compatible base URL", fake.base_url)
+        d.execute_script("window.notReloaded = true")
+        next(b for b in d.find_elements("css selector", "button") if b.text.strip() == "Start run").click()
+        seen, counts = set(), set()
+        deadline = time.time() + 150
+        while "Failed (exit code" not in body_text(d) and time.time() < deadline:
+            bars = d.find_elements("css selector", '[data-testid="stProgress"]')
+            seen.update(b.text.split(" · ")[0].split(" (")[0] for b in bars if b.text)
+            counts.add(metrics(d).get("rated (Stage 1)"))
+            time.sleep(0.3)
+    text = body_text(d)
+    assert "Failed (exit code 1)" in text and "no-such-model" in text, text[-2000:]
+    assert d.execute_script("return window.notReloaded === true")  # all of it on the page that started it
+    rated = sorted(s for s in seen if s.startswith("rate:"))
+    assert len(rated) >= 2 and "rate: 6 / 6 records" not in rated[:1], seen  # counts moved while it ran
+    assert {"—", "6"} <= counts, counts  # the stage counts too, not only after a reload
+    assert "python" in text and "--data" in text and str(data) in text  # the full command, wrapped
+    assert not outside(requested_urls(d)), "the app fetched something from the internet"

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from threeds.data import DataError, read_jsonl, read_records
 from threeds.names import METRIC_COLUMNS, TOKEN_COLUMNS
 from threeds.rate import quality_mask
+from threeds.progress import terminal_text
 
 DEFAULT_CACHE = Path("cache")
 NOT_RUNS = {"models", "uploads"}
@@ -383,9 +384,12 @@ def stop_run(run_dir: str | os.PathLike) -> bool:
 
 
 def log_tail(run_dir: str | os.PathLike, lines: int = 20) -> str:
+    """The last `lines` lines of run.log as a terminal shows them (progress bars' redraws and
+    colour codes gone, `threeds.progress.terminal_text`)."""
     path = Path(run_dir) / LOG_FILE
     if not path.exists():
         return ""
     with open(path, "rb") as fh:
         fh.seek(max(0, path.stat().st_size - 16384))
-        return "\n".join(fh.read().decode("utf-8", errors="replace").splitlines()[-lines:])
+        text = terminal_text(fh.read().decode("utf-8", errors="replace"))
+    return "\n".join(text.rstrip("\n").split("\n")[-lines:])
