@@ -10,7 +10,8 @@ import pytest
 from conftest import make_records
 
 from threeds import heatmap
-from threeds.score import score_run
+from threeds.config import ModelConfig, ScoreConfig
+from threeds.pipeline import score_run
 
 
 def tokens(losses, weights, function_words, starts) -> pd.DataFrame:
@@ -43,8 +44,8 @@ def test_no_kept_token_gives_nan_like_the_metric():
 
 def test_contributions_sum_to_the_metrics_of_a_scored_run(tmp_path, tiny_model_dir):
     records = make_records(6)
-    score_run(records, tmp_path / "run", model_spec=str(tiny_model_dir), chunk_size=3,
-              function_words="lexical", progress=False)  # fmt: skip
+    score_run(records, tmp_path / "run", ScoreConfig(chunk_size=3, function_words="lexical"),
+              ModelConfig(model=str(tiny_model_dir)), progress=False)  # fmt: skip
     metrics = pd.read_parquet(tmp_path / "run" / "metrics.parquet").set_index("id")
     all_tokens = pd.read_parquet(tmp_path / "run" / "tokens.parquet")
     texts = {r["id"]: r for r in map(json.loads, (tmp_path / "run" / "data.jsonl").read_text().splitlines())}
