@@ -58,7 +58,7 @@ def run_table(names: list[str]) -> None:
             {
                 "run": name,
                 **{f: (path / f).exists() for f in STAGE_FILES},
-                "state": job_state(read_status(path), job_running(path)),
+                "state": job_state(read_status(path), job_running(path)).replace("unknown", ""),
                 "stage": progress.get("stage", ""),
             }
         )

@@ -374,7 +374,7 @@ def test_runs_page_shows_a_failed_run_as_failed(demo, tmp_path):
     assert "Failed (exit code 1)" in shown and "line 2" in shown and str(bad) in shown
     assert at.button(key="resume_run").label == "Run again"
     table = at.dataframe[0].value.set_index("run")
-    assert table.loc["broken", "state"] == "failed" and table.loc["demo", "state"] == "unknown"
+    assert table.loc["broken", "state"] == "failed" and table.loc["demo", "state"] == ""  # no status.json
     log = [c.value for c in at.code][1]
     assert "ERROR" in log and "\r" not in log and "\x1b" not in log
     assert sys.executable in at.code[0].value  # the full command
