@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 
 import pytest
 from tqdm import tqdm
@@ -38,6 +39,18 @@ def test_progress_file_rate_limits_writes_but_never_ends_behind(tmp_path):
     bar.update(7)
     bar.close()  # the last count is always written
     assert read(tmp_path)["done"] == 7 and read(tmp_path)["updated"] == 1000.7
+
+
+def test_progress_file_writes_a_held_back_count_at_the_end_of_the_interval(tmp_path):
+    """A burst (a local batch finishing at once): the last count is not left waiting for the next record."""
+    bar = pg.ProgressFile(tmp_path / pg.PROGRESS_FILE, "generate", total=8, min_interval=0.2)
+    for done in range(1, 9):
+        bar.update(done)
+    assert read(tmp_path)["done"] == 0  # held back: within 0.2 s of the first write
+    deadline = time.time() + 10
+    while read(tmp_path)["done"] != 8 and time.time() < deadline:
+        time.sleep(0.05)
+    assert read(tmp_path)["done"] == 8 and bar.pending is None
 
 
 def test_eta_from_the_records_done_in_this_run():

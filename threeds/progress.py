@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,8 +32,9 @@ class ProgressFile:
     """progress.json (at `path`) of one stage: {stage, done, total, unit, updated, started, done_at_start}.
 
     `update` writes at most every `min_interval` seconds (an atomic, fsynced write per record
-    would cost as much as the record's own log line at high concurrency); the first count and
-    `close` always write, so the file never ends behind.
+    would cost as much as the record's own log line at high concurrency); a count held back is
+    written by a timer at the end of the interval, so a burst of records (a local batch finishing)
+    never leaves the file behind until the next one; `close` writes at once.
     """
 
     def __init__(
@@ -43,17 +45,36 @@ class ProgressFile:
         self.clock, self.min_interval = clock, min_interval
         self.state = {"stage": stage, "done": done, "total": total, "unit": unit, "started": clock(), "done_at_start": done}
         self.written = -float("inf")
+        self.lock = threading.Lock()
+        self.pending: threading.Timer | None = None
         self.update(done, force=True)
 
     def update(self, done: int, force: bool = False) -> None:
-        self.state["done"] = done
-        now = self.clock()
-        if force or now - self.written >= self.min_interval:
-            write_json(self.path, {**self.state, "updated": now})
-            self.written = now
+        with self.lock:
+            self.state["done"] = done
+            now = self.clock()
+            wait = self.written + self.min_interval - now
+            if force or wait <= 0:
+                self._write(now)
+            elif self.pending is None:
+                self.pending = threading.Timer(wait, self._flush)
+                self.pending.daemon = True
+                self.pending.start()
 
     def close(self) -> None:
         self.update(self.state["done"], force=True)
+
+    def _flush(self) -> None:
+        with self.lock:
+            self.pending = None
+            self._write(self.clock())
+
+    def _write(self, now: float) -> None:
+        if self.pending is not None:
+            self.pending.cancel()
+            self.pending = None
+        write_json(self.path, {**self.state, "updated": now})
+        self.written = now
 
 
 def eta_seconds(progress: dict) -> float | None:
