@@ -33,9 +33,15 @@ DEFAULTS = {
 PERSISTENT = (*DEFAULTS, "run_name", "inspect_id", "ins_ppl_log")
 
 
+def page_config() -> None:
+    """Before `st.navigation`: a page config already set keeps the browser from taking the page's
+    Material icon as the favicon, which it would fetch from fonts.gstatic.com (an emoji icon is an
+    inline SVG; the app fetches nothing from the internet)."""
+    st.set_page_config(page_title="threeds", page_icon="🩺", layout="wide")
+
+
 def setup() -> None:
-    """Page config, state kept across pages, and the run picker (app.py, before any page)."""
-    st.set_page_config(page_title="threeds", page_icon=":material/stethoscope:", layout="wide")
+    """State kept across pages and the run picker (app.py, before any page)."""
     keep_state()
     run_picker()
 

@@ -1,4 +1,5 @@
-"""Sample inspector: one sample's texts, per-token attention weight and loss, and where it ranks."""
+"""Sample inspector: one sample's texts, per-token heatmaps (attention weight share, loss, and their
+product: each token's contribution to the weighted loss, `threeds.heatmap`) and where it ranks."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pandas as pd
 import streamlit as st
 
 from app_pages import common
+from threeds import heatmap
 from threeds.data import full_instruction
 from threeds.runs import RunFileError, percentile_rank
 from threeds.names import METRIC_NAMES, METRICS, metric_column
@@ -34,31 +36,60 @@ def find(run, query: str) -> list[str]:
     return [str(ids.iloc[i]) for i, t in enumerate(texts) if needle in t][:MATCHES]
 
 
-def heatmap_html(tokens: pd.DataFrame, value: str, text: str) -> str:
-    """Tokens laid out as the response text, background by `value` (scaled to the response's kept
-    maximum); function words (dropped from the weighted loss) greyed; hover shows token, loss and
-    weights. Pieces come from the offsets, so tokens sharing a character do not repeat it."""
-    kept = tokens.loc[~tokens["function_word"], value]
-    top = float(kept.max()) if len(kept) and kept.max() > 0 else 1.0
+COLOURS = {"attention weight": (21, 101, 192), "loss": (230, 81, 0), "contribution": (106, 27, 154)}  # blue, orange, purple
+BOX = "white-space:pre-wrap;font-family:monospace;font-size:0.85rem;line-height:1.6;border:1px solid #e0e0e0;border-radius:4px;padding:6px"
+CLIPPED = "outline:2px dashed #212121;outline-offset:0;"
+
+
+def cell_style(view_name: str, fill: float, clipped: bool) -> str:
+    r, g, b = COLOURS[view_name]
+    text = "color:#fff;" if fill > 0.6 else ""
+    return f"background:rgba({r},{g},{b},{fill:.3f});{text}{CLIPPED if clipped else ''}"
+
+
+def tooltip(row, weight: str, total: float) -> str:
+    part = f" ({100 * row.contribution / total:.1f}% of the weighted loss)" if total > 0 and not row.function_word else ""
+    return "\n".join([
+        repr(row.token) + ("  (end-of-turn marker)" if row.marker else ""),
+        f"loss {row.loss:.3f}",
+        f"weight share {100 * row.share:.2f}%  ({weight} {getattr(row, weight):.4g})",
+        f"contribution {row.contribution:.4g}{part}",
+        "function word: yes (dropped from the weighted loss)" if row.function_word else "function word: no",
+    ])  # fmt: skip
+
+
+def heatmap_html(view: pd.DataFrame, view_name: str, weight: str, text: str) -> str:
+    """Tokens laid out as the response text in a fixed-height scrolling box, background by the
+    view's column on a robust scale (`threeds.heatmap.view_scale`; clipped cells outlined);
+    function words greyed. Pieces come from the offsets, so tokens sharing a character do not
+    repeat it."""
+    column = heatmap.VIEWS[view_name][0]
+    scale = heatmap.view_scale(view, column)
+    total = float(view["contribution"].sum())
     spans, cursor = [], 0
-    for row in tokens.itertuples(index=False):
+    for i, row in enumerate(view.itertuples(index=False)):
         piece = row.token if row.start >= len(text) else text[max(cursor, row.start) : row.end]
         cursor = max(cursor, row.end)
         if not piece:
             continue
-        tip = f"{row.token!r}  loss {row.loss:.3f}  w_mean {row.w_mean:.4g}  w_max {row.w_max:.4g}"
-        if row.function_word:
-            style, tip = "color:#9e9e9e;", tip + "  (function word: dropped)"
-        else:
-            style = f"background:rgba(211,47,47,{min(1.0, max(0.0, float(getattr(row, value)) / top)):.3f});"
-        spans.append(f'<span title="{html.escape(tip)}" style="{style}">{html.escape(piece)}</span>')
+        style = "color:#9e9e9e;" if row.function_word else cell_style(view_name, scale.fill[i], scale.clipped[i])
+        spans.append(f'<span title="{html.escape(tooltip(row, weight, total))}" style="{style}">{html.escape(piece)}</span>')
+    return legend_html(view_name, scale) + f'<div style="{BOX};max-height:22rem;overflow-y:auto">{"".join(spans)}</div>'
+
+
+def legend_html(view_name: str, scale: heatmap.Scale) -> str:
+    """Gradient from 0 to the scale's top with values, the clipped and function-word swatches."""
+    r, g, b = COLOURS[view_name]
+    n_clipped = int(scale.clipped.sum())
+    bar = f"display:inline-block;width:9rem;height:0.8rem;vertical-align:middle;background:linear-gradient(to right,rgba({r},{g},{b},0),rgb({r},{g},{b}));border:1px solid #ccc"
     return (
-        '<div style="white-space:pre-wrap;font-family:monospace;font-size:0.85rem;line-height:1.6;'
-        f'border:1px solid #e0e0e0;border-radius:4px;padding:6px">{"".join(spans)}</div>'
+        f'<div style="font-size:0.8rem;margin-bottom:4px">0 <span style="{bar}"></span> {scale.top:.3g}'
+        f' &nbsp;<span style="{CLIPPED}padding:0 3px;background:rgb({r},{g},{b});color:#fff">&gt; {scale.top:.3g}</span>'
+        f" clipped ({n_clipped}) &nbsp;<span style=\"color:#9e9e9e\">grey: function word</span></div>"
     )
 
 
-def response_panel(col, run, tokens: pd.DataFrame, response: str, record: dict) -> None:
+def response_panel(col, tokens: pd.DataFrame, response: str, record: dict, view_name: str) -> None:
     title, field = RESPONSES[response]
     weight = f"w_{st.session_state['atten_method']}"
     part = tokens[tokens["response"] == response]
@@ -69,11 +100,14 @@ def response_panel(col, run, tokens: pd.DataFrame, response: str, record: dict) 
             st.info("No tokens for this response in tokens.parquet.")
             st.text(text)
             return
-        st.markdown(f"**attention weight** (`{weight}`, darker = more weight)")
-        st.html(heatmap_html(part, weight, text))
-        st.markdown("**loss** (darker = higher)")
-        st.html(heatmap_html(part, "loss", text))
-        st.caption(f"{len(part)} tokens, {int(part['function_word'].sum())} function words (grey)")
+        view = heatmap.token_view(part, weight, len(text))
+        marker_share, marker_loss = heatmap.marker_part(view)
+        st.markdown(f"**{response}_wloss_{weight[2:]}** = {heatmap.weighted_loss(view):.4f} (sum of the contributions)")
+        st.html(heatmap_html(view, view_name, weight, text))
+        st.caption(
+            f"{len(view)} tokens, {int(view['function_word'].sum())} function words (grey); the end-of-turn "
+            f"marker holds {100 * marker_share:.1f}% of the weight and {100 * marker_loss:.1f}% of the weighted loss"
+        )
 
 
 def metric_table(run, row: int) -> pd.DataFrame:
@@ -119,6 +153,11 @@ def main() -> None:
     run = common.require_run()
     common.require(run, "metrics.parquet", "data.jsonl")
     common.atten_toggle()
+    view_name = st.radio(
+        "Heatmap", list(heatmap.VIEWS), horizontal=True, key="inspect_view",
+        help="; ".join(f"{name}: {what}" for name, (_, what) in heatmap.VIEWS.items())
+        + f". Colour scale: 0 to the {heatmap.SCALE_PERCENTILE:g}th percentile of the kept tokens other than the end-of-turn marker; cells above it are outlined.",
+    )  # fmt: skip
     sample_id = chosen_id(run)
     if sample_id not in run.row_of:
         st.info("Type an id or some words of an instruction, or click a point on **Embedding map**.")
@@ -140,7 +179,7 @@ def main() -> None:
             col.subheader(RESPONSES[response][0])
             col.text(str(record.get(RESPONSES[response][1], "")))
         else:
-            response_panel(col, run, tokens, response, record)
+            response_panel(col, tokens, response, record, view_name)
     st.markdown("**Metrics and percentile ranks** (rank = % of scored samples at or below this value)")
     st.dataframe(
         metric_table(run, row), hide_index=True, width="stretch",

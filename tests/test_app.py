@@ -15,9 +15,9 @@ import pytest
 from streamlit.testing.v1 import AppTest
 from synthetic_run import make_run
 
-from threeds import embed_map
+from threeds import embed_map, heatmap
 from threeds.export import dataset_info_entry, select_command
-from threeds.config import DataConfig, RunConfig, SelectConfig, run_command
+from threeds.config import DataConfig, RunConfig, SelectConfig, SubsetConfig, run_command
 from threeds.names import METRICS
 from threeds.rate import quality_mask
 from threeds.runs import load_run, stage_counts
@@ -103,9 +103,44 @@ def test_runs_page_starts_a_run_in_the_background(demo, monkeypatch):
     at.button(key="new_start").click().run()
     assert not at.exception
     argv, run_dir = started[0]
-    expected = run_command(str(demo / "input.jsonl"), run_dir, RunConfig(data=DataConfig("rename"), select=SelectConfig(sample_num=17)))
-    assert argv == expected and run_dir.name == "fresh"
+    expected = run_command(str(demo / "input.jsonl"), run_dir,
+                           RunConfig(data=DataConfig("rename"), subset=SubsetConfig(limit=20), select=SelectConfig(sample_num=17)))
+    assert argv == expected and run_dir.name == "fresh"  # starts small: the first 20 records
     assert at.session_state["run_name"] == "fresh"
+
+
+def test_launcher_inputs_reach_the_command(demo, monkeypatch):
+    from threeds.cli import build_parser
+    from threeds.commands.run import config_from_args
+
+    started = []
+    monkeypatch.setattr("threeds.runs.start_run", lambda argv, run_dir, cwd=None: started.append(argv) or run_dir.mkdir())
+    at = app().run()
+    at.radio(key="new_source").set_value("Path on this machine").run()
+    at.text_input(key="new_path").set_value(str(demo / "input.jsonl")).run()
+    at.text_input(key="new_name").set_value("small")
+    at.selectbox(key="new_subset").set_value("N random records")
+    at.number_input(key="new_n").set_value(7)
+    at.number_input(key="new_sample_seed").set_value(3)
+    at.selectbox(key="new_prompt").set_value("zh-medical")
+    at.number_input(key="new_max_new_tokens").set_value(64)
+    at.number_input(key="new_batch_size").set_value(4)
+    at.selectbox(key="new_dtype").set_value("bfloat16")
+    at.button(key="new_start").click().run()
+    assert not at.exception
+    config = config_from_args(build_parser().parse_args(started[0][3:]))
+    assert config.subset == SubsetConfig(sample=7, sample_seed=3) and config.rate.prompt == "zh-medical"
+    assert (config.generate.max_new_tokens, config.backend.batch_size, config.model.dtype) == (64, 4, "bfloat16")
+
+    at.text_input(key="new_name").set_value("whole")
+    at.selectbox(key="new_subset").set_value("all records")
+    at.selectbox(key="new_prompt").set_value("auto (from the data's language)")
+    at.selectbox(key="new_dtype").set_value("auto")
+    at.radio(key="new_backend").set_value("openai")
+    at.button(key="new_start").click().run()
+    config = config_from_args(build_parser().parse_args(started[1][3:]))
+    assert config.subset == SubsetConfig() and (config.rate.prompt, config.model.dtype, config.backend.backend) == ("auto", "auto", "openai")
+    assert "--batch-size" not in started[1]  # a local-backend setting
 
 
 def test_quality_threshold_slider(demo):
@@ -188,11 +223,26 @@ def test_inspector_by_search_and_by_link(demo):
     values = run.metrics["ins_ppl"].to_numpy()
     assert ins["percentile rank"] == pytest.approx(100 * (values <= values[row]).mean())
     heatmaps = [h.value for h in at.html]
-    assert len(heatmaps) == 4  # weight and loss, for A and A'
+    assert len(heatmaps) == 2  # A and A' side by side, the contribution view first
     tokens = run.tokens(sample)
-    first_gt = tokens[tokens["response"] == "gt"].iloc[0]
-    assert f"loss {first_gt.loss:.3f}" in heatmaps[0]
-    assert "color:#9e9e9e" in heatmaps[0]  # function words greyed
+    gt = heatmap.token_view(tokens[tokens["response"] == "gt"], "w_mean", len(run.records[row]["output"]))
+    first = gt.iloc[0]
+    assert f"loss {first.loss:.3f}" in heatmaps[0] and f"contribution {first.contribution:.4g}" in heatmaps[0]
+    assert f"weight share {100 * first.share:.2f}%" in heatmaps[0]
+    assert "function word: yes" in heatmaps[0] and "color:#9e9e9e" in heatmaps[0]  # function words greyed
+    assert "max-height:22rem;overflow-y:auto" in heatmaps[0]  # long answers scroll in a fixed box
+    assert f"**gt_wloss_mean** = {heatmap.weighted_loss(gt):.4f}" in texts(at.markdown)
+    colours = {}
+    for view in heatmap.VIEWS:
+        at.radio(key="inspect_view").set_value(view).run()
+        assert not at.exception
+        page = at.html[0].value
+        scale = heatmap.view_scale(gt, heatmap.VIEWS[view][0])
+        assert f"{scale.top:.3g}</span> clipped ({int(scale.clipped.sum())})" in page  # the legend's values
+        assert page.count("outline:2px dashed") == 1 + int(scale.clipped.sum())  # legend swatch + clipped cells
+        colours[view] = page.split("background:rgba(")[1].split(",")[:3]
+    assert len({tuple(c) for c in colours.values()}) == 3  # a colour map per view
+    assert at.session_state["atten_method"] == "mean"  # the view choice is the page's own
 
     other = run.records[5]["id"]
     link = app()
@@ -267,6 +317,11 @@ def test_every_page_on_a_real_threeds_run(cache, tiny_model_dir):
     assert "this selection is identical" in texts(at.caption)
     at.switch_page("app_pages/quality.py").run()
     assert at.slider(key="quality_threshold").value == 70.0
+    scored = load_run(cache / "real").metrics.iloc[1]
+    at.session_state["inspect_id"] = scored["id"]
+    at.switch_page("app_pages/inspector.py").run()
+    shown = texts(at.markdown)  # the contributions drawn add up to the run's own metrics
+    assert f"**gt_wloss_mean** = {scored['gt_wloss_mean']:.4f}" in shown and f"**gen_wloss_mean** = {scored['gen_wloss_mean']:.4f}" in shown
 
 
 def test_runs_page_follows_a_background_run(demo):
@@ -320,3 +375,52 @@ def test_user_controlled_text_is_escaped_and_run_file_errors_are_one_line(cache)
     at = app().run()
     errors = re.sub(r"\\(.)", r"\1", texts(at.error))  # the markdown source, unescaped
     assert f"{run / 'metrics.parquet'}: row 5: duplicate id 's000001' (first at row 1)" in errors and "\n" not in errors
+
+
+def test_runs_page_shows_a_failed_run_as_failed(demo, tmp_path):
+    """A real `threeds run` started the way the Runs page starts one, on data with a broken line."""
+    import sys
+    import time
+
+    from threeds.runs import job_running, start_run
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "a", "instruction": "q", "output": "a"}\nnot json\n')
+    run_dir = demo.parent / "broken"
+    start_run(run_command(bad, run_dir, RunConfig()), run_dir, cwd=ROOT)
+    deadline = time.time() + 120
+    while job_running(run_dir) and time.time() < deadline:
+        time.sleep(0.2)
+    at = app()
+    at.session_state["run_name"] = "broken"
+    at.run()
+    assert not at.exception
+    shown = texts(at.error)
+    assert "Failed (exit code 1)" in shown and "line 2" in shown and str(bad) in shown
+    assert at.button(key="resume_run").label == "Run again"
+    table = at.dataframe[0].value.set_index("run")
+    assert table.loc["broken", "state"] == "failed" and table.loc["demo", "state"] == ""  # no status.json
+    log = [c.value for c in at.code][1]
+    assert "ERROR" in log and "\r" not in log and "\x1b" not in log
+    assert sys.executable in at.code[0].value  # the full command
+
+
+def test_runs_page_shows_done_and_the_time_left(demo):
+    """status.json 'done' is shown as done; a running stage shows its pace as a time left."""
+    import time
+
+    from threeds.progress import write_status
+
+    write_status(demo, "done", exit_code=0)
+    at = app().run()
+    assert "Done" in texts(at.success)
+    now = time.time()
+    (demo / "progress.json").write_text(json.dumps({"stage": "generate", "done": 13, "total": 40, "unit": "records",
+                                                    "started": now - 30, "done_at_start": 10, "updated": now}))  # fmt: skip
+    (demo / "status.json").unlink()  # a run started in a terminal by an older threeds: no status
+    at.run()
+    assert "generate: 13 / 40 records · about 4 min 30 s left" in at.get("progress")[0].proto.text
+    write_status(demo, "running")
+    at.run()  # no process behind a status 'running': it was killed
+    assert "killed" in texts(at.warning) and not at.get("progress")
+    assert "Reached generate: 13 / 40 records" in texts(at.caption)

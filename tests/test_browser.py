@@ -12,6 +12,7 @@ neither exists.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -107,6 +108,7 @@ def browser(tmp_path_factory):
     for flag in FLAGS:
         options.add_argument(flag)
     options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}")
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})  # every request, for `requested_urls`
     driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
     driver.set_page_load_timeout(TIMEOUT)
     try:
@@ -154,6 +156,31 @@ def go(driver, title: str) -> None:
     idle(driver)
 
 
+def requested_urls(driver) -> set[str]:
+    """URLs the page requested since the last call (Chromium's network log)."""
+    found = set()
+    for entry in driver.get_log("performance"):
+        message = json.loads(entry["message"])["message"]
+        if message["method"] == "Network.requestWillBeSent":
+            found.add(message["params"]["request"]["url"])
+    return found
+
+
+def outside(urls: set[str]) -> set[str]:
+    """The network URLs that leave this machine (data:, blob: and chrome: URLs never touch the network)."""
+    from urllib.parse import urlsplit
+
+    return {u for u in urls if urlsplit(u).scheme in ("http", "https", "ws", "wss") and urlsplit(u).hostname != "127.0.0.1"}
+
+
+def pick_radio(driver, label: str, option: str) -> None:
+    def group(d):
+        return next((r for r in d.find_elements("css selector", '[data-testid="stRadio"]') if r.text.startswith(label)), None)
+
+    next(o for o in wait_for(driver, group, f"radio {label}").find_elements("css selector", "label") if o.text.strip() == option).click()
+    idle(driver)
+
+
 def nudge_slider(driver, index: int, key: str, times: int) -> None:
     """Move the `index`-th slider thumb on the page with the keyboard, as a user can."""
     from selenium.webdriver.common.action_chains import ActionChains
@@ -183,6 +210,7 @@ def test_every_page_in_chromium(server, browser, shots):
 
     url, _ = server
     d = browser
+    requested_urls(d)  # what Chromium itself requested at startup is not the app's
     d.get(url)
     wait_for(d, lambda d: "Start a new run" in body_text(d), "Runs page")
     idle(d)
@@ -217,7 +245,8 @@ def test_every_page_in_chromium(server, browser, shots):
     ActionChains(d).move_by_offset(int(x), int(y)).click().perform()
     wait_for(d, lambda d: "Sample inspector" in [h.text.strip() for h in d.find_elements("css selector", "h1")], "click opens the inspector")
     idle(d)
-    wait_for(d, lambda d: len(d.find_elements("css selector", "span[title*='loss']")) > 0, "token heatmaps")
+    wait_for(d, lambda d: len(d.find_elements("css selector", "span[title*='contribution']")) > 0, "token heatmaps")
+    check_heatmaps(d)
     shot(d, shots, "inspector")
 
     go(d, "Export")
@@ -226,3 +255,85 @@ def test_every_page_in_chromium(server, browser, shots):
     nudge_slider(d, 0, Keys.ARROW_LEFT, 3)
     wait_for(d, lambda d: metric(d, "selected samples") != before, "selection size follows sample_num")
     shot(d, shots, "export")
+    assert not outside(requested_urls(d)), "the app fetched something from the internet"
+
+
+def heatmap_boxes(driver) -> list:
+    """The two heatmap boxes (A, A'): the scrolling divs that hold the token spans."""
+    return [b for b in driver.find_elements("css selector", "div[style*='overflow-y']") if b.find_elements("css selector", "span[title]")]
+
+
+def check_heatmaps(d) -> None:
+    """Three views with their own colours and legends; hover text; long answers scroll in a box."""
+    backgrounds = {}
+    for view in ("attention weight", "loss", "contribution"):
+        pick_radio(d, "Heatmap", view)
+        boxes = wait_for(d, lambda d: heatmap_boxes(d) if len(heatmap_boxes(d)) == 2 else None, f"{view}: A and A'")
+        first = boxes[0].find_elements("css selector", "span[title]")
+        coloured = next(s for s in first if "function word: no" in s.get_attribute("title"))
+        backgrounds[view] = coloured.value_of_css_property("background-color").rsplit(",", 1)[0]
+        assert all(b.size["height"] <= 22 * 16 + 40 for b in boxes)  # fixed height, whatever the length
+        assert "clipped" in d.execute_script("return document.body.innerText")  # the legend
+    assert len(set(backgrounds.values())) == 3, backgrounds
+    tip = coloured.get_attribute("title")
+    for part in ("loss ", "weight share ", "contribution ", "function word: "):
+        assert part in tip, tip
+
+
+def type_into(driver, label: str, text: str) -> None:
+    """Type into the text input labelled `label` and leave it (Tab commits it, like a user)."""
+    from selenium.webdriver.common.keys import Keys
+
+    def box(d):
+        return next((b for b in d.find_elements("css selector", '[data-testid="stTextInput"]') if b.text.strip().startswith(label)), None)
+
+    field = wait_for(driver, box, f"text input {label}").find_element("css selector", "input")
+    field.send_keys(Keys.CONTROL, "a")  # replace what is there (clear() bypasses React's state)
+    field.send_keys(text + Keys.TAB)
+
+
+def test_a_run_started_on_the_page_updates_live_and_ends_failed(server, browser, tmp_path, shots):
+    """Start a run from the form (Stage 1 and A' from a slow fake server, a model path that does not
+    exist for Stage 2): the same page shows the counts and progress moving and then the failure,
+    with no reload."""
+    from fake_openai_server import FakeOpenAIServer
+
+    url, _ = server
+    d = browser
+    data = tmp_path / "six.jsonl"
+    rows = [{"id": f"q{i}", "instruction": f"Question {i} [[q{i};sleep={1.2 * i}]]: why do I cough at night?",
+             "output": "Often postnasal drip or asthma."} for i in range(6)]  # fmt: skip
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def reply(content: str) -> str:
+        return "Score: 90" if "Reply with the number only" in content else "Rest and fluids."
+
+    with FakeOpenAIServer(default_reply=reply) as fake:
+        d.get(url)
+        wait_for(d, lambda d: "Start a new run" in body_text(d), "Runs page")
+        idle(d)
+        requested_urls(d)
+        pick_radio(d, "Data", "Path on this machine")
+        type_into(d, "Data file", str(data))
+        idle(d)
+        type_into(d, "Run name", "live")
+        type_into(d, "Model", str(tmp_path / "no-such-model"))
+        pick_radio(d, "Stage 1 rating", "openai")
+        type_into(d, "OpenAI-compatible base URL", fake.base_url)
+        d.execute_script("window.notReloaded = true")
+        next(b for b in d.find_elements("css selector", "button") if b.text.strip() == "Start run").click()
+        seen, counts = set(), set()
+        deadline = time.time() + 150
+        while "Failed (exit code" not in body_text(d) and time.time() < deadline:
+            bars = d.find_elements("css selector", '[data-testid="stProgress"]')
+            seen.update(b.text.split(" · ")[0].split(" (")[0] for b in bars if b.text)
+            counts.add(metrics(d).get("rated (Stage 1)"))
+            time.sleep(0.3)
+    text = body_text(d)
+    assert "Failed (exit code 1)" in text and "no-such-model" in text, text[-2000:]
+    assert d.execute_script("return window.notReloaded === true")  # all of it on the page that started it
+    rated = sorted(s for s in seen if s.startswith("rate:"))
+    assert len(rated) >= 2 and "rate: 6 / 6 records" not in rated[:1], seen  # counts moved while it ran
+    assert {"—", "6"} <= counts, counts  # the stage counts too, not only after a reload
+    assert "python" in text and "--data" in text and str(data) in text  # the full command, wrapped
+    assert not outside(requested_urls(d)), "the app fetched something from the internet"

@@ -390,3 +390,17 @@ def test_an_input_without_usable_records_is_one_clear_error(tmp_path):
     bad = write_lines(tmp_path / "bad.jsonl", [{"id": "a", "instruction": " ", "output": "A"}])
     with pytest.raises(DataError, match=r"bad.jsonl: all 1 records were rejected; the first, at index 0: field instruction"):
         require_records(bad, *read_records(bad))
+
+
+def test_take_records_first_or_random_subset():
+    from threeds.data import take_records
+
+    records = [{"id": str(i)} for i in range(10)]
+    assert take_records(records) == records and take_records(records, limit=20) == records
+    assert [r["id"] for r in take_records(records, limit=3)] == ["0", "1", "2"]
+    picked = [int(r["id"]) for r in take_records(records, sample=4, seed=7)]
+    assert len(picked) == 4 == len(set(picked)) and picked == sorted(picked)
+    assert picked == [int(r["id"]) for r in take_records(records, sample=4, seed=7)]
+    assert take_records(records, sample=10) == records
+    with pytest.raises(ValueError, match="not both"):
+        take_records(records, limit=2, sample=2)

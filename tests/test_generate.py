@@ -98,3 +98,29 @@ def test_local_backend_on_embedded_model(tmp_path):
     out, summary = generate_records(records, LocalBackend(batch_size=2), tmp_path / "g.jsonl", max_new_tokens=16, progress=False)
     assert summary["failed"] == 0 and [r["id"] for r in out] == ["a", "b"]
     assert all(len(r["generated_output"].split()) >= 3 for r in out)
+
+
+def test_progress_file_counts_each_record_as_it_finishes(tmp_path, monkeypatch):
+    """progress.json follows each reply the backend reports, not a batch or the end of the stage."""
+    from functools import partial
+
+    from threeds import joblog, progress
+    from threeds.backends import Reply
+
+    monkeypatch.setattr(joblog, "ProgressFile", partial(progress.ProgressFile, min_interval=0))
+    seen = []
+
+    class OneByOne:
+        name, label, signature = "fake", "fake", {"backend": "fake"}
+
+        def chat(self, prompts, max_new_tokens, on_reply=None):
+            for i, prompt in enumerate(prompts):
+                seen.append(json.loads((tmp_path / "progress.json").read_text())["done"])
+                on_reply(i, Reply(text=f"answer {i}", seconds=0.1))
+            return []
+
+    records = [{"id": f"r{i}", "instruction": f"q{i}", "output": "a"} for i in range(4)]
+    generate_records(records, OneByOne(), tmp_path / "generations.jsonl", 8, progress=False, progress_path=tmp_path / "progress.json")
+    assert seen == [0, 1, 2, 3]
+    final = json.loads((tmp_path / "progress.json").read_text())
+    assert (final["stage"], final["done"], final["total"], final["done_at_start"]) == ("generate", 4, 4, 0)

@@ -187,3 +187,13 @@ def test_interrupted_and_killed_rate_subprocess_loses_nothing_and_duplicates_not
     assert Counter(r["id"] for r in rows) == Counter(r["id"] for r in records)
     assert all(r["score"] == 85 for r in rows)
     assert all(finished[r["id"]] == r for r in rows if r["id"] in finished)  # finished rows kept as they were
+
+
+def test_prompt_for_language():
+    from threeds.rate import prompt_for_language
+
+    english = [{"instruction": "Why do I cough at night?", "output": "Often postnasal drip."}]
+    chinese = [{"instruction": "晚上咳嗽是什么原因？", "input": "三天了", "output": "常见原因是鼻后滴漏 (PND)。"}]
+    assert prompt_for_language(english) == "en-medical"
+    assert prompt_for_language(chinese) == "zh-medical"
+    assert prompt_for_language(chinese + english * 3) == "en-medical"  # judged on the whole text

@@ -121,3 +121,61 @@ def test_run_with_failed_records_exits_3_and_counts_rejects(tmp_path, data, tiny
         "total": 12, "done": 11, "failed": 1, "rejected": 1, "seconds": 0}
     assert read_jsonl(run / "rejects.jsonl")[0] | {"reason": ""} == {"index": 2, "id": "blank", "field": "instruction", "reason": ""}
     assert len(json.loads((run / "selected.json").read_text())) == 3  # the run still finished
+
+
+def _status(run: Path) -> dict:
+    return json.loads((run / "status.json").read_text())
+
+
+def test_limit_and_sample_run_a_subset_and_record_done(tmp_path, data, tiny_model_dir):
+    with FakeOpenAIServer(default_reply=_fake_model) as server:
+        common = ["--backend", "openai", "--base-url", server.base_url, "--model", str(tiny_model_dir),
+                  "--quality-threshold", "0", "--low-th", "0", "--up-th", "100", "--max-new-tokens", "8"]  # fmt: skip
+        assert cli(["run", "--data", str(data), "--out", str(tmp_path / "first"), "--limit", "3", *common]) == 0
+        assert sorted(r["id"] for r in read_jsonl(tmp_path / "first" / "ratings.jsonl")) == ["q0", "q1", "q2"]
+        manifest = json.loads((tmp_path / "first" / "manifest.json").read_text())
+        assert manifest["stages"]["rate"]["data"]["n_records"] == 3 and manifest["stages"]["rate"]["data"]["subset"] == {"limit": 3}
+        assert _status(tmp_path / "first") | {"pid": 0, "updated": 0} == {"state": "done", "exit_code": 0, "error": None, "pid": 0, "updated": 0}
+
+        picked = []
+        for seed in (0, 0, 1):
+            out = tmp_path / f"sample{len(picked)}"
+            assert cli(["run", "--data", str(data), "--out", str(out), "--sample", "4", "--sample-seed", str(seed), *common]) == 0
+            picked.append([r["id"] for r in read_jsonl(out / "filtered.jsonl")])  # all kept, in record order
+    assert len(picked[0]) == 4 and picked[0] == picked[1] != picked[2]  # the seed decides, the same every time
+    assert picked[0] == sorted(picked[0], key=lambda i: int(i[1:]))  # kept in input order
+    for bad, message in ((["--limit", "3", "--sample", "3"], "not both"), (["--limit", "0"], "at least 1")):
+        assert cli(["run", "--data", str(data), "--out", str(tmp_path / "bad"), *bad]) == 1
+        assert message in _status(tmp_path / "bad")["error"]
+
+
+def test_rating_prompt_follows_the_data_language(tmp_path, tiny_model_dir):
+    data = tmp_path / "zh.jsonl"
+    rows = [{"id": f"z{i}", "instruction": f"问题 {i}：晚上咳嗽是什么原因？", "output": "夜间咳嗽常由鼻后滴漏或哮喘引起。"} for i in range(3)]
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+    def reply(content: str) -> str:
+        return "评分：90" if "只回复数字" in content else "多喝水，注意休息。"
+
+    with FakeOpenAIServer(default_reply=reply) as server:
+        assert cli(["run", "--data", str(data), "--out", str(tmp_path / "run"), "--backend", "openai", "--base-url",
+                    server.base_url, "--model", str(tiny_model_dir), "--low-th", "0", "--up-th", "100"]) == 0  # fmt: skip
+        rating_requests = [r for r in server.requests if "只回复数字" in r["messages"][-1]["content"]]
+    assert len(rating_requests) == 3
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["stages"]["rate"]["config"]["prompt"] == "zh-medical"
+
+
+def test_run_records_failed_and_stopped(tmp_path, data, monkeypatch):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "a", "instruction": "q", "output": "a"}\nnot json\n')
+    assert cli(["run", "--data", str(bad), "--out", str(tmp_path / "bad")]) == 1
+    status = _status(tmp_path / "bad")
+    assert status["state"] == "failed" and status["exit_code"] == 1 and "line 2" in status["error"]
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("threeds.commands.run.run_pipeline", interrupted)
+    assert cli(["run", "--data", str(data), "--out", str(tmp_path / "stopped")]) == 130
+    assert _status(tmp_path / "stopped") | {"pid": 0, "updated": 0} == {"state": "stopped", "exit_code": 130, "error": "interrupted", "pid": 0, "updated": 0}

@@ -13,7 +13,8 @@ from synthetic_run import make_run
 from threeds.cli import build_parser
 from threeds.commands.run import config_from_args
 from threeds.config import (
-    BackendConfig, DataConfig, FilterConfig, GenerateConfig, ModelConfig, RateConfig, RunConfig, SelectConfig, run_command,
+    BackendConfig, DataConfig, FilterConfig, GenerateConfig, ModelConfig, RateConfig, RunConfig, SelectConfig,
+    SubsetConfig, run_command,
 )  # fmt: skip
 from threeds.errors import LockedError
 from threeds.jobs import StopResult, job_running, start_run, stop_run
@@ -155,6 +156,15 @@ def test_run_command_is_accepted_by_the_cli(tmp_path):
     assert argv[:4] == [sys.executable, "-m", "threeds", "run"]
     assert "--rate-max-new-tokens" in argv and "--sample-num" in argv and "--seed" not in argv  # defaults left out
     assert config_from_args(build_parser().parse_args(argv[3:])) == config
+    small = RunConfig(
+        subset=SubsetConfig(limit=5), model=ModelConfig(dtype="bfloat16"), backend=BackendConfig(batch_size=4),
+        rate=RateConfig(prompt="zh-medical"), generate=GenerateConfig(max_new_tokens=64),
+    )  # fmt: skip
+    argv = run_command(tmp_path / "d.jsonl", tmp_path / "out", small)
+    assert "--limit" in argv and "--max-new-tokens" in argv and "--rate-max-new-tokens" not in argv
+    assert config_from_args(build_parser().parse_args(argv[3:])) == small
+    sampled = RunConfig(subset=SubsetConfig(sample=9, sample_seed=3))
+    assert config_from_args(build_parser().parse_args(run_command("d", "o", sampled)[3:])) == sampled
 
 
 def test_background_job_start_status_stop(tmp_path):

@@ -39,6 +39,22 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class SubsetConfig:
+    """A small run first (`threeds run`): some of the records instead of all of them."""
+
+    limit: int | None = setting(None, "only the first N records (default: all)", kind=int)
+    sample: int | None = setting(None, "only N records drawn at random with --sample-seed, kept in input order; "
+                                 "not with --limit (default: all)", kind=int)  # fmt: skip
+    sample_seed: int = setting(0, "seed of --sample (default: 0)")
+
+    def recorded(self) -> dict:
+        """As the rate stage records it under `data`: absent for the whole data."""
+        if self.limit is not None:
+            return {"subset": {"limit": self.limit}}
+        return {"subset": {"sample": self.sample, "seed": self.sample_seed}} if self.sample is not None else {}
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """The target model and its chat template (every command that runs the model)."""
 
@@ -107,8 +123,9 @@ class EngineConfig:
 class RateConfig:
     """Stage 1: the rating prompt and reply."""
 
-    prompt: str = setting("en-medical", "rating prompt: one of en-medical, zh-medical, general (zh-medical is the "
-                          "paper's setting), or a text file with {instruction} and {output} slots (default: en-medical)")  # fmt: skip
+    prompt: str = setting("auto", "rating prompt: one of en-medical, zh-medical, general (zh-medical is the "
+                          "paper's setting), or a text file with {instruction} and {output} slots (default: auto = "
+                          "zh-medical for Chinese data, else en-medical)")  # fmt: skip
     max_new_tokens: int = setting(16, "longest rating reply in tokens; the score is the first number in it (default: 16)")
     reasks: int = setting(2, "times a reply without a score is asked again, with a reminder, before it is recorded "
                           "as a failure (default: 2)")  # fmt: skip
@@ -190,6 +207,7 @@ class RunConfig:
     and each stage records (its own part) in the manifest."""
 
     data: DataConfig = field(default_factory=DataConfig)
+    subset: SubsetConfig = field(default_factory=SubsetConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import unicodedata
+import random
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -155,6 +156,19 @@ def require_records(path: PathLike, records: list[dict], rejects: list[dict]) ->
     first = rejects[0]
     raise DataError(f"{path}: all {len(rejects)} records were rejected; the first, at index {first['index']}: "
                     f"field {first['field']}: {first['reason']}")  # fmt: skip
+
+
+def take_records(records: list[dict], limit: int | None = None, sample: int | None = None, seed: int = 0) -> list[dict]:
+    """A small run before the whole data: the first `limit` records, or `sample` records drawn at
+    random with `seed` (in their input order); all of them when neither is given."""
+    if limit is not None and sample is not None:
+        raise ValueError("give a record limit or a random sample size, not both")
+    for flag, n in (("--limit", limit), ("--sample", sample)):
+        if n is not None and n < 1:
+            raise ValueError(f"{flag} {n}: must be at least 1")
+    if sample is not None and sample < len(records):
+        return [records[i] for i in sorted(random.Random(seed).sample(range(len(records)), sample))]
+    return records[:limit] if limit is not None else records
 
 
 def full_instruction(rec: dict) -> str:

@@ -25,7 +25,7 @@ from threeds.backends import Backend, Reply
 from threeds.data import append_jsonl, read_jsonl, write_jsonl
 from threeds.errors import ThreedsError
 from threeds.lock import locked
-from threeds.rundir import write_progress
+from threeds.progress import ProgressFile
 
 log = logging.getLogger(__name__)
 
@@ -94,25 +94,23 @@ class Progress:
     def __init__(
         self, stage: str, log_path: Path, total: int, done_before: int, enabled: bool, progress_path: Path | None
     ) -> None:  # fmt: skip
-        self.stage, self.log_path, self.total, self.path = stage, log_path, total, progress_path
+        self.stage, self.log_path, self.total = stage, log_path, total
         self.before, self.ok, self.failed = done_before, 0, 0
         self.started = time.monotonic()
         self.bar = tqdm(total=total, initial=done_before, desc=stage, unit="rec", disable=not enabled, dynamic_ncols=True)
-        self.flush()
+        self.file = ProgressFile(progress_path, stage, total, done_before) if progress_path is not None else None
 
     def update(self, ok: bool) -> None:
         self.ok += ok
         self.failed += not ok
         self.bar.update()
-        self.flush()  # every record: a burst at the end of a local batch must not leave it stale
-
-    def flush(self) -> None:
-        if self.path is not None:
-            write_progress(self.path, self.stage, self.before + self.ok + self.failed, self.total)
+        if self.file is not None:
+            self.file.update(self.before + self.ok + self.failed)  # per record, rate-limited
 
     def close(self) -> dict:
         self.bar.close()
-        self.flush()
+        if self.file is not None:
+            self.file.close()
         return {
             "stage": self.stage, "total": self.total, "done": self.before + self.ok, "failed": self.failed,
             "skipped": self.before, "new": self.ok, "seconds": round(time.monotonic() - self.started, 3),

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from threeds.errors import LockedError
 from threeds.lock import holder
+from threeds.progress import terminal_text
 
 JOB_FILE = "job.json"  # written by `start_run`: pid and command of a background run
 LOG_FILE = "run.log"  # stdout + stderr of a background run
@@ -164,9 +165,12 @@ def _live_members(pgid: int) -> int | None:
 
 
 def log_tail(run_dir: str | os.PathLike, lines: int = 20) -> str:
+    """The last `lines` lines of run.log as a terminal shows them (progress bars' redraws and
+    colour codes gone, `threeds.progress.terminal_text`)."""
     path = Path(run_dir) / LOG_FILE
     if not path.exists():
         return ""
     with open(path, "rb") as fh:
         fh.seek(max(0, path.stat().st_size - 16384))
-        return "\n".join(fh.read().decode("utf-8", errors="replace").splitlines()[-lines:])
+        text = terminal_text(fh.read().decode("utf-8", errors="replace"))
+    return "\n".join(text.rstrip("\n").split("\n")[-lines:])

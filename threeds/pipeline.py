@@ -25,14 +25,15 @@ from tqdm.auto import tqdm
 from threeds.backends import Backend, LocalBackend, OpenAIBackend
 from threeds.config import EngineConfig, ModelConfig, RunConfig, ScoreConfig
 from threeds.data import (
-    DataError, file_positions, fingerprint, read_jsonl, read_records, require_fields, require_records, write_json,
+    DataError, file_positions, fingerprint, read_jsonl, read_records, require_fields, require_records, take_records, write_json,
     write_jsonl,
 )  # fmt: skip
 from threeds.generate import generate_records
 from threeds.lock import locked
 from threeds.names import METRIC_COLUMNS
-from threeds.rate import filter_by_rating, load_rating_prompt, rate_records
-from threeds.rundir import RunDir, RunError, package_versions
+from threeds.progress import ProgressFile
+from threeds.rate import filter_by_rating, load_rating_prompt, rate_records, rating_prompt_name
+from threeds.rundir import PROGRESS, RunDir, RunError, package_versions
 from threeds.select import select_run, selected_records
 
 log = logging.getLogger(__name__)
@@ -204,15 +205,22 @@ def score_chunks(run: RunDir, engine, chunks: list[list[dict]], pending: list[in
     load_seconds = time.perf_counter() - started
     started = time.perf_counter()
     total = 2 * sum(len(chunks[i]) for i in pending)
+    before = 2 * sum(map(len, chunks)) - total  # sequences of the chunks an earlier run finished
+    file = ProgressFile(run.file(PROGRESS), "score", before + total, before, unit="sequences")
     try:
         with tqdm(total=total, unit="seq", desc="score", disable=not progress) as bar:
-            for scored in engine.results(chunks, pending, bar.update):
+
+            def advance(n: int) -> None:
+                bar.update(n)
+                file.update(before + bar.n)  # per batch, rate-limited
+
+            for scored in engine.results(chunks, pending, advance):
                 if scored.info and not described:
                     run.update_manifest(**scored.info)
                     described = scored.info
                 result = scored.result
                 run.write_chunk(scored.index, result.metrics, result.embeddings, result.tokens)
-                run.write_progress("score", bar.n, total)
+        file.close()
     finally:
         engine.close()
     return {"load_seconds": load_seconds, "score_seconds": time.perf_counter() - started}
@@ -244,6 +252,7 @@ def _run_stages(data: Path, run: RunDir, config: RunConfig) -> dict:
     if rejects:
         write_jsonl(run.file("rejects.jsonl"), rejects)
         log.warning("%d input records rejected (see %s)", len(rejects), run.file("rejects.jsonl"))
+    records = take_records(records, config.subset.limit, config.subset.sample, config.subset.sample_seed)
     backend = make_backend(config)
     rated = _rate(stages, data, records, len(rejects), backend, config)
     kept, report = _filter(stages, records, config)
@@ -268,9 +277,10 @@ def _rate(stages: Stages, data: Path, records: list[dict], rejected: int, backen
     """Stage 1 rating (resumes per record; ratings made another way are redone). Its summary counts the
     input records rejected before it (`rejected`, listed in rejects.jsonl) beside those it rated."""
     run, rate = stages.run, config.rate
-    template = load_rating_prompt(rate.prompt)
-    recorded = {**backend.signature, "prompt": rate.prompt, "prompt_sha": digest(template), "max_new_tokens": rate.max_new_tokens}
-    source = {"path": str(data), "fingerprint": fingerprint(data), "n_records": len(records)}
+    prompt = rating_prompt_name(rate.prompt, records)
+    template = load_rating_prompt(prompt)
+    recorded = {**backend.signature, "prompt": prompt, "prompt_sha": digest(template), "max_new_tokens": rate.max_new_tokens}
+    source = {"path": str(data), "fingerprint": fingerprint(data), "n_records": len(records), **config.subset.recorded()}
     stages.record("rate", config=recorded, data=source)
     summary = rate_records(records, backend, run.file("ratings.jsonl"), template, rate.max_new_tokens,
                            reasks=rate.reasks, overwrite=True, progress_path=run.file("progress.json"))  # fmt: skip

@@ -6,6 +6,7 @@ reminder, then recorded as a failure with its raw text, never as a score of 0.
 
 from __future__ import annotations
 
+import logging
 import re
 import unicodedata
 from collections.abc import Sequence
@@ -17,7 +18,10 @@ import numpy as np
 from threeds.backends import Backend, Reply
 from threeds.data import full_instruction
 from threeds.errors import ThreedsError
+from threeds.function_words import detect_language
 from threeds.joblog import Job, make_tasks, run_job
+
+log = logging.getLogger(__name__)
 
 PROMPT_NAMES = ("en-medical", "zh-medical", "general")
 SLOTS = re.compile(r"\{(instruction|output)\}")
@@ -38,6 +42,22 @@ _DENOMINATOR_BEFORE = re.compile(r"(?:/|out of|满分)\s*$", re.I)
 
 class PromptError(ThreedsError, ValueError):
     """The rating prompt cannot be used; the message says why."""
+
+
+def prompt_for_language(records: Sequence[dict], sample: int = 200) -> str:
+    """The rating prompt for the data's language: zh-medical, the paper's setting, for Chinese
+    data, en-medical otherwise; judged on the first `sample` records."""
+    text = "\n".join(f"{full_instruction(r)}\n{r.get('output', '')}" for r in records[:sample])
+    return "zh-medical" if detect_language(text) == "zh" else "en-medical"
+
+
+def rating_prompt_name(prompt: str, records: Sequence[dict]) -> str:
+    """`--prompt` as given, or for `auto` the prompt of the data's language (logged)."""
+    if prompt != "auto":
+        return prompt
+    chosen = prompt_for_language(records)
+    log.info("rating prompt: %s (from the data's language; --prompt sets another)", chosen)
+    return chosen
 
 
 def load_rating_prompt(name_or_path: str) -> str:

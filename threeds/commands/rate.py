@@ -12,7 +12,7 @@ from threeds.data import read_records, require_records
 from threeds.errors import RECORDS_FAILED
 from threeds.lock import locked
 from threeds.pipeline import make_backend
-from threeds.rate import load_rating_prompt, rate_records
+from threeds.rate import load_rating_prompt, rate_records, rating_prompt_name
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +40,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def main(args: argparse.Namespace) -> int:
     rate = from_args(RateConfig, args)
     config = RunConfig(model=from_args(ModelConfig, args), backend=from_args(BackendConfig, args))
-    template = load_rating_prompt(rate.prompt)
     records, rejects = read_records(args.data, from_args(DataConfig, args).duplicate_ids)
     require_records(args.data, records, rejects)
     if rejects:
         log.warning("%d input records rejected, e.g. %s", len(rejects), rejects[0])
+    template = load_rating_prompt(rating_prompt_name(rate.prompt, records))
     with locked(args.out.parent):  # before the model loads: a second writer is refused at once
         summary = rate_records(records, make_backend(config), args.out, template, rate.max_new_tokens,
                                reasks=rate.reasks, overwrite=args.overwrite)  # fmt: skip

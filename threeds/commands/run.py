@@ -10,17 +10,19 @@ from pathlib import Path
 
 from threeds.config import (
     RUN_FLAGS, BackendConfig, DataConfig, EngineConfig, FilterConfig, GenerateConfig, ModelConfig, RateConfig,
-    RunConfig, ScoreConfig, SelectConfig, add_arguments, from_args,
+    RunConfig, ScoreConfig, SelectConfig, SubsetConfig, add_arguments, from_args,
 )  # fmt: skip
 from threeds.pipeline import run_pipeline
-from threeds.errors import RECORDS_FAILED
+from threeds.errors import INTERRUPTED, RECORDS_FAILED, describe
+from threeds.lock import locked
+from threeds.progress import write_status
 from threeds.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
 # The parts of RunConfig, and the help group each one's flags are listed under.
 GROUPS = {
-    "data": (DataConfig, None), "model": (ModelConfig, None), "backend": (BackendConfig, "backend"),
+    "data": (DataConfig, None), "subset": (SubsetConfig, "a small run first"), "model": (ModelConfig, None), "backend": (BackendConfig, "backend"),
     "rate": (RateConfig, "stage 1: rating"), "filter": (FilterConfig, "stage 1: rating"),
     "generate": (GenerateConfig, "stage 2: A' generation, scoring and selection"),
     "score": (ScoreConfig, "stage 2: A' generation, scoring and selection"),
@@ -52,9 +54,17 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Run the pipeline and record how it ended in OUT/status.json (done, stopped, failed)."""
     config = config_from_args(args)
     out = args.out or Path("cache") / args.data.stem
-    result = run_pipeline(args.data, RunDir(out), config)
+    with locked(out):  # status.json is the run's own: only its one writer records it
+        write_status(out, "running")
+        try:
+            result = run_pipeline(args.data, RunDir(out), config)
+        except BaseException as exc:
+            message, code = describe(exc)
+            write_status(out, "stopped" if code == INTERRUPTED else "failed", exit_code=code, error=message)
+            raise
     print(json.dumps(result, indent=2, ensure_ascii=False, default=str))
     failed = {stage: result[stage]["failed"] for stage in ("rate", "generate") if result[stage]["failed"]}
     if failed:
@@ -62,4 +72,6 @@ def main(args: argparse.Namespace) -> int:
                     "them", " and ".join(f"{n} records in {stage}" for stage, n in failed.items()), out)  # fmt: skip
     if not result["selected"]:
         log.warning("no sample was selected: none is inside every band; widen the bands")
-    return RECORDS_FAILED if failed or not result["selected"] else 0
+    code = RECORDS_FAILED if failed or not result["selected"] else 0
+    write_status(out, "done", exit_code=code)
+    return code

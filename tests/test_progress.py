@@ -1,0 +1,115 @@
+"""threeds.progress: progress.json writes, the time-left estimate, status.json, terminal logs."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+
+import pytest
+from tqdm import tqdm
+
+from threeds import progress as pg
+
+
+class Clock:
+    def __init__(self, t: float = 1000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def read(path) -> dict:
+    return json.loads((path / pg.PROGRESS_FILE).read_text())
+
+
+def test_progress_file_rate_limits_writes_but_never_ends_behind(tmp_path):
+    clock = Clock()
+    bar = pg.ProgressFile(tmp_path / pg.PROGRESS_FILE, "generate", total=10, done=4, min_interval=0.5, clock=clock)
+    assert read(tmp_path) == {"stage": "generate", "done": 4, "total": 10, "unit": "records", "started": 1000.0,
+                              "done_at_start": 4, "updated": 1000.0}  # fmt: skip
+    clock.t = 1000.2
+    bar.update(5)
+    assert read(tmp_path)["done"] == 4  # within 0.5 s of the last write: not written
+    clock.t = 1000.6
+    bar.update(6)
+    assert read(tmp_path)["done"] == 6 and read(tmp_path)["updated"] == 1000.6
+    clock.t = 1000.7
+    bar.update(7)
+    bar.close()  # the last count is always written
+    assert read(tmp_path)["done"] == 7 and read(tmp_path)["updated"] == 1000.7
+
+
+def test_progress_file_writes_a_held_back_count_at_the_end_of_the_interval(tmp_path):
+    """A burst (a local batch finishing at once): the last count is not left waiting for the next record."""
+    bar = pg.ProgressFile(tmp_path / pg.PROGRESS_FILE, "generate", total=8, min_interval=0.2)
+    for done in range(1, 9):
+        bar.update(done)
+    assert read(tmp_path)["done"] == 0  # held back: within 0.2 s of the first write
+    deadline = time.time() + 10
+    while read(tmp_path)["done"] != 8 and time.time() < deadline:
+        time.sleep(0.05)
+    assert read(tmp_path)["done"] == 8 and bar.pending is None
+
+
+def test_eta_from_the_records_done_in_this_run():
+    # 30 records done in 30 s since the stage started at 10 (resumed): 60 left -> 60 s
+    state = {"stage": "rate", "done": 40, "total": 100, "started": 100.0, "updated": 130.0, "done_at_start": 10}
+    assert pg.eta_seconds(state) == pytest.approx(60.0)
+    assert pg.eta_seconds({**state, "done": 10}) is None  # nothing new yet
+    assert pg.eta_seconds({**state, "done": 100}) == 0.0
+    assert pg.eta_seconds({"stage": "rate", "done": 3, "total": 10, "updated": 5.0}) is None  # older file: no start
+
+
+def test_eta_of_a_real_progress_file(tmp_path):
+    clock = Clock(0.0)
+    bar = pg.ProgressFile(tmp_path / pg.PROGRESS_FILE, "generate", total=8, min_interval=0, clock=clock)
+    for done in range(1, 3):
+        clock.t += 2.0  # one record every 2 s
+        bar.update(done)
+    assert pg.eta_seconds(read(tmp_path)) == pytest.approx(6 * 2.0)
+
+
+def test_status_written_and_read_back(tmp_path):
+    assert pg.read_status(tmp_path) is None
+    pg.write_status(tmp_path, "failed", exit_code=1, error="DataError: data.jsonl line 3: not JSON")
+    status = pg.read_status(tmp_path)
+    assert status["state"] == "failed" and status["exit_code"] == 1 and status["error"].endswith("not JSON")
+    with pytest.raises(ValueError, match="state"):
+        pg.write_status(tmp_path, "finished")
+    (tmp_path / pg.STATUS_FILE).write_text('{"state": "runn')  # torn
+    assert pg.read_status(tmp_path) is None
+
+
+@pytest.mark.parametrize(
+    ("status", "running", "state"),
+    [
+        ({"state": "running"}, True, "running"),
+        ({"state": "running"}, False, "killed"),  # recorded as running, no process left
+        ({"state": "done"}, False, "done"),
+        ({"state": "stopped"}, False, "stopped"),
+        ({"state": "failed"}, False, "failed"),
+        (None, False, "unknown"),
+        (None, True, "running"),
+    ],
+)
+def test_job_state(status, running, state):
+    assert pg.job_state(status, running) == state
+
+
+def test_terminal_text_by_hand():
+    raw = "INFO \x1b[1;31mred\x1b[0m\n\r  0%|     | 0/3\r 33%|#    | 1/3\r100%|#####| 3/3\x1b[K\nwarn\x08ing\x1b]0;title\x07 end\n"
+    assert pg.terminal_text(raw) == "INFO red\n100%|#####| 3/3\nwarning end\n"
+
+
+def test_terminal_text_of_a_real_tqdm_bar():
+    buffer = io.StringIO()
+    with tqdm(total=3, file=buffer, desc="generate", ncols=60, mininterval=0) as bar:
+        for _ in range(3):
+            bar.update()
+    raw = buffer.getvalue()
+    assert "\r" in raw
+    shown = pg.terminal_text(raw)
+    assert "\r" not in shown and "\x1b" not in shown
+    assert shown.strip().startswith("generate: 100%") and "3/3" in shown and shown.count("generate") == 1

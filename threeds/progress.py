@@ -1,0 +1,133 @@
+"""A run's progress and outcome as the app shows them, written by the run itself.
+
+- `progress.json`: the running stage's counts, written as each record (or scored batch) finishes,
+  at most every `ProgressFile.min_interval` seconds, with where the stage started so `eta_seconds`
+  can estimate the time left from the work done so far.
+- `status.json`: how the run ended, recorded by `threeds run`'s top level: `running`, `done`,
+  `stopped` (interrupted: the app's Stop button or Ctrl-C) or `failed` (the last error line and the
+  exit code). A run killed outright cannot record its end: its status stays `running` with no
+  process behind it (`job_state` says `killed`).
+- `terminal_text`: a log written for a terminal (tqdm's carriage returns, ANSI colours) as the
+  lines a terminal would end up showing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from threeds.data import write_json
+
+PROGRESS_FILE = "progress.json"
+STATUS_FILE = "status.json"
+STATES = ("running", "done", "stopped", "failed")
+
+
+class ProgressFile:
+    """progress.json (at `path`) of one stage: {stage, done, total, unit, updated, started, done_at_start}.
+
+    `update` writes at most every `min_interval` seconds (an atomic, fsynced write per record
+    would cost as much as the record's own log line at high concurrency); a count held back is
+    written by a timer at the end of the interval, so a burst of records (a local batch finishing)
+    never leaves the file behind until the next one; `close` writes at once.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike, stage: str, total: int, done: int = 0, unit: str = "records",
+        min_interval: float = 0.5, clock: Callable[[], float] = time.time,
+    ) -> None:  # fmt: skip
+        self.path = Path(path)
+        self.clock, self.min_interval = clock, min_interval
+        self.state = {"stage": stage, "done": done, "total": total, "unit": unit, "started": clock(), "done_at_start": done}
+        self.written = -float("inf")
+        self.lock = threading.Lock()
+        self.pending: threading.Timer | None = None
+        self.update(done, force=True)
+
+    def update(self, done: int, force: bool = False) -> None:
+        with self.lock:
+            self.state["done"] = done
+            now = self.clock()
+            wait = self.written + self.min_interval - now
+            if force or wait <= 0:
+                self._write(now)
+            elif self.pending is None:
+                self.pending = threading.Timer(wait, self._flush)
+                self.pending.daemon = True
+                self.pending.start()
+
+    def close(self) -> None:
+        self.update(self.state["done"], force=True)
+
+    def _flush(self) -> None:
+        with self.lock:
+            self.pending = None
+            self._write(self.clock())
+
+    def _write(self, now: float) -> None:
+        if self.pending is not None:
+            self.pending.cancel()
+            self.pending = None
+        write_json(self.path, {**self.state, "updated": now})
+        self.written = now
+
+
+def eta_seconds(progress: dict) -> float | None:
+    """Seconds left, as of the last update, for the stage in `progress` at the pace of the work
+    done since it started (records resumed from an earlier run do not count); None before the
+    first one finished or for a progress.json without the start (older runs)."""
+    try:
+        done, total = int(progress["done"]), int(progress["total"])
+        new = done - int(progress.get("done_at_start", 0))
+        elapsed = float(progress["updated"]) - float(progress["started"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    if new <= 0 or elapsed <= 0:
+        return None
+    return max(total - done, 0) * elapsed / new
+
+
+def write_status(run_dir: str | os.PathLike, state: str, exit_code: int | None = None, error: str | None = None) -> None:
+    """Record the run's state (one of STATES) with this process's pid."""
+    if state not in STATES:
+        raise ValueError(f"state {state!r}: not one of {STATES}")
+    status = {"state": state, "exit_code": exit_code, "error": error, "pid": os.getpid(), "updated": time.time()}
+    write_json(Path(run_dir) / STATUS_FILE, status)
+
+
+def read_status(run_dir: str | os.PathLike) -> dict | None:
+    """status.json, or None when absent, torn or not a status (runs made before it existed)."""
+    try:
+        status = json.loads((Path(run_dir) / STATUS_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return status if isinstance(status, dict) and status.get("state") in STATES else None
+
+
+def job_state(status: dict | None, running: bool) -> str:
+    """What to tell the user: `running`, `done`, `stopped`, `failed`, `killed` (recorded as
+    running but no process is left) or `unknown` (no status recorded, e.g. an older run)."""
+    if running:
+        return "running"
+    if status is None:
+        return "unknown"
+    return "killed" if status["state"] == "running" else status["state"]
+
+
+_ANSI = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)|[@-Z\\-_])")
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def terminal_text(text: str) -> str:
+    """`text` as a terminal shows it: escape sequences removed, and on each line only what the
+    last carriage return left (a progress bar's final state, not every redraw)."""
+    lines = []
+    for line in _ANSI.sub("", text).split("\n"):
+        parts = [p for p in line.split("\r") if p] or [""]
+        lines.append(_CONTROL.sub("", parts[-1]))
+    return "\n".join(lines)
