@@ -85,7 +85,7 @@ def make_backend(config: RunConfig) -> Backend:
                                address=config.engine.ray_address, workers=config.engine.ray_workers, dtype=spec.dtype)  # fmt: skip
     if backend.backend == "local":
         return LocalBackend(spec.model, template=spec.template, system=spec.system, batch_size=backend.batch_size,
-                            dtype=spec.dtype)  # fmt: skip
+                            dtype=spec.dtype, batch_tokens=backend.gen_batch_tokens)  # fmt: skip
     return OpenAIBackend(
         backend.base_url, backend.api_model, system=spec.system, concurrency=backend.concurrency,
         timeout=backend.timeout, retries=backend.retries, backoff=backend.retry_backoff,
@@ -269,11 +269,13 @@ def _rate(stages: Stages, data: Path, records: list[dict], rejected: int, backen
     input records rejected before it (`rejected`, listed in rejects.jsonl) beside those it rated."""
     run, rate = stages.run, config.rate
     template = load_rating_prompt(rate.prompt)
-    recorded = {**backend.signature, "prompt": rate.prompt, "prompt_sha": digest(template), "max_new_tokens": rate.max_new_tokens}
+    recorded = {**backend.signature, "prompt": rate.prompt, "prompt_sha": digest(template),
+                "max_new_tokens": rate.max_new_tokens, **rate.recorded()}  # fmt: skip
     source = {"path": str(data), "fingerprint": fingerprint(data), "n_records": len(records)}
     stages.record("rate", config=recorded, data=source)
     summary = rate_records(records, backend, run.file("ratings.jsonl"), template, rate.max_new_tokens,
-                           reasks=rate.reasks, overwrite=True, progress_path=run.file("progress.json"))  # fmt: skip
+                           reasks=rate.reasks, overwrite=True, progress_path=run.file("progress.json"),
+                           mode=rate.rating_mode)  # fmt: skip
     summary = {**summary, "rejected": rejected}
     stages.record("rate", summary=summary)
     _warn_failures(summary)
