@@ -127,12 +127,13 @@ def main() -> None:
     records, _ = read_records(DATA, "rename")
     model, tokenizer = load_model()
     lines = bench_generation(model, tokenizer, records[: args.n], args) if args.n else []
+    print("\n".join(lines), flush=True)  # each part as soon as it is measured
     if args.rate:
-        lines += [""] + bench_rating(model, tokenizer, records[: args.rate], args)
-    text = "\n".join(lines)
-    print(text, flush=True)
+        rating = [""] + bench_rating(model, tokenizer, records[: args.rate], args)
+        print("\n".join(rating), flush=True)
+        lines += rating
     if args.out:
-        args.out.write_text(text + "\n")
+        args.out.write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
