@@ -12,8 +12,8 @@ from transformers import GenerationConfig
 from conftest import tiny_llama
 from threeds.backends import LocalBackend
 from threeds.decode import greedy_decode
-from threeds.rate import LogitsRater, RatingModeError, rate_records
-from threeds.rating_logits import digit_ids, expected_score, number_probs
+from threeds.rate import LogitsRater, rate_records
+from threeds.rating_logits import RatingModeError, digit_ids, expected_score, number_probs
 
 
 def generate_one(model, ids: list[int], stop: list[int], max_new_tokens: int) -> list[int]:

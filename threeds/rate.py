@@ -18,7 +18,7 @@ import numpy as np
 
 from threeds.backends import Backend, LocalBackend, OnReply, Reply
 from threeds.data import full_instruction
-from threeds.errors import SettingsError, ThreedsError
+from threeds.errors import ThreedsError
 from threeds.joblog import Job, make_tasks, run_job
 
 PROMPT_NAMES = ("en-medical", "zh-medical", "general")
@@ -104,15 +104,13 @@ def rating_job(reasks: int) -> Job:
     return Job("rate", _rating_fields, reask=lambda prompt: prompt + REMINDER, reasks=reasks)
 
 
-class RatingModeError(SettingsError):
-    """Logits rating cannot be used with this tokenizer or backend; the message says why."""
-
-
 class LogitsRater:
     """`--rating-mode logits` in the place of a backend: each "reply" is the expected score read
     from the next-token distribution (threeds.rating_logits), as JSON {score, digit_mass}."""
 
     def __init__(self, backend: Backend) -> None:
+        from threeds.rating_logits import RatingModeError
+
         if not isinstance(backend, LocalBackend):
             raise RatingModeError("--rating-mode logits reads the model's own probabilities: it needs --backend local")
         self.backend, self.name = backend, backend.name

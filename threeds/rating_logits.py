@@ -26,9 +26,13 @@ import torch
 from transformers.cache_utils import Cache
 
 from threeds.decode import _SpareLayer, prefill
-from threeds.rate import RatingModeError
+from threeds.errors import SettingsError
 
 KEEP_DIGIT = 1e-3  # first digits below this share of the digit mass are not continued
+
+
+class RatingModeError(SettingsError):
+    """Logits rating cannot be used with this tokenizer or backend; the message says why."""
 
 
 def digit_ids(tokenizer) -> list[int]:
