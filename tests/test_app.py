@@ -114,7 +114,7 @@ def test_launcher_inputs_reach_the_command(demo, monkeypatch):
     from threeds.commands.run import config_from_args
 
     started = []
-    monkeypatch.setattr("threeds.runs.start_run", lambda argv, run_dir, cwd=None: started.append(argv) or run_dir.mkdir())
+    monkeypatch.setattr("threeds.jobs.start_run", lambda argv, run_dir, cwd=None: started.append(argv) or run_dir.mkdir())
     at = app().run()
     at.radio(key="new_source").set_value("Path on this machine").run()
     at.text_input(key="new_path").set_value(str(demo / "input.jsonl")).run()
@@ -382,7 +382,7 @@ def test_runs_page_shows_a_failed_run_as_failed(demo, tmp_path):
     import sys
     import time
 
-    from threeds.runs import job_running, start_run
+    from threeds.jobs import job_running, start_run
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": "a", "instruction": "q", "output": "a"}\nnot json\n')

@@ -67,22 +67,24 @@ class Backend(Protocol):
 
 
 class LocalBackend:
-    """The model in this process through transformers: batched greedy generation, left padding.
+    """The model in this process through transformers: greedy decoding with continuous refill.
 
     Prompts are templated with the tokenizer's chat template (threeds.prompts); generation stops at
-    the template's end-of-turn marker or EOS. Replies of a batch arrive together; each reply's
-    `seconds` is its share of the batch's time. The model loads on the first `chat` call, so a run
-    with nothing left to do never loads it.
+    the template's end-of-turn marker or EOS. Up to `batch_size` answers are decoded together while
+    they fit in `batch_tokens` (threeds.decode); each reply is reported the moment it finishes, and
+    its `seconds` is its own prefill plus its share of the steps it took part in. The model loads on
+    the first `chat` call, so a run with nothing left to do never loads it.
     """
 
     name = "local"
 
     def __init__(
         self, model_spec: str | None = None, *, template: str | None = None, system: str | None = None,
-        batch_size: int = 8, model=None, tokenizer=None, dtype: str | None = None,
+        batch_size: int = 64, model=None, tokenizer=None, dtype: str | None = None, batch_tokens: int = 32768,
     ) -> None:  # fmt: skip
         """`dtype`: the weights' precision when `model_spec` is loaded (None: the device's default)."""
         self.model_spec, self.template, self.system, self.batch_size = model_spec, template, system, batch_size
+        self.batch_tokens = batch_tokens
         self.model, self.tokenizer = model, tokenizer
         self.dtype = None if dtype == "auto" else dtype
 
@@ -117,28 +119,34 @@ class LocalBackend:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def chat(self, prompts: Sequence[str], max_new_tokens: int, on_reply: OnReply | None = None) -> list[Reply]:
+    def encode(self, prompts: Sequence[str]) -> tuple[list[list[int]], str]:
+        """Token ids of the templated prompts, and the template's end-of-turn marker."""
         from threeds.prompts import prompt_format
 
-        model, tokenizer = self.load()
+        _, tokenizer = self.load()
         fmt = prompt_format(tokenizer, self.template, self.system)
-        encoded = [tokenizer(fmt.prompt(p), add_special_tokens=False)["input_ids"] for p in prompts]
-        stop = _stop_ids(tokenizer, fmt.end_of_turn)
+        return [tokenizer(fmt.prompt(p), add_special_tokens=False)["input_ids"] for p in prompts], fmt.end_of_turn
+
+    def chat(self, prompts: Sequence[str], max_new_tokens: int, on_reply: OnReply | None = None) -> list[Reply]:
+        from threeds.decode import greedy_decode
+
+        model, tokenizer = self.load()
+        encoded, end_of_turn = self.encode(prompts)
         replies: list[Reply | None] = [None] * len(prompts)
-        for batch in length_batches([len(e) for e in encoded], self.batch_size):
-            began = time.perf_counter()
-            texts = generate_batch(model, tokenizer, [encoded[i] for i in batch], stop, max_new_tokens, fmt.end_of_turn)
-            seconds = (time.perf_counter() - began) / len(batch)
-            for i, text in zip(batch, texts):
-                replies[i] = Reply(text, seconds, model=self.label)
-                if on_reply:
-                    on_reply(i, replies[i])
+
+        def done(i: int, tokens: list[int], seconds: float) -> None:
+            text = tokenizer.decode(tokens, skip_special_tokens=True).split(end_of_turn)[0]  # a multi-token marker is not a stop id
+            replies[i] = Reply(text, seconds, model=self.label)
+            if on_reply:
+                on_reply(i, replies[i])
+
+        greedy_decode(model, encoded, _stop_ids(tokenizer, end_of_turn), max_new_tokens,
+                      batch_tokens=self.batch_tokens, max_rows=self.batch_size, on_done=done)  # fmt: skip
         return replies
 
 
 def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Indices per generation batch: longest first, so similar lengths share a batch (little
-    padding) and memory errors show early."""
+    """Indices per batch: longest first, so similar lengths share a batch and memory errors show early."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
@@ -150,26 +158,6 @@ def _stop_ids(tokenizer, end_of_turn: str) -> list[int]:
     if len(marker) == 1:
         ids.add(marker[0])
     return sorted(i for i in ids if i is not None)
-
-
-def generate_batch(model, tokenizer, inputs: list[list[int]], stop: list[int], max_new_tokens: int, end_of_turn: str) -> list[str]:
-    """Greedy continuations of token lists, left-padded into one batch; text up to the first stop."""
-    import torch
-    from transformers import GenerationConfig
-
-    width = max(map(len, inputs))
-    pad = tokenizer.pad_token_id
-    ids = torch.tensor([[pad] * (width - len(x)) + x for x in inputs], device=model.device)
-    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in inputs], device=model.device)
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop, pad_token_id=pad)
-    with torch.inference_mode():
-        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
-    texts = []
-    for row in out[:, width:].tolist():
-        cut = next((j for j, t in enumerate(row) if t in stop), len(row))
-        text = tokenizer.decode(row[:cut], skip_special_tokens=True)
-        texts.append(text.split(end_of_turn)[0])  # a multi-token marker is not a stop id
-    return texts
 
 
 # ----------------------------------------------------------------------------------------- openai

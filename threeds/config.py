@@ -88,7 +88,11 @@ class BackendConfig:
         "(LlamaFactory `llamafactory-cli api`, `vllm serve`, llama.cpp server, Ollama) (default: local)",
         choices=("local", "openai"),
     )  # fmt: skip
-    batch_size: int = setting(8, "local: prompts generated together (default: 8)")
+    batch_size: int = setting(64, "local: most answers decoded together; a finished one is replaced by the next "
+                              "prompt at once (default: 64)")  # fmt: skip
+    gen_batch_tokens: int = setting(32768, "local: answers decoded together x (longest prompt among them + "
+                                    "max new tokens) stays within this many tokens, which bounds the key/value cache; "
+                                    "answers do not depend on it or on --batch-size (default: 32768)")  # fmt: skip
     base_url: str = setting("http://127.0.0.1:8000/v1", "openai: the server's API root "
                             "(default: http://127.0.0.1:8000/v1, where LlamaFactory and vLLM listen)")  # fmt: skip
     api_model: str | None = setting(None, "openai: model name to request (default: the server's only model, "
@@ -129,6 +133,18 @@ class RateConfig:
     max_new_tokens: int = setting(16, "longest rating reply in tokens; the score is the first number in it (default: 16)")
     reasks: int = setting(2, "times a reply without a score is asked again, with a reminder, before it is recorded "
                           "as a failure (default: 2)")  # fmt: skip
+    rating_mode: str = setting(
+        "generate", "generate = the model writes a reply and the first number 0-100 in it is the score (the paper's "
+        "method); logits = one pass over the prompt and no reply: the score is the expected value of the number the "
+        "model would write, from its probabilities of the digit tokens 0-9 as the first token, each first digit "
+        "continued by one more step for a second digit ('10' once more, for 100), renormalised over the numbers 0-100 "
+        "(README, Stage 1); --backend local, tokenizers with one token per digit (default: generate)",
+        choices=("generate", "logits"),
+    )  # fmt: skip
+
+    def recorded(self) -> dict:
+        """The rating mode as a run records it: absent for generate, so runs made before the flag still resume."""
+        return {} if self.rating_mode == "generate" else {"rating_mode": self.rating_mode}
 
 
 @dataclass(frozen=True)

@@ -86,7 +86,7 @@ def make_backend(config: RunConfig) -> Backend:
                                address=config.engine.ray_address, workers=config.engine.ray_workers, dtype=spec.dtype)  # fmt: skip
     if backend.backend == "local":
         return LocalBackend(spec.model, template=spec.template, system=spec.system, batch_size=backend.batch_size,
-                            dtype=spec.dtype)  # fmt: skip
+                            dtype=spec.dtype, batch_tokens=backend.gen_batch_tokens)  # fmt: skip
     return OpenAIBackend(
         backend.base_url, backend.api_model, system=spec.system, concurrency=backend.concurrency,
         timeout=backend.timeout, retries=backend.retries, backoff=backend.retry_backoff,
@@ -279,11 +279,13 @@ def _rate(stages: Stages, data: Path, records: list[dict], rejected: int, backen
     run, rate = stages.run, config.rate
     prompt = rating_prompt_name(rate.prompt, records)
     template = load_rating_prompt(prompt)
-    recorded = {**backend.signature, "prompt": prompt, "prompt_sha": digest(template), "max_new_tokens": rate.max_new_tokens}
+    recorded = {**backend.signature, "prompt": prompt, "prompt_sha": digest(template),
+                "max_new_tokens": rate.max_new_tokens, **rate.recorded()}  # fmt: skip
     source = {"path": str(data), "fingerprint": fingerprint(data), "n_records": len(records), **config.subset.recorded()}
     stages.record("rate", config=recorded, data=source)
     summary = rate_records(records, backend, run.file("ratings.jsonl"), template, rate.max_new_tokens,
-                           reasks=rate.reasks, overwrite=True, progress_path=run.file("progress.json"))  # fmt: skip
+                           reasks=rate.reasks, overwrite=True, progress_path=run.file("progress.json"),
+                           mode=rate.rating_mode)  # fmt: skip
     summary = {**summary, "rejected": rejected}
     stages.record("rate", summary=summary)
     _warn_failures(summary)

@@ -6,8 +6,10 @@ reminder, then recorded as a failure with its raw text, never as a score of 0.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+import time
 import unicodedata
 from collections.abc import Sequence
 from importlib import resources
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from threeds.backends import Backend, Reply
+from threeds.backends import Backend, LocalBackend, OnReply, Reply
 from threeds.data import full_instruction
 from threeds.errors import ThreedsError
 from threeds.function_words import detect_language
@@ -122,13 +124,65 @@ def rating_job(reasks: int) -> Job:
     return Job("rate", _rating_fields, reask=lambda prompt: prompt + REMINDER, reasks=reasks)
 
 
+class LogitsRater:
+    """`--rating-mode logits` in the place of a backend: each "reply" is the expected score read
+    from the next-token distribution (threeds.rating_logits), as JSON {score, digit_mass}."""
+
+    def __init__(self, backend: Backend) -> None:
+        from threeds.rating_logits import RatingModeError
+
+        if not isinstance(backend, LocalBackend):
+            raise RatingModeError("--rating-mode logits reads the model's own probabilities: it needs --backend local")
+        self.backend, self.name = backend, backend.name
+
+    @property
+    def label(self) -> str:
+        return self.backend.label
+
+    @property
+    def signature(self) -> dict:
+        return self.backend.signature | {"rating_mode": "logits"}  # a log never mixes the two modes
+
+    def chat(self, prompts: Sequence[str], max_new_tokens: int, on_reply: OnReply | None = None) -> list[Reply]:
+        from threeds.rating_logits import digit_ids, expected_score
+
+        model, tokenizer = self.backend.load()
+        digits = digit_ids(tokenizer)
+        encoded, _ = self.backend.encode(prompts)
+        replies = []
+        for i, ids in enumerate(encoded):
+            began = time.perf_counter()
+            score, mass = expected_score(model, ids, digits)
+            text = json.dumps({"score": round(score, 4), "digit_mass": round(mass, 4)})
+            replies.append(Reply(text, time.perf_counter() - began, model=self.label))
+            if on_reply:
+                on_reply(i, replies[-1])
+        return replies
+
+
+def _logits_fields(reply: Reply) -> dict:
+    if reply.error is not None:
+        return {"score": None, "raw": reply.text, "error": reply.error}
+    return {"score": json.loads(reply.text)["score"], "raw": reply.text, "error": None}
+
+
 def rate_records(
     records: Sequence[dict], backend: Backend, out_path: Path, template: str, max_new_tokens: int = 16,
     *, reasks: int = 2, overwrite: bool = False, progress: bool = True, progress_path: Path | None = None,
+    mode: str = "generate",
 ) -> dict:  # fmt: skip
-    """Rate every record not yet rated into `out_path` (ratings JSONL); returns the summary."""
+    """Rate every record not yet rated into `out_path` (ratings JSONL); returns the summary.
+
+    `mode` "generate" parses the score the model writes (the paper's method); "logits" reads it
+    from one pass over the prompt (threeds.rating_logits), keyed apart so the log never mixes them.
+    """
+    job = rating_job(reasks)
+    if mode == "logits":
+        backend, job = LogitsRater(backend), Job("rate", _logits_fields)
+    elif mode != "generate":
+        raise ValueError(f"rating mode must be generate or logits, got {mode!r}")
     tasks = make_tasks(records, [render(template, r) for r in records], backend, max_new_tokens)
-    return run_job(rating_job(reasks), tasks, backend, Path(out_path), max_new_tokens, overwrite=overwrite,
+    return run_job(job, tasks, backend, Path(out_path), max_new_tokens, overwrite=overwrite,
                    progress=progress, progress_path=progress_path)  # fmt: skip
 
 

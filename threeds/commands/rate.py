@@ -47,6 +47,6 @@ def main(args: argparse.Namespace) -> int:
     template = load_rating_prompt(rating_prompt_name(rate.prompt, records))
     with locked(args.out.parent):  # before the model loads: a second writer is refused at once
         summary = rate_records(records, make_backend(config), args.out, template, rate.max_new_tokens,
-                               reasks=rate.reasks, overwrite=args.overwrite)  # fmt: skip
+                               reasks=rate.reasks, overwrite=args.overwrite, mode=rate.rating_mode)  # fmt: skip
     print_summary(summary)
     return RECORDS_FAILED if summary["failed"] else 0

@@ -1,0 +1,144 @@
+"""Greedy decoding with continuous refill (threeds.decode) and logits rating (threeds.rating_logits):
+the answers of plain `model.generate` one prompt at a time, each reported as it finishes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import GenerationConfig
+
+from conftest import tiny_llama
+from threeds.backends import LocalBackend
+from threeds.decode import greedy_decode
+from threeds.rate import LogitsRater, rate_records
+from threeds.rating_logits import RatingModeError, digit_ids, expected_score, number_probs
+
+
+def generate_one(model, ids: list[int], stop: list[int], max_new_tokens: int) -> list[int]:
+    """The plain transformers pattern, one prompt alone: greedy tokens cut before the first stop."""
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop, pad_token_id=0)
+    with torch.inference_mode():
+        out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             generation_config=config)[0, len(ids):].tolist()  # fmt: skip
+    return out[: next((j for j, t in enumerate(out) if t in stop), len(out))]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_llama(256, seed=3)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(1, 256, (n,), generator=g).tolist() for n in (3, 17, 9, 30, 5, 12, 22)]
+
+
+@pytest.fixture(scope="module")
+def stop(tiny, prompts):
+    """A token the model writes early in some answers and not in others, so rows end at different steps."""
+    free = [generate_one(tiny, p, [], 12) for p in prompts]
+    return [next(t for t in free[1][2:] if sum(t in f for f in free) < len(free))]
+
+
+@pytest.mark.parametrize(("max_rows", "batch_tokens"), [(2, 10**6), (3, 10**6), (64, 10**6), (64, 1)])
+def test_refilled_batches_give_the_answers_of_one_prompt_at_a_time(tiny, prompts, stop, max_rows, batch_tokens):
+    reference = [generate_one(tiny, p, stop, 12) for p in prompts]
+    assert len({len(r) for r in reference}) > 2  # rows really finish at different steps
+    got = greedy_decode(tiny, prompts, stop, 12, max_rows=max_rows, batch_tokens=batch_tokens)
+    assert got == reference
+
+
+def test_each_answer_is_reported_when_it_finishes(tiny, prompts, stop):
+    """All prompts start together here, so they must be reported shortest answer first, each once."""
+    reported = []
+    got = greedy_decode(tiny, prompts, stop, 12, on_done=lambda i, tokens, s: reported.append((i, tokens, s)))
+    assert sorted(i for i, _, _ in reported) == list(range(len(prompts)))
+    assert [len(t) for _, t, _ in reported] == sorted(len(t) for t in got)
+    assert all(got[i] == t and s > 0 for i, t, s in reported)
+
+
+def test_a_prompt_that_stops_at_once_and_max_new_tokens_one(tiny, prompts):
+    first = [generate_one(tiny, p, [], 1)[0] for p in prompts]
+    got = greedy_decode(tiny, prompts, [first[0]], 5, max_rows=2)
+    assert got[0] == [] and got == [generate_one(tiny, p, [first[0]], 5) for p in prompts]
+    assert greedy_decode(tiny, prompts, [], 1) == [[t] for t in first]
+
+
+@pytest.mark.integration
+def test_local_backend_gives_plain_generate_answers_on_the_embedded_model():
+    """The embedded model at its run dtype: the backend's refilled batches against plain
+    `model.generate` one prompt at a time."""
+    from threeds.backends import _stop_ids
+
+    prompts = ["What is hypertension?", "Name one symptom of flu.", "Why does a cough last three weeks after a cold?",
+               "Hi", "What are the treatments for Paget's disease of bone?"]  # fmt: skip
+    backend = LocalBackend(batch_size=3)
+    seen = []
+    replies = backend.chat(prompts, 24, lambda i, r: seen.append(i))
+    model, tokenizer = backend.load()
+    encoded, end_of_turn = backend.encode(prompts)
+    stop = _stop_ids(tokenizer, end_of_turn)
+    expected = [tokenizer.decode(generate_one(model, e, stop, 24), skip_special_tokens=True) for e in encoded]
+    assert [r.text for r in replies] == expected and sorted(seen) == list(range(len(prompts)))
+    assert all(t.strip() for t in expected)
+
+
+# ------------------------------------------------------------------------------------ logits rating
+
+
+def test_number_probs_by_hand():
+    """p1: "9" 0.5, "1" 0.5. After "9": "0" 0.6, else a non-digit. After "1": "0" 1.0; after "10":
+    "0" 0.5 (100), "5" 0.25 (105: over 100, left out), a non-digit 0.25 (10)."""
+    p1 = torch.zeros(10)
+    p1[9] = p1[1] = 0.5
+    after9, after1, p3 = torch.zeros(10), torch.zeros(10), torch.zeros(10)
+    after9[0], after1[0], p3[0], p3[5] = 0.6, 1.0, 0.5, 0.25
+    probs = number_probs(p1, {9: after9, 1: after1}, p3)
+    assert probs[90] == pytest.approx(0.3) and probs[9] == pytest.approx(0.2)
+    assert probs[100] == pytest.approx(0.25) and probs[10] == pytest.approx(0.125)
+    assert sum(probs.values()) == pytest.approx(0.875)  # 105 is left out
+
+
+def _brute_force_score(model, ids: list[int], digits: list[int]) -> float:
+    """The documented rule from full forward passes without any cache (all ten first digits)."""
+    def next_probs(seq):
+        with torch.inference_mode():
+            return model(input_ids=torch.tensor([seq])).logits[0, -1].float().softmax(-1)[digits]
+
+    p1 = next_probs(ids)
+    p2 = {d: next_probs(ids + [digits[d]]) for d in range(10)}
+    probs = number_probs(p1, p2, next_probs(ids + [digits[1], digits[0]]))
+    return sum(v * p for v, p in probs.items()) / sum(probs.values())
+
+
+def test_expected_score_matches_the_rule_computed_without_cache(tokenizer):
+    model = tiny_llama(len(tokenizer), seed=1)
+    digits = digit_ids(tokenizer)
+    for text in ["Rate this: the answer is good.", "Score?"]:
+        ids = tokenizer(text)["input_ids"]
+        score, mass = expected_score(model, ids, digits)
+        assert 0 <= score <= 100 and 0 < mass < 1
+        assert score == pytest.approx(_brute_force_score(model, ids, digits), abs=0.05)  # pruned digits < 0.1%
+
+
+def test_logits_mode_logs_scores_under_its_own_key_and_needs_a_local_backend(tmp_path, tiny_model_dir):
+    from threeds.backends import OpenAIBackend
+
+    records = [{"id": "a", "instruction": "What is flu?", "output": "A viral infection."},
+               {"id": "b", "instruction": "Cough?", "output": "See a doctor."}]  # fmt: skip
+    backend = LocalBackend(str(tiny_model_dir))
+    log = tmp_path / "ratings.jsonl"
+    summary = rate_records(records, backend, log, "{instruction} {output} score:", mode="logits", progress=False)
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert summary["new"] == 2 and [r["id"] for r in rows] == ["a", "b"]
+    assert all(0 <= r["score"] <= 100 and json.loads(r["raw"])["score"] == r["score"] for r in rows)
+    assert LogitsRater(backend).signature["rating_mode"] == "logits"
+    from threeds.joblog import StaleResultsError
+
+    with pytest.raises(StaleResultsError):  # a generate-mode rerun never mixes into this log
+        rate_records(records, backend, log, "{instruction} {output} score:", mode="generate", progress=False)
+    with pytest.raises(RatingModeError, match="--backend local"):
+        rate_records(records, OpenAIBackend("http://127.0.0.1:9/v1"), log, "{instruction}{output}", mode="logits")
