@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from threeds.atomic import atomic_write, make_parent
-from threeds.errors import ThreedsError
+from threeds.errors import SettingsError, ThreedsError
 
 PathLike = str | os.PathLike
 
@@ -162,10 +162,10 @@ def take_records(records: list[dict], limit: int | None = None, sample: int | No
     """A small run before the whole data: the first `limit` records, or `sample` records drawn at
     random with `seed` (in their input order); all of them when neither is given."""
     if limit is not None and sample is not None:
-        raise ValueError("give a record limit or a random sample size, not both")
+        raise SettingsError("--limit and --sample: give a record limit or a random sample size, not both")
     for flag, n in (("--limit", limit), ("--sample", sample)):
         if n is not None and n < 1:
-            raise ValueError(f"{flag} {n}: must be at least 1")
+            raise SettingsError(f"{flag} {n}: must be at least 1")
     if sample is not None and sample < len(records):
         return [records[i] for i in sorted(random.Random(seed).sample(range(len(records)), sample))]
     return records[:limit] if limit is not None else records
