@@ -7,6 +7,7 @@ per band setting, histogram counts per column, the UMAP map and k-center pick or
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -15,8 +16,10 @@ import streamlit as st
 
 from threeds.embed_map import PickOrder, load_or_compute_umap
 from threeds.names import ATTEN_METHODS, METRIC_NAMES, METRICS, metric_column
+from threeds.config import SelectConfig
 from threeds.runs import DEFAULT_CACHE, Run, list_runs, load_run, run_key, run_settings
-from threeds.select import DEFAULT_BAND, band_filter
+from threeds.select import DEFAULT_BAND
+from threeds.selection import Filtered, Selection, SelectionError, explain, filter_rows, pick_count, quality_per_row
 
 INSPECTOR = "app_pages/inspector.py"
 DEFAULTS = {
@@ -24,11 +27,13 @@ DEFAULTS = {
     "quality_threshold": 85.0,
     "sample_num": 5000,
     "seed": 0,
+    "rule_include": (),
+    "rule_exclude": (),
     **{f"band_{m}": DEFAULT_BAND for m in METRICS},
 }
 # Widget keys that must survive page switches: Streamlit drops a widget's state when a page
 # without that widget runs, unless the key is re-assigned on every run (its documented workaround).
-PERSISTENT = (*DEFAULTS, "run_name", "inspect_id", "ins_ppl_log")
+PERSISTENT = (*DEFAULTS, "run_name", "inspect_id", "ins_ppl_log", "inspect_atten")
 
 
 def setup() -> None:
@@ -75,6 +80,7 @@ def run_picker() -> None:
     st.sidebar.selectbox("Run", names, key="run_name")
     if st.session_state.get("settings_of") != st.session_state["run_name"]:
         start_from_run_settings()
+    show_funnel(current_run())
 
 
 def start_from_run_settings() -> None:
@@ -144,45 +150,92 @@ def bands() -> dict[str, tuple[float, float]]:
     return {m: tuple(st.session_state[f"band_{m}"]) for m in METRICS}
 
 
-def band_key() -> tuple:
-    return tuple(bands()[m] for m in METRICS)
+def selection_config(run: Run) -> SelectConfig:
+    """The one selection every page shows and Export applies, from the shared state: the
+    quality threshold applies when the run has ratings."""
+    state = st.session_state
+    return SelectConfig.from_bands(
+        bands(), sample_num=int(state["sample_num"]), atten_method=state["atten_method"], seed=int(state["seed"]),
+        quality_threshold=float(state["quality_threshold"]) if run.ratings is not None else None,
+        include=tuple(state["rule_include"]), exclude=tuple(state["rule_exclude"]),
+    )  # fmt: skip
 
 
-@st.cache_data(max_entries=256, show_spinner=False)
-def _band_filter(_run: Run, key: tuple, band_values: tuple, atten_method: str) -> tuple[np.ndarray, dict]:
-    return band_filter(_run.metrics, dict(zip(METRICS, band_values)), atten_method)
+def _stages_key(config: SelectConfig) -> tuple:
+    """What stages 1-3 depend on: every setting but sample_num."""
+    return dataclasses.astuple(dataclasses.replace(config, sample_num=1))
 
 
-def band_result(run: Run) -> tuple[np.ndarray, dict]:
-    """`threeds.select.band_filter` for the bands and attention method set on the pages."""
-    return _band_filter(run, key_of(run), band_key(), st.session_state["atten_method"])
+@st.cache_resource(max_entries=64, show_spinner=False)
+def _filtered(_run: Run, key: tuple, _config: SelectConfig, stages: tuple) -> Filtered:
+    return filter_rows(_config, _run.metrics, quality_per_row(_run.ratings, _run.metrics["id"]))
+
+
+def filtered(run: Run) -> Filtered:
+    """Stages 1-3 (quality, bands, rules) of the current selection; cached per setting."""
+    config = selection_config(run)
+    try:
+        return _filtered(run, key_of(run), config, _stages_key(config))
+    except SelectionError as exc:
+        st.error(f"This selection cannot be applied: {exc}")
+        st.stop()
 
 
 @st.cache_resource(max_entries=32, show_spinner=False)
-def _pick_order(_run: Run, key: tuple, band_values: tuple, atten_method: str, seed: int) -> PickOrder:
-    mask, _ = _band_filter(_run, key, band_values, atten_method)
-    return PickOrder(np.ascontiguousarray(_run.embeddings[mask]), seed=seed)
+def _pick_order(_run: Run, key: tuple, _filtered: Filtered, stages: tuple, seed: int) -> PickOrder:
+    rows = np.ascontiguousarray(_run.embeddings[_filtered.candidates])
+    return PickOrder(rows, seed=seed, initial=tuple(int(i) for i in _filtered.initial))
 
 
-def picks(run: Run, sample_num: int) -> np.ndarray:
-    """Rows of metrics.parquet that k-center greedy picks, in pick order, for the current bands."""
-    mask, _ = band_result(run)
-    survivors = np.flatnonzero(mask)
-    order = _pick_order(run, key_of(run), band_key(), st.session_state["atten_method"], st.session_state["seed"])
+@st.cache_resource(max_entries=32, show_spinner=False)
+def _selection(_run: Run, key: tuple, config: tuple, _config: SelectConfig, _done: Filtered) -> Selection:
+    order = _pick_order(_run, key, _done, _stages_key(_config), _config.seed)
     with st.spinner("k-center greedy…"):
-        return survivors[order.picks(sample_num)]
+        picked = _done.candidates[order.picks(pick_count(_config))]
+    return explain(_config, _run.metrics, _run.ratings, _done, picked)
+
+
+def selection(run: Run) -> Selection:
+    """The current selection applied to `run` (`threeds.selection`): picks, funnel, per-sample why."""
+    config = selection_config(run)
+    return _selection(run, key_of(run), dataclasses.astuple(config), config, filtered(run))
+
+
+def picks(run: Run) -> np.ndarray:
+    """Rows of metrics.parquet that the current selection picks, in pick order."""
+    return selection(run).picked
+
+
+def funnel_text(counts: dict) -> str:
+    return " → ".join(f"{label} **{value:,}**" for label, value in counts.items() if value is not None)
+
+
+def show_funnel(run: Run | None) -> None:
+    """The current selection's funnel in the sidebar of every page (rated -> ... -> picked)."""
+    if run is None:
+        return
+    if run.metrics is None or run.embeddings is None or run.errors.keys() & {"metrics.parquet", "embeddings.npy"}:
+        if run.ratings is not None and "ratings.jsonl" not in run.errors:
+            scores = run.ratings["score"].to_numpy(dtype=float)
+            kept = int((scores[np.isfinite(scores)] >= float(st.session_state["quality_threshold"])).sum())
+            st.sidebar.markdown("**Selection**  \n" + funnel_text({"rated": int(np.isfinite(scores).sum()), "kept by quality": kept}))
+        return
+    counts = selection(run).funnel
+    st.sidebar.markdown("**Selection**  \n" + funnel_text(counts))
+    if counts["picked"] == 0:
+        st.sidebar.warning("This selection picks 0 samples: lower the quality threshold or widen a band.")
 
 
 def sample_num_slider(run: Run) -> int:
-    """The shared sample_num slider (Embedding map, Export); clamped to the band survivors."""
-    n = int(band_result(run)[0].sum())
+    """The shared sample_num slider (Embedding map, Export); clamped to the k-center candidates."""
+    n = len(filtered(run).candidates)
     if n == 0:
-        st.warning("No sample lies inside all three bands; widen a band on **Difficulty**.")
+        st.warning("No sample passes the quality threshold and lies inside all three bands; lower the threshold on **Quality** or widen a band on **Difficulty**.")
         st.stop()
     st.session_state["sample_num"] = max(1, min(int(st.session_state["sample_num"]), n))
     if n == 1:
         return 1
-    return st.slider("sample_num (k-center picks)", 1, n, key="sample_num", help=f"{n:,} samples survive the bands")
+    return st.slider("sample_num (k-center picks)", 1, n, key="sample_num", help=f"{n:,} samples pass quality, bands and rules")
 
 
 def atten_toggle() -> str:

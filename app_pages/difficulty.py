@@ -81,10 +81,11 @@ def main() -> None:
     with c1:
         common.atten_toggle()
     log = c2.toggle("log x for Instruction Understanding", key="ins_ppl_log")
-    mask, report = common.band_result(run)
+    done = common.filtered(run)
+    mask, report = done.in_bands, done.report
     k1, k2, k3 = st.columns(3)
     k1.metric("in all three bands", f"{report['n_kept']:,}")
-    k2.metric("scored samples", f"{report['n_total']:,}")
+    k2.metric("scored samples kept by quality", f"{report['n_total']:,}", help="the bands' percentiles are taken over these")
     k3.metric("excluded (NaN metric)", f"{report['n_excluded_nan']:,}")
     for col, metric in zip(st.columns(3), METRICS):
         band_panel(col, run, metric, report["metrics"][metric], log and metric == "ins_ppl")

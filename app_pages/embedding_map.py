@@ -59,7 +59,7 @@ def map_figure(run, coords: np.ndarray, colour: str, picked: np.ndarray, shown: 
             ),
         ]  # fmt: skip
     elif colour == "in band":
-        mask, _ = common.band_result(run)
+        mask = common.filtered(run).in_bands
         traces = [
             scatter(x, y, shown[mask[shown] == inside], ids, texts, name, dict(size=5, color=c))
             for inside, name, c in ((False, "outside a band", GREY), (True, "in all bands", "#1565c0"))
@@ -104,10 +104,10 @@ def main() -> None:
         colour = st.selectbox("Colour by", colour_options(run), key="map_colour")
     with c2:
         k = common.sample_num_slider(run)
-    picked = common.picks(run, k)
+    picked = common.picks(run)
     shown = np.union1d(common.display_rows(len(coords), MAP_POINTS), picked)
     st.caption(
-        f"{len(picked):,} k-center picks among {int(common.band_result(run)[0].sum()):,} band survivors · "
+        f"{len(picked):,} k-center picks among {len(common.filtered(run).candidates):,} candidates · "
         f"{len(shown):,} of {len(coords):,} points drawn · click a point to open it in the inspector"
     )
     st.plotly_chart(map_figure(run, coords, colour, picked, shown), key="map", on_select=on_select, selection_mode="points", width="stretch")

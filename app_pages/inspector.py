@@ -60,7 +60,7 @@ def heatmap_html(tokens: pd.DataFrame, value: str, text: str) -> str:
 
 def response_panel(col, run, tokens: pd.DataFrame, response: str, record: dict) -> None:
     title, field = RESPONSES[response]
-    weight = f"w_{st.session_state['atten_method']}"
+    weight = f"w_{st.session_state['inspect_atten']}"
     part = tokens[tokens["response"] == response]
     text = str(record.get(field, ""))
     with col:
@@ -78,7 +78,7 @@ def response_panel(col, run, tokens: pd.DataFrame, response: str, record: dict) 
 
 def metric_table(run, row: int) -> pd.DataFrame:
     """Every metric column's value for the sample and its percentile rank among all samples."""
-    atten = st.session_state["atten_method"]
+    atten = st.session_state["atten_method"]  # the selection's, not this page's view
     rows = []
     for metric in METRICS:
         for method in ("mean", "max") if metric != "ins_ppl" else ("mean",):
@@ -90,7 +90,7 @@ def metric_table(run, row: int) -> pd.DataFrame:
                     "column": column,
                     "value": values[row],
                     "percentile rank": percentile_rank(values, values[row]),
-                    "used now": method == atten or metric == "ins_ppl",
+                    "used by the selection": method == atten or metric == "ins_ppl",
                 }
             )
     return pd.DataFrame(rows)
@@ -114,11 +114,20 @@ def chosen_id(run) -> str | None:
     return st.session_state.get("inspect_id")
 
 
+def attention_view() -> None:
+    """This page's own attention view: it colours the tokens and never changes the selection."""
+    st.session_state.setdefault("inspect_atten", st.session_state["atten_method"])
+    st.radio(
+        "Attention view (this page only)", ("mean", "max"), key="inspect_atten", horizontal=True,
+        help="which per-token weights to draw; the selection's method is set on Difficulty",
+    )  # fmt: skip
+
+
 def main() -> None:
     st.title("Sample inspector")
     run = common.require_run()
     common.require(run, "metrics.parquet", "data.jsonl")
-    common.atten_toggle()
+    attention_view()
     sample_id = chosen_id(run)
     if sample_id not in run.row_of:
         st.info("Type an id or some words of an instruction, or click a point on **Embedding map**.")
@@ -126,8 +135,10 @@ def main() -> None:
     st.query_params["id"] = sample_id
     row = run.row_of[sample_id]
     record = run.records[row]
-    mask, _ = common.band_result(run)
-    st.markdown(f"### `{sample_id}`  ·  inside all three bands now: **{'yes' if mask[row] else 'no'}**")
+    chosen = common.selection(run)
+    rank = f" (pick #{chosen.rank[row]:,})" if chosen.rank[row] else ""
+    st.markdown(f"### `{sample_id}`  ·  selection: **{chosen.verdict[row]}**{rank}")
+    st.caption(f"why: {chosen.reason[row]}")
     st.markdown("**Instruction**")
     st.text(full_instruction(record))
     try:

@@ -7,6 +7,7 @@ UMAP is replaced by a fast stand-in here (the real one is tested in test_embed_m
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +15,12 @@ import pytest
 from streamlit.testing.v1 import AppTest
 from synthetic_run import make_run
 
-from threeds import embed_map
+from threeds import cli, embed_map
 from threeds.export import dataset_info_entry, select_command
 from threeds.config import DataConfig, RunConfig, SelectConfig, run_command
 from threeds.rate import quality_mask
 from threeds.runs import load_run, stage_counts
+from threeds.selection import apply
 from threeds.names import METRICS
 from threeds.select import band_filter
 
@@ -226,13 +228,17 @@ def test_embedding_map_sample_num_and_click(demo):
     assert "`s000007`" in texts(at.markdown)
 
 
-def test_export_page_matches_the_library(demo):
+def test_export_page_matches_the_library(demo, tmp_path):
     at = open_page("app_pages/export.py", sample_num=4)
     run = load_run(demo)
     assert metric(at, "selected samples") == "4"
     codes = [c.value for c in at.code]
     assert json.loads(codes[0]) == dataset_info_entry("threeds_demo", "alpaca")
-    assert codes[1] == select_command(str(demo), "threeds_demo_selected.json", SelectConfig(sample_num=4))
+    # the run's own settings: its quality threshold 85 and the default bands
+    config = SelectConfig(sample_num=4, quality_threshold=85.0)
+    assert codes[1] == select_command(str(demo), "threeds_demo_selected.json", config)
+    preview = at.dataframe[0].value
+    assert preview["id"].tolist() == apply(config, run.metrics, run.embeddings, run.ratings).picked_ids
     at.radio(key="export_format").set_value("sharegpt").run()
     assert json.loads(at.code[0].value)["threeds_demo"]["formatting"] == "sharegpt"
     assert "threeds_demo_sharegpt.json" in at.get("download_button")[0].proto.label
@@ -295,3 +301,54 @@ def test_runs_page_follows_a_background_run(demo):
     at.run()
     assert "Stopped before the end" in texts(at.caption)
     assert at.button(key="resume_run")
+
+
+def sidebar_funnel(at: AppTest) -> str:
+    return texts(at.sidebar.markdown)
+
+
+def test_one_selection_on_every_page_and_the_exported_command(demo, tmp_path):
+    """Issue 11 (1): the quality threshold set on Quality reaches Difficulty, the map and Export;
+    the funnel shows it everywhere; the exported command picks the same ids in the same order."""
+    run = load_run(demo)
+    at = open_page("app_pages/quality.py")
+    at.slider(key="quality_threshold").set_value(95.0).run()
+    config = SelectConfig(quality_threshold=95.0, sample_num=5000)
+    expected = apply(config, run.metrics, run.embeddings, run.ratings)
+    scores = run.ratings["score"].to_numpy(dtype=float)
+    kept = int((scores >= 95).sum())
+    scored_kept = int(np.isin(run.metrics["id"], run.ratings["id"][scores >= 95]).sum())
+    assert expected.funnel["kept by quality"] == kept and expected.funnel["scored"] == scored_kept
+    line = f"rated **{int(np.isfinite(scores).sum())}** → kept by quality **{kept}** → scored **{scored_kept}**"
+    assert line in sidebar_funnel(at)
+    at.switch_page("app_pages/difficulty.py").run()
+    assert metric(at, "scored samples kept by quality") == str(scored_kept)
+    assert metric(at, "in all three bands") == str(expected.funnel["in all bands"])
+    assert line in sidebar_funnel(at)
+    at.switch_page("app_pages/export.py").run()
+    n = expected.funnel["picked"]
+    assert metric(at, "selected samples") == str(n)
+    shown = at.code[1].value
+    assert "--quality-threshold 95" in shown
+    argv = shlex.split(shown)
+    argv[argv.index("--out") + 1] = str(tmp_path / "cli.json")
+    assert cli.main(argv[1:]) == 0
+    cli_ids = [r["id"] for r in json.loads((tmp_path / "cli.json").read_text())]
+    assert cli_ids == expected.picked_ids and len(cli_ids) == n > 0
+    assert at.dataframe[0].value["id"].tolist() == cli_ids[:20]
+
+
+def test_inspector_attention_view_never_changes_the_selection(demo):
+    at = open_page("app_pages/export.py", sample_num=4)
+    before = at.code[1].value
+    at.switch_page("app_pages/inspector.py").run()
+    at.query_params["id"] = "s000003"
+    at.session_state["inspect_id"] = "s000003"
+    at.run()
+    verdict = [m for m in texts(at.markdown).splitlines() if "selection:" in m]
+    at.radio(key="inspect_atten").set_value("max").run()
+    assert at.session_state["atten_method"] == "mean"
+    assert [m for m in texts(at.markdown).splitlines() if "selection:" in m] == verdict
+    assert "w_max" in texts(at.markdown)
+    at.switch_page("app_pages/export.py").run()
+    assert at.code[1].value == before
