@@ -200,4 +200,7 @@ navigation = st.navigation(
     ]
 )
 common.setup()
-navigation.run()
+try:
+    navigation.run()
+finally:  # also after st.stop(): the URL always says what is shown
+    common.write_url(navigation.url_path)

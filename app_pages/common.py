@@ -14,14 +14,29 @@ from pathlib import Path
 import numpy as np
 import streamlit as st
 
+from app_pages import url_state
+
 from threeds.embed_map import PickOrder, load_or_compute_umap
 from threeds.names import ATTEN_METHODS, METRIC_NAMES, METRICS, metric_column
 from threeds.config import SelectConfig
 from threeds.runs import DEFAULT_CACHE, Run, list_runs, load_run, run_key, run_settings
 from threeds.select import DEFAULT_BAND
-from threeds.selection import Filtered, Selection, SelectionError, explain, filter_rows, pick_count, quality_per_row
+from threeds.selection import (
+    PRESET_DIR,
+    Filtered,
+    Selection,
+    SelectionError,
+    explain,
+    filter_rows,
+    list_presets,
+    load_preset,
+    pick_count,
+    quality_per_row,
+    save_preset,
+)
 
 INSPECTOR = "app_pages/inspector.py"
+INSPECTOR_PATH = "inspector"  # its URL path
 DEFAULTS = {
     "atten_method": "mean",
     "quality_threshold": 85.0,
@@ -37,10 +52,31 @@ PERSISTENT = (*DEFAULTS, "run_name", "inspect_id", "ins_ppl_log", "inspect_atten
 
 
 def setup() -> None:
-    """Page config, state kept across pages, and the run picker (app.py, before any page)."""
+    """Page config, state kept across pages, a link's state, and the run picker (app.py, before any page)."""
     st.set_page_config(page_title="threeds", page_icon=":material/stethoscope:", layout="wide")
     keep_state()
+    url_state.read(run_names())
     run_picker()
+
+
+def write_url(page_path: str) -> None:
+    """Put the current view in the query string (app.py, after the page, however it ended)."""
+    run = current_run()
+    config = selection_config(run) if run is not None else None
+    sample_id = st.session_state.get("inspect_id") if page_path == INSPECTOR_PATH else None
+    url_state.write(st.session_state.get("run_name"), config, sample_id)
+
+
+def set_selection(config: SelectConfig) -> None:
+    """Make `config` the current selection (a link, a preset); before the widgets are drawn."""
+    for metric, band in config.bands().items():
+        st.session_state[f"band_{metric}"] = band
+    st.session_state.update(
+        sample_num=config.sample_num, atten_method=config.atten_method, seed=config.seed,
+        rule_include=config.include, rule_exclude=config.exclude,
+    )  # fmt: skip
+    if config.quality_threshold is not None:
+        st.session_state["quality_threshold"] = config.quality_threshold
 
 
 def keep_state() -> None:
@@ -80,7 +116,47 @@ def run_picker() -> None:
     st.sidebar.selectbox("Run", names, key="run_name")
     if st.session_state.get("settings_of") != st.session_state["run_name"]:
         start_from_run_settings()
-    show_funnel(current_run())
+    linked = url_state.pending()
+    if linked is not None:
+        set_selection(linked)
+    run = current_run()
+    show_funnel(run)
+    if run is not None:
+        preset_panel(run)
+
+
+def preset_panel(run: Run) -> None:
+    """Save the current selection under a name in the run directory, or load a saved one."""
+    with st.sidebar.expander("Presets (saved selections)"):
+        saved = list_presets(run.path)
+        if saved:
+            st.selectbox("Saved", saved, key="preset_pick")
+            st.button("Load", key="preset_load", on_click=_load_preset, args=(run,))
+        else:
+            st.caption(f"None saved in `{run.name}/{PRESET_DIR}/` yet.")
+        st.text_input("Name", key="preset_name", placeholder="e.g. narrow-bands")
+        st.button("Save current selection", key="preset_save", on_click=_save_preset, args=(run,))
+        if st.session_state.get("preset_message"):
+            st.caption(st.session_state.pop("preset_message"))
+
+
+def _load_preset(run: Run) -> None:
+    name = st.session_state.get("preset_pick")
+    try:
+        set_selection(load_preset(run.path, name))
+        st.session_state["preset_message"] = f"Loaded {name}; `threeds select --preset {name}` selects the same."
+    except SelectionError as exc:
+        st.session_state["preset_message"] = f"Not loaded: {exc}"
+
+
+def _save_preset(run: Run) -> None:
+    name = (st.session_state.get("preset_name") or "").strip()
+    try:
+        path = save_preset(run.path, name, selection_config(run))
+        st.session_state["preset_message"] = f"Saved {path}."
+        st.session_state["preset_pick"] = name
+    except SelectionError as exc:
+        st.session_state["preset_message"] = f"Not saved: {exc}"
 
 
 def start_from_run_settings() -> None:

@@ -352,3 +352,64 @@ def test_inspector_attention_view_never_changes_the_selection(demo):
     assert "w_max" in texts(at.markdown)
     at.switch_page("app_pages/export.py").run()
     assert at.code[1].value == before
+
+
+def test_a_pasted_link_opens_its_run_settings_and_sample(demo, cache):
+    """Issue 11 (2): ?run=...&settings&id=... on the inspector reproduces the view in a new session."""
+    make_run(cache / "other", n=40, n_dropped=10, seed=2)
+    at = app()
+    at.query_params.update({"run": "other", "quality_threshold": "95", "conf_up": "80", "sample_num": "3", "id": "s000004"})
+    at.run()
+    at.switch_page("app_pages/inspector.py").run()
+    assert not at.exception
+    assert at.session_state["run_name"] == "other" and at.session_state["quality_threshold"] == 95.0
+    assert at.session_state["band_gen_wloss"] == (25.0, 80.0) and at.session_state["sample_num"] == 3
+    assert "`s000004`" in texts(at.markdown)
+    assert at.query_params["id"] == "s000004" and at.query_params["run"] == "other"
+    at.switch_page("app_pages/export.py").run()
+    assert "--conf-up 80 --corr-low 25 --corr-up 75 --sample-num 3 --quality-threshold 95" in at.code[1].value
+    assert "id" not in at.query_params  # the sample id belongs to the inspector's URL
+
+
+def test_the_url_follows_every_setting(demo):
+    at = open_page("app_pages/quality.py")
+    assert at.query_params["run"] == "demo" and at.query_params["quality_threshold"] == "85"
+    at.slider(key="quality_threshold").set_value(91.0).run()
+    at.switch_page("app_pages/difficulty.py").run()
+    at.slider(key="band_gt_wloss").set_value((10.0, 60.0)).run()
+    at.radio(key="atten_method").set_value("max").run()
+    params = dict(at.query_params)
+    assert params == {"run": "demo", "quality_threshold": "91", "atten_method": "max", "ins_low": "25", "ins_up": "75",
+                      "conf_low": "25", "conf_up": "75", "corr_low": "10", "corr_up": "60"}  # fmt: skip
+    again = app()  # a reload: a new session with the same URL
+    again.query_params.update(params)
+    again.run()
+    again.switch_page("app_pages/difficulty.py").run()
+    assert again.session_state["band_gt_wloss"] == (10.0, 60.0) and again.session_state["atten_method"] == "max"
+    assert metric(again, "in all three bands") == metric(at, "in all three bands")
+
+
+def test_a_bad_link_setting_is_named_and_ignored(demo):
+    at = app()
+    at.query_params.update({"run": "nope", "low_th": "abc"})
+    at.run()
+    warnings = texts(at.sidebar.warning)
+    assert "run 'nope'" in warnings and "low_th='abc' is not a valid float" in warnings
+    assert at.session_state["run_name"] == "demo"
+
+
+def test_presets_save_list_load_and_cli(demo, tmp_path):
+    at = open_page("app_pages/export.py", sample_num=3)
+    at.sidebar.text_input(key="preset_name").set_value("three").run()
+    at.sidebar.button(key="preset_save").click().run()
+    assert (demo / "selections" / "three.json").is_file()
+    shown = at.code[1].value
+    at.session_state["sample_num"] = 5
+    at.run()
+    assert at.code[1].value != shown
+    at.sidebar.selectbox(key="preset_pick").set_value("three")
+    at.sidebar.button(key="preset_load").click().run()
+    assert at.code[1].value == shown and "threeds select --preset three" in texts(at.sidebar.caption)
+    out = tmp_path / "p.json"
+    assert cli.main(["select", "--run", str(demo), "--out", str(out), "--preset", "three"]) == 0
+    assert [r["id"] for r in json.loads(out.read_text())] == at.dataframe[0].value["id"].tolist()

@@ -226,3 +226,40 @@ def test_every_page_in_chromium(server, browser, shots):
     nudge_slider(d, 0, Keys.ARROW_LEFT, 3)
     wait_for(d, lambda d: metric(d, "selected samples") != before, "selection size follows sample_num")
     shot(d, shots, "export")
+
+
+def slider_values(driver) -> list[str]:
+    return [t.get_attribute("aria-valuenow") for t in driver.find_elements("css selector", '[data-testid="stSlider"] [role="slider"]')]
+
+
+def test_url_reload_back_and_pasted_link(server, browser, shots):
+    """Issue 11 (2): threshold + band -> reload -> same state; back -> the previous page; a pasted
+    /inspector?run=...&id=... link opens that run's sample with the link's selection."""
+    from selenium.webdriver.common.keys import Keys
+
+    url, cache = server
+    d = browser
+    d.get(f"{url}/quality")
+    idle(d)
+    nudge_slider(d, 0, Keys.ARROW_RIGHT, 5)  # threshold + 5
+    go(d, "Difficulty")
+    nudge_slider(d, 0, Keys.ARROW_RIGHT, 5)  # Instruction Understanding's low end + 5
+    wait_for(d, lambda d: "ins_low=30" in d.current_url, "the band in the URL")
+    link, inside, sliders = d.current_url, metric(d, "in all three bands"), slider_values(d)
+    assert "quality_threshold=" in link and "/difficulty?" in link
+    d.refresh()
+    wait_for(d, lambda d: metric(d, "in all three bands") == inside, "same intersection after a reload")
+    assert slider_values(d) == sliders and d.current_url == link
+    threshold = link.split("quality_threshold=")[1].split("&")[0]
+    d.back()  # the Quality page, threshold kept
+    wait_for(d, lambda d: "Quality (Stage 1)" in body_text(d), "back to Quality")
+    idle(d)
+    assert slider_values(d)[0] == threshold and f"quality_threshold={threshold}" in d.current_url
+    sample = load_run(cache / "demo").metrics["id"].iloc[3]
+    d.get(f"{url}/inspector?run=demo&quality_threshold=95&id={sample}")  # a new session, as a pasted link
+    wait_for(d, lambda d: f"{sample}" in body_text(d) and "selection:" in body_text(d), "the link's sample")
+    idle(d)
+    assert "kept by quality" in body_text(d)
+    shot(d, shots, "inspector_link")
+    go(d, "Export")
+    wait_for(d, lambda d: "--quality-threshold 95" in body_text(d), "the link's threshold reaches Export")
