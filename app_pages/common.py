@@ -51,11 +51,11 @@ DEFAULTS = {
 PERSISTENT = (*DEFAULTS, "run_name", "inspect_id", "ins_ppl_log", "inspect_atten")
 
 
-def setup() -> None:
+def setup(page_path: str) -> None:
     """Page config, state kept across pages, a link's state, and the run picker (app.py, before any page)."""
     st.set_page_config(page_title="threeds", page_icon=":material/stethoscope:", layout="wide")
     keep_state()
-    url_state.read(run_names())
+    url_state.read(run_names(), page_path)
     run_picker()
 
 

@@ -97,10 +97,7 @@ def metric_table(run, row: int) -> pd.DataFrame:
 
 
 def chosen_id(run) -> str | None:
-    """From a link (?id=), another page (session state) or the search box, in that order."""
-    arrived = st.query_params.get("id")
-    if arrived and arrived in run.row_of and arrived != st.session_state.get("inspect_id"):
-        st.session_state["inspect_id"] = arrived
+    """From a link (?id=, read into the session by app_pages.url_state), another page or the search box."""
     query = st.text_input("Find a sample by id or text", key="inspect_query")
     if query:
         matches = find(run, query)
@@ -132,7 +129,6 @@ def main() -> None:
     if sample_id not in run.row_of:
         st.info("Type an id or some words of an instruction, or click a point on **Embedding map**.")
         return
-    st.query_params["id"] = sample_id
     row = run.row_of[sample_id]
     record = run.records[row]
     chosen = common.selection(run)

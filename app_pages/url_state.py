@@ -1,8 +1,11 @@
 """The view in the URL: the run, every selection setting and, on the inspector, the sample id.
 
-After each run of the app the query string is rewritten from the session (`write`); at the start
-of a run, a query string the app did not write itself (a reload in a new session, a pasted link,
-back/forward) is read into the session (`read`). The page is the URL's path (st.navigation).
+After each run of the app the query string is rewritten from the session (`write`). It is read
+into the session (`read`) on the first run of a session (a reload, a pasted link, a bookmark) and
+when the page changes (back/forward to another page brings that page's URL). Not otherwise:
+while a slider is dragged the browser sends reruns that still carry the previous query string,
+and reading those would move the slider back. So back/forward between query strings of one page
+(Streamlit pushes a history entry per change) does not restore them.
 Selection settings use SelectConfig's field names and only appear when they differ from its
 defaults, so `?run=demo&quality_threshold=90&conf_up=80` is a complete link.
 """
@@ -18,6 +21,7 @@ from threeds.selection import SelectionError, check
 
 FIELDS = {f.name: f for f in dataclasses.fields(SelectConfig)}
 WRITTEN = "url_written"  # the query string this session wrote last
+PAGE = "url_page"  # the page of the previous run
 PENDING = "url_settings"  # settings read from a link, applied once the run is open
 
 
@@ -48,12 +52,14 @@ def decode(params: dict[str, str]) -> SelectConfig:
     return config
 
 
-def read(run_names: list[str]) -> None:
-    """Take run, settings and id from a query string this session did not write (before the run picker)."""
+def read(run_names: list[str], page_path: str) -> None:
+    """On a session's first run or a page change, take run, settings and id from the URL (before the run picker)."""
+    if st.session_state.get(PAGE) == page_path:
+        return
+    st.session_state[PAGE] = page_path
     params = st.query_params.to_dict()
     if not params or params == st.session_state.get(WRITTEN):
         return
-    st.session_state[WRITTEN] = params
     name = params.get("run")
     if name in run_names:
         st.session_state["next_run"] = name

@@ -413,3 +413,33 @@ def test_presets_save_list_load_and_cli(demo, tmp_path):
     out = tmp_path / "p.json"
     assert cli.main(["select", "--run", str(demo), "--out", str(out), "--preset", "three"]) == 0
     assert [r["id"] for r in json.loads(out.read_text())] == at.dataframe[0].value["id"].tolist()
+
+
+def test_samples_table_filters_search_sort_and_opens_the_inspector(demo):
+    """Issue 11 (3): every scored sample with verdict, why and pick rank, as the library says."""
+    run = load_run(demo)
+    at = open_page("app_pages/samples.py", sample_num=3)
+    chosen = apply(SelectConfig(sample_num=3, quality_threshold=85.0), run.metrics, run.embeddings, run.ratings)
+    table = at.dataframe[0].value
+    assert len(table) == len(run.metrics)
+    assert table["id"].tolist()[:3] == chosen.picked_ids  # sorted by pick rank: picks first, in order
+    row = run.row_of[table["id"].iloc[10]]
+    assert table["why"].iloc[10] == chosen.reason[row] and table["verdict"].iloc[10] == chosen.verdict[row]
+    at.multiselect(key="samples_verdict").set_value(["dropped"]).run()
+    assert set(at.dataframe[0].value["verdict"]) == {"dropped"}
+    assert len(at.dataframe[0].value) == int((chosen.verdict == "dropped").sum())
+    at.multiselect(key="samples_reason").set_value(["Response Confidence above"]).run()
+    shown = at.dataframe[0].value
+    assert len(shown) == sum("Response Confidence above" in w for w in chosen.reason) and len(shown) > 0
+    at.multiselect(key="samples_verdict").set_value(list(("picked", "not picked", "dropped"))).run()
+    at.multiselect(key="samples_reason").set_value([]).run()
+    at.text_input(key="samples_query").set_value("ASTHMA").run()  # instruction, A or A', any case
+    assert sorted(at.dataframe[0].value["id"]) == sorted(r["id"] for r in run.records if "asthma" in r["instruction"])
+    at.text_input(key="samples_query").set_value("").run()
+    at.selectbox(key="samples_sort").set_value("quality").run()
+    q = at.dataframe[0].value["quality"].to_numpy()
+    assert (np.diff(q) <= 0).all()
+    sample = at.dataframe[0].value["id"].iloc[0]
+    at.session_state["samples_table"] = {"selection": {"rows": [0], "columns": []}}
+    at.run()
+    assert at.title[0].value == "Sample inspector" and f"`{sample}`" in texts(at.markdown)

@@ -201,3 +201,17 @@ def test_to_argv_round_trips_every_field():
     parser = argparse.ArgumentParser()
     add_select_flags(parser)
     assert config_from_args(parser.parse_args(to_argv(config)), "unused") == config
+
+
+def test_sample_table_hand_checked():
+    from threeds.selection import filter_rows, quality_per_row, sample_table
+
+    metrics, emb, ratings = tiny()
+    config = SelectConfig(quality_threshold=85.0, sample_num=10)
+    chosen = apply(config, metrics, emb, ratings)
+    quality = quality_per_row(ratings, metrics["id"])
+    table = sample_table(chosen, metrics, quality, filter_rows(config, metrics, quality).quality_ok)
+    assert table["id"].tolist() == IDS and table["quality"].tolist() == [90, 80, 95, 60, 99]
+    # percentile ranks among the kept a, c, e (values 1, 3, 5): 1 -> 33.3, 2 -> 33.3, 3 -> 66.7, 4 -> 66.7, 5 -> 100
+    assert np.allclose(table["Response Confidence %"], [100 / 3, 100 / 3, 200 / 3, 200 / 3, 100])
+    assert table["pick"].tolist() == [0, 0, 1, 0, 0] and table["verdict"].tolist()[2] == "picked"

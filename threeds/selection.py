@@ -239,6 +239,31 @@ def apply(config: SelectConfig, metrics: pd.DataFrame, embeddings: np.ndarray, r
     return explain(config, metrics, ratings, filtered, pick_rows(config, filtered, embeddings, **kcenter))
 
 
+# ------------------------------------------------------------------------------ the samples table
+
+
+def percentile_ranks(values: np.ndarray, among: np.ndarray) -> np.ndarray:
+    """Per value, the % of the finite `among` values at or below it (NaN where the value is not finite)."""
+    ref = np.sort(np.asarray(among, dtype=float)[np.isfinite(among)])
+    values = np.asarray(values, dtype=float)
+    if ref.size == 0:
+        return np.full(len(values), np.nan)
+    ranks = 100.0 * np.searchsorted(ref, values, side="right") / ref.size
+    return np.where(np.isfinite(values), ranks, np.nan)
+
+
+def sample_table(chosen: Selection, metrics: pd.DataFrame, quality: np.ndarray | None, quality_ok: np.ndarray) -> pd.DataFrame:
+    """One row per scored sample: id, quality, each metric with its percentile rank among the
+    quality-kept samples (what the bands cut), verdict, why and pick rank (0 = not picked)."""
+    table = {"id": chosen.ids, "verdict": chosen.verdict, "why": chosen.reason, "pick": chosen.rank}
+    table["quality"] = np.full(len(metrics), np.nan) if quality is None else quality
+    for metric in METRICS:
+        values = metrics[metric_column(metric, chosen.config.atten_method)].to_numpy(dtype=float)
+        table[METRIC_NAMES[metric]] = values
+        table[f"{METRIC_NAMES[metric]} %"] = percentile_ranks(values, values[quality_ok])
+    return pd.DataFrame(table)
+
+
 # ------------------------------------------------------------------------------ run directory and CLI
 
 
