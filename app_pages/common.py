@@ -28,6 +28,7 @@ from threeds.selection import (
     SelectionError,
     explain,
     filter_rows,
+    funnel,
     list_presets,
     load_preset,
     pick_count,
@@ -166,9 +167,46 @@ def start_from_run_settings() -> None:
     found = run_settings(run) if run is not None else {}
     for key, value in DEFAULTS.items():
         st.session_state[key] = value
+    clear_brush()
     for metric, band in found.pop("bands", {}).items():
         st.session_state[f"band_{metric}"] = band
     st.session_state.update(found)
+
+
+# ---------------------------------------------------------------------------------- brushing and rules
+
+
+def set_brush(rows: np.ndarray, label: str) -> None:
+    """Rows chosen on a map or histogram: they filter the Samples table and are drawn in colour."""
+    st.session_state["brush_rows"] = np.unique(np.asarray(rows, dtype=np.int64))
+    st.session_state["brush_label"] = label
+
+
+def clear_brush() -> None:
+    st.session_state.pop("brush_rows", None)
+    st.session_state.pop("brush_label", None)
+
+
+def brushed_rows() -> np.ndarray | None:
+    return st.session_state.get("brush_rows")
+
+
+def brushed_mask(n: int) -> np.ndarray:
+    """True for brushed rows; every row when nothing is brushed."""
+    rows = brushed_rows()
+    if rows is None:
+        return np.ones(n, dtype=bool)
+    mask = np.zeros(n, dtype=bool)
+    mask[rows[rows < n]] = True
+    return mask
+
+
+def add_rule(kind: str, ids: list[str]) -> None:
+    """Put `ids` in the include or exclude rule (and out of the other one); the selection follows."""
+    other = "rule_exclude" if kind == "rule_include" else "rule_include"
+    new = set(ids)
+    st.session_state[kind] = tuple(dict.fromkeys([*st.session_state[kind], *ids]))
+    st.session_state[other] = tuple(i for i in st.session_state[other] if i not in new)
 
 
 def switch_run(name: str) -> None:
@@ -296,7 +334,8 @@ def show_funnel(run: Run | None) -> None:
             kept = int((scores[np.isfinite(scores)] >= float(st.session_state["quality_threshold"])).sum())
             st.sidebar.markdown("**Selection**  \n" + funnel_text({"rated": int(np.isfinite(scores).sum()), "kept by quality": kept}))
         return
-    counts = selection(run).funnel
+    done, config = filtered(run), selection_config(run)
+    counts = funnel(run.ratings, config, done, min(pick_count(config), len(done.candidates)))  # no k-center needed
     st.sidebar.markdown("**Selection**  \n" + funnel_text(counts))
     if counts["picked"] == 0:
         st.sidebar.warning("This selection picks 0 samples: lower the quality threshold or widen a band.")

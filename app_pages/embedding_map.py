@@ -75,17 +75,30 @@ def map_figure(run, coords: np.ndarray, colour: str, picked: np.ndarray, shown: 
         ]  # fmt: skip
     axis = dict(showticklabels=False)
     layout = dict(
-        height=620, margin=dict(l=10, r=10, t=10, b=10), legend=dict(orientation="h"), dragmode="pan",
+        height=620, margin=dict(l=10, r=10, t=10, b=10), legend=dict(orientation="h"), dragmode="select",
         xaxis=dict(axis, title="UMAP 1"), yaxis=dict(axis, title="UMAP 2"),
     )  # fmt: skip
     return go.Figure(data=traces, layout=layout)
 
 
-def on_select() -> None:
-    points = st.session_state["map"]["selection"]["points"]
-    if points:
+def on_select(run) -> None:
+    """A box or lasso brushes its points (the Samples table shows them); a click opens the inspector."""
+    chosen = st.session_state["map"]["selection"]
+    points = chosen["points"]
+    if chosen.get("box") or chosen.get("lasso"):
+        rows = [run.row_of[str(p["customdata"])] for p in points if str(p.get("customdata")) in run.row_of]
+        common.set_brush(np.asarray(rows, dtype=np.int64), f"{len(rows):,} points from a box/lasso on the map")
+    elif points:
         st.session_state["inspect_id"] = str(points[0]["customdata"])
         st.session_state["goto_inspector"] = True
+
+
+def grey_unbrushed(figure: go.Figure, run, brushed: np.ndarray) -> None:
+    """Mark brushed points selected in every trace: Plotly greys the others (they stay drawn)."""
+    wanted = set(run.metrics["id"].to_numpy(dtype=str)[brushed])
+    for trace in figure.data:
+        trace.selectedpoints = [i for i, sample_id in enumerate(trace.customdata) if sample_id in wanted]
+        trace.unselected = dict(marker=dict(opacity=0.15))
 
 
 def main() -> None:
@@ -110,7 +123,14 @@ def main() -> None:
         f"{len(picked):,} k-center picks among {len(common.filtered(run).candidates):,} candidates · "
         f"{len(shown):,} of {len(coords):,} points drawn · click a point to open it in the inspector"
     )
-    st.plotly_chart(map_figure(run, coords, colour, picked, shown), key="map", on_select=on_select, selection_mode="points", width="stretch")
+    figure = map_figure(run, coords, colour, picked, shown)
+    brushed = common.brushed_rows()
+    if brushed is not None:
+        grey_unbrushed(figure, run, brushed)
+        st.caption(f"Brushed: {st.session_state.get('brush_label', '')} · unbrushed points greyed · see **Samples**")
+    st.plotly_chart(
+        figure, key="map", on_select=lambda: on_select(run), selection_mode=("points", "box", "lasso"), width="stretch",
+    )  # fmt: skip
 
 
 main()

@@ -443,3 +443,31 @@ def test_samples_table_filters_search_sort_and_opens_the_inspector(demo):
     at.session_state["samples_table"] = {"selection": {"rows": [0], "columns": []}}
     at.run()
     assert at.title[0].value == "Sample inspector" and f"`{sample}`" in texts(at.markdown)
+
+
+def test_a_brush_filters_the_table_and_becomes_a_rule(demo, tmp_path):
+    """Issue 11 (4): a lasso on the map (the brush its callback sets) filters Samples; "always include"
+    makes the ids k-center centres first; the exported command reproduces it."""
+    run = load_run(demo)
+    at = open_page("app_pages/embedding_map.py", sample_num=4)
+    ids = [str(i) for i in run.metrics["id"].iloc[[3, 17, 30]]]
+    at.session_state["brush_rows"] = np.array([run.row_of[i] for i in ids])
+    at.session_state["brush_label"] = "3 points from a box/lasso on the map"
+    at.run()
+    assert "unbrushed points greyed" in texts(at.caption)
+    at.switch_page("app_pages/samples.py").run()
+    assert sorted(at.dataframe[0].value["id"]) == sorted(ids)
+    at.button(key="rule_add_include").click().run()
+    assert at.session_state["rule_include"] == tuple(ids[i] for i in np.argsort([run.row_of[i] for i in ids]))
+    at.button(key="brush_clear").click().run()
+    table = at.dataframe[0].value
+    assert len(table) == len(run.metrics)
+    assert table["id"].tolist()[:3] == list(at.session_state["rule_include"])  # picks 1-3: the included ids
+    assert set(table["why"].iloc[:3]) <= {"always include (rule)"} | {w for w in table["why"] if w.startswith("always include (rule) over")}
+    at.switch_page("app_pages/export.py").run()
+    line = at.code[1].value
+    assert "--include " + ",".join(at.session_state["rule_include"]) in line
+    argv = shlex.split(line)
+    argv[argv.index("--out") + 1] = str(tmp_path / "r.json")
+    assert cli.main(argv[1:]) == 0
+    assert [r["id"] for r in json.loads((tmp_path / "r.json").read_text())] == at.dataframe[0].value["id"].tolist()[:4]
