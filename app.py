@@ -197,6 +197,7 @@ navigation = st.navigation(
         st.Page("app_pages/samples.py", title="Samples", icon=":material/table_rows:"),
         st.Page(common.INSPECTOR, title="Sample inspector", icon=":material/search:"),
         st.Page("app_pages/embedding_map.py", title="Embedding map", icon=":material/scatter_plot:"),
+        st.Page("app_pages/compare.py", title="Compare", icon=":material/compare_arrows:"),
         st.Page("app_pages/export.py", title="Export", icon=":material/download:"),
     ]
 )

@@ -215,8 +215,9 @@ def switch_run(name: str) -> None:
     st.rerun()
 
 
-def current_run() -> Run | None:
-    name = st.session_state.get("run_name")
+def current_run(name: str | None = None) -> Run | None:
+    """The run picked in the sidebar (or the run `name`), loaded and cached."""
+    name = name or st.session_state.get("run_name")
     path = cache_dir() / name if name else None
     if path is None or not path.is_dir():
         return None
@@ -285,9 +286,9 @@ def _filtered(_run: Run, key: tuple, _config: SelectConfig, stages: tuple) -> Fi
     return filter_rows(_config, _run.metrics, quality_per_row(_run.ratings, _run.metrics["id"]))
 
 
-def filtered(run: Run) -> Filtered:
-    """Stages 1-3 (quality, bands, rules) of the current selection; cached per setting."""
-    config = selection_config(run)
+def filtered(run: Run, config: SelectConfig | None = None) -> Filtered:
+    """Stages 1-3 (quality, bands, rules) of the current selection (or `config`); cached per setting."""
+    config = config or selection_config(run)
     try:
         return _filtered(run, key_of(run), config, _stages_key(config))
     except SelectionError as exc:
@@ -309,10 +310,10 @@ def _selection(_run: Run, key: tuple, config: tuple, _config: SelectConfig, _don
     return explain(_config, _run.metrics, _run.ratings, _done, picked)
 
 
-def selection(run: Run) -> Selection:
-    """The current selection applied to `run` (`threeds.selection`): picks, funnel, per-sample why."""
-    config = selection_config(run)
-    return _selection(run, key_of(run), dataclasses.astuple(config), config, filtered(run))
+def selection(run: Run, config: SelectConfig | None = None) -> Selection:
+    """The current selection (or `config`) applied to `run` (`threeds.selection`): picks, funnel, per-sample why."""
+    config = config or selection_config(run)
+    return _selection(run, key_of(run), dataclasses.astuple(config), config, filtered(run, config))
 
 
 def picks(run: Run) -> np.ndarray:

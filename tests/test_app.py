@@ -471,3 +471,30 @@ def test_a_brush_filters_the_table_and_becomes_a_rule(demo, tmp_path):
     argv[argv.index("--out") + 1] = str(tmp_path / "r.json")
     assert cli.main(argv[1:]) == 0
     assert [r["id"] for r in json.loads((tmp_path / "r.json").read_text())] == at.dataframe[0].value["id"].tolist()[:4]
+
+
+def test_compare_two_presets_and_two_runs(demo, cache):
+    """Issue 11 (5): counts per stage, overlap and the difference, as the library computes them."""
+    from threeds.selection import overlap, save_preset
+
+    run = load_run(demo)
+    wide, narrow = SelectConfig(sample_num=6, quality_threshold=85.0), SelectConfig(sample_num=6, quality_threshold=85.0, low_th=10.0, conf_up=60.0)
+    save_preset(demo, "a-wide", wide)
+    save_preset(demo, "b-narrow", narrow)
+    at = open_page("app_pages/compare.py")
+    assert at.selectbox(key="compare_sel_A").value == "(current selection)" and at.selectbox(key="compare_sel_B").value == "a-wide"
+    at.selectbox(key="compare_sel_A").set_value("a-wide").run()
+    at.selectbox(key="compare_sel_B").set_value("b-narrow").run()
+    a, b = (apply(c, run.metrics, run.embeddings, run.ratings) for c in (wide, narrow))
+    parts = overlap(a.picked_ids, b.picked_ids)
+    assert metric(at, "picked by both") == str(len(parts["both"])) and metric(at, "only A") == str(len(parts["only A"]))
+    counts = at.dataframe[0].value
+    assert counts["A"].tolist() == list(a.funnel.values()) and counts["B"].tolist() == list(b.funnel.values())
+    diff = at.dataframe[1].value
+    assert diff["id"].tolist() == parts["only A"] + parts["only B"]
+    assert f"({len(diff)} ids" in at.get("download_button")[0].proto.label
+    make_run(cache / "rescored", n=40, n_dropped=10, seed=5)  # the same record ids, other metrics
+    at.run()
+    at.selectbox(key="compare_run_B").set_value("rescored").run()
+    at.selectbox(key="compare_sel_B").set_value("(current selection)").run()
+    assert not at.exception and metric(at, "picked by both")

@@ -215,3 +215,15 @@ def test_sample_table_hand_checked():
     # percentile ranks among the kept a, c, e (values 1, 3, 5): 1 -> 33.3, 2 -> 33.3, 3 -> 66.7, 4 -> 66.7, 5 -> 100
     assert np.allclose(table["Response Confidence %"], [100 / 3, 100 / 3, 200 / 3, 200 / 3, 100])
     assert table["pick"].tolist() == [0, 0, 1, 0, 0] and table["verdict"].tolist()[2] == "picked"
+
+
+def test_overlap_and_difference_hand_checked():
+    from threeds.selection import difference_table, overlap
+
+    assert overlap(["a", "b", "c"], ["c", "d", "a"]) == {"both": ["a", "c"], "only A": ["b"], "only B": ["d"]}
+    metrics, emb, ratings = tiny()
+    a = apply(SelectConfig(sample_num=10), metrics, emb, ratings)  # b, c, d
+    b = apply(SelectConfig(quality_threshold=85.0, sample_num=10), metrics, emb, ratings)  # c
+    diff = difference_table(a, b)
+    assert diff["id"].tolist() == sorted(set(a.picked_ids) - {"c"}, key=a.picked_ids.index) and set(diff["picked by"]) == {"A"}
+    assert diff.set_index("id").loc["b", "B why"] == "quality 80 < 85" and diff.set_index("id").loc["d", "B pick"] == 0

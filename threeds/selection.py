@@ -264,6 +264,30 @@ def sample_table(chosen: Selection, metrics: pd.DataFrame, quality: np.ndarray |
     return pd.DataFrame(table)
 
 
+# ------------------------------------------------------------------------------ comparing two selections
+
+
+def overlap(a: Sequence[str], b: Sequence[str]) -> dict[str, list[str]]:
+    """Ids picked by both, only by A, only by B (each in its selection's pick order)."""
+    in_a, in_b = set(a), set(b)
+    return {"both": [i for i in a if i in in_b], "only A": [i for i in a if i not in in_b], "only B": [i for i in b if i not in in_a]}
+
+
+def difference_table(a: Selection, b: Selection) -> pd.DataFrame:
+    """The ids picked by exactly one of A and B, with each side's verdict, pick rank and why
+    (empty where the id is not a scored sample of that side's run)."""
+    parts = overlap(a.picked_ids, b.picked_ids)
+    ids = parts["only A"] + parts["only B"]
+    frame = pd.DataFrame({"id": ids, "picked by": ["A"] * len(parts["only A"]) + ["B"] * len(parts["only B"])})
+    for side, chosen in (("A", a), ("B", b)):
+        rows = pd.Index(chosen.ids).get_indexer(ids)
+        found = rows >= 0
+        frame[f"{side} pick"] = np.where(found, chosen.rank[rows], 0)
+        frame[f"{side} verdict"] = np.where(found, chosen.verdict[rows], "")
+        frame[f"{side} why"] = np.where(found, chosen.reason[rows], "not a scored sample of this run")
+    return frame
+
+
 # ------------------------------------------------------------------------------ run directory and CLI
 
 
