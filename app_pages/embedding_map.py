@@ -75,7 +75,7 @@ def map_figure(run, coords: np.ndarray, colour: str, picked: np.ndarray, shown: 
         ]  # fmt: skip
     axis = dict(showticklabels=False)
     layout = dict(
-        height=620, margin=dict(l=10, r=10, t=10, b=10), legend=dict(orientation="h"), dragmode="select",
+        height=620, margin=dict(l=10, r=10, t=10, b=10), legend=dict(orientation="h"), dragmode="pan",
         xaxis=dict(axis, title="UMAP 1"), yaxis=dict(axis, title="UMAP 2"),
     )  # fmt: skip
     return go.Figure(data=traces, layout=layout)
@@ -98,7 +98,7 @@ def grey_unbrushed(figure: go.Figure, run, brushed: np.ndarray) -> None:
     wanted = set(run.metrics["id"].to_numpy(dtype=str)[brushed])
     for trace in figure.data:
         trace.selectedpoints = [i for i, sample_id in enumerate(trace.customdata) if sample_id in wanted]
-        trace.unselected = dict(marker=dict(opacity=0.15))
+        trace.unselected = dict(marker=dict(opacity=0.25))
 
 
 def main() -> None:

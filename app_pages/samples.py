@@ -99,7 +99,7 @@ def main() -> None:
     rows = rows[order][:SHOWN]
     snippets = search_texts(run, common.key_of(run))[1]
     shown = table.iloc[rows].assign(instruction=snippets.to_numpy()[rows])
-    shown["pick"] = shown["pick"].where(shown["pick"] > 0)
+    shown["pick"] = [f"{r:,}" if r else "" for r in shown["pick"]]  # blank, not "None", when not picked
     st.caption(f"{len(order):,} of {len(table):,} samples match" + (f"; the first {SHOWN:,} are shown" if len(order) > SHOWN else "") + " · select a row to open it in the inspector")
     columns = ["pick", "id", "verdict", "why", "instruction", "quality", *(c for m in METRICS for c in (METRIC_NAMES[m], f"{METRIC_NAMES[m]} %"))]
     number = st.column_config.NumberColumn
@@ -107,7 +107,7 @@ def main() -> None:
         shown[columns], hide_index=True, width="stretch", height=560, key="samples_table",
         on_select="rerun", selection_mode="single-row",
         column_config={
-            "pick": number("pick #", format="%d"), "quality": number(format="%g"),
+            "pick": st.column_config.TextColumn("pick #"), "quality": number(format="%g"),
             **{METRIC_NAMES[m]: number(format="%.4g") for m in METRICS},
             **{f"{METRIC_NAMES[m]} %": number(format="%.1f", help="percentile rank among the samples kept by quality") for m in METRICS},
         },

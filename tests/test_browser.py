@@ -231,7 +231,7 @@ def test_every_page_in_chromium(server, browser, shots):
 
 
 def slider_values(driver) -> list[str]:
-    return [t.get_attribute("aria-valuenow") for t in driver.find_elements("css selector", '[data-testid="stSlider"] [role="slider"]')]
+    return [t.get_attribute("value") for t in driver.find_elements("css selector", '[data-testid="stSlider"] input[type="range"]')]
 
 
 def test_url_reload_and_pasted_link(server, browser, shots):
@@ -251,7 +251,7 @@ def test_url_reload_and_pasted_link(server, browser, shots):
     assert "quality_threshold=" in link and "/difficulty?" in link
     d.refresh()
     wait_for(d, lambda d: metric(d, "in all three bands") == inside, "same intersection after a reload")
-    assert slider_values(d) == sliders and d.current_url == link
+    assert slider_values(d) == sliders and len(sliders) == 6 and d.current_url == link  # two thumbs per band
     sample = load_run(cache / "demo").metrics["id"].iloc[3]
     d.get(f"{url}/inspector?run=demo&quality_threshold=90&low_th=10&id={sample}")  # a new session, as a pasted link
     wait_for(d, lambda d: f"{sample}" in body_text(d) and "selection:" in body_text(d), "the link's sample")
@@ -260,3 +260,30 @@ def test_url_reload_and_pasted_link(server, browser, shots):
     shot(d, shots, "inspector_link")
     go(d, "Export")
     wait_for(d, lambda d: "--low-th 10 --sample-num" in body_text(d) and "--quality-threshold 90" in body_text(d), "the link's selection reaches Export")
+
+
+def test_box_on_the_map_filters_the_samples_table_and_compare(server, browser, shots):
+    """Issue 11 (4, 3, 5): a box dragged on the map brushes points; Samples shows only those;
+    a row opens the inspector; Compare draws two selections."""
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    url, _ = server
+    d = browser
+    d.get(f"{url}/embedding_map")
+    idle(d)
+    plot = wait_for(d, lambda d: d.find_elements("css selector", ".js-plotly-plot .nsewdrag"), "the map")[0]
+    ActionChains(d).move_to_element(plot).perform()  # the mode bar shows on hover
+    d.execute_script("document.querySelector('.js-plotly-plot .modebar-btn[data-val=\"select\"]').click()")  # box select
+    w, h = plot.size["width"], plot.size["height"]
+    ActionChains(d).move_to_element_with_offset(plot, -w // 4, -h // 4).click_and_hold().move_by_offset(w // 3, h // 3).move_by_offset(w // 6, h // 6).release().perform()
+    wait_for(d, lambda d: "unbrushed points greyed" in body_text(d), "the brush")
+    idle(d)
+    shot(d, shots, "embedding_map_brush")
+    go(d, "Samples")
+    text = wait_for(d, lambda d: next((line for line in body_text(d).splitlines() if " samples match" in line), None), "table caption")
+    matched, total = (int(x.replace(",", "")) for x in text.split(" samples match")[0].split(" of "))
+    assert 0 < matched < total and "Brushed:" in body_text(d)
+    shot(d, shots, "samples")
+    go(d, "Compare")
+    wait_for(d, lambda d: "picked by both" in body_text(d), "compare page")
+    shot(d, shots, "compare")
