@@ -14,11 +14,11 @@ from synthetic_run import make_run
 
 from threeds import cli
 from threeds.config import SelectConfig, to_argv
+from threeds.export import select_command
 from threeds.select import k_center_greedy, select_run
 from threeds.selection import (
     SelectionError,
     apply,
-    command,
     config_from_json,
     list_presets,
     load_preset,
@@ -147,7 +147,7 @@ def test_exported_command_reproduces_the_selection(run_dir, tmp_path):
     ratings = pd.DataFrame([json.loads(line) for line in open(run_dir / "ratings.jsonl")])
     ratings["score"] = pd.to_numeric(ratings["score"])
     expected = apply(config, pd.read_parquet(run_dir / "metrics.parquet"), np.load(run_dir / "embeddings.npy"), ratings).picked_ids
-    line = command(run_dir, tmp_path / "out.json", config)
+    line = select_command(str(run_dir), str(tmp_path / "out.json"), config)
     argv = shlex.split(line)
     assert argv[:2] == ["threeds", "select"] and "--quality-threshold" in argv and "--include" in argv
     assert cli_ids(argv[1:]) == expected and expected[0] == "s000003"

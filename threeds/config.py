@@ -215,7 +215,10 @@ class RunConfig:
 
 
 # `threeds run` has two token budgets: the rating reply's is renamed there.
-RUN_FLAGS = {RateConfig: {"max_new_tokens": "--rate-max-new-tokens"}}
+RUN_FLAGS = {
+    RateConfig: {"max_new_tokens": "--rate-max-new-tokens"},
+    SelectConfig: {"quality_threshold": "--select-quality-threshold"},  # --quality-threshold is the filter's
+}
 
 
 # ------------------------------------------------------------------------------- CLI flags
@@ -252,7 +255,7 @@ def to_argv(config: Any, flags: dict[str, str] | None = None, explicit: bool = F
     argv: list[str] = []
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
-        if value is not None and (explicit or value != f.default):
+        if value is not None and value != () and (explicit or value != f.default):  # () = no ids
             argv += [flag_of(type(config), f.name, flags), format_value(value)]
     return argv
 

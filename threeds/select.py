@@ -328,6 +328,18 @@ class _LazyFarthest:
         return int(torch.argmax(self.bound))
 
 
+def _initial_rows(embeddings: np.ndarray | torch.Tensor, initial: Sequence[int], k: int) -> list[int]:
+    """Checks k-center's arguments; the `initial` centres as a list."""
+    if embeddings.ndim != 2:
+        raise ValueError(f"embeddings must be 2-D [n, dim], got shape {tuple(embeddings.shape)}")
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    n, rows = len(embeddings), [int(i) for i in initial]
+    if len(set(rows)) != len(rows) or any(not 0 <= i < n for i in rows) or len(rows) > max(k, 0):
+        raise ValueError(f"initial centres must be at most k={k} distinct rows in [0, {n}), got {rows[:10]}")
+    return rows
+
+
 def k_center_greedy(
     embeddings: np.ndarray | torch.Tensor,
     k: int,
@@ -355,14 +367,8 @@ def k_center_greedy(
     arithmetic; that rounds the data, so picks can differ from the float32 ones where distances
     are that close. `chunk_rows` bounds the float32 working blocks.
     """
-    if embeddings.ndim != 2:
-        raise ValueError(f"embeddings must be 2-D [n, dim], got shape {tuple(embeddings.shape)}")
-    if k < 0:
-        raise ValueError(f"k must be >= 0, got {k}")
     n = len(embeddings)
-    initial = [int(i) for i in initial]
-    if len(set(initial)) != len(initial) or any(not 0 <= i < n for i in initial) or len(initial) > max(k, 0):
-        raise ValueError(f"initial centres must be at most k={k} distinct rows in [0, {n}), got {initial[:10]}")
+    initial = _initial_rows(embeddings, initial, k)
     if n <= k:
         return np.asarray(initial + sorted(set(range(n)) - set(initial)), dtype=np.int64)
     if k == 0:

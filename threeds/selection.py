@@ -21,7 +21,6 @@ import dataclasses
 import json
 import os
 import re
-import shlex
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,9 +29,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from threeds.config import SelectConfig, add_arguments, dest_of, to_argv
+from threeds.config import SelectConfig, add_arguments, dest_of
 from threeds.names import ATTEN_METHODS, METRIC_NAMES, METRICS, metric_column
-from threeds.select import NAN_REASONS, _resolve_bands, _storage_dtype, _write_json_atomic, band_filter, k_center_greedy, resolve_device
+from threeds.atomic import atomic_write
+from threeds.runs import RunFileError, read_ratings
+from threeds.select import NAN_REASONS, _resolve_bands, _storage_dtype, band_filter, k_center_greedy, resolve_device
 
 PRESET_DIR = "selections"
 PRESET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -295,8 +296,6 @@ def read_run_ratings(run_dir: Path, config: SelectConfig) -> pd.DataFrame | None
     """ratings.jsonl when the config has a quality threshold; a clear error when it is missing."""
     if config.quality_threshold is None:
         return None
-    from threeds.runs import RunFileError, read_ratings
-
     path = run_dir / "ratings.jsonl"
     if not path.is_file():
         raise SelectionError(f"{path}: not found; --quality-threshold needs the run's Stage-1 ratings (rate first, or drop the threshold)")
@@ -331,13 +330,13 @@ def select_dir(run_dir: str | os.PathLike, config: SelectConfig, device=None, dt
         "selected_ids": chosen.picked_ids,
         "selected_rows": [int(r) for r in chosen.picked],
     }
-    _write_json_atomic(run_dir / "selection.json", result)
+    write_json_file(run_dir / "selection.json", result)
     return result
 
 
-def command(run_dir: str | os.PathLike, out: str | os.PathLike, config: SelectConfig) -> str:
-    """The `threeds select` call that picks the same ids in the same order as `config`."""
-    return shlex.join(["threeds", "select", "--run", str(run_dir), "--out", str(out), *to_argv(config)])
+def write_json_file(path: Path, obj: dict) -> None:
+    """Strict JSON (no NaN), replaced atomically."""
+    atomic_write(path, lambda f: json.dump(obj, f, ensure_ascii=False, indent=1, allow_nan=False), "w")
 
 
 def add_select_flags(parser: argparse.ArgumentParser) -> None:
@@ -404,7 +403,7 @@ def save_preset(run_dir: str | os.PathLike, name: str, config: SelectConfig) -> 
     check(config)
     path = preset_path(run_dir, name)
     path.parent.mkdir(exist_ok=True)
-    _write_json_atomic(path, config_to_json(config))
+    write_json_file(path, config_to_json(config))
     return path
 
 
