@@ -281,9 +281,15 @@ def _stages_key(config: SelectConfig) -> tuple:
     return dataclasses.astuple(dataclasses.replace(config, sample_num=1))
 
 
+@st.cache_resource(max_entries=4, show_spinner=False)
+def quality_of(_run: Run, key: tuple) -> np.ndarray | None:
+    """Stage-1 score per scored sample, once per run (a look-up by id over every rating)."""
+    return quality_per_row(_run.ratings, _run.metrics["id"])
+
+
 @st.cache_resource(max_entries=64, show_spinner=False)
 def _filtered(_run: Run, key: tuple, _config: SelectConfig, stages: tuple) -> Filtered:
-    return filter_rows(_config, _run.metrics, quality_per_row(_run.ratings, _run.metrics["id"]))
+    return filter_rows(_config, _run.metrics, quality_of(_run, key))
 
 
 def filtered(run: Run, config: SelectConfig | None = None) -> Filtered:
@@ -302,23 +308,26 @@ def _pick_order(_run: Run, key: tuple, _filtered: Filtered, stages: tuple, seed:
     return PickOrder(rows, seed=seed, initial=tuple(int(i) for i in _filtered.initial))
 
 
-@st.cache_resource(max_entries=32, show_spinner=False)
-def _selection(_run: Run, key: tuple, config: tuple, _config: SelectConfig, _done: Filtered) -> Selection:
-    order = _pick_order(_run, key, _done, _stages_key(_config), _config.seed)
+def picks(run: Run, config: SelectConfig | None = None) -> np.ndarray:
+    """Rows of metrics.parquet the current selection (or `config`) picks, in pick order: a slice of
+    a cached k-center order, so moving sample_num costs no recomputation."""
+    config = config or selection_config(run)
+    done = filtered(run, config)
+    order = _pick_order(run, key_of(run), done, _stages_key(config), config.seed)
     with st.spinner("k-center greedy…"):
-        picked = _done.candidates[order.picks(pick_count(_config))]
-    return explain(_config, _run.metrics, _run.ratings, _done, picked)
+        return done.candidates[order.picks(pick_count(config))]
+
+
+@st.cache_resource(max_entries=8, show_spinner=False)
+def _selection(_run: Run, key: tuple, config: tuple, _config: SelectConfig, _done: Filtered, _picked: np.ndarray) -> Selection:
+    return explain(_config, _run.metrics, _run.ratings, _done, _picked)
 
 
 def selection(run: Run, config: SelectConfig | None = None) -> Selection:
-    """The current selection (or `config`) applied to `run` (`threeds.selection`): picks, funnel, per-sample why."""
+    """The current selection (or `config`) applied to `run` with every sample's verdict, why and
+    pick rank (`threeds.selection.explain`; for the pages that show them)."""
     config = config or selection_config(run)
-    return _selection(run, key_of(run), dataclasses.astuple(config), config, filtered(run, config))
-
-
-def picks(run: Run) -> np.ndarray:
-    """Rows of metrics.parquet that the current selection picks, in pick order."""
-    return selection(run).picked
+    return _selection(run, key_of(run), dataclasses.astuple(config), config, filtered(run, config), picks(run, config))
 
 
 def funnel_text(counts: dict) -> str:

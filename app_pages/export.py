@@ -24,11 +24,10 @@ def main() -> None:
         common.atten_toggle()
     with c2:
         common.sample_num_slider(run)
-    chosen = common.selection(run)
-    rows = chosen.picked
-    ids = tuple(chosen.picked_ids)
+    config = common.selection_config(run)
+    rows = common.picks(run, config)
+    ids = tuple(str(i) for i in run.metrics["id"].to_numpy()[rows])
     records = [run.records[r] for r in rows]
-    config = chosen.config
     st.metric("selected samples", f"{len(ids):,}")
     quality = "none" if config.quality_threshold is None else f"≥ {config.quality_threshold:g}"
     rules = f" · always include {len(config.include):,} · exclude {len(config.exclude):,}" if config.include or config.exclude else ""

@@ -18,7 +18,7 @@ from app_pages import common
 from threeds.data import full_instruction
 from threeds.names import METRIC_NAMES, METRICS
 from threeds.runs import Run
-from threeds.selection import VERDICTS, quality_per_row, sample_table
+from threeds.selection import VERDICTS, sample_table
 
 SHOWN = 2_000
 SORTS = {"pick rank": ("pick", True), "quality": ("quality", False), **{f"{METRIC_NAMES[m]}": (METRIC_NAMES[m], False) for m in METRICS}}
@@ -37,9 +37,8 @@ def search_texts(_run: Run, key: tuple) -> tuple[pd.Series, pd.Series]:
 
 @st.cache_resource(max_entries=8, show_spinner=False)
 def table_of(_run: Run, key: tuple, config: tuple, _chosen) -> pd.DataFrame:
-    done = common.filtered(_run)
-    quality = quality_per_row(_run.ratings, _run.metrics["id"])
-    return sample_table(_chosen, _run.metrics, quality, done.quality_ok)
+    done = common.filtered(_run, _chosen.config)
+    return sample_table(_chosen, _run.metrics, done.quality, done.quality_ok)
 
 
 def reason_kinds() -> list[str]:

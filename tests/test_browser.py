@@ -259,7 +259,7 @@ def test_url_reload_and_pasted_link(server, browser, shots):
     assert "kept by quality" in body_text(d)
     shot(d, shots, "inspector_link")
     go(d, "Export")
-    wait_for(d, lambda d: "--low-th 10 --sample-num" in body_text(d) and "--quality-threshold 90" in body_text(d), "the link's selection reaches Export")
+    wait_for(d, lambda d: "--low-th 10 --up-th 75 " in body_text(d) and "--quality-threshold 90" in body_text(d), "the link's selection reaches Export")
 
 
 def test_box_on_the_map_filters_the_samples_table_and_compare(server, browser, shots):

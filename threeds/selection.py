@@ -73,8 +73,10 @@ def quality_per_row(ratings: pd.DataFrame | None, ids: Sequence[str]) -> np.ndar
     """Stage-1 score of every scored sample (NaN: not rated); None for a run without ratings."""
     if ratings is None:
         return None
-    scores = pd.Series(ratings["score"].to_numpy(dtype=float), index=ratings["id"].astype(str))
-    return scores.reindex(pd.Index([str(i) for i in ids])).to_numpy(dtype=float)
+    ratings = ratings.drop_duplicates("id", keep="last")
+    where = pd.Index(ratings["id"].astype(str)).get_indexer(pd.Index(ids).astype(str))
+    scores = ratings["score"].to_numpy(dtype=float)
+    return np.where(where >= 0, scores[where], np.nan) if len(scores) else np.full(len(where), np.nan)
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,7 @@ class Filtered:
     candidates: np.ndarray  # rows k-center chooses among, ascending
     initial: np.ndarray  # positions in `candidates` of the include ids, in rule order
     report: dict  # `band_filter`'s report over the quality-kept rows
+    quality: np.ndarray | None  # Stage-1 score per row (None: the run has no ratings)
 
 
 def filter_rows(config: SelectConfig, metrics: pd.DataFrame, quality: np.ndarray | None) -> Filtered:
@@ -109,7 +112,7 @@ def filter_rows(config: SelectConfig, metrics: pd.DataFrame, quality: np.ndarray
     excluded, included = _rule_mask(row_of, config.exclude, "exclude"), _rule_mask(row_of, config.include, "include")
     candidates = np.flatnonzero((in_bands & ~excluded) | included)
     initial = np.searchsorted(candidates, row_of.get_indexer(list(config.include)))
-    return Filtered(quality_ok, in_bands, excluded, included, candidates, initial.astype(np.int64), report)
+    return Filtered(quality_ok, in_bands, excluded, included, candidates, initial.astype(np.int64), report, quality)
 
 
 def _rule_mask(row_of: pd.Index, ids: Sequence[str], rule: str) -> np.ndarray:
@@ -202,7 +205,7 @@ def explain(
     n = len(metrics)
     rank = np.zeros(n, dtype=np.int64)
     rank[picked] = np.arange(1, len(picked) + 1)
-    why = reasons(config, metrics, quality_per_row(ratings, metrics["id"]), filtered)
+    why = reasons(config, metrics, filtered.quality, filtered)
     verdict = np.where(rank > 0, "picked", np.where(why == "", "not picked", "dropped")).astype(object)
     k = len(picked)
     why[(rank == 0) & (why == "")] = f"in all bands; not among the {k:,} k-center picks"
