@@ -276,10 +276,15 @@ navigation = st.navigation(
         st.Page(runs_page, title="Runs", icon=":material/folder_open:", default=True),
         st.Page("app_pages/quality.py", title="Quality", icon=":material/star:"),
         st.Page("app_pages/difficulty.py", title="Difficulty", icon=":material/bar_chart:"),
+        st.Page("app_pages/samples.py", title="Samples", icon=":material/table_rows:"),
         st.Page(common.INSPECTOR, title="Sample inspector", icon=":material/search:"),
         st.Page("app_pages/embedding_map.py", title="Embedding map", icon=":material/scatter_plot:"),
+        st.Page("app_pages/compare.py", title="Compare", icon=":material/compare_arrows:"),
         st.Page("app_pages/export.py", title="Export", icon=":material/download:"),
     ]
 )
-common.setup()
-navigation.run()
+common.setup(navigation.url_path)
+try:
+    navigation.run()
+finally:  # also after st.stop(): the URL always says what is shown
+    common.write_url(navigation.url_path)

@@ -7,6 +7,7 @@ per band setting, histogram counts per column, the UMAP map and k-center pick or
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from pathlib import Path
@@ -14,23 +15,43 @@ from pathlib import Path
 import numpy as np
 import streamlit as st
 
+from app_pages import url_state
+
 from threeds.embed_map import PickOrder, load_or_compute_umap
 from threeds.errors import describe
 from threeds.names import ATTEN_METHODS, METRIC_NAMES, METRICS, metric_column
+from threeds.config import SelectConfig
 from threeds.runs import DEFAULT_CACHE, Run, list_runs, load_run, run_key, run_settings
-from threeds.select import DEFAULT_BAND, band_filter
+from threeds.select import DEFAULT_BAND
+from threeds.selection import (
+    PRESET_DIR,
+    Filtered,
+    Selection,
+    SelectionError,
+    explain,
+    filter_rows,
+    funnel,
+    list_presets,
+    load_preset,
+    pick_count,
+    quality_per_row,
+    save_preset,
+)
 
 INSPECTOR = "app_pages/inspector.py"
+INSPECTOR_PATH = "inspector"  # its URL path
 DEFAULTS = {
     "atten_method": "mean",
     "quality_threshold": 85.0,
     "sample_num": 5000,
     "seed": 0,
+    "rule_include": (),
+    "rule_exclude": (),
     **{f"band_{m}": DEFAULT_BAND for m in METRICS},
 }
 # Widget keys that must survive page switches: Streamlit drops a widget's state when a page
 # without that widget runs, unless the key is re-assigned on every run (its documented workaround).
-PERSISTENT = (*DEFAULTS, "run_name", "inspect_id", "ins_ppl_log")
+PERSISTENT = (*DEFAULTS, "run_name", "inspect_id", "ins_ppl_log", "inspect_atten")
 
 
 def page_config() -> None:
@@ -40,10 +61,31 @@ def page_config() -> None:
     st.set_page_config(page_title="threeds", page_icon="🩺", layout="wide")
 
 
-def setup() -> None:
-    """State kept across pages and the run picker (app.py, before any page)."""
+def setup(page_path: str) -> None:
+    """State kept across pages, a link's state, and the run picker (app.py, before any page)."""
     keep_state()
+    url_state.read(run_names(), page_path)
     run_picker()
+
+
+def write_url(page_path: str) -> None:
+    """Put the current view in the query string (app.py, after the page, however it ended)."""
+    run = current_run()
+    config = selection_config(run) if run is not None else None
+    sample_id = st.session_state.get("inspect_id") if page_path == INSPECTOR_PATH else None
+    url_state.write(st.session_state.get("run_name"), config, sample_id)
+
+
+def set_selection(config: SelectConfig) -> None:
+    """Make `config` the current selection (a link, a preset); before the widgets are drawn."""
+    for metric, band in config.bands().items():
+        st.session_state[f"band_{metric}"] = band
+    st.session_state.update(
+        sample_num=config.sample_num, atten_method=config.atten_method, seed=config.seed,
+        rule_include=config.include, rule_exclude=config.exclude,
+    )  # fmt: skip
+    if config.quality_threshold is not None:
+        st.session_state["quality_threshold"] = config.quality_threshold
 
 
 def keep_state() -> None:
@@ -83,6 +125,47 @@ def run_picker() -> None:
     st.sidebar.selectbox("Run", names, key="run_name")
     if st.session_state.get("settings_of") != st.session_state["run_name"]:
         start_from_run_settings()
+    linked = url_state.pending()
+    if linked is not None:
+        set_selection(linked)
+    run = current_run()
+    show_funnel(run)
+    if run is not None:
+        preset_panel(run)
+
+
+def preset_panel(run: Run) -> None:
+    """Save the current selection under a name in the run directory, or load a saved one."""
+    with st.sidebar.expander("Presets (saved selections)"):
+        saved = list_presets(run.path)
+        if saved:
+            st.selectbox("Saved", saved, key="preset_pick")
+            st.button("Load", key="preset_load", on_click=_load_preset, args=(run,))
+        else:
+            st.caption(f"None saved in `{run.name}/{PRESET_DIR}/` yet.")
+        st.text_input("Name", key="preset_name", placeholder="e.g. narrow-bands")
+        st.button("Save current selection", key="preset_save", on_click=_save_preset, args=(run,))
+        if st.session_state.get("preset_message"):
+            st.caption(st.session_state.pop("preset_message"))
+
+
+def _load_preset(run: Run) -> None:
+    name = st.session_state.get("preset_pick")
+    try:
+        set_selection(load_preset(run.path, name))
+        st.session_state["preset_message"] = f"Loaded {name}; `threeds select --preset {name}` selects the same."
+    except SelectionError as exc:
+        st.session_state["preset_message"] = f"Not loaded: {exc}"
+
+
+def _save_preset(run: Run) -> None:
+    name = (st.session_state.get("preset_name") or "").strip()
+    try:
+        path = save_preset(run.path, name, selection_config(run))
+        st.session_state["preset_message"] = f"Saved {path}."
+        st.session_state["preset_pick"] = name
+    except SelectionError as exc:
+        st.session_state["preset_message"] = f"Not saved: {exc}"
 
 
 def start_from_run_settings() -> None:
@@ -92,9 +175,46 @@ def start_from_run_settings() -> None:
     found = run_settings(run) if run is not None else {}
     for key, value in DEFAULTS.items():
         st.session_state[key] = value
+    clear_brush()
     for metric, band in found.pop("bands", {}).items():
         st.session_state[f"band_{metric}"] = band
     st.session_state.update(found)
+
+
+# ---------------------------------------------------------------------------------- brushing and rules
+
+
+def set_brush(rows: np.ndarray, label: str) -> None:
+    """Rows chosen on a map or histogram: they filter the Samples table and are drawn in colour."""
+    st.session_state["brush_rows"] = np.unique(np.asarray(rows, dtype=np.int64))
+    st.session_state["brush_label"] = label
+
+
+def clear_brush() -> None:
+    st.session_state.pop("brush_rows", None)
+    st.session_state.pop("brush_label", None)
+
+
+def brushed_rows() -> np.ndarray | None:
+    return st.session_state.get("brush_rows")
+
+
+def brushed_mask(n: int) -> np.ndarray:
+    """True for brushed rows; every row when nothing is brushed."""
+    rows = brushed_rows()
+    if rows is None:
+        return np.ones(n, dtype=bool)
+    mask = np.zeros(n, dtype=bool)
+    mask[rows[rows < n]] = True
+    return mask
+
+
+def add_rule(kind: str, ids: list[str]) -> None:
+    """Put `ids` in the include or exclude rule (and out of the other one); the selection follows."""
+    other = "rule_exclude" if kind == "rule_include" else "rule_include"
+    new = set(ids)
+    st.session_state[kind] = tuple(dict.fromkeys([*st.session_state[kind], *ids]))
+    st.session_state[other] = tuple(i for i in st.session_state[other] if i not in new)
 
 
 def switch_run(name: str) -> None:
@@ -103,8 +223,9 @@ def switch_run(name: str) -> None:
     st.rerun()
 
 
-def current_run() -> Run | None:
-    name = st.session_state.get("run_name")
+def current_run(name: str | None = None) -> Run | None:
+    """The run picked in the sidebar (or the run `name`), loaded and cached."""
+    name = name or st.session_state.get("run_name")
     path = cache_dir() / name if name else None
     if path is None or not path.is_dir():
         return None
@@ -152,45 +273,102 @@ def bands() -> dict[str, tuple[float, float]]:
     return {m: tuple(st.session_state[f"band_{m}"]) for m in METRICS}
 
 
-def band_key() -> tuple:
-    return tuple(bands()[m] for m in METRICS)
+def selection_config(run: Run) -> SelectConfig:
+    """The one selection every page shows and Export applies, from the shared state: the
+    quality threshold applies when the run has ratings."""
+    state = st.session_state
+    return SelectConfig.from_bands(
+        bands(), sample_num=int(state["sample_num"]), atten_method=state["atten_method"], seed=int(state["seed"]),
+        quality_threshold=float(state["quality_threshold"]) if run.ratings is not None else None,
+        include=tuple(state["rule_include"]), exclude=tuple(state["rule_exclude"]),
+    )  # fmt: skip
 
 
-@st.cache_data(max_entries=256, show_spinner=False)
-def _band_filter(_run: Run, key: tuple, band_values: tuple, atten_method: str) -> tuple[np.ndarray, dict]:
-    return band_filter(_run.metrics, dict(zip(METRICS, band_values)), atten_method)
+def _stages_key(config: SelectConfig) -> tuple:
+    """What stages 1-3 depend on: every setting but sample_num."""
+    return dataclasses.astuple(dataclasses.replace(config, sample_num=1))
 
 
-def band_result(run: Run) -> tuple[np.ndarray, dict]:
-    """`threeds.select.band_filter` for the bands and attention method set on the pages."""
-    return _band_filter(run, key_of(run), band_key(), st.session_state["atten_method"])
+@st.cache_resource(max_entries=4, show_spinner=False)
+def quality_of(_run: Run, key: tuple) -> np.ndarray | None:
+    """Stage-1 score per scored sample, once per run (a look-up by id over every rating)."""
+    return quality_per_row(_run.ratings, _run.metrics["id"])
+
+
+@st.cache_resource(max_entries=64, show_spinner=False)
+def _filtered(_run: Run, key: tuple, _config: SelectConfig, stages: tuple) -> Filtered:
+    return filter_rows(_config, _run.metrics, quality_of(_run, key))
+
+
+def filtered(run: Run, config: SelectConfig | None = None) -> Filtered:
+    """Stages 1-3 (quality, bands, rules) of the current selection (or `config`); cached per setting."""
+    config = config or selection_config(run)
+    try:
+        return _filtered(run, key_of(run), config, _stages_key(config))
+    except SelectionError as exc:
+        st.error(f"This selection cannot be applied: {exc}")
+        st.stop()
 
 
 @st.cache_resource(max_entries=32, show_spinner=False)
-def _pick_order(_run: Run, key: tuple, band_values: tuple, atten_method: str, seed: int) -> PickOrder:
-    mask, _ = _band_filter(_run, key, band_values, atten_method)
-    return PickOrder(np.ascontiguousarray(_run.embeddings[mask]), seed=seed)
+def _pick_order(_run: Run, key: tuple, _filtered: Filtered, stages: tuple, seed: int) -> PickOrder:
+    rows = np.ascontiguousarray(_run.embeddings[_filtered.candidates])
+    return PickOrder(rows, seed=seed, initial=tuple(int(i) for i in _filtered.initial))
 
 
-def picks(run: Run, sample_num: int) -> np.ndarray:
-    """Rows of metrics.parquet that k-center greedy picks, in pick order, for the current bands."""
-    mask, _ = band_result(run)
-    survivors = np.flatnonzero(mask)
-    order = _pick_order(run, key_of(run), band_key(), st.session_state["atten_method"], st.session_state["seed"])
+def picks(run: Run, config: SelectConfig | None = None) -> np.ndarray:
+    """Rows of metrics.parquet the current selection (or `config`) picks, in pick order: a slice of
+    a cached k-center order, so moving sample_num costs no recomputation."""
+    config = config or selection_config(run)
+    done = filtered(run, config)
+    order = _pick_order(run, key_of(run), done, _stages_key(config), config.seed)
     with st.spinner("k-center greedy…"):
-        return survivors[order.picks(sample_num)]
+        return done.candidates[order.picks(pick_count(config))]
+
+
+@st.cache_resource(max_entries=8, show_spinner=False)
+def _selection(_run: Run, key: tuple, config: tuple, _config: SelectConfig, _done: Filtered, _picked: np.ndarray) -> Selection:
+    return explain(_config, _run.metrics, _run.ratings, _done, _picked)
+
+
+def selection(run: Run, config: SelectConfig | None = None) -> Selection:
+    """The current selection (or `config`) applied to `run` with every sample's verdict, why and
+    pick rank (`threeds.selection.explain`; for the pages that show them)."""
+    config = config or selection_config(run)
+    return _selection(run, key_of(run), dataclasses.astuple(config), config, filtered(run, config), picks(run, config))
+
+
+def funnel_text(counts: dict) -> str:
+    return " → ".join(f"{label} **{value:,}**" for label, value in counts.items() if value is not None)
+
+
+def show_funnel(run: Run | None) -> None:
+    """The current selection's funnel in the sidebar of every page (rated -> ... -> picked)."""
+    if run is None:
+        return
+    if run.metrics is None or run.embeddings is None or run.errors.keys() & {"metrics.parquet", "embeddings.npy"}:
+        if run.ratings is not None and "ratings.jsonl" not in run.errors:
+            scores = run.ratings["score"].to_numpy(dtype=float)
+            kept = int((scores[np.isfinite(scores)] >= float(st.session_state["quality_threshold"])).sum())
+            st.sidebar.markdown("**Selection**  \n" + funnel_text({"rated": int(np.isfinite(scores).sum()), "kept by quality": kept}))
+        return
+    done, config = filtered(run), selection_config(run)
+    counts = funnel(run.ratings, config, done, min(pick_count(config), len(done.candidates)))  # no k-center needed
+    st.sidebar.markdown("**Selection**  \n" + funnel_text(counts))
+    if counts["picked"] == 0:
+        st.sidebar.warning("This selection picks 0 samples: lower the quality threshold or widen a band.")
 
 
 def sample_num_slider(run: Run) -> int:
-    """The shared sample_num slider (Embedding map, Export); clamped to the band survivors."""
-    n = int(band_result(run)[0].sum())
+    """The shared sample_num slider (Embedding map, Export); clamped to the k-center candidates."""
+    n = len(filtered(run).candidates)
     if n == 0:
-        st.warning("No sample lies inside all three bands; widen a band on **Difficulty**.")
+        st.warning("No sample passes the quality threshold and lies inside all three bands; lower the threshold on **Quality** or widen a band on **Difficulty**.")
         st.stop()
     st.session_state["sample_num"] = max(1, min(int(st.session_state["sample_num"]), n))
     if n == 1:
         return 1
-    return st.slider("sample_num (k-center picks)", 1, n, key="sample_num", help=f"{n:,} samples survive the bands")
+    return st.slider("sample_num (k-center picks)", 1, n, key="sample_num", help=f"{n:,} samples pass quality, bands and rules")
 
 
 def atten_toggle() -> str:

@@ -38,9 +38,20 @@ def histogram_figure(values: np.ndarray, key: tuple, lo: float | None, hi: float
     )  # fmt: skip
     layout = dict(
         height=260, margin=dict(l=10, r=10, t=10, b=10), bargap=0, showlegend=False,
-        xaxis=dict(type="log" if log else "linear"),
+        xaxis=dict(type="log" if log else "linear"), dragmode="select", selectdirection="h",
     )  # fmt: skip
     return go.Figure(data=traces, layout=layout)
+
+
+def brush_histogram(metric: str, column: str, values: np.ndarray) -> None:
+    """A box dragged on a histogram brushes the samples whose value lies in its x range."""
+    boxes = st.session_state[f"hist_{metric}"]["selection"].get("box") or []
+    if not boxes:
+        return
+    lo, hi = sorted(float(x) for x in boxes[0]["x"][:2])
+    with np.errstate(invalid="ignore"):
+        rows = np.flatnonzero((values >= lo) & (values <= hi))
+    common.set_brush(rows, f"{len(rows):,} samples with {column} in {lo:.4g} – {hi:.4g} (Difficulty)")
 
 
 def band_panel(col, run, metric: str, info: dict, log: bool) -> None:
@@ -51,7 +62,8 @@ def band_panel(col, run, metric: str, info: dict, log: bool) -> None:
         values = run.metrics[column].to_numpy(dtype=float)
         st.plotly_chart(
             histogram_figure(values, (common.key_of(run), column, log), info["lo"], info["hi"], log),
-            width="stretch", key=f"hist_{metric}",
+            width="stretch", key=f"hist_{metric}", on_select=lambda: brush_histogram(metric, column, values),
+            selection_mode="box",
         )  # fmt: skip
         if info["lo"] is not None:
             st.caption(f"band {info['lo']:.4g} – {info['hi']:.4g}")
@@ -81,10 +93,11 @@ def main() -> None:
     with c1:
         common.atten_toggle()
     log = c2.toggle("log x for Instruction Understanding", key="ins_ppl_log")
-    mask, report = common.band_result(run)
+    done = common.filtered(run)
+    mask, report = done.in_bands, done.report
     k1, k2, k3 = st.columns(3)
     k1.metric("in all three bands", f"{report['n_kept']:,}")
-    k2.metric("scored samples", f"{report['n_total']:,}")
+    k2.metric("scored samples kept by quality", f"{report['n_total']:,}", help="the bands' percentiles are taken over these")
     k3.metric("excluded (NaN metric)", f"{report['n_excluded_nan']:,}")
     for col, metric in zip(st.columns(3), METRICS):
         band_panel(col, run, metric, report["metrics"][metric], log and metric == "ins_ppl")

@@ -59,7 +59,7 @@ def map_figure(run, coords: np.ndarray, colour: str, picked: np.ndarray, shown: 
             ),
         ]  # fmt: skip
     elif colour == "in band":
-        mask, _ = common.band_result(run)
+        mask = common.filtered(run).in_bands
         traces = [
             scatter(x, y, shown[mask[shown] == inside], ids, texts, name, dict(size=5, color=c))
             for inside, name, c in ((False, "outside a band", GREY), (True, "in all bands", "#1565c0"))
@@ -81,11 +81,24 @@ def map_figure(run, coords: np.ndarray, colour: str, picked: np.ndarray, shown: 
     return go.Figure(data=traces, layout=layout)
 
 
-def on_select() -> None:
-    points = st.session_state["map"]["selection"]["points"]
-    if points:
+def on_select(run) -> None:
+    """A box or lasso brushes its points (the Samples table shows them); a click opens the inspector."""
+    chosen = st.session_state["map"]["selection"]
+    points = chosen["points"]
+    if chosen.get("box") or chosen.get("lasso"):
+        rows = [run.row_of[str(p["customdata"])] for p in points if str(p.get("customdata")) in run.row_of]
+        common.set_brush(np.asarray(rows, dtype=np.int64), f"{len(rows):,} points from a box/lasso on the map")
+    elif points:
         st.session_state["inspect_id"] = str(points[0]["customdata"])
         st.session_state["goto_inspector"] = True
+
+
+def grey_unbrushed(figure: go.Figure, run, brushed: np.ndarray) -> None:
+    """Mark brushed points selected in every trace: Plotly greys the others (they stay drawn)."""
+    wanted = set(run.metrics["id"].to_numpy(dtype=str)[brushed])
+    for trace in figure.data:
+        trace.selectedpoints = [i for i, sample_id in enumerate(trace.customdata) if sample_id in wanted]
+        trace.unselected = dict(marker=dict(opacity=0.25))
 
 
 def main() -> None:
@@ -103,14 +116,21 @@ def main() -> None:
         common.atten_toggle()
         colour = st.selectbox("Colour by", colour_options(run), key="map_colour")
     with c2:
-        k = common.sample_num_slider(run)
-    picked = common.picks(run, k)
+        common.sample_num_slider(run)
+    picked = common.picks(run)
     shown = np.union1d(common.display_rows(len(coords), MAP_POINTS), picked)
     st.caption(
-        f"{len(picked):,} k-center picks among {int(common.band_result(run)[0].sum()):,} band survivors · "
+        f"{len(picked):,} k-center picks among {len(common.filtered(run).candidates):,} candidates · "
         f"{len(shown):,} of {len(coords):,} points drawn · click a point to open it in the inspector"
     )
-    st.plotly_chart(map_figure(run, coords, colour, picked, shown), key="map", on_select=on_select, selection_mode="points", width="stretch")
+    figure = map_figure(run, coords, colour, picked, shown)
+    brushed = common.brushed_rows()
+    if brushed is not None:
+        grey_unbrushed(figure, run, brushed)
+        st.caption(f"Brushed: {st.session_state.get('brush_label', '')} · unbrushed points greyed · see **Samples**")
+    st.plotly_chart(
+        figure, key="map", on_select=lambda: on_select(run), selection_mode=("points", "box", "lasso"), width="stretch",
+    )  # fmt: skip
 
 
 main()

@@ -9,7 +9,6 @@ import streamlit as st
 
 from app_pages import common
 from threeds.data import full_instruction
-from threeds.config import SelectConfig
 from threeds.export import FORMATS, MIME, dataset_info_entry, export_text, file_name, select_command
 from threeds.runs import selected_ids
 
@@ -24,15 +23,17 @@ def main() -> None:
     with c1:
         common.atten_toggle()
     with c2:
-        k = common.sample_num_slider(run)
-    rows = common.picks(run, k)
+        common.sample_num_slider(run)
+    config = common.selection_config(run)
+    rows = common.picks(run, config)
     ids = tuple(str(i) for i in run.metrics["id"].to_numpy()[rows])
     records = [run.records[r] for r in rows]
-    bands = common.bands()
     st.metric("selected samples", f"{len(ids):,}")
+    quality = "none" if config.quality_threshold is None else f"≥ {config.quality_threshold:g}"
+    rules = f" · always include {len(config.include):,} · exclude {len(config.exclude):,}" if config.include or config.exclude else ""
     st.caption(
-        "bands " + ", ".join(f"{m} {lo:g}–{hi:g}" for m, (lo, hi) in bands.items())
-        + f" · attention {st.session_state['atten_method']} · seed {st.session_state['seed']} (set on Difficulty / Embedding map)"
+        f"quality {quality} (set on Quality) · bands " + ", ".join(f"{m} {lo:g}–{hi:g}" for m, (lo, hi) in config.bands().items())
+        + f" · attention {config.atten_method} · seed {config.seed} (Difficulty / Embedding map){rules}"
     )  # fmt: skip
     if run.selection is not None:
         same = selected_ids(run.selection) == list(ids)
@@ -46,7 +47,6 @@ def main() -> None:
     st.markdown("**`dataset_info.json` entry** (merge into LlamaFactory's `data/dataset_info.json`, put the file next to it)")
     st.code(json.dumps(dataset_info_entry(dataset, fmt, has_system), indent=2), language="json")
     st.markdown("**Reproduce this selection from the command line**")
-    config = SelectConfig.from_bands(bands, sample_num=k, atten_method=st.session_state["atten_method"], seed=st.session_state["seed"])
     st.code(select_command(str(run.path), f"{dataset}_selected.json", config), language="bash")
     st.markdown("**First rows**")
     preview = pd.DataFrame({"pick": range(1, min(len(ids), 20) + 1), "id": ids[:20], "instruction": [common.short(full_instruction(r), 120) for r in records[:20]]})

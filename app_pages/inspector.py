@@ -91,7 +91,7 @@ def legend_html(view_name: str, scale: heatmap.Scale) -> str:
 
 def response_panel(col, tokens: pd.DataFrame, response: str, record: dict, view_name: str) -> None:
     title, field = RESPONSES[response]
-    weight = f"w_{st.session_state['atten_method']}"
+    weight = f"w_{st.session_state['inspect_atten']}"
     part = tokens[tokens["response"] == response]
     text = str(record.get(field, ""))
     with col:
@@ -112,7 +112,7 @@ def response_panel(col, tokens: pd.DataFrame, response: str, record: dict, view_
 
 def metric_table(run, row: int) -> pd.DataFrame:
     """Every metric column's value for the sample and its percentile rank among all samples."""
-    atten = st.session_state["atten_method"]
+    atten = st.session_state["atten_method"]  # the selection's, not this page's view
     rows = []
     for metric in METRICS:
         for method in ("mean", "max") if metric != "ins_ppl" else ("mean",):
@@ -124,17 +124,14 @@ def metric_table(run, row: int) -> pd.DataFrame:
                     "column": column,
                     "value": values[row],
                     "percentile rank": percentile_rank(values, values[row]),
-                    "used now": method == atten or metric == "ins_ppl",
+                    "used by the selection": method == atten or metric == "ins_ppl",
                 }
             )
     return pd.DataFrame(rows)
 
 
 def chosen_id(run) -> str | None:
-    """From a link (?id=), another page (session state) or the search box, in that order."""
-    arrived = st.query_params.get("id")
-    if arrived and arrived in run.row_of and arrived != st.session_state.get("inspect_id"):
-        st.session_state["inspect_id"] = arrived
+    """From a link (?id=, read into the session by app_pages.url_state), another page or the search box."""
     query = st.text_input("Find a sample by id or text", key="inspect_query")
     if query:
         matches = find(run, query)
@@ -148,11 +145,20 @@ def chosen_id(run) -> str | None:
     return st.session_state.get("inspect_id")
 
 
+def attention_view() -> None:
+    """This page's own attention view: it colours the tokens and never changes the selection."""
+    st.session_state.setdefault("inspect_atten", st.session_state["atten_method"])
+    st.radio(
+        "Attention view (this page only)", ("mean", "max"), key="inspect_atten", horizontal=True,
+        help="which per-token weights to draw; the selection's method is set on Difficulty",
+    )  # fmt: skip
+
+
 def main() -> None:
     st.title("Sample inspector")
     run = common.require_run()
     common.require(run, "metrics.parquet", "data.jsonl")
-    common.atten_toggle()
+    attention_view()
     view_name = st.radio(
         "Heatmap", list(heatmap.VIEWS), horizontal=True, key="inspect_view",
         help="; ".join(f"{name}: {what}" for name, (_, what) in heatmap.VIEWS.items())
@@ -162,11 +168,12 @@ def main() -> None:
     if sample_id not in run.row_of:
         st.info("Type an id or some words of an instruction, or click a point on **Embedding map**.")
         return
-    st.query_params["id"] = sample_id
     row = run.row_of[sample_id]
     record = run.records[row]
-    mask, _ = common.band_result(run)
-    st.markdown(f"### {common.code(sample_id)}  ·  inside all three bands now: **{'yes' if mask[row] else 'no'}**")
+    chosen = common.selection(run)
+    rank = f" (pick #{chosen.rank[row]:,})" if chosen.rank[row] else ""
+    st.markdown(f"### {common.code(sample_id)}  ·  selection: **{chosen.verdict[row]}**{rank}")
+    st.caption(f"why: {chosen.reason[row]}")
     st.markdown("**Instruction**")
     st.text(full_instruction(record))
     try:

@@ -61,11 +61,11 @@ def build(cache: Path, n: int, dim: int, real_umap: bool) -> dict:
     return timings
 
 
-def timed_moves(at, key: str, values: list) -> list[float]:
+def timed_moves(at, key: str, values: list, widget: str = "slider") -> list[float]:
     times = []
     for value in values:
         started = time.perf_counter()
-        at.slider(key=key).set_value(value).run()
+        getattr(at, widget)(key=key).set_value(value).run()
         times.append(time.perf_counter() - started)
         if at.exception:
             raise RuntimeError(at.exception[0].value)
@@ -116,6 +116,12 @@ def main() -> int:
 
     at, firsts["Export"] = open_page("app_pages/export.py", sample_num=args.sample_num)
     results["Export: sample_num"] = timed_moves(at, "sample_num", [k - 1 for k in ks])
+
+    at, firsts["Samples (table of every sample)"] = open_page("app_pages/samples.py", sample_num=args.sample_num)
+    words = ["fever", "cough", "case 12", "asthma", "rest", "doctor", "gout", "case 9", "anemia", "migraine", "x"]
+    results["Samples: text search"] = timed_moves(at, "samples_query", (words * m)[:m], widget="text_input")
+    reasons = [[], ["quality"], ["Response Confidence above"], ["not among"]]
+    results["Samples: reason filter"] = timed_moves(at, "samples_reason", (reasons * m)[:m], widget="multiselect")
 
     print(report(args, setup, firsts, results))
     return 0

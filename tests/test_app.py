@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -15,12 +16,13 @@ import pytest
 from streamlit.testing.v1 import AppTest
 from synthetic_run import make_run
 
-from threeds import embed_map, heatmap
+from threeds import cli, embed_map, heatmap
 from threeds.export import dataset_info_entry, select_command
 from threeds.config import DataConfig, RunConfig, SelectConfig, SubsetConfig, run_command
 from threeds.names import METRICS
 from threeds.rate import quality_mask
 from threeds.runs import load_run, stage_counts
+from threeds.selection import apply
 from threeds.select import band_filter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -277,13 +279,17 @@ def test_embedding_map_sample_num_and_click(demo):
     assert "`s000007`" in texts(at.markdown)
 
 
-def test_export_page_matches_the_library(demo):
+def test_export_page_matches_the_library(demo, tmp_path):
     at = open_page("app_pages/export.py", sample_num=4)
     run = load_run(demo)
     assert metric(at, "selected samples") == "4"
     codes = [c.value for c in at.code]
     assert json.loads(codes[0]) == dataset_info_entry("threeds_demo", "alpaca")
-    assert codes[1] == select_command(str(demo), "threeds_demo_selected.json", SelectConfig(sample_num=4))
+    # the run's own settings: its quality threshold 85 and the default bands
+    config = SelectConfig(sample_num=4, quality_threshold=85.0)
+    assert codes[1] == select_command(str(demo), "threeds_demo_selected.json", config)
+    preview = at.dataframe[0].value
+    assert preview["id"].tolist() == apply(config, run.metrics, run.embeddings, run.ratings).picked_ids
     at.radio(key="export_format").set_value("sharegpt").run()
     assert json.loads(at.code[0].value)["threeds_demo"]["formatting"] == "sharegpt"
     assert "threeds_demo_sharegpt.json" in at.get("download_button")[0].proto.label
@@ -424,3 +430,201 @@ def test_runs_page_shows_done_and_the_time_left(demo):
     at.run()  # no process behind a status 'running': it was killed
     assert "killed" in texts(at.warning) and not at.get("progress")
     assert "Reached generate: 13 / 40 records" in texts(at.caption)
+
+
+def sidebar_funnel(at: AppTest) -> str:
+    return texts(at.sidebar.markdown)
+
+
+def test_one_selection_on_every_page_and_the_exported_command(demo, tmp_path):
+    """Issue 11 (1): the quality threshold set on Quality reaches Difficulty, the map and Export;
+    the funnel shows it everywhere; the exported command picks the same ids in the same order."""
+    run = load_run(demo)
+    at = open_page("app_pages/quality.py")
+    at.slider(key="quality_threshold").set_value(95.0).run()
+    config = SelectConfig(quality_threshold=95.0, sample_num=5000)
+    expected = apply(config, run.metrics, run.embeddings, run.ratings)
+    scores = run.ratings["score"].to_numpy(dtype=float)
+    kept = int((scores >= 95).sum())
+    scored_kept = int(np.isin(run.metrics["id"], run.ratings["id"][scores >= 95]).sum())
+    assert expected.funnel["kept by quality"] == kept and expected.funnel["scored"] == scored_kept
+    line = f"rated **{int(np.isfinite(scores).sum())}** → kept by quality **{kept}** → scored **{scored_kept}**"
+    assert line in sidebar_funnel(at)
+    at.switch_page("app_pages/difficulty.py").run()
+    assert metric(at, "scored samples kept by quality") == str(scored_kept)
+    assert metric(at, "in all three bands") == str(expected.funnel["in all bands"])
+    assert line in sidebar_funnel(at)
+    at.switch_page("app_pages/export.py").run()
+    n = expected.funnel["picked"]
+    assert metric(at, "selected samples") == str(n)
+    shown = at.code[1].value
+    assert "--quality-threshold 95" in shown
+    argv = shlex.split(shown)
+    argv[argv.index("--out") + 1] = str(tmp_path / "cli.json")
+    assert cli.main(argv[1:]) == 0
+    cli_ids = [r["id"] for r in json.loads((tmp_path / "cli.json").read_text())]
+    assert cli_ids == expected.picked_ids and len(cli_ids) == n > 0
+    assert at.dataframe[0].value["id"].tolist() == cli_ids[:20]
+
+
+def test_inspector_attention_view_never_changes_the_selection(demo):
+    at = open_page("app_pages/export.py", sample_num=4)
+    before = at.code[1].value
+    at.switch_page("app_pages/inspector.py").run()
+    at.query_params["id"] = "s000003"
+    at.session_state["inspect_id"] = "s000003"
+    at.run()
+    verdict = [m for m in texts(at.markdown).splitlines() if "selection:" in m]
+    at.radio(key="inspect_atten").set_value("max").run()
+    assert at.session_state["atten_method"] == "mean"
+    assert [m for m in texts(at.markdown).splitlines() if "selection:" in m] == verdict
+    assert "w_max" in texts(at.markdown)
+    at.switch_page("app_pages/export.py").run()
+    assert at.code[1].value == before
+
+
+def test_a_pasted_link_opens_its_run_settings_and_sample(demo, cache):
+    """Issue 11 (2): ?run=...&settings&id=... on the inspector reproduces the view in a new session."""
+    make_run(cache / "other", n=40, n_dropped=10, seed=2)
+    at = app()
+    at.query_params.update({"run": "other", "quality_threshold": "95", "conf_up": "80", "sample_num": "3", "id": "s000004"})
+    at.run()
+    at.switch_page("app_pages/inspector.py").run()
+    assert not at.exception
+    assert at.session_state["run_name"] == "other" and at.session_state["quality_threshold"] == 95.0
+    assert at.session_state["band_gen_wloss"] == (25.0, 80.0) and at.session_state["sample_num"] == 3
+    assert "`s000004`" in texts(at.markdown)
+    assert at.query_params["id"] == "s000004" and at.query_params["run"] == "other"
+    at.switch_page("app_pages/export.py").run()
+    line = at.code[1].value
+    assert "--conf-up 80 --corr-low 25 --corr-up 75 --sample-num 3" in line and "--quality-threshold 95" in line
+    assert "id" not in at.query_params  # the sample id belongs to the inspector's URL
+
+
+def test_the_url_follows_every_setting(demo):
+    at = open_page("app_pages/quality.py")
+    assert at.query_params["run"] == "demo" and at.query_params["quality_threshold"] == "85"
+    at.slider(key="quality_threshold").set_value(91.0).run()
+    at.switch_page("app_pages/difficulty.py").run()
+    at.slider(key="band_gt_wloss").set_value((10.0, 60.0)).run()
+    at.radio(key="atten_method").set_value("max").run()
+    params = dict(at.query_params)
+    assert params == {"run": "demo", "quality_threshold": "91", "atten_method": "max", "ins_low": "25", "ins_up": "75",
+                      "conf_low": "25", "conf_up": "75", "corr_low": "10", "corr_up": "60"}  # fmt: skip
+    again = app()  # a reload: a new session with the same URL
+    again.query_params.update(params)
+    again.run()
+    again.switch_page("app_pages/difficulty.py").run()
+    assert again.session_state["band_gt_wloss"] == (10.0, 60.0) and again.session_state["atten_method"] == "max"
+    assert metric(again, "in all three bands") == metric(at, "in all three bands")
+
+
+def test_a_bad_link_setting_is_named_and_ignored(demo):
+    at = app()
+    at.query_params.update({"run": "nope", "low_th": "abc"})
+    at.run()
+    warnings = texts(at.sidebar.warning)
+    assert "run 'nope'" in warnings and "low_th='abc' is not a valid float" in warnings
+    assert at.session_state["run_name"] == "demo"
+
+
+def test_presets_save_list_load_and_cli(demo, tmp_path):
+    at = open_page("app_pages/export.py", sample_num=3)
+    at.sidebar.text_input(key="preset_name").set_value("three").run()
+    at.sidebar.button(key="preset_save").click().run()
+    assert (demo / "selections" / "three.json").is_file()
+    shown = at.code[1].value
+    at.session_state["sample_num"] = 5
+    at.run()
+    assert at.code[1].value != shown
+    at.sidebar.selectbox(key="preset_pick").set_value("three")
+    at.sidebar.button(key="preset_load").click().run()
+    assert at.code[1].value == shown and "threeds select --preset three" in texts(at.sidebar.caption)
+    out = tmp_path / "p.json"
+    assert cli.main(["select", "--run", str(demo), "--out", str(out), "--preset", "three"]) == 0
+    assert [r["id"] for r in json.loads(out.read_text())] == at.dataframe[0].value["id"].tolist()
+
+
+def test_samples_table_filters_search_sort_and_opens_the_inspector(demo):
+    """Issue 11 (3): every scored sample with verdict, why and pick rank, as the library says."""
+    run = load_run(demo)
+    at = open_page("app_pages/samples.py", sample_num=3)
+    chosen = apply(SelectConfig(sample_num=3, quality_threshold=85.0), run.metrics, run.embeddings, run.ratings)
+    table = at.dataframe[0].value
+    assert len(table) == len(run.metrics)
+    assert table["id"].tolist()[:3] == chosen.picked_ids  # sorted by pick rank: picks first, in order
+    row = run.row_of[table["id"].iloc[10]]
+    assert table["why"].iloc[10] == chosen.reason[row] and table["verdict"].iloc[10] == chosen.verdict[row]
+    at.multiselect(key="samples_verdict").set_value(["dropped"]).run()
+    assert set(at.dataframe[0].value["verdict"]) == {"dropped"}
+    assert len(at.dataframe[0].value) == int((chosen.verdict == "dropped").sum())
+    at.multiselect(key="samples_reason").set_value(["Response Confidence above"]).run()
+    shown = at.dataframe[0].value
+    assert len(shown) == sum("Response Confidence above" in w for w in chosen.reason) and len(shown) > 0
+    at.multiselect(key="samples_verdict").set_value(list(("picked", "not picked", "dropped"))).run()
+    at.multiselect(key="samples_reason").set_value([]).run()
+    at.text_input(key="samples_query").set_value("ASTHMA").run()  # instruction, A or A', any case
+    assert sorted(at.dataframe[0].value["id"]) == sorted(r["id"] for r in run.records if "asthma" in r["instruction"])
+    at.text_input(key="samples_query").set_value("").run()
+    at.selectbox(key="samples_sort").set_value("quality").run()
+    q = at.dataframe[0].value["quality"].to_numpy()
+    assert (np.diff(q) <= 0).all()
+    sample = at.dataframe[0].value["id"].iloc[0]
+    at.session_state["samples_table"] = {"selection": {"rows": [0], "columns": []}}
+    at.run()
+    assert at.title[0].value == "Sample inspector" and f"`{sample}`" in texts(at.markdown)
+
+
+def test_a_brush_filters_the_table_and_becomes_a_rule(demo, tmp_path):
+    """Issue 11 (4): a lasso on the map (the brush its callback sets) filters Samples; "always include"
+    makes the ids k-center centres first; the exported command reproduces it."""
+    run = load_run(demo)
+    at = open_page("app_pages/embedding_map.py", sample_num=4)
+    ids = [str(i) for i in run.metrics["id"].iloc[[3, 17, 30]]]
+    at.session_state["brush_rows"] = np.array([run.row_of[i] for i in ids])
+    at.session_state["brush_label"] = "3 points from a box/lasso on the map"
+    at.run()
+    assert "unbrushed points greyed" in texts(at.caption)
+    at.switch_page("app_pages/samples.py").run()
+    assert sorted(at.dataframe[0].value["id"]) == sorted(ids)
+    at.button(key="rule_add_include").click().run()
+    assert at.session_state["rule_include"] == tuple(ids[i] for i in np.argsort([run.row_of[i] for i in ids]))
+    at.button(key="brush_clear").click().run()
+    table = at.dataframe[0].value
+    assert len(table) == len(run.metrics)
+    assert table["id"].tolist()[:3] == list(at.session_state["rule_include"])  # picks 1-3: the included ids
+    assert set(table["why"].iloc[:3]) <= {"always include (rule)"} | {w for w in table["why"] if w.startswith("always include (rule) over")}
+    at.switch_page("app_pages/export.py").run()
+    line = at.code[1].value
+    assert "--include " + ",".join(at.session_state["rule_include"]) in line
+    argv = shlex.split(line)
+    argv[argv.index("--out") + 1] = str(tmp_path / "r.json")
+    assert cli.main(argv[1:]) == 0
+    assert [r["id"] for r in json.loads((tmp_path / "r.json").read_text())] == at.dataframe[0].value["id"].tolist()[:4]
+
+
+def test_compare_two_presets_and_two_runs(demo, cache):
+    """Issue 11 (5): counts per stage, overlap and the difference, as the library computes them."""
+    from threeds.selection import overlap, save_preset
+
+    run = load_run(demo)
+    wide, narrow = SelectConfig(sample_num=6, quality_threshold=85.0), SelectConfig(sample_num=6, quality_threshold=85.0, low_th=10.0, conf_up=60.0)
+    save_preset(demo, "a-wide", wide)
+    save_preset(demo, "b-narrow", narrow)
+    at = open_page("app_pages/compare.py")
+    assert at.selectbox(key="compare_sel_A").value == "(current selection)" and at.selectbox(key="compare_sel_B").value == "a-wide"
+    at.selectbox(key="compare_sel_A").set_value("a-wide").run()
+    at.selectbox(key="compare_sel_B").set_value("b-narrow").run()
+    a, b = (apply(c, run.metrics, run.embeddings, run.ratings) for c in (wide, narrow))
+    parts = overlap(a.picked_ids, b.picked_ids)
+    assert metric(at, "picked by both") == str(len(parts["both"])) and metric(at, "only A") == str(len(parts["only A"]))
+    counts = at.dataframe[0].value
+    assert counts["A"].tolist() == list(a.funnel.values()) and counts["B"].tolist() == list(b.funnel.values())
+    diff = at.dataframe[1].value
+    assert diff["id"].tolist() == parts["only A"] + parts["only B"]
+    assert f"({len(diff)} ids" in at.get("download_button")[0].proto.label
+    make_run(cache / "rescored", n=40, n_dropped=10, seed=5)  # the same record ids, other metrics
+    at.run()
+    at.selectbox(key="compare_run_B").set_value("rescored").run()
+    at.selectbox(key="compare_sel_B").set_value("(current selection)").run()
+    assert not at.exception and metric(at, "picked by both")

@@ -222,6 +222,8 @@ def test_every_page_in_chromium(server, browser, shots):
     nudge_slider(d, 0, Keys.ARROW_RIGHT, 10)  # raise the threshold by 10 points
     wait_for(d, lambda d: metric(d, "kept") != before, "kept count changes with the threshold")
     shot(d, shots, "quality")
+    nudge_slider(d, 0, Keys.ARROW_LEFT, 10)  # back: the threshold now reaches every page
+    wait_for(d, lambda d: metric(d, "kept") == before, "kept count back")
 
     go(d, "Difficulty")
     before = metric(d, "in all three bands")
@@ -337,3 +339,62 @@ def test_a_run_started_on_the_page_updates_live_and_ends_failed(server, browser,
     assert {"—", "6"} <= counts, counts  # the stage counts too, not only after a reload
     assert "python" in text and "--data" in text and str(data) in text  # the full command, wrapped
     assert not outside(requested_urls(d)), "the app fetched something from the internet"
+
+
+def slider_values(driver) -> list[str]:
+    return [t.get_attribute("value") for t in driver.find_elements("css selector", '[data-testid="stSlider"] input[type="range"]')]
+
+
+def test_url_reload_and_pasted_link(server, browser, shots):
+    """Issue 11 (2): threshold + band -> reload -> same state; a pasted /inspector?run=...&id=...
+    link opens that run's sample with the link's selection."""
+    from selenium.webdriver.common.keys import Keys
+
+    url, cache = server
+    d = browser
+    d.get(f"{url}/quality")
+    idle(d)
+    nudge_slider(d, 0, Keys.ARROW_RIGHT, 5)  # threshold + 5
+    go(d, "Difficulty")
+    nudge_slider(d, 0, Keys.ARROW_RIGHT, 5)  # Instruction Understanding's low end + 5
+    wait_for(d, lambda d: "ins_low=30" in d.current_url, "the band in the URL")
+    link, inside, sliders = d.current_url, metric(d, "in all three bands"), slider_values(d)
+    assert "quality_threshold=" in link and "/difficulty?" in link
+    d.refresh()
+    wait_for(d, lambda d: metric(d, "in all three bands") == inside, "same intersection after a reload")
+    assert slider_values(d) == sliders and len(sliders) == 6 and d.current_url == link  # two thumbs per band
+    sample = load_run(cache / "demo").metrics["id"].iloc[3]
+    d.get(f"{url}/inspector?run=demo&quality_threshold=90&low_th=10&id={sample}")  # a new session, as a pasted link
+    wait_for(d, lambda d: f"{sample}" in body_text(d) and "selection:" in body_text(d), "the link's sample")
+    idle(d)
+    assert "kept by quality" in body_text(d)
+    shot(d, shots, "inspector_link")
+    go(d, "Export")
+    wait_for(d, lambda d: "--low-th 10 --up-th 75 " in body_text(d) and "--quality-threshold 90" in body_text(d), "the link's selection reaches Export")
+
+
+def test_box_on_the_map_filters_the_samples_table_and_compare(server, browser, shots):
+    """Issue 11 (4, 3, 5): a box dragged on the map brushes points; Samples shows only those;
+    a row opens the inspector; Compare draws two selections."""
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    url, _ = server
+    d = browser
+    d.get(f"{url}/embedding_map")
+    idle(d)
+    plot = wait_for(d, lambda d: d.find_elements("css selector", ".js-plotly-plot .nsewdrag"), "the map")[0]
+    ActionChains(d).move_to_element(plot).perform()  # the mode bar shows on hover
+    d.execute_script("document.querySelector('.js-plotly-plot .modebar-btn[data-val=\"select\"]').click()")  # box select
+    w, h = plot.size["width"], plot.size["height"]
+    ActionChains(d).move_to_element_with_offset(plot, -w // 4, -h // 4).click_and_hold().move_by_offset(w // 3, h // 3).move_by_offset(w // 6, h // 6).release().perform()
+    wait_for(d, lambda d: "unbrushed points greyed" in body_text(d), "the brush")
+    idle(d)
+    shot(d, shots, "embedding_map_brush")
+    go(d, "Samples")
+    text = wait_for(d, lambda d: next((line for line in body_text(d).splitlines() if " samples match" in line), None), "table caption")
+    matched, total = (int(x.replace(",", "")) for x in text.split(" samples match")[0].split(" of "))
+    assert 0 < matched < total and "Brushed:" in body_text(d)
+    shot(d, shots, "samples")
+    go(d, "Compare")
+    wait_for(d, lambda d: "picked by both" in body_text(d), "compare page")
+    shot(d, shots, "compare")

@@ -86,9 +86,9 @@ def test_pick_order_grows_by_doubling(monkeypatch):
     calls = []
     real = embed_map.k_center_greedy
 
-    def counting(x, k, seed=0):
+    def counting(x, k, seed=0, initial=()):
         calls.append(k)
-        return real(x, k, seed=seed)
+        return real(x, k, seed=seed, initial=initial)
 
     monkeypatch.setattr(embed_map, "k_center_greedy", counting)
     order = PickOrder(emb)

@@ -10,7 +10,8 @@ import pytest
 from synthetic_run import make_run
 
 from threeds.cli import build_parser, main
-from threeds.config import SelectConfig, from_args
+from threeds.config import SelectConfig
+from threeds.selection import config_from_args
 from threeds.embed_map import PickOrder
 from threeds.export import dataset_info_entry, export_text, file_name, select_command
 from threeds.runs import load_run
@@ -64,7 +65,7 @@ def test_select_command_parses_back_to_the_same_settings(bands):
     command = select_command("cache/my run", "out.json", config)
     argv = command.split(" ", 1)[1]
     args = build_parser().parse_args(shlex.split(argv))
-    assert str(args.run) == "cache/my run" and from_args(SelectConfig, args) == config
+    assert str(args.run) == "cache/my run" and config_from_args(args, args.run) == config
     assert config.bands() == {m: tuple(float(v) for v in b) for m, b in bands.items()}
     shared = len(set(map(tuple, bands.values()))) == 1
     assert ("--ins-low" in command) != shared and "--sample-num 123" in command and "--seed 7" in command

@@ -177,9 +177,16 @@ class ScoreConfig:
                               "chunk (default: 256)")  # fmt: skip
 
 
+def id_list(text: str) -> tuple[str, ...]:
+    """Comma-separated sample ids (a flag's text) as a tuple."""
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
 @dataclass(frozen=True)
 class SelectConfig:
-    """Percentile bands and k-center greedy; a metric's own band flags win over --low-th/--up-th."""
+    """One selection: quality threshold, percentile bands, include/exclude rules and k-center
+    greedy. A metric's own band flags win over --low-th/--up-th. The app, presets
+    (`<run>/selections/NAME.json`) and `threeds select` all apply it through `threeds.selection`."""
 
     low_th: float = setting(25.0, "lower percentile of every metric's band: easier samples are dropped (default: 25)")
     up_th: float = setting(75.0, "upper percentile of every metric's band: harder samples are dropped (default: 75)")
@@ -193,6 +200,15 @@ class SelectConfig:
     atten_method: str = setting("mean", "how last-layer attention is aggregated per key token over query rows "
                                 "before the head mean (default: mean)", choices=("mean", "max"))  # fmt: skip
     seed: int = setting(0, "seed of the first k-center centre (default: 0)")
+    quality_threshold: float | None = setting(
+        None, "keep only samples whose Stage-1 rating (the run's ratings.jsonl) is at least this, 0-100, before the "
+        "bands; the bands' percentiles are then taken over those (default: none, every scored sample)", kind=float,
+    )  # fmt: skip
+    include: tuple[str, ...] = setting(
+        (), "comma-separated ids always selected, whatever their quality and bands: k-center greedy starts from them "
+        "as centres, in this order, and picks the rest (default: none)", kind=id_list,
+    )  # fmt: skip
+    exclude: tuple[str, ...] = setting((), "comma-separated ids never selected (default: none)", kind=id_list)
 
     def bands(self) -> dict[str, tuple[float, float]]:
         """Per-metric (low, high) percentiles."""
@@ -214,7 +230,9 @@ class SelectConfig:
 
     def recorded(self) -> dict:
         """As a run records it (manifest `stages.select.config`)."""
-        return {"bands": self.bands(), "sample_num": self.sample_num, "atten_method": self.atten_method, "seed": self.seed}
+        found = {"bands": self.bands(), "sample_num": self.sample_num, "atten_method": self.atten_method, "seed": self.seed}
+        rules = {"quality_threshold": self.quality_threshold, "include": list(self.include), "exclude": list(self.exclude)}
+        return found | {key: value for key, value in rules.items() if value not in (None, [])}  # absent when unset
 
 
 @dataclass(frozen=True)
@@ -235,7 +253,10 @@ class RunConfig:
 
 
 # `threeds run` has two token budgets: the rating reply's is renamed there.
-RUN_FLAGS = {RateConfig: {"max_new_tokens": "--rate-max-new-tokens"}}
+RUN_FLAGS = {
+    RateConfig: {"max_new_tokens": "--rate-max-new-tokens"},
+    SelectConfig: {"quality_threshold": "--select-quality-threshold"},  # --quality-threshold is the filter's
+}
 
 
 # ------------------------------------------------------------------------------- CLI flags
@@ -272,7 +293,7 @@ def to_argv(config: Any, flags: dict[str, str] | None = None, explicit: bool = F
     argv: list[str] = []
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
-        if value is not None and (explicit or value != f.default):
+        if value is not None and value != () and (explicit or value != f.default):  # () = no ids
             argv += [flag_of(type(config), f.name, flags), format_value(value)]
     return argv
 
@@ -295,4 +316,6 @@ def format_value(value: Any) -> str:
     """Shortest text that parses back to the same value (25.0 -> '25')."""
     if isinstance(value, float):
         return repr(int(value)) if value.is_integer() else repr(value)
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value)
     return str(value)

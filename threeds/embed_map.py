@@ -99,13 +99,16 @@ class PickOrder:
 
     embeddings: np.ndarray  # survivors' rows only
     seed: int = 0
+    initial: tuple[int, ...] = ()  # rows that are centres before the greedy starts ("always include")
     _order: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
 
     def picks(self, k: int) -> np.ndarray:
-        """Survivor indices picked for `sample_num = k`, in pick order (all if k >= n)."""
+        """Survivor indices picked for `sample_num = k`, in pick order (all if k >= n); k is at
+        least len(initial)."""
         n = len(self.embeddings)
-        if k >= n:
-            return k_center_greedy(self.embeddings, k, seed=self.seed)  # every survivor, as the library orders them
+        if k >= n:  # every survivor, as the library orders them
+            return k_center_greedy(self.embeddings, k, seed=self.seed, initial=self.initial)
         if k > len(self._order):
-            self._order = k_center_greedy(self.embeddings, min(n - 1, max(k, 2 * len(self._order))), seed=self.seed)
+            upto = min(n - 1, max(k, 2 * len(self._order)))
+            self._order = k_center_greedy(self.embeddings, upto, seed=self.seed, initial=self.initial)
         return self._order[:k]

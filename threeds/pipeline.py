@@ -34,7 +34,8 @@ from threeds.names import METRIC_COLUMNS
 from threeds.progress import ProgressFile
 from threeds.rate import filter_by_rating, load_rating_prompt, rate_records, rating_prompt_name
 from threeds.rundir import PROGRESS, RunDir, RunError, package_versions
-from threeds.select import select_run, selected_records
+from threeds.select import selected_records
+from threeds.selection import select_dir
 
 log = logging.getLogger(__name__)
 
@@ -341,7 +342,7 @@ def _select(stages: Stages, score_meta: dict, config: RunConfig) -> dict:
     if stages.current("select", meta, "selection.json", "selected.json"):
         log.info("select: up to date")
         return json.loads(run.file("selection.json").read_text())
-    selection = select_run(run.path, select.bands(), select.sample_num, select.atten_method, select.seed)
+    selection = select_dir(run.path, select)
     write_json(run.file("selected.json"), selected_records(run.path, selection["selected_ids"]))
     stages.record("select", **meta, report=selection["report"])
     return selection

@@ -335,6 +335,18 @@ class _LazyFarthest:
         return int(torch.argmax(self.bound))
 
 
+def _initial_rows(embeddings: np.ndarray | torch.Tensor, initial: Sequence[int], k: int) -> list[int]:
+    """Checks k-center's arguments; the `initial` centres as a list."""
+    if embeddings.ndim != 2:
+        raise ValueError(f"embeddings must be 2-D [n, dim], got shape {tuple(embeddings.shape)}")
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    n, rows = len(embeddings), [int(i) for i in initial]
+    if len(set(rows)) != len(rows) or any(not 0 <= i < n for i in rows) or len(rows) > max(k, 0):
+        raise ValueError(f"initial centres must be at most k={k} distinct rows in [0, {n}), got {rows[:10]}")
+    return rows
+
+
 def k_center_greedy(
     embeddings: np.ndarray | torch.Tensor,
     k: int,
@@ -343,10 +355,12 @@ def k_center_greedy(
     chunk_rows: int | None = None,
     dtype: torch.dtype | str | None = None,
     progress: bool = False,
+    initial: Sequence[int] = (),
 ) -> np.ndarray:
     """Farthest-point greedy (spec item 8); returns row indices in pick order.
 
-    First centre `np.random.default_rng(seed).integers(n)`, then repeatedly the unchosen row
+    First centre `np.random.default_rng(seed).integers(n)` (or the rows `initial`, in that order,
+    as centres before the greedy starts: "always include" rules), then repeatedly the unchosen row
     with the largest squared Euclidean distance to its nearest chosen centre; exact ties go to
     the lowest index. If n <= k all rows are returned as 0..n-1.
 
@@ -360,13 +374,10 @@ def k_center_greedy(
     arithmetic; that rounds the data, so picks can differ from the float32 ones where distances
     are that close. `chunk_rows` bounds the float32 working blocks.
     """
-    if embeddings.ndim != 2:
-        raise ValueError(f"embeddings must be 2-D [n, dim], got shape {tuple(embeddings.shape)}")
-    if k < 0:
-        raise ValueError(f"k must be >= 0, got {k}")
     n = len(embeddings)
+    initial = _initial_rows(embeddings, initial, k)
     if n <= k:
-        return np.arange(n, dtype=np.int64)
+        return np.asarray(initial + sorted(set(range(n)) - set(initial)), dtype=np.int64)
     if k == 0:
         return np.empty(0, dtype=np.int64)
     device = resolve_device(device)
@@ -377,17 +388,18 @@ def k_center_greedy(
     first = _first_copies(x, chunk_rows)
     # a later copy of a row ties with it at every step and loses on index: never a candidate
     state.drop(torch.nonzero(first != torch.arange(n, device=device))[:, 0])
-    picks = [int(np.random.default_rng(seed).integers(n))]
+    picks = initial or [int(np.random.default_rng(seed).integers(n))]
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(desc="k-center", unit="pick", initial=1, total=k)
+        bar = tqdm(desc="k-center", unit="pick", initial=len(picks), total=k)
     precision = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")  # TF32 would round the dot products
     try:
-        state.add(picks[0])
-        state.drop(first[picks[0]].view(1))  # the first copy of the first centre is at distance 0
+        for pick in picks:
+            state.add(pick)
+            state.drop(first[pick].view(1))  # the first copy of a centre is at distance 0
         state.refresh_all()
         while len(picks) < k and state.remaining:
             picks.append(state.farthest())

@@ -7,10 +7,10 @@ import json
 import logging
 from pathlib import Path
 
-from threeds.config import SelectConfig, add_arguments, from_args
 from threeds.data import write_json
 from threeds.errors import RECORDS_FAILED
-from threeds.select import select_run, selected_records
+from threeds.select import selected_records
+from threeds.selection import add_select_flags, config_from_args, select_dir
 
 log = logging.getLogger(__name__)
 
@@ -26,13 +26,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     parser.add_argument("--run", required=True, type=Path, help="run directory made by `threeds score`")
     parser.add_argument("--out", required=True, type=Path, help="selected records, written as a JSON array")
-    add_arguments(parser, SelectConfig)
+    add_select_flags(parser)
     parser.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
-    config = from_args(SelectConfig, args)
-    result = select_run(args.run, config.bands(), config.sample_num, config.atten_method, config.seed)
+    result = select_dir(args.run, config_from_args(args, args.run))
     records = selected_records(args.run, result["selected_ids"])
     write_json(args.out, records)
     print(json.dumps({"selected": len(records), "out": str(args.out), "report": result["report"]}, indent=2, default=str))

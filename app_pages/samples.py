@@ -1,0 +1,119 @@
+"""Samples: every scored sample with its metrics, percentiles, verdict, why and pick rank.
+
+The table is computed by the library (`threeds.selection.sample_table`) for the current
+selection; this page filters, searches and sorts it on the server and sends at most SHOWN rows,
+so it stays fast at 100k samples. Selecting a row opens it in the inspector.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from app_pages import common
+from threeds.data import full_instruction
+from threeds.names import METRIC_NAMES, METRICS
+from threeds.runs import Run
+from threeds.selection import VERDICTS, sample_table
+
+SHOWN = 2_000
+SORTS = {"pick rank": ("pick", True), "quality": ("quality", False), **{f"{METRIC_NAMES[m]}": (METRIC_NAMES[m], False) for m in METRICS}}
+
+
+@st.cache_data(max_entries=2, show_spinner="Indexing the texts…")
+def search_texts(_run: Run, key: tuple) -> tuple[pd.Series, pd.Series]:
+    """(lower-cased instruction + A + A' per row for search, instruction snippets), once per run."""
+    instructions = [full_instruction(r) for r in _run.records]
+    haystack = pd.Series(
+        [f"{i}\n{r.get('output', '')}\n{r.get('generated_output', '')}".lower() for i, r in zip(instructions, _run.records)]
+    )
+    snippets = pd.Series([common.short(i, 100) for i in instructions])
+    return haystack, snippets
+
+
+@st.cache_resource(max_entries=8, show_spinner=False)
+def table_of(_run: Run, key: tuple, config: tuple, _chosen) -> pd.DataFrame:
+    done = common.filtered(_run, _chosen.config)
+    return sample_table(_chosen, _run.metrics, done.quality, done.quality_ok)
+
+
+def reason_kinds() -> list[str]:
+    kinds = ["quality", "not rated", "excluded by rule", "always include", "not among"]
+    for metric in METRICS:
+        kinds += [f"{METRIC_NAMES[metric]} below", f"{METRIC_NAMES[metric]} above", f"{METRIC_NAMES[metric]}: no value"]
+    return kinds
+
+
+def filtered_rows(run: Run, table: pd.DataFrame, verdicts: list[str], reasons: list[str], query: str) -> np.ndarray:
+    """Rows matching every filter: verdict, any of the reason kinds, the search text."""
+    keep = table["verdict"].isin(verdicts).to_numpy().copy()
+    if reasons:
+        keep &= table["why"].str.contains("|".join(map(re.escape, reasons)), regex=True).to_numpy()
+    if query.strip():
+        haystack = search_texts(run, common.key_of(run))[0]
+        keep &= haystack.str.contains(query.strip().lower(), regex=False).to_numpy()
+    keep &= common.brushed_mask(len(table))
+    return np.flatnonzero(keep)
+
+
+def brush_and_rules(run: Run) -> None:
+    """The brush from the map or a histogram, and turning it into an include/exclude rule."""
+    brushed = common.brushed_rows()
+    if brushed is not None:
+        ids = [str(i) for i in run.metrics["id"].to_numpy()[brushed]]
+        c1, c2, c3, c4 = st.columns([4, 2, 2, 2])
+        c1.info(f"Brushed: {st.session_state.get('brush_label', '')}")
+        c2.button("Always include these", key="rule_add_include", on_click=common.add_rule, args=("rule_include", ids))
+        c3.button("Exclude these", key="rule_add_exclude", on_click=common.add_rule, args=("rule_exclude", ids))
+        c4.button("Clear brush", key="brush_clear", on_click=common.clear_brush)
+    include, exclude = st.session_state["rule_include"], st.session_state["rule_exclude"]
+    if include or exclude:
+        c1, c2 = st.columns([8, 2])
+        c1.caption(f"Rules: always include {len(include):,} (k-center starts from them) · exclude {len(exclude):,}")
+        c2.button("Clear rules", key="rules_clear", on_click=st.session_state.update, kwargs={"rule_include": (), "rule_exclude": ()})
+
+
+def main() -> None:
+    st.title("Samples")
+    run = common.require_run()
+    common.require(run, "metrics.parquet", "embeddings.npy", "data.jsonl")
+    brush_and_rules(run)
+    chosen = common.selection(run)
+    table = table_of(run, common.key_of(run), dataclasses.astuple(chosen.config), chosen)
+    c1, c2, c3, c4 = st.columns([2, 3, 3, 2])
+    verdicts = c1.multiselect("Verdict", VERDICTS, default=list(VERDICTS), key="samples_verdict")
+    reasons = c2.multiselect("Why contains any of", reason_kinds(), key="samples_reason")
+    query = c3.text_input("Search instruction, A and A'", key="samples_query", placeholder="words…")
+    sort = c4.selectbox("Sort by", list(SORTS), key="samples_sort")
+    rows = filtered_rows(run, table, verdicts, reasons, query)
+    column, ascending = SORTS[sort]
+    values = table[column].to_numpy()[rows]
+    if column == "pick":  # picks first, in pick order
+        values = np.where(values > 0, values, np.iinfo(np.int64).max)
+    order = np.argsort(values if ascending else -np.nan_to_num(values, nan=-np.inf), kind="stable")
+    rows = rows[order][:SHOWN]
+    snippets = search_texts(run, common.key_of(run))[1]
+    shown = table.iloc[rows].assign(instruction=snippets.to_numpy()[rows])
+    shown["pick"] = [f"{r:,}" if r else "" for r in shown["pick"]]  # blank, not "None", when not picked
+    st.caption(f"{len(order):,} of {len(table):,} samples match" + (f"; the first {SHOWN:,} are shown" if len(order) > SHOWN else "") + " · select a row to open it in the inspector")
+    columns = ["pick", "id", "verdict", "why", "instruction", "quality", *(c for m in METRICS for c in (METRIC_NAMES[m], f"{METRIC_NAMES[m]} %"))]
+    number = st.column_config.NumberColumn
+    event = st.dataframe(
+        shown[columns], hide_index=True, width="stretch", height=560, key="samples_table",
+        on_select="rerun", selection_mode="single-row",
+        column_config={
+            "pick": st.column_config.TextColumn("pick #"), "quality": number(format="%g"),
+            **{METRIC_NAMES[m]: number(format="%.4g") for m in METRICS},
+            **{f"{METRIC_NAMES[m]} %": number(format="%.1f", help="percentile rank among the samples kept by quality") for m in METRICS},
+        },
+    )  # fmt: skip
+    picked = event.selection.rows if event is not None else []
+    if picked:
+        common.open_inspector(str(shown["id"].iloc[picked[0]]))
+
+
+main()

@@ -1,0 +1,229 @@
+"""threeds.selection: one SelectConfig applied to a run, with hand-checked numbers on tiny inputs,
+presets, and the exported command reproducing the selection through the CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shlex
+
+import numpy as np
+import pandas as pd
+import pytest
+from synthetic_run import make_run
+
+from threeds import cli
+from threeds.config import SelectConfig, to_argv
+from threeds.export import select_command
+from threeds.select import k_center_greedy, select_run
+from threeds.selection import (
+    SelectionError,
+    apply,
+    config_from_json,
+    list_presets,
+    load_preset,
+    ordinal,
+    save_preset,
+    select_dir,
+)
+
+IDS = ["a", "b", "c", "d", "e"]
+
+
+def tiny() -> tuple[pd.DataFrame, np.ndarray, pd.DataFrame]:
+    """Five samples whose three metrics are 1..5; points on a line at 0, 1, 2, 10, 11."""
+    v = np.arange(1.0, 6.0)
+    metrics = pd.DataFrame({"id": IDS, "ins_ppl": v, "gen_wloss_mean": v, "gen_wloss_max": v, "gt_wloss_mean": v, "gt_wloss_max": v})
+    emb = np.array([[0.0], [1.0], [2.0], [10.0], [11.0]], dtype=np.float32)
+    ratings = pd.DataFrame({"id": IDS, "score": [90.0, 80.0, 95.0, 60.0, 99.0]})
+    return metrics, emb, ratings
+
+
+def test_bands_only_hand_checked():
+    metrics, emb, ratings = tiny()
+    # percentiles 25 / 75 of 1..5 are 2 and 4: b, c, d inside
+    chosen = apply(SelectConfig(sample_num=10), metrics, emb, ratings)
+    assert list(chosen.verdict) == ["dropped", "picked", "picked", "picked", "dropped"]
+    assert chosen.funnel == {"rated": 5, "kept by quality": None, "scored": 5, "in all bands": 3, "picked": 3}
+    assert chosen.reason[0] == (
+        "Instruction Understanding below the 25th percentile; Response Confidence below the 25th percentile; "
+        "Response Correctness below the 25th percentile"
+    )
+    assert chosen.reason[4].startswith("Instruction Understanding above the 75th percentile")
+
+
+def test_quality_threshold_takes_the_percentiles_over_the_kept_samples():
+    metrics, emb, ratings = tiny()
+    chosen = apply(SelectConfig(quality_threshold=85.0, sample_num=10), metrics, emb, ratings)
+    # kept by quality: a (90), c (95), e (99) with values 1, 3, 5 -> 25th/75th percentiles 2 and 4: only c
+    assert chosen.picked_ids == ["c"]
+    assert chosen.funnel == {"rated": 5, "kept by quality": 3, "scored": 3, "in all bands": 1, "picked": 1}
+    assert chosen.reason[1] == "quality 80 < 85"  # b's value 2 is inside the band
+    assert chosen.reason[3] == "quality 60 < 85"
+    assert chosen.reason[2] == "k-center pick #1"
+    assert chosen.reason[0].startswith("Instruction Understanding below the 25th percentile")
+    assert chosen.report["n_total"] == 3 and chosen.report["metrics"]["ins_ppl"]["lo"] == 2.0
+
+
+def test_quality_threshold_without_ratings_is_a_clear_error():
+    metrics, emb, _ = tiny()
+    with pytest.raises(SelectionError, match="no ratings.jsonl"):
+        apply(SelectConfig(quality_threshold=85.0), metrics, emb, None)
+
+
+def test_not_picked_reason_and_rank():
+    metrics, emb, ratings = tiny()
+    chosen = apply(SelectConfig(low_th=0, up_th=100, sample_num=2, seed=0), metrics, emb, ratings)
+    first = int(np.random.default_rng(0).integers(5))
+    assert chosen.picked[0] == first and sorted(chosen.rank[chosen.rank > 0]) == [1, 2]
+    others = chosen.verdict == "not picked"
+    assert others.sum() == 3 and set(chosen.reason[others]) == {"in all bands; not among the 2 k-center picks"}
+
+
+def test_include_rows_are_centres_before_the_greedy():
+    metrics, emb, ratings = tiny()
+    # centre e (11); farthest from it: a (0); then from {11, 0}: c at 2 (b and d are 1 away)
+    chosen = apply(SelectConfig(low_th=0, up_th=100, sample_num=3, include=("e",)), metrics, emb, ratings)
+    assert chosen.picked_ids == ["e", "a", "c"]
+    assert chosen.reason[4] == "always include (rule)"
+    # excluded a is never a candidate: e, then b (10 from e); c and d tie at 1, lowest index wins
+    chosen = apply(SelectConfig(low_th=0, up_th=100, sample_num=3, include=("e",), exclude=("a",)), metrics, emb, ratings)
+    assert chosen.picked_ids == ["e", "b", "c"] and chosen.reason[0] == "excluded by rule"
+
+
+def test_include_overrides_quality_and_bands():
+    metrics, emb, ratings = tiny()
+    chosen = apply(SelectConfig(quality_threshold=85.0, include=("d",), sample_num=2), metrics, emb, ratings)
+    assert chosen.picked_ids == ["d", "c"]
+    assert chosen.reason[3] == "always include (rule) over: quality 60 < 85"
+
+
+def test_unknown_rule_id_and_conflicting_rules():
+    metrics, emb, ratings = tiny()
+    with pytest.raises(SelectionError, match="include rule: 1 id"):
+        apply(SelectConfig(include=("zz",)), metrics, emb, ratings)
+    with pytest.raises(SelectionError, match="both included and excluded"):
+        apply(SelectConfig(include=("a",), exclude=("a",)), metrics, emb, ratings)
+
+
+def test_k_center_initial_centres_match_a_brute_force():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(200, 5)).astype(np.float32)
+    picks = k_center_greedy(x, 12, initial=[7, 150])
+    chosen = [7, 150]
+    d = np.min(((x[:, None] - x[chosen][None]) ** 2).sum(-1), 1)
+    while len(chosen) < 12:
+        d[chosen] = -1
+        chosen.append(int(np.argmax(d)))
+        d = np.minimum(d, ((x - x[chosen[-1]]) ** 2).sum(-1))
+    assert picks.tolist() == chosen
+
+
+def test_ordinal():
+    assert [ordinal(v) for v in (1, 2, 3, 11, 12, 22, 25, 75, 22.5)] == ["1st", "2nd", "3rd", "11th", "12th", "22nd", "25th", "75th", "22.5th"]
+
+
+# ------------------------------------------------------------------------------ run directory, CLI, presets
+
+
+@pytest.fixture()
+def run_dir(tmp_path):
+    return make_run(tmp_path / "run", n=60, n_dropped=10)
+
+
+def cli_ids(argv: list[str]) -> list[str]:
+    assert cli.main(argv) == 0
+    return [r["id"] for r in json.loads(open(argv[argv.index("--out") + 1]).read())]
+
+
+def test_default_config_equals_select_run(run_dir, tmp_path):
+    expected = select_run(run_dir, sample_num=7)["selected_ids"]
+    assert select_dir(run_dir, SelectConfig(sample_num=7))["selected_ids"] == expected
+    assert cli_ids(["select", "--run", str(run_dir), "--out", str(tmp_path / "o.json"), "--sample-num", "7"]) == expected
+
+
+def test_exported_command_reproduces_the_selection(run_dir, tmp_path):
+    config = SelectConfig(quality_threshold=92.0, conf_low=10.0, conf_up=90.0, sample_num=5, atten_method="max", seed=3, include=("s000003",), exclude=("s000010",))
+    ratings = pd.DataFrame([json.loads(line) for line in open(run_dir / "ratings.jsonl")])
+    ratings["score"] = pd.to_numeric(ratings["score"])
+    expected = apply(config, pd.read_parquet(run_dir / "metrics.parquet"), np.load(run_dir / "embeddings.npy"), ratings).picked_ids
+    line = select_command(str(run_dir), str(tmp_path / "out.json"), config)
+    argv = shlex.split(line)
+    assert argv[:2] == ["threeds", "select"] and "--quality-threshold" in argv and "--include" in argv
+    assert cli_ids(argv[1:]) == expected and expected[0] == "s000003"
+    written = json.loads((run_dir / "selection.json").read_text())
+    assert written["params"]["quality_threshold"] == 92.0 and written["report"]["funnel"]["picked"] == 5
+
+
+def test_cli_quality_threshold_without_ratings(run_dir, tmp_path, capsys, caplog):
+    (run_dir / "ratings.jsonl").unlink()
+    assert cli.main(["select", "--run", str(run_dir), "--out", str(tmp_path / "o.json"), "--quality-threshold", "90"]) == 1
+    assert "ratings.jsonl: not found; --quality-threshold needs the run's Stage-1 ratings" in caplog.text
+
+
+def test_preset_round_trip_and_flag_override(run_dir, tmp_path):
+    config = SelectConfig(quality_threshold=90.0, low_th=10.0, sample_num=4, exclude=("s000001",))
+    path = save_preset(run_dir, "narrow", config)
+    assert json.loads(path.read_text())["exclude"] == ["s000001"]
+    assert list_presets(run_dir) == ["narrow"] and load_preset(run_dir, "narrow") == config
+    out = str(tmp_path / "o.json")
+    from_preset = cli_ids(["select", "--run", str(run_dir), "--out", out, "--preset", "narrow"])
+    assert from_preset == select_dir(run_dir, config)["selected_ids"]
+    overridden = cli_ids(["select", "--run", str(run_dir), "--out", out, "--preset", "narrow", "--sample-num", "2"])
+    assert overridden == select_dir(run_dir, dataclasses.replace(config, sample_num=2))["selected_ids"] == from_preset[:2]
+
+
+def test_bad_presets_are_one_line_errors(run_dir, tmp_path, caplog):
+    folder = run_dir / "selections"
+    folder.mkdir()
+    (folder / "nan.json").write_text('{"low_th": NaN}')
+    (folder / "typo.json").write_text('{"low_t": 20}')
+    (folder / "kind.json").write_text('{"sample_num": "ten"}')
+    with pytest.raises(SelectionError, match="not valid JSON"):
+        load_preset(run_dir, "nan")
+    with pytest.raises(SelectionError, match=r"unknown setting\(s\) \['low_t'\]"):
+        load_preset(run_dir, "typo")
+    with pytest.raises(SelectionError, match="sample_num must be int"):
+        load_preset(run_dir, "kind")
+    with pytest.raises(SelectionError, match="saved ones: kind, nan, typo"):
+        load_preset(run_dir, "missing")
+    with pytest.raises(SelectionError, match="x: Instruction Understanding band: percentile band needs 0 <= low <= high"):
+        config_from_json({"low_th": 80.0, "up_th": 20.0}, "x")
+    assert cli.main(["select", "--run", str(run_dir), "--out", str(tmp_path / "o.json"), "--preset", "typo"]) == 1
+    assert "unknown setting" in caplog.text
+
+
+def test_to_argv_round_trips_every_field():
+    config = SelectConfig(low_th=20.5, corr_up=80.0, sample_num=9, atten_method="max", seed=2, quality_threshold=70.0, include=("x", "y"), exclude=("z",))
+    from threeds.selection import add_select_flags, config_from_args
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_select_flags(parser)
+    assert config_from_args(parser.parse_args(to_argv(config)), "unused") == config
+
+
+def test_sample_table_hand_checked():
+    from threeds.selection import filter_rows, quality_per_row, sample_table
+
+    metrics, emb, ratings = tiny()
+    config = SelectConfig(quality_threshold=85.0, sample_num=10)
+    chosen = apply(config, metrics, emb, ratings)
+    quality = quality_per_row(ratings, metrics["id"])
+    table = sample_table(chosen, metrics, quality, filter_rows(config, metrics, quality).quality_ok)
+    assert table["id"].tolist() == IDS and table["quality"].tolist() == [90, 80, 95, 60, 99]
+    # percentile ranks among the kept a, c, e (values 1, 3, 5): 1 -> 33.3, 2 -> 33.3, 3 -> 66.7, 4 -> 66.7, 5 -> 100
+    assert np.allclose(table["Response Confidence %"], [100 / 3, 100 / 3, 200 / 3, 200 / 3, 100])
+    assert table["pick"].tolist() == [0, 0, 1, 0, 0] and table["verdict"].tolist()[2] == "picked"
+
+
+def test_overlap_and_difference_hand_checked():
+    from threeds.selection import difference_table, overlap
+
+    assert overlap(["a", "b", "c"], ["c", "d", "a"]) == {"both": ["a", "c"], "only A": ["b"], "only B": ["d"]}
+    metrics, emb, ratings = tiny()
+    a = apply(SelectConfig(sample_num=10), metrics, emb, ratings)  # b, c, d
+    b = apply(SelectConfig(quality_threshold=85.0, sample_num=10), metrics, emb, ratings)  # c
+    diff = difference_table(a, b)
+    assert diff["id"].tolist() == sorted(set(a.picked_ids) - {"c"}, key=a.picked_ids.index) and set(diff["picked by"]) == {"A"}
+    assert diff.set_index("id").loc["b", "B why"] == "quality 80 < 85" and diff.set_index("id").loc["d", "B pick"] == 0

@@ -1,0 +1,437 @@
+"""One selection, applied the same way everywhere: a `SelectConfig` on a loaded run.
+
+The app's pages, named presets (`<run>/selections/NAME.json`) and `threeds select` all come
+here, so a selection tuned in the app, saved as a preset or printed as a command picks the same
+ids in the same order. Order of the stages (docs/SPEC-3DS.md items 1, 7, 8):
+
+1. quality: keep scored samples rated >= `quality_threshold` (none: every scored sample);
+2. bands: percentile bands of the three metrics, percentiles taken over the samples kept by 1;
+3. rules: `exclude` ids are never candidates; `include` ids always are, whatever 1 and 2 said;
+4. k-center greedy over the candidates, starting from the `include` ids as centres, picks
+   `max(sample_num, len(include))`.
+
+Besides the picks, every scored sample gets a verdict (picked / not picked / dropped), the
+reasons in words and its pick rank: what the app's table shows and filters on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from threeds.config import SelectConfig, add_arguments, dest_of
+from threeds.errors import ThreedsError
+from threeds.lock import locked
+from threeds.runcheck import load_scored
+from threeds.names import ATTEN_METHODS, METRIC_NAMES, METRICS, metric_column
+from threeds.atomic import atomic_write
+from threeds.runs import RunFileError, read_ratings
+from threeds.select import NAN_REASONS, _resolve_bands, _storage_dtype, band_filter, k_center_greedy, resolve_device
+
+PRESET_DIR = "selections"
+PRESET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+VERDICTS = ("picked", "not picked", "dropped")
+FUNNEL = ("rated", "kept by quality", "scored", "in all bands", "picked")
+
+
+class SelectionError(ThreedsError, ValueError):
+    """A selection that cannot be applied: one line naming the setting, file or id."""
+
+
+def check(config: SelectConfig) -> None:
+    """Raise SelectionError naming the first setting out of range."""
+    for metric, band in config.bands().items():
+        try:
+            _resolve_bands({metric: band})
+        except ValueError as exc:
+            raise SelectionError(f"{METRIC_NAMES[metric]} band: {exc}") from None
+    if config.sample_num < 1:
+        raise SelectionError(f"sample_num must be >= 1, got {config.sample_num}")
+    if config.atten_method not in ATTEN_METHODS:
+        raise SelectionError(f"atten_method must be one of {ATTEN_METHODS}, got {config.atten_method!r}")
+    if config.quality_threshold is not None and not 0 <= config.quality_threshold <= 100:
+        raise SelectionError(f"quality_threshold must be within 0-100, got {config.quality_threshold:g}")
+    both = set(config.include) & set(config.exclude)
+    if both:
+        raise SelectionError(f"ids both included and excluded: {sorted(both)[:5]}")
+    for sample_id in (*config.include, *config.exclude):
+        if "," in sample_id or not sample_id.strip():
+            raise SelectionError(f"an include/exclude rule cannot hold the id {sample_id!r} (empty or with a comma)")
+
+
+# ------------------------------------------------------------------------------ stages 1-3
+
+
+def quality_per_row(ratings: pd.DataFrame | None, ids: Sequence[str]) -> np.ndarray | None:
+    """Stage-1 score of every scored sample (NaN: not rated); None for a run without ratings."""
+    if ratings is None:
+        return None
+    ratings = ratings.drop_duplicates("id", keep="last")
+    where = pd.Index(ratings["id"].astype(str)).get_indexer(pd.Index(ids).astype(str))
+    scores = ratings["score"].to_numpy(dtype=float)
+    return np.where(where >= 0, scores[where], np.nan) if len(scores) else np.full(len(where), np.nan)
+
+
+@dataclass(frozen=True)
+class Filtered:
+    """Stages 1-3 (cheap: what a slider recomputes); rows index metrics.parquet."""
+
+    quality_ok: np.ndarray  # bool per row: rated >= threshold (all True without a threshold)
+    in_bands: np.ndarray  # bool per row: quality_ok and inside all three bands
+    excluded: np.ndarray  # bool per row: an exclude rule names it
+    included: np.ndarray  # bool per row: an include rule names it
+    candidates: np.ndarray  # rows k-center chooses among, ascending
+    initial: np.ndarray  # positions in `candidates` of the include ids, in rule order
+    report: dict  # `band_filter`'s report over the quality-kept rows
+    quality: np.ndarray | None  # Stage-1 score per row (None: the run has no ratings)
+
+
+def filter_rows(config: SelectConfig, metrics: pd.DataFrame, quality: np.ndarray | None) -> Filtered:
+    """Apply the quality threshold, the bands and the rules of `config` (no k-center)."""
+    check(config)
+    n = len(metrics)
+    if config.quality_threshold is None:
+        quality_ok = np.ones(n, dtype=bool)
+    elif quality is None:
+        raise SelectionError("a quality threshold needs the run's Stage-1 ratings, and this run has no ratings.jsonl")
+    else:
+        with np.errstate(invalid="ignore"):
+            quality_ok = np.asarray(quality, dtype=float) >= config.quality_threshold
+    pool = np.flatnonzero(quality_ok)
+    inside, report = band_filter(metrics.iloc[pool], config.bands(), config.atten_method)
+    in_bands = np.zeros(n, dtype=bool)
+    in_bands[pool[inside]] = True
+    row_of = pd.Index(metrics["id"].astype(str))
+    excluded, included = _rule_mask(row_of, config.exclude, "exclude"), _rule_mask(row_of, config.include, "include")
+    candidates = np.flatnonzero((in_bands & ~excluded) | included)
+    initial = np.searchsorted(candidates, row_of.get_indexer(list(config.include)))
+    return Filtered(quality_ok, in_bands, excluded, included, candidates, initial.astype(np.int64), report, quality)
+
+
+def _rule_mask(row_of: pd.Index, ids: Sequence[str], rule: str) -> np.ndarray:
+    rows = row_of.get_indexer(list(ids))
+    if (rows < 0).any():
+        missing = [i for i, r in zip(ids, rows) if r < 0]
+        raise SelectionError(f"{rule} rule: {len(missing)} id(s) are not scored samples of this run, e.g. {missing[0]!r}")
+    mask = np.zeros(len(row_of), dtype=bool)
+    mask[rows] = True
+    return mask
+
+
+# ------------------------------------------------------------------------------ stage 4
+
+
+def pick_count(config: SelectConfig) -> int:
+    """How many k-center picks: sample_num, or every include id when there are more."""
+    return max(config.sample_num, len(config.include))
+
+
+def pick_rows(config: SelectConfig, filtered: Filtered, embeddings: np.ndarray, **kcenter) -> np.ndarray:
+    """Rows picked by k-center greedy, in pick order (include ids first)."""
+    chosen = np.ascontiguousarray(embeddings[filtered.candidates])
+    order = k_center_greedy(chosen, pick_count(config), seed=config.seed, initial=filtered.initial, **kcenter)
+    return filtered.candidates[order]
+
+
+# ------------------------------------------------------------------------------ verdicts
+
+
+@dataclass(frozen=True)
+class Selection:
+    """A config applied to a run: the picks, the funnel, and per scored sample why."""
+
+    config: SelectConfig
+    ids: np.ndarray  # per row of metrics.parquet
+    picked: np.ndarray  # rows in pick order
+    rank: np.ndarray  # per row: pick rank 1.., 0 = not picked
+    verdict: np.ndarray  # per row: one of VERDICTS
+    reason: np.ndarray  # per row: why, in words ("quality 70 < 85; ...")
+    funnel: dict  # FUNNEL label -> count (None where the run cannot say)
+    report: dict  # band_filter's report
+
+    @property
+    def picked_ids(self) -> list[str]:
+        return [str(i) for i in self.ids[self.picked]]
+
+
+def ordinal(value: float) -> str:
+    """25 -> '25th', 1 -> '1st', 22.5 -> '22.5th'."""
+    if not float(value).is_integer():
+        return f"{value:g}th"
+    v = int(value)
+    suffix = "th" if 10 <= v % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(v % 10, "th")
+    return f"{v}{suffix}"
+
+
+def reasons(config: SelectConfig, metrics: pd.DataFrame, quality: np.ndarray | None, filtered: Filtered) -> np.ndarray:
+    """Per row, every stage that drops it, joined by '; ' ('' where none does)."""
+    n = len(metrics)
+    out = np.full(n, "", dtype=object)
+
+    def add(mask: np.ndarray, text) -> None:
+        rows = np.flatnonzero(mask)
+        texts = text(rows) if callable(text) else [text] * len(rows)
+        out[rows] = [f"{old}; {new}" if old else new for old, new in zip(out[rows], texts)]
+
+    add(filtered.excluded, "excluded by rule")
+    threshold = config.quality_threshold
+    if threshold is not None:
+        q = np.asarray(quality, dtype=float)
+        add(np.isnan(q), "not rated")
+        add(~filtered.quality_ok & ~np.isnan(q), lambda rows: [f"quality {q[r]:g} < {threshold:g}" for r in rows])
+    for metric, (low, up) in config.bands().items():
+        info = filtered.report["metrics"][metric]
+        values = metrics[metric_column(metric, config.atten_method)].to_numpy(dtype=float)
+        name = METRIC_NAMES[metric]
+        add(~np.isfinite(values), f"{name}: no value ({NAN_REASONS[metric]})")
+        if info["lo"] is not None:
+            with np.errstate(invalid="ignore"):
+                add(values < info["lo"], f"{name} below the {ordinal(low)} percentile")
+                add(values > info["hi"], f"{name} above the {ordinal(up)} percentile")
+    return out
+
+
+def explain(
+    config: SelectConfig, metrics: pd.DataFrame, ratings: pd.DataFrame | None, filtered: Filtered, picked: np.ndarray
+) -> Selection:
+    """Verdict, reasons, rank and funnel for picks made under `config`."""
+    n = len(metrics)
+    rank = np.zeros(n, dtype=np.int64)
+    rank[picked] = np.arange(1, len(picked) + 1)
+    why = reasons(config, metrics, filtered.quality, filtered)
+    verdict = np.where(rank > 0, "picked", np.where(why == "", "not picked", "dropped")).astype(object)
+    k = len(picked)
+    why[(rank == 0) & (why == "")] = f"in all bands; not among the {k:,} k-center picks"
+    dropped_but_kept = filtered.included & (why != "")
+    why[dropped_but_kept] = ["always include (rule) over: " + w for w in why[dropped_but_kept]]
+    why[filtered.included & (why == "")] = "always include (rule)"
+    plain = (rank > 0) & ~filtered.included
+    why[plain] = [f"k-center pick #{r}" for r in rank[plain]]
+    return Selection(config, metrics["id"].to_numpy(dtype=str), picked, rank, verdict, why, funnel(ratings, config, filtered, k), filtered.report)
+
+
+def funnel(ratings: pd.DataFrame | None, config: SelectConfig, filtered: Filtered, picked: int) -> dict:
+    """rated -> kept by quality -> scored (among those kept) -> in all bands -> picked.
+
+    rated / kept by quality count every rated record; None where the run or config cannot say."""
+    rated = kept = None
+    if ratings is not None:
+        scores = ratings["score"].to_numpy(dtype=float)
+        rated = int(np.isfinite(scores).sum())
+        if config.quality_threshold is not None:
+            kept = int((scores[np.isfinite(scores)] >= config.quality_threshold).sum())
+    return {
+        "rated": rated,
+        "kept by quality": kept,
+        "scored": int(filtered.quality_ok.sum()),
+        "in all bands": int((filtered.in_bands & ~filtered.excluded).sum()),
+        "picked": picked,
+    }
+
+
+def apply(config: SelectConfig, metrics: pd.DataFrame, embeddings: np.ndarray, ratings: pd.DataFrame | None = None, **kcenter) -> Selection:
+    """The whole selection on loaded run files (metrics, embeddings, optional ratings)."""
+    quality = quality_per_row(ratings, metrics["id"])
+    filtered = filter_rows(config, metrics, quality)
+    return explain(config, metrics, ratings, filtered, pick_rows(config, filtered, embeddings, **kcenter))
+
+
+# ------------------------------------------------------------------------------ the samples table
+
+
+def percentile_ranks(values: np.ndarray, among: np.ndarray) -> np.ndarray:
+    """Per value, the % of the finite `among` values at or below it (NaN where the value is not finite)."""
+    ref = np.sort(np.asarray(among, dtype=float)[np.isfinite(among)])
+    values = np.asarray(values, dtype=float)
+    if ref.size == 0:
+        return np.full(len(values), np.nan)
+    ranks = 100.0 * np.searchsorted(ref, values, side="right") / ref.size
+    return np.where(np.isfinite(values), ranks, np.nan)
+
+
+def sample_table(chosen: Selection, metrics: pd.DataFrame, quality: np.ndarray | None, quality_ok: np.ndarray) -> pd.DataFrame:
+    """One row per scored sample: id, quality, each metric with its percentile rank among the
+    quality-kept samples (what the bands cut), verdict, why and pick rank (0 = not picked)."""
+    table = {"id": chosen.ids, "verdict": chosen.verdict, "why": chosen.reason, "pick": chosen.rank}
+    table["quality"] = np.full(len(metrics), np.nan) if quality is None else quality
+    for metric in METRICS:
+        values = metrics[metric_column(metric, chosen.config.atten_method)].to_numpy(dtype=float)
+        table[METRIC_NAMES[metric]] = values
+        table[f"{METRIC_NAMES[metric]} %"] = percentile_ranks(values, values[quality_ok])
+    return pd.DataFrame(table)
+
+
+# ------------------------------------------------------------------------------ comparing two selections
+
+
+def overlap(a: Sequence[str], b: Sequence[str]) -> dict[str, list[str]]:
+    """Ids picked by both, only by A, only by B (each in its selection's pick order)."""
+    in_a, in_b = set(a), set(b)
+    return {"both": [i for i in a if i in in_b], "only A": [i for i in a if i not in in_b], "only B": [i for i in b if i not in in_a]}
+
+
+def difference_table(a: Selection, b: Selection) -> pd.DataFrame:
+    """The ids picked by exactly one of A and B, with each side's verdict, pick rank and why
+    (empty where the id is not a scored sample of that side's run)."""
+    parts = overlap(a.picked_ids, b.picked_ids)
+    ids = parts["only A"] + parts["only B"]
+    frame = pd.DataFrame({"id": ids, "picked by": ["A"] * len(parts["only A"]) + ["B"] * len(parts["only B"])})
+    for side, chosen in (("A", a), ("B", b)):
+        rows = pd.Index(chosen.ids).get_indexer(ids)
+        found = rows >= 0
+        frame[f"{side} pick"] = np.where(found, chosen.rank[rows], 0)
+        frame[f"{side} verdict"] = np.where(found, chosen.verdict[rows], "")
+        frame[f"{side} why"] = np.where(found, chosen.reason[rows], "not a scored sample of this run")
+    return frame
+
+
+# ------------------------------------------------------------------------------ run directory and CLI
+
+
+def read_run_ratings(run_dir: Path, config: SelectConfig) -> pd.DataFrame | None:
+    """ratings.jsonl when the config has a quality threshold; a clear error when it is missing."""
+    if config.quality_threshold is None:
+        return None
+    path = run_dir / "ratings.jsonl"
+    if not path.is_file():
+        raise SelectionError(f"{path}: not found; --quality-threshold needs the run's Stage-1 ratings (rate first, or drop the threshold)")
+    try:
+        return read_ratings(path)
+    except RunFileError as exc:
+        raise SelectionError(f"{path}: {exc}") from None
+
+
+def select_dir(run_dir: str | os.PathLike, config: SelectConfig, device=None, dtype=None, progress: bool = False) -> dict:
+    """`threeds select`: apply `config` to a run directory, write and return selection.json's content.
+
+    With no quality threshold and no rules, the same ids and file as `threeds.select.select_run`.
+    """
+    run_dir = Path(run_dir)
+    check(config)
+    with locked(run_dir, create=False):  # one writer of the run directory (selection.json)
+        metrics, embeddings = load_scored(run_dir)  # ids unique and aligned across the run's files
+        return _select_into(run_dir, config, metrics, embeddings, device, dtype, progress)
+
+
+def _select_into(run_dir: Path, config: SelectConfig, metrics: pd.DataFrame, embeddings: np.ndarray, device, dtype,
+                 progress: bool) -> dict:  # fmt: skip
+    ratings = read_run_ratings(run_dir, config)
+    device = resolve_device(device)
+    start = time.perf_counter()
+    chosen = apply(config, metrics, embeddings, ratings, device=device, dtype=dtype, progress=progress)
+    report = dict(chosen.report, n_selected=len(chosen.picked), kcenter_seconds=round(time.perf_counter() - start, 3))
+    report["funnel"] = chosen.funnel
+    recorded = config.recorded()
+    recorded["bands"] = {m: list(b) for m, b in recorded["bands"].items()}
+    result = {
+        "params": {**recorded, "device": str(device), "dtype": str(_storage_dtype(dtype)).removeprefix("torch.")},
+        "report": report,
+        "selected_ids": chosen.picked_ids,
+        "selected_rows": [int(r) for r in chosen.picked],
+    }
+    write_json_file(run_dir / "selection.json", result)
+    return result
+
+
+def write_json_file(path: Path, obj: dict) -> None:
+    """Strict JSON (no NaN), replaced atomically."""
+    atomic_write(path, lambda f: json.dump(obj, f, ensure_ascii=False, indent=1, allow_nan=False), "w")
+
+
+def add_select_flags(parser: argparse.ArgumentParser) -> None:
+    """`--preset NAME` plus one flag per SelectConfig field; a flag given wins over the preset."""
+    parser.add_argument("--preset", help=f"start from the named selection saved in RUN/{PRESET_DIR}/NAME.json (by the app)")
+    add_arguments(parser, SelectConfig)
+    dests = {dest_of(SelectConfig, f.name) for f in dataclasses.fields(SelectConfig)}
+    for action in parser._actions:  # an absent flag leaves no attribute, so the preset's value stays
+        if action.dest in dests:
+            action.default = argparse.SUPPRESS
+
+
+def config_from_args(args: argparse.Namespace, run_dir: str | os.PathLike) -> SelectConfig:
+    """The preset (or the defaults) with every flag that was given on top."""
+    base = load_preset(run_dir, args.preset) if getattr(args, "preset", None) else SelectConfig()
+    given = {f.name: getattr(args, dest_of(SelectConfig, f.name)) for f in dataclasses.fields(SelectConfig) if hasattr(args, dest_of(SelectConfig, f.name))}
+    return dataclasses.replace(base, **given)
+
+
+# ------------------------------------------------------------------------------ presets
+
+
+def config_to_json(config: SelectConfig) -> dict:
+    return {f.name: list(v) if isinstance(v := getattr(config, f.name), tuple) else v for f in dataclasses.fields(config)}
+
+
+def config_from_json(obj: object, where: str) -> SelectConfig:
+    """A SelectConfig from a preset's JSON object; unknown keys and wrong types are errors."""
+    if not isinstance(obj, dict):
+        raise SelectionError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(SelectConfig)}
+    unknown = sorted(set(obj) - set(fields))
+    if unknown:
+        raise SelectionError(f"{where}: unknown setting(s) {unknown}; expected some of {sorted(fields)}")
+    values = {}
+    for name, value in obj.items():
+        default = fields[name].default
+        if isinstance(default, tuple):
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise SelectionError(f"{where}: {name} must be a list of id strings")
+            value = tuple(value)
+        elif value is not None or default is not None:
+            kind = fields[name].metadata["kind"]
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) if kind in (int, float) else isinstance(value, kind)
+            if not ok or (kind is int and not float(value).is_integer()):
+                raise SelectionError(f"{where}: {name} must be {kind.__name__}, got {value!r}")
+            value = kind(value)
+        values[name] = value
+    config = SelectConfig(**values)
+    try:
+        check(config)
+    except SelectionError as exc:
+        raise SelectionError(f"{where}: {exc}") from None
+    return config
+
+
+def preset_path(run_dir: str | os.PathLike, name: str) -> Path:
+    if not PRESET_NAME.fullmatch(name or ""):
+        raise SelectionError(f"preset name {name!r}: letters, digits, '.', '_' and '-' only (up to 64)")
+    return Path(run_dir) / PRESET_DIR / f"{name}.json"
+
+
+def save_preset(run_dir: str | os.PathLike, name: str, config: SelectConfig) -> Path:
+    check(config)
+    path = preset_path(run_dir, name)
+    path.parent.mkdir(exist_ok=True)
+    write_json_file(path, config_to_json(config))
+    return path
+
+
+def list_presets(run_dir: str | os.PathLike) -> list[str]:
+    folder = Path(run_dir) / PRESET_DIR
+    return sorted(p.stem for p in folder.glob("*.json") if PRESET_NAME.fullmatch(p.stem)) if folder.is_dir() else []
+
+
+def load_preset(run_dir: str | os.PathLike, name: str) -> SelectConfig:
+    path = preset_path(run_dir, name)
+    if not path.is_file():
+        known = list_presets(run_dir)
+        raise SelectionError(f"{path}: no such preset" + (f"; saved ones: {', '.join(known)}" if known else " (none saved)"))
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"), parse_constant=_no_constant)
+    except (json.JSONDecodeError, ValueError) as exc:
+        raise SelectionError(f"{path}: not valid JSON ({exc})") from None
+    return config_from_json(obj, str(path))
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
