@@ -189,15 +189,15 @@ def start_form() -> None:
         c1, c2, c3, c4 = st.columns(4)
         prompt = c1.selectbox("Rating prompt", [PROMPT_AUTO, *PROMPT_NAMES], key="new_prompt",
                               help="auto: zh-medical (the paper's setting) for Chinese data, en-medical otherwise")  # fmt: skip
-        max_new = c2.number_input("Max new tokens (A')", 1, 32768, 512, key="new_max_new_tokens", help="longest A' in tokens")
-        batch = c3.number_input("Batch size", 1, 4096, 8, key="new_batch_size", help="local backend: prompts generated together")
+        max_new = c2.number_input("Max new tokens (A')", 1, 32768, GenerateConfig.max_new_tokens, key="new_max_new_tokens", help="longest A' in tokens")
+        batch = c3.number_input("Batch size", 1, 4096, BackendConfig.batch_size, key="new_batch_size", help="local backend: prompts generated together")
         dtype = c4.selectbox("dtype", ["auto", "float32", "bfloat16"], key="new_dtype",
                              help="auto: float32 on CPU, bfloat16 on GPU")  # fmt: skip
         c1, c2, c3, c4, c5 = st.columns(5)
-        threshold = c1.number_input("Quality threshold", 0.0, 100.0, 85.0, 1.0, key="new_threshold")
-        low = c2.number_input("Band low %", 0.0, 100.0, 25.0, 1.0, key="new_low")
-        up = c3.number_input("Band high %", 0.0, 100.0, 75.0, 1.0, key="new_up")
-        sample_num = c4.number_input("sample_num", 1, 10_000_000, 5000, key="new_sample_num")
+        threshold = c1.number_input("Quality threshold", 0.0, 100.0, FilterConfig.quality_threshold, 1.0, key="new_threshold")
+        low = c2.number_input("Band low %", 0.0, 100.0, SelectConfig.low_th, 1.0, key="new_low")
+        up = c3.number_input("Band high %", 0.0, 100.0, SelectConfig.up_th, 1.0, key="new_up")
+        sample_num = c4.number_input("sample_num", 1, 10_000_000, SelectConfig.sample_num, key="new_sample_num")
         atten = c5.selectbox("Attention", ["mean", "max"], key="new_atten")
         submitted = st.form_submit_button("Start run", type="primary", key="new_start")
     if not submitted:

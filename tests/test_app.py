@@ -478,7 +478,7 @@ def test_inspector_attention_view_never_changes_the_selection(demo):
     at.radio(key="inspect_atten").set_value("max").run()
     assert at.session_state["atten_method"] == "mean"
     assert [m for m in texts(at.markdown).splitlines() if "selection:" in m] == verdict
-    assert "w_max" in texts(at.markdown)
+    assert "gt_wloss_max" in texts(at.markdown)  # the heatmaps follow the page-local view
     at.switch_page("app_pages/export.py").run()
     assert at.code[1].value == before
 
