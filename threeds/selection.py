@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from threeds.config import SelectConfig, add_arguments, dest_of
-from threeds.errors import ThreedsError
+from threeds.errors import SettingsError, ThreedsError
 from threeds.lock import locked
 from threeds.runcheck import load_scored
 from threeds.names import ATTEN_METHODS, METRIC_NAMES, METRICS, metric_column
@@ -48,25 +48,29 @@ class SelectionError(ThreedsError, ValueError):
     """A selection that cannot be applied: one line naming the setting, file or id."""
 
 
+class SelectionSettingError(SelectionError, SettingsError):
+    """A selection setting out of its range: a usage error (exit status 2), as on the command line."""
+
+
 def check(config: SelectConfig) -> None:
-    """Raise SelectionError naming the first setting out of range."""
+    """Raise SelectionSettingError naming the first setting out of range."""
     for metric, band in config.bands().items():
         try:
             _resolve_bands({metric: band})
         except ValueError as exc:
-            raise SelectionError(f"{METRIC_NAMES[metric]} band: {exc}") from None
+            raise SelectionSettingError(f"{METRIC_NAMES[metric]} band: {exc}") from None
     if config.sample_num < 1:
-        raise SelectionError(f"sample_num must be >= 1, got {config.sample_num}")
+        raise SelectionSettingError(f"sample_num must be >= 1, got {config.sample_num}")
     if config.atten_method not in ATTEN_METHODS:
-        raise SelectionError(f"atten_method must be one of {ATTEN_METHODS}, got {config.atten_method!r}")
+        raise SelectionSettingError(f"atten_method must be one of {ATTEN_METHODS}, got {config.atten_method!r}")
     if config.quality_threshold is not None and not 0 <= config.quality_threshold <= 100:
-        raise SelectionError(f"quality_threshold must be within 0-100, got {config.quality_threshold:g}")
+        raise SelectionSettingError(f"quality_threshold must be within 0-100, got {config.quality_threshold:g}")
     both = set(config.include) & set(config.exclude)
     if both:
-        raise SelectionError(f"ids both included and excluded: {sorted(both)[:5]}")
+        raise SelectionSettingError(f"ids both included and excluded: {sorted(both)[:5]}")
     for sample_id in (*config.include, *config.exclude):
         if "," in sample_id or not sample_id.strip():
-            raise SelectionError(f"an include/exclude rule cannot hold the id {sample_id!r} (empty or with a comma)")
+            raise SelectionSettingError(f"an include/exclude rule cannot hold the id {sample_id!r} (empty or with a comma)")
 
 
 # ------------------------------------------------------------------------------ stages 1-3
