@@ -7,9 +7,11 @@ finishes (stop token or `max_new_tokens`) is reported at once and its place goes
 prompt, so every step works for as many unfinished answers as the token budget allows.
 
 Greedy answers are those of `model.generate` one prompt at a time: each prompt is prefilled alone
-(no padding), and in the shared decoding steps a row attends only to its own tokens (left padding
-is masked, positions count its own tokens). The key/value cache keeps spare columns, so a step
-writes one column instead of copying the cache. Device-agnostic: everything lives on `model.device`.
+(no padding), and in the shared decoding steps a row attends only to its own tokens (the columns
+left of them are masked, positions count its own tokens). Each row lives in a slot of one key/value
+cache with spare columns: a step writes one column in place, and a new prompt is written into the
+slot a finished row left, so neither copies the cache. Device-agnostic: everything lives on
+`model.device`.
 """
 
 from __future__ import annotations
@@ -25,28 +27,57 @@ from transformers.cache_utils import Cache, DynamicLayer
 OnDone = Callable[[int, list[int], float], None]
 
 
-class _SpareLayer(DynamicLayer):
-    """A cache layer whose keys/values are views of buffers with spare columns on the right."""
+class SlotLayer(DynamicLayer):
+    """One layer's keys/values in buffers [slots, heads, capacity, dim]: `keys`/`values` are views of
+    the columns written so far, and a decoding step writes one more column in place."""
 
-    def reset_to(self, keys: torch.Tensor, values: torch.Tensor, spare: int) -> None:
-        batch, heads, width, dim = keys.shape
-        self.kbuf = keys.new_zeros(batch, heads, width + spare, dim)
-        self.vbuf = values.new_zeros(batch, heads, width + spare, dim)
-        self.kbuf[:, :, :width] = keys
-        self.vbuf[:, :, :width] = values
-        self.width = width
-        self.keys, self.values = self.kbuf[:, :, :width], self.vbuf[:, :, :width]
-        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+    def allocate(self, like: torch.Tensor, slots: int, capacity: int) -> None:
+        _, heads, _, dim = like.shape
+        self.kbuf = like.new_zeros(slots, heads, capacity, dim)  # zeros: masked columns must stay finite
+        self.vbuf = like.new_zeros(slots, heads, capacity, dim)
+        self.width = 0
+        self.dtype, self.device, self.is_initialized = like.dtype, like.device, True
+        self._view()
+
+    @classmethod
+    def holding(cls, keys: torch.Tensor, values: torch.Tensor, spare: int) -> SlotLayer:
+        """A layer holding [slots, heads, n, dim] keys/values, with `spare` free columns."""
+        layer = cls()
+        layer.allocate(keys, keys.shape[0], keys.shape[2] + spare)
+        layer.kbuf[:, :, : keys.shape[2]] = keys
+        layer.vbuf[:, :, : keys.shape[2]] = values
+        layer.width = keys.shape[2]
+        layer._view()
+        return layer
+
+    def _view(self) -> None:
+        self.keys, self.values = self.kbuf[:, :, : self.width], self.vbuf[:, :, : self.width]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         n = key_states.shape[-2]
-        if self.width + n > self.kbuf.shape[-2]:
-            self.reset_to(self.keys, self.values, spare=max(n, 64))
         self.kbuf[:, :, self.width : self.width + n] = key_states
         self.vbuf[:, :, self.width : self.width + n] = value_states
         self.width += n
-        self.keys, self.values = self.kbuf[:, :, : self.width], self.vbuf[:, :, : self.width]
+        self._view()
         return self.keys, self.values
+
+    def place(self, slot: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Write one prompt's [1, heads, n, dim] cache into `slot`, ending at the current column."""
+        n = keys.shape[-2]
+        self.kbuf[slot, :, self.width - n : self.width] = keys[0]
+        self.vbuf[slot, :, self.width - n : self.width] = values[0]
+
+    def moved(self, slots: torch.Tensor, first: int, n_slots: int, capacity: int) -> SlotLayer:
+        """A copy keeping `slots` (in that order) and columns from `first` (negative: pad on the left)."""
+        layer = SlotLayer()
+        layer.allocate(self.kbuf, n_slots, capacity)
+        width = self.width - first
+        src = slice(max(first, 0), self.width)
+        layer.kbuf[: len(slots), :, width - (src.stop - src.start) : width] = self.kbuf[slots, :, src]
+        layer.vbuf[: len(slots), :, width - (src.stop - src.start) : width] = self.vbuf[slots, :, src]
+        layer.width = width
+        layer._view()
+        return layer
 
 
 @dataclass
@@ -66,71 +97,95 @@ def prefill(model, ids: Sequence[int]) -> tuple[torch.Tensor, list[tuple[torch.T
 
 
 class _Batch:
-    """The rows being decoded, right-aligned in one cache; left padding is masked out."""
+    """Rows decoded together, each in a slot of one cache, all right-aligned at the current column.
+
+    A finished row only frees its slot (its columns are masked out); the next prompt is written into
+    that slot where the others stand, so refilling copies nothing else. The cache is moved, which
+    copies it, only to add slots, to make room on the right (dropping columns no row needs), or,
+    once no prompt waits, to drop free slots when a quarter of them are free.
+    """
 
     def __init__(self, model, spare: int) -> None:
         self.model, self.spare = model, spare
-        self.rows: list[_Row] = []
+        self.slots: list[_Row | None] = []
+        self.last: list[int] = []  # each slot's latest token, fed at the next step
         self.cache: Cache | None = None
-        self.mask: torch.Tensor | None = None  # [rows, width]: 1 for a real token
-        self.last: list[int] = []  # each row's latest token, fed at the next step
+        self.mask: torch.Tensor | None = None  # [slots, capacity]: 1 for a real token of the slot's row
+        self.width = 0
 
     @property
-    def width(self) -> int:
-        return 0 if self.mask is None else self.mask.shape[1]
+    def rows(self) -> list[_Row]:
+        return [r for r in self.slots if r is not None]
 
-    def rebuild(self, keep: list[int], new: list[tuple[_Row, list, int]]) -> None:
-        """Keep rows `keep`, add prefilled rows `new` (row, per-layer kv, first token); drop padding
-        columns no row needs."""
-        rows = [self.rows[i] for i in keep] + [r for r, _, _ in new]
-        self.last = [self.last[i] for i in keep] + [t for _, _, t in new]
-        self.rows = rows
-        if not rows:
-            self.cache, self.mask = None, None
-            return
-        width = max(r.length for r in rows)
-        device = self.model.device
-        self.mask = torch.zeros(len(rows), width, dtype=torch.long, device=device)
-        for j, r in enumerate(rows):
-            self.mask[j, width - r.length :] = 1
-        n_layers = len(new[0][1]) if new else len(self.cache.layers)
-        cache = Cache(layers=[_SpareLayer() for _ in range(n_layers)])
-        for li in range(n_layers):
-            parts_k, parts_v = [], []
-            if keep:
-                idx = torch.tensor(keep, device=device)
-                old = self.cache.layers[li]
-                parts_k.append(_fit(old.keys.index_select(0, idx), width))
-                parts_v.append(_fit(old.values.index_select(0, idx), width))
-            for _, kv, _ in new:
-                parts_k.append(_fit(kv[li][0], width))
-                parts_v.append(_fit(kv[li][1], width))
-            cache.layers[li].reset_to(torch.cat(parts_k), torch.cat(parts_v), self.spare)
-        self.cache = cache
+    def add(self, new: list[tuple[_Row, list, int]]) -> None:
+        """Place prefilled rows (row, per-layer kv, first token) into free slots."""
+        free = [s for s, r in enumerate(self.slots) if r is None]
+        need = max(r.length for r, _, _ in new)
+        if self.cache is None:
+            self._move([], len(new), need, new[0][1][0][0])
+        elif len(free) < len(new) or need > self.width:
+            self._move(self._live(), len(self.rows) + len(new), need)
+        free = [s for s, r in enumerate(self.slots) if r is None]
+        for slot, (row, kv, token) in zip(free, new):
+            for layer, (k, v) in zip(self.cache.layers, kv):
+                layer.place(slot, k, v)
+            self.mask[slot] = 0
+            self.mask[slot, self.width - row.length : self.width] = 1
+            self.slots[slot], self.last[slot] = row, token
 
-    def step(self) -> list[int]:
-        """One greedy token for every row."""
+    def free(self, slot: int) -> None:
+        self.slots[slot] = None
+        self.mask[slot] = 0
+
+    def shrink(self) -> None:
+        """Drop free slots once a quarter of them are free (only when no prompt waits to use them)."""
+        if len(self.slots) - len(self.rows) >= max(1, len(self.slots) // 4):
+            live = self._live()
+            self._move(live, len(live), 0)
+
+    def step(self) -> list[int | None]:
+        """One greedy token for every slot (None for a free one)."""
+        if self.width >= self.mask.shape[1]:
+            self._move(list(range(len(self.slots))), len(self.slots), 0)
         device = self.model.device
-        ones = torch.ones(len(self.rows), 1, dtype=torch.long, device=device)
-        self.mask = torch.cat([self.mask, ones], dim=1)
-        positions = torch.tensor([[r.length] for r in self.rows], device=device)
-        out = self.model(input_ids=torch.tensor([[t] for t in self.last], device=device), attention_mask=self.mask,
-                         position_ids=positions, past_key_values=self.cache, use_cache=True)  # fmt: skip
+        self.mask[:, self.width] = 1
+        positions = torch.tensor([[r.length if r else 0] for r in self.slots], device=device)
+        out = self.model(input_ids=torch.tensor([[t] for t in self.last], device=device),
+                         attention_mask=self.mask[:, : self.width + 1], position_ids=positions,
+                         past_key_values=self.cache, use_cache=True)  # fmt: skip
+        self.width += 1
         tokens = out.logits[:, -1].argmax(-1).tolist()
         for r in self.rows:
             r.length += 1
         self.last = tokens
-        return tokens
+        return [t if r else None for t, r in zip(tokens, self.slots)]
 
+    def _live(self) -> list[int]:
+        return [s for s, r in enumerate(self.slots) if r is not None]
 
-def _fit(kv: torch.Tensor, width: int) -> torch.Tensor:
-    """Right-align [rows, heads, w, dim] into `width` columns (zeros on the left, or the leftmost
-    columns dropped when every row's padding covers them)."""
-    w = kv.shape[2]
-    if w >= width:
-        return kv[:, :, w - width :]
-    pad = kv.new_zeros(kv.shape[0], kv.shape[1], width - w, kv.shape[3])
-    return torch.cat([pad, kv], dim=2)
+    def _move(self, keep: list[int], n_slots: int, need: int, like: torch.Tensor | None = None) -> None:
+        """Copy slots `keep` into a cache of `n_slots` slots whose columns start at the first one a
+        kept row uses, or further left so that a prompt of `need` tokens fits; then `spare` more."""
+        longest = max([self.slots[s].length for s in keep if self.slots[s]] + [need])
+        first = self.width - longest
+        capacity = longest + self.spare
+        device = self.model.device
+        mask = torch.zeros(n_slots, capacity, dtype=torch.long, device=device)
+        if like is not None:
+            layers = [SlotLayer() for _ in range(self.model.config.num_hidden_layers)]
+            for layer in layers:
+                layer.allocate(like, n_slots, capacity)
+                layer.width = longest
+                layer._view()
+        else:
+            idx = torch.tensor(keep, dtype=torch.long, device=device)
+            layers = [layer.moved(idx, first, n_slots, capacity) for layer in self.cache.layers]
+            src = self.mask[idx, max(first, 0) : self.width]
+            mask[: len(keep), longest - src.shape[1] : longest] = src
+        self.cache = Cache(layers=layers)
+        self.mask, self.width = mask, longest
+        self.slots = [self.slots[s] for s in keep] + [None] * (n_slots - len(keep))
+        self.last = [self.last[s] for s in keep] + [0] * (n_slots - len(keep))
 
 
 def greedy_decode(
@@ -158,23 +213,23 @@ def greedy_decode(
         while queue or batch.rows:
             new = _admit(model, inputs, queue, batch, stop_set, max_new_tokens, batch_tokens, max_rows, finish)
             if new:
-                batch.rebuild(list(range(len(batch.rows))), new)
+                batch.add(new)
             if not batch.rows:
                 continue
             began = time.perf_counter()
             tokens = batch.step()
             share = (time.perf_counter() - began) / len(batch.rows)
-            keep = []
-            for j, (row, token) in enumerate(zip(batch.rows, tokens)):
+            for slot, (row, token) in enumerate(zip(batch.slots, tokens)):
+                if row is None:
+                    continue
                 row.seconds += share
                 if token not in stop_set:
                     row.tokens.append(token)
                 if token in stop_set or len(row.tokens) >= max_new_tokens:
                     finish(row)
-                else:
-                    keep.append(j)
-            if len(keep) < len(batch.rows):
-                batch.rebuild(keep, [])
+                    batch.free(slot)
+            if not queue and batch.rows:
+                batch.shrink()
     return results  # type: ignore[return-value]
 
 

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import torch
 from transformers.cache_utils import Cache
 
-from threeds.decode import _SpareLayer, prefill
+from threeds.decode import SlotLayer, prefill
 from threeds.errors import SettingsError
 
 KEEP_DIGIT = 1e-3  # first digits below this share of the digit mass are not continued
@@ -50,9 +50,7 @@ def digit_ids(tokenizer) -> list[int]:
 def _continue(model, kv: list, length: int, firsts: list[int], digits: list[int]) -> torch.Tensor:
     """Probabilities [len(firsts), 2, vocab] after feeding each first digit, then "0"."""
     rows = len(firsts)
-    cache = Cache(layers=[_SpareLayer() for _ in kv])
-    for layer, (k, v) in zip(cache.layers, kv):
-        layer.reset_to(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1), spare=2)
+    cache = Cache(layers=[SlotLayer.holding(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1), 2) for k, v in kv])
     ids = torch.tensor([[digits[d], digits[0]] for d in firsts], device=model.device)
     positions = torch.tensor([[length, length + 1]] * rows, device=model.device)
     out = model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=2)
