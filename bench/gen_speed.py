@@ -8,8 +8,10 @@ Both use the model loaded once, as threeds loads it (float32 on the CPU); load t
 `--check K` also answers the first K instructions with plain `model.generate` one at a time and
 counts the answers of each path that equal those.
 
-Rating (`--rate N`): N records rated in `--rating-mode generate` and `logits` (fresh logs), with
-the time of each and the Spearman rank correlation of the two scores.
+Rating (`--rate N`): N records rated (fresh logs) in `--rating-mode generate` with each prompt
+prefilled whole (before) and with the rating prompt's common start prefilled once (the default),
+and in `--rating-mode logits`: the time of each, whether the shared start changed any score, and
+the Spearman rank correlation of the generate and logits scores.
 
     python bench/gen_speed.py --n 64 --max-new-tokens 128 --check 8 --rate 40
 """
@@ -92,27 +94,47 @@ def spearman(a: list[float], b: list[float]) -> float:
     return float(pd.Series(a).corr(pd.Series(b), method="spearman"))
 
 
+def _rate(records, backend, template, mode: str, share: bool) -> tuple[dict, float]:
+    """Scores by id and wall seconds of one rating pass into a fresh log; `share=False` prefills each
+    prompt whole (no shared start), as threeds did before."""
+    import threeds.decode as decode
+
+    keep = decode.shared_prefix
+    if not share:
+        decode.shared_prefix = lambda *a, **k: None
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            log = Path(tmp) / "ratings.jsonl"
+            began = time.perf_counter()
+            rate_records(records, backend, log, template, 16, mode=mode, progress=False)
+            seconds = time.perf_counter() - began
+            rows = {r["id"]: r["score"] for r in map(json.loads, log.read_text().splitlines())}
+    finally:
+        decode.shared_prefix = keep
+    return rows, seconds
+
+
 def bench_rating(model, tokenizer, records, args) -> list[str]:
     template = load_rating_prompt("en-medical")
     backend = LocalBackend(model=model, tokenizer=tokenizer)
+    passes = {("generate", False): "generate, each prompt whole (before)", ("generate", True): "generate (default)",
+              ("logits", True): "logits"}  # fmt: skip
     scores, seconds = {}, {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for mode in ("generate", "logits"):
-            log = Path(tmp) / f"{mode}.jsonl"
-            began = time.perf_counter()
-            rate_records(records, backend, log, template, 16, mode=mode, progress=False)
-            seconds[mode] = time.perf_counter() - began
-            rows = {r["id"]: r["score"] for r in map(json.loads, log.read_text().splitlines())}
-            scores[mode] = [rows.get(r["id"]) for r in records]
-    both = [(g, s) for g, s in zip(scores["generate"], scores["logits"]) if g is not None and s is not None]
-    gen, logit = [g for g, _ in both], [s for _, s in both]
-    return [
-        f"{len(records)} records rated with the en-medical prompt", "",
-        "| rating mode | wall s | distinct scores | min | max | speed-up |", "|---|---|---|---|---|---|",
-        f"| generate (16 tokens) | {seconds['generate']:.1f} | {len(set(gen))} | {min(gen):g} | {max(gen):g} | 1.00x |",
-        f"| logits | {seconds['logits']:.1f} | {len(set(logit))} | {min(logit):.1f} | {max(logit):.1f} | "
-        f"{seconds['generate'] / seconds['logits']:.2f}x |",
-        "", f"Spearman rank correlation (records rated by both: {len(both)}): {spearman(gen, logit):.3f}",
+    for mode, share in passes:
+        scores[mode, share], seconds[mode, share] = _rate(records, backend, template, mode, share)
+    base = seconds["generate", False]
+    lines = [f"{len(records)} records rated with the en-medical prompt", "",
+             "| rating pass | wall s | distinct scores | min | max | speed-up |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for key, label in passes.items():
+        got = [v for v in scores[key].values() if v is not None]
+        lines.append(f"| {label} | {seconds[key]:.1f} | {len(set(got))} | {min(got):g} | {max(got):g} | "
+                     f"{base / seconds[key]:.2f}x |")  # fmt: skip
+    whole, shared = scores["generate", False], scores["generate", True]
+    both = [i for i in whole if whole[i] is not None and scores["logits", True].get(i) is not None]
+    rho = spearman([whole[i] for i in both], [scores["logits", True][i] for i in both])
+    return lines + [
+        "", f"scores equal with and without the shared start (generate): {sum(whole[i] == shared.get(i) for i in whole)} "
+        f"of {len(whole)}", f"Spearman rank correlation, generate vs logits (records rated by both: {len(both)}): {rho:.3f}",
     ]  # fmt: skip
 
 

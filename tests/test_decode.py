@@ -11,7 +11,7 @@ from transformers import GenerationConfig
 
 from conftest import tiny_llama
 from threeds.backends import LocalBackend
-from threeds.decode import greedy_decode
+from threeds.decode import MIN_SHARED_PREFIX, greedy_decode, shared_prefix
 from threeds.rate import LogitsRater, rate_records
 from threeds.rating_logits import RatingModeError, digit_ids, expected_score, number_probs
 
@@ -65,6 +65,32 @@ def test_a_prompt_that_stops_at_once_and_max_new_tokens_one(tiny, prompts):
     got = greedy_decode(tiny, prompts, [first[0]], 5, max_rows=2)
     assert got[0] == [] and got == [generate_one(tiny, p, [first[0]], 5) for p in prompts]
     assert greedy_decode(tiny, prompts, [], 1) == [[t] for t in first]
+
+
+def test_a_long_common_start_is_prefilled_once_and_answers_stay_those_of_one_prompt_at_a_time(tiny, stop):
+    """Rating prompts share their instructions and examples: that start is computed once."""
+    g = torch.Generator().manual_seed(5)
+    start = torch.randint(1, 256, (MIN_SHARED_PREFIX + 6,), generator=g).tolist()
+    prompts = [start + torch.randint(1, 256, (n,), generator=g).tolist() for n in (1, 7, 3, 12)]
+    prefix = shared_prefix(tiny, prompts)
+    assert prefix.length == len(start) and prefix.kv[0][0].shape[2] == len(start)
+    calls = []
+    forward = tiny.forward
+    tiny.forward = lambda *a, **k: calls.append(k["input_ids"].shape[1]) or forward(*a, **k)
+    try:
+        got = greedy_decode(tiny, prompts, stop, 12, max_rows=2)
+    finally:
+        del tiny.forward
+    assert calls.count(len(start)) == 1 and sorted(calls)[-2] <= 12  # the start once, then each prompt's own tokens
+    assert got == [generate_one(tiny, p, stop, 12) for p in prompts]
+
+
+def test_a_short_or_whole_common_start_is_not_shared(tiny):
+    start = list(range(1, MIN_SHARED_PREFIX))
+    assert shared_prefix(tiny, [start + [7], start + [9]]) is None  # one token short of the minimum
+    same = list(range(1, 2 * MIN_SHARED_PREFIX))
+    assert shared_prefix(tiny, [same, same]).length == len(same) - 1  # each prompt keeps a token of its own
+    assert shared_prefix(tiny, []) is None
 
 
 @pytest.mark.integration
@@ -122,6 +148,12 @@ def test_expected_score_matches_the_rule_computed_without_cache(tokenizer):
         score, mass = expected_score(model, ids, digits)
         assert 0 <= score <= 100 and 0 < mass < 1
         assert score == pytest.approx(_brute_force_score(model, ids, digits), abs=0.05)  # pruned digits < 0.1%
+    start = tokenizer("Rate the pair below from 0 to 100. " * 12)["input_ids"]
+    prompts = [start + tokenizer(text)["input_ids"] for text in ["Flu: rest.", "Cough? See a doctor."]]
+    prefix = shared_prefix(model, prompts)
+    assert prefix is not None
+    for ids in prompts:  # the shared start changes nothing but float rounding
+        assert expected_score(model, ids, digits, prefix) == pytest.approx(expected_score(model, ids, digits), abs=1e-4)
 
 
 def test_logits_mode_logs_scores_under_its_own_key_and_needs_a_local_backend(tmp_path, tiny_model_dir):

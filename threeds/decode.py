@@ -88,11 +88,45 @@ class _Row:
     seconds: float = 0.0
 
 
-def prefill(model, ids: Sequence[int]) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
-    """(logits of the next token, per-layer (keys, values)) for one prompt, alone, as generate does."""
+MIN_SHARED_PREFIX = 64  # tokens; a shorter common start (a chat template's system prompt) is not shared
+
+
+@dataclass
+class Prefix:
+    """The key/value cache of the tokens every prompt starts with (a rating prompt's instructions
+    and examples), computed once instead of once per prompt."""
+
+    length: int
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def shared_prefix(model, inputs: Sequence[Sequence[int]], minimum: int = MIN_SHARED_PREFIX) -> Prefix | None:
+    """The prefilled common start of all `inputs` (each keeps at least one token of its own), or
+    None when it is shorter than `minimum` tokens."""
+    if not inputs:
+        return None
+    first = inputs[0]
+    length = min(len(ids) for ids in inputs) - 1
+    for ids in inputs[1:]:
+        length = next((j for j in range(length) if ids[j] != first[j]), length)
+    if length < minimum:
+        return None
+    return Prefix(length, prefill(model, first[:length])[1])
+
+
+def prefill(
+    model, ids: Sequence[int], prefix: Prefix | None = None
+) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """(logits of the next token, per-layer (keys, values)) for one prompt, alone, as generate does;
+    with `prefix`, only the tokens after it are computed."""
     cache = DynamicCache(config=model.config)
-    out = model(input_ids=torch.tensor([list(ids)], device=model.device), past_key_values=cache, use_cache=True,
-                logits_to_keep=1)  # fmt: skip
+    start = 0
+    if prefix is not None:
+        for index, (keys, values) in enumerate(prefix.kv):
+            cache.update(keys, values, index)
+        start = prefix.length
+    out = model(input_ids=torch.tensor([list(ids[start:])], device=model.device), past_key_values=cache,
+                use_cache=True, logits_to_keep=1)  # fmt: skip
     return out.logits[0, -1], [(layer.keys, layer.values) for layer in cache.layers]
 
 
@@ -196,8 +230,9 @@ def greedy_decode(
 
     Up to `max_rows` rows decode together while rows x (longest prompt among them +
     `max_new_tokens`) stays within `batch_tokens` (always at least one row). Prompts enter longest
-    first. `on_done(index, tokens, seconds)` is called as each one finishes; `seconds` is its prefill
-    plus its share of every step it took part in.
+    first. A start common to every prompt of at least `MIN_SHARED_PREFIX` tokens is prefilled once
+    (`shared_prefix`). `on_done(index, tokens, seconds)` is called as each one finishes; `seconds` is
+    its prefill plus its share of every step it took part in (the shared start is not counted).
     """
     stop_set = set(stop)
     results: list[list[int] | None] = [None] * len(inputs)
@@ -210,8 +245,9 @@ def greedy_decode(
             on_done(row.index, row.tokens, row.seconds)
 
     with torch.inference_mode():
+        prefix = shared_prefix(model, inputs)
         while queue or batch.rows:
-            new = _admit(model, inputs, queue, batch, stop_set, max_new_tokens, batch_tokens, max_rows, finish)
+            new = _admit(model, inputs, prefix, queue, batch, stop_set, max_new_tokens, batch_tokens, max_rows, finish)
             if new:
                 batch.add(new)
             if not batch.rows:
@@ -234,7 +270,7 @@ def greedy_decode(
 
 
 def _admit(
-    model, inputs, queue: list[int], batch: _Batch, stop_set: set[int], max_new_tokens: int, batch_tokens: int,
+    model, inputs, prefix: Prefix | None, queue: list[int], batch: _Batch, stop_set: set[int], max_new_tokens: int, batch_tokens: int,
     max_rows: int, finish: Callable[[_Row], None],
 ) -> list[tuple[_Row, list, int]]:  # fmt: skip
     """Prefill queued prompts into free places of the batch; a prompt whose first token already
@@ -249,7 +285,7 @@ def _admit(
         index = queue.pop(0)
         longest = max(longest, len(inputs[index]))
         began = time.perf_counter()
-        logits, kv = prefill(model, inputs[index])
+        logits, kv = prefill(model, inputs[index], prefix)
         token = int(logits.argmax())
         row = _Row(index, len(inputs[index]), seconds=time.perf_counter() - began)
         if token in stop_set or max_new_tokens <= 1:

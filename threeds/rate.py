@@ -144,15 +144,20 @@ class LogitsRater:
         return self.backend.signature | {"rating_mode": "logits"}  # a log never mixes the two modes
 
     def chat(self, prompts: Sequence[str], max_new_tokens: int, on_reply: OnReply | None = None) -> list[Reply]:
+        import torch
+
+        from threeds.decode import shared_prefix
         from threeds.rating_logits import digit_ids, expected_score
 
         model, tokenizer = self.backend.load()
         digits = digit_ids(tokenizer)
         encoded, _ = self.backend.encode(prompts)
+        with torch.inference_mode():
+            prefix = shared_prefix(model, encoded)
         replies = []
         for i, ids in enumerate(encoded):
             began = time.perf_counter()
-            score, mass = expected_score(model, ids, digits)
+            score, mass = expected_score(model, ids, digits, prefix)
             text = json.dumps({"score": round(score, 4), "digit_mass": round(mass, 4)})
             replies.append(Reply(text, time.perf_counter() - began, model=self.label))
             if on_reply:

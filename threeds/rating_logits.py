@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import torch
 from transformers.cache_utils import Cache
 
-from threeds.decode import SlotLayer, prefill
+from threeds.decode import Prefix, SlotLayer, prefill
 from threeds.errors import SettingsError
 
 KEEP_DIGIT = 1e-3  # first digits below this share of the digit mass are not continued
@@ -73,10 +73,12 @@ def number_probs(p1: torch.Tensor, p2: dict[int, torch.Tensor], p3: torch.Tensor
     return probs
 
 
-def expected_score(model, ids: Sequence[int], digits: list[int]) -> tuple[float, float]:
+def expected_score(
+    model, ids: Sequence[int], digits: list[int], prefix: Prefix | None = None
+) -> tuple[float, float]:
     """(expected score 0-100, probability that the reply starts with a digit) for one prompt."""
     with torch.inference_mode():
-        logits, kv = prefill(model, ids)
+        logits, kv = prefill(model, ids, prefix)
         p1 = logits.float().softmax(-1)[digits]
         mass = float(p1.sum())
         firsts = [d for d in range(10) if p1[d] >= KEEP_DIGIT * mass]
