@@ -97,7 +97,7 @@ def spearman(a: list[float], b: list[float]) -> float:
 def _rate(records, backend, template, mode: str, share: bool) -> tuple[dict, float]:
     """Scores by id and wall seconds of one rating pass into a fresh log; `share=False` prefills each
     prompt whole (no shared start), as threeds did before."""
-    import threeds.decode as decode
+    from threeds import decode
 
     keep = decode.shared_prefix
     if not share:
@@ -133,8 +133,8 @@ def bench_rating(model, tokenizer, records, args) -> list[str]:
     both = [i for i in whole if whole[i] is not None and scores["logits", True].get(i) is not None]
     rho = spearman([whole[i] for i in both], [scores["logits", True][i] for i in both])
     return lines + [
-        "", f"scores equal with and without the shared start (generate): {sum(whole[i] == shared.get(i) for i in whole)} "
-        f"of {len(whole)}", f"Spearman rank correlation, generate vs logits (records rated by both: {len(both)}): {rho:.3f}",
+        "", (f"scores equal with and without the shared start (generate): "
+             f"{sum(whole[i] == shared.get(i) for i in whole)} of {len(whole)}"), f"Spearman rank correlation, generate vs logits (records rated by both: {len(both)}): {rho:.3f}",
     ]  # fmt: skip
 
 
