@@ -81,17 +81,16 @@ def test_pick_order_slices_equal_the_library_call():
     assert np.array_equal(order.picks(80), np.arange(50))
 
 
-def test_pick_order_grows_by_doubling(monkeypatch):
+def test_pick_order_continues_the_greedy_and_never_recomputes_a_pick(monkeypatch):
+    from threeds import select
+
     emb = clustered(100)
-    calls = []
-    real = embed_map.k_center_greedy
-
-    def counting(x, k, seed=0, initial=()):
-        calls.append(k)
-        return real(x, k, seed=seed, initial=initial)
-
-    monkeypatch.setattr(embed_map, "k_center_greedy", counting)
-    order = PickOrder(emb)
-    for k in (10, 5, 10, 11, 15, 20, 21):
-        order.picks(k)
-    assert calls == [10, 20, 40]
+    sizes = (10, 5, 10, 11, 15, 20, 21, 3)
+    expected = {k: k_center_greedy(emb, k, initial=[4, 60]) for k in sizes}
+    steps = []
+    real = select._LazyFarthest.farthest
+    monkeypatch.setattr(select._LazyFarthest, "farthest", lambda self: steps.append(1) or real(self))
+    order = PickOrder(emb, initial=(4, 60))
+    for k in sizes:
+        assert np.array_equal(order.picks(k), expected[k]), k
+    assert len(steps) == 21 - 2  # each pick past the two initial centres made once

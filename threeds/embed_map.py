@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from threeds.atomic import atomic_write
-from threeds.select import k_center_greedy
+from threeds.select import KCenter, k_center_greedy
 
 UMAP_FILE = "umap.npy"
 UMAP_META = "umap.json"
@@ -92,23 +92,21 @@ class PickOrder:
     """k-center greedy pick order over fixed survivors, computed only as far as asked.
 
     k-center greedy is prefix-consistent: the first k picks of a run for k' > k are the picks
-    for k (same first centre, same farthest-point steps). A `sample_num` slider therefore only
-    slices a cached order; a request past it recomputes to twice the cached length, so moving
-    the slider up costs a logarithmic number of recomputations.
+    for k (same first centre, same farthest-point steps). A `sample_num` slider therefore slices
+    the picks made so far, and a request past them continues the same greedy (`KCenter`): moving
+    the slider never recomputes a pick.
     """
 
     embeddings: np.ndarray  # survivors' rows only
     seed: int = 0
     initial: tuple[int, ...] = ()  # rows that are centres before the greedy starts ("always include")
-    _order: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    _greedy: KCenter | None = None
 
     def picks(self, k: int) -> np.ndarray:
         """Survivor indices picked for `sample_num = k`, in pick order (all if k >= n); k is at
         least len(initial)."""
-        n = len(self.embeddings)
-        if k >= n:  # every survivor, as the library orders them
+        if k >= len(self.embeddings):  # every survivor, as the library orders them
             return k_center_greedy(self.embeddings, k, seed=self.seed, initial=self.initial)
-        if k > len(self._order):
-            upto = min(n - 1, max(k, 2 * len(self._order)))
-            self._order = k_center_greedy(self.embeddings, upto, seed=self.seed, initial=self.initial)
-        return self._order[:k]
+        if self._greedy is None:
+            self._greedy = KCenter(self.embeddings, seed=self.seed, initial=self.initial, capacity=k)
+        return self._greedy.extend(k)

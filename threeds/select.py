@@ -262,8 +262,8 @@ class _LazyFarthest:
     def __init__(self, x: torch.Tensor, norms: torch.Tensor, k: int, chunk_rows: int) -> None:
         n, dim = x.shape
         self.x, self.norms, self.chunk_rows = x, norms, chunk_rows
-        self.centres = torch.empty((k, dim), dtype=torch.float32, device=x.device)
-        self.centre_norms = torch.empty(k, dtype=torch.float32, device=x.device)
+        self.centres = torch.empty((max(k, 1), dim), dtype=torch.float32, device=x.device)
+        self.centre_norms = torch.empty(max(k, 1), dtype=torch.float32, device=x.device)
         self.count = 0
         self.bound = torch.full((n,), float("inf"), dtype=torch.float32, device=x.device)
         self.seen = torch.zeros(n, dtype=torch.int64, device=x.device)
@@ -271,6 +271,9 @@ class _LazyFarthest:
 
     def add(self, row: int) -> None:
         """Make `row` a centre; a chosen row is never picked again (bound -inf)."""
+        if self.count == len(self.centres):  # continued past the k it was made for: double the room
+            self.centres = torch.cat([self.centres, torch.empty_like(self.centres)])
+            self.centre_norms = torch.cat([self.centre_norms, torch.empty_like(self.centre_norms)])
         self.centres[self.count] = self.x[row].to(torch.float32)
         self.centre_norms[self.count] = self.norms[row]
         self.count += 1
@@ -380,40 +383,66 @@ def k_center_greedy(
         return np.asarray(initial + sorted(set(range(n)) - set(initial)), dtype=np.int64)
     if k == 0:
         return np.empty(0, dtype=np.int64)
-    device = resolve_device(device)
-    dtype = _storage_dtype(dtype)
-    chunk_rows = chunk_rows or max(1, _CHUNK_BYTES // (4 * embeddings.shape[1]))
-    x, norms = _upload(embeddings, device, dtype, chunk_rows)
-    state = _LazyFarthest(x, norms, k, chunk_rows)
-    first = _first_copies(x, chunk_rows)
-    # a later copy of a row ties with it at every step and loses on index: never a candidate
-    state.drop(torch.nonzero(first != torch.arange(n, device=device))[:, 0])
-    picks = initial or [int(np.random.default_rng(seed).integers(n))]
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+    greedy = KCenter(embeddings, seed, device, chunk_rows, dtype, initial, capacity=k)
+    return greedy.extend(k, progress)
 
-        bar = tqdm(desc="k-center", unit="pick", initial=len(picks), total=k)
-    precision = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")  # TF32 would round the dot products
-    try:
-        for pick in picks:
-            state.add(pick)
-            state.drop(first[pick].view(1))  # the first copy of a centre is at distance 0
-        state.refresh_all()
-        while len(picks) < k and state.remaining:
-            picks.append(state.farthest())
-            state.add(picks[-1])
+
+class KCenter:
+    """k-center greedy that can be continued: `extend(k)` gives the first k picks, computing only
+    those not computed yet. The greedy is prefix-consistent (the first k picks of a longer run are
+    the picks for k), so a `sample_num` slider that moves up only adds picks, and one that moves
+    down slices. Arguments as for `k_center_greedy`; `capacity` sizes the centre buffer (it grows)."""
+
+    def __init__(
+        self, embeddings: np.ndarray | torch.Tensor, seed: int = 0, device: str | torch.device | None = None,
+        chunk_rows: int | None = None, dtype: torch.dtype | str | None = None, initial: Sequence[int] = (),
+        capacity: int = 64,
+    ) -> None:  # fmt: skip
+        n = len(embeddings)
+        self.n, self.seed, self.initial = n, seed, _initial_rows(embeddings, initial, max(len(initial), 1))
+        device = resolve_device(device)
+        chunk_rows = chunk_rows or max(1, _CHUNK_BYTES // (4 * embeddings.shape[1]))
+        x, norms = _upload(embeddings, device, _storage_dtype(dtype), chunk_rows)
+        self.state = _LazyFarthest(x, norms, max(capacity, len(self.initial)), chunk_rows)
+        self.first = _first_copies(x, chunk_rows)
+        # a later copy of a row ties with it at every step and loses on index: never a candidate
+        self.state.drop(torch.nonzero(self.first != torch.arange(n, device=device))[:, 0])
+        self.picks: list[int] = []
+
+    def extend(self, k: int, progress: bool = False) -> np.ndarray:
+        """The first k picks (k >= len(initial)), continuing the greedy where it stopped."""
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(desc="k-center", unit="pick", initial=len(self.picks), total=k)
+        precision = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")  # TF32 would round the dot products
+        try:
+            if not self.picks and self.n:
+                self._start()
+            while len(self.picks) < k and self.state.remaining:
+                self.picks.append(self.state.farthest())
+                self.state.add(self.picks[-1])
+                if bar is not None:
+                    bar.update()
+        finally:
+            torch.set_float32_matmul_precision(precision)
             if bar is not None:
-                bar.update()
-    finally:
-        torch.set_float32_matmul_precision(precision)
-        if bar is not None:
-            bar.close()
-    if len(picks) < k:  # every distinct point is a centre; the rest are at distance 0
-        rest = np.setdiff1d(np.arange(n), picks)  # ascending: ties go to the lowest index
-        picks.extend(rest[: k - len(picks)].tolist())
-    return np.asarray(picks, dtype=np.int64)
+                bar.close()
+        picks = self.picks[:k]
+        if len(picks) < k:  # every distinct point is a centre; the rest are at distance 0
+            rest = np.setdiff1d(np.arange(self.n), picks)  # ascending: ties go to the lowest index
+            picks = picks + rest[: k - len(picks)].tolist()
+        return np.asarray(picks, dtype=np.int64)
+
+    def _start(self) -> None:
+        """The first centres: the `initial` rows, or one drawn with the seed."""
+        self.picks = list(self.initial) or [int(np.random.default_rng(self.seed).integers(self.n))]
+        for pick in self.picks:
+            self.state.add(pick)
+            self.state.drop(self.first[pick].view(1))  # the first copy of a centre is at distance 0
+        self.state.refresh_all()
 
 
 # ---------------------------------------------------------------------------- run directory
