@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import html
 
 import numpy as np
@@ -14,6 +15,8 @@ from threeds.embed_map import MIN_POINTS
 from threeds.names import METRICS, metric_column
 
 MAP_POINTS = 8_000  # drawn besides the picks: each drawn point costs every re-render (hover text)
+SVG_POINTS = 1_500  # up to this many drawn points, SVG: a WebGL plot is rebuilt on every re-render, which
+# took twice as long in the browser on the demo run (BENCHMARKS (c2)); above it, SVG itself gets slow
 GREY = "#c8c8c8"
 
 
@@ -36,8 +39,9 @@ def quality_scores(run) -> np.ndarray:
     return np.array([scores.get(i, np.nan) for i in run.metrics["id"]], dtype=float)
 
 
-def scatter(x, y, rows, ids, texts, name: str, marker: dict, extra: str = "") -> go.Scattergl:
-    return go.Scattergl(
+def scatter(x, y, rows, ids, texts, name: str, marker: dict, extra: str = "", gl: bool = True) -> go.Scatter:
+    kind = go.Scattergl if gl else go.Scatter
+    return kind(
         x=x[rows], y=y[rows], mode="markers", name=name, marker=marker, customdata=ids[rows], text=texts[rows],
         hovertemplate="<b>%{customdata}</b>" + extra + "<br>%{text}<extra></extra>",
     )  # fmt: skip
@@ -47,12 +51,13 @@ def map_figure(run, coords: np.ndarray, colour: str, picked: np.ndarray, shown: 
     """The map in one constructor call (Plotly's add_*/update_* chain is slow on every re-render)."""
     x, y = coords[:, 0], coords[:, 1]
     ids, texts = hover_texts(run, common.key_of(run))
+    draw = functools.partial(scatter, gl=len(shown) > SVG_POINTS)
     if colour == "k-center pick":
         order = np.empty(len(ids), dtype=float)
         order[picked] = np.arange(1, len(picked) + 1)
         traces = [
-            scatter(x, y, np.setdiff1d(shown, picked), ids, texts, "not picked", dict(size=4, color=GREY)),
-            scatter(
+            draw(x, y, np.setdiff1d(shown, picked), ids, texts, "not picked", dict(size=4, color=GREY)),
+            draw(
                 x, y, picked, ids, texts, "picked",
                 dict(size=7, color=order[picked], colorscale="Viridis", colorbar=dict(title="pick #", **({"dtick": 1} if len(picked) <= 10 else {}))),  # whole pick numbers
                 extra=" · pick #%{marker.color}",
@@ -61,13 +66,13 @@ def map_figure(run, coords: np.ndarray, colour: str, picked: np.ndarray, shown: 
     elif colour == "in band":
         mask = common.filtered(run).in_bands
         traces = [
-            scatter(x, y, shown[mask[shown] == inside], ids, texts, name, dict(size=5, color=c))
+            draw(x, y, shown[mask[shown] == inside], ids, texts, name, dict(size=5, color=c))
             for inside, name, c in ((False, "outside a band", GREY), (True, "in all bands", "#1565c0"))
         ]
     else:
         values = quality_scores(run) if colour == "quality" else run.metrics[colour].to_numpy(dtype=float)
         traces = [
-            scatter(
+            draw(
                 x, y, shown, ids, texts, colour,
                 dict(size=5, color=values[shown], colorscale="Viridis", colorbar=dict(title=colour)),
                 extra=f" · {colour} %{{marker.color:.4g}}",
