@@ -96,9 +96,10 @@ class LocalBackend:
 
     @property
     def signature(self) -> dict:
+        from threeds.config import ModelConfig
+
         signature = {"backend": self.name, "model": self.label, "template": self.template, "system": self.system}
-        # absent by default, so logs written before the flag still match
-        return signature | ({"dtype": self.dtype} if self.dtype else {})
+        return signature | ModelConfig(dtype=self.dtype or "auto").recorded()  # the run config's dtype rule
 
     def load(self):
         """(model, tokenizer), loading them once."""
