@@ -15,7 +15,7 @@ from synthetic_run import make_run
 from threeds import cli
 from threeds.config import SelectConfig, to_argv
 from threeds.export import select_command
-from threeds.select import k_center_greedy, select_run
+from threeds.select import band_filter, k_center_greedy
 from threeds.selection import (
     SelectionError,
     apply,
@@ -136,8 +136,12 @@ def cli_ids(argv: list[str]) -> list[str]:
     return [r["id"] for r in json.loads(open(argv[argv.index("--out") + 1]).read())]
 
 
-def test_default_config_equals_select_run(run_dir, tmp_path):
-    expected = select_run(run_dir, sample_num=7)["selected_ids"]
+def test_default_config_is_bands_then_kcenter(run_dir, tmp_path):
+    """No threshold, no rules: the paper's two steps, band filter then k-center on the survivors."""
+    metrics = pd.read_parquet(run_dir / "metrics.parquet")
+    survivors = np.flatnonzero(band_filter(metrics)[0])
+    picks = k_center_greedy(np.load(run_dir / "embeddings.npy")[survivors], 7, seed=0)
+    expected = metrics["id"].to_numpy()[survivors[picks]].tolist()
     assert select_dir(run_dir, SelectConfig(sample_num=7))["selected_ids"] == expected
     assert cli_ids(["select", "--run", str(run_dir), "--out", str(tmp_path / "o.json"), "--sample-num", "7"]) == expected
 

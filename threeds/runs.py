@@ -245,7 +245,7 @@ def run_settings(run: Run) -> dict:
 
 
 def selected_ids(selection: dict) -> list[str]:
-    """Selected ids in pick order from a selection.json (written by `threeds.select.select_run`)."""
+    """Selected ids in pick order from a selection.json (written by `threeds.selection.select_dir`)."""
     ids = selection.get("selected_ids")
     return [str(i) for i in ids] if isinstance(ids, list) else []
 

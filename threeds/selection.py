@@ -32,11 +32,11 @@ import pandas as pd
 from threeds.config import SelectConfig, add_arguments, dest_of
 from threeds.errors import SettingsError, ThreedsError
 from threeds.lock import locked
-from threeds.runcheck import load_scored
+from threeds.runcheck import RESCORE, load_scored
 from threeds.names import ATTEN_METHODS, METRIC_NAMES, METRICS, metric_column
 from threeds.atomic import atomic_write
 from threeds.runs import RunFileError, read_ratings
-from threeds.select import NAN_REASONS, _resolve_bands, _storage_dtype, band_filter, k_center_greedy, resolve_device
+from threeds.select import NAN_REASONS, NonFiniteError, _resolve_bands, _storage_dtype, band_filter, k_center_greedy, resolve_device
 
 PRESET_DIR = "selections"
 PRESET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -318,7 +318,9 @@ def read_run_ratings(run_dir: Path, config: SelectConfig) -> pd.DataFrame | None
 def select_dir(run_dir: str | os.PathLike, config: SelectConfig, device=None, dtype=None, progress: bool = False) -> dict:
     """`threeds select`: apply `config` to a run directory, write and return selection.json's content.
 
-    With no quality threshold and no rules, the same ids and file as `threeds.select.select_run`.
+    Returns {"params", "report", "selected_ids", "selected_rows"}; ids and rows (indices into
+    metrics.parquet) in pick order. NaN/inf embeddings among k-center's candidates are a broken
+    run file (RunFileError naming embeddings.npy), not a setting the user can fix.
     """
     run_dir = Path(run_dir)
     check(config)
@@ -332,7 +334,10 @@ def _select_into(run_dir: Path, config: SelectConfig, metrics: pd.DataFrame, emb
     ratings = read_run_ratings(run_dir, config)
     device = resolve_device(device)
     start = time.perf_counter()
-    chosen = apply(config, metrics, embeddings, ratings, device=device, dtype=dtype, progress=progress)
+    try:
+        chosen = apply(config, metrics, embeddings, ratings, device=device, dtype=dtype, progress=progress)
+    except NonFiniteError as exc:
+        raise RunFileError(f"{exc} in rows k-center chooses among; {RESCORE}", path=run_dir / "embeddings.npy") from exc
     report = dict(chosen.report, n_selected=len(chosen.picked), kcenter_seconds=round(time.perf_counter() - start, 3))
     report["funnel"] = chosen.funnel
     recorded = config.recorded()
