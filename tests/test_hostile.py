@@ -334,4 +334,4 @@ def test_an_empty_selection_says_so_and_exits_3(tmp_path, caplog, capsys):
     assert json.loads((tmp_path / "o.json").read_text()) == []
     assert json.loads(capsys.readouterr().out)["selected"] == 0
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [
-        "no sample is inside every band (0); widen the bands"]
+        "0 samples selected: no sample lies inside all three percentile bands; widen a band"]
