@@ -274,7 +274,7 @@ def empty_reason(config: SelectConfig, counts: dict) -> str | None:
         if config.quality_threshold is None:
             return "the run has no scored sample"
         return f"the quality threshold {config.quality_threshold:g} keeps none of the scored samples; lower it"
-    if counts["A' not flagged"] == 0:
+    if counts.get("A' not flagged") == 0:
         names = ", ".join(ANSWER_FLAG_NAMES[n] for n in config.exclude_flags)
         return f"excluding A' flagged ({names}) leaves none of the {counts['scored']:,} samples kept by quality; exclude fewer flags"
     rule = " outside the exclude rule" if config.exclude else ""
