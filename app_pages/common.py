@@ -127,7 +127,10 @@ def run_picker() -> None:
         st.session_state["run_name"] = "demo" if "demo" in names else names[0]
     st.sidebar.selectbox("Run", names, key="run_name")
     if st.session_state.get("settings_of") != st.session_state["run_name"]:
-        start_from_run_settings()
+        if st.session_state.get("settings_of"):  # switched from another run: the tuned selection stays
+            keep_selection()
+        else:  # the session's first run, or a link's (whose settings then go on top)
+            start_from_run_settings()
     linked = url_state.pending()
     if linked is not None:
         set_selection(linked)
@@ -182,6 +185,20 @@ def start_from_run_settings() -> None:
     for metric, band in found.pop("bands", {}).items():
         st.session_state[f"band_{metric}"] = band
     st.session_state.update(found)
+
+
+def keep_selection() -> None:
+    """On switching runs, keep the selection: its bands are percentiles and its threshold a score,
+    valid for any run. The brush (rows of the old run) goes; the include/exclude rules stay only
+    if the new run has every id they name (a run over the same records)."""
+    st.session_state["settings_of"] = st.session_state["run_name"]
+    clear_brush()
+    run = current_run()
+    ids = set(run.metrics["id"]) if run is not None and run.metrics is not None else set()
+    for kind in ("rule_include", "rule_exclude"):
+        if not set(st.session_state[kind]) <= ids:
+            st.session_state[kind] = ()
+            st.sidebar.caption(f"The {kind.removeprefix('rule_')} rule names samples run {code(run.name if run else '?')} lacks: cleared.")
 
 
 # ---------------------------------------------------------------------------------- brushing and rules

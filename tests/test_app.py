@@ -710,3 +710,53 @@ def test_an_empty_selection_is_named_on_every_page(demo, state, reason):
         at.switch_page(page).run()
         assert not at.exception, (page, at.exception)
         assert f"**This selection picks 0 samples:** {reason}" in texts(at.warning), page
+
+
+def test_switching_runs_keeps_the_tuned_selection(demo, cache):
+    """Issue 11 (2): bands and threshold are percentiles and a score, valid for any run: switching
+    runs keeps them (rules only when the new run has their ids); the new run's numbers follow."""
+    make_run(cache / "other", n=40, n_dropped=10, seed=2)
+    at = open_page("app_pages/difficulty.py")
+    at.slider(key="band_gt_wloss").set_value((10.0, 60.0)).run()
+    at.session_state["quality_threshold"] = 90.0
+    at.session_state["rule_exclude"] = ("s000001",)
+    at.run()
+    at.sidebar.selectbox(key="run_name").set_value("other").run()
+    assert at.session_state["band_gt_wloss"] == (10.0, 60.0) and at.session_state["quality_threshold"] == 90.0
+    assert at.session_state["rule_exclude"] == ("s000001",)  # "other" scored the same ids
+    assert at.query_params["run"] == "other" and at.query_params["corr_low"] == "10" and at.query_params["quality_threshold"] == "90"
+    run = load_run(cache / "other")
+    config = SelectConfig(quality_threshold=90.0, corr_low=10.0, corr_up=60.0, exclude=("s000001",))
+    assert metric(at, "in all three bands") == str(apply(config, run.metrics, run.embeddings, run.ratings).funnel["in all bands"])
+    make_run(cache / "small", n=5, n_dropped=0, seed=3)  # lacks s000010
+    at.session_state["rule_exclude"] = ("s000010",)
+    at.run()
+    at.sidebar.selectbox(key="run_name").set_value("small").run()
+    assert at.session_state["rule_exclude"] == () and "exclude rule names samples" in texts(at.sidebar.caption)
+    assert at.session_state["band_gt_wloss"] == (10.0, 60.0)
+
+
+def test_back_and_forward_on_one_page_restore_its_settings(demo, monkeypatch):
+    """Issue 11 (2): Streamlit pushes a history entry per query string and reruns with the popped
+    one marked as history navigation; the app then takes the settings from the URL."""
+    from app_pages import url_state
+
+    at = open_page("app_pages/difficulty.py")
+    before = dict(at.query_params)
+    at.slider(key="band_ins_ppl").set_value((5.0, 95.0)).run()
+    after = dict(at.query_params)
+    assert after["ins_low"] == "5" and after != before
+    at.query_params.clear()
+    at.query_params.update(before)  # the browser's back: the previous entry's query string
+    at.run()
+    assert at.session_state["band_ins_ppl"] == (5.0, 95.0)  # a plain rerun with an old URL (a drag) is not read
+    assert dict(at.query_params) == after  # and the URL is rewritten from the session
+    monkeypatch.setattr(url_state, "history_navigation", lambda: True)
+    at.query_params.clear()
+    at.query_params.update(before)
+    at.run()
+    assert at.session_state["band_ins_ppl"] == (25.0, 75.0) and dict(at.query_params) == before
+    at.query_params.clear()
+    at.query_params.update(after)  # forward
+    at.run()
+    assert at.session_state["band_ins_ppl"] == (5.0, 95.0) and at.slider(key="band_ins_ppl").value == (5.0, 95.0)
