@@ -25,6 +25,7 @@ them; `SelectConfig.exclude_flags` can drop them before the bands):
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -47,22 +48,22 @@ _WORD = re.compile(rf"[{_CJK}]|[^\W_{_CJK}]+")
 
 
 def word_tokens(text: str) -> list[str]:
-    """The word tokens of the repeat rule: letter/digit runs and single CJK ideographs, case-folded."""
-    return [w.casefold() for w in _WORD.findall(text)]
+    """The word tokens of the repeat rule: letter/digit runs and single CJK ideographs of the case-folded text."""
+    return _WORD.findall(text.casefold())
 
 
 def repeat_shares(texts: Sequence[str], n: int = REPEAT_N, min_count: int = REPEAT_MIN_COUNT) -> np.ndarray:
     """Per text, the share of its word tokens covered by an n-gram occurring >= min_count times in it.
 
-    All texts at once (one sort over every n-gram), so 100k answers cost seconds, not minutes:
-    each n-gram is a 64-bit hash of its tokens and of its text's index."""
+    All texts at once (the words and then the n-grams numbered by hash tables, not one Python
+    counter per text), so 100k answers cost seconds: each n-gram is a 64-bit hash of its word
+    numbers and of its text's index."""
     words = [word_tokens(t) for t in texts]
     lengths = np.fromiter((len(w) for w in words), dtype=np.int64, count=len(words))
     total = int(lengths.sum())
     if total == 0:
         return np.zeros(len(texts))
-    vocab: dict[str, int] = {}
-    ids = np.fromiter((vocab.setdefault(w, len(vocab)) for ws in words for w in ws), dtype=np.int64, count=total)
+    ids = pd.factorize(np.fromiter(itertools.chain.from_iterable(words), dtype=object, count=total))[0].astype(np.int64)
     text_of = np.repeat(np.arange(len(texts), dtype=np.int64), lengths)
     starts = np.concatenate([[0], np.cumsum(lengths)])
     position = np.arange(total) - starts[text_of]
@@ -72,10 +73,9 @@ def repeat_shares(texts: Sequence[str], n: int = REPEAT_N, min_count: int = REPE
         key = text_of[valid] * np.int64(0x9E3779B97F4A7C15 - (1 << 64))
         for k in range(n):
             key = key * np.int64(1_000_003) + ids[valid + k]  # wraps around: a hash, equal n-grams alike
-        _, inverse, counts = np.unique(key, return_inverse=True, return_counts=True)
-        repeated = valid[counts[inverse] >= min_count]
-        np.add.at(covered, repeated, 1)
-        np.add.at(covered, repeated + n, -1)
+        codes = pd.factorize(key)[0]
+        repeated = valid[np.bincount(codes)[codes] >= min_count]
+        covered += np.bincount(repeated, minlength=total + 1) - np.bincount(repeated + n, minlength=total + 1)
     inside = np.concatenate([[0], np.cumsum(np.cumsum(covered[:-1]) > 0)])
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(lengths > 0, (inside[starts[1:]] - inside[starts[:-1]]) / lengths, 0.0)
