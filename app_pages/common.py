@@ -19,6 +19,7 @@ from app_pages import url_state
 
 from threeds.embed_map import PickOrder, load_or_compute_umap
 from threeds.errors import describe
+from threeds.flags import AnswerFlags, run_answer_flags
 from threeds.names import ATTEN_METHODS, METRIC_NAMES, METRICS, metric_column
 from threeds.config import SelectConfig
 from threeds.runs import DEFAULT_CACHE, Run, list_runs, load_run, run_key, run_settings
@@ -28,6 +29,7 @@ from threeds.selection import (
     Filtered,
     Selection,
     SelectionError,
+    empty_reason,
     explain,
     filter_rows,
     funnel,
@@ -47,6 +49,7 @@ DEFAULTS = {
     "seed": 0,
     "rule_include": (),
     "rule_exclude": (),
+    "exclude_flags": [],  # a multiselect's value: a list
     **{f"band_{m}": DEFAULT_BAND for m in METRICS},
 }
 # Widget keys that must survive page switches: Streamlit drops a widget's state when a page
@@ -82,7 +85,7 @@ def set_selection(config: SelectConfig) -> None:
         st.session_state[f"band_{metric}"] = band
     st.session_state.update(
         sample_num=config.sample_num, atten_method=config.atten_method, seed=config.seed,
-        rule_include=config.include, rule_exclude=config.exclude,
+        rule_include=config.include, rule_exclude=config.exclude, exclude_flags=list(config.exclude_flags),
     )  # fmt: skip
     if config.quality_threshold is not None:
         st.session_state["quality_threshold"] = config.quality_threshold
@@ -124,7 +127,10 @@ def run_picker() -> None:
         st.session_state["run_name"] = "demo" if "demo" in names else names[0]
     st.sidebar.selectbox("Run", names, key="run_name")
     if st.session_state.get("settings_of") != st.session_state["run_name"]:
-        start_from_run_settings()
+        if st.session_state.get("settings_of"):  # switched from another run: the tuned selection stays
+            keep_selection()
+        else:  # the session's first run, or a link's (whose settings then go on top)
+            start_from_run_settings()
     linked = url_state.pending()
     if linked is not None:
         set_selection(linked)
@@ -179,6 +185,20 @@ def start_from_run_settings() -> None:
     for metric, band in found.pop("bands", {}).items():
         st.session_state[f"band_{metric}"] = band
     st.session_state.update(found)
+
+
+def keep_selection() -> None:
+    """On switching runs, keep the selection: its bands are percentiles and its threshold a score,
+    valid for any run. The brush (rows of the old run) goes; the include/exclude rules stay only
+    if the new run has every id they name (a run over the same records)."""
+    st.session_state["settings_of"] = st.session_state["run_name"]
+    clear_brush()
+    run = current_run()
+    ids = set(run.metrics["id"]) if run is not None and run.metrics is not None else set()
+    for kind in ("rule_include", "rule_exclude"):
+        if not set(st.session_state[kind]) <= ids:
+            st.session_state[kind] = ()
+            st.sidebar.caption(f"The {kind.removeprefix('rule_')} rule names samples run {code(run.name if run else '?')} lacks: cleared.")
 
 
 # ---------------------------------------------------------------------------------- brushing and rules
@@ -280,7 +300,7 @@ def selection_config(run: Run) -> SelectConfig:
     return SelectConfig.from_bands(
         bands(), sample_num=int(state["sample_num"]), atten_method=state["atten_method"], seed=int(state["seed"]),
         quality_threshold=float(state["quality_threshold"]) if run.ratings is not None else None,
-        include=tuple(state["rule_include"]), exclude=tuple(state["rule_exclude"]),
+        include=tuple(state["rule_include"]), exclude=tuple(state["rule_exclude"]), exclude_flags=tuple(state["exclude_flags"]),
     )  # fmt: skip
 
 
@@ -295,9 +315,22 @@ def quality_of(_run: Run, key: tuple) -> np.ndarray | None:
     return quality_per_row(_run.ratings, _run.metrics["id"])
 
 
+@st.cache_resource(max_entries=4, show_spinner="Flagging the model's answers…")
+def _answer_flags(_run: Run, key: tuple) -> AnswerFlags:
+    return run_answer_flags(_run.path, _run.metrics, _run.records, _run.manifest)
+
+
+def answer_flags(run: Run) -> AnswerFlags | None:
+    """The run's flags on A' (`threeds.flags`), once per run; None without its scored records."""
+    if run.metrics is None or run.records is None:
+        return None
+    return _answer_flags(run, key_of(run))
+
+
 @st.cache_resource(max_entries=64, show_spinner=False)
 def _filtered(_run: Run, key: tuple, _config: SelectConfig, stages: tuple) -> Filtered:
-    return filter_rows(_config, _run.metrics, quality_of(_run, key))
+    flags = answer_flags(_run) if _config.exclude_flags else None  # computed only when a rule needs them
+    return filter_rows(_config, _run.metrics, quality_of(_run, key), flags)
 
 
 def filtered(run: Run, config: SelectConfig | None = None) -> Filtered:
@@ -355,15 +388,15 @@ def show_funnel(run: Run | None) -> None:
     done, config = filtered(run), selection_config(run)
     counts = funnel(run.ratings, config, done, min(pick_count(config), len(done.candidates)))  # no k-center needed
     st.sidebar.markdown("**Selection**  \n" + funnel_text(counts))
-    if counts["picked"] == 0:
-        st.sidebar.warning("This selection picks 0 samples: lower the quality threshold or widen a band.")
+    reason = empty_reason(config, counts)
+    if reason is not None:  # drawn before the page: at the top of every page
+        st.warning(f"**This selection picks 0 samples:** {reason}.", icon=":material/warning:")
 
 
 def sample_num_slider(run: Run) -> int:
     """The shared sample_num slider (Embedding map, Export); clamped to the k-center candidates."""
     n = len(filtered(run).candidates)
-    if n == 0:
-        st.warning("No sample passes the quality threshold and lies inside all three bands; lower the threshold on **Quality** or widen a band on **Difficulty**.")
+    if n == 0:  # the warning at the top of the page says which step left none
         st.stop()
     st.session_state["sample_num"] = max(1, min(int(st.session_state["sample_num"]), n))
     if n == 1:

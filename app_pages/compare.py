@@ -36,7 +36,8 @@ def side(label: str, default_preset: int):
 
 
 def counts_table(a, b) -> pd.DataFrame:
-    stages = list(a.funnel)
+    """Counts per stage of the funnel, the stages neither side can say (None) left out."""
+    stages = [s for s in a.funnel if a.funnel[s] is not None or b.funnel[s] is not None]
     return pd.DataFrame({"stage": stages, "A": [a.funnel[s] for s in stages], "B": [b.funnel[s] for s in stages]})
 
 

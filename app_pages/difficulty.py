@@ -7,7 +7,8 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from app_pages import common
-from threeds.names import METRICS, metric_column
+from threeds.flags import HIT_MAX_SLACK, REPEAT_MIN_COUNT, REPEAT_N, REPEAT_SHARE
+from threeds.names import ANSWER_FLAG_NAMES, ANSWER_FLAGS, METRICS, metric_column
 
 SPLOM_POINTS = 3000
 IN_COLOUR, OUT_COLOUR = "#1565c0", "#bdbdbd"
@@ -72,6 +73,32 @@ def band_panel(col, run, metric: str, info: dict, log: bool) -> None:
             st.caption(f"{info['n_nan']:,} NaN: {info['nan_reason']}")
 
 
+FLAG_HELP = {
+    "hit_max": f"A' reached the run's max-new-tokens (within {HIT_MAX_SLACK:.0%}, counted as re-encoded by scoring): cut off, not finished",
+    "repeats": f"at least {REPEAT_SHARE:.0%} of A''s words lie in a {REPEAT_N}-word sequence it says {REPEAT_MIN_COUNT}+ times",
+    "empty": "A' blank once whitespace and invisible characters are set aside (scoring sets such records aside, so this is rare here)",
+}
+
+
+def flag_panel(run) -> None:
+    """How many answers carry each flag on A', and the rule that drops them before the bands."""
+    flags = common.answer_flags(run)
+    if flags is None:
+        return
+    counts = flags.counts()
+    cols = st.columns(4)
+    for col, name in zip(cols, ANSWER_FLAGS):
+        col.metric(f"A' {ANSWER_FLAG_NAMES[name]}", f"{counts[name]:,}", help=FLAG_HELP[name])
+    cols[3].multiselect(
+        "Drop flagged A' before the bands", ANSWER_FLAGS, key="exclude_flags", format_func=ANSWER_FLAG_NAMES.get,
+        help="part of the selection: the bands' percentiles are then taken over the other samples (threeds select --exclude-flagged)",
+    )  # fmt: skip
+    if flags.cap is None:
+        st.caption("hit max-new-tokens: unknown, the run did not generate A' itself (its manifest records no max_new_tokens)")
+    else:
+        st.caption(f"A' generated with max-new-tokens {flags.cap:,}; counts are over all {len(flags.repeat_share):,} scored samples")
+
+
 def scatter_matrix(run, mask: np.ndarray) -> go.Figure:
     rows = common.display_rows(len(mask), SPLOM_POINTS)
     atten = st.session_state["atten_method"]
@@ -97,8 +124,10 @@ def main() -> None:
     mask, report = done.in_bands, done.report
     k1, k2, k3 = st.columns(3)
     k1.metric("in all three bands", f"{report['n_kept']:,}")
-    k2.metric("scored samples kept by quality", f"{report['n_total']:,}", help="the bands' percentiles are taken over these")
+    pool = "scored samples kept by quality" + (", A' not flagged" if st.session_state["exclude_flags"] else "")
+    k2.metric(pool, f"{report['n_total']:,}", help="the bands' percentiles are taken over these")
     k3.metric("excluded (NaN metric)", f"{report['n_excluded_nan']:,}")
+    flag_panel(run)
     for col, metric in zip(st.columns(3), METRICS):
         band_panel(col, run, metric, report["metrics"][metric], log and metric == "ins_ppl")
     st.subheader("Scatter matrix")

@@ -12,7 +12,8 @@ from app_pages import common
 from threeds import heatmap
 from threeds.data import full_instruction
 from threeds.runs import RunFileError, percentile_rank
-from threeds.names import METRIC_NAMES, METRICS, metric_column
+from threeds.flags import REPEAT_SHARE
+from threeds.names import ANSWER_FLAG_NAMES, ANSWER_FLAGS, METRIC_NAMES, METRICS, metric_column
 
 MATCHES = 50
 RESPONSES = {"gt": ("A (ground truth)", "output"), "gen": ("A' (model's own answer)", "generated_output")}
@@ -154,6 +155,22 @@ def attention_view() -> None:
     )  # fmt: skip
 
 
+def flag_badges(run, row: int) -> None:
+    """The flags on this sample's A' as badges, with the numbers behind them."""
+    flags = common.answer_flags(run)
+    if flags is None:
+        return
+    names = [name for name in ANSWER_FLAGS if flags.masks[name][row]]
+    tokens = "" if flags.tokens is None else f"{flags.tokens[row]:.0f} tokens of max-new-tokens {flags.cap:,}; "
+    numbers = f"{tokens}repeat share {flags.repeat_share[row]:.2f} (flagged from {REPEAT_SHARE:g})"
+    if names:
+        badges = " ".join(f":orange-badge[:material/flag: A' {ANSWER_FLAG_NAMES[name]}]" for name in names)
+        st.markdown(badges)
+        st.caption(numbers)
+    else:
+        st.caption(f"A' not flagged: {numbers}")
+
+
 def main() -> None:
     st.title("Sample inspector")
     run = common.require_run()
@@ -174,6 +191,7 @@ def main() -> None:
     rank = f" (pick #{chosen.rank[row]:,})" if chosen.rank[row] else ""
     st.markdown(f"### {common.code(sample_id)}  ·  selection: **{chosen.verdict[row]}**{rank}")
     st.caption(f"why: {chosen.reason[row]}")
+    flag_badges(run, row)
     st.markdown("**Instruction**")
     st.text(full_instruction(record))
     try:

@@ -16,7 +16,7 @@ import streamlit as st
 
 from app_pages import common
 from threeds.data import full_instruction
-from threeds.names import METRIC_NAMES, METRICS
+from threeds.names import ANSWER_FLAG_NAMES, METRIC_NAMES, METRICS
 from threeds.runs import Run
 from threeds.selection import VERDICTS, sample_table
 
@@ -38,21 +38,22 @@ def search_texts(_run: Run, key: tuple) -> tuple[pd.Series, pd.Series]:
 @st.cache_resource(max_entries=8, show_spinner=False)
 def table_of(_run: Run, key: tuple, config: tuple, _chosen) -> pd.DataFrame:
     done = common.filtered(_run, _chosen.config)
-    return sample_table(_chosen, _run.metrics, done.quality, done.quality_ok)
+    return sample_table(_chosen, _run.metrics, done.quality, done.pool, common.answer_flags(_run))
 
 
 def reason_kinds() -> list[str]:
-    kinds = ["quality", "not rated", "excluded by rule", "always include", "not among"]
+    kinds = ["quality", "not rated", *(f"A' {name}" for name in ANSWER_FLAG_NAMES.values()), "excluded by rule", "always include", "not among"]
     for metric in METRICS:
         kinds += [f"{METRIC_NAMES[metric]} below", f"{METRIC_NAMES[metric]} above", f"{METRIC_NAMES[metric]}: no value"]
     return kinds
 
 
-def filtered_rows(run: Run, table: pd.DataFrame, verdicts: list[str], reasons: list[str], query: str) -> np.ndarray:
-    """Rows matching every filter: verdict, any of the reason kinds, the search text."""
+def filtered_rows(run: Run, table: pd.DataFrame, verdicts: list[str], reasons: list[str], flags: list[str], query: str) -> np.ndarray:
+    """Rows matching every filter: verdict, any of the reason kinds, any of the flags on A', the search text."""
     keep = table["verdict"].isin(verdicts).to_numpy().copy()
-    if reasons:
-        keep &= table["why"].str.contains("|".join(map(re.escape, reasons)), regex=True).to_numpy()
+    for column, wanted in (("why", reasons), ("A' flags", flags)):
+        if wanted:
+            keep &= table[column].str.contains("|".join(map(re.escape, wanted)), regex=True).to_numpy()
     if query.strip():
         haystack = search_texts(run, common.key_of(run))[0]
         keep &= haystack.str.contains(query.strip().lower(), regex=False).to_numpy()
@@ -84,12 +85,13 @@ def main() -> None:
     brush_and_rules(run)
     chosen = common.selection(run)
     table = table_of(run, common.key_of(run), dataclasses.astuple(chosen.config), chosen)
-    c1, c2, c3, c4 = st.columns([2, 3, 3, 2])
+    c1, c2, c3, c4, c5 = st.columns([2, 3, 2, 3, 2])
     verdicts = c1.multiselect("Verdict", VERDICTS, default=list(VERDICTS), key="samples_verdict")
     reasons = c2.multiselect("Why contains any of", reason_kinds(), key="samples_reason")
-    query = c3.text_input("Search instruction, A and A'", key="samples_query", placeholder="words…")
-    sort = c4.selectbox("Sort by", list(SORTS), key="samples_sort")
-    rows = filtered_rows(run, table, verdicts, reasons, query)
+    flags = c3.multiselect("A' flagged", list(ANSWER_FLAG_NAMES.values()), key="samples_flags", help="the model's own answer hit max-new-tokens, repeats itself or is empty (Difficulty page: counts and the rule that drops them)")
+    query = c4.text_input("Search instruction, A and A'", key="samples_query", placeholder="words…")
+    sort = c5.selectbox("Sort by", list(SORTS), key="samples_sort")
+    rows = filtered_rows(run, table, verdicts, reasons, flags, query)
     column, ascending = SORTS[sort]
     values = table[column].to_numpy()[rows]
     if column == "pick":  # picks first, in pick order
@@ -100,7 +102,7 @@ def main() -> None:
     shown = table.iloc[rows].assign(instruction=snippets.to_numpy()[rows])
     shown["pick"] = [f"{r:,}" if r else "" for r in shown["pick"]]  # blank, not "None", when not picked
     st.caption(f"{len(order):,} of {len(table):,} samples match" + (f"; the first {SHOWN:,} are shown" if len(order) > SHOWN else "") + " · select a row to open it in the inspector")
-    columns = ["pick", "id", "verdict", "why", "instruction", "quality", *(c for m in METRICS for c in (METRIC_NAMES[m], f"{METRIC_NAMES[m]} %"))]
+    columns = ["pick", "id", "verdict", "why", "A' flags", "instruction", "quality", *(c for m in METRICS for c in (METRIC_NAMES[m], f"{METRIC_NAMES[m]} %"))]
     number = st.column_config.NumberColumn
     event = st.dataframe(
         shown[columns], hide_index=True, width="stretch", height=560, key="samples_table",

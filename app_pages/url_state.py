@@ -1,11 +1,13 @@
 """The view in the URL: the run, every selection setting and, on the inspector, the sample id.
 
-After each run of the app the query string is rewritten from the session (`write`). It is read
-into the session (`read`) on the first run of a session (a reload, a pasted link, a bookmark) and
-when the page changes (back/forward to another page brings that page's URL). Not otherwise:
-while a slider is dragged the browser sends reruns that still carry the previous query string,
-and reading those would move the slider back. So back/forward between query strings of one page
-(Streamlit pushes a history entry per change) does not restore them.
+After each run of the app the query string is rewritten from the session (`write`); Streamlit's
+frontend pushes a browser history entry for each new query string (`history.pushState`), so every
+committed change is a step back/forward can return to. The URL is read into the session (`read`)
+on the first run of a session (a reload, a pasted link, a bookmark), when the page changes, and
+on back/forward within a page: on the browser's `popstate` Streamlit reruns the script with the
+restored query string and marks the run as a history navigation (`is_history_navigation` of the
+script run context, Streamlit >= 1.50). Not otherwise: while a slider is dragged the browser
+sends reruns that still carry the previous query string, and reading those would move it back.
 Selection settings use SelectConfig's field names and only appear when they differ from its
 defaults, so `?run=demo&quality_threshold=90&conf_up=80` is a complete link.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 
 import streamlit as st
+from streamlit.runtime.scriptrunner import get_script_run_ctx
 
 from threeds.config import SelectConfig, format_value
 from threeds.selection import SelectionError, check
@@ -52,9 +55,18 @@ def decode(params: dict[str, str]) -> SelectConfig:
     return config
 
 
+def history_navigation() -> bool:
+    """Whether the browser's back/forward started this run (then the URL is the state to show)."""
+    ctx = get_script_run_ctx()
+    return bool(getattr(ctx, "is_history_navigation", False))
+
+
 def read(run_names: list[str], page_path: str) -> None:
-    """On a session's first run or a page change, take run, settings and id from the URL (before the run picker)."""
-    if st.session_state.get(PAGE) == page_path:
+    """On a session's first run, a page change or back/forward, take run, settings and id from
+    the URL (before the run picker). A history entry's URL was written by `write`, so a setting
+    it lacks is at its default; a pasted link's missing settings are the run's own."""
+    back = history_navigation()
+    if st.session_state.get(PAGE) == page_path and not back:
         return
     st.session_state[PAGE] = page_path
     params = st.query_params.to_dict()
@@ -66,7 +78,7 @@ def read(run_names: list[str], page_path: str) -> None:
         st.session_state["settings_of"] = None  # reopen: the link's settings go over the run's own
     elif name:
         st.sidebar.warning(f"The link names run {name!r}, which is not in this cache; showing another run.")
-    if params.keys() & FIELDS.keys():
+    if back or params.keys() & FIELDS.keys():
         try:
             st.session_state[PENDING] = decode(params)
         except SelectionError as exc:

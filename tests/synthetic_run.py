@@ -119,3 +119,27 @@ def write_scores(path: Path, records: list[dict], dim: int, rng: np.random.Gener
         rows = [row for r in records for resp, field in (("gt", "output"), ("gen", "generated_output")) for row in token_rows(r["id"], resp, r[field], rng)]
         columns = ["id", "response", "pos", "token", "start", "end", "loss", "w_mean", "w_max", "function_word"]
         pd.DataFrame(rows, columns=columns).to_parquet(path / "tokens.parquet", index=False)
+
+
+LOOP = "Rest and fluids help. " * 6  # repeats itself: every word token covered (threeds.flags)
+
+
+def flag_answers(path: Path, cap: int = 400, hit: tuple[int, ...] = (2, 5), loop: tuple[int, ...] = (3, 7),
+                 blank: tuple[int, ...] = (9,)) -> dict[str, list[str]]:  # fmt: skip
+    """Give some scored samples of a synthetic run a flagged A': rows `hit` reach the generation cap
+    `cap` (recorded in the manifest as `threeds run` does), rows `loop` repeat themselves, rows
+    `blank` are invisible characters only. Returns the ids per flag."""
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["stages"]["generate"]["config"] = {"backend": "local", "max_new_tokens": cap}
+    (path / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    metrics = pd.read_parquet(path / "metrics.parquet")
+    metrics.loc[list(hit), "gen_tokens"] = cap + 1  # A' tokens + the end-of-turn marker's one
+    metrics.to_parquet(path / "metrics.parquet", index=False)
+    records = [json.loads(line) for line in (path / "data.jsonl").read_text().splitlines()]
+    for row in loop:
+        records[row]["generated_output"] = LOOP
+    for row in blank:
+        records[row]["generated_output"] = "\u200b\ufeff "
+    (path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    ids = metrics["id"].tolist()
+    return {"hit_max": [ids[r] for r in hit], "repeats": [ids[r] for r in loop], "empty": [ids[r] for r in blank]}

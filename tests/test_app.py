@@ -432,6 +432,14 @@ def test_runs_page_shows_done_and_the_time_left(demo):
     assert "Reached generate: 13 / 40 records" in texts(at.caption)
 
 
+def exported_ids(line: str, out: Path) -> list[str]:
+    """Run the `threeds select` command Export shows (writing to `out`); the ids it selects."""
+    argv = shlex.split(line)
+    argv[argv.index("--out") + 1] = str(out)
+    assert cli.main(argv[1:]) == 0
+    return [r["id"] for r in json.loads(out.read_text())]
+
+
 def sidebar_funnel(at: AppTest) -> str:
     return texts(at.sidebar.markdown)
 
@@ -459,10 +467,7 @@ def test_one_selection_on_every_page_and_the_exported_command(demo, tmp_path):
     assert metric(at, "selected samples") == str(n)
     shown = at.code[1].value
     assert "--quality-threshold 95" in shown
-    argv = shlex.split(shown)
-    argv[argv.index("--out") + 1] = str(tmp_path / "cli.json")
-    assert cli.main(argv[1:]) == 0
-    cli_ids = [r["id"] for r in json.loads((tmp_path / "cli.json").read_text())]
+    cli_ids = exported_ids(shown, tmp_path / "cli.json")
     assert cli_ids == expected.picked_ids and len(cli_ids) == n > 0
     assert at.dataframe[0].value["id"].tolist() == cli_ids[:20]
 
@@ -597,10 +602,7 @@ def test_a_brush_filters_the_table_and_becomes_a_rule(demo, tmp_path):
     at.switch_page("app_pages/export.py").run()
     line = at.code[1].value
     assert "--include " + ",".join(at.session_state["rule_include"]) in line
-    argv = shlex.split(line)
-    argv[argv.index("--out") + 1] = str(tmp_path / "r.json")
-    assert cli.main(argv[1:]) == 0
-    assert [r["id"] for r in json.loads((tmp_path / "r.json").read_text())] == at.dataframe[0].value["id"].tolist()[:4]
+    assert exported_ids(line, tmp_path / "r.json") == at.dataframe[0].value["id"].tolist()[:4]
 
 
 def test_compare_two_presets_and_two_runs(demo, cache):
@@ -619,7 +621,9 @@ def test_compare_two_presets_and_two_runs(demo, cache):
     parts = overlap(a.picked_ids, b.picked_ids)
     assert metric(at, "picked by both") == str(len(parts["both"])) and metric(at, "only A") == str(len(parts["only A"]))
     counts = at.dataframe[0].value
-    assert counts["A"].tolist() == list(a.funnel.values()) and counts["B"].tolist() == list(b.funnel.values())
+    said = [s for s in a.funnel if a.funnel[s] is not None or b.funnel[s] is not None]  # "A' not flagged": no rule
+    assert counts["stage"].tolist() == said and "A' not flagged" not in said
+    assert counts["A"].tolist() == [a.funnel[s] for s in said] and counts["B"].tolist() == [b.funnel[s] for s in said]
     diff = at.dataframe[1].value
     assert diff["id"].tolist() == parts["only A"] + parts["only B"]
     assert f"({len(diff)} ids" in at.get("download_button")[0].proto.label
@@ -628,3 +632,131 @@ def test_compare_two_presets_and_two_runs(demo, cache):
     at.selectbox(key="compare_run_B").set_value("rescored").run()
     at.selectbox(key="compare_sel_B").set_value("(current selection)").run()
     assert not at.exception and metric(at, "picked by both")
+
+
+ALL_PAGES = ["app_pages/quality.py", "app_pages/difficulty.py", "app_pages/samples.py", "app_pages/inspector.py",
+             "app_pages/embedding_map.py", "app_pages/compare.py", "app_pages/export.py"]  # fmt: skip
+
+
+@pytest.fixture()
+def flagged(demo):
+    from synthetic_run import flag_answers
+
+    return flag_answers(demo)
+
+
+def test_flags_on_the_difficulty_page_and_their_rule(demo, flagged, tmp_path):
+    """Issue 11 (6): counts per flag; the rule is part of the selection (funnel, URL, export, CLI)."""
+    at = open_page("app_pages/difficulty.py")
+    assert [metric(at, f"A' {name}") for name in ("hit max-new-tokens", "repeats itself", "empty")] == ["2", "2", "1"]
+    assert "max-new-tokens 400" in texts(at.caption)
+    at.multiselect(key="exclude_flags").set_value(["hit_max", "repeats", "empty"]).run()
+    run = load_run(demo)
+    from threeds.flags import run_answer_flags
+
+    config = SelectConfig(quality_threshold=85.0, exclude_flags=("hit_max", "repeats", "empty"))
+    expected = apply(config, run.metrics, run.embeddings, run.ratings, run_answer_flags(demo, run.metrics, run.records, run.manifest))
+    unflagged = expected.funnel["A' not flagged"]
+    assert f"A' not flagged **{unflagged}**" in sidebar_funnel(at) and unflagged == expected.funnel["scored"] - 5
+    assert metric(at, "scored samples kept by quality, A' not flagged") == str(expected.report["n_total"])
+    assert at.query_params["exclude_flags"] == "hit_max,repeats,empty"
+    at.switch_page("app_pages/export.py").run()
+    line = at.code[1].value
+    assert "--exclude-flagged hit_max,repeats,empty" in line
+    ids = exported_ids(line, tmp_path / "f.json")
+    assert ids == expected.picked_ids and not set(ids) & {i for group in flagged.values() for i in group}
+
+
+def test_flags_in_the_samples_table_and_the_inspector(demo, flagged):
+    at = open_page("app_pages/samples.py", exclude_flags=["repeats"])
+    table = at.dataframe[0].value
+    by_id = table.set_index("id")["A' flags"]
+    assert by_id[flagged["hit_max"][0]] == "hit max-new-tokens" and by_id[flagged["empty"][0]] == "empty"
+    assert (by_id != "").sum() == 5
+    assert all(table.set_index("id").loc[i, "why"].startswith("A' repeats itself") for i in flagged["repeats"])
+    at.multiselect(key="samples_flags").set_value(["repeats itself", "empty"]).run()
+    assert sorted(at.dataframe[0].value["id"]) == sorted(flagged["repeats"] + flagged["empty"])
+    at.multiselect(key="samples_flags").set_value([]).run()
+    at.multiselect(key="samples_reason").set_value(["A' repeats itself"]).run()
+    assert sorted(at.dataframe[0].value["id"]) == sorted(flagged["repeats"])
+    at.switch_page("app_pages/inspector.py").run()
+    at.session_state["inspect_id"] = flagged["hit_max"][0]
+    at.run()
+    assert ":orange-badge[:material/flag: A' hit max-new-tokens]" in texts(at.markdown)
+    assert "401 tokens" not in texts(at.caption) and "400 tokens of max-new-tokens 400" in texts(at.caption)
+    at.session_state["inspect_id"] = "s000000"
+    at.run()
+    assert "badge" not in texts(at.markdown) and "A' not flagged" in texts(at.caption)
+
+
+@pytest.mark.parametrize(
+    ("state", "reason"),
+    [
+        ({"quality_threshold": 100.0}, "the quality threshold 100 keeps none of the scored samples"),
+        ({f"band_{m}": (40.0, 40.0) for m in METRICS}, "no sample lies inside all three percentile bands"),
+    ],
+)
+def test_an_empty_selection_is_named_on_every_page(demo, state, reason):
+    ratings = [json.loads(line) for line in (demo / "ratings.jsonl").read_text().splitlines()]
+    for row in ratings:  # none rated 100 (rounding can make one)
+        row["score"] = min(row["score"], 99.0) if row["score"] is not None else None
+    (demo / "ratings.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ratings))
+    at = app().run()
+    for key, value in state.items():
+        at.session_state[key] = value
+    at.run()
+    assert reason in texts(at.warning)  # the Runs page too
+    for page in ALL_PAGES:
+        at.switch_page(page).run()
+        assert not at.exception, (page, at.exception)
+        assert f"**This selection picks 0 samples:** {reason}" in texts(at.warning), page
+
+
+def test_switching_runs_keeps_the_tuned_selection(demo, cache):
+    """Issue 11 (2): bands and threshold are percentiles and a score, valid for any run: switching
+    runs keeps them (rules only when the new run has their ids); the new run's numbers follow."""
+    make_run(cache / "other", n=40, n_dropped=10, seed=2)
+    at = open_page("app_pages/difficulty.py")
+    at.slider(key="band_gt_wloss").set_value((10.0, 60.0)).run()
+    at.session_state["quality_threshold"] = 90.0
+    at.session_state["rule_exclude"] = ("s000001",)
+    at.run()
+    at.sidebar.selectbox(key="run_name").set_value("other").run()
+    assert at.session_state["band_gt_wloss"] == (10.0, 60.0) and at.session_state["quality_threshold"] == 90.0
+    assert at.session_state["rule_exclude"] == ("s000001",)  # "other" scored the same ids
+    assert at.query_params["run"] == "other" and at.query_params["corr_low"] == "10" and at.query_params["quality_threshold"] == "90"
+    run = load_run(cache / "other")
+    config = SelectConfig(quality_threshold=90.0, corr_low=10.0, corr_up=60.0, exclude=("s000001",))
+    assert metric(at, "in all three bands") == str(apply(config, run.metrics, run.embeddings, run.ratings).funnel["in all bands"])
+    make_run(cache / "small", n=5, n_dropped=0, seed=3)  # lacks s000010
+    at.session_state["rule_exclude"] = ("s000010",)
+    at.run()
+    at.sidebar.selectbox(key="run_name").set_value("small").run()
+    assert at.session_state["rule_exclude"] == () and "exclude rule names samples" in texts(at.sidebar.caption)
+    assert at.session_state["band_gt_wloss"] == (10.0, 60.0)
+
+
+def test_back_and_forward_on_one_page_restore_its_settings(demo, monkeypatch):
+    """Issue 11 (2): Streamlit pushes a history entry per query string and reruns with the popped
+    one marked as history navigation; the app then takes the settings from the URL."""
+    from app_pages import url_state
+
+    at = open_page("app_pages/difficulty.py")
+    before = dict(at.query_params)
+    at.slider(key="band_ins_ppl").set_value((5.0, 95.0)).run()
+    after = dict(at.query_params)
+    assert after["ins_low"] == "5" and after != before
+    at.query_params.clear()
+    at.query_params.update(before)  # the browser's back: the previous entry's query string
+    at.run()
+    assert at.session_state["band_ins_ppl"] == (5.0, 95.0)  # a plain rerun with an old URL (a drag) is not read
+    assert dict(at.query_params) == after  # and the URL is rewritten from the session
+    monkeypatch.setattr(url_state, "history_navigation", lambda: True)
+    at.query_params.clear()
+    at.query_params.update(before)
+    at.run()
+    assert at.session_state["band_ins_ppl"] == (25.0, 75.0) and dict(at.query_params) == before
+    at.query_params.clear()
+    at.query_params.update(after)  # forward
+    at.run()
+    assert at.session_state["band_ins_ppl"] == (5.0, 95.0) and at.slider(key="band_ins_ppl").value == (5.0, 95.0)

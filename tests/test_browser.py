@@ -388,6 +388,32 @@ def test_url_reload_and_pasted_link(server, browser, shots):
     wait_for(d, lambda d: "--low-th 10 --up-th 75 " in body_text(d) and "--quality-threshold 90" in body_text(d), "the link's selection reaches Export")
 
 
+def test_back_and_forward_restore_a_pages_settings(server, browser):
+    """Issue 11 (2): each committed change is a browser history entry; back and forward on one
+    page bring its settings back (sliders, numbers and URL)."""
+    from selenium.webdriver.common.keys import Keys
+
+    url, _ = server
+    d = browser
+    d.get(f"{url}/difficulty?run=demo")
+    idle(d)
+    nudge_slider(d, 0, Keys.ARROW_RIGHT, 5)  # Instruction Understanding's low end: 25 -> 30
+    wait_for(d, lambda d: "ins_low=30" in d.current_url, "the first change in the URL")
+    first, first_sliders, first_kept = d.current_url, slider_values(d), metric(d, "in all three bands")
+    nudge_slider(d, 0, Keys.ARROW_RIGHT, 10)  # 30 -> 40
+    wait_for(d, lambda d: "ins_low=40" in d.current_url, "the second change in the URL")
+    second, second_sliders, second_kept = d.current_url, slider_values(d), metric(d, "in all three bands")
+    assert second_sliders != first_sliders
+    d.back()
+    wait_for(d, lambda d: slider_values(d) == first_sliders, "back: the first change's sliders")
+    idle(d)
+    assert d.current_url == first and metric(d, "in all three bands") == first_kept
+    d.forward()
+    wait_for(d, lambda d: slider_values(d) == second_sliders, "forward: the second change's sliders")
+    idle(d)
+    assert d.current_url == second and metric(d, "in all three bands") == second_kept
+
+
 def test_box_on_the_map_filters_the_samples_table_and_compare(server, browser, shots):
     """Issue 11 (4, 3, 5): a box dragged on the map brushes points; Samples shows only those;
     a row opens the inspector; Compare draws two selections."""

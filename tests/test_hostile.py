@@ -81,6 +81,14 @@ def _int_embeddings(tmp, model):
     return select(run, tmp / "o.json"), [str(run / "embeddings.npy"), "dtype int64"]
 
 
+def _nan_embeddings(tmp, model):
+    run = scored_run(tmp)
+    emb = np.load(run / "embeddings.npy")
+    emb[:] = np.nan  # every row, so k-center meets one whatever the bands keep
+    np.save(run / "embeddings.npy", emb)
+    return select(run, tmp / "o.json", "--low-th", "0", "--up-th", "100"), [str(run / "embeddings.npy"), "NaN/inf", "score again"]
+
+
 def _repeated_id_in_metrics(tmp, model):
     run = scored_run(tmp)
     metrics = pd.read_parquet(run / "metrics.parquet")
@@ -201,6 +209,7 @@ CASES = [
     Case("corrupt metrics.parquet", _corrupt_metrics, BAD_INPUT),
     Case("truncated embeddings.npy", _truncated_embeddings, BAD_INPUT),
     Case("integer embeddings", _int_embeddings, BAD_INPUT),
+    Case("NaN embeddings", _nan_embeddings, BAD_INPUT),
     Case("repeated id in metrics.parquet", _repeated_id_in_metrics, BAD_INPUT),
     Case("repeated id in data.jsonl", _repeated_id_in_data, BAD_INPUT),
     Case("data.jsonl out of order", _data_out_of_order, BAD_INPUT),
@@ -325,4 +334,4 @@ def test_an_empty_selection_says_so_and_exits_3(tmp_path, caplog, capsys):
     assert json.loads((tmp_path / "o.json").read_text()) == []
     assert json.loads(capsys.readouterr().out)["selected"] == 0
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [
-        "no sample is inside every band (0); widen the bands"]
+        "0 samples selected: no sample lies inside all three percentile bands; widen a band"]

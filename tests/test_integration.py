@@ -12,9 +12,9 @@ from conftest import ROOT
 
 from threeds.data import read_records
 from threeds.model import embedded_gguf_path, load_model
-from threeds.config import ScoreConfig
+from threeds.config import ScoreConfig, SelectConfig
 from threeds.pipeline import score_run
-from threeds.select import select_run
+from threeds.selection import select_dir
 
 pytestmark = pytest.mark.integration
 SAMPLE = ROOT / "threeds" / "sample_data" / "medquad_en_200.jsonl"
@@ -47,7 +47,7 @@ def test_score_and_select_sample_records(tmp_path, embedded):
         assert metrics[col].map(math.isfinite).all() and (metrics[col] > 0).all()
     assert np.load(tmp_path / "embeddings.npy").shape == (6, 576)
     assert manifest["timings"]["score_seconds"] > 0
-    result = select_run(tmp_path, {"ins_ppl": (0, 100), "gen_wloss": (0, 100), "gt_wloss": (0, 100)}, sample_num=3)
+    result = select_dir(tmp_path, SelectConfig(low_th=0, up_th=100, sample_num=3))
     assert len(result["selected_ids"]) == 3
     saved = json.loads((tmp_path / "selection.json").read_text())
     assert saved["selected_ids"] == result["selected_ids"]

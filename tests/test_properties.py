@@ -16,7 +16,9 @@ from hypothesis import strategies as st
 
 from threeds.data import read_records, write_jsonl
 from threeds.runcheck import RunFileError
-from threeds.select import band_filter, select_run, selected_records
+from threeds.config import SelectConfig
+from threeds.select import band_filter, selected_records
+from threeds.selection import select_dir
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)  # any text a file can hold
@@ -101,7 +103,7 @@ def test_select_picks_distinct_band_survivors_and_returns_their_own_records(n, d
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp)
         metrics = make_run_dir(run, n, dim, seed, nan_share)
-        result = select_run(run, bands, sample_num=k, seed=seed % 7)
+        result = select_dir(run, SelectConfig(low_th=low, up_th=high, sample_num=k, seed=seed % 7))
         records = selected_records(run, result["selected_ids"])
         assert json.loads((run / "selection.json").read_text()) == result
     keep, _ = band_filter(metrics, bands)
@@ -128,5 +130,5 @@ def test_select_refuses_a_run_with_a_repeated_or_misplaced_id(n, seed, data):
             lines[a], lines[b] = lines[b], lines[a]
             (run / "data.jsonl").write_text("\n".join(lines) + "\n")
         with pytest.raises(RunFileError, match=where):
-            select_run(run, None, sample_num=3)
+            select_dir(run, SelectConfig(sample_num=3))
         assert not (run / "selection.json").exists()

@@ -9,16 +9,17 @@ import pandas as pd
 import pytest
 import torch
 
+from threeds.config import SelectConfig
 from threeds.names import METRICS, metric_column
 from threeds.select import (
     _first_copies,
     band_filter,
     band_thresholds,
     k_center_greedy,
-    select_run,
     selected_records,
     within,
 )
+from threeds.selection import select_dir
 
 
 def band_mask(values: np.ndarray, low: float, high: float) -> np.ndarray:
@@ -320,10 +321,10 @@ def _make_run(tmp_path, n: int = 40, dim: int = 8):
     return metrics, emb
 
 
-def test_select_run(tmp_path):
+def test_select_dir(tmp_path):
     metrics, emb = _make_run(tmp_path)
     bands = {"ins_ppl": (10, 90), "gen_wloss": (5, 95)}
-    result = select_run(tmp_path, bands, sample_num=5, seed=1)
+    result = select_dir(tmp_path, SelectConfig(ins_low=10, ins_up=90, conf_low=5, conf_up=95, sample_num=5, seed=1))
     keep, report = band_filter(metrics, bands)
     survivors = np.flatnonzero(keep)
     picks = reference_kcenter(emb[survivors], 5, 1)
@@ -347,21 +348,21 @@ def test_select_run(tmp_path):
         selected_records(tmp_path, ["r1", "nope"])
 
 
-def test_select_run_fewer_survivors_than_sample_num(tmp_path):
+def test_select_dir_fewer_survivors_than_sample_num(tmp_path):
     metrics, _ = _make_run(tmp_path)
-    result = select_run(tmp_path, None, sample_num=1000)
+    result = select_dir(tmp_path, SelectConfig(sample_num=1000))
     survivors = np.flatnonzero(band_filter(metrics)[0])
     assert result["selected_rows"] == survivors.tolist()
     assert result["report"]["n_selected"] == len(survivors)
 
 
-def test_select_run_rejects_mismatched_embeddings(tmp_path):
+def test_select_dir_rejects_mismatched_embeddings(tmp_path):
     _make_run(tmp_path)
     np.save(tmp_path / "embeddings.npy", np.zeros((39, 8), np.float32))
     with pytest.raises(ValueError, match=r"\(39, 8\).*40 rows"):
-        select_run(tmp_path, None)
+        select_dir(tmp_path, SelectConfig())
     with pytest.raises(ValueError, match="sample_num"):
-        select_run(tmp_path, None, sample_num=0)
+        select_dir(tmp_path, SelectConfig(sample_num=0))
 
 
 def test_bench_baseline_matches_on_float16_exact_data():

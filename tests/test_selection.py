@@ -10,12 +10,14 @@ import shlex
 import numpy as np
 import pandas as pd
 import pytest
-from synthetic_run import make_run
+from synthetic_run import flag_answers, make_run
 
 from threeds import cli
 from threeds.config import SelectConfig, to_argv
 from threeds.export import select_command
-from threeds.select import k_center_greedy, select_run
+from threeds.flags import flag_answers as flags_of
+from threeds.flags import run_answer_flags
+from threeds.select import band_filter, k_center_greedy
 from threeds.selection import (
     SelectionError,
     apply,
@@ -24,6 +26,7 @@ from threeds.selection import (
     load_preset,
     ordinal,
     save_preset,
+    empty_reason,
     select_dir,
 )
 
@@ -44,7 +47,7 @@ def test_bands_only_hand_checked():
     # percentiles 25 / 75 of 1..5 are 2 and 4: b, c, d inside
     chosen = apply(SelectConfig(sample_num=10), metrics, emb, ratings)
     assert list(chosen.verdict) == ["dropped", "picked", "picked", "picked", "dropped"]
-    assert chosen.funnel == {"rated": 5, "kept by quality": None, "scored": 5, "in all bands": 3, "picked": 3}
+    assert chosen.funnel == {"rated": 5, "kept by quality": None, "scored": 5, "A' not flagged": None, "in all bands": 3, "picked": 3}
     assert chosen.reason[0] == (
         "Instruction Understanding below the 25th percentile; Response Confidence below the 25th percentile; "
         "Response Correctness below the 25th percentile"
@@ -57,7 +60,7 @@ def test_quality_threshold_takes_the_percentiles_over_the_kept_samples():
     chosen = apply(SelectConfig(quality_threshold=85.0, sample_num=10), metrics, emb, ratings)
     # kept by quality: a (90), c (95), e (99) with values 1, 3, 5 -> 25th/75th percentiles 2 and 4: only c
     assert chosen.picked_ids == ["c"]
-    assert chosen.funnel == {"rated": 5, "kept by quality": 3, "scored": 3, "in all bands": 1, "picked": 1}
+    assert chosen.funnel == {"rated": 5, "kept by quality": 3, "scored": 3, "A' not flagged": None, "in all bands": 1, "picked": 1}
     assert chosen.reason[1] == "quality 80 < 85"  # b's value 2 is inside the band
     assert chosen.reason[3] == "quality 60 < 85"
     assert chosen.reason[2] == "k-center pick #1"
@@ -136,8 +139,12 @@ def cli_ids(argv: list[str]) -> list[str]:
     return [r["id"] for r in json.loads(open(argv[argv.index("--out") + 1]).read())]
 
 
-def test_default_config_equals_select_run(run_dir, tmp_path):
-    expected = select_run(run_dir, sample_num=7)["selected_ids"]
+def test_default_config_is_bands_then_kcenter(run_dir, tmp_path):
+    """No threshold, no rules: the paper's two steps, band filter then k-center on the survivors."""
+    metrics = pd.read_parquet(run_dir / "metrics.parquet")
+    survivors = np.flatnonzero(band_filter(metrics)[0])
+    picks = k_center_greedy(np.load(run_dir / "embeddings.npy")[survivors], 7, seed=0)
+    expected = metrics["id"].to_numpy()[survivors[picks]].tolist()
     assert select_dir(run_dir, SelectConfig(sample_num=7))["selected_ids"] == expected
     assert cli_ids(["select", "--run", str(run_dir), "--out", str(tmp_path / "o.json"), "--sample-num", "7"]) == expected
 
@@ -194,7 +201,8 @@ def test_bad_presets_are_one_line_errors(run_dir, tmp_path, caplog):
 
 
 def test_to_argv_round_trips_every_field():
-    config = SelectConfig(low_th=20.5, corr_up=80.0, sample_num=9, atten_method="max", seed=2, quality_threshold=70.0, include=("x", "y"), exclude=("z",))
+    config = SelectConfig(low_th=20.5, corr_up=80.0, sample_num=9, atten_method="max", seed=2, quality_threshold=70.0, include=("x", "y"), exclude=("z",),
+                          exclude_flags=("repeats", "hit_max"))  # fmt: skip
     from threeds.selection import add_select_flags, config_from_args
     import argparse
 
@@ -227,3 +235,68 @@ def test_overlap_and_difference_hand_checked():
     diff = difference_table(a, b)
     assert diff["id"].tolist() == sorted(set(a.picked_ids) - {"c"}, key=a.picked_ids.index) and set(diff["picked by"]) == {"A"}
     assert diff.set_index("id").loc["b", "B why"] == "quality 80 < 85" and diff.set_index("id").loc["d", "B pick"] == 0
+
+
+# ------------------------------------------------------------------------------ flags on A'
+
+
+def test_flag_rule_drops_before_the_bands_hand_checked():
+    metrics, emb, ratings = tiny()
+    flags = flags_of(["a", "b", "c", "d", "loop " * 12], None, None)  # e repeats itself
+    config = SelectConfig(sample_num=10, exclude_flags=("repeats",))
+    chosen = apply(config, metrics, emb, ratings, flags)
+    # the pool is a-d (values 1..4): 25th/75th percentiles 1.75 and 3.25, so b and c are inside
+    assert chosen.picked_ids == ["b", "c"]  # fewer candidates than sample_num: all, in row order
+    assert chosen.funnel == {"rated": 5, "kept by quality": None, "scored": 5, "A' not flagged": 4, "in all bands": 2, "picked": 2}
+    assert chosen.reason[4].startswith("A' repeats itself; ") and chosen.verdict[4] == "dropped"
+    assert chosen.report["n_total"] == 4 and chosen.report["metrics"]["ins_ppl"]["lo"] == 1.75
+    assert apply(SelectConfig(sample_num=10), metrics, emb, ratings, flags).funnel["A' not flagged"] is None
+    with pytest.raises(SelectionError, match="excluding flagged answers needs the run's A'"):
+        apply(config, metrics, emb, ratings)
+    with pytest.raises(SelectionError, match="unknown A' flag 'loops'"):
+        apply(SelectConfig(exclude_flags=("loops",)), metrics, emb, ratings, flags)
+
+
+def test_empty_reason_names_the_step():
+    metrics, emb, ratings = tiny()
+    every = flags_of(["loop " * 12] * 5, None, None)
+    cases = [
+        (SelectConfig(quality_threshold=100.0), None, "the quality threshold 100 keeps none of the scored samples; lower it"),
+        (SelectConfig(exclude_flags=("repeats",)), every, "excluding A' flagged (repeats itself) leaves none of the 5 samples kept by quality; exclude fewer flags"),
+        (SelectConfig(low_th=40, up_th=45), None, "no sample lies inside all three percentile bands; widen a band"),
+        (SelectConfig(low_th=50, up_th=50, exclude=("c",)), None, "no sample lies inside all three percentile bands outside the exclude rule; widen a band"),
+    ]
+    for config, flags, reason in cases:
+        chosen = apply(config, metrics, emb, ratings, flags)
+        assert chosen.funnel["picked"] == 0 and empty_reason(config, chosen.funnel) == reason
+    assert empty_reason(SelectConfig(), apply(SelectConfig(), metrics, emb, ratings).funnel) is None
+
+
+def test_exclude_flagged_round_trip_export_cli_preset(run_dir, tmp_path, capsys):
+    """The exported command (--exclude-flagged) and a preset reproduce the app's selection."""
+    flagged = flag_answers(run_dir)
+    config = SelectConfig(quality_threshold=85.0, sample_num=8, exclude_flags=("hit_max", "repeats", "empty"))
+    metrics, emb = pd.read_parquet(run_dir / "metrics.parquet"), np.load(run_dir / "embeddings.npy")
+    from threeds.runs import load_run
+
+    run = load_run(run_dir)
+    flags = run_answer_flags(run_dir, metrics, run.records, run.manifest)
+    expected = apply(config, metrics, emb, run.ratings, flags)
+    line = select_command(str(run_dir), str(tmp_path / "out.json"), config)
+    assert "--exclude-flagged hit_max,repeats,empty" in line
+    ids = cli_ids(shlex.split(line)[1:])
+    assert ids == expected.picked_ids and len(ids) == 8
+    assert not set(ids) & {i for group in flagged.values() for i in group}
+    written = json.loads((run_dir / "selection.json").read_text())
+    assert written["params"]["exclude_flags"] == ["hit_max", "repeats", "empty"]
+    assert written["report"]["funnel"]["A' not flagged"] == expected.funnel["A' not flagged"] == expected.funnel["scored"] - 5
+    assert written["report"]["n_total"] == 55  # the bands' percentiles are taken over the unflagged samples
+    select_dir(run_dir, dataclasses.replace(config, exclude_flags=()))
+    assert json.loads((run_dir / "selection.json").read_text())["report"]["n_total"] == 60
+    save_preset(run_dir, "clean", config)
+    assert json.loads((run_dir / "selections" / "clean.json").read_text())["exclude_flags"] == ["hit_max", "repeats", "empty"]
+    assert load_preset(run_dir, "clean") == config
+    assert cli_ids(["select", "--run", str(run_dir), "--out", str(tmp_path / "p.json"), "--preset", "clean"]) == ids
+    with pytest.raises(SystemExit) as exited:  # argparse: a usage error
+        cli.main(["select", "--run", str(run_dir), "--out", str(tmp_path / "x.json"), "--exclude-flagged", "loops"])
+    assert exited.value.code == 2 and "--exclude-flagged: unknown A' flag 'loops'" in capsys.readouterr().err

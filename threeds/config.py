@@ -19,7 +19,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from threeds.names import METRICS, PAPER_NAMES, SHORT_NAMES
+from threeds.names import ANSWER_FLAGS, METRICS, PAPER_NAMES, SHORT_NAMES
 
 C = TypeVar("C")
 
@@ -182,6 +182,19 @@ def id_list(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
+class FlagTextError(argparse.ArgumentTypeError, ValueError):
+    """A flag's text that does not parse: argparse prints its message; elsewhere it is a ValueError."""
+
+
+def flag_list(text: str) -> tuple[str, ...]:
+    """Comma-separated names of flags on A' (`threeds.flags`); ValueError naming an unknown one."""
+    names = id_list(text)
+    unknown = [name for name in names if name not in ANSWER_FLAGS]
+    if unknown:
+        raise FlagTextError(f"unknown A' flag {unknown[0]!r}; expected some of {','.join(ANSWER_FLAGS)}")
+    return names
+
+
 @dataclass(frozen=True)
 class SelectConfig:
     """One selection: quality threshold, percentile bands, include/exclude rules and k-center
@@ -209,6 +222,11 @@ class SelectConfig:
         "as centres, in this order, and picks the rest (default: none)", kind=id_list,
     )  # fmt: skip
     exclude: tuple[str, ...] = setting((), "comma-separated ids never selected (default: none)", kind=id_list)
+    exclude_flags: tuple[str, ...] = setting(
+        (), "comma-separated flags on the model's own answer A' that drop a sample before the bands (their "
+        "percentiles are then taken over the rest): hit_max = A' reached --max-new-tokens, repeats = A' repeats "
+        "itself, empty = A' blank (README, flags on A') (default: none)", kind=flag_list, flag="--exclude-flagged",
+    )  # fmt: skip
 
     def bands(self) -> dict[str, tuple[float, float]]:
         """Per-metric (low, high) percentiles."""
@@ -231,7 +249,8 @@ class SelectConfig:
     def recorded(self) -> dict:
         """As a run records it (manifest `stages.select.config`)."""
         found = {"bands": self.bands(), "sample_num": self.sample_num, "atten_method": self.atten_method, "seed": self.seed}
-        rules = {"quality_threshold": self.quality_threshold, "include": list(self.include), "exclude": list(self.exclude)}
+        rules = {"quality_threshold": self.quality_threshold, "include": list(self.include), "exclude": list(self.exclude),
+                 "exclude_flags": list(self.exclude_flags)}  # fmt: skip
         return found | {key: value for key, value in rules.items() if value not in (None, [])}  # absent when unset
 
 

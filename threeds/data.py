@@ -369,9 +369,16 @@ def _text_problem(rec: dict, field: str) -> str | None:
         return f"not a string ({type(value).__name__})"
     if not value.strip():
         return "empty" if not value else "whitespace only"
-    if not any(_visible(c) for c in value):
+    if is_blank(value):
         return "blank: only whitespace and invisible characters (zero-width, format, control)"
     return None
+
+
+def is_blank(text: str) -> bool:
+    """True when `text` shows nothing: only whitespace, invisible characters (zero-width space and
+    joiners, BOM, bidi marks, soft hyphen, control characters) or blank fillers. The one blank rule
+    for input records and for the model's own answers (`threeds.flags`)."""
+    return not any(_visible(c) for c in text)
 
 
 # Letters that draw nothing (fillers), beside the categories below.

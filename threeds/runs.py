@@ -227,7 +227,7 @@ def _first_int(*values) -> int | None:
 
 def run_settings(run: Run) -> dict:
     """The settings the run itself used, as far as its files say: quality_threshold, bands,
-    sample_num, atten_method, seed. The app starts from these so it first shows the run's own
+    sample_num, atten_method, seed, exclude_flags. The app starts from these so it first shows the run's own
     selection."""
     stages = run.manifest.get("stages") or {}
     found: dict = {}
@@ -241,11 +241,14 @@ def run_settings(run: Run) -> dict:
     for key, kind in (("sample_num", int), ("atten_method", str), ("seed", int)):
         if isinstance(params.get(key), kind):
             found[key] = params[key]
+    flags = params.get("exclude_flags")
+    if isinstance(flags, list) and all(isinstance(f, str) for f in flags):
+        found["exclude_flags"] = flags
     return found
 
 
 def selected_ids(selection: dict) -> list[str]:
-    """Selected ids in pick order from a selection.json (written by `threeds.select.select_run`)."""
+    """Selected ids in pick order from a selection.json (written by `threeds.selection.select_dir`)."""
     ids = selection.get("selected_ids")
     return [str(i) for i in ids] if isinstance(ids, list) else []
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -16,11 +15,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from threeds.atomic import atomic_write
 from threeds.errors import SettingsError
-from threeds.lock import locked
 from threeds.names import METRIC_NAMES, METRICS, metric_column
-from threeds.runcheck import RESCORE, RunFileError, load_scored
 
 DEFAULT_BAND = (25.0, 75.0)
 # Why a metric can be NaN (spec item 6); inf (overflow) is counted with NaN.
@@ -446,57 +442,6 @@ class KCenter:
 
 
 # ---------------------------------------------------------------------------- run directory
-
-
-def select_run(
-    run_dir: str | os.PathLike,
-    bands: Mapping[str, Sequence[float]] | None = None,
-    sample_num: int = 5000,
-    atten_method: str = "mean",
-    seed: int = 0,
-    *,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype | str | None = None,
-    progress: bool = False,
-) -> dict:
-    """Band filter + k-center over a run directory; writes and returns `selection.json`'s content.
-
-    Returns {"params", "report", "selected_ids", "selected_rows"}; ids and rows (indices into
-    metrics.parquet) are in pick order.
-    """
-    if sample_num < 1:
-        raise SettingsError(f"sample_num must be >= 1, got {sample_num}")
-    run_dir = Path(run_dir)
-    with locked(run_dir, create=False):  # one writer of the run directory (selection.json)
-        metrics, embeddings = load_scored(run_dir)  # ids unique and aligned across the run's files
-        keep, report = band_filter(metrics, bands, atten_method)
-        survivors = np.flatnonzero(keep)
-        device = resolve_device(device)
-        start = time.perf_counter()
-        try:
-            picks = k_center_greedy(
-                embeddings[survivors], sample_num, seed=seed, device=device, dtype=dtype, progress=progress
-            )
-        except NonFiniteError as exc:
-            raise RunFileError(f"{exc} in rows that passed the bands; {RESCORE}", path=run_dir / "embeddings.npy") from exc
-        report["n_selected"] = int(len(picks))
-        report["kcenter_seconds"] = round(time.perf_counter() - start, 3)
-        rows = survivors[picks]
-        result = {
-            "params": {
-                "bands": {m: list(b) for m, b in _resolve_bands(bands).items()},
-                "sample_num": int(sample_num),
-                "atten_method": atten_method,
-                "seed": int(seed),
-                "device": str(device),
-                "dtype": str(_storage_dtype(dtype)).removeprefix("torch."),
-            },
-            "report": report,
-            "selected_ids": [str(i) for i in metrics["id"].to_numpy()[rows]],
-            "selected_rows": [int(r) for r in rows],
-        }
-        atomic_write(run_dir / "selection.json", lambda f: json.dump(result, f, ensure_ascii=False, indent=1, allow_nan=False), "w")
-        return result
 
 
 def selected_records(run_dir: str | os.PathLike, selected_ids: Sequence[str]) -> list[dict]:

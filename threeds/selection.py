@@ -5,6 +5,7 @@ here, so a selection tuned in the app, saved as a preset or printed as a command
 ids in the same order. Order of the stages (docs/SPEC-3DS.md items 1, 7, 8):
 
 1. quality: keep scored samples rated >= `quality_threshold` (none: every scored sample);
+   flags: drop those whose A' carries one of `exclude_flags` (`threeds.flags`; none: keep all);
 2. bands: percentile bands of the three metrics, percentiles taken over the samples kept by 1;
 3. rules: `exclude` ids are never candidates; `include` ids always are, whatever 1 and 2 said;
 4. k-center greedy over the candidates, starting from the `include` ids as centres, picks
@@ -31,17 +32,18 @@ import pandas as pd
 
 from threeds.config import SelectConfig, add_arguments, dest_of
 from threeds.errors import SettingsError, ThreedsError
+from threeds.flags import AnswerFlags, run_answer_flags
 from threeds.lock import locked
-from threeds.runcheck import load_scored
-from threeds.names import ATTEN_METHODS, METRIC_NAMES, METRICS, metric_column
+from threeds.runcheck import RESCORE, load_scored, read_manifest, read_scored_records
+from threeds.names import ANSWER_FLAG_NAMES, ANSWER_FLAGS, ATTEN_METHODS, METRIC_NAMES, METRICS, metric_column
 from threeds.atomic import atomic_write
 from threeds.runs import RunFileError, read_ratings
-from threeds.select import NAN_REASONS, _resolve_bands, _storage_dtype, band_filter, k_center_greedy, resolve_device
+from threeds.select import NAN_REASONS, NonFiniteError, _resolve_bands, _storage_dtype, band_filter, k_center_greedy, resolve_device
 
 PRESET_DIR = "selections"
 PRESET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 VERDICTS = ("picked", "not picked", "dropped")
-FUNNEL = ("rated", "kept by quality", "scored", "in all bands", "picked")
+FUNNEL = ("rated", "kept by quality", "scored", "A' not flagged", "in all bands", "picked")
 
 
 class SelectionError(ThreedsError, ValueError):
@@ -68,6 +70,9 @@ def check(config: SelectConfig) -> None:
     both = set(config.include) & set(config.exclude)
     if both:
         raise SelectionSettingError(f"ids both included and excluded: {sorted(both)[:5]}")
+    unknown = [name for name in config.exclude_flags if name not in ANSWER_FLAGS]
+    if unknown:
+        raise SelectionSettingError(f"exclude_flags: unknown A' flag {unknown[0]!r}; expected some of {', '.join(ANSWER_FLAGS)}")
     for sample_id in (*config.include, *config.exclude):
         if "," in sample_id or not sample_id.strip():
             raise SelectionSettingError(f"an include/exclude rule cannot hold the id {sample_id!r} (empty or with a comma)")
@@ -91,18 +96,30 @@ class Filtered:
     """Stages 1-3 (cheap: what a slider recomputes); rows index metrics.parquet."""
 
     quality_ok: np.ndarray  # bool per row: rated >= threshold (all True without a threshold)
-    in_bands: np.ndarray  # bool per row: quality_ok and inside all three bands
+    flagged: dict[str, np.ndarray]  # per flag of exclude_flags: bool per row, A' carries it
+    in_bands: np.ndarray  # bool per row: in the pool and inside all three bands
     excluded: np.ndarray  # bool per row: an exclude rule names it
     included: np.ndarray  # bool per row: an include rule names it
     candidates: np.ndarray  # rows k-center chooses among, ascending
     initial: np.ndarray  # positions in `candidates` of the include ids, in rule order
-    report: dict  # `band_filter`'s report over the quality-kept rows
+    report: dict  # `band_filter`'s report over the pool
     quality: np.ndarray | None  # Stage-1 score per row (None: the run has no ratings)
 
+    @property
+    def pool(self) -> np.ndarray:
+        """Bool per row: kept by quality and not flagged, the samples the bands' percentiles are taken over."""
+        out = self.quality_ok.copy()
+        for mask in self.flagged.values():
+            out &= ~mask
+        return out
 
-def filter_rows(config: SelectConfig, metrics: pd.DataFrame, quality: np.ndarray | None) -> Filtered:
-    """Apply the quality threshold, the bands and the rules of `config` (no k-center)."""
+
+def filter_rows(config: SelectConfig, metrics: pd.DataFrame, quality: np.ndarray | None, flags: AnswerFlags | None = None) -> Filtered:
+    """Apply the quality threshold, the flag rule, the bands and the id rules of `config` (no
+    k-center). `flags` (the run's, `threeds.flags`) is needed only when the config excludes some."""
     check(config)
+    if config.exclude_flags and flags is None:
+        raise SelectionError("excluding flagged answers needs the run's A' (data.jsonl) and manifest")
     n = len(metrics)
     if config.quality_threshold is None:
         quality_ok = np.ones(n, dtype=bool)
@@ -111,7 +128,8 @@ def filter_rows(config: SelectConfig, metrics: pd.DataFrame, quality: np.ndarray
     else:
         with np.errstate(invalid="ignore"):
             quality_ok = np.asarray(quality, dtype=float) >= config.quality_threshold
-    pool = np.flatnonzero(quality_ok)
+    flagged = {name: flags.masks[name] for name in config.exclude_flags} if flags is not None else {}
+    pool = np.flatnonzero(quality_ok & ~flags.any_of(config.exclude_flags) if flags is not None else quality_ok)
     inside, report = band_filter(metrics.iloc[pool], config.bands(), config.atten_method)
     in_bands = np.zeros(n, dtype=bool)
     in_bands[pool[inside]] = True
@@ -119,7 +137,7 @@ def filter_rows(config: SelectConfig, metrics: pd.DataFrame, quality: np.ndarray
     excluded, included = _rule_mask(row_of, config.exclude, "exclude"), _rule_mask(row_of, config.include, "include")
     candidates = np.flatnonzero((in_bands & ~excluded) | included)
     initial = np.searchsorted(candidates, row_of.get_indexer(list(config.include)))
-    return Filtered(quality_ok, in_bands, excluded, included, candidates, initial.astype(np.int64), report, quality)
+    return Filtered(quality_ok, flagged, in_bands, excluded, included, candidates, initial.astype(np.int64), report, quality)
 
 
 def _rule_mask(row_of: pd.Index, ids: Sequence[str], rule: str) -> np.ndarray:
@@ -193,6 +211,8 @@ def reasons(config: SelectConfig, metrics: pd.DataFrame, quality: np.ndarray | N
         q = np.asarray(quality, dtype=float)
         add(np.isnan(q), "not rated")
         add(~filtered.quality_ok & ~np.isnan(q), lambda rows: [f"quality {q[r]:g} < {threshold:g}" for r in rows])
+    for name, mask in filtered.flagged.items():
+        add(mask, f"A' {ANSWER_FLAG_NAMES[name]}")
     for metric, (low, up) in config.bands().items():
         info = filtered.report["metrics"][metric]
         values = metrics[metric_column(metric, config.atten_method)].to_numpy(dtype=float)
@@ -225,9 +245,10 @@ def explain(
 
 
 def funnel(ratings: pd.DataFrame | None, config: SelectConfig, filtered: Filtered, picked: int) -> dict:
-    """rated -> kept by quality -> scored (among those kept) -> in all bands -> picked.
+    """rated -> kept by quality -> scored (among those kept) -> A' not flagged -> in all bands -> picked.
 
-    rated / kept by quality count every rated record; None where the run or config cannot say."""
+    rated / kept by quality count every rated record; None where the run or config cannot say
+    (A' not flagged: None without a flag rule)."""
     rated = kept = None
     if ratings is not None:
         scores = ratings["score"].to_numpy(dtype=float)
@@ -238,15 +259,33 @@ def funnel(ratings: pd.DataFrame | None, config: SelectConfig, filtered: Filtere
         "rated": rated,
         "kept by quality": kept,
         "scored": int(filtered.quality_ok.sum()),
+        "A' not flagged": int(filtered.pool.sum()) if config.exclude_flags else None,
         "in all bands": int((filtered.in_bands & ~filtered.excluded).sum()),
         "picked": picked,
     }
 
 
-def apply(config: SelectConfig, metrics: pd.DataFrame, embeddings: np.ndarray, ratings: pd.DataFrame | None = None, **kcenter) -> Selection:
-    """The whole selection on loaded run files (metrics, embeddings, optional ratings)."""
+def empty_reason(config: SelectConfig, counts: dict) -> str | None:
+    """For a selection that picks nothing, the step that emptied it and what to change, in words
+    (the app's warning on every page, the CLI's line); None when it picks some."""
+    if counts["picked"]:
+        return None
+    if counts["scored"] == 0:
+        if config.quality_threshold is None:
+            return "the run has no scored sample"
+        return f"the quality threshold {config.quality_threshold:g} keeps none of the scored samples; lower it"
+    if counts.get("A' not flagged") == 0:
+        names = ", ".join(ANSWER_FLAG_NAMES[n] for n in config.exclude_flags)
+        return f"excluding A' flagged ({names}) leaves none of the {counts['scored']:,} samples kept by quality; exclude fewer flags"
+    rule = " outside the exclude rule" if config.exclude else ""
+    return f"no sample lies inside all three percentile bands{rule}; widen a band"
+
+
+def apply(config: SelectConfig, metrics: pd.DataFrame, embeddings: np.ndarray, ratings: pd.DataFrame | None = None,
+          flags: AnswerFlags | None = None, **kcenter) -> Selection:  # fmt: skip
+    """The whole selection on loaded run files (metrics, embeddings, optional ratings and A' flags)."""
     quality = quality_per_row(ratings, metrics["id"])
-    filtered = filter_rows(config, metrics, quality)
+    filtered = filter_rows(config, metrics, quality, flags)
     return explain(config, metrics, ratings, filtered, pick_rows(config, filtered, embeddings, **kcenter))
 
 
@@ -263,15 +302,18 @@ def percentile_ranks(values: np.ndarray, among: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(values), ranks, np.nan)
 
 
-def sample_table(chosen: Selection, metrics: pd.DataFrame, quality: np.ndarray | None, quality_ok: np.ndarray) -> pd.DataFrame:
-    """One row per scored sample: id, quality, each metric with its percentile rank among the
-    quality-kept samples (what the bands cut), verdict, why and pick rank (0 = not picked)."""
+def sample_table(chosen: Selection, metrics: pd.DataFrame, quality: np.ndarray | None, pool: np.ndarray,
+                 flags: AnswerFlags | None = None) -> pd.DataFrame:  # fmt: skip
+    """One row per scored sample: id, quality, the flags on its A' ('' when none or unknown), each
+    metric with its percentile rank among the pool (`Filtered.pool`: what the bands cut), verdict,
+    why and pick rank (0 = not picked)."""
     table = {"id": chosen.ids, "verdict": chosen.verdict, "why": chosen.reason, "pick": chosen.rank}
     table["quality"] = np.full(len(metrics), np.nan) if quality is None else quality
+    table["A' flags"] = np.full(len(metrics), "", dtype=object) if flags is None else flags.labels()
     for metric in METRICS:
         values = metrics[metric_column(metric, chosen.config.atten_method)].to_numpy(dtype=float)
         table[METRIC_NAMES[metric]] = values
-        table[f"{METRIC_NAMES[metric]} %"] = percentile_ranks(values, values[quality_ok])
+        table[f"{METRIC_NAMES[metric]} %"] = percentile_ranks(values, values[pool])
     return pd.DataFrame(table)
 
 
@@ -318,7 +360,9 @@ def read_run_ratings(run_dir: Path, config: SelectConfig) -> pd.DataFrame | None
 def select_dir(run_dir: str | os.PathLike, config: SelectConfig, device=None, dtype=None, progress: bool = False) -> dict:
     """`threeds select`: apply `config` to a run directory, write and return selection.json's content.
 
-    With no quality threshold and no rules, the same ids and file as `threeds.select.select_run`.
+    Returns {"params", "report", "selected_ids", "selected_rows"}; ids and rows (indices into
+    metrics.parquet) in pick order. NaN/inf embeddings among k-center's candidates are a broken
+    run file (RunFileError naming embeddings.npy), not a setting the user can fix.
     """
     run_dir = Path(run_dir)
     check(config)
@@ -327,12 +371,25 @@ def select_dir(run_dir: str | os.PathLike, config: SelectConfig, device=None, dt
         return _select_into(run_dir, config, metrics, embeddings, device, dtype, progress)
 
 
+def read_run_flags(run_dir: Path, config: SelectConfig, metrics: pd.DataFrame) -> AnswerFlags | None:
+    """The run's flags on A' when the config excludes some (data.jsonl's answers, the manifest's cap)."""
+    if not config.exclude_flags:
+        return None
+    manifest_path = run_dir / "manifest.json"
+    manifest = read_manifest(manifest_path) if manifest_path.is_file() else {}
+    records = read_scored_records(run_dir / "data.jsonl", metrics["id"].tolist())
+    return run_answer_flags(run_dir, metrics, records, manifest)
+
+
 def _select_into(run_dir: Path, config: SelectConfig, metrics: pd.DataFrame, embeddings: np.ndarray, device, dtype,
                  progress: bool) -> dict:  # fmt: skip
-    ratings = read_run_ratings(run_dir, config)
+    ratings, flags = read_run_ratings(run_dir, config), read_run_flags(run_dir, config, metrics)
     device = resolve_device(device)
     start = time.perf_counter()
-    chosen = apply(config, metrics, embeddings, ratings, device=device, dtype=dtype, progress=progress)
+    try:
+        chosen = apply(config, metrics, embeddings, ratings, flags, device=device, dtype=dtype, progress=progress)
+    except NonFiniteError as exc:
+        raise RunFileError(f"{exc} in rows k-center chooses among; {RESCORE}", path=run_dir / "embeddings.npy") from exc
     report = dict(chosen.report, n_selected=len(chosen.picked), kcenter_seconds=round(time.perf_counter() - start, 3))
     report["funnel"] = chosen.funnel
     recorded = config.recorded()

@@ -17,6 +17,7 @@ from threeds.errors import INTERRUPTED, RECORDS_FAILED, describe
 from threeds.lock import locked
 from threeds.progress import write_status
 from threeds.rundir import RunDir
+from threeds.selection import empty_reason
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,8 @@ def main(args: argparse.Namespace) -> int:
         log.warning("%s failed and were left out (rows with an \"error\" in %s); run the same command again to retry "
                     "them", " and ".join(f"{n} records in {stage}" for stage, n in failed.items()), out)  # fmt: skip
     if not result["selected"]:
-        log.warning("no sample was selected: none is inside every band; widen the bands")
+        funnel = result["select"].get("funnel")  # absent in a selection.json older than the funnel
+        log.warning("0 samples selected: %s", empty_reason(config.select, funnel) if funnel else "widen the bands")
     code = RECORDS_FAILED if failed or not result["selected"] else 0
     write_status(out, "done", exit_code=code)
     return code

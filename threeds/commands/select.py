@@ -10,7 +10,7 @@ from pathlib import Path
 from threeds.data import write_json
 from threeds.errors import RECORDS_FAILED
 from threeds.select import selected_records
-from threeds.selection import add_select_flags, config_from_args, select_dir
+from threeds.selection import add_select_flags, config_from_args, empty_reason, select_dir
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +31,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    result = select_dir(args.run, config_from_args(args, args.run))
+    config = config_from_args(args, args.run)
+    result = select_dir(args.run, config)
     records = selected_records(args.run, result["selected_ids"])
     write_json(args.out, records)
     print(json.dumps({"selected": len(records), "out": str(args.out), "report": result["report"]}, indent=2, default=str))
     if not records:
-        log.warning("no sample is inside every band (%s); widen the bands", result["report"].get("n_kept"))
+        log.warning("0 samples selected: %s", empty_reason(config, result["report"]["funnel"]))
         return RECORDS_FAILED
     return 0
