@@ -174,3 +174,21 @@ def test_logits_mode_logs_scores_under_its_own_key_and_needs_a_local_backend(tmp
         rate_records(records, backend, log, "{instruction} {output} score:", mode="generate", progress=False)
     with pytest.raises(RatingModeError, match="--backend local"):
         rate_records(records, OpenAIBackend("http://127.0.0.1:9/v1"), log, "{instruction}{output}", mode="logits")
+
+
+def test_replies_and_the_generate_log_say_whether_an_answer_was_cut_off(tmp_path, tiny_model_dir):
+    from threeds.generate import generate_records
+
+    backend = LocalBackend(str(tiny_model_dir))
+    prompts = ["What is flu?", "Cough?", "Why does a fever come back?"]
+    replies = backend.chat(prompts, 4)
+    model, tokenizer = backend.load()
+    encoded, end_of_turn = backend.encode(prompts)
+    from threeds.backends import _stop_ids
+
+    lengths = [len(t) for t in greedy_decode(model, encoded, _stop_ids(tokenizer, end_of_turn), 4)]
+    assert [r.finish for r in replies] == ["length" if n == 4 else "stop" for n in lengths]
+    records = [{"id": str(i), "instruction": p, "output": "x"} for i, p in enumerate(prompts)]
+    generate_records(records, backend, tmp_path / "gen.jsonl", 4, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "gen.jsonl").read_text().splitlines()]
+    assert [r["finish_reason"] for r in sorted(rows, key=lambda r: r["id"])] == [r.finish for r in replies]

@@ -110,3 +110,23 @@ def test_a_run_directory_read_back(tmp_path):
     del manifest["stages"]["generate"]["config"]
     assert not run_answer_flags(run_dir, run.metrics, run.records, manifest).masks["hit_max"].any()
     assert answer_tokens(pd.DataFrame({"id": ["a"]}), ["x"], run_dir / "tokens.parquet") is None
+
+
+def test_the_generate_logs_finish_reason_decides_hit_max_exactly(tmp_path):
+    """Where generations.jsonl says why A' ended, that wins over the re-encoded token count."""
+    run_dir = make_run(tmp_path / "run", n=30, n_dropped=0)
+    run = load_run(run_dir)
+    manifest = json.loads(json.dumps(run.manifest))
+    manifest.setdefault("stages", {})["generate"] = {"config": {"max_new_tokens": int(run.metrics["gen_tokens"].median())}}
+    guessed = run_answer_flags(run_dir, run.metrics, run.records, manifest).masks["hit_max"]
+    assert 0 < guessed.sum() < len(guessed)
+    ids = run.metrics["id"].tolist()
+    hit, missed = ids[int(np.flatnonzero(guessed)[0])], ids[int(np.flatnonzero(~guessed)[0])]
+    rows = [{"id": hit, "generated_output": "x", "error": None, "finish_reason": "stop"},
+            {"id": missed, "generated_output": "x", "error": None, "finish_reason": "length"},
+            {"id": ids[-1], "generated_output": None, "error": "timeout", "finish_reason": "length"}]  # fmt: skip
+    (run_dir / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    found = run_answer_flags(run_dir, run.metrics, run.records, manifest).masks["hit_max"]
+    expected = guessed.copy()
+    expected[ids.index(hit)], expected[ids.index(missed)] = False, True  # a failed row says nothing
+    assert found.tolist() == expected.tolist()

@@ -36,13 +36,15 @@ class BackendError(ThreedsError, RuntimeError):
 
 @dataclass
 class Reply:
-    """One answer: `text` (None on failure), wall seconds, and the error after the last attempt."""
+    """One answer: `text` (None on failure), wall seconds, the error after the last attempt, and
+    why it ended: "stop" (end of turn) or "length" (cut off at max_new_tokens); None when unknown."""
 
     text: str | None
     seconds: float
     error: str | None = None
     attempts: int = 1
     model: str | None = None
+    finish: str | None = None
 
 
 OnReply = Callable[[int, Reply], None]
@@ -137,7 +139,8 @@ class LocalBackend:
 
         def done(i: int, tokens: list[int], seconds: float) -> None:
             text = tokenizer.decode(tokens, skip_special_tokens=True).split(end_of_turn)[0]  # a multi-token marker is not a stop id
-            replies[i] = Reply(text, seconds, model=self.label)
+            finish = "length" if len(tokens) >= max_new_tokens else "stop"  # a stop token is never kept
+            replies[i] = Reply(text, seconds, model=self.label, finish=finish)
             if on_reply:
                 on_reply(i, replies[i])
 
@@ -258,14 +261,14 @@ class OpenAIBackend:
             {"role": "user", "content": prompt}
         ]
 
-        async def request() -> tuple[str, str]:
+        async def request() -> tuple[str, str, str | None]:
             try:
                 resp = await client.chat.completions.create(
                     model=model, messages=messages, max_tokens=max_new_tokens, temperature=0.0
                 )
             except json.JSONDecodeError as exc:  # a body cut off or not JSON, labelled as JSON
                 raise _Malformed(f"invalid JSON ({exc})") from exc
-            return _completion_text(resp), getattr(resp, "model", None) or model
+            return _completion_text(resp), getattr(resp, "model", None) or model, _finish_reason(resp)
 
         began = time.perf_counter()
         result, attempts, error = await self._call(request)
@@ -274,7 +277,7 @@ class OpenAIBackend:
         if result is None:
             return Reply(None, seconds, error, attempts, model)
         self._succeeded = True
-        return Reply(result[0], seconds, None, attempts, result[1])
+        return Reply(result[0], seconds, None, attempts, result[1], result[2])
 
     def _count_unreachable(self, unreachable: bool, error: str | None) -> None:
         """Records in a row that never reached the server; too many means it is down."""
@@ -331,6 +334,12 @@ def _completion_text(resp) -> str:
     except (AttributeError, IndexError, TypeError) as exc:
         raise _Malformed(f"no choices[0].message in {str(resp)[:200]!r}") from exc
     return content or ""
+
+
+def _finish_reason(resp) -> str | None:
+    """"stop" or "length" as the server reports them (anything else, or none: unknown)."""
+    reason = getattr(resp.choices[0], "finish_reason", None)
+    return reason if reason in ("stop", "length") else None
 
 
 def _status_text(exc) -> str:

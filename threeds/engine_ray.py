@@ -185,7 +185,7 @@ class BatchGenerator:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         replies = [
-            json.dumps([[r.text, r.seconds] for r in self.backend.chat(json.loads(prompts), self.max_new_tokens)])
+            json.dumps([[r.text, r.seconds, r.finish] for r in self.backend.chat(json.loads(prompts), self.max_new_tokens)])
             for prompts in batch["prompts"]
         ]  # fmt: skip
         return {"batch": np.asarray(batch["batch"], dtype=np.int64), "replies": np.array(replies, dtype=object)}
@@ -236,8 +236,8 @@ class RayLocalBackend(LocalBackend):
                   "batch_size": self.batch_size, "max_new_tokens": max_new_tokens, "dtype": self.dtype}  # fmt: skip
         replies: list[Reply | None] = [None] * len(prompts)
         for row in _stream(BatchGenerator, kwargs, items, replicas, gpus):
-            for i, (text, seconds) in zip(batches[int(row["batch"])], json.loads(row["replies"])):
-                replies[i] = Reply(text, seconds, model=self.label)
+            for i, (text, seconds, finish) in zip(batches[int(row["batch"])], json.loads(row["replies"])):
+                replies[i] = Reply(text, seconds, model=self.label, finish=finish)
                 if on_reply:
                     on_reply(i, replies[i])
         return replies

@@ -4,7 +4,9 @@ Response Confidence is the weighted loss of A'. When generation went wrong, that
 little about how hard the sample is for the model, so such answers are flagged (the app shows
 them; `SelectConfig.exclude_flags` can drop them before the bands):
 
-- `hit_max`: A' reached the generation cap, so it was cut off rather than finished. The run
+- `hit_max`: A' reached the generation cap, so it was cut off rather than finished. Exact where
+  the run's generate log says so (`finish_reason` "length" in generations.jsonl: the local
+  decoder and OpenAI-compatible servers report it). For logs written before that field, the run
   records the cap (`manifest.json` stages.generate.config.max_new_tokens) but not the number of
   tokens generated, so the count is A' re-encoded by the scoring stage with the run's tokenizer:
   `metrics.parquet` gen_tokens less the end-of-turn marker's tokens (read from one sample's rows
@@ -34,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from threeds.data import is_blank
+from threeds.data import DataError, is_blank, read_jsonl
 from threeds.names import ANSWER_FLAG_NAMES, ANSWER_FLAGS
 from threeds.runcheck import RunFileError
 from threeds.runs import read_tokens
@@ -119,11 +121,17 @@ class AnswerFlags:
         return {name: int(self.masks[name].sum()) for name in ANSWER_FLAGS}
 
 
-def flag_answers(texts: Sequence[str | None], tokens: np.ndarray | None, cap: int | None) -> AnswerFlags:
-    """The three flags of answers `texts` (None: no A'), given their token counts and the cap."""
+def flag_answers(
+    texts: Sequence[str | None], tokens: np.ndarray | None, cap: int | None, finish: Sequence[str | None] | None = None
+) -> AnswerFlags:
+    """The three flags of answers `texts` (None: no A'), given their token counts and the cap, and
+    where known why generation ended (`finish`: "length" = cut off at the cap, exact)."""
     texts = ["" if t is None else str(t) for t in texts]
     shares = repeat_shares(texts)
     hit = reaches_cap(tokens, cap) if tokens is not None and cap is not None else np.zeros(len(texts), dtype=bool)
+    if finish is not None:
+        known = np.array([f in ("stop", "length") for f in finish], dtype=bool)
+        hit = np.where(known, np.array([f == "length" for f in finish], dtype=bool), hit)
     masks = {"hit_max": hit, "repeats": shares >= REPEAT_SHARE, "empty": np.array([is_blank(t) for t in texts], dtype=bool)}
     return AnswerFlags(masks, shares, tokens, cap)
 
@@ -164,4 +172,17 @@ def run_answer_flags(run_dir: str | Path, metrics: pd.DataFrame, records: Sequen
     texts = [r.get("generated_output") for r in records]
     cap = generation_cap(manifest)
     tokens = answer_tokens(metrics, texts, Path(run_dir) / "tokens.parquet") if cap is not None else None
-    return flag_answers(texts, tokens, cap)
+    reasons = finish_reasons(Path(run_dir) / "generations.jsonl")
+    finish = [reasons.get(str(i)) for i in metrics["id"]] if reasons else None
+    return flag_answers(texts, tokens, cap, finish)
+
+
+def finish_reasons(log_path: Path) -> dict[str, str]:
+    """id -> why its A' ended ("stop"/"length"), from the generate log's last good row per id
+    (logs written before the field have none; an unreadable log gives none)."""
+    try:
+        rows = read_jsonl(log_path) if log_path.is_file() else []
+    except (DataError, OSError):
+        return {}
+    return {str(r["id"]): r["finish_reason"] for r in rows
+            if isinstance(r, dict) and r.get("error") is None and r.get("finish_reason") in ("stop", "length")}  # fmt: skip

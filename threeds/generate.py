@@ -12,10 +12,11 @@ from threeds.joblog import Job, Task, good_rows, make_tasks, run_job
 
 
 def _generated_fields(reply: Reply) -> dict:
+    """The log row's answer fields; `finish_reason` says whether A' was cut off ("length")."""
     if reply.error is not None:
         return {"generated_output": None, "error": reply.error}
     text = reply.text.strip()
-    return {"generated_output": text, "error": None if text else "empty reply"}
+    return {"generated_output": text, "error": None if text else "empty reply", "finish_reason": reply.finish}
 
 
 GENERATE = Job("generate", _generated_fields)
