@@ -110,8 +110,6 @@ def main() -> None:
     st.title("Embedding map")
     run = common.require_run()
     common.require(run, "metrics.parquet", "embeddings.npy", "data.jsonl")
-    if st.session_state.pop("goto_inspector", False):
-        common.open_inspector(st.session_state["inspect_id"])
     if len(run.metrics) < MIN_POINTS:
         st.info(f"A map needs at least {MIN_POINTS} scored samples; this run has {len(run.metrics)}.")
         return
@@ -119,7 +117,6 @@ def main() -> None:
     c1, c2 = st.columns([1, 2])
     with c1:
         common.atten_toggle()
-        colour = st.selectbox("Colour by", colour_options(run), key="map_colour")
     with c2:
         common.sample_num_slider(run)
     picked = common.picks(run)
@@ -128,6 +125,16 @@ def main() -> None:
         f"{len(picked):,} k-center picks among {len(common.filtered(run).candidates):,} candidates · "
         f"{len(shown):,} of {len(coords):,} points drawn · click a point to open it in the inspector"
     )
+    map_view(run, coords, picked, shown)
+
+
+@st.fragment
+def map_view(run, coords: np.ndarray, picked: np.ndarray, shown: np.ndarray) -> None:
+    """Colour, map and brush: a fragment, since they change no selection setting, so choosing a
+    colour or drawing a box reruns only this part (a click opens the inspector from here)."""
+    if st.session_state.pop("goto_inspector", False):
+        common.open_inspector(st.session_state["inspect_id"])
+    colour = st.selectbox("Colour by", colour_options(run), key="map_colour")
     figure = map_figure(run, coords, colour, picked, shown)
     brushed = common.brushed_rows()
     if brushed is not None:

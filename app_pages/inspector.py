@@ -171,16 +171,28 @@ def flag_badges(run, row: int) -> None:
         st.caption(f"A' not flagged: {numbers}")
 
 
-def main() -> None:
-    st.title("Sample inspector")
-    run = common.require_run()
-    common.require(run, "metrics.parquet", "data.jsonl")
+@st.fragment
+def responses(tokens: pd.DataFrame | None, record: dict) -> None:
+    """A and A' side by side with this page's view options: a fragment, since the views change
+    only these heatmaps, never the selection."""
     attention_view()
     view_name = st.radio(
         "Heatmap", list(heatmap.VIEWS), horizontal=True, key="inspect_view",
         help="; ".join(f"{name}: {what}" for name, (_, what) in heatmap.VIEWS.items())
         + f". Colour scale: 0 to the {heatmap.SCALE_PERCENTILE:g}th percentile of the kept tokens other than the end-of-turn marker; cells above it are outlined.",
     )  # fmt: skip
+    for col, response in zip(st.columns(2), RESPONSES):
+        if tokens is None:
+            col.subheader(RESPONSES[response][0])
+            col.text(str(record.get(RESPONSES[response][1], "")))
+        else:
+            response_panel(col, tokens, response, record, view_name)
+
+
+def main() -> None:
+    st.title("Sample inspector")
+    run = common.require_run()
+    common.require(run, "metrics.parquet", "data.jsonl")
     sample_id = chosen_id(run)
     if sample_id not in run.row_of:
         st.info("Type an id or some words of an instruction, or click a point on **Embedding map**.")
@@ -199,12 +211,7 @@ def main() -> None:
     except RunFileError as exc:
         st.error(common.md(common.one_line_error(exc)))
         tokens = None
-    for col, response in zip(st.columns(2), RESPONSES):
-        if tokens is None:
-            col.subheader(RESPONSES[response][0])
-            col.text(str(record.get(RESPONSES[response][1], "")))
-        else:
-            response_panel(col, tokens, response, record, view_name)
+    responses(tokens, record)
     st.markdown("**Metrics and percentile ranks** (rank = % of scored samples at or below this value)")
     st.dataframe(
         metric_table(run, row), hide_index=True, width="stretch",

@@ -84,7 +84,13 @@ def main() -> None:
     common.require(run, "metrics.parquet", "embeddings.npy", "data.jsonl")
     brush_and_rules(run)
     chosen = common.selection(run)
-    table = table_of(run, common.key_of(run), dataclasses.astuple(chosen.config), chosen)
+    table_view(run, table_of(run, common.key_of(run), dataclasses.astuple(chosen.config), chosen))
+
+
+@st.fragment
+def table_view(run: Run, table: pd.DataFrame) -> None:
+    """Filters, search, sort and the table: a fragment, since none of them changes the selection, so
+    a keystroke in the search reruns only this part of the page."""
     c1, c2, c3, c4, c5 = st.columns([2, 3, 2, 3, 2])
     verdicts = c1.multiselect("Verdict", VERDICTS, default=list(VERDICTS), key="samples_verdict")
     reasons = c2.multiselect("Why contains any of", reason_kinds(), key="samples_reason")
