@@ -74,6 +74,24 @@ def move(driver, index: int, key: str) -> float:
     return driver.execute_script("return window.__last - window.__t0")
 
 
+def search(driver, text: str) -> float:
+    """Samples: type `text` into the search box and press Enter; ms to the last repaint."""
+    import test_browser
+
+    from selenium.webdriver.common.keys import Keys
+
+    box = test_browser.wait_for(driver, lambda d: d.find_elements("css selector", 'input[aria-label^="Search instruction"]'), "search box")[0]
+    box.clear()
+    box.send_keys(text)
+    driver.execute_script(OBSERVER + "window.__t0 = performance.now();")
+    box.send_keys(Keys.ENTER)
+    time.sleep(0.2)
+    test_browser.idle(driver)
+    while driver.execute_script("return performance.now() - window.__last") < QUIET_MS:
+        time.sleep(0.05)
+    return driver.execute_script("return window.__last - window.__t0")
+
+
 def first_visit(driver, url: str) -> float:
     """ms from opening a page to its last repaint (the app idle and no change for QUIET_MS)."""
     import test_browser
@@ -117,12 +135,15 @@ def main() -> int:
             left, right = Keys.ARROW_LEFT, Keys.ARROW_RIGHT
             keys = [left] * args.moves if "sample_num" in label else ([right, left] * args.moves)[: args.moves]
             results[label] = [move(driver, slider, key) for key in keys]
+        firsts["samples"] = first_visit(driver, f"{url}/samples")
+        words = ["fever", "cough", "treatment", "case 1", "rest", "asthma", "doctor", "migraine", "fluids"]
+        results["Samples: text search (Enter)"] = [search(driver, w) for w in (words * 3)[: args.moves]]
     finally:
         driver.quit()
         proc.terminate()
         proc.wait(timeout=20)
     print(f"run {args.run.name}, {args.moves} moves per slider; load average {os.getloadavg()[0]:.1f}\n")
-    print("| slider (browser: key press -> last repaint) | median ms | p90 ms | max ms |\n|---|---:|---:|---:|")
+    print("| control (browser: key press -> last repaint) | median ms | p90 ms | max ms |\n|---|---:|---:|---:|")
     for name, ms in results.items():
         ms = sorted(ms)
         p90 = ms[min(len(ms) - 1, round(0.9 * (len(ms) - 1)))]

@@ -414,8 +414,8 @@ def test_back_and_forward_restore_a_pages_settings(server, browser):
     assert d.current_url == second and metric(d, "in all three bands") == second_kept
 
 
-def test_box_on_the_map_filters_the_samples_table_and_compare(server, browser, shots):
-    """Issue 11 (4, 3, 5): a box dragged on the map brushes points; Samples shows only those;
+def test_lasso_on_the_map_filters_the_samples_table_and_compare(server, browser, shots):
+    """Issue 11 (4, 3, 5): a lasso drawn on the map brushes points; Samples shows only those;
     a row opens the inspector; Compare draws two selections."""
     from selenium.webdriver.common.action_chains import ActionChains
 
@@ -425,9 +425,13 @@ def test_box_on_the_map_filters_the_samples_table_and_compare(server, browser, s
     idle(d)
     plot = wait_for(d, lambda d: d.find_elements("css selector", ".js-plotly-plot .nsewdrag"), "the map")[0]
     ActionChains(d).move_to_element(plot).perform()  # the mode bar shows on hover
-    d.execute_script("document.querySelector('.js-plotly-plot .modebar-btn[data-val=\"select\"]').click()")  # box select
+    d.execute_script("document.querySelector('.js-plotly-plot .modebar-btn[data-val=\"lasso\"]').click()")  # lasso select
     w, h = plot.size["width"], plot.size["height"]
-    ActionChains(d).move_to_element_with_offset(plot, -w // 4, -h // 4).click_and_hold().move_by_offset(w // 3, h // 3).move_by_offset(w // 6, h // 6).release().perform()
+    lasso = ActionChains(d).move_to_element_with_offset(plot, -w // 3, -h // 3).click_and_hold()
+    for dx, dy in ((w // 2, h // 10), (w // 6, h // 2), (-w // 3, h // 6), (-w // 3, -h // 3)):  # a closed polygon
+        lasso = lasso.move_by_offset(dx // 2, dy // 2).move_by_offset(dx - dx // 2, dy - dy // 2)
+    lasso.release().perform()
+    wait_for(d, lambda d: "points from a box/lasso on the map" in body_text(d), "the lasso's brush")
     wait_for(d, lambda d: "unbrushed points greyed" in body_text(d), "the brush")
     idle(d)
     shot(d, shots, "embedding_map_brush")
