@@ -130,3 +130,19 @@ def test_the_generate_logs_finish_reason_decides_hit_max_exactly(tmp_path):
     expected = guessed.copy()
     expected[ids.index(hit)], expected[ids.index(missed)] = False, True  # a failed row says nothing
     assert found.tolist() == expected.tolist()
+
+
+def test_repeat_shares_are_cached_in_the_run_directory_and_recomputed_when_stale(tmp_path, monkeypatch):
+    from threeds import flags
+
+    texts = ["a b c d a b c d a b c d", "one two three", None]
+    calls = []
+    real = flags.repeat_shares
+    monkeypatch.setattr(flags, "repeat_shares", lambda t: calls.append(len(t)) or real(t))
+    first = flags.cached_repeat_shares(tmp_path, texts)
+    assert first.tolist() == real(["a b c d a b c d a b c d", "one two three", ""]).tolist() and calls == [3]
+    assert flags.cached_repeat_shares(tmp_path, texts).tolist() == first.tolist() and calls == [3]  # read back
+    changed = flags.cached_repeat_shares(tmp_path, ["one two three", "x", "y"])  # other texts: recomputed
+    assert changed.tolist() == [0.0, 0.0, 0.0] and calls == [3, 3]
+    (tmp_path / flags.SHARES_FILE).write_bytes(b"not a npy file")  # corrupt: recomputed, not an error
+    assert flags.cached_repeat_shares(tmp_path, ["one two three", "x", "y"]).tolist() == [0.0, 0.0, 0.0] and calls == [3, 3, 3]

@@ -27,7 +27,9 @@ them; `SelectConfig.exclude_flags` can drop them before the bands):
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -36,11 +38,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from threeds.atomic import atomic_write
 from threeds.data import DataError, is_blank, read_jsonl
 from threeds.names import ANSWER_FLAG_NAMES, ANSWER_FLAGS
 from threeds.runcheck import RunFileError
 from threeds.runs import read_tokens
 
+SHARES_FILE, SHARES_META = "repeat_shares.npy", "repeat_shares.json"  # cache in the run directory
 REPEAT_N = 4
 REPEAT_MIN_COUNT = 3
 REPEAT_SHARE = 0.5
@@ -122,12 +126,14 @@ class AnswerFlags:
 
 
 def flag_answers(
-    texts: Sequence[str | None], tokens: np.ndarray | None, cap: int | None, finish: Sequence[str | None] | None = None
+    texts: Sequence[str | None], tokens: np.ndarray | None, cap: int | None, finish: Sequence[str | None] | None = None,
+    shares: np.ndarray | None = None,
 ) -> AnswerFlags:
-    """The three flags of answers `texts` (None: no A'), given their token counts and the cap, and
-    where known why generation ended (`finish`: "length" = cut off at the cap, exact)."""
+    """The three flags of answers `texts` (None: no A'), given their token counts and the cap,
+    where known why generation ended (`finish`: "length" = cut off at the cap, exact), and their
+    repeat shares if already computed."""
     texts = ["" if t is None else str(t) for t in texts]
-    shares = repeat_shares(texts)
+    shares = repeat_shares(texts) if shares is None else shares
     hit = reaches_cap(tokens, cap) if tokens is not None and cap is not None else np.zeros(len(texts), dtype=bool)
     if finish is not None:
         known = np.array([f in ("stop", "length") for f in finish], dtype=bool)
@@ -174,7 +180,33 @@ def run_answer_flags(run_dir: str | Path, metrics: pd.DataFrame, records: Sequen
     tokens = answer_tokens(metrics, texts, Path(run_dir) / "tokens.parquet") if cap is not None else None
     reasons = finish_reasons(Path(run_dir) / "generations.jsonl")
     finish = [reasons.get(str(i)) for i in metrics["id"]] if reasons else None
-    return flag_answers(texts, tokens, cap, finish)
+    return flag_answers(texts, tokens, cap, finish, cached_repeat_shares(Path(run_dir), texts))
+
+
+def cached_repeat_shares(run_dir: Path, texts: Sequence[str | None]) -> np.ndarray:
+    """`repeat_shares` of a run's A', kept in the run directory (SHARES_FILE, described by
+    SHARES_META: a digest of the texts and the rule's settings), since 100k long answers take
+    ~20 s; a missing, stale or unreadable cache is recomputed, an unwritable directory only
+    costs the recomputation next time."""
+    texts = ["" if t is None else str(t) for t in texts]
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(text.encode("utf-8", "surrogatepass") + b"\0")
+    meta = {"texts_sha256": digest.hexdigest(), "rows": len(texts), "n": REPEAT_N, "min_count": REPEAT_MIN_COUNT}
+    try:
+        if json.loads((run_dir / SHARES_META).read_text(encoding="utf-8")) == meta:
+            shares = np.load(run_dir / SHARES_FILE, allow_pickle=False)
+            if shares.shape == (len(texts),) and np.isfinite(shares).all():
+                return shares
+    except (OSError, ValueError):
+        pass
+    shares = repeat_shares(texts)
+    try:  # values first, then their description: a torn write leaves a mismatch, never wrong shares
+        atomic_write(run_dir / SHARES_FILE, lambda f: np.save(f, shares, allow_pickle=False))
+        atomic_write(run_dir / SHARES_META, lambda f: f.write(json.dumps(meta) + "\n"), "w")
+    except OSError:
+        pass
+    return shares
 
 
 def finish_reasons(log_path: Path) -> dict[str, str]:
