@@ -11,6 +11,7 @@ from threeds.flags import HIT_MAX_SLACK, REPEAT_MIN_COUNT, REPEAT_N, REPEAT_SHAR
 from threeds.names import ANSWER_FLAG_NAMES, ANSWER_FLAGS, METRICS, metric_column
 
 SPLOM_POINTS = 3000
+SPLOM_AUTO_MAX = 5_000  # scored samples up to which the scatter matrix is drawn by default
 IN_COLOUR, OUT_COLOUR = "#1565c0", "#bdbdbd"
 
 
@@ -130,7 +131,17 @@ def main() -> None:
     flag_panel(run)
     for col, metric in zip(st.columns(3), METRICS):
         band_panel(col, run, metric, report["metrics"][metric], log and metric == "ins_ppl")
+    scatter_section(run, mask)
+
+
+def scatter_section(run, mask: np.ndarray) -> None:
+    """The scatter matrix, on by default up to SPLOM_AUTO_MAX samples: its WebGL plot is rebuilt on
+    every band move, which on 100k samples was most of a move's time in the browser (BENCHMARKS (c2))."""
     st.subheader("Scatter matrix")
+    if not st.toggle("show the scatter matrix", value=len(mask) <= SPLOM_AUTO_MAX, key="show_splom",
+                     help=f"off by default above {SPLOM_AUTO_MAX:,} samples: redrawing it slows every band move"):  # fmt: skip
+        st.caption("hidden: switch it on to see the three metrics against each other")
+        return
     shown = min(len(mask), SPLOM_POINTS)
     st.caption(f"blue: inside all three bands; {shown:,} of {len(mask):,} samples drawn" + (" (fixed random subset)" if shown < len(mask) else ""))
     st.plotly_chart(scatter_matrix(run, mask), width="stretch", key="splom")

@@ -192,6 +192,14 @@ def test_difficulty_bands_follow_the_library(demo):
     assert not at.exception
 
 
+def test_difficulty_scatter_matrix_is_on_for_a_small_run_and_can_be_hidden(demo):
+    at = open_page("app_pages/difficulty.py")
+    assert at.toggle(key="show_splom").value is True  # 40 samples: under the default's limit
+    assert len(at.get("plotly_chart")) == 4  # three histograms and the scatter matrix
+    at.toggle(key="show_splom").set_value(False).run()
+    assert len(at.get("plotly_chart")) == 3 and any("hidden" in c.value for c in at.caption)
+
+
 def test_difficulty_without_stage2(cache):
     make_run(cache / "s1", stages=("rate",))
     at = open_page("app_pages/difficulty.py")
