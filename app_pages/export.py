@@ -50,7 +50,7 @@ def main() -> None:
     st.code(select_command(str(run.path), f"{dataset}_selected.json", config), language="bash")
     st.markdown("**First rows**")
     preview = pd.DataFrame({"pick": range(1, min(len(ids), 20) + 1), "id": ids[:20], "instruction": [common.short(full_instruction(r), 120) for r in records[:20]]})
-    st.dataframe(preview, hide_index=True, width="stretch")
+    st.table(preview.set_index("pick"))  # static: 20 rows, no data-grid redraw after each sample_num move
 
 
 main()

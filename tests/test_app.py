@@ -153,7 +153,7 @@ def test_quality_threshold_slider(demo):
         kept = int(quality_mask(scores, threshold).sum())
         assert metric(at, "kept") == f"{kept:,}"
         assert metric(at, "dropped") == f"{len(scores) - kept:,}"
-    table = at.dataframe[0].value
+    table = at.table[0].value.reset_index()
     assert table["rated"].sum() == len(scores) and table["kept"].sum() == kept
     border = texts(at.markdown)
     above = sorted(s for s in scores if s >= 95.0)[0]
@@ -296,7 +296,7 @@ def test_export_page_matches_the_library(demo, tmp_path):
     # the run's own settings: its quality threshold 85 and the default bands
     config = SelectConfig(sample_num=4, quality_threshold=85.0)
     assert codes[1] == select_command(str(demo), "threeds_demo_selected.json", config)
-    preview = at.dataframe[0].value
+    preview = at.table[0].value.reset_index()
     assert preview["id"].tolist() == apply(config, run.metrics, run.embeddings, run.ratings).picked_ids
     at.radio(key="export_format").set_value("sharegpt").run()
     assert json.loads(at.code[0].value)["threeds_demo"]["formatting"] == "sharegpt"
@@ -477,7 +477,7 @@ def test_one_selection_on_every_page_and_the_exported_command(demo, tmp_path):
     assert "--quality-threshold 95" in shown
     cli_ids = exported_ids(shown, tmp_path / "cli.json")
     assert cli_ids == expected.picked_ids and len(cli_ids) == n > 0
-    assert at.dataframe[0].value["id"].tolist() == cli_ids[:20]
+    assert at.table[0].value.reset_index()["id"].tolist() == cli_ids[:20]
 
 
 def test_inspector_attention_view_never_changes_the_selection(demo):
@@ -555,7 +555,7 @@ def test_presets_save_list_load_and_cli(demo, tmp_path):
     assert at.code[1].value == shown and "threeds select --preset three" in texts(at.sidebar.caption)
     out = tmp_path / "p.json"
     assert cli.main(["select", "--run", str(demo), "--out", str(out), "--preset", "three"]) == 0
-    assert [r["id"] for r in json.loads(out.read_text())] == at.dataframe[0].value["id"].tolist()
+    assert [r["id"] for r in json.loads(out.read_text())] == at.table[0].value.reset_index()["id"].tolist()
 
 
 def test_samples_table_filters_search_sort_and_opens_the_inspector(demo):
@@ -610,7 +610,7 @@ def test_a_brush_filters_the_table_and_becomes_a_rule(demo, tmp_path):
     at.switch_page("app_pages/export.py").run()
     line = at.code[1].value
     assert "--include " + ",".join(at.session_state["rule_include"]) in line
-    assert exported_ids(line, tmp_path / "r.json") == at.dataframe[0].value["id"].tolist()[:4]
+    assert exported_ids(line, tmp_path / "r.json") == at.table[0].value.reset_index()["id"].tolist()[:4]
 
 
 def test_compare_two_presets_and_two_runs(demo, cache):
