@@ -56,6 +56,25 @@ def start_server(cache: Path) -> tuple[subprocess.Popen, str]:
     raise RuntimeError("streamlit did not start")
 
 
+def timed(driver, act) -> float:
+    """ms from just before `act()` (a key event) to the last repaint after it."""
+    import test_browser
+
+    driver.execute_script(OBSERVER + "window.__t0 = performance.now();")  # just before: a slight overestimate
+    act()
+    time.sleep(0.2)
+    test_browser.idle(driver)
+    settle(driver)
+    return driver.execute_script("return window.__last - window.__t0")
+
+
+def settle(driver) -> float:
+    """Wait until the page has not changed for QUIET_MS; ms since its last change."""
+    while (quiet := driver.execute_script("return performance.now() - window.__last")) < QUIET_MS:
+        time.sleep(0.05)
+    return quiet
+
+
 def move(driver, index: int, key: str) -> float:
     """One key press on slider `index`; ms from its release to the last repaint."""
     import test_browser
@@ -65,13 +84,7 @@ def move(driver, index: int, key: str) -> float:
     found = lambda d: d.find_elements("css selector", '[data-testid="stSlider"] input[type="range"]')[index:]  # noqa: E731
     thumb = test_browser.wait_for(driver, found, "slider")[0]
     driver.execute_script("arguments[0].focus()", thumb)
-    driver.execute_script(OBSERVER + "window.__t0 = performance.now();")  # just before the key: a slight overestimate
-    ActionChains(driver).send_keys(key).perform()
-    time.sleep(0.2)
-    test_browser.idle(driver)
-    while driver.execute_script("return performance.now() - window.__last") < QUIET_MS:
-        time.sleep(0.05)
-    return driver.execute_script("return window.__last - window.__t0")
+    return timed(driver, lambda: ActionChains(driver).send_keys(key).perform())
 
 
 def search(driver, text: str) -> float:
@@ -83,13 +96,7 @@ def search(driver, text: str) -> float:
     box = test_browser.wait_for(driver, lambda d: d.find_elements("css selector", 'input[aria-label^="Search instruction"]'), "search box")[0]
     box.clear()
     box.send_keys(text)
-    driver.execute_script(OBSERVER + "window.__t0 = performance.now();")
-    box.send_keys(Keys.ENTER)
-    time.sleep(0.2)
-    test_browser.idle(driver)
-    while driver.execute_script("return performance.now() - window.__last") < QUIET_MS:
-        time.sleep(0.05)
-    return driver.execute_script("return window.__last - window.__t0")
+    return timed(driver, lambda: box.send_keys(Keys.ENTER))
 
 
 def first_visit(driver, url: str) -> float:
@@ -100,10 +107,8 @@ def first_visit(driver, url: str) -> float:
     driver.get(url)
     driver.execute_script(OBSERVER)
     test_browser.idle(driver)
-    while driver.execute_script("return performance.now() - window.__last") < QUIET_MS:
-        time.sleep(0.05)
-    quiet_for = driver.execute_script("return performance.now() - window.__last")
-    return (time.perf_counter() - began) * 1000 - quiet_for
+    quiet = settle(driver)
+    return (time.perf_counter() - began) * 1000 - quiet
 
 
 def main() -> int:
