@@ -8,14 +8,13 @@ re-scored run (different embeddings) or other settings recompute it.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from threeds.atomic import atomic_write
+from threeds.array_cache import read_cached, write_cached
 from threeds.select import KCenter, k_center_greedy
 
 UMAP_FILE = "umap.npy"
@@ -63,28 +62,12 @@ def load_or_compute_umap(
     """The run's cached map if it matches `embeddings` and `settings`, else compute and cache it."""
     run_dir = Path(run_dir)
     meta = {"embeddings_sha256": embeddings_digest(embeddings), "rows": len(embeddings), **settings.__dict__}
-    cached = _read_cached(run_dir, meta)
+    cached = read_cached(run_dir / UMAP_FILE, run_dir / UMAP_META, meta, (len(embeddings), 2))
     if cached is not None:
         return cached
     coords = compute_umap(embeddings, settings)
-    _write_cached(run_dir, coords, meta)
+    write_cached(run_dir / UMAP_FILE, run_dir / UMAP_META, coords, meta)
     return coords
-
-
-def _read_cached(run_dir: Path, meta: dict) -> np.ndarray | None:
-    try:
-        if json.loads((run_dir / UMAP_META).read_text(encoding="utf-8")) != meta:
-            return None
-        coords = np.load(run_dir / UMAP_FILE, allow_pickle=False)
-    except (OSError, ValueError):  # missing, torn or corrupt: recompute
-        return None
-    return coords if coords.shape == (meta["rows"], 2) and np.isfinite(coords).all() else None
-
-
-def _write_cached(run_dir: Path, coords: np.ndarray, meta: dict) -> None:
-    """Map first, then its description: a torn write leaves a mismatch, never a wrong map."""
-    atomic_write(run_dir / UMAP_FILE, lambda f: np.save(f, coords, allow_pickle=False))
-    atomic_write(run_dir / UMAP_META, lambda f: f.write(json.dumps(meta, indent=1) + "\n"), "w")
 
 
 @dataclass

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from threeds.atomic import atomic_write
+from threeds.array_cache import read_cached, write_cached
 from threeds.data import DataError, is_blank, read_jsonl
 from threeds.names import ANSWER_FLAG_NAMES, ANSWER_FLAGS
 from threeds.runcheck import RunFileError
@@ -193,17 +192,12 @@ def cached_repeat_shares(run_dir: Path, texts: Sequence[str | None]) -> np.ndarr
     for text in texts:
         digest.update(text.encode("utf-8", "surrogatepass") + b"\0")
     meta = {"texts_sha256": digest.hexdigest(), "rows": len(texts), "n": REPEAT_N, "min_count": REPEAT_MIN_COUNT}
-    try:
-        if json.loads((run_dir / SHARES_META).read_text(encoding="utf-8")) == meta:
-            shares = np.load(run_dir / SHARES_FILE, allow_pickle=False)
-            if shares.shape == (len(texts),) and np.isfinite(shares).all():
-                return shares
-    except (OSError, ValueError):
-        pass
+    cached = read_cached(run_dir / SHARES_FILE, run_dir / SHARES_META, meta, (len(texts),))
+    if cached is not None:
+        return cached
     shares = repeat_shares(texts)
-    try:  # values first, then their description: a torn write leaves a mismatch, never wrong shares
-        atomic_write(run_dir / SHARES_FILE, lambda f: np.save(f, shares, allow_pickle=False))
-        atomic_write(run_dir / SHARES_META, lambda f: f.write(json.dumps(meta) + "\n"), "w")
+    try:
+        write_cached(run_dir / SHARES_FILE, run_dir / SHARES_META, shares, meta)
     except OSError:
         pass
     return shares
