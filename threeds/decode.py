@@ -31,11 +31,12 @@ class SlotLayer(DynamicLayer):
     """One layer's keys/values in buffers [slots, heads, capacity, dim]: `keys`/`values` are views of
     the columns written so far, and a decoding step writes one more column in place."""
 
-    def allocate(self, like: torch.Tensor, slots: int, capacity: int) -> None:
+    def allocate(self, like: torch.Tensor, slots: int, capacity: int, width: int = 0) -> None:
+        """Zeroed buffers (masked columns must stay finite) of which the first `width` columns count."""
         _, heads, _, dim = like.shape
-        self.kbuf = like.new_zeros(slots, heads, capacity, dim)  # zeros: masked columns must stay finite
+        self.kbuf = like.new_zeros(slots, heads, capacity, dim)
         self.vbuf = like.new_zeros(slots, heads, capacity, dim)
-        self.width = 0
+        self.width = width
         self.dtype, self.device, self.is_initialized = like.dtype, like.device, True
         self._view()
 
@@ -43,11 +44,9 @@ class SlotLayer(DynamicLayer):
     def holding(cls, keys: torch.Tensor, values: torch.Tensor, spare: int) -> SlotLayer:
         """A layer holding [slots, heads, n, dim] keys/values, with `spare` free columns."""
         layer = cls()
-        layer.allocate(keys, keys.shape[0], keys.shape[2] + spare)
+        layer.allocate(keys, keys.shape[0], keys.shape[2] + spare, keys.shape[2])
         layer.kbuf[:, :, : keys.shape[2]] = keys
         layer.vbuf[:, :, : keys.shape[2]] = values
-        layer.width = keys.shape[2]
-        layer._view()
         return layer
 
     def _view(self) -> None:
@@ -70,13 +69,11 @@ class SlotLayer(DynamicLayer):
     def moved(self, slots: torch.Tensor, first: int, n_slots: int, capacity: int) -> SlotLayer:
         """A copy keeping `slots` (in that order) and columns from `first` (negative: pad on the left)."""
         layer = SlotLayer()
-        layer.allocate(self.kbuf, n_slots, capacity)
         width = self.width - first
+        layer.allocate(self.kbuf, n_slots, capacity, width)
         src = slice(max(first, 0), self.width)
         layer.kbuf[: len(slots), :, width - (src.stop - src.start) : width] = self.kbuf[slots, :, src]
         layer.vbuf[: len(slots), :, width - (src.stop - src.start) : width] = self.vbuf[slots, :, src]
-        layer.width = width
-        layer._view()
         return layer
 
 
@@ -208,9 +205,7 @@ class _Batch:
         if like is not None:
             layers = [SlotLayer() for _ in range(self.model.config.num_hidden_layers)]
             for layer in layers:
-                layer.allocate(like, n_slots, capacity)
-                layer.width = longest
-                layer._view()
+                layer.allocate(like, n_slots, capacity, longest)
         else:
             idx = torch.tensor(keep, dtype=torch.long, device=device)
             layers = [layer.moved(idx, first, n_slots, capacity) for layer in self.cache.layers]
