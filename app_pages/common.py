@@ -17,7 +17,8 @@ import streamlit as st
 
 from app_pages import url_state
 
-from threeds.embed_map import PickOrder, load_or_compute_umap
+from threeds.embed_map import load_or_compute_umap
+from threeds.pick_order import PickOrder
 from threeds.errors import describe
 from threeds.flags import AnswerFlags, run_answer_flags
 from threeds.names import ATTEN_METHODS, METRIC_NAMES, METRICS, metric_column
@@ -346,7 +347,7 @@ def filtered(run: Run, config: SelectConfig | None = None) -> Filtered:
 @st.cache_resource(max_entries=32, show_spinner=False)
 def _pick_order(_run: Run, key: tuple, _filtered: Filtered, stages: tuple, seed: int) -> PickOrder:
     rows = np.ascontiguousarray(_run.embeddings[_filtered.candidates])
-    return PickOrder(rows, seed=seed, initial=tuple(int(i) for i in _filtered.initial))
+    return PickOrder(rows, seed, _filtered.initial, _run.path)
 
 
 def picks(run: Run, config: SelectConfig | None = None) -> np.ndarray:

@@ -34,7 +34,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from synthetic_run import make_run  # noqa: E402
 
 from threeds import embed_map  # noqa: E402
-from threeds.runs import load_run  # noqa: E402
+from threeds.config import SelectConfig  # noqa: E402
+from threeds.runs import load_run, run_settings  # noqa: E402
+from threeds.selection import select_dir  # noqa: E402
 
 
 def pca_2d(emb: np.ndarray) -> np.ndarray:
@@ -58,6 +60,10 @@ def build(cache: Path, n: int, dim: int, real_umap: bool) -> dict:
         embed_map.load_or_compute_umap(run_dir, run.embeddings)
         embed_map.compute_umap = real
     timings["map_s"] = time.perf_counter() - started
+    started = time.perf_counter()
+    settings = run_settings(run)
+    select_dir(run_dir, SelectConfig.from_bands(settings.pop("bands"), **settings))  # what `threeds run` ends with: its pick order is kept
+    timings["select_s"] = time.perf_counter() - started
     return timings
 
 

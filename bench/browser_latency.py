@@ -115,6 +115,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, default=ROOT / "cache" / "demo", help="run directory to copy and show (default: cache/demo)")
     parser.add_argument("--moves", type=int, default=9, help="key presses timed per slider (default: 9)")
+    parser.add_argument("--pages", default="quality,difficulty,embedding_map,export,samples",
+                        help="pages to time, comma-separated (default: all five)")  # fmt: skip
     args = parser.parse_args()
     import test_browser
     from selenium import webdriver
@@ -131,18 +133,21 @@ def main() -> int:
     for flag in test_browser.FLAGS:
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(str(test_browser.CHROMEDRIVER)), options=options)
-    results, firsts = {}, {}
+    results, firsts, pages = {}, {}, args.pages.split(",")
     try:
         for page, slider, label in (("quality", 0, "Quality: threshold"), ("difficulty", 0, "Difficulty: a band's low end"),
                                     ("embedding_map", 0, "Embedding map: sample_num"), ("export", 0, "Export: sample_num")):  # fmt: skip
+            if page not in pages:
+                continue
             firsts[page] = first_visit(driver, f"{url}/{page}")
             time.sleep(1)
             left, right = Keys.ARROW_LEFT, Keys.ARROW_RIGHT
             keys = [left] * args.moves if "sample_num" in label else ([right, left] * args.moves)[: args.moves]
             results[label] = [move(driver, slider, key) for key in keys]
-        firsts["samples"] = first_visit(driver, f"{url}/samples")
-        words = ["fever", "cough", "treatment", "case 1", "rest", "asthma", "doctor", "migraine", "fluids"]
-        results["Samples: text search (Enter)"] = [search(driver, w) for w in (words * 3)[: args.moves]]
+        if "samples" in pages:
+            firsts["samples"] = first_visit(driver, f"{url}/samples")
+            words = ["fever", "cough", "treatment", "case 1", "rest", "asthma", "doctor", "migraine", "fluids"]
+            results["Samples: text search (Enter)"] = [search(driver, w) for w in (words * 3)[: args.moves]]
     finally:
         driver.quit()
         proc.terminate()

@@ -1,4 +1,4 @@
-"""The cached UMAP map and the on-demand k-center pick order."""
+"""The cached UMAP map."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 from threeds import embed_map
-from threeds.embed_map import MapSettings, PickOrder, load_or_compute_umap
-from threeds.select import k_center_greedy
+from threeds.embed_map import MapSettings, load_or_compute_umap
 
 
 def clustered(n: int, dim: int = 8, seed: int = 0) -> np.ndarray:
@@ -70,27 +69,3 @@ def test_corrupt_cache_is_recomputed(tmp_path, fake_umap, damage):
 def test_too_few_points():
     with pytest.raises(ValueError, match="at least 4"):
         embed_map.compute_umap(np.zeros((3, 5), np.float32))
-
-
-def test_pick_order_slices_equal_the_library_call():
-    emb = clustered(50)
-    order = PickOrder(emb, seed=3)
-    for k in (5, 1, 12, 30, 7, 49):
-        assert np.array_equal(order.picks(k), k_center_greedy(emb, k, seed=3)), k
-    assert np.array_equal(order.picks(50), k_center_greedy(emb, 50, seed=3))  # all survivors
-    assert np.array_equal(order.picks(80), np.arange(50))
-
-
-def test_pick_order_continues_the_greedy_and_never_recomputes_a_pick(monkeypatch):
-    from threeds import select
-
-    emb = clustered(100)
-    sizes = (10, 5, 10, 11, 15, 20, 21, 3)
-    expected = {k: k_center_greedy(emb, k, initial=[4, 60]) for k in sizes}
-    steps = []
-    real = select._LazyFarthest.farthest
-    monkeypatch.setattr(select._LazyFarthest, "farthest", lambda self: steps.append(1) or real(self))
-    order = PickOrder(emb, initial=(4, 60))
-    for k in sizes:
-        assert np.array_equal(order.picks(k), expected[k]), k
-    assert len(steps) == 21 - 2  # each pick past the two initial centres made once

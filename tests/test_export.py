@@ -12,7 +12,7 @@ from synthetic_run import make_run
 from threeds.cli import build_parser, main
 from threeds.config import SelectConfig
 from threeds.selection import config_from_args
-from threeds.embed_map import PickOrder
+from threeds.pick_order import PickOrder
 from threeds.export import dataset_info_entry, export_text, file_name, select_command
 from threeds.runs import load_run
 from threeds.select import band_filter

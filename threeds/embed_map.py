@@ -1,4 +1,4 @@
-"""The 2-D map of instruction embeddings, and k-center pick orders that grow on demand.
+"""The 2-D map of instruction embeddings.
 
 UMAP takes minutes on 100k rows, so it runs once per run: the result is cached as `umap.npy`
 in the run directory with `umap.json` saying which embeddings and settings produced it; a
@@ -7,15 +7,13 @@ re-scored run (different embeddings) or other settings recompute it.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from threeds.array_cache import read_cached, write_cached
-from threeds.select import KCenter, k_center_greedy
+from threeds.array_cache import array_digest, read_cached, write_cached
 
 UMAP_FILE = "umap.npy"
 UMAP_META = "umap.json"
@@ -27,15 +25,6 @@ class MapSettings:
     seed: int = 0
     n_neighbors: int = 15
     min_dist: float = 0.1
-
-
-def embeddings_digest(embeddings: np.ndarray) -> str:
-    """sha256 of the float32 rows: identifies the embeddings a cached map was made from."""
-    digest = hashlib.sha256(str(embeddings.shape).encode())
-    rows = max(1, (64 << 20) // max(1, embeddings.shape[1] * 4))
-    for start in range(0, len(embeddings), rows):
-        digest.update(np.ascontiguousarray(embeddings[start : start + rows], dtype=np.float32).tobytes())
-    return digest.hexdigest()
 
 
 def compute_umap(embeddings: np.ndarray, settings: MapSettings = MapSettings()) -> np.ndarray:
@@ -61,35 +50,10 @@ def load_or_compute_umap(
 ) -> np.ndarray:
     """The run's cached map if it matches `embeddings` and `settings`, else compute and cache it."""
     run_dir = Path(run_dir)
-    meta = {"embeddings_sha256": embeddings_digest(embeddings), "rows": len(embeddings), **settings.__dict__}
+    meta = {"embeddings_sha256": array_digest(embeddings), "rows": len(embeddings), **settings.__dict__}
     cached = read_cached(run_dir / UMAP_FILE, run_dir / UMAP_META, meta, (len(embeddings), 2))
     if cached is not None:
         return cached
     coords = compute_umap(embeddings, settings)
     write_cached(run_dir / UMAP_FILE, run_dir / UMAP_META, coords, meta)
     return coords
-
-
-@dataclass
-class PickOrder:
-    """k-center greedy pick order over fixed survivors, computed only as far as asked.
-
-    k-center greedy is prefix-consistent: the first k picks of a run for k' > k are the picks
-    for k (same first centre, same farthest-point steps). A `sample_num` slider therefore slices
-    the picks made so far, and a request past them continues the same greedy (`KCenter`): moving
-    the slider never recomputes a pick.
-    """
-
-    embeddings: np.ndarray  # survivors' rows only
-    seed: int = 0
-    initial: tuple[int, ...] = ()  # rows that are centres before the greedy starts ("always include")
-    _greedy: KCenter | None = None
-
-    def picks(self, k: int) -> np.ndarray:
-        """Survivor indices picked for `sample_num = k`, in pick order (all if k >= n); k is at
-        least len(initial)."""
-        if k >= len(self.embeddings):  # every survivor, as the library orders them
-            return k_center_greedy(self.embeddings, k, seed=self.seed, initial=self.initial)
-        if self._greedy is None:
-            self._greedy = KCenter(self.embeddings, seed=self.seed, initial=self.initial, capacity=k)
-        return self._greedy.extend(k)

@@ -196,10 +196,7 @@ def cached_repeat_shares(run_dir: Path, texts: Sequence[str | None]) -> np.ndarr
     if cached is not None:
         return cached
     shares = repeat_shares(texts)
-    try:
-        write_cached(run_dir / SHARES_FILE, run_dir / SHARES_META, shares, meta)
-    except OSError:
-        pass
+    write_cached(run_dir / SHARES_FILE, run_dir / SHARES_META, shares, meta)
     return shares
 
 

@@ -38,7 +38,8 @@ from threeds.runcheck import RESCORE, load_scored, read_manifest, read_scored_re
 from threeds.names import ANSWER_FLAG_NAMES, ANSWER_FLAGS, ATTEN_METHODS, METRIC_NAMES, METRICS, metric_column
 from threeds.atomic import atomic_write
 from threeds.runs import RunFileError, read_ratings
-from threeds.select import NAN_REASONS, NonFiniteError, _resolve_bands, _storage_dtype, band_filter, k_center_greedy, resolve_device
+from threeds.pick_order import PickOrder
+from threeds.select import NAN_REASONS, NonFiniteError, _resolve_bands, _storage_dtype, band_filter, resolve_device
 
 PRESET_DIR = "selections"
 PRESET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -158,11 +159,13 @@ def pick_count(config: SelectConfig) -> int:
     return max(config.sample_num, len(config.include))
 
 
-def pick_rows(config: SelectConfig, filtered: Filtered, embeddings: np.ndarray, **kcenter) -> np.ndarray:
-    """Rows picked by k-center greedy, in pick order (include ids first)."""
+def pick_rows(config: SelectConfig, filtered: Filtered, embeddings: np.ndarray, run_dir: Path | None = None,
+              device=None, dtype=None, progress: bool = False) -> np.ndarray:  # fmt: skip
+    """Rows picked by k-center greedy, in pick order (include ids first); with `run_dir`, the order
+    is kept there for the app (`threeds.pick_order`)."""
     chosen = np.ascontiguousarray(embeddings[filtered.candidates])
-    order = k_center_greedy(chosen, pick_count(config), seed=config.seed, initial=filtered.initial, **kcenter)
-    return filtered.candidates[order]
+    order = PickOrder(chosen, config.seed, filtered.initial, run_dir, device, dtype)
+    return filtered.candidates[order.picks(pick_count(config), progress)]
 
 
 # ------------------------------------------------------------------------------ verdicts
@@ -283,7 +286,8 @@ def empty_reason(config: SelectConfig, counts: dict) -> str | None:
 
 def apply(config: SelectConfig, metrics: pd.DataFrame, embeddings: np.ndarray, ratings: pd.DataFrame | None = None,
           flags: AnswerFlags | None = None, **kcenter) -> Selection:  # fmt: skip
-    """The whole selection on loaded run files (metrics, embeddings, optional ratings and A' flags)."""
+    """The whole selection on loaded run files (metrics, embeddings, optional ratings and A' flags);
+    `kcenter`: `pick_rows`' keywords."""
     quality = quality_per_row(ratings, metrics["id"])
     filtered = filter_rows(config, metrics, quality, flags)
     return explain(config, metrics, ratings, filtered, pick_rows(config, filtered, embeddings, **kcenter))
@@ -387,7 +391,7 @@ def _select_into(run_dir: Path, config: SelectConfig, metrics: pd.DataFrame, emb
     device = resolve_device(device)
     start = time.perf_counter()
     try:
-        chosen = apply(config, metrics, embeddings, ratings, flags, device=device, dtype=dtype, progress=progress)
+        chosen = apply(config, metrics, embeddings, ratings, flags, run_dir=run_dir, device=device, dtype=dtype, progress=progress)
     except NonFiniteError as exc:
         raise RunFileError(f"{exc} in rows k-center chooses among; {RESCORE}", path=run_dir / "embeddings.npy") from exc
     report = dict(chosen.report, n_selected=len(chosen.picked), kcenter_seconds=round(time.perf_counter() - start, 3))
