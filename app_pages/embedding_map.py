@@ -2,22 +2,36 @@
 
 from __future__ import annotations
 
-import functools
 import html
+from dataclasses import dataclass
 
 import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 
-from app_pages import common
+from app_pages import common, raster
 from threeds.data import full_instruction
 from threeds.embed_map import MIN_POINTS
 from threeds.names import METRICS, metric_column
 
-MAP_POINTS = 8_000  # drawn besides the picks: each drawn point costs every re-render (hover text)
-SVG_POINTS = 1_500  # up to this many drawn points, SVG: a WebGL plot is rebuilt on every re-render, which
-# took twice as long in the browser on the demo run (BENCHMARKS (c2)); above it, SVG itself gets slow
-GREY = "#c8c8c8"
+SVG_POINTS = 1_500  # up to this many points, each is an SVG marker; above, the map is an image (`raster`)
+HOVER_POINTS = 120  # points an image map can hover and click (most of them the first picks): each SVG
+# marker adds about 0.25 ms to every re-render in the browser
+GREY, BLUE = "#c8c8c8", "#1565c0"
+
+
+@dataclass(frozen=True)
+class Layer:
+    """Points drawn alike: a name, their rows, one colour or values on the Viridis scale, a size."""
+
+    name: str
+    rows: np.ndarray
+    colour: str | None = None
+    values: np.ndarray | None = None  # per row of the run, when coloured by value
+    size: int = 5
+    title: str = ""  # the colour bar's
+    hover: str = ""  # added to the hover text
+    ordered: bool = False  # rows in a meaningful order (picks): an image map's hover reaches the first
 
 
 @st.cache_resource(max_entries=4, show_spinner=False)
@@ -39,62 +53,114 @@ def quality_scores(run) -> np.ndarray:
     return np.array([scores.get(i, np.nan) for i in run.metrics["id"]], dtype=float)
 
 
-def scatter(x, y, rows, ids, texts, name: str, marker: dict, extra: str = "", gl: bool = True) -> go.Scatter:
-    kind = go.Scattergl if gl else go.Scatter
-    return kind(
-        x=x[rows], y=y[rows], mode="markers", name=name, marker=marker, customdata=ids[rows], text=texts[rows],
-        hovertemplate="<b>%{customdata}</b>" + extra + "<br>%{text}<extra></extra>",
-    )  # fmt: skip
-
-
-def map_figure(run, coords: np.ndarray, colour: str, picked: np.ndarray, shown: np.ndarray) -> go.Figure:
-    """The map in one constructor call (Plotly's add_*/update_* chain is slow on every re-render)."""
-    x, y = coords[:, 0], coords[:, 1]
-    ids, texts = hover_texts(run, common.key_of(run))
-    draw = functools.partial(scatter, gl=len(shown) > SVG_POINTS)
+def layers(run, colour: str, picked: np.ndarray) -> list[Layer]:
+    """What the map draws for a colour choice, bottom layer first."""
+    every = np.arange(len(run.metrics))
     if colour == "k-center pick":
-        order = np.empty(len(ids), dtype=float)
+        order = np.full(len(every), np.nan)
         order[picked] = np.arange(1, len(picked) + 1)
-        traces = [
-            draw(x, y, np.setdiff1d(shown, picked), ids, texts, "not picked", dict(size=4, color=GREY)),
-            draw(
-                x, y, picked, ids, texts, "picked",
-                dict(size=7, color=order[picked], colorscale="Viridis", colorbar=dict(title="pick #", **({"dtick": 1} if len(picked) <= 10 else {}))),  # whole pick numbers
-                extra=" · pick #%{marker.color}",
-            ),
-        ]  # fmt: skip
-    elif colour == "in band":
-        mask = common.filtered(run).in_bands
-        traces = [
-            draw(x, y, shown[mask[shown] == inside], ids, texts, name, dict(size=5, color=c))
-            for inside, name, c in ((False, "outside a band", GREY), (True, "in all bands", "#1565c0"))
+        return [
+            Layer("not picked", np.setdiff1d(every, picked), GREY, size=4),
+            Layer("picked", picked, values=order, size=7, title="pick #", hover=" · pick #%{marker.color}", ordered=True),
         ]
-    else:
-        values = quality_scores(run) if colour == "quality" else run.metrics[colour].to_numpy(dtype=float)
-        traces = [
-            draw(
-                x, y, shown, ids, texts, colour,
-                dict(size=5, color=values[shown], colorscale="Viridis", colorbar=dict(title=colour)),
-                extra=f" · {colour} %{{marker.color:.4g}}",
-            )
-        ]  # fmt: skip
-    axis = dict(showticklabels=False)
-    layout = dict(
-        height=620, margin=dict(l=10, r=10, t=10, b=10), legend=dict(orientation="h"), dragmode="pan",
-        xaxis=dict(axis, title="UMAP 1"), yaxis=dict(axis, title="UMAP 2"),
+    if colour == "in band":
+        mask = common.filtered(run).in_bands
+        return [Layer("outside a band", every[~mask], GREY), Layer("in all bands", every[mask], BLUE)]
+    values = quality_scores(run) if colour == "quality" else run.metrics[colour].to_numpy(dtype=float)
+    finite = np.isfinite(values)
+    return [Layer("no value", every[~finite], GREY), Layer(colour, every[finite], values=values, title=colour, hover=f" · {colour} %{{marker.color:.4g}}")]
+
+
+def marker(layer: Layer, rows: np.ndarray, **extra) -> dict:
+    if layer.values is None:
+        return dict(size=layer.size, color=layer.colour, **extra)
+    bar = dict(title=layer.title, **({"dtick": 1} if layer.title == "pick #" and len(layer.rows) <= 10 else {}))  # whole pick numbers
+    low, high = value_range(layer)
+    return dict(size=layer.size, color=layer.values[rows], colorscale="Viridis", cmin=low, cmax=high, colorbar=bar, **extra)
+
+
+def scatter(coords, rows, run, name: str, marker: dict, hover: str = "", labels: np.ndarray | None = None) -> go.Scatter:
+    """Markers with the sample id, `hover` (a Plotly template part) or per-point `labels`, and the
+    instruction's start in the hover box."""
+    ids, texts = hover_texts(run, common.key_of(run))
+    text = texts[rows] if labels is None else np.array([f"{label}<br>{t}" for label, t in zip(labels, texts[rows])], dtype=object)
+    return go.Scatter(
+        x=coords[rows, 0], y=coords[rows, 1], mode="markers", name=name, marker=marker, customdata=ids[rows],
+        text=text, hovertemplate="<b>%{customdata}</b>" + hover + "<br>%{text}<extra></extra>",
     )  # fmt: skip
-    return go.Figure(data=traces, layout=layout)
 
 
-def on_select(run) -> None:
-    """A box or lasso brushes its points (the Samples table shows them); a click opens the inspector."""
+def svg_figure(run, coords: np.ndarray, drawn: list[Layer], brushed: np.ndarray | None) -> go.Figure:
+    """Every point an SVG marker (small maps): hover, click and brush reach them all."""
+    traces = [scatter(coords, layer.rows, run, layer.name, marker(layer, layer.rows), layer.hover) for layer in drawn if len(layer.rows)]
+    figure = go.Figure(data=traces, layout=map_layout())
+    if brushed is not None:
+        grey_unbrushed(figure, run, brushed)
+    return figure
+
+
+def image_figure(run, coords: np.ndarray, drawn: list[Layer], brushed: np.ndarray | None) -> go.Figure:
+    """Every point drawn into one image (large maps), under HOVER_POINTS near-transparent markers
+    for hover and click: the earliest picks first, the rest at random."""
+    box = raster.bounds(coords[:, 0], coords[:, 1])
+    canvas = raster.Canvas(box)
+    lit = np.ones(len(coords), dtype=bool) if brushed is None else np.isin(np.arange(len(coords)), brushed)
+    for alpha, part in ((60, ~lit), (255, lit)):  # unbrushed points faded, under the brushed ones
+        for layer in drawn:
+            rows = layer.rows[part[layer.rows]]
+            colours = raster.rgb(layer.colour) if layer.values is None else raster.viridis(layer.values[rows], *value_range(layer))
+            canvas.draw(coords[rows, 0], coords[rows, 1], colours, size=3 if layer.size > 5 else 2, alpha=alpha)
+    top = drawn[-1]
+    first = top.rows[: HOVER_POINTS * 2 // 3] if top.ordered else top.rows[:0]
+    hover = np.union1d(first, common.display_rows(len(coords), HOVER_POINTS - len(first)))
+    points = scatter(coords, hover, run, "hover", dict(size=7, color=GREY, opacity=0.01), labels=hover_labels(drawn, hover))
+    points.showlegend = False
+    keys = [go.Scatter(x=[None], y=[None], mode="markers", name=layer.name, marker=dict(size=8, color=layer.colour))
+            for layer in drawn if layer.values is None and len(layer.rows)]  # fmt: skip
+    if top.values is not None and len(top.rows):  # the image's colour bar, from a trace with no point to draw
+        low, high = value_range(top)
+        keys.append(go.Scatter(x=[None, None], y=[None, None], mode="markers", showlegend=False, hoverinfo="skip",
+                               marker=dict(marker(top, top.rows[:0]), color=[low, high])))  # fmt: skip
+    figure = go.Figure(data=[points, *keys], layout=map_layout(box))
+    figure.layout.images = [canvas.layout_image()]
+    return figure
+
+
+def hover_labels(drawn: list[Layer], rows: np.ndarray) -> np.ndarray:
+    """Per row, its layer's name or its value (e.g. "pick # 12"): the hover text of an image map."""
+    labels = np.empty(len(rows), dtype=object)
+    for layer in drawn:
+        hit = np.isin(rows, layer.rows)
+        if layer.values is None:
+            labels[hit] = layer.name
+        else:
+            labels[hit] = [f"{layer.title} {v:.4g}" for v in layer.values[rows[hit]]]
+    return labels
+
+
+def value_range(layer: Layer) -> tuple[float, float]:
+    values = layer.values[layer.rows]
+    return (float(values.min()), float(values.max())) if len(values) else (0.0, 1.0)
+
+
+def map_layout(box: tuple[float, float, float, float] | None = None) -> dict:
+    axis = dict(showticklabels=False)
+    x, y = (dict(), dict()) if box is None else (dict(range=list(box[:2])), dict(range=list(box[2:])))
+    return dict(
+        height=620, margin=dict(l=10, r=10, t=10, b=10), legend=dict(orientation="h"), dragmode="pan",
+        xaxis=dict(axis, title="UMAP 1", **x), yaxis=dict(axis, title="UMAP 2", **y),
+    )  # fmt: skip
+
+
+def on_select(run, coords: np.ndarray) -> None:
+    """A box or lasso brushes every point inside it (the Samples table shows them), drawn or not;
+    a click opens the inspector."""
     chosen = st.session_state["map"]["selection"]
-    points = chosen["points"]
     if chosen.get("box") or chosen.get("lasso"):
-        rows = [run.row_of[str(p["customdata"])] for p in points if str(p.get("customdata")) in run.row_of]
-        common.set_brush(np.asarray(rows, dtype=np.int64), f"{len(rows):,} points from a box/lasso on the map")
-    elif points:
-        st.session_state["inspect_id"] = str(points[0]["customdata"])
+        rows = raster.selected_rows(coords[:, 0], coords[:, 1], chosen.get("box") or [], chosen.get("lasso") or [])
+        common.set_brush(rows, f"{len(rows):,} points from a box/lasso on the map")
+    elif chosen["points"]:
+        st.session_state["inspect_id"] = str(chosen["points"][0]["customdata"])
         st.session_state["goto_inspector"] = True
 
 
@@ -120,28 +186,28 @@ def main() -> None:
     with c2:
         common.sample_num_slider(run)
     picked = common.picks(run)
-    shown = np.union1d(common.display_rows(len(coords), MAP_POINTS), picked)
+    drawn = "every point hoverable" if len(coords) <= SVG_POINTS else f"drawn as an image; hover and click reach {HOVER_POINTS:,} of them, the first picks first"
     st.caption(
-        f"{len(picked):,} k-center picks among {len(common.filtered(run).candidates):,} candidates · "
-        f"{len(shown):,} of {len(coords):,} points drawn · click a point to open it in the inspector"
+        f"{len(picked):,} k-center picks among {len(common.filtered(run).candidates):,} candidates · {len(coords):,} points, "
+        f"{drawn} · click a point to open it in the inspector · a box or lasso selects every point inside"
     )
-    map_view(run, coords, picked, shown)
+    map_view(run, coords, picked)
 
 
 @st.fragment
-def map_view(run, coords: np.ndarray, picked: np.ndarray, shown: np.ndarray) -> None:
+def map_view(run, coords: np.ndarray, picked: np.ndarray) -> None:
     """Colour, map and brush: a fragment, since they change no selection setting, so choosing a
     colour or drawing a box reruns only this part (a click opens the inspector from here)."""
     if st.session_state.pop("goto_inspector", False):
         common.open_inspector(st.session_state["inspect_id"])
     colour = st.selectbox("Colour by", colour_options(run), key="map_colour")
-    figure = map_figure(run, coords, colour, picked, shown)
     brushed = common.brushed_rows()
+    draw = svg_figure if len(coords) <= SVG_POINTS else image_figure
+    figure = draw(run, coords, layers(run, colour, picked), brushed)
     if brushed is not None:
-        grey_unbrushed(figure, run, brushed)
         st.caption(f"Brushed: {st.session_state.get('brush_label', '')} · unbrushed points greyed · see **Samples**")
     st.plotly_chart(
-        figure, key="map", on_select=lambda: on_select(run), selection_mode=("points", "box", "lasso"), width="stretch",
+        figure, key="map", on_select=lambda: on_select(run, coords), selection_mode=("points", "box", "lasso"), width="stretch",
     )  # fmt: skip
 
 

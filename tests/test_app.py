@@ -768,3 +768,22 @@ def test_back_and_forward_on_one_page_restore_its_settings(demo, monkeypatch):
     at.query_params.update(after)  # forward
     at.run()
     assert at.session_state["band_ins_ppl"] == (5.0, 95.0) and at.slider(key="band_ins_ppl").value == (5.0, 95.0)
+
+
+def test_a_large_map_is_an_image_with_the_first_picks_hoverable(cache):
+    """Issue 11 (7): above SVG_POINTS the map is one image (its cost does not grow with the points)
+    with HOVER_POINTS markers, the first picks among them."""
+    make_run(cache / "demo", n=1_800, n_dropped=10, dim=8)
+    at = open_page("app_pages/embedding_map.py", sample_num=100)
+    spec = json.loads(at.get("plotly_chart")[0].proto.spec)
+    assert len(spec["layout"]["images"]) == 1 and spec["layout"]["images"][0]["source"].startswith("data:image/png")
+    hover = spec["data"][0]
+    run = load_run(cache / "demo")
+    config = SelectConfig(sample_num=100, quality_threshold=85.0)
+    first_picks = apply(config, run.metrics, run.embeddings, run.ratings).picked_ids[:80]
+    assert set(first_picks) <= set(hover["customdata"]) and len(hover["customdata"]) <= 120
+    assert any(t.startswith("pick # 1<br>") for t in hover["text"])
+    assert "drawn as an image" in texts(at.caption)
+    for colour in at.selectbox(key="map_colour").options:
+        at.selectbox(key="map_colour").set_value(colour).run()
+        assert not at.exception, colour
