@@ -6,7 +6,7 @@ import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 
-from app_pages import common
+from app_pages import common, raster
 from threeds.flags import HIT_MAX_SLACK, REPEAT_MIN_COUNT, REPEAT_N, REPEAT_SHARE
 from threeds.names import ANSWER_FLAG_NAMES, ANSWER_FLAGS, METRICS, metric_column
 
@@ -110,7 +110,7 @@ def scatter_matrix(run, mask: np.ndarray) -> go.Figure:
         marker=dict(size=3, color=mask[rows].astype(np.int8), colorscale=[[0, OUT_COLOUR], [1, IN_COLOUR]], cmin=0, cmax=1),
         hovertemplate="%{x:.4g}, %{y:.4g}<extra></extra>",
     )  # fmt: skip
-    return go.Figure(data=[splom], layout=dict(height=520, margin=dict(l=10, r=10, t=10, b=10)))
+    return go.Figure(data=[splom], layout=dict(height=520, margin=dict(l=10, r=10, t=10, b=10), dragmode="select"))
 
 
 def main() -> None:
@@ -143,8 +143,27 @@ def scatter_section(run, mask: np.ndarray) -> None:
         st.caption("hidden: switch it on to see the three metrics against each other")
         return
     shown = min(len(mask), SPLOM_POINTS)
-    st.caption(f"blue: inside all three bands; {shown:,} of {len(mask):,} samples drawn" + (" (fixed random subset)" if shown < len(mask) else ""))
-    st.plotly_chart(scatter_matrix(run, mask), width="stretch", key="splom")
+    st.caption(f"blue: inside all three bands; {shown:,} of {len(mask):,} samples drawn" + (" (fixed random subset)" if shown < len(mask) else "")
+               + " · a box or lasso on a panel brushes every sample inside it (see **Samples**)")  # fmt: skip
+    if common.brushed_rows() is not None:
+        st.caption(f"Brushed: {st.session_state.get('brush_label', '')}")
+    st.plotly_chart(
+        scatter_matrix(run, mask), width="stretch", key="splom", on_select=lambda: brush_splom(run),
+        selection_mode=("box", "lasso"),
+    )  # fmt: skip
+
+
+def brush_splom(run) -> None:
+    """A box or lasso on a panel of the scatter matrix brushes every sample inside it, drawn or not."""
+    chosen = st.session_state["splom"]["selection"]
+    boxes, lassos = chosen.get("box") or [], chosen.get("lasso") or []
+    if not boxes and not lassos:
+        return
+    atten = st.session_state["atten_method"]
+    columns = [run.metrics[metric_column(m, atten)].to_numpy(dtype=float) for m in METRICS]
+    rows = raster.panel_rows(columns, boxes, lassos)
+    if rows is not None:  # Plotly names the panel (axes) of every box and lasso
+        common.set_brush(rows, f"{len(rows):,} samples from a box/lasso on the scatter matrix (Difficulty)")
 
 
 main()

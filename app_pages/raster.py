@@ -96,3 +96,24 @@ def selected_rows(x: np.ndarray, y: np.ndarray, boxes: list[dict], lassos: list[
     for lasso in lassos:
         chosen |= inside_polygon(x, y, lasso["x"], lasso["y"])
     return np.flatnonzero(chosen)
+
+
+def axis_index(ref: str) -> int:
+    """0 for Plotly's axis "x" or "y", k - 1 for "xk" / "yk"."""
+    return int(ref[1:] or 1) - 1
+
+
+def panel_rows(columns: list[np.ndarray], boxes: list[dict], lassos: list[dict]) -> np.ndarray | None:
+    """Rows inside the boxes and lassos drawn on a grid of panels (a scatter matrix) whose axes
+    "x", "x2", ... and "y", "y2", ... show `columns` in that order; None when a selection does not
+    say which panel it was drawn on."""
+    chosen: set[int] = set()
+    for kind, shapes in (("box", boxes), ("lasso", lassos)):
+        for shape in shapes:
+            if not shape.get("xref") or not shape.get("yref"):
+                return None
+            x, y = columns[axis_index(shape["xref"])], columns[axis_index(shape["yref"])]
+            with np.errstate(invalid="ignore"):
+                inside = selected_rows(x, y, [shape] if kind == "box" else [], [shape] if kind == "lasso" else [])
+            chosen.update(inside.tolist())
+    return np.array(sorted(chosen), dtype=np.int64)

@@ -447,3 +447,25 @@ def test_lasso_on_the_map_filters_the_samples_table_and_compare(server, browser,
     go(d, "Compare")
     wait_for(d, lambda d: "picked by both" in body_text(d), "compare page")
     shot(d, shots, "compare")
+
+
+def test_a_box_on_the_scatter_matrix_brushes_the_samples_table(server, browser):
+    """Issue 11 (4): a box dragged on a panel of the scatter matrix filters Samples to the samples
+    inside it."""
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    url, _ = server
+    d = browser
+    d.get(f"{url}/difficulty")
+    idle(d)
+    panels = lambda d: [p for p in d.find_elements("css selector", ".js-plotly-plot .nsewdrag") if p.size["height"] > 100]  # noqa: E731
+    panel = wait_for(d, panels, "the scatter matrix")[-1]  # below the three histograms
+    d.execute_script("arguments[0].scrollIntoView({block: 'center'})", panel)
+    w, h = panel.size["width"], panel.size["height"]
+    ActionChains(d).move_to_element_with_offset(panel, -w // 2 + 3, -h // 2 + 3).click_and_hold().move_by_offset(w // 2, h // 2).move_by_offset(w // 2 - 6, h // 2 - 6).release().perform()
+    wait_for(d, lambda d: "on the scatter matrix" in body_text(d), "the scatter matrix's brush")
+    idle(d)
+    go(d, "Samples")
+    text = wait_for(d, lambda d: next((line for line in body_text(d).splitlines() if " samples match" in line), None), "table caption")
+    matched, total = (int(x.replace(",", "")) for x in text.split(" samples match")[0].split(" of "))
+    assert 0 < matched <= total and "on the scatter matrix" in body_text(d)

@@ -36,3 +36,13 @@ def test_viridis_ends_and_bounds():
     assert colours[2].tolist() == colours[3].tolist() == raster.rgb("#fde725").tolist()
     x0, x1, y0, y1 = raster.bounds(np.array([0.0, 10.0, np.nan]), np.array([1.0, 3.0, 2.0]))
     assert (x0, x1) == (-0.2, 10.2) and np.isclose(y0, 0.96) and np.isclose(y1, 3.04)
+
+
+def test_a_box_or_lasso_on_a_scatter_matrix_panel_reads_that_panels_two_columns():
+    a, b, c = np.array([1.0, 2.0, 3.0, np.nan]), np.array([10.0, 20.0, 30.0, 20.0]), np.array([5.0, 5.0, 9.0, 5.0])
+    box = {"xref": "x", "yref": "y2", "x": [1.5, 3.5], "y": [15.0, 35.0]}  # columns a (x) and b (y2)
+    assert raster.panel_rows([a, b, c], [box], []).tolist() == [1, 2]  # the NaN row is never inside
+    lasso = {"xref": "x2", "yref": "y3", "x": [0, 25, 25, 0], "y": [4, 4, 6, 6]}  # columns b (x2) and c (y3)
+    assert raster.panel_rows([a, b, c], [box], [lasso]).tolist() == [0, 1, 2, 3]
+    assert raster.panel_rows([a, b, c], [{"x": [0, 1], "y": [0, 1]}], []) is None  # no panel named
+    assert raster.axis_index("x") == 0 and raster.axis_index("y3") == 2
