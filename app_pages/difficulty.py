@@ -35,7 +35,7 @@ def histogram_figure(values: np.ndarray, key: tuple, lo: float | None, hi: float
     traces.append(
         go.Bar(
             x=centres, y=counts, width=np.diff(edges), name="samples",
-            marker=dict(color=inside.astype(np.int8), colorscale=[[0, OUT_COLOUR], [1, IN_COLOUR]], cmin=0, cmax=1),
+            marker=dict(color=np.where(inside, IN_COLOUR, OUT_COLOUR).tolist()),  # a few dozen bars: names are cheap
         )
     )  # fmt: skip
     layout = dict(
