@@ -469,3 +469,31 @@ def test_a_box_on_the_scatter_matrix_brushes_the_samples_table(server, browser):
     text = wait_for(d, lambda d: next((line for line in body_text(d).splitlines() if " samples match" in line), None), "table caption")
     matched, total = (int(x.replace(",", "")) for x in text.split(" samples match")[0].split(" of "))
     assert 0 < matched <= total and "on the scatter matrix" in body_text(d)
+
+
+def test_a_lasso_on_an_image_map_brushes_every_point_inside(server, browser):
+    """Issue 11 (7): above 1,500 points the map is an image with 120 hoverable markers; a lasso
+    still brushes every point inside it, drawn as a marker or not. Runs last: it adds a run."""
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    url, cache = server
+    large = make_run(cache / "large", n=2_000, n_dropped=10, dim=8)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(embed_map, "compute_umap", lambda emb, settings=None: _spread(emb))
+        embed_map.load_or_compute_umap(large, load_run(large).embeddings)
+    d = browser
+    d.get(f"{url}/embedding_map?run=large")
+    idle(d)
+    wait_for(d, lambda d: "drawn as an image" in body_text(d), "the image map")
+    wait_for(d, lambda d: d.find_elements("css selector", ".js-plotly-plot image"), "the map's image")
+    plot = wait_for(d, lambda d: d.find_elements("css selector", ".js-plotly-plot .nsewdrag"), "the map")[0]
+    ActionChains(d).move_to_element(plot).perform()
+    d.execute_script("document.querySelector('.js-plotly-plot .modebar-btn[data-val=\"lasso\"]').click()")
+    w, h = plot.size["width"], plot.size["height"]
+    lasso = ActionChains(d).move_to_element_with_offset(plot, -w // 2 + 5, -h // 2 + 5).click_and_hold()
+    for dx, dy in ((w - 10, 0), (0, h - 10), (-(w - 10), 0), (0, -(h - 10))):  # the whole plot area
+        lasso = lasso.move_by_offset(dx // 2, dy // 2).move_by_offset(dx - dx // 2, dy - dy // 2)
+    lasso.release().perform()
+    label = wait_for(d, lambda d: next((line for line in body_text(d).splitlines() if "points from a box/lasso" in line), None), "the brush")
+    brushed = int(label.split("Brushed: ")[-1].split(" points")[0].replace(",", ""))
+    assert brushed > 1_500  # far more than the 120 markers: every point inside, drawn or not
