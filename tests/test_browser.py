@@ -458,8 +458,11 @@ def test_a_box_on_the_scatter_matrix_brushes_the_samples_table(server, browser):
     d = browser
     d.get(f"{url}/difficulty")
     idle(d)
-    panels = lambda d: [p for p in d.find_elements("css selector", ".js-plotly-plot .nsewdrag") if p.size["height"] > 100]  # noqa: E731
-    panel = wait_for(d, panels, "the scatter matrix")[-1]  # below the three histograms
+    def panels(d):  # the fourth chart, below the three histograms, once Plotly has drawn its panels
+        charts = d.find_elements("css selector", '[data-testid="stPlotlyChart"]')
+        return len(charts) == 4 and [p for p in charts[3].find_elements("css selector", ".nsewdrag") if p.size["height"] > 50]
+
+    panel = wait_for(d, panels, "the scatter matrix")[-1]
     d.execute_script("arguments[0].scrollIntoView({block: 'center'})", panel)
     w, h = panel.size["width"], panel.size["height"]
     ActionChains(d).move_to_element_with_offset(panel, -w // 2 + 3, -h // 2 + 3).click_and_hold().move_by_offset(w // 2, h // 2).move_by_offset(w // 2 - 6, h // 2 - 6).release().perform()
