@@ -129,8 +129,9 @@ def test_number_probs_by_hand():
     assert sum(probs.values()) == pytest.approx(0.875)  # 105 is left out
 
 
-def _brute_force_score(model, ids: list[int], digits: list[int]) -> float:
-    """The documented rule from full forward passes without any cache, one sequence at a time."""
+def _brute_force_probs(model, ids: list[int], digits: list[int]):
+    """(p1, p2, p3) of the documented rule from full forward passes without any cache, one sequence
+    at a time: p1 after the prompt, p2[d] after each kept first digit d, p3 after "10" (when 1 is kept)."""
     def next_probs(seq):
         with torch.inference_mode():
             return model(input_ids=torch.tensor([seq])).logits[0, -1].float().softmax(-1)[digits]
@@ -138,7 +139,11 @@ def _brute_force_score(model, ids: list[int], digits: list[int]) -> float:
     p1 = next_probs(ids)
     firsts = [d for d in range(10) if p1[d] >= rating_logits.KEEP_DIGIT * p1.sum()]
     p2 = {d: next_probs(ids + [digits[d]]) for d in firsts}
-    probs = number_probs(p1, p2, next_probs(ids + [digits[1], digits[0]]) if 1 in firsts else None)
+    return p1, p2, next_probs(ids + [digits[1], digits[0]]) if 1 in firsts else None
+
+
+def _brute_force_score(model, ids: list[int], digits: list[int]) -> float:
+    probs = number_probs(*_brute_force_probs(model, ids, digits))
     return sum(v * p for v, p in probs.items()) / sum(probs.values())
 
 
@@ -178,22 +183,32 @@ def test_batched_scores_equal_those_of_one_prompt_at_a_time(tokenizer, monkeypat
     assert (prefix is not None) == shared
     alone = [expected_scores(model, [ids], digits, prefix)[0] for ids in prompts]
     monkeypatch.setattr(rating_logits, "PAD_SLACK", 100.0)  # one batch however much padding it computes
+    used, rule = [], rating_logits.number_probs
+    monkeypatch.setattr(rating_logits, "number_probs", lambda *probs: used.append(probs) or rule(*probs))
     seen = []
     batched = expected_scores(model, prompts, digits, prefix, on_done=lambda i, *rest: seen.append(i))
     assert sorted(seen) == [0, 1, 2, 3] and len({len(p) for p in prompts}) == 4
     assert max(abs(a[0] - b[0]) for a, b in zip(alone, batched)) < 1e-4
     assert max(abs(a[1] - b[1]) for a, b in zip(alone, batched)) < 1e-6
+
+    def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+        return torch.allclose(a, b, rtol=1e-4, atol=1e-8)
+
     for ids, (score, _) in zip(prompts, batched):
+        p1, p2, p3 = _brute_force_probs(model, ids, digits)
         assert score == pytest.approx(_brute_force_score(model, ids, digits), abs=1e-3)
+        _, got2, got3 = next(u for u in used if close(u[0], p1))  # every digit probability, not only the mean
+        assert got2.keys() == p2.keys() and all(close(got2[d], p2[d]) for d in p2)
+        assert p3 is not None and close(got3, p3)  # "10" continued: the "0" attends to its "1"
 
 
 def test_prompt_batches_bound_rows_cache_and_padding():
     lengths = [22, 50, 48, 45, 21, 12]  # own tokens after a start of 10: 12, 40, 38, 35, 11, 2
-    # padding within a quarter of the own tokens: 3 x 40 <= 1.25 x 113, 4 x 40 > 1.25 x 125; 3 x 12 > 1.25 x 25
+    # padding within a tenth of the own tokens: 3 x 40 <= 1.1 x 113, 4 x 40 > 1.1 x 125; 3 x 12 > 1.1 x 25
     assert prompt_batches(lengths, 10, 64, 10**6) == [[1, 2, 3], [0, 4], [5]]
     assert prompt_batches(lengths, 10, 2, 10**6) == [[1, 2], [3], [0, 4], [5]]  # at most 2 rows
-    # rows x (longest + 20 continuation columns) <= 139: 2 x 70 > 139, 2 x 68 <= 139
-    assert prompt_batches(lengths, 10, 64, 139) == [[1], [2, 3], [0, 4], [5]]
+    # rows x (longest + 11 continuation columns) <= 120: 2 x 61 > 120, 2 x 59 <= 120
+    assert prompt_batches(lengths, 10, 64, 120) == [[1], [2, 3], [0, 4], [5]]
     assert prompt_batches([7], 0, 1, 1) == [[0]] and prompt_batches([], 0, 8, 100) == []
 
 

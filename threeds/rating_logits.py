@@ -14,7 +14,7 @@ is run once and the score is the expected value of the number the model would wr
   their sum.
 
 Prompts of similar length are prefilled together, and every candidate first digit of every prompt
-of a batch is continued in one more forward (a tree of two-token continuations on the batch's one
+of a batch, and "10", are continued in one more forward (a tree of continuations on the batch's one
 cache, told apart by the attention mask), so the cache is never copied per candidate.
 
 This needs a tokenizer that writes each digit as its own token (SmolLM2, Qwen2/2.5, Llama 2,
@@ -34,7 +34,7 @@ from threeds.decode import Prefix
 from threeds.errors import SettingsError
 
 KEEP_DIGIT = 1e-3  # first digits below this share of the digit mass are not continued
-PAD_SLACK = 1.25  # a prefill batch computes at most this many tokens per token of its prompts
+PAD_SLACK = 1.1  # a prefill batch computes at most this many tokens per token of its prompts
 
 
 class RatingModeError(SettingsError):
@@ -100,7 +100,7 @@ def expected_scores(
 def prompt_batches(lengths: Sequence[int], start: int, max_rows: int, batch_tokens: int) -> list[list[int]]:
     """Indices per prefill batch, longest first. A batch takes the next prompt while it stays within
     `max_rows`, rows x (longest prompt + the continuation's columns) stays within `batch_tokens` (the
-    key/value cache), and the padding it computes stays under a quarter of its own tokens after
+    key/value cache), and the padding it computes stays within a tenth of its own tokens after
     `start`; every batch holds at least one prompt."""
     batches: list[list[int]] = []
     own = 0
@@ -108,7 +108,7 @@ def prompt_batches(lengths: Sequence[int], start: int, max_rows: int, batch_toke
         if batches:
             batch = batches[-1]
             rows, widest = len(batch) + 1, lengths[batch[0]]
-            if (rows <= max_rows and rows * (widest + 20) <= batch_tokens
+            if (rows <= max_rows and rows * (widest + 11) <= batch_tokens
                     and rows * (widest - start) <= PAD_SLACK * (own + lengths[i] - start)):  # fmt: skip
                 batch.append(i)
                 own += lengths[i] - start
@@ -127,8 +127,8 @@ def _score_batch(model, prompts: list[Sequence[int]], digits: list[int], prefix:
     probs = _continue(model, cache, real, [len(ids) for ids in prompts], firsts, digits)
     out = []
     for r, row_firsts in enumerate(firsts):
-        p2 = {d: probs[r, 2 * j] for j, d in enumerate(row_firsts)}
-        p3 = probs[r, 2 * row_firsts.index(1) + 1] if 1 in row_firsts else None
+        p2 = {d: probs[r, j] for j, d in enumerate(row_firsts)}
+        p3 = probs[r, -1] if 1 in row_firsts else None
         numbers = number_probs(p1[r], p2, p3)
         out.append((sum(v * p for v, p in numbers.items()) / sum(numbers.values()), float(masses[r])))
     return out
@@ -159,17 +159,22 @@ def _prefill_batch(model, prompts: list[Sequence[int]], prefix: Prefix | None):
 
 
 def _continue(model, cache, real: torch.Tensor, lengths: list[int], firsts: list[list[int]], digits: list[int]) -> torch.Tensor:
-    """Digit probabilities [rows, 2 x pairs, 10] after feeding each row's first digits, each followed by
-    "0", all at once: pair j of a row sits at its prompt's next two positions and attends to the
-    prompt and to itself only (a tree of continuations on one cache, which is never copied)."""
-    rows, pairs = len(firsts), max(map(len, firsts))
+    """Digit probabilities [rows, k + 1, 10] from one forward over k + 1 new tokens per row (k: the
+    most first digits of a row): at j < k after the row's j-th first digit, at k after "1" then "0".
+
+    The new tokens form a tree on the prompt's cache, which is never copied: each first digit sits
+    at the prompt's next position and attends to the prompt and itself; the "0" sits one further
+    and attends also to the "1". A row with fewer first digits, or without "1", gets "0"s that only
+    attend to the prompt and themselves, and whose output is not read."""
+    rows, k = len(firsts), max(map(len, firsts))
     device = model.device
-    ids = torch.tensor([[digits[d] if k == 0 else digits[0] for d in (f + [0] * (pairs - len(f))) for k in (0, 1)]
-                        for f in firsts], device=device)  # fmt: skip
-    step = torch.arange(2 * pairs, device=device)
-    positions = torch.tensor(lengths, device=device)[:, None] + step % 2
-    own = (step[None, :] <= step[:, None]) & (step[None, :] // 2 == step[:, None] // 2)
-    allowed = torch.cat([real[:, None, :].expand(-1, 2 * pairs, -1), own.expand(rows, -1, -1)], 2)
+    ids = torch.tensor([[digits[d] for d in f] + [digits[0]] * (k + 1 - len(f)) for f in firsts], device=device)
+    positions = torch.tensor(lengths, device=device)[:, None] + (torch.arange(k + 1, device=device) == k)
+    tree = torch.eye(k + 1, dtype=torch.bool, device=device).repeat(rows, 1, 1)
+    for r, f in enumerate(firsts):
+        if 1 in f:
+            tree[r, k, f.index(1)] = True
+    allowed = torch.cat([real[:, None, :].expand(-1, k + 1, -1), tree], 2)
     out = model(input_ids=ids, position_ids=positions, attention_mask=_additive(allowed, model.dtype),
                 past_key_values=cache, use_cache=True)  # fmt: skip
     return out.logits.float().softmax(-1)[:, :, digits]
