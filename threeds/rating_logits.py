@@ -138,8 +138,8 @@ def _prefill_batch(model, prompts: list[Sequence[int]], prefix: Prefix | None):
     """(next-token logits [rows, vocab], the cache, which of its columns hold real tokens [rows, width]).
 
     Each prompt's own tokens (those after the prefix) end at the last column; shorter ones are padded
-    on the left of them. A real token attends to the prefix and its own earlier tokens; a pad only to
-    itself (so none of its rows is empty), and no real token attends to a pad."""
+    on the left of them. A real token attends to the prefix and its own earlier tokens, a pad to the
+    prefix and itself (so no row of the mask is empty), and no real token attends to a pad."""
     start = prefix.length if prefix is not None else 0
     rows, width = len(prompts), max(len(ids) for ids in prompts) - start
     device = model.device
