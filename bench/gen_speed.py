@@ -10,8 +10,9 @@ counts the answers of each path that equal those.
 
 Rating (`--rate N`): N records rated (fresh logs) in `--rating-mode generate` with each prompt
 prefilled whole (before) and with the rating prompt's common start prefilled once (the default),
-and in `--rating-mode logits`: the time of each, whether the shared start changed any score, and
-the Spearman rank correlation of the generate and logits scores.
+and in `--rating-mode logits` with one prompt per batch (`--batch-size 1`) and with the default
+batches: the time of each, whether the shared start or the batches changed any score, and the
+Spearman rank correlation of the generate and logits scores.
 
     python bench/gen_speed.py --n 64 --max-new-tokens 128 --check 8 --rate 40
 """
@@ -116,25 +117,30 @@ def _rate(records, backend, template, mode: str, share: bool) -> tuple[dict, flo
 
 def bench_rating(model, tokenizer, records, args) -> list[str]:
     template = load_rating_prompt("en-medical")
-    backend = LocalBackend(model=model, tokenizer=tokenizer)
-    passes = {("generate", False): "generate, each prompt whole (before)", ("generate", True): "generate (default)",
-              ("logits", True): "logits"}  # fmt: skip
+    passes = {("generate", False, 64): "generate, each prompt whole (before)", ("generate", True, 64): "generate (default)",
+              ("logits", True, 1): "logits, one prompt per batch (`--batch-size 1`)",
+              ("logits", True, 64): "logits (default batches)"}  # fmt: skip
     scores, seconds = {}, {}
-    for mode, share in passes:
-        scores[mode, share], seconds[mode, share] = _rate(records, backend, template, mode, share)
-    base = seconds["generate", False]
+    for mode, share, rows in passes:
+        backend = LocalBackend(model=model, tokenizer=tokenizer, batch_size=rows)
+        scores[mode, share, rows], seconds[mode, share, rows] = _rate(records, backend, template, mode, share)
+    base = seconds["generate", False, 64]
     lines = [f"{len(records)} records rated with the en-medical prompt", "",
              "| rating pass | wall s | distinct scores | min | max | speed-up |", "|---|---|---|---|---|---|"]  # fmt: skip
     for key, label in passes.items():
         got = [v for v in scores[key].values() if v is not None]
         lines.append(f"| {label} | {seconds[key]:.1f} | {len(set(got))} | {min(got):g} | {max(got):g} | "
                      f"{base / seconds[key]:.2f}x |")  # fmt: skip
-    whole, shared = scores["generate", False], scores["generate", True]
-    both = [i for i in whole if whole[i] is not None and scores["logits", True].get(i) is not None]
-    rho = spearman([whole[i] for i in both], [scores["logits", True][i] for i in both])
+    whole, shared = scores["generate", False, 64], scores["generate", True, 64]
+    alone, logits = scores["logits", True, 1], scores["logits", True, 64]
+    both = [i for i in whole if whole[i] is not None and logits.get(i) is not None]
+    rho = spearman([whole[i] for i in both], [logits[i] for i in both])
+    differ = max(abs(alone[i] - logits[i]) for i in logits)
     return lines + [
         "", (f"scores equal with and without the shared start (generate): "
-             f"{sum(whole[i] == shared.get(i) for i in whole)} of {len(whole)}"), f"Spearman rank correlation, generate vs logits (records rated by both: {len(both)}): {rho:.3f}",
+             f"{sum(whole[i] == shared.get(i) for i in whole)} of {len(whole)}"),
+        f"logits scores, one prompt per batch vs default batches: largest difference {differ:.4f}",
+        f"Spearman rank correlation, generate vs logits (records rated by both: {len(both)}): {rho:.3f}",
     ]  # fmt: skip
 
 

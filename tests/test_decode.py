@@ -13,7 +13,8 @@ from conftest import tiny_llama
 from threeds.backends import LocalBackend
 from threeds.decode import MIN_SHARED_PREFIX, greedy_decode, shared_prefix
 from threeds.rate import LogitsRater, rate_records
-from threeds.rating_logits import RatingModeError, digit_ids, expected_score, number_probs
+from threeds import rating_logits
+from threeds.rating_logits import RatingModeError, digit_ids, expected_scores, number_probs, prompt_batches
 
 
 def generate_one(model, ids: list[int], stop: list[int], max_new_tokens: int) -> list[int]:
@@ -128,32 +129,87 @@ def test_number_probs_by_hand():
     assert sum(probs.values()) == pytest.approx(0.875)  # 105 is left out
 
 
-def _brute_force_score(model, ids: list[int], digits: list[int]) -> float:
-    """The documented rule from full forward passes without any cache (all ten first digits)."""
+def _brute_force_probs(model, ids: list[int], digits: list[int]):
+    """(p1, p2, p3) of the documented rule from full forward passes without any cache, one sequence
+    at a time: p1 after the prompt, p2[d] after each kept first digit d, p3 after "10" (when 1 is kept)."""
     def next_probs(seq):
         with torch.inference_mode():
             return model(input_ids=torch.tensor([seq])).logits[0, -1].float().softmax(-1)[digits]
 
     p1 = next_probs(ids)
-    p2 = {d: next_probs(ids + [digits[d]]) for d in range(10)}
-    probs = number_probs(p1, p2, next_probs(ids + [digits[1], digits[0]]))
+    firsts = [d for d in range(10) if p1[d] >= rating_logits.KEEP_DIGIT * p1.sum()]
+    p2 = {d: next_probs(ids + [digits[d]]) for d in firsts}
+    return p1, p2, next_probs(ids + [digits[1], digits[0]]) if 1 in firsts else None
+
+
+def _brute_force_score(model, ids: list[int], digits: list[int]) -> float:
+    probs = number_probs(*_brute_force_probs(model, ids, digits))
     return sum(v * p for v, p in probs.items()) / sum(probs.values())
 
 
+def _sharp_tiny(vocab_size: int, digits: list[int]):
+    """A tiny random model whose attention is sharp and whose digit logits are spread, so that a
+    wrong position or mask moves its scores visibly (a plain random one hardly notices)."""
+    model = tiny_llama(vocab_size, seed=1)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight *= 6
+            layer.self_attn.k_proj.weight *= 6
+        model.lm_head.weight[digits] *= 60
+    return model
+
+
 def test_expected_score_matches_the_rule_computed_without_cache(tokenizer):
-    model = tiny_llama(len(tokenizer), seed=1)
     digits = digit_ids(tokenizer)
+    model = _sharp_tiny(len(tokenizer), digits)
     for text in ["Rate this: the answer is good.", "Score?"]:
         ids = tokenizer(text)["input_ids"]
-        score, mass = expected_score(model, ids, digits)
+        [(score, mass)] = expected_scores(model, [ids], digits)
         assert 0 <= score <= 100 and 0 < mass < 1
-        assert score == pytest.approx(_brute_force_score(model, ids, digits), abs=0.05)  # pruned digits < 0.1%
+        assert score == pytest.approx(_brute_force_score(model, ids, digits), abs=1e-3)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_batched_scores_equal_those_of_one_prompt_at_a_time(tokenizer, monkeypatch, shared):
+    """Prompts of different lengths prefilled in one padded batch (left of each prompt's own tokens)
+    and continued together score as each alone does, with and without the shared start."""
+    digits = digit_ids(tokenizer)
+    model = _sharp_tiny(len(tokenizer), digits)
     start = tokenizer("Rate the pair below from 0 to 100. " * 12)["input_ids"]
-    prompts = [start + tokenizer(text)["input_ids"] for text in ["Flu: rest.", "Cough? See a doctor."]]
-    prefix = shared_prefix(model, prompts)
-    assert prefix is not None
-    for ids in prompts:  # the shared start changes nothing but float rounding
-        assert expected_score(model, ids, digits, prefix) == pytest.approx(expected_score(model, ids, digits), abs=1e-4)
+    rash = "A rash that spreads: see a dermatologist the same week, and avoid scratching it."
+    pairs = ["Flu: rest.", "Cough? See a doctor soon, and drink plenty of water.", rash, "Why?"]
+    prompts = [start + tokenizer(text)["input_ids"] for text in pairs]
+    prefix = shared_prefix(model, prompts) if shared else None
+    assert (prefix is not None) == shared
+    alone = [expected_scores(model, [ids], digits, prefix)[0] for ids in prompts]
+    monkeypatch.setattr(rating_logits, "PAD_SLACK", 100.0)  # one batch however much padding it computes
+    used, rule = [], rating_logits.number_probs
+    monkeypatch.setattr(rating_logits, "number_probs", lambda *probs: used.append(probs) or rule(*probs))
+    seen = []
+    batched = expected_scores(model, prompts, digits, prefix, on_done=lambda i, *rest: seen.append(i))
+    assert sorted(seen) == [0, 1, 2, 3] and len({len(p) for p in prompts}) == 4
+    assert max(abs(a[0] - b[0]) for a, b in zip(alone, batched)) < 1e-4
+    assert max(abs(a[1] - b[1]) for a, b in zip(alone, batched)) < 1e-6
+
+    def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+        return torch.allclose(a, b, rtol=1e-4, atol=1e-8)
+
+    for ids, (score, _) in zip(prompts, batched):
+        p1, p2, p3 = _brute_force_probs(model, ids, digits)
+        assert score == pytest.approx(_brute_force_score(model, ids, digits), abs=1e-3)
+        _, got2, got3 = next(u for u in used if close(u[0], p1))  # every digit probability, not only the mean
+        assert got2.keys() == p2.keys() and all(close(got2[d], p2[d]) for d in p2)
+        assert p3 is not None and close(got3, p3)  # "10" continued: the "0" attends to its "1"
+
+
+def test_prompt_batches_bound_rows_cache_and_padding():
+    lengths = [22, 50, 48, 45, 21, 12]  # own tokens after a start of 10: 12, 40, 38, 35, 11, 2
+    # padding within a tenth of the own tokens: 3 x 40 <= 1.1 x 113, 4 x 40 > 1.1 x 125; 3 x 12 > 1.1 x 25
+    assert prompt_batches(lengths, 10, 64, 10**6) == [[1, 2, 3], [0, 4], [5]]
+    assert prompt_batches(lengths, 10, 2, 10**6) == [[1, 2], [3], [0, 4], [5]]  # at most 2 rows
+    # rows x (longest + 11 continuation columns) <= 120: 2 x 61 > 120, 2 x 59 <= 120
+    assert prompt_batches(lengths, 10, 64, 120) == [[1], [2, 3], [0, 4], [5]]
+    assert prompt_batches([7], 0, 1, 1) == [[0]] and prompt_batches([], 0, 8, 100) == []
 
 
 def test_logits_mode_logs_scores_under_its_own_key_and_needs_a_local_backend(tmp_path, tiny_model_dir):

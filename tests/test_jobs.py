@@ -13,6 +13,7 @@ import pytest
 
 from threeds.errors import LockedError
 from threeds.jobs import StopResult, job_running, start_run, stop_run
+from threeds.progress import job_state, read_status
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,3 +83,61 @@ def test_start_is_refused_while_another_process_holds_the_lock(tmp_path):
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+
+
+# A run that records its status as `threeds run` does (under the directory's lock), ignores the
+# given signals, and on SIGINT records its own end.
+RECORDING = (
+    "import signal, sys, time\n"
+    "from threeds.lock import locked\n"
+    "from threeds.progress import write_status\n"
+    "for name in sys.argv[2].split(','):\n"
+    "    if name: signal.signal(getattr(signal, name), signal.SIG_IGN)\n"
+    "with locked(sys.argv[1]):\n"
+    "    write_status(sys.argv[1], 'running')\n"
+    "    try:\n"
+    "        time.sleep(600)\n"
+    "    except KeyboardInterrupt:\n"
+    "        write_status(sys.argv[1], 'stopped', exit_code=130, error='interrupted by the run itself')\n"
+    "        sys.exit(130)\n"
+)
+
+
+def start_recording(run_dir: Path, ignores: str) -> int:
+    pid = start_run([sys.executable, "-c", RECORDING, str(run_dir), ignores], run_dir, cwd=ROOT)
+    deadline = time.time() + 30
+    while read_status(run_dir) is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)  # inside the sleep, handlers set
+    assert read_status(run_dir)["state"] == "running"
+    return pid
+
+
+@pytest.mark.parametrize(
+    "ignores, code, error",
+    [("SIGINT,SIGTERM", 137, "stopped by SIGKILL after SIGINT and SIGTERM went unheeded"),
+     ("SIGINT", 143, "stopped by SIGTERM after SIGINT went unheeded"),
+     ("", 130, "interrupted by the run itself")],  # a run that records its own end is left alone
+)  # fmt: skip
+def test_a_run_the_stop_button_killed_reads_stopped_and_says_which_signal(tmp_path, ignores, code, error):
+    run_dir = tmp_path / "run"
+    pid = start_recording(run_dir, ignores)
+    assert job_state(read_status(run_dir), job_running(run_dir)) == "running"
+    result = stop_run(run_dir, grace=(0.5, 0.5, 5.0))
+    assert result.stopped
+    status = read_status(run_dir)
+    assert (status["state"], status["exit_code"], status["pid"]) == ("stopped", code, pid)
+    assert status["error"].startswith(error)
+    assert job_state(status, job_running(run_dir)) == "stopped"
+
+
+def test_a_run_killed_from_outside_still_reads_killed(tmp_path):
+    run_dir = tmp_path / "run"
+    pid = start_recording(run_dir, "SIGINT,SIGTERM")
+    os.killpg(pid, signal.SIGKILL)  # kill -9, not the app's Stop
+    deadline = time.time() + 10
+    while job_running(run_dir) and time.time() < deadline:
+        time.sleep(0.05)
+    assert job_state(read_status(run_dir), job_running(run_dir)) == "killed"
+    assert stop_run(run_dir) == StopResult((), stopped=True)  # nothing left to stop: the status is not touched
+    assert read_status(run_dir)["state"] == "running"

@@ -1,4 +1,6 @@
-"""Property-based tests (hypothesis): reading records, and `select` on random run directories."""
+"""Property-based tests (hypothesis): reading records, writing a scored run in chunks, and `select`
+on random run directories; the run's files are read back from disk and the properties asserted on
+what was read."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ import csv
 import json
 import tempfile
 import unicodedata
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +17,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from threeds.data import read_records, write_jsonl
-from threeds.runcheck import RunFileError
 from threeds.config import SelectConfig
+from threeds.data import read_jsonl, read_records, write_jsonl
+from threeds.names import METRIC_COLUMNS, TOKEN_COLUMNS
+from threeds.runcheck import RunFileError, load_scored
+from threeds.rundir import RunDir
 from threeds.select import band_filter, selected_records
 from threeds.selection import select_dir
 
@@ -79,17 +84,46 @@ def test_csv_rows_with_the_header_count_are_kept_and_others_rejected(cells):
     assert all(f"{len(cells[r['index']]) + 1} cells, the header has 3" in r["reason"] for r in rejects)
 
 
-def make_run_dir(path: Path, n: int, dim: int, seed: int, nan_share: float) -> pd.DataFrame:
+def make_run_dir(path: Path, n: int, dim: int, seed: int, nan_share: float, chunks: int = 1) -> tuple[pd.DataFrame, np.ndarray]:
+    """A scored run written as the pipeline writes one: `chunks` chunks (random sizes) through
+    `RunDir.write_chunk`, then `RunDir.consolidate`; returns the metrics and embeddings written."""
     rng = np.random.default_rng(seed)
     ids = [f"s{i}" for i in rng.permutation(n)]
-    metrics = pd.DataFrame({"id": ids, **{c: rng.gamma(2.0, 1.0, n) for c in
-                            ("ins_ppl", "gt_wloss_mean", "gt_wloss_max", "gen_wloss_mean", "gen_wloss_max")}})  # fmt: skip
+    metrics = pd.DataFrame({"id": ids, **{c: rng.gamma(2.0, 1.0, n) for c in METRIC_COLUMNS[1:]}})
     metrics.loc[rng.random(n) < nan_share, "gen_wloss_mean"] = np.nan
-    metrics.to_parquet(path / "metrics.parquet", index=False)
     emb = rng.integers(-3, 4, (n, dim)).astype(np.float32)  # coarse values: ties and exact copies
-    np.save(path / "embeddings.npy", emb)
-    write_jsonl(path / "data.jsonl", [{"id": i, "instruction": f"q {i}", "output": "a", "row": r} for r, i in enumerate(ids)])
-    return metrics
+    tokens = pd.DataFrame({"id": ids, "response": "gen", "pos": 0, "token": "a", "start": 0, "end": 1, "loss": 1.0,
+                           "w_mean": 0.5, "w_max": 0.5, "function_word": False})[TOKEN_COLUMNS]  # fmt: skip
+    cuts = [0, *sorted(rng.choice(np.arange(1, n), min(chunks, n) - 1, replace=False).tolist()), n]
+    run = RunDir(path)
+    for index, (a, b) in enumerate(pairwise(cuts)):
+        run.write_chunk(index, metrics.iloc[a:b], emb[a:b], tokens.iloc[a:b])
+    run.consolidate(len(cuts) - 1, [{"id": i, "instruction": f"q {i}", "output": "a", "row": r} for r, i in enumerate(ids)])
+    return metrics, emb
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(1, 40), dim=st.integers(1, 4), seed=st.integers(0, 10**6), chunks=st.integers(1, 6),
+       nan_share=st.sampled_from([0.0, 0.3, 1.0]))  # fmt: skip
+def test_a_run_written_in_chunks_reads_back_row_for_row(n, dim, seed, chunks, nan_share):
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(tmp)
+        metrics, emb = make_run_dir(run, n, dim, seed, nan_share, chunks)
+        back = pd.read_parquet(run / "metrics.parquet")
+        emb_back = np.load(run / "embeddings.npy", allow_pickle=False)
+        token_ids = pd.read_parquet(run / "tokens.parquet")["id"].tolist()
+        data_ids = [r["id"] for r in read_jsonl(run / "data.jsonl")]
+        checked, _ = load_scored(run)  # the reader select and the app use accepts it
+        assert not (run / "chunks").exists()
+    assert list(back.columns) == METRIC_COLUMNS and len(back) == n
+    assert back["id"].tolist() == metrics["id"].tolist() == data_ids == token_ids  # chunk order kept
+    assert back["id"].is_unique
+    for column in METRIC_COLUMNS[1:]:  # every value back bit for bit, NaN where one was written
+        assert back[column].dtype == np.float64
+        assert np.array_equal(back[column].to_numpy(), metrics[column].to_numpy(), equal_nan=True)
+    assert back["gen_wloss_mean"].isna().sum() == metrics["gen_wloss_mean"].isna().sum()
+    assert emb_back.dtype == np.float32 and np.array_equal(emb_back, emb)
+    pd.testing.assert_frame_equal(checked, back)
 
 
 @SETTINGS
@@ -102,10 +136,11 @@ def test_select_picks_distinct_band_survivors_and_returns_their_own_records(n, d
     bands = {m: (low, high) for m in ("ins_ppl", "gen_wloss", "gt_wloss")}
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp)
-        metrics = make_run_dir(run, n, dim, seed, nan_share)
+        make_run_dir(run, n, dim, seed, nan_share, chunks=seed % 3 + 1)
         result = select_dir(run, SelectConfig(low_th=low, up_th=high, sample_num=k, seed=seed % 7))
         records = selected_records(run, result["selected_ids"])
         assert json.loads((run / "selection.json").read_text()) == result
+        metrics = pd.read_parquet(run / "metrics.parquet")  # what select read, read back from disk
     keep, _ = band_filter(metrics, bands)
     rows = result["selected_rows"]
     assert len(rows) == len(set(rows)) == min(k, int(keep.sum()))
@@ -119,7 +154,8 @@ def test_select_picks_distinct_band_survivors_and_returns_their_own_records(n, d
 def test_select_refuses_a_run_with_a_repeated_or_misplaced_id(n, seed, data):
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp)
-        metrics = make_run_dir(run, n, 3, seed, 0.0)
+        make_run_dir(run, n, 3, seed, 0.0)
+        metrics = pd.read_parquet(run / "metrics.parquet")
         a, b = data.draw(st.lists(st.integers(0, n - 1), min_size=2, max_size=2, unique=True))
         where = data.draw(st.sampled_from(["metrics.parquet", "data.jsonl"]))
         if where == "metrics.parquet":

@@ -89,7 +89,8 @@ class BackendConfig:
         choices=("local", "openai"),
     )  # fmt: skip
     batch_size: int = setting(64, "local: most answers decoded together; a finished one is replaced by the next "
-                              "prompt at once (default: 64)")  # fmt: skip
+                              "prompt at once; also the most prompts scored together by --rating-mode logits "
+                              "(default: 64)")  # fmt: skip
     gen_batch_tokens: int = setting(32768, "local: answers decoded together x (longest prompt among them + "
                                     "max new tokens) stays within this many tokens, which bounds the key/value cache; "
                                     "answers do not depend on it or on --batch-size (default: 32768)")  # fmt: skip

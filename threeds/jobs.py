@@ -4,7 +4,8 @@ A run is started detached (its own session, so its own process group) with its o
 `run.log` and its pid and argv in `job.json`. The run itself takes the run directory's lock
 (`threeds.lock`), so a second writer is refused whoever started it. Stop escalates: SIGINT (the
 CLI saves finished work and exits), then SIGTERM, then SIGKILL, each to the whole process group
-after a grace period, and says which one ended it.
+after a grace period, and says which one ended it. A run ended by SIGTERM or SIGKILL cannot record
+its end, so the stopper records it in the run's status.json (`stopped`, naming the signal).
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from threeds.errors import LockedError
-from threeds.lock import holder
-from threeds.progress import terminal_text
+from threeds.lock import holder, locked
+from threeds.progress import read_status, terminal_text, write_status
 
 JOB_FILE = "job.json"  # written by `start_run`: pid and command of a background run
 LOG_FILE = "run.log"  # stdout + stderr of a background run
@@ -103,7 +104,8 @@ class StopResult:
             return f"sent {sent}, but the run's processes are still there; stop them by hand"
         if len(self.signals) == 1:
             return "stopped (SIGINT): finished work is saved; Resume continues it"
-        return f"stopped by {self.signals[-1]} after {' and '.join(self.signals[:-1])} went unheeded (sent {sent})"
+        return (f"stopped by {self.signals[-1]} after {' and '.join(self.signals[:-1])} went unheeded (sent {sent}): "
+                "records finished before are kept; Resume continues it")  # fmt: skip
 
 
 def stop_run(run_dir: str | os.PathLike, grace: tuple[float, ...] = GRACE_SECONDS) -> StopResult:
@@ -120,8 +122,26 @@ def stop_run(run_dir: str | os.PathLike, grace: tuple[float, ...] = GRACE_SECOND
             break
         sent.append(sig.name)
         if _wait_group_gone(pid, wait):
-            return StopResult(tuple(sent), stopped=True)
-    return StopResult(tuple(sent), stopped=not _group_alive(pid))
+            break
+    result = StopResult(tuple(sent), stopped=not _group_alive(pid))
+    if result.stopped and sent:
+        _record_stop(Path(run_dir), pid, result)
+    return result
+
+
+def _record_stop(run_dir: Path, pid: int, result: StopResult) -> None:
+    """Record the end of a run whose processes are gone but whose status.json still says `running`
+    (SIGTERM and SIGKILL give it no chance to): `stopped`, with the signal that ended it. A run
+    that recorded its own end is left alone, and so is a directory another writer took meanwhile."""
+    try:
+        with locked(run_dir, create=False):
+            status = read_status(run_dir)
+            if status is None or status["state"] != "running":
+                return
+            last = result.signals[-1]  # the one that ended it
+            write_status(run_dir, "stopped", exit_code=128 + signal.Signals[last].value, error=result.message, pid=pid)
+    except LockedError:
+        return
 
 
 def _wait_group_gone(pgid: int, seconds: float) -> bool:

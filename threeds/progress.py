@@ -6,7 +6,8 @@
 - `status.json`: how the run ended, recorded by `threeds run`'s top level: `running`, `done`,
   `stopped` (interrupted: the app's Stop button or Ctrl-C) or `failed` (the last error line and the
   exit code). A run killed outright cannot record its end: its status stays `running` with no
-  process behind it (`job_state` says `killed`).
+  process behind it (`job_state` says `killed`), unless the app's Stop killed it: the stopper
+  then records `stopped` for it, naming the signal (`threeds.jobs.stop_run`).
 - `terminal_text`: a log written for a terminal (tqdm's carriage returns, ANSI colours) as the
   lines a terminal would end up showing.
 """
@@ -92,11 +93,14 @@ def eta_seconds(progress: dict) -> float | None:
     return max(total - done, 0) * elapsed / new
 
 
-def write_status(run_dir: str | os.PathLike, state: str, exit_code: int | None = None, error: str | None = None) -> None:
-    """Record the run's state (one of STATES) with this process's pid."""
+def write_status(
+    run_dir: str | os.PathLike, state: str, exit_code: int | None = None, error: str | None = None,
+    pid: int | None = None,
+) -> None:  # fmt: skip
+    """Record the run's state (one of STATES) with the run's pid (default: this process's)."""
     if state not in STATES:
         raise ValueError(f"state {state!r}: not one of {STATES}")
-    status = {"state": state, "exit_code": exit_code, "error": error, "pid": os.getpid(), "updated": time.time()}
+    status = {"state": state, "exit_code": exit_code, "error": error, "pid": pid or os.getpid(), "updated": time.time()}
     write_json(Path(run_dir) / STATUS_FILE, status)
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import time
 import unicodedata
 from collections.abc import Sequence
 from importlib import resources
@@ -144,24 +143,28 @@ class LogitsRater:
         return self.backend.signature | {"rating_mode": "logits"}  # a log never mixes the two modes
 
     def chat(self, prompts: Sequence[str], max_new_tokens: int, on_reply: OnReply | None = None) -> list[Reply]:
+        """Scores in batches of prompts of similar length (the backend's --batch-size and
+        --gen-batch-tokens bound them); each reply is reported as its batch finishes."""
         import torch
 
         from threeds.decode import shared_prefix
-        from threeds.rating_logits import digit_ids, expected_score
+        from threeds.rating_logits import digit_ids, expected_scores
 
         model, tokenizer = self.backend.load()
         digits = digit_ids(tokenizer)
         encoded, _ = self.backend.encode(prompts)
         with torch.inference_mode():
             prefix = shared_prefix(model, encoded)
-        replies = []
-        for i, ids in enumerate(encoded):
-            began = time.perf_counter()
-            score, mass = expected_score(model, ids, digits, prefix)
+        replies: list[Reply | None] = [None] * len(prompts)
+
+        def done(i: int, score: float, mass: float, seconds: float) -> None:
             text = json.dumps({"score": round(score, 4), "digit_mass": round(mass, 4)})
-            replies.append(Reply(text, time.perf_counter() - began, model=self.label))
+            replies[i] = Reply(text, seconds, model=self.label)
             if on_reply:
-                on_reply(i, replies[-1])
+                on_reply(i, replies[i])
+
+        expected_scores(model, encoded, digits, prefix, batch_tokens=self.backend.batch_tokens,
+                        max_rows=self.backend.batch_size, on_done=done)  # fmt: skip
         return replies
 
 
