@@ -32,6 +32,9 @@ from threeds.runs import NOT_RUNS, read_progress, stage_counts
 
 SAMPLE_DATA = Path(threeds.__file__).parent / "sample_data"
 DATA_TYPES = ["json", "jsonl", "parquet", "csv"]
+# How a stopped run ended, by its recorded exit code (128 + signal): the CLI records SIGINT itself;
+# the Stop button records SIGTERM or SIGKILL when it had to send them (`threeds.jobs.stop_run`).
+STOP_SIGNALS = {130: "interrupted, SIGINT", 143: "ended by SIGTERM after SIGINT went unheeded", 137: "ended by SIGKILL after SIGINT and SIGTERM went unheeded"}
 STAGE_FILES = ["ratings.jsonl", "metrics.parquet", "embeddings.npy", "tokens.parquet", "selection.json"]
 
 
@@ -148,7 +151,8 @@ def outcome(run_dir: Path, state: str, job: dict | None, finished: bool) -> None
     elif state == "failed":
         c2.error(f"Failed (exit code {status.get('exit_code')}): {status.get('error') or 'see the log'}")
     elif state == "stopped":
-        c2.warning("Stopped by the user (interrupted). Resume runs the same command again; finished work is kept.")
+        how = STOP_SIGNALS.get(status.get("exit_code"), "interrupted")
+        c2.warning(f"Stopped by the user ({how}). Resume runs the same command again; finished work is kept.")
     elif state == "killed":
         c2.warning("Ended without recording how (killed?). Resume runs the same command again; finished work is kept.")
     elif job is not None and not finished:

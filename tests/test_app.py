@@ -787,3 +787,14 @@ def test_a_large_map_is_an_image_with_the_first_picks_hoverable(cache):
     for colour in at.selectbox(key="map_colour").options:
         at.selectbox(key="map_colour").set_value(colour).run()
         assert not at.exception, colour
+
+
+@pytest.mark.parametrize(("code", "said"), [(130, "interrupted, SIGINT"), (137, "ended by SIGKILL after SIGINT and SIGTERM")])
+def test_a_stopped_run_says_how_it_ended(demo, code, said):
+    """A run the Stop button had to kill records `stopped` with 128 + signal (threeds.jobs); the
+    Runs page names the signal rather than calling it killed."""
+    from threeds.progress import write_status
+
+    write_status(demo, "stopped", exit_code=code, error="stopped", pid=2**22 + 7)  # no such process
+    at = app().run()
+    assert f"Stopped by the user ({said}" in texts(at.warning)
