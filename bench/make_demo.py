@@ -5,8 +5,8 @@
 Takes the first `--records` lines of the bundled English sample data (MedQuAD) into
 `cache/demo/input.jsonl`, runs `threeds run` on them with the embedded SmolLM2 model (Stage 1
 rating, A' generation, Stage 2 scoring, selection of `--sample-num`), then computes the UMAP map
-the app caches (`umap.npy`). A subset, because Stage 1 and A' generation (up to 512 tokens) on
-two busy CPU cores took about 25 minutes for these 40 records. Run it from the repository root;
+the app caches (`umap.npy`). A subset: the whole run takes about 2.5 minutes for these 40 records
+on two CPU cores (Stage 1 and A' generation of up to 512 tokens most of it). Run it from the repository root;
 run it again to resume an interrupted demo; delete cache/demo to redo it.
 """
 
