@@ -337,8 +337,10 @@ def test_select_dir(tmp_path):
     assert result["params"]["seed"] == 1 and result["params"]["sample_num"] == 5
     assert json.loads((tmp_path / "selection.json").read_text(encoding="utf-8")) == result
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != ".lock") == [
-        "data.jsonl", "embeddings.npy", "metrics.parquet", "selection.json"
+        "data.jsonl", "embeddings.npy", "metrics.parquet", "pick_orders", "selection.json"
     ]  # fmt: skip
+    (stored,) = (tmp_path / "pick_orders").glob("*.npy")  # the order the app slices (threeds.pick_order)
+    assert np.load(stored).tolist() == list(picks)
 
     records = selected_records(tmp_path, result["selected_ids"])
     assert [r["id"] for r in records] == result["selected_ids"]
