@@ -134,7 +134,8 @@ def hover_labels(drawn: list[Layer], rows: np.ndarray) -> np.ndarray:
         if layer.values is None:
             labels[hit] = layer.name
         else:
-            labels[hit] = [f"{layer.title} {v:.4g}" for v in layer.values[rows[hit]]]
+            fmt = ",.0f" if layer.ordered else ".4g"  # pick numbers whole, past 9,999 too
+            labels[hit] = [f"{layer.title} {v:{fmt}}" for v in layer.values[rows[hit]]]
     return labels
 
 
