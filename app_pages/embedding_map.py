@@ -74,7 +74,7 @@ def layers(run, colour: str, picked: np.ndarray) -> list[Layer]:
 def marker(layer: Layer, rows: np.ndarray, **extra) -> dict:
     if layer.values is None:
         return dict(size=layer.size, color=layer.colour, **extra)
-    bar = dict(title=layer.title, **({"dtick": 1} if layer.title == "pick #" and len(layer.rows) <= 10 else {}))  # whole pick numbers
+    bar = dict(title=layer.title, **({"dtick": 1} if layer.ordered and len(layer.rows) <= 10 else {}))  # whole pick numbers
     low, high = value_range(layer)
     return dict(size=layer.size, color=layer.values[rows], colorscale="Viridis", cmin=low, cmax=high, colorbar=bar, **extra)
 
@@ -90,21 +90,22 @@ def scatter(coords, rows, run, name: str, marker: dict, hover: str = "", labels:
     )  # fmt: skip
 
 
-def svg_figure(run, coords: np.ndarray, drawn: list[Layer], brushed: np.ndarray | None) -> go.Figure:
+def svg_figure(run, coords: np.ndarray, drawn: list[Layer]) -> go.Figure:
     """Every point an SVG marker (small maps): hover, click and brush reach them all."""
     traces = [scatter(coords, layer.rows, run, layer.name, marker(layer, layer.rows), layer.hover) for layer in drawn if len(layer.rows)]
     figure = go.Figure(data=traces, layout=map_layout())
+    brushed = common.brushed_rows()
     if brushed is not None:
         grey_unbrushed(figure, run, brushed)
     return figure
 
 
-def image_figure(run, coords: np.ndarray, drawn: list[Layer], brushed: np.ndarray | None) -> go.Figure:
+def image_figure(run, coords: np.ndarray, drawn: list[Layer]) -> go.Figure:
     """Every point drawn into one image (large maps), under HOVER_POINTS near-transparent markers
     for hover and click: the earliest picks first, the rest at random."""
     box = raster.bounds(coords[:, 0], coords[:, 1])
     canvas = raster.Canvas(box)
-    lit = np.ones(len(coords), dtype=bool) if brushed is None else np.isin(np.arange(len(coords)), brushed)
+    lit = common.brushed_mask(len(coords))
     for alpha, part in ((60, ~lit), (255, lit)):  # unbrushed points faded, under the brushed ones
         for layer in drawn:
             rows = layer.rows[part[layer.rows]]
@@ -202,10 +203,9 @@ def map_view(run, coords: np.ndarray, picked: np.ndarray) -> None:
     if st.session_state.pop("goto_inspector", False):
         common.open_inspector(st.session_state["inspect_id"])
     colour = st.selectbox("Colour by", colour_options(run), key="map_colour")
-    brushed = common.brushed_rows()
     draw = svg_figure if len(coords) <= SVG_POINTS else image_figure
-    figure = draw(run, coords, layers(run, colour, picked), brushed)
-    if brushed is not None:
+    figure = draw(run, coords, layers(run, colour, picked))
+    if common.brushed_rows() is not None:
         st.caption(f"Brushed: {st.session_state.get('brush_label', '')} · unbrushed points greyed · see **Samples**")
     st.plotly_chart(
         figure, key="map", on_select=lambda: on_select(run, coords), selection_mode=("points", "box", "lasso"), width="stretch",

@@ -3,7 +3,7 @@
 Streamlit gives a Plotly chart a new identity whenever its figure changes, so the browser builds
 the chart anew on every slider move; for a WebGL scatter that means a new WebGL context each
 time (about 0.9 s on a 100k run in headless Chromium, BENCHMARKS (c2)). An image costs the same
-whatever the number of points, so a large map is drawn as one, with a few hundred hoverable
+whatever the number of points, so a large map is drawn as one, with a hundred or so hoverable
 points on top, and a box or lasso is resolved here over every point, drawn or not.
 """
 
@@ -86,15 +86,22 @@ def inside_polygon(x: np.ndarray, y: np.ndarray, px: np.ndarray, py: np.ndarray)
     return inside
 
 
+def inside_shape(x: np.ndarray, y: np.ndarray, shape: dict, box: bool) -> np.ndarray:
+    """True for the points inside one box ({"x": [x0, x1], "y": [y0, y1]}) or lasso ({"x": [...],
+    "y": [...]}), as Streamlit reports a Plotly selection; NaN points are never inside."""
+    if not box:
+        return inside_polygon(x, y, shape["x"], shape["y"])
+    (xa, xb), (ya, yb) = sorted(shape["x"]), sorted(shape["y"])
+    with np.errstate(invalid="ignore"):
+        return (x >= xa) & (x <= xb) & (y >= ya) & (y <= yb)
+
+
 def selected_rows(x: np.ndarray, y: np.ndarray, boxes: list[dict], lassos: list[dict]) -> np.ndarray:
-    """Rows inside any box ({"x": [x0, x1], "y": [y0, y1]}) or lasso ({"x": [...], "y": [...]}), as
-    Streamlit reports a Plotly selection."""
+    """Rows inside any of the boxes or lassos."""
     chosen = np.zeros(len(x), dtype=bool)
-    for box in boxes:
-        (xa, xb), (ya, yb) = sorted(box["x"]), sorted(box["y"])
-        chosen |= (x >= xa) & (x <= xb) & (y >= ya) & (y <= yb)
-    for lasso in lassos:
-        chosen |= inside_polygon(x, y, lasso["x"], lasso["y"])
+    for box, shapes in ((True, boxes), (False, lassos)):
+        for shape in shapes:
+            chosen |= inside_shape(x, y, shape, box)
     return np.flatnonzero(chosen)
 
 
@@ -107,13 +114,10 @@ def panel_rows(columns: list[np.ndarray], boxes: list[dict], lassos: list[dict])
     """Rows inside the boxes and lassos drawn on a grid of panels (a scatter matrix) whose axes
     "x", "x2", ... and "y", "y2", ... show `columns` in that order; None when a selection does not
     say which panel it was drawn on."""
-    chosen: set[int] = set()
-    for kind, shapes in (("box", boxes), ("lasso", lassos)):
+    chosen = np.zeros(len(columns[0]), dtype=bool)
+    for box, shapes in ((True, boxes), (False, lassos)):
         for shape in shapes:
             if not shape.get("xref") or not shape.get("yref"):
                 return None
-            x, y = columns[axis_index(shape["xref"])], columns[axis_index(shape["yref"])]
-            with np.errstate(invalid="ignore"):
-                inside = selected_rows(x, y, [shape] if kind == "box" else [], [shape] if kind == "lasso" else [])
-            chosen.update(inside.tolist())
-    return np.array(sorted(chosen), dtype=np.int64)
+            chosen |= inside_shape(columns[axis_index(shape["xref"])], columns[axis_index(shape["yref"])], shape, box)
+    return np.flatnonzero(chosen)
