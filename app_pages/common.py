@@ -16,16 +16,19 @@ import numpy as np
 import streamlit as st
 
 from app_pages import url_state
-
-from threeds.embed_map import load_or_compute_umap
-from threeds.pick_order import PickOrder
-from threeds.errors import describe
-from threeds.flags import AnswerFlags, run_answer_flags
-from threeds.names import ATTEN_METHODS, METRIC_NAMES, METRICS, metric_column
 from threeds.config import SelectConfig
-from threeds.runs import DEFAULT_CACHE, Run, list_runs, load_run, run_key, run_settings
-from threeds.select import DEFAULT_BAND
-from threeds.selection import (
+from threeds.errors import describe
+from threeds.names import ATTEN_METHODS, METRIC_NAMES, METRICS, metric_column
+from threeds.rundir.read import (
+    DEFAULT_CACHE,
+    Run,
+    list_runs,
+    load_run,
+    run_key,
+    run_settings,
+)
+from threeds.selection.answer_flags import AnswerFlags, run_answer_flags
+from threeds.selection.apply import (
     PRESET_DIR,
     Filtered,
     Selection,
@@ -40,6 +43,9 @@ from threeds.selection import (
     quality_per_row,
     save_preset,
 )
+from threeds.selection.kcenter import DEFAULT_BAND
+from threeds.selection.pick_order import PickOrder
+from threeds.views.embed_map import load_or_compute_umap
 
 INSPECTOR = "app_pages/inspector.py"
 INSPECTOR_PATH = "inspector"  # its URL path
@@ -322,7 +328,7 @@ def _answer_flags(_run: Run, key: tuple) -> AnswerFlags:
 
 
 def answer_flags(run: Run) -> AnswerFlags | None:
-    """The run's flags on A' (`threeds.flags`), once per run; None without its scored records."""
+    """The run's flags on A' (`threeds.selection.answer_flags`), once per run; None without its scored records."""
     if run.metrics is None or run.records is None:
         return None
     return _answer_flags(run, key_of(run))
@@ -367,7 +373,7 @@ def _selection(_run: Run, key: tuple, config: tuple, _config: SelectConfig, _don
 
 def selection(run: Run, config: SelectConfig | None = None) -> Selection:
     """The current selection (or `config`) applied to `run` with every sample's verdict, why and
-    pick rank (`threeds.selection.explain`; for the pages that show them)."""
+    pick rank (`threeds.selection.apply.explain`; for the pages that show them)."""
     config = config or selection_config(run)
     return _selection(run, key_of(run), dataclasses.astuple(config), config, filtered(run, config), picks(run, config))
 

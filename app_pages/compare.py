@@ -1,7 +1,7 @@
 """Compare: two selections side by side, as two presets of one run or two runs over the same records.
 
 Each side is a run and a selection on it (the current one, or a saved preset of that run); the
-library applies both (`threeds.selection`) and says which ids both, only A and only B pick.
+library applies both (`threeds.selection.apply`) and says which ids both, only A and only B pick.
 """
 
 from __future__ import annotations
@@ -13,7 +13,13 @@ import streamlit as st
 
 from app_pages import common
 from threeds.names import METRIC_NAMES, METRICS, metric_column
-from threeds.selection import SelectionError, difference_table, list_presets, load_preset, overlap
+from threeds.selection.apply import (
+    SelectionError,
+    difference_table,
+    list_presets,
+    load_preset,
+    overlap,
+)
 
 CURRENT = "(current selection)"
 COLOURS = {"A": "#1565c0", "B": "#e65100", "both": "#2e7d32", "neither": "#c8c8c8"}

@@ -7,8 +7,13 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from app_pages import common, raster
-from threeds.flags import HIT_MAX_SLACK, REPEAT_MIN_COUNT, REPEAT_N, REPEAT_SHARE
 from threeds.names import ANSWER_FLAG_NAMES, ANSWER_FLAGS, METRICS, metric_column
+from threeds.selection.answer_flags import (
+    HIT_MAX_SLACK,
+    REPEAT_MIN_COUNT,
+    REPEAT_N,
+    REPEAT_SHARE,
+)
 
 SPLOM_POINTS = 3000
 SPLOM_AUTO_MAX = 5_000  # scored samples up to which the scatter matrix is drawn by default

@@ -10,9 +10,9 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from app_pages import common, raster
-from threeds.data import full_instruction
-from threeds.embed_map import MIN_POINTS
+from threeds.io.data import full_instruction
 from threeds.names import METRICS, metric_column
+from threeds.views.embed_map import MIN_POINTS
 
 SVG_POINTS = 1_500  # up to this many points, each is an SVG marker; above, the map is an image (`raster`)
 HOVER_POINTS = 120  # points an image map can hover and click (most of them the first picks): each SVG

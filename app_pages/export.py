@@ -8,9 +8,16 @@ import pandas as pd
 import streamlit as st
 
 from app_pages import common
-from threeds.data import full_instruction
-from threeds.export import FORMATS, MIME, dataset_info_entry, export_text, file_name, select_command
-from threeds.runs import selected_ids
+from threeds.io.data import full_instruction
+from threeds.rundir.read import selected_ids
+from threeds.views.export import (
+    FORMATS,
+    MIME,
+    dataset_info_entry,
+    export_text,
+    file_name,
+    select_command,
+)
 
 LABELS = {"alpaca": "JSON (Alpaca)", "jsonl": "JSONL (Alpaca rows)", "sharegpt": "ShareGPT JSON"}
 

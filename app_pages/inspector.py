@@ -1,5 +1,5 @@
 """Sample inspector: one sample's texts, per-token heatmaps (attention weight share, loss, and their
-product: each token's contribution to the weighted loss, `threeds.heatmap`) and where it ranks."""
+product: each token's contribution to the weighted loss, `threeds.views.heatmap`) and where it ranks."""
 
 from __future__ import annotations
 
@@ -9,11 +9,17 @@ import pandas as pd
 import streamlit as st
 
 from app_pages import common
-from threeds import heatmap
-from threeds.data import full_instruction
-from threeds.runs import RunFileError, percentile_rank
-from threeds.flags import REPEAT_SHARE
-from threeds.names import ANSWER_FLAG_NAMES, ANSWER_FLAGS, METRIC_NAMES, METRICS, metric_column
+from threeds.io.data import full_instruction
+from threeds.names import (
+    ANSWER_FLAG_NAMES,
+    ANSWER_FLAGS,
+    METRIC_NAMES,
+    METRICS,
+    metric_column,
+)
+from threeds.rundir.read import RunFileError, percentile_rank
+from threeds.selection.answer_flags import REPEAT_SHARE
+from threeds.views import heatmap
 
 MATCHES = 50
 RESPONSES = {"gt": ("A (ground truth)", "output"), "gen": ("A' (model's own answer)", "generated_output")}
@@ -61,7 +67,7 @@ def tooltip(row, weight: str, total: float) -> str:
 
 def heatmap_html(view: pd.DataFrame, view_name: str, weight: str, text: str) -> str:
     """Tokens laid out as the response text in a fixed-height scrolling box, background by the
-    view's column on a robust scale (`threeds.heatmap.view_scale`; clipped cells outlined);
+    view's column on a robust scale (`threeds.views.heatmap.view_scale`; clipped cells outlined);
     function words greyed. Pieces come from the offsets, so tokens sharing a character do not
     repeat it."""
     column = heatmap.VIEWS[view_name][0]

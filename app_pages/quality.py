@@ -8,8 +8,8 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from app_pages import common
-from threeds.rate import quality_mask
-from threeds.runs import Run, run_settings
+from threeds.rundir.read import Run, run_settings
+from threeds.selection.quality import quality_mask
 
 EXAMPLES = 3
 

@@ -1,6 +1,6 @@
 """Samples: every scored sample with its metrics, percentiles, verdict, why and pick rank.
 
-The table is computed by the library (`threeds.selection.sample_table`) for the current
+The table is computed by the library (`threeds.selection.apply.sample_table`) for the current
 selection; this page filters, searches and sorts it on the server and sends at most SHOWN rows,
 so it stays fast at 100k samples. Selecting a row opens it in the inspector.
 """
@@ -15,10 +15,10 @@ import pandas as pd
 import streamlit as st
 
 from app_pages import common
-from threeds.data import full_instruction
+from threeds.io.data import full_instruction
 from threeds.names import ANSWER_FLAG_NAMES, METRIC_NAMES, METRICS
-from threeds.runs import Run
-from threeds.selection import VERDICTS, sample_table
+from threeds.rundir.read import Run
+from threeds.selection.apply import VERDICTS, sample_table
 
 SHOWN = 2_000
 SORTS = {"pick rank": ("pick", True), "quality": ("quality", False), **{f"{METRIC_NAMES[m]}": (METRIC_NAMES[m], False) for m in METRICS}}

@@ -20,7 +20,7 @@ import streamlit as st
 from streamlit.runtime.scriptrunner import get_script_run_ctx
 
 from threeds.config import SelectConfig, format_value
-from threeds.selection import SelectionError, check
+from threeds.selection.apply import SelectionError, check
 
 FIELDS = {f.name: f for f in dataclasses.fields(SelectConfig)}
 WRITTEN = "url_written"  # the query string this session wrote last

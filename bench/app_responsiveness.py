@@ -33,10 +33,10 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from synthetic_run import make_run  # noqa: E402
 
-from threeds import embed_map  # noqa: E402
 from threeds.config import SelectConfig  # noqa: E402
-from threeds.runs import load_run, run_settings  # noqa: E402
-from threeds.selection import select_dir  # noqa: E402
+from threeds.rundir.read import load_run, run_settings  # noqa: E402
+from threeds.selection.apply import select_dir  # noqa: E402
+from threeds.views import embed_map  # noqa: E402
 
 
 def pca_2d(emb: np.ndarray) -> np.ndarray:

@@ -78,7 +78,6 @@ def settle(driver) -> float:
 def move(driver, index: int, key: str) -> float:
     """One key press on slider `index`; ms from its release to the last repaint."""
     import test_browser
-
     from selenium.webdriver.common.action_chains import ActionChains
 
     found = lambda d: d.find_elements("css selector", '[data-testid="stSlider"] input[type="range"]')[index:]  # noqa: E731
@@ -90,7 +89,6 @@ def move(driver, index: int, key: str) -> float:
 def search(driver, text: str) -> float:
     """Samples: type `text` into the search box and press Enter; ms to the last repaint."""
     import test_browser
-
     from selenium.webdriver.common.keys import Keys
 
     box = test_browser.wait_for(driver, lambda d: d.find_elements("css selector", 'input[aria-label^="Search instruction"]'), "search box")[0]

@@ -3,7 +3,7 @@
 Generation: the same MedQuAD instructions answered (greedy, `--max-new-tokens`) by
   * plain: the transformers pattern threeds used before, `model.generate` on batches of 8 prompts
     of similar length (left padding), and
-  * threeds: `LocalBackend.chat` with its default flags (threeds.decode: continuous refill).
+  * threeds: `LocalBackend.chat` with its default flags (threeds.model.decode: continuous refill).
 Both use the model loaded once, as threeds loads it (float32 on the CPU); load time is excluded.
 `--check K` also answers the first K instructions with plain `model.generate` one at a time and
 counts the answers of each path that equal those.
@@ -33,10 +33,10 @@ from transformers import GenerationConfig
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from threeds.backends import LocalBackend, _stop_ids, length_batches  # noqa: E402
-from threeds.data import full_instruction, read_records  # noqa: E402
-from threeds.model import load_model  # noqa: E402
-from threeds.rate import load_rating_prompt, rate_records  # noqa: E402
+from threeds.io.data import full_instruction, read_records  # noqa: E402
+from threeds.model.backends import LocalBackend, _stop_ids, length_batches  # noqa: E402
+from threeds.model.load import load_model  # noqa: E402
+from threeds.stages.rate import load_rating_prompt, rate_records  # noqa: E402
 
 DATA = ROOT / "threeds" / "sample_data" / "medquad_en_200.jsonl"
 
@@ -98,7 +98,7 @@ def spearman(a: list[float], b: list[float]) -> float:
 def _rate(records, backend, template, mode: str, share: bool) -> tuple[dict, float]:
     """Scores by id and wall seconds of one rating pass into a fresh log; `share=False` prefills each
     prompt whole (no shared start), as threeds did before."""
-    from threeds import decode
+    from threeds.model.load import decode
 
     keep = decode.shared_prefix
     if not share:

@@ -33,13 +33,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from naive_score import naive_sample
 from transformers import AutoModelForCausalLM, PreTrainedModel, Qwen2Config
 
-from naive_score import naive_sample
-from threeds.data import full_instruction, read_records
-from threeds.model import load_tokenizer
 from threeds.config import ModelConfig, ScoreConfig
-from threeds.score import RESPONSES, Scorer, build_scorer, launch_batch
+from threeds.io.data import full_instruction, read_records
+from threeds.model.load import load_tokenizer
+from threeds.stages.score import RESPONSES, Scorer, build_scorer, launch_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "threeds" / "sample_data" / "medquad_en_200.jsonl"

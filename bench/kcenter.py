@@ -1,4 +1,4 @@
-"""k-center greedy: threeds.select.k_center_greedy against the original 3DS approach.
+"""k-center greedy: threeds.selection.kcenter.k_center_greedy against the original 3DS approach.
 
 The original release keeps `min_distances` and, for every pick, calls
 `sklearn.metrics.pairwise_distances(features, features[[new_center]])` on float16 features and
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from threeds.select import k_center_greedy, resolve_device  # noqa: E402
+from threeds.selection.kcenter import k_center_greedy, resolve_device  # noqa: E402
 
 _GEN_ROWS = 16384
 

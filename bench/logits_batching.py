@@ -26,11 +26,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from threeds.backends import LocalBackend  # noqa: E402
-from threeds.data import read_records  # noqa: E402
-from threeds.decode import shared_prefix  # noqa: E402
-from threeds.rate import load_rating_prompt, render  # noqa: E402
-from threeds.rating_logits import digit_ids, expected_scores, prompt_batches  # noqa: E402
+from threeds.io.data import read_records  # noqa: E402
+from threeds.model.backends import LocalBackend  # noqa: E402
+from threeds.model.decode import shared_prefix  # noqa: E402
+from threeds.stages.rate import load_rating_prompt, render  # noqa: E402
+from threeds.stages.rating_logits import digit_ids, expected_scores, prompt_batches  # noqa: E402
 
 DATA = ROOT / "threeds" / "sample_data" / "medquad_en_200.jsonl"
 

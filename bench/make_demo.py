@@ -20,8 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from threeds.cli import main as threeds  # noqa: E402
-from threeds.embed_map import load_or_compute_umap  # noqa: E402
-from threeds.runs import load_run  # noqa: E402
+from threeds.rundir.read import load_run  # noqa: E402
+from threeds.views.embed_map import load_or_compute_umap  # noqa: E402
 
 SAMPLE = ROOT / "threeds" / "sample_data" / "medquad_en_200.jsonl"
 

@@ -12,9 +12,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from threeds.data import full_instruction
-from threeds.function_words import FunctionWords
-from threeds.prompts import PromptFormat
+from threeds.io.data import full_instruction
+from threeds.model.function_words import FunctionWords
+from threeds.model.prompts import PromptFormat
 
 
 def _token_ce(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@
     python bench/openai_client.py --requests 2000 --concurrency 64 256 --latency 0 0.5
 
 A vLLM server with a 7B model on a few GPUs answers on the order of 10^4-10^5 generated tokens/s.
-The client (`threeds.backends.OpenAIBackend`: asyncio, the openai SDK, one request per record) must
+The client (`threeds.model.backends.OpenAIBackend`: asyncio, the openai SDK, one request per record) must
 sustain more than that, or generation waits on it. Here it talks to a local stand-in server that
 costs almost nothing per request (a raw asyncio HTTP server in its own process, replying after
 `--latency` seconds with `--reply-tokens` words), so what limits the rates below is the client:
@@ -23,7 +23,7 @@ import multiprocessing as mp
 import re
 import time
 
-from threeds.backends import OpenAIBackend
+from threeds.model.backends import OpenAIBackend
 
 MODEL = "bench-model"
 LENGTH = re.compile(rb"content-length:\s*(\d+)", re.IGNORECASE)

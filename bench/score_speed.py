@@ -33,7 +33,7 @@ METRICS = ["ins_ppl", "gt_wloss_mean", "gt_wloss_max", "gen_wloss_mean", "gen_wl
 def bench_records(path: Path, n: int) -> list[dict]:
     """The first n usable records; A' is the record's generated_output, or else the first half of A
     (a stand-in of realistic length when no generation has been run)."""
-    from threeds.data import read_records
+    from threeds.io.data import read_records
 
     records, _ = read_records(path, duplicate_ids="rename")
     for r in records:
@@ -44,7 +44,7 @@ def bench_records(path: Path, n: int) -> list[dict]:
 def tokens_fed(mode: str, tokenizer, fmt, records: list[dict], rows: list[dict], max_length: int) -> int:
     """Tokens through the model: naive = prompt + (prompt + A) + (prompt + A'); threeds = the two
     long passes (padding excluded). End-of-turn markers counted as response tokens (+/- 1)."""
-    from threeds.data import full_instruction
+    from threeds.io.data import full_instruction
 
     total = 0
     for record, row in zip(records, rows):
@@ -76,11 +76,11 @@ def _seconds(fn) -> float:
 def run_mode(mode: str, data: Path, n: int, max_length: int, batch_tokens: int, model_spec: str | None) -> dict:
     import torch
 
-    from threeds.attention import use_threeds_attention
-    from threeds.function_words import FunctionWords
-    from threeds.model import load_model
-    from threeds.prompts import prompt_format
-    from threeds.score import Scorer
+    from threeds.model.attention import use_threeds_attention
+    from threeds.model.function_words import FunctionWords
+    from threeds.model.load import load_model
+    from threeds.model.prompts import prompt_format
+    from threeds.stages.score import Scorer
 
     records = bench_records(data, n)
     dtype = torch.bfloat16 if mode == "threeds-bf16" else torch.float32

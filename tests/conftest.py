@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from threeds.model import load_tokenizer
+    from threeds.model.load import load_tokenizer
 
     return load_tokenizer()
 

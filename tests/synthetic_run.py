@@ -121,7 +121,7 @@ def write_scores(path: Path, records: list[dict], dim: int, rng: np.random.Gener
         pd.DataFrame(rows, columns=columns).to_parquet(path / "tokens.parquet", index=False)
 
 
-LOOP = "Rest and fluids help. " * 6  # repeats itself: every word token covered (threeds.flags)
+LOOP = "Rest and fluids help. " * 6  # repeats itself: every word token covered (threeds.selection.answer_flags)
 
 
 def flag_answers(path: Path, cap: int = 400, hit: tuple[int, ...] = (2, 5), loop: tuple[int, ...] = (3, 7),

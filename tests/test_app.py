@@ -16,14 +16,22 @@ import pytest
 from streamlit.testing.v1 import AppTest
 from synthetic_run import make_run
 
-from threeds import cli, embed_map, heatmap
-from threeds.export import dataset_info_entry, select_command
-from threeds.config import DataConfig, RunConfig, SelectConfig, SubsetConfig, run_command
+from threeds import cli
+from threeds.config import (
+    DataConfig,
+    RunConfig,
+    SelectConfig,
+    SubsetConfig,
+    run_command,
+)
 from threeds.names import METRICS
-from threeds.rate import quality_mask
-from threeds.runs import load_run, stage_counts
-from threeds.selection import apply
-from threeds.select import band_filter
+from threeds.rundir.read import load_run
+from threeds.selection.apply import apply
+from threeds.selection.funnel import stage_counts
+from threeds.selection.kcenter import band_filter
+from threeds.selection.quality import quality_mask
+from threeds.views import embed_map, heatmap
+from threeds.views.export import dataset_info_entry, select_command
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = ["app_pages/quality.py", "app_pages/difficulty.py", "app_pages/inspector.py", "app_pages/embedding_map.py", "app_pages/export.py"]
@@ -92,7 +100,7 @@ def test_runs_page_starts_a_run_in_the_background(demo, monkeypatch):
         started.append((argv, run_dir))
         return 1
 
-    monkeypatch.setattr("threeds.jobs.start_run", fake_start)
+    monkeypatch.setattr("threeds.rundir.jobs.start_run", fake_start)
     at = app().run()
     at.radio(key="new_source").set_value("Path on this machine").run()
     at.text_input(key="new_path").set_value(str(demo / "input.jsonl")).run()
@@ -116,7 +124,7 @@ def test_launcher_inputs_reach_the_command(demo, monkeypatch):
     from threeds.commands.run import config_from_args
 
     started = []
-    monkeypatch.setattr("threeds.jobs.start_run", lambda argv, run_dir, cwd=None: started.append(argv) or run_dir.mkdir())
+    monkeypatch.setattr("threeds.rundir.jobs.start_run", lambda argv, run_dir, cwd=None: started.append(argv) or run_dir.mkdir())
     at = app().run()
     at.radio(key="new_source").set_value("Path on this machine").run()
     at.text_input(key="new_path").set_value(str(demo / "input.jsonl")).run()
@@ -343,7 +351,7 @@ def test_runs_page_follows_a_background_run(demo):
     import sys
     import time
 
-    from threeds.jobs import job_running, start_run
+    from threeds.rundir.jobs import job_running, start_run
 
     script = (
         "import json, sys, time, pathlib\n"
@@ -396,7 +404,7 @@ def test_runs_page_shows_a_failed_run_as_failed(demo, tmp_path):
     import sys
     import time
 
-    from threeds.jobs import job_running, start_run
+    from threeds.rundir.jobs import job_running, start_run
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": "a", "instruction": "q", "output": "a"}\nnot json\n')
@@ -423,7 +431,7 @@ def test_runs_page_shows_done_and_the_time_left(demo):
     """status.json 'done' is shown as done; a running stage shows its pace as a time left."""
     import time
 
-    from threeds.progress import write_status
+    from threeds.rundir.progress import write_status
 
     write_status(demo, "done", exit_code=0)
     at = app().run()
@@ -615,7 +623,7 @@ def test_a_brush_filters_the_table_and_becomes_a_rule(demo, tmp_path):
 
 def test_compare_two_presets_and_two_runs(demo, cache):
     """Issue 11 (5): counts per stage, overlap and the difference, as the library computes them."""
-    from threeds.selection import overlap, save_preset
+    from threeds.selection.apply import overlap, save_preset
 
     run = load_run(demo)
     wide, narrow = SelectConfig(sample_num=6, quality_threshold=85.0), SelectConfig(sample_num=6, quality_threshold=85.0, low_th=10.0, conf_up=60.0)
@@ -660,7 +668,7 @@ def test_flags_on_the_difficulty_page_and_their_rule(demo, flagged, tmp_path):
     assert "max-new-tokens 400" in texts(at.caption)
     at.multiselect(key="exclude_flags").set_value(["hit_max", "repeats", "empty"]).run()
     run = load_run(demo)
-    from threeds.flags import run_answer_flags
+    from threeds.selection.answer_flags import run_answer_flags
 
     config = SelectConfig(quality_threshold=85.0, exclude_flags=("hit_max", "repeats", "empty"))
     expected = apply(config, run.metrics, run.embeddings, run.ratings, run_answer_flags(demo, run.metrics, run.records, run.manifest))
@@ -791,9 +799,9 @@ def test_a_large_map_is_an_image_with_the_first_picks_hoverable(cache):
 
 @pytest.mark.parametrize(("code", "said"), [(130, "interrupted, SIGINT"), (137, "ended by SIGKILL after SIGINT and SIGTERM")])
 def test_a_stopped_run_says_how_it_ended(demo, code, said):
-    """A run the Stop button had to kill records `stopped` with 128 + signal (threeds.jobs); the
+    """A run the Stop button had to kill records `stopped` with 128 + signal (threeds.rundir.jobs); the
     Runs page names the signal rather than calling it killed."""
-    from threeds.progress import write_status
+    from threeds.rundir.progress import write_status
 
     write_status(demo, "stopped", exit_code=code, error="stopped", pid=2**22 + 7)  # no such process
     at = app().run()

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from fake_openai_server import FakeOpenAIServer
-from threeds.backends import BackendError, LocalBackend, OpenAIBackend
+
 from threeds.errors import ServerDownError
+from threeds.model.backends import BackendError, LocalBackend, OpenAIBackend
 
 FAST = {"retries": 2, "backoff": 0.01, "timeout": 5.0}
 
@@ -158,7 +158,7 @@ def llama_server(tmp_path_factory):
     """llama.cpp's OpenAI-compatible server (llama-cpp-python[server]) on the embedded GGUF."""
     if not LLAMA_CPP:
         pytest.skip('llama-cpp-python is not installed: pip install "llama-cpp-python[server]==0.3.36"')
-    from threeds.model import embedded_gguf_path
+    from threeds.model.load import embedded_gguf_path
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -191,8 +191,8 @@ def _wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 12
 
 
 def test_real_llama_cpp_server_rates_and_generates(llama_server, tmp_path):
-    from threeds.generate import generate_records
-    from threeds.rate import load_rating_prompt, rate_records
+    from threeds.stages.generate import generate_records
+    from threeds.stages.rate import load_rating_prompt, rate_records
 
     records = [
         {"id": "a", "instruction": "What is hypertension?", "output": "High blood pressure: the force of blood "

@@ -22,9 +22,9 @@ import pytest
 import torch
 from conftest import make_records, tiny_llama
 
-from threeds.attention import capture_last_layer, use_threeds_attention
 from threeds.config import ModelConfig, ScoreConfig
-from threeds.score import build_scorer
+from threeds.model.attention import capture_last_layer, use_threeds_attention
+from threeds.stages.score import build_scorer
 
 METRICS = ["ins_ppl", "gt_wloss_mean", "gt_wloss_max", "gen_wloss_mean", "gen_wloss_max"]
 SETTINGS = ScoreConfig(function_words="lexical")

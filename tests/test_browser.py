@@ -26,8 +26,8 @@ import numpy as np
 import pytest
 from synthetic_run import make_run
 
-from threeds import embed_map
-from threeds.runs import load_run
+from threeds.rundir.read import load_run
+from threeds.views import embed_map
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from threeds.data import (
+from threeds.io.data import (
     DataError,
     append_jsonl,
     fingerprint,
@@ -349,7 +349,7 @@ def test_texts_blank_after_normalisation_are_rejected(tmp_path, text):
 
 
 def test_rejects_number_records_by_their_position_in_the_input_file(tmp_path):
-    from threeds.data import file_positions
+    from threeds.io.data import file_positions
 
     rows = [{"id": "a", "instruction": "Q", "output": "A"}, {"id": "x", "instruction": "", "output": "A"},
             {"id": "b", "instruction": "Q", "output": "A"}, {"id": "c", "instruction": "Q", "output": "A", "generated_output": " "}]  # fmt: skip
@@ -381,7 +381,7 @@ def test_writing_over_a_directory_names_it(tmp_path):
 
 
 def test_an_input_without_usable_records_is_one_clear_error(tmp_path):
-    from threeds.data import require_records
+    from threeds.io.data import require_records
 
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
@@ -393,7 +393,7 @@ def test_an_input_without_usable_records_is_one_clear_error(tmp_path):
 
 
 def test_take_records_first_or_random_subset():
-    from threeds.data import take_records
+    from threeds.io.data import take_records
 
     records = [{"id": str(i)} for i in range(10)]
     assert take_records(records) == records and take_records(records, limit=20) == records

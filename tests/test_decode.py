@@ -1,4 +1,4 @@
-"""Greedy decoding with continuous refill (threeds.decode) and logits rating (threeds.rating_logits):
+"""Greedy decoding with continuous refill (threeds.model.decode) and logits rating (threeds.stages.rating_logits):
 the answers of plain `model.generate` one prompt at a time, each reported as it finishes."""
 
 from __future__ import annotations
@@ -7,14 +7,20 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_llama
 from transformers import GenerationConfig
 
-from conftest import tiny_llama
-from threeds.backends import LocalBackend
-from threeds.decode import MIN_SHARED_PREFIX, greedy_decode, shared_prefix
-from threeds.rate import LogitsRater, rate_records
-from threeds import rating_logits
-from threeds.rating_logits import RatingModeError, digit_ids, expected_scores, number_probs, prompt_batches
+from threeds.model.backends import LocalBackend
+from threeds.model.decode import MIN_SHARED_PREFIX, greedy_decode, shared_prefix
+from threeds.stages import rating_logits
+from threeds.stages.rate import LogitsRater, rate_records
+from threeds.stages.rating_logits import (
+    RatingModeError,
+    digit_ids,
+    expected_scores,
+    number_probs,
+    prompt_batches,
+)
 
 
 def generate_one(model, ids: list[int], stop: list[int], max_new_tokens: int) -> list[int]:
@@ -98,7 +104,7 @@ def test_a_short_or_whole_common_start_is_not_shared(tiny):
 def test_local_backend_gives_plain_generate_answers_on_the_embedded_model():
     """The embedded model at its run dtype: the backend's refilled batches against plain
     `model.generate` one prompt at a time."""
-    from threeds.backends import _stop_ids
+    from threeds.model.backends import _stop_ids
 
     prompts = ["What is hypertension?", "Name one symptom of flu.", "Why does a cough last three weeks after a cold?",
                "Hi", "What are the treatments for Paget's disease of bone?"]  # fmt: skip
@@ -213,7 +219,7 @@ def test_prompt_batches_bound_rows_cache_and_padding():
 
 
 def test_logits_mode_logs_scores_under_its_own_key_and_needs_a_local_backend(tmp_path, tiny_model_dir):
-    from threeds.backends import OpenAIBackend
+    from threeds.model.backends import OpenAIBackend
 
     records = [{"id": "a", "instruction": "What is flu?", "output": "A viral infection."},
                {"id": "b", "instruction": "Cough?", "output": "See a doctor."}]  # fmt: skip
@@ -224,7 +230,7 @@ def test_logits_mode_logs_scores_under_its_own_key_and_needs_a_local_backend(tmp
     assert summary["new"] == 2 and [r["id"] for r in rows] == ["a", "b"]
     assert all(0 <= r["score"] <= 100 and json.loads(r["raw"])["score"] == r["score"] for r in rows)
     assert LogitsRater(backend).signature["rating_mode"] == "logits"
-    from threeds.joblog import StaleResultsError
+    from threeds.stages.joblog import StaleResultsError
 
     with pytest.raises(StaleResultsError):  # a generate-mode rerun never mixes into this log
         rate_records(records, backend, log, "{instruction} {output} score:", mode="generate", progress=False)
@@ -233,14 +239,14 @@ def test_logits_mode_logs_scores_under_its_own_key_and_needs_a_local_backend(tmp
 
 
 def test_replies_and_the_generate_log_say_whether_an_answer_was_cut_off(tmp_path, tiny_model_dir):
-    from threeds.generate import generate_records
+    from threeds.stages.generate import generate_records
 
     backend = LocalBackend(str(tiny_model_dir))
     prompts = ["What is flu?", "Cough?", "Why does a fever come back?"]
     replies = backend.chat(prompts, 4)
     model, tokenizer = backend.load()
     encoded, end_of_turn = backend.encode(prompts)
-    from threeds.backends import _stop_ids
+    from threeds.model.backends import _stop_ids
 
     lengths = [len(t) for t in greedy_decode(model, encoded, _stop_ids(tokenizer, end_of_turn), 4)]
     assert [r.finish for r in replies] == ["length" if n == 4 else "stop" for n in lengths]

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from threeds import embed_map
-from threeds.embed_map import MapSettings, load_or_compute_umap
+from threeds.views import embed_map
+from threeds.views.embed_map import MapSettings, load_or_compute_umap
 
 
 def clustered(n: int, dim: int = 8, seed: int = 0) -> np.ndarray:

@@ -11,11 +11,16 @@ from synthetic_run import make_run
 
 from threeds.cli import build_parser, main
 from threeds.config import SelectConfig
-from threeds.selection import config_from_args
-from threeds.pick_order import PickOrder
-from threeds.export import dataset_info_entry, export_text, file_name, select_command
-from threeds.runs import load_run
-from threeds.select import band_filter
+from threeds.rundir.read import load_run
+from threeds.selection.apply import config_from_args
+from threeds.selection.kcenter import band_filter
+from threeds.selection.pick_order import PickOrder
+from threeds.views.export import (
+    dataset_info_entry,
+    export_text,
+    file_name,
+    select_command,
+)
 
 RECORDS = [
     {"id": "a", "instruction": "Q1", "input": "ctx", "output": "A1", "source": "x"},
@@ -86,7 +91,7 @@ def test_select_command_reproduces_the_app_selection(tmp_path):
 
 
 def test_dataset_names_become_plain_file_names():
-    from threeds.export import safe_name
+    from threeds.views.export import safe_name
 
     assert safe_name("../../etc/passwd") == "_.._etc_passwd"
     assert file_name("../x", "alpaca") == "_x.json" and file_name(".hidden", "jsonl") == "hidden.jsonl"

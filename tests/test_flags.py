@@ -1,4 +1,4 @@
-"""Flags on A' (threeds.flags): the repeat rule, the cap and the blank rule on hand-computed cases,
+"""Flags on A' (threeds.selection.answer_flags): the repeat rule, the cap and the blank rule on hand-computed cases,
 and the flags of a run directory read back from its files."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import pytest
 from synthetic_run import flag_answers, make_run
 
 from threeds.config import flag_list
-from threeds.flags import (
+from threeds.rundir.read import load_run
+from threeds.selection.answer_flags import (
     REPEAT_SHARE,
     answer_tokens,
-    flag_answers as flags_of,
     generation_cap,
     reaches_cap,
     repeat_share,
@@ -22,7 +22,9 @@ from threeds.flags import (
     run_answer_flags,
     word_tokens,
 )
-from threeds.runs import load_run
+from threeds.selection.answer_flags import (
+    flag_answers as flags_of,
+)
 
 
 def test_word_tokens_fold_case_drop_punctuation_and_split_cjk():
@@ -133,7 +135,7 @@ def test_the_generate_logs_finish_reason_decides_hit_max_exactly(tmp_path):
 
 
 def test_repeat_shares_are_cached_in_the_run_directory_and_recomputed_when_stale(tmp_path, monkeypatch):
-    from threeds import flags
+    from threeds.selection.apply import answer_flags as flags
 
     texts = ["a b c d a b c d a b c d", "one two three", None]
     calls = []

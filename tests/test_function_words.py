@@ -7,8 +7,12 @@ import random
 import pytest
 from spacy.language import Language
 
-import threeds.function_words as fwm
-from threeds.function_words import FunctionWords, FunctionWordsError, detect_language
+import threeds.model.function_words as fwm
+from threeds.model.function_words import (
+    FunctionWords,
+    FunctionWordsError,
+    detect_language,
+)
 
 EN = "The cat and the dog sat on a mat."
 ZH = "我的头很疼，怎么办？"

@@ -7,11 +7,11 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
 from fake_openai_server import FakeOpenAIServer
-from threeds.backends import LocalBackend, OpenAIBackend
+
 from threeds.cli import main as cli
-from threeds.generate import generate_records
+from threeds.model.backends import LocalBackend, OpenAIBackend
+from threeds.stages.generate import generate_records
 
 
 def _echo(content: str) -> str:
@@ -104,8 +104,9 @@ def test_progress_file_counts_each_record_as_it_finishes(tmp_path, monkeypatch):
     """progress.json follows each reply the backend reports, not a batch or the end of the stage."""
     from functools import partial
 
-    from threeds import joblog, progress
-    from threeds.backends import Reply
+    from threeds.model.backends import Reply
+    from threeds.rundir.write import progress
+    from threeds.stages import joblog
 
     monkeypatch.setattr(joblog, "ProgressFile", partial(progress.ProgressFile, min_interval=0))
     seen = []

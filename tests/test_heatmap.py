@@ -1,4 +1,4 @@
-"""threeds.heatmap: the inspector's per-token views, against hand computations and a scored run."""
+"""threeds.views.heatmap: the inspector's per-token views, against hand computations and a scored run."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 from conftest import make_records
 
-from threeds import heatmap
 from threeds.config import ModelConfig, ScoreConfig
-from threeds.pipeline import score_run
+from threeds.stages.pipeline import score_run
+from threeds.views import heatmap
 
 
 def tokens(losses, weights, function_words, starts) -> pd.DataFrame:

@@ -302,8 +302,8 @@ def test_nan_in_a_passed_through_field_is_written_as_null(tmp_path):
 
 @pytest.mark.parametrize("code, words", [(errno.ENOSPC, "disk full"), (errno.EACCES, "permission denied")])
 def test_a_full_disk_or_refused_write_is_one_line_and_leaves_no_partial_file(tmp_path, monkeypatch, caplog, code, words):
-    from threeds import atomic
     from threeds.cli import main
+    from threeds.io import atomic
 
     run = scored_run(tmp_path)
     before = snapshot(tmp_path)

@@ -10,11 +10,11 @@ import pandas as pd
 import pytest
 from conftest import ROOT
 
-from threeds.data import read_records
-from threeds.model import embedded_gguf_path, load_model
 from threeds.config import ScoreConfig, SelectConfig
-from threeds.pipeline import score_run
-from threeds.selection import select_dir
+from threeds.io.data import read_records
+from threeds.model.load import embedded_gguf_path, load_model
+from threeds.selection.apply import select_dir
+from threeds.stages.pipeline import score_run
 
 pytestmark = pytest.mark.integration
 SAMPLE = ROOT / "threeds" / "sample_data" / "medquad_en_200.jsonl"

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from threeds.errors import LockedError
-from threeds.jobs import StopResult, job_running, start_run, stop_run
-from threeds.progress import job_state, read_status
+from threeds.rundir.jobs import StopResult, job_running, start_run, stop_run
+from threeds.rundir.progress import job_state, read_status
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,7 +73,7 @@ def test_a_plain_stop_is_one_sigint(tmp_path):
 
 
 def test_start_is_refused_while_another_process_holds_the_lock(tmp_path):
-    hold = "import sys, time\nfrom threeds.lock import locked\nwith locked(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(60)\n"
+    hold = "import sys, time\nfrom threeds.io.lock import locked\nwith locked(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(60)\n"
     proc = subprocess.Popen([sys.executable, "-c", hold, str(tmp_path / "run")], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "held"
@@ -89,8 +89,8 @@ def test_start_is_refused_while_another_process_holds_the_lock(tmp_path):
 # given signals, and on SIGINT records its own end.
 RECORDING = (
     "import signal, sys, time\n"
-    "from threeds.lock import locked\n"
-    "from threeds.progress import write_status\n"
+    "from threeds.io.lock import locked\n"
+    "from threeds.rundir.progress import write_status\n"
     "for name in sys.argv[2].split(','):\n"
     "    if name: signal.signal(getattr(signal, name), signal.SIG_IGN)\n"
     "with locked(sys.argv[1]):\n"

@@ -71,3 +71,41 @@ def test_the_checks_can_fail(tmp_path, monkeypatch):
     monkeypatch.setitem(GRAPH, "threeds.a", {"threeds.b"})
     monkeypatch.setitem(GRAPH, "threeds.b", {"threeds.a"})
     assert _cycle_from("threeds.a") == ["threeds.a", "threeds.b", "threeds.a"]
+
+
+# The sub-packages in dependency order: a module may import from its own layer or an earlier one, never
+# a later one. "core" is the top-level modules below everything (config, errors, names); the CLI and
+# `commands` sit above the library.
+LAYERS = ["core", "io", "model", "rundir", "selection", "stages", "views", "commands", "cli"]
+TOP = {"threeds.cli": "cli", "threeds.__main__": "cli"}
+
+
+def _layer(module: str) -> str | None:
+    if not module.startswith("threeds"):
+        return None
+    if module in TOP:
+        return TOP[module]
+    parts = module.split(".")
+    if len(parts) > 2 or (len(parts) == 2 and (LIBRARY / parts[1]).is_dir()):
+        return parts[1]
+    return "core"
+
+
+def _backward_imports(graph: dict[str, set[str]]) -> list[str]:
+    rank = {name: i for i, name in enumerate(LAYERS)}
+    return sorted(
+        f"{module} ({_layer(module)}) imports {dep} ({_layer(dep)})"
+        for module, deps in graph.items()
+        for dep in deps
+        if _layer(dep) is not None and rank[_layer(dep)] > rank[_layer(module)]
+    )
+
+
+def test_sub_packages_import_only_downwards():
+    assert {_layer(m) for m in GRAPH} <= set(LAYERS)
+    assert not _backward_imports(GRAPH)
+
+
+def test_a_backward_import_is_found():
+    planted = {**GRAPH, "threeds.io.data": {"threeds.stages.score"}}
+    assert _backward_imports(planted) == ["threeds.io.data (io) imports threeds.stages.score (stages)"]

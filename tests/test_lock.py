@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 
 from threeds.errors import LOCKED, LockedError, ThreedsError
-from threeds.lock import LOCK_FILE, holder, locked
+from threeds.io.lock import LOCK_FILE, holder, locked
 
 ROOT = Path(__file__).resolve().parents[1]
 HOLD = (
     "import sys, time\n"
-    "from threeds.lock import locked\n"
+    "from threeds.io.lock import locked\n"
     "with locked(sys.argv[1]):\n"
     "    print('held', flush=True)\n"
     "    time.sleep(60)\n"

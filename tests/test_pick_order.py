@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from synthetic_run import make_run
 
-from threeds import pick_order, select
 from threeds.config import SelectConfig
-from threeds.pick_order import KEEP_ORDERS, PICK_DIR, PickOrder
-from threeds.select import k_center_greedy
-from threeds.runs import load_run
-from threeds.selection import filter_rows, quality_per_row, select_dir
+from threeds.rundir.read import load_run
+from threeds.selection.apply import filter_rows, pick_order, quality_per_row, select_dir
+from threeds.selection.apply import kcenter as select
+from threeds.selection.kcenter import k_center_greedy
+from threeds.selection.pick_order import KEEP_ORDERS, PICK_DIR, PickOrder
 
 
 def clustered(n: int, dim: int = 8, seed: int = 0) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""threeds.progress: progress.json writes, the time-left estimate, status.json, terminal logs."""
+"""threeds.rundir.progress: progress.json writes, the time-left estimate, status.json, terminal logs."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 import pytest
 from tqdm import tqdm
 
-from threeds import progress as pg
+from threeds.rundir.write import progress as pg
 
 
 class Clock:

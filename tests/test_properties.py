@@ -18,12 +18,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from threeds.config import SelectConfig
-from threeds.data import read_jsonl, read_records, write_jsonl
+from threeds.io.data import read_jsonl, read_records, write_jsonl
 from threeds.names import METRIC_COLUMNS, TOKEN_COLUMNS
-from threeds.runcheck import RunFileError, load_scored
-from threeds.rundir import RunDir
-from threeds.select import band_filter, selected_records
-from threeds.selection import select_dir
+from threeds.rundir.check import RunFileError, load_scored
+from threeds.rundir.write import RunDir
+from threeds.selection.apply import select_dir
+from threeds.selection.kcenter import band_filter, selected_records
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)  # any text a file can hold

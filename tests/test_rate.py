@@ -12,12 +12,21 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
 from fake_openai_server import FakeOpenAIServer
-from threeds.backends import OpenAIBackend
+
 from threeds.cli import main as cli
-from threeds.joblog import StaleResultsError
-from threeds.rate import NO_SCORE, PROMPT_NAMES, PromptError, filter_by_rating, load_rating_prompt, parse_score, rate_records, render
+from threeds.model.backends import OpenAIBackend
+from threeds.stages.joblog import StaleResultsError
+from threeds.stages.rate import (
+    NO_SCORE,
+    PROMPT_NAMES,
+    PromptError,
+    filter_by_rating,
+    load_rating_prompt,
+    parse_score,
+    rate_records,
+    render,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -190,7 +199,7 @@ def test_interrupted_and_killed_rate_subprocess_loses_nothing_and_duplicates_not
 
 
 def test_prompt_for_language():
-    from threeds.rate import prompt_for_language
+    from threeds.stages.rate import prompt_for_language
 
     english = [{"instruction": "Why do I cough at night?", "output": "Often postnasal drip."}]
     chinese = [{"instruction": "晚上咳嗽是什么原因？", "input": "三天了", "output": "常见原因是鼻后滴漏 (PND)。"}]

@@ -14,17 +14,17 @@ import pandas as pd
 import pytest
 from conftest import ROOT, make_records
 
-from threeds.backends import LocalBackend
 from threeds.cli import main as cli
-from threeds.data import read_jsonl, read_records, write_jsonl
-from threeds.generate import generate_records
-from threeds.model import load_model
-from threeds.rundir import RunDir
 from threeds.config import EngineConfig, ModelConfig, ScoreConfig
-from threeds.pipeline import score_run
+from threeds.io.data import read_jsonl, read_records, write_jsonl
+from threeds.model.backends import LocalBackend
+from threeds.model.load import load_model
+from threeds.rundir.write import RunDir
+from threeds.stages.generate import generate_records
+from threeds.stages.pipeline import score_run
 
 ray = pytest.importorskip("ray")
-from threeds.engine_ray import RayLocalBackend  # noqa: E402  (after the skip: it needs Ray only when used)
+from threeds.stages.engine_ray import RayLocalBackend  # noqa: E402  (after the skip: it needs Ray only when used)
 
 SETTINGS = ScoreConfig(chunk_size=3, function_words="lexical")
 RAY = EngineConfig(engine="ray")

@@ -7,11 +7,11 @@ import re
 from pathlib import Path
 
 import pytest
-
 from conftest import SHARED_DATA
 from fake_openai_server import FakeOpenAIServer
+
 from threeds.cli import main as cli
-from threeds.data import read_jsonl
+from threeds.io.data import read_jsonl
 
 
 def _fake_model(content: str) -> str:

@@ -13,13 +13,29 @@ from synthetic_run import make_run
 from threeds.cli import build_parser
 from threeds.commands.run import config_from_args
 from threeds.config import (
-    BackendConfig, DataConfig, FilterConfig, GenerateConfig, ModelConfig, RateConfig, RunConfig, SelectConfig,
-    SubsetConfig, run_command,
+    BackendConfig,
+    DataConfig,
+    FilterConfig,
+    GenerateConfig,
+    ModelConfig,
+    RateConfig,
+    RunConfig,
+    SelectConfig,
+    SubsetConfig,
+    run_command,
 )  # fmt: skip
 from threeds.errors import LockedError
-from threeds.jobs import StopResult, job_running, start_run, stop_run
-from threeds.rate import filter_by_rating, quality_mask
-from threeds.runs import list_runs, load_run, percentile_rank, read_progress, run_key, stage_counts
+from threeds.rundir.jobs import StopResult, job_running, start_run, stop_run
+from threeds.rundir.read import (
+    list_runs,
+    load_run,
+    percentile_rank,
+    read_progress,
+    run_key,
+)
+from threeds.selection.funnel import stage_counts
+from threeds.selection.quality import quality_mask
+from threeds.stages.rate import filter_by_rating
 
 
 @pytest.fixture()
@@ -108,7 +124,7 @@ def test_missing_metric_column_is_reported(run_dir):
 
 
 def test_tokens_missing_or_corrupt_raise_with_the_path(run_dir):
-    from threeds.runs import RunFileError
+    from threeds.rundir.read import RunFileError
 
     run = load_run(run_dir)
     (run_dir / "tokens.parquet").write_bytes(b"junk")

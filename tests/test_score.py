@@ -15,11 +15,19 @@ import torch
 from conftest import make_records, tiny_llama
 from naive_score import naive_sample
 
-from threeds.attention import capture_last_layer, use_threeds_attention
-from threeds.function_words import FunctionWords
-from threeds.prompts import prompt_format
-import threeds.score as score_module
-from threeds.score import RESPONSES, Scorer, encode, encode_texts, plan_batches, prompt_perplexity, weighted_loss
+import threeds.stages.score as score_module
+from threeds.model.attention import capture_last_layer, use_threeds_attention
+from threeds.model.function_words import FunctionWords
+from threeds.model.prompts import prompt_format
+from threeds.stages.score import (
+    RESPONSES,
+    Scorer,
+    encode,
+    encode_texts,
+    plan_batches,
+    prompt_perplexity,
+    weighted_loss,
+)
 
 METRICS = ["ins_ppl", "gt_wloss_mean", "gt_wloss_max", "gen_wloss_mean", "gen_wloss_max"]
 
@@ -68,7 +76,7 @@ def test_capture_matches_all_eager_on_padded_batch():
 
 def test_mean_weights_by_hand():
     """One head, three tokens with known probabilities: w_k = sum_q att[q,k] / (L - k)."""
-    from threeds.attention import head_sums, normalise_mean
+    from threeds.model.attention import head_sums, normalise_mean
 
     att = torch.tensor([[[[1.0, 0.0, 0.0], [0.25, 0.75, 0.0], [0.5, 0.25, 0.25]]]])
     sums, maxes = head_sums(att, torch.ones(1, 3, dtype=torch.bool))
@@ -161,7 +169,7 @@ def test_token_rows_describe_the_response(tokenizer, tiny_model):
 
 
 def test_prompt_perplexity_of_one_token_prompt_is_nan():
-    from threeds.score import Encoded, SequenceOut
+    from threeds.stages.score import Encoded, SequenceOut
 
     enc = Encoded([1, 2], [(0, 1), (1, 2)], 1, 1, "ab", False)
     out = SequenceOut(np.array([0.0, 2.0]), np.ones(2), np.ones(2), np.zeros(1))

@@ -15,11 +15,11 @@ import pandas as pd
 import pytest
 from conftest import ROOT, make_records
 
-from threeds.data import read_jsonl
-from threeds.rundir import RunError
-from threeds.names import SCORE_COLUMNS
 from threeds.config import ModelConfig, ScoreConfig
-from threeds.pipeline import score_run
+from threeds.io.data import read_jsonl
+from threeds.names import SCORE_COLUMNS
+from threeds.rundir.write import RunError
+from threeds.stages.pipeline import score_run
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

@@ -11,7 +11,8 @@ import torch
 
 from threeds.config import SelectConfig
 from threeds.names import METRICS, metric_column
-from threeds.select import (
+from threeds.selection.apply import select_dir
+from threeds.selection.kcenter import (
     _first_copies,
     band_filter,
     band_thresholds,
@@ -19,7 +20,6 @@ from threeds.select import (
     selected_records,
     within,
 )
-from threeds.selection import select_dir
 
 
 def band_mask(values: np.ndarray, low: float, high: float) -> np.ndarray:
@@ -232,7 +232,7 @@ def test_k_center_equals_float32_reference(seed):
 
 def test_k_center_widening_search_and_small_blocks(monkeypatch):
     """One row refreshed per try forces the search to widen (1, 4, 16, ...) on most picks."""
-    import threeds.select as select
+    import threeds.selection.kcenter as select
 
     rng = np.random.default_rng(5)
     x = rng.standard_normal((700, 16)).astype(np.float32)
@@ -339,7 +339,7 @@ def test_select_dir(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != ".lock") == [
         "data.jsonl", "embeddings.npy", "metrics.parquet", "pick_orders", "selection.json"
     ]  # fmt: skip
-    (stored,) = (tmp_path / "pick_orders").glob("*.npy")  # the order the app slices (threeds.pick_order)
+    (stored,) = (tmp_path / "pick_orders").glob("*.npy")  # the order the app slices (threeds.selection.pick_order)
     assert np.load(stored).tolist() == list(picks)
 
     records = selected_records(tmp_path, result["selected_ids"])

@@ -1,4 +1,4 @@
-"""threeds.selection: one SelectConfig applied to a run, with hand-checked numbers on tiny inputs,
+"""threeds.selection.apply: one SelectConfig applied to a run, with hand-checked numbers on tiny inputs,
 presets, and the exported command reproducing the selection through the CLI."""
 
 from __future__ import annotations
@@ -14,21 +14,21 @@ from synthetic_run import flag_answers, make_run
 
 from threeds import cli
 from threeds.config import SelectConfig, to_argv
-from threeds.export import select_command
-from threeds.flags import flag_answers as flags_of
-from threeds.flags import run_answer_flags
-from threeds.select import band_filter, k_center_greedy
-from threeds.selection import (
+from threeds.selection.answer_flags import flag_answers as flags_of
+from threeds.selection.answer_flags import run_answer_flags
+from threeds.selection.apply import (
     SelectionError,
     apply,
     config_from_json,
+    empty_reason,
     list_presets,
     load_preset,
     ordinal,
     save_preset,
-    empty_reason,
     select_dir,
 )
+from threeds.selection.kcenter import band_filter, k_center_greedy
+from threeds.views.export import select_command
 
 IDS = ["a", "b", "c", "d", "e"]
 
@@ -203,8 +203,9 @@ def test_bad_presets_are_one_line_errors(run_dir, tmp_path, caplog):
 def test_to_argv_round_trips_every_field():
     config = SelectConfig(low_th=20.5, corr_up=80.0, sample_num=9, atten_method="max", seed=2, quality_threshold=70.0, include=("x", "y"), exclude=("z",),
                           exclude_flags=("repeats", "hit_max"))  # fmt: skip
-    from threeds.selection import add_select_flags, config_from_args
     import argparse
+
+    from threeds.selection.apply import add_select_flags, config_from_args
 
     parser = argparse.ArgumentParser()
     add_select_flags(parser)
@@ -212,7 +213,7 @@ def test_to_argv_round_trips_every_field():
 
 
 def test_sample_table_hand_checked():
-    from threeds.selection import filter_rows, quality_per_row, sample_table
+    from threeds.selection.apply import filter_rows, quality_per_row, sample_table
 
     metrics, emb, ratings = tiny()
     config = SelectConfig(quality_threshold=85.0, sample_num=10)
@@ -226,7 +227,7 @@ def test_sample_table_hand_checked():
 
 
 def test_overlap_and_difference_hand_checked():
-    from threeds.selection import difference_table, overlap
+    from threeds.selection.apply import difference_table, overlap
 
     assert overlap(["a", "b", "c"], ["c", "d", "a"]) == {"both": ["a", "c"], "only A": ["b"], "only B": ["d"]}
     metrics, emb, ratings = tiny()
@@ -277,7 +278,7 @@ def test_exclude_flagged_round_trip_export_cli_preset(run_dir, tmp_path, capsys)
     flagged = flag_answers(run_dir)
     config = SelectConfig(quality_threshold=85.0, sample_num=8, exclude_flags=("hit_max", "repeats", "empty"))
     metrics, emb = pd.read_parquet(run_dir / "metrics.parquet"), np.load(run_dir / "embeddings.npy")
-    from threeds.runs import load_run
+    from threeds.rundir.read import load_run
 
     run = load_run(run_dir)
     flags = run_answer_flags(run_dir, metrics, run.records, run.manifest)

@@ -11,11 +11,11 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
 from fake_openai_server import FakeOpenAIServer
-from threeds.backends import OpenAIBackend
+
 from threeds.errors import SERVER_DOWN, ServerDownError
-from threeds.rate import load_rating_prompt, rate_records
+from threeds.model.backends import OpenAIBackend
+from threeds.stages.rate import load_rating_prompt, rate_records
 
 FAST = {"retries": 1, "backoff": 0.01, "timeout": 5, "concurrency": 1}
 

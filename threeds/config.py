@@ -188,7 +188,7 @@ class FlagTextError(argparse.ArgumentTypeError, ValueError):
 
 
 def flag_list(text: str) -> tuple[str, ...]:
-    """Comma-separated names of flags on A' (`threeds.flags`); ValueError naming an unknown one."""
+    """Comma-separated names of flags on A' (`threeds.selection.answer_flags`); ValueError naming an unknown one."""
     names = id_list(text)
     unknown = [name for name in names if name not in ANSWER_FLAGS]
     if unknown:
@@ -200,7 +200,7 @@ def flag_list(text: str) -> tuple[str, ...]:
 class SelectConfig:
     """One selection: quality threshold, percentile bands, include/exclude rules and k-center
     greedy. A metric's own band flags win over --low-th/--up-th. The app, presets
-    (`<run>/selections/NAME.json`) and `threeds select` all apply it through `threeds.selection`."""
+    (`<run>/selections/NAME.json`) and `threeds select` all apply it through `threeds.selection.apply`."""
 
     low_th: float = setting(25.0, "lower percentile of every metric's band: easier samples are dropped (default: 25)")
     up_th: float = setting(75.0, "upper percentile of every metric's band: harder samples are dropped (default: 75)")

@@ -36,6 +36,6 @@ def metric_column(metric: str, atten_method: str = "mean") -> str:
         raise ValueError(f"unknown atten_method {atten_method!r}; expected one of {ATTEN_METHODS}")
     return metric if metric == "ins_ppl" else f"{metric}_{atten_method}"
 
-# Flags on A', the model's own answer (threeds.flags); SelectConfig.exclude_flags names them.
+# Flags on A', the model's own answer (threeds.selection.answer_flags); SelectConfig.exclude_flags names them.
 ANSWER_FLAGS = ("hit_max", "repeats", "empty")
 ANSWER_FLAG_NAMES = {"hit_max": "hit max-new-tokens", "repeats": "repeats itself", "empty": "empty"}

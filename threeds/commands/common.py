@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 
-
 def print_summary(summary: dict) -> None:
     """The counts, and where the failures are when there are any."""
     print(json.dumps(summary, indent=2, ensure_ascii=False))

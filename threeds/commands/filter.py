@@ -8,8 +8,8 @@ import logging
 from pathlib import Path
 
 from threeds.config import DataConfig, FilterConfig, add_arguments, from_args
-from threeds.data import read_jsonl, read_records, write_records
-from threeds.rate import filter_by_rating
+from threeds.io.data import read_jsonl, read_records, write_records
+from threeds.stages.rate import filter_by_rating
 
 log = logging.getLogger(__name__)
 

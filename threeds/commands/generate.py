@@ -6,16 +6,23 @@ import argparse
 import logging
 from pathlib import Path
 
-from threeds.backends import LocalBackend
 from threeds.commands.common import print_summary
 from threeds.config import (
-    BackendConfig, DataConfig, EngineConfig, GenerateConfig, ModelConfig, RunConfig, add_arguments, from_args,
+    BackendConfig,
+    DataConfig,
+    EngineConfig,
+    GenerateConfig,
+    ModelConfig,
+    RunConfig,
+    add_arguments,
+    from_args,
 )  # fmt: skip
-from threeds.data import read_records, require_records, write_records
 from threeds.errors import RECORDS_FAILED, ThreedsError
-from threeds.generate import generate_records
-from threeds.lock import locked
-from threeds.pipeline import make_backend
+from threeds.io.data import read_records, require_records, write_records
+from threeds.io.lock import locked
+from threeds.model.backends import LocalBackend
+from threeds.stages.generate import generate_records
+from threeds.stages.pipeline import make_backend
 
 log = logging.getLogger(__name__)
 

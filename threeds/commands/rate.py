@@ -7,12 +7,20 @@ import logging
 from pathlib import Path
 
 from threeds.commands.common import print_summary
-from threeds.config import BackendConfig, DataConfig, ModelConfig, RateConfig, RunConfig, add_arguments, from_args
-from threeds.data import read_records, require_records
+from threeds.config import (
+    BackendConfig,
+    DataConfig,
+    ModelConfig,
+    RateConfig,
+    RunConfig,
+    add_arguments,
+    from_args,
+)
 from threeds.errors import RECORDS_FAILED
-from threeds.lock import locked
-from threeds.pipeline import make_backend
-from threeds.rate import load_rating_prompt, rate_records, rating_prompt_name
+from threeds.io.data import read_records, require_records
+from threeds.io.lock import locked
+from threeds.stages.pipeline import make_backend
+from threeds.stages.rate import load_rating_prompt, rate_records, rating_prompt_name
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """`threeds run`: the whole of 3DS in one run directory, rate -> filter -> generate -> score -> select
-(`threeds.pipeline` does the work; this module is its command line)."""
+(`threeds.stages.pipeline` does the work; this module is its command line)."""
 
 from __future__ import annotations
 
@@ -9,15 +9,27 @@ import logging
 from pathlib import Path
 
 from threeds.config import (
-    RUN_FLAGS, BackendConfig, DataConfig, EngineConfig, FilterConfig, GenerateConfig, ModelConfig, RateConfig,
-    RunConfig, ScoreConfig, SelectConfig, SubsetConfig, add_arguments, from_args,
+    RUN_FLAGS,
+    BackendConfig,
+    DataConfig,
+    EngineConfig,
+    FilterConfig,
+    GenerateConfig,
+    ModelConfig,
+    RateConfig,
+    RunConfig,
+    ScoreConfig,
+    SelectConfig,
+    SubsetConfig,
+    add_arguments,
+    from_args,
 )  # fmt: skip
-from threeds.pipeline import run_pipeline
 from threeds.errors import INTERRUPTED, RECORDS_FAILED, describe
-from threeds.lock import locked
-from threeds.progress import write_status
-from threeds.rundir import RunDir
-from threeds.selection import empty_reason
+from threeds.io.lock import locked
+from threeds.rundir.progress import write_status
+from threeds.rundir.write import RunDir
+from threeds.selection.apply import empty_reason
+from threeds.stages.pipeline import run_pipeline
 
 log = logging.getLogger(__name__)
 

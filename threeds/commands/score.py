@@ -6,9 +6,16 @@ import argparse
 import json
 from pathlib import Path
 
-from threeds.config import DataConfig, EngineConfig, ModelConfig, ScoreConfig, add_arguments, from_args
-from threeds.data import read_records, require_records
-from threeds.pipeline import score_run
+from threeds.config import (
+    DataConfig,
+    EngineConfig,
+    ModelConfig,
+    ScoreConfig,
+    add_arguments,
+    from_args,
+)
+from threeds.io.data import read_records, require_records
+from threeds.stages.pipeline import score_run
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -7,10 +7,15 @@ import json
 import logging
 from pathlib import Path
 
-from threeds.data import write_json
 from threeds.errors import RECORDS_FAILED
-from threeds.select import selected_records
-from threeds.selection import add_select_flags, config_from_args, empty_reason, select_dir
+from threeds.io.data import write_json
+from threeds.selection.apply import (
+    add_select_flags,
+    config_from_args,
+    empty_reason,
+    select_dir,
+)
+from threeds.selection.kcenter import selected_records
 
 log = logging.getLogger(__name__)
 

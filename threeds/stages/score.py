@@ -4,7 +4,7 @@ Two forward passes per sample (spec, "Equivalences"): `P + A + E` gives Instruct
 (`ins_ppl`), the instruction embedding and Response Correctness (A's weighted loss); `P + A' + E`
 gives Response Confidence (A''s weighted loss). Sequences of all samples in a chunk are sorted by
 length and packed into batches by a token budget; only the last layer's attention is computed
-outside SDPA (`threeds.attention`).
+outside SDPA (`threeds.model.attention`).
 
 The host's share (tokenising, function-word flags, per-token rows) runs beside the model, not
 between its passes: `Scorer.score_chunks` is a pipeline in which a background thread prepares the
@@ -30,13 +30,13 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from threeds.attention import capture_last_layer, use_threeds_attention
 from threeds.config import ModelConfig, ScoreConfig
-from threeds.data import full_instruction
-from threeds.function_words import FunctionWords
-from threeds.model import load_model, model_label
+from threeds.io.data import full_instruction
+from threeds.model.attention import capture_last_layer, use_threeds_attention
+from threeds.model.function_words import FunctionWords
+from threeds.model.load import load_model, model_label
+from threeds.model.prompts import PromptFormat, prompt_format
 from threeds.names import SCORE_COLUMNS, TOKEN_COLUMNS
-from threeds.prompts import PromptFormat, prompt_format
 
 RESPONSES = {"gt": "output", "gen": "generated_output"}
 # Rows of [rows, vocab] float32 logits computed at once (256 MiB).
@@ -489,7 +489,7 @@ class ScoredChunk:
 
 
 class LocalEngine:
-    """Scores chunks in this process with one model (the default engine; `threeds.engine_ray` is the other)."""
+    """Scores chunks in this process with one model (the default engine; `threeds.stages.engine_ray` is the other)."""
 
     def __init__(self, score: ScoreConfig, spec: ModelConfig, loaded: tuple | None = None) -> None:
         """`loaded`: a (model, tokenizer) the caller already has, else `spec` is loaded on `start`."""

@@ -14,7 +14,7 @@ chunks with either engine.
 Generation (`RayLocalBackend`): a `LocalBackend` whose `chat` sends each generation batch (the same
 batches, longest prompts first, that the single-process backend forms, so the greedy answers are
 the same) to a `BatchGenerator`. Replies reach `on_reply` as each batch returns, so
-`threeds.generate` appends and fsyncs their log rows just as in one process: the log, its keys and
+`threeds.stages.generate` appends and fsyncs their log rows just as in one process: the log, its keys and
 its resume are shared, a kill loses only the batches in flight, and either engine finishes a log
 the other started.
 """
@@ -31,11 +31,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from threeds.backends import LocalBackend, OnReply, Reply, length_batches
-from threeds.model import load_model, load_tokenizer, resolve_model
 from threeds.config import EngineConfig, ModelConfig, ScoreConfig
-from threeds.rundir import RunError
-from threeds.score import ChunkResult, ScoredChunk, build_scorer, model_info
+from threeds.model.backends import LocalBackend, OnReply, Reply, length_batches
+from threeds.model.load import load_model, load_tokenizer, resolve_model
+from threeds.rundir.write import RunError
+from threeds.stages.score import ChunkResult, ScoredChunk, build_scorer, model_info
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ def _stream(actor: type, kwargs: dict, items: list[dict], replicas: int, gpus: i
 
 class RayEngine:
     """Scores chunks on a Ray cluster (`--engine ray`), one model replica per GPU (or CPU); the same
-    interface as `threeds.score.LocalEngine`, so the caller writes either's chunks the same way."""
+    interface as `threeds.stages.score.LocalEngine`, so the caller writes either's chunks the same way."""
 
     def __init__(self, score: ScoreConfig, spec: ModelConfig, engine: EngineConfig) -> None:
         self.score, self.spec, self.engine = score, spec, engine
@@ -212,7 +212,7 @@ class RayLocalBackend(LocalBackend):
     def _batches(self, prompts: Sequence[str]) -> list[list[int]]:
         """Indices of `prompts` per generation batch, as `LocalBackend.chat` groups them: by
         templated token length, longest first, `batch_size` at a time."""
-        from threeds.prompts import prompt_format
+        from threeds.model.prompts import prompt_format
 
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(self._source)

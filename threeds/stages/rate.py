@@ -16,11 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-from threeds.backends import Backend, LocalBackend, OnReply, Reply
-from threeds.data import full_instruction
 from threeds.errors import ThreedsError
-from threeds.function_words import detect_language
-from threeds.joblog import Job, make_tasks, run_job
+from threeds.io.data import full_instruction
+from threeds.model.backends import Backend, LocalBackend, OnReply, Reply
+from threeds.model.function_words import detect_language
+from threeds.selection.quality import quality_mask
+from threeds.stages.joblog import Job, make_tasks, run_job
 
 log = logging.getLogger(__name__)
 
@@ -125,10 +126,10 @@ def rating_job(reasks: int) -> Job:
 
 class LogitsRater:
     """`--rating-mode logits` in the place of a backend: each "reply" is the expected score read
-    from the next-token distribution (threeds.rating_logits), as JSON {score, digit_mass}."""
+    from the next-token distribution (threeds.stages.rating_logits), as JSON {score, digit_mass}."""
 
     def __init__(self, backend: Backend) -> None:
-        from threeds.rating_logits import RatingModeError
+        from threeds.stages.rating_logits import RatingModeError
 
         if not isinstance(backend, LocalBackend):
             raise RatingModeError("--rating-mode logits reads the model's own probabilities: it needs --backend local")
@@ -147,8 +148,8 @@ class LogitsRater:
         --gen-batch-tokens bound them); each reply is reported as its batch finishes."""
         import torch
 
-        from threeds.decode import shared_prefix
-        from threeds.rating_logits import digit_ids, expected_scores
+        from threeds.model.decode import shared_prefix
+        from threeds.stages.rating_logits import digit_ids, expected_scores
 
         model, tokenizer = self.backend.load()
         digits = digit_ids(tokenizer)
@@ -182,7 +183,7 @@ def rate_records(
     """Rate every record not yet rated into `out_path` (ratings JSONL); returns the summary.
 
     `mode` "generate" parses the score the model writes (the paper's method); "logits" reads it
-    from one pass over the prompt (threeds.rating_logits), keyed apart so the log never mixes them.
+    from one pass over the prompt (threeds.stages.rating_logits), keyed apart so the log never mixes them.
     """
     job = rating_job(reasks)
     if mode == "logits":
@@ -192,13 +193,6 @@ def rate_records(
     tasks = make_tasks(records, [render(template, r) for r in records], backend, max_new_tokens)
     return run_job(job, tasks, backend, Path(out_path), max_new_tokens, overwrite=overwrite,
                    progress=progress, progress_path=progress_path)  # fmt: skip
-
-
-def quality_mask(scores: np.ndarray, threshold: float) -> np.ndarray:
-    """Stage 1's rule: keep score >= threshold; an unrated (NaN) record is dropped."""
-    scores = np.asarray(scores, dtype=float)
-    with np.errstate(invalid="ignore"):
-        return scores >= threshold
 
 
 def filter_by_rating(records: Sequence[dict], ratings: Sequence[dict], threshold: float = 85) -> tuple[list[dict], dict]:

@@ -7,7 +7,7 @@
   `stopped` (interrupted: the app's Stop button or Ctrl-C) or `failed` (the last error line and the
   exit code). A run killed outright cannot record its end: its status stays `running` with no
   process behind it (`job_state` says `killed`), unless the app's Stop killed it: the stopper
-  then records `stopped` for it, naming the signal (`threeds.jobs.stop_run`).
+  then records `stopped` for it, naming the signal (`threeds.rundir.jobs.stop_run`).
 - `terminal_text`: a log written for a terminal (tqdm's carriage returns, ANSI colours) as the
   lines a terminal would end up showing.
 """
@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from threeds.data import write_json
+from threeds.io.data import write_json
 
 PROGRESS_FILE = "progress.json"
 STATUS_FILE = "status.json"

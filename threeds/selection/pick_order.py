@@ -21,8 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from threeds.array_cache import array_digest, read_cached, write_cached
-from threeds.select import KCenter, _storage_dtype, k_center_greedy, resolve_device
+from threeds.io.array_cache import array_digest, read_cached, write_cached
+from threeds.selection.kcenter import (
+    KCenter,
+    _storage_dtype,
+    k_center_greedy,
+    resolve_device,
+)
 
 PICK_DIR = "pick_orders"
 KEEP_ORDERS = 16  # orders kept per run (the newest): one per band setting tried

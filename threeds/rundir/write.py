@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from threeds.atomic import atomic_write
-from threeds.data import write_json, write_jsonl
 from threeds.errors import ThreedsError
-from threeds.runcheck import read_manifest
+from threeds.io.atomic import atomic_write
+from threeds.io.data import write_json, write_jsonl
+from threeds.rundir.check import read_manifest
 
 MANIFEST = "manifest.json"
 PROGRESS = "progress.json"

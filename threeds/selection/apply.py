@@ -5,7 +5,7 @@ here, so a selection tuned in the app, saved as a preset or printed as a command
 ids in the same order. Order of the stages (docs/SPEC-3DS.md items 1, 7, 8):
 
 1. quality: keep scored samples rated >= `quality_threshold` (none: every scored sample);
-   flags: drop those whose A' carries one of `exclude_flags` (`threeds.flags`; none: keep all);
+   flags: drop those whose A' carries one of `exclude_flags` (`threeds.selection.answer_flags`; none: keep all);
 2. bands: percentile bands of the three metrics, percentiles taken over the samples kept by 1;
 3. rules: `exclude` ids are never candidates; `include` ids always are, whatever 1 and 2 said;
 4. k-center greedy over the candidates, starting from the `include` ids as centres, picks
@@ -32,14 +32,33 @@ import pandas as pd
 
 from threeds.config import SelectConfig, add_arguments, dest_of
 from threeds.errors import SettingsError, ThreedsError
-from threeds.flags import AnswerFlags, run_answer_flags
-from threeds.lock import locked
-from threeds.runcheck import RESCORE, load_scored, read_manifest, read_scored_records
-from threeds.names import ANSWER_FLAG_NAMES, ANSWER_FLAGS, ATTEN_METHODS, METRIC_NAMES, METRICS, metric_column
-from threeds.atomic import atomic_write
-from threeds.runs import RunFileError, read_ratings
-from threeds.pick_order import PickOrder
-from threeds.select import NAN_REASONS, NonFiniteError, _resolve_bands, _storage_dtype, band_filter, resolve_device
+from threeds.io.atomic import atomic_write
+from threeds.io.lock import locked
+from threeds.names import (
+    ANSWER_FLAG_NAMES,
+    ANSWER_FLAGS,
+    ATTEN_METHODS,
+    METRIC_NAMES,
+    METRICS,
+    metric_column,
+)
+from threeds.rundir.check import (
+    RESCORE,
+    load_scored,
+    read_manifest,
+    read_scored_records,
+)
+from threeds.rundir.read import RunFileError, read_ratings
+from threeds.selection.answer_flags import AnswerFlags, run_answer_flags
+from threeds.selection.kcenter import (
+    NAN_REASONS,
+    NonFiniteError,
+    _resolve_bands,
+    _storage_dtype,
+    band_filter,
+    resolve_device,
+)
+from threeds.selection.pick_order import PickOrder
 
 PRESET_DIR = "selections"
 PRESET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -117,7 +136,7 @@ class Filtered:
 
 def filter_rows(config: SelectConfig, metrics: pd.DataFrame, quality: np.ndarray | None, flags: AnswerFlags | None = None) -> Filtered:
     """Apply the quality threshold, the flag rule, the bands and the id rules of `config` (no
-    k-center). `flags` (the run's, `threeds.flags`) is needed only when the config excludes some."""
+    k-center). `flags` (the run's, `threeds.selection.answer_flags`) is needed only when the config excludes some."""
     check(config)
     if config.exclude_flags and flags is None:
         raise SelectionError("excluding flagged answers needs the run's A' (data.jsonl) and manifest")
@@ -162,7 +181,7 @@ def pick_count(config: SelectConfig) -> int:
 def pick_rows(config: SelectConfig, filtered: Filtered, embeddings: np.ndarray, run_dir: Path | None = None,
               device=None, dtype=None, progress: bool = False) -> np.ndarray:  # fmt: skip
     """Rows picked by k-center greedy, in pick order (include ids first); with `run_dir`, the order
-    is kept there for the app (`threeds.pick_order`)."""
+    is kept there for the app (`threeds.selection.pick_order`)."""
     chosen = np.ascontiguousarray(embeddings[filtered.candidates])
     order = PickOrder(chosen, config.seed, filtered.initial, run_dir, device, dtype)
     return filtered.candidates[order.picks(pick_count(config), progress)]

@@ -3,9 +3,9 @@
 This module owns their order, the settings and input fingerprint each stage records under
 `stages` in the run's manifest (written and read only here, through `Stages`), and the rule that
 a stage whose output is there and current is skipped. Rating and generation resume per record
-(`threeds.joblog`), scoring per chunk; a stage whose settings or input changed is done again, and
+(`threeds.stages.joblog`), scoring per chunk; a stage whose settings or input changed is done again, and
 so is everything after it. The CLI's commands and the app's launcher call these functions; the
-two scoring engines (`threeds.score.LocalEngine`, `threeds.engine_ray.RayEngine`) only turn chunks
+two scoring engines (`threeds.stages.score.LocalEngine`, `threeds.stages.engine_ray.RayEngine`) only turn chunks
 of records into results, and `score_chunks` writes them.
 """
 
@@ -22,20 +22,33 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
-from threeds.backends import Backend, LocalBackend, OpenAIBackend
 from threeds.config import EngineConfig, ModelConfig, RunConfig, ScoreConfig
-from threeds.data import (
-    DataError, file_positions, fingerprint, read_jsonl, read_records, require_fields, require_records, take_records, write_json,
+from threeds.io.data import (
+    DataError,
+    file_positions,
+    fingerprint,
+    read_jsonl,
+    read_records,
+    require_fields,
+    require_records,
+    take_records,
+    write_json,
     write_jsonl,
 )  # fmt: skip
-from threeds.generate import generate_records
-from threeds.lock import locked
+from threeds.io.lock import locked
+from threeds.model.backends import Backend, LocalBackend, OpenAIBackend
 from threeds.names import METRIC_COLUMNS
-from threeds.progress import ProgressFile
-from threeds.rate import filter_by_rating, load_rating_prompt, rate_records, rating_prompt_name
-from threeds.rundir import PROGRESS, RunDir, RunError, package_versions
-from threeds.select import selected_records
-from threeds.selection import select_dir
+from threeds.rundir.progress import ProgressFile
+from threeds.rundir.write import PROGRESS, RunDir, RunError, package_versions
+from threeds.selection.apply import select_dir
+from threeds.selection.kcenter import selected_records
+from threeds.stages.generate import generate_records
+from threeds.stages.rate import (
+    filter_by_rating,
+    load_rating_prompt,
+    rate_records,
+    rating_prompt_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +94,7 @@ def make_backend(config: RunConfig) -> Backend:
     """
     backend, spec = config.backend, config.model
     if backend.backend == "local" and config.engine.engine == "ray":
-        from threeds.engine_ray import RayLocalBackend
+        from threeds.stages.engine_ray import RayLocalBackend
 
         return RayLocalBackend(spec.model, template=spec.template, system=spec.system, batch_size=backend.batch_size,
                                address=config.engine.ray_address, workers=config.engine.ray_workers, dtype=spec.dtype)  # fmt: skip
@@ -188,10 +201,10 @@ def _open_scoring(run: RunDir, config: dict, overwrite: bool) -> dict:
 def _engine(score: ScoreConfig, spec: ModelConfig, engine: EngineConfig, loaded: tuple | None):
     """The engine `engine` names; imported here, so commands that do not score start without torch's models."""
     if engine.engine == "ray":
-        from threeds.engine_ray import RayEngine
+        from threeds.stages.engine_ray import RayEngine
 
         return RayEngine(score, spec, engine)
-    from threeds.score import LocalEngine
+    from threeds.stages.score import LocalEngine
 
     return LocalEngine(score, spec, loaded)
 

@@ -21,11 +21,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from threeds.backends import Backend, Reply
-from threeds.data import append_jsonl, read_jsonl, write_jsonl
 from threeds.errors import ThreedsError
-from threeds.lock import locked
-from threeds.progress import ProgressFile
+from threeds.io.data import append_jsonl, read_jsonl, write_jsonl
+from threeds.io.lock import locked
+from threeds.model.backends import Backend, Reply
+from threeds.rundir.progress import ProgressFile
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def run_job(
 ) -> dict:  # fmt: skip
     """Ask the backend for every task not yet done; append each row as it finishes; summary dict.
 
-    Holds the lock of the log's folder (`threeds.lock`): two jobs appending to one log would each
+    Holds the lock of the log's folder (`threeds.io.lock`): two jobs appending to one log would each
     ask for every record.
     """
     log_path = Path(log_path)

@@ -30,8 +30,8 @@ from collections.abc import Callable, Sequence
 import torch
 from transformers import DynamicCache
 
-from threeds.decode import Prefix
 from threeds.errors import SettingsError
+from threeds.model.decode import Prefix
 
 KEEP_DIGIT = 1e-3  # first digits below this share of the digit mass are not continued
 PAD_SLACK = 1.1  # a prefill batch computes at most this many tokens per token of its prompts

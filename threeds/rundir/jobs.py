@@ -2,7 +2,7 @@
 
 A run is started detached (its own session, so its own process group) with its output in
 `run.log` and its pid and argv in `job.json`. The run itself takes the run directory's lock
-(`threeds.lock`), so a second writer is refused whoever started it. Stop escalates: SIGINT (the
+(`threeds.io.lock`), so a second writer is refused whoever started it. Stop escalates: SIGINT (the
 CLI saves finished work and exits), then SIGTERM, then SIGKILL, each to the whole process group
 after a grace period, and says which one ended it. A run ended by SIGTERM or SIGKILL cannot record
 its end, so the stopper records it in the run's status.json (`stopped`, naming the signal).
@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from threeds.errors import LockedError
-from threeds.lock import holder, locked
-from threeds.progress import read_status, terminal_text, write_status
+from threeds.io.lock import holder, locked
+from threeds.rundir.progress import read_status, terminal_text, write_status
 
 JOB_FILE = "job.json"  # written by `start_run`: pid and command of a background run
 LOG_FILE = "run.log"  # stdout + stderr of a background run
@@ -186,7 +186,7 @@ def _live_members(pgid: int) -> int | None:
 
 def log_tail(run_dir: str | os.PathLike, lines: int = 20) -> str:
     """The last `lines` lines of run.log as a terminal shows them (progress bars' redraws and
-    colour codes gone, `threeds.progress.terminal_text`)."""
+    colour codes gone, `threeds.rundir.progress.terminal_text`)."""
     path = Path(run_dir) / LOG_FILE
     if not path.exists():
         return ""

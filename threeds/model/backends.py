@@ -71,9 +71,9 @@ class Backend(Protocol):
 class LocalBackend:
     """The model in this process through transformers: greedy decoding with continuous refill.
 
-    Prompts are templated with the tokenizer's chat template (threeds.prompts); generation stops at
+    Prompts are templated with the tokenizer's chat template (threeds.model.prompts); generation stops at
     the template's end-of-turn marker or EOS. Up to `batch_size` answers are decoded together while
-    they fit in `batch_tokens` (threeds.decode); each reply is reported the moment it finishes, and
+    they fit in `batch_tokens` (threeds.model.decode); each reply is reported the moment it finishes, and
     its `seconds` is its own prefill plus its share of the steps it took part in. The model loads on
     the first `chat` call, so a run with nothing left to do never loads it.
     """
@@ -92,7 +92,7 @@ class LocalBackend:
 
     @property
     def label(self) -> str:
-        from threeds.model import model_label
+        from threeds.model.load import model_label
 
         return model_label(self.model_spec)
 
@@ -106,7 +106,7 @@ class LocalBackend:
     def load(self):
         """(model, tokenizer), loading them once."""
         if self.model is None or self.tokenizer is None:
-            from threeds.model import load_model
+            from threeds.model.load import load_model
 
             self.model, self.tokenizer = load_model(self.model_spec, dtype=self.dtype)
         return self.model, self.tokenizer
@@ -124,14 +124,14 @@ class LocalBackend:
 
     def encode(self, prompts: Sequence[str]) -> tuple[list[list[int]], str]:
         """Token ids of the templated prompts, and the template's end-of-turn marker."""
-        from threeds.prompts import prompt_format
+        from threeds.model.prompts import prompt_format
 
         _, tokenizer = self.load()
         fmt = prompt_format(tokenizer, self.template, self.system)
         return [tokenizer(fmt.prompt(p), add_special_tokens=False)["input_ids"] for p in prompts], fmt.end_of_turn
 
     def chat(self, prompts: Sequence[str], max_new_tokens: int, on_reply: OnReply | None = None) -> list[Reply]:
-        from threeds.decode import greedy_decode
+        from threeds.model.decode import greedy_decode
 
         model, tokenizer = self.load()
         encoded, end_of_turn = self.encode(prompts)

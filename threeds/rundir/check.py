@@ -18,8 +18,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from threeds.data import DataError, read_jsonl
 from threeds.errors import ThreedsError
+from threeds.io.data import DataError, read_jsonl
 from threeds.names import METRIC_COLUMNS, TOKEN_COLUMNS
 
 MANIFEST_SECTIONS = ("config", "score_config", "model", "data", "timings", "report", "stages", "packages")

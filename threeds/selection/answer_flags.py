@@ -20,7 +20,7 @@ them; `SelectConfig.exclude_flags` can drop them before the bands):
   REPEAT_MIN_COUNT times in A' (occurrences may overlap). The flag is set when the covered share
   of the word tokens is at least REPEAT_SHARE. On the bundled sample data the human answers
   reach at most 0.38; the 135M demo model's loops ("nerve damage, nerve damage, ...") 0.5-1.0.
-- `empty`: A' shows nothing: the input records' blank rule (`threeds.data.is_blank`). Scoring
+- `empty`: A' shows nothing: the input records' blank rule (`threeds.io.data.is_blank`). Scoring
   sets such records aside (rejects.jsonl), so a scored sample is flagged only if its A' was
   changed afterwards; the rule is here so that every consumer uses the same one.
 """
@@ -37,11 +37,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from threeds.array_cache import read_cached, write_cached
-from threeds.data import DataError, is_blank, read_jsonl
+from threeds.io.array_cache import read_cached, write_cached
+from threeds.io.data import DataError, is_blank, read_jsonl
 from threeds.names import ANSWER_FLAG_NAMES, ANSWER_FLAGS
-from threeds.runcheck import RunFileError
-from threeds.runs import read_tokens
+from threeds.rundir.check import RunFileError
+from threeds.rundir.read import read_tokens
 
 SHARES_FILE, SHARES_META = "repeat_shares.npy", "repeat_shares.json"  # cache in the run directory
 REPEAT_N = 4

@@ -1,4 +1,4 @@
-"""Run directories as the app sees them: list them, load them with validation (background runs: `threeds.jobs`).
+"""Run directories as the app sees them: list them, load them with validation (background runs: `threeds.rundir.jobs`).
 
 A run may be partial (Stage 1 only, still scoring) or hold a damaged file. Loading never stops
 at the first bad file: each file's problem is kept in `Run.errors` with a message that names the
@@ -18,11 +18,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from threeds.data import DataError, read_jsonl, read_records
 from threeds.errors import describe
+from threeds.io.data import DataError, read_jsonl, read_records
 from threeds.names import TOKEN_COLUMNS
-from threeds.rate import quality_mask
-from threeds.runcheck import (
+from threeds.rundir.check import (
     RunFileError,
     check_token_ids,
     read_embeddings,
@@ -197,34 +196,6 @@ def read_tokens(path: Path, sample_id: str) -> pd.DataFrame:
 # ---------------------------------------------------------------------------------------------
 
 
-def stage_counts(run: Run) -> dict[str, int | None]:
-    """How many samples each stage saw and kept (None where the stage has not run)."""
-    stages = run.manifest.get("stages") or {}
-    settings = run_settings(run)
-    rated = kept = None
-    if run.ratings is not None:
-        scores = run.ratings["score"]
-        rated = int(scores.notna().sum())
-        if "quality_threshold" in settings:
-            kept = int(quality_mask(scores, settings["quality_threshold"]).sum())
-    generated = ((stages.get("generate") or {}).get("summary") or {}).get("done")
-    in_bands = ((run.selection or {}).get("report") or {}).get("n_kept")
-    return {
-        "input records": _first_int(((stages.get("rate") or {}).get("data") or {}).get("n_records"), (run.manifest.get("data") or {}).get("n_records")),
-        "rejected": run.rejects,
-        "rated (Stage 1)": rated,
-        "kept by quality": kept,
-        "A' generated": _first_int(generated),
-        "scored (Stage 2)": None if run.metrics is None else len(run.metrics),
-        "in all bands": _first_int(in_bands),
-        "selected": None if run.selection is None else len(selected_ids(run.selection)),
-    }
-
-
-def _first_int(*values) -> int | None:
-    return next((int(v) for v in values if isinstance(v, (int, float))), None)
-
-
 def run_settings(run: Run) -> dict:
     """The settings the run itself used, as far as its files say: quality_threshold, bands,
     sample_num, atten_method, seed, exclude_flags. The app starts from these so it first shows the run's own
@@ -248,7 +219,7 @@ def run_settings(run: Run) -> dict:
 
 
 def selected_ids(selection: dict) -> list[str]:
-    """Selected ids in pick order from a selection.json (written by `threeds.selection.select_dir`)."""
+    """Selected ids in pick order from a selection.json (written by `threeds.selection.apply.select_dir`)."""
     ids = selection.get("selected_ids")
     return [str(i) for i in ids] if isinstance(ids, list) else []
 

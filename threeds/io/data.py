@@ -18,15 +18,15 @@ import hashlib
 import json
 import math
 import os
-import unicodedata
 import random
+import unicodedata
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from threeds.atomic import atomic_write, make_parent
 from threeds.errors import SettingsError, ThreedsError
+from threeds.io.atomic import atomic_write, make_parent
 
 PathLike = str | os.PathLike
 
@@ -377,7 +377,7 @@ def _text_problem(rec: dict, field: str) -> str | None:
 def is_blank(text: str) -> bool:
     """True when `text` shows nothing: only whitespace, invisible characters (zero-width space and
     joiners, BOM, bidi marks, soft hyphen, control characters) or blank fillers. The one blank rule
-    for input records and for the model's own answers (`threeds.flags`)."""
+    for input records and for the model's own answers (`threeds.selection.answer_flags`)."""
     return not any(_visible(c) for c in text)
 
 

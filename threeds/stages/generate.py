@@ -1,14 +1,14 @@
 """A', the target model's own greedy answer to each instruction (Stage 2's generated response),
-through the resumable per-record job log (`threeds.joblog`)."""
+through the resumable per-record job log (`threeds.stages.joblog`)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
 
-from threeds.backends import Backend, Reply
-from threeds.data import full_instruction
-from threeds.joblog import Job, Task, good_rows, make_tasks, run_job
+from threeds.io.data import full_instruction
+from threeds.model.backends import Backend, Reply
+from threeds.stages.joblog import Job, Task, good_rows, make_tasks, run_job
 
 
 def _generated_fields(reply: Reply) -> dict:

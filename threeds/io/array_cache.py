@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from threeds.atomic import atomic_write
+from threeds.io.atomic import atomic_write
 
 _DIGEST_BYTES = 64 << 20  # rows hashed at a time
 

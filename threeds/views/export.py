@@ -8,7 +8,7 @@ import shlex
 from collections.abc import Sequence
 
 from threeds.config import SelectConfig, to_argv
-from threeds.data import strict_json, to_alpaca, to_sharegpt
+from threeds.io.data import strict_json, to_alpaca, to_sharegpt
 
 FORMATS = ("alpaca", "jsonl", "sharegpt")
 SUFFIX = {"alpaca": ".json", "jsonl": ".jsonl", "sharegpt": ".json"}

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from threeds.array_cache import array_digest, read_cached, write_cached
+from threeds.io.array_cache import array_digest, read_cached, write_cached
 
 UMAP_FILE = "umap.npy"
 UMAP_META = "umap.json"

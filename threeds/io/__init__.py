@@ -1,0 +1,1 @@
+"""Reading and writing files: records, atomic replacement, the write lock, cached arrays."""

@@ -1,0 +1,1 @@
+"""The target model: loading, chat prompts, attention capture, function words, decoding, backends."""

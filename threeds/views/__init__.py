@@ -1,0 +1,1 @@
+"""What the app and exports show: token heatmaps, the embedding map, export formats."""
