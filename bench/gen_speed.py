@@ -98,7 +98,7 @@ def spearman(a: list[float], b: list[float]) -> float:
 def _rate(records, backend, template, mode: str, share: bool) -> tuple[dict, float]:
     """Scores by id and wall seconds of one rating pass into a fresh log; `share=False` prefills each
     prompt whole (no shared start), as threeds did before."""
-    from threeds.model.load import decode
+    from threeds.model import decode
 
     keep = decode.shared_prefix
     if not share:

@@ -135,7 +135,7 @@ def test_the_generate_logs_finish_reason_decides_hit_max_exactly(tmp_path):
 
 
 def test_repeat_shares_are_cached_in_the_run_directory_and_recomputed_when_stale(tmp_path, monkeypatch):
-    from threeds.selection.apply import answer_flags as flags
+    from threeds.selection import answer_flags as flags
 
     texts = ["a b c d a b c d a b c d", "one two three", None]
     calls = []

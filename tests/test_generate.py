@@ -105,7 +105,7 @@ def test_progress_file_counts_each_record_as_it_finishes(tmp_path, monkeypatch):
     from functools import partial
 
     from threeds.model.backends import Reply
-    from threeds.rundir.write import progress
+    from threeds.rundir import progress
     from threeds.stages import joblog
 
     monkeypatch.setattr(joblog, "ProgressFile", partial(progress.ProgressFile, min_interval=0))

@@ -11,8 +11,9 @@ from synthetic_run import make_run
 
 from threeds.config import SelectConfig
 from threeds.rundir.read import load_run
-from threeds.selection.apply import filter_rows, pick_order, quality_per_row, select_dir
-from threeds.selection.apply import kcenter as select
+from threeds.selection import kcenter as select
+from threeds.selection import pick_order
+from threeds.selection.apply import filter_rows, quality_per_row, select_dir
 from threeds.selection.kcenter import k_center_greedy
 from threeds.selection.pick_order import KEEP_ORDERS, PICK_DIR, PickOrder
 

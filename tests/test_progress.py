@@ -9,7 +9,7 @@ import time
 import pytest
 from tqdm import tqdm
 
-from threeds.rundir.write import progress as pg
+from threeds.rundir import progress as pg
 
 
 class Clock:
