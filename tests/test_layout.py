@@ -76,7 +76,7 @@ def test_the_checks_can_fail(tmp_path, monkeypatch):
 # The sub-packages in dependency order: a module may import from its own layer or an earlier one, never
 # a later one. "core" is the top-level modules below everything (config, errors, names); the CLI and
 # `commands` sit above the library.
-LAYERS = ["core", "io", "model", "rundir", "selection", "stages", "views", "commands", "cli"]
+LAYERS = ["core", "io", "model", "rundir", "selection", "stages", "views", "outcomes", "commands", "cli"]
 TOP = {"threeds.cli": "cli", "threeds.__main__": "cli"}
 
 

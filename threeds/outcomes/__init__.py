@@ -1,0 +1,1 @@
+"""Does the selection help? Evaluation sets, `threeds eval`, LoRA training, experiments over arms and their statistics."""
