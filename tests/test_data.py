@@ -124,6 +124,18 @@ def test_duplicate_ids_name_both_indices(tmp_path):
         read_records(path)
 
 
+@pytest.mark.parametrize("bad, kind", [({"a": 1}, "an object"), ([1], "a list"), (True, "true/false")])
+def test_an_id_that_is_not_a_string_or_number_names_its_line(tmp_path, bad, kind):
+    rows = [{"id": 3, "instruction": "Q", "output": "A"}, {"id": 2.5, "instruction": "Q", "output": "A"},
+            {"id": bad, "instruction": "Q", "output": "A"}]  # fmt: skip
+    with pytest.raises(DataError, match=rf"ids\.jsonl: line 3: field id: must be a string or a number, got {kind}$"):
+        read_records(write_lines(tmp_path / "ids.jsonl", rows))
+    (tmp_path / "ids.json").write_text(json.dumps(rows), "utf-8")
+    with pytest.raises(DataError, match=r"ids\.json: index 2: field id"):
+        read_records(tmp_path / "ids.json")
+    assert [r["id"] for r in read_records(write_lines(tmp_path / "ok.jsonl", rows[:2]))[0]] == ["3", "2.5"]
+
+
 def test_malformed_jsonl_names_file_and_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"instruction": "Q", "output": "A"}\n{"instruction": "Q2", \n', "utf-8")

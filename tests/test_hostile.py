@@ -138,7 +138,7 @@ def _out_under_a_file(tmp, model):
 
 
 def _bad_band(tmp, model):
-    return select(scored_run(tmp), tmp / "o.json", "--low-th", "90", "--up-th", "10"), ["low=90", "high=10"]
+    return select(scored_run(tmp), tmp / "o.json", "--low-th", "90", "--up-th", "10"), ["--low-th 90", "--up-th 10"]
 
 
 def _manifest_wrong_shape(tmp, model):
@@ -198,6 +198,16 @@ def _unsupported_input(tmp, model):
     return score(tmp, tmp / "d.xml", model), [str(tmp / "d.xml"), "unsupported file type"]
 
 
+def _object_id(tmp, model):
+    data = jsonl(tmp / "d.jsonl", [{"id": "a", **GOOD}, {"id": {"nested": 1}, **GOOD}])
+    return score(tmp, data, model), [str(data), "line 2", "field id", "got an object"]
+
+
+def _bad_setting(tmp, model):
+    data = jsonl(tmp / "d.jsonl", [{"id": "a", **GOOD}])
+    return [*score(tmp, data, model), "--chunk-size", "0"], ["--chunk-size 0", "at least 1"]
+
+
 def _broken_ratings(tmp, model):
     data = jsonl(tmp / "d.jsonl", [{"id": "a", **GOOD}])
     ratings = jsonl(tmp / "r.jsonl", ['{"id": "a", "score": 90}', "{oops", '{"id": "b", "score": 1}'])
@@ -230,6 +240,8 @@ CASES = [
     Case("missing input file", _missing_input, IO_ERROR),
     Case("unsupported input type", _unsupported_input, BAD_INPUT),
     Case("broken ratings line", _broken_ratings, BAD_INPUT),
+    Case("an id that is a JSON object", _object_id, BAD_INPUT),
+    Case("a setting out of range", _bad_setting, USAGE),
 ]
 
 

@@ -363,7 +363,7 @@ def test_select_dir_rejects_mismatched_embeddings(tmp_path):
     np.save(tmp_path / "embeddings.npy", np.zeros((39, 8), np.float32))
     with pytest.raises(ValueError, match=r"\(39, 8\).*40 rows"):
         select_dir(tmp_path, SelectConfig())
-    with pytest.raises(ValueError, match="sample_num"):
+    with pytest.raises(ValueError, match="--sample-num 0: must be at least 1"):
         select_dir(tmp_path, SelectConfig(sample_num=0))
 
 

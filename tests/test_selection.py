@@ -194,7 +194,7 @@ def test_bad_presets_are_one_line_errors(run_dir, tmp_path, caplog):
         load_preset(run_dir, "kind")
     with pytest.raises(SelectionError, match="saved ones: kind, nan, typo"):
         load_preset(run_dir, "missing")
-    with pytest.raises(SelectionError, match="x: Instruction Understanding band: percentile band needs 0 <= low <= high"):
+    with pytest.raises(SelectionError, match="x: --low-th 80: above --up-th 20; every band needs 0 <= low <= up <= 100"):
         config_from_json({"low_th": 80.0, "up_th": 20.0}, "x")
     assert cli.main(["select", "--run", str(run_dir), "--out", str(tmp_path / "o.json"), "--preset", "typo"]) == 1
     assert "unknown setting" in caplog.text

@@ -8,25 +8,40 @@ The method's defaults sit here once, with their source in docs/SPEC-3DS.md (the 
 
 A field's flag is `--field-name` unless its metadata says otherwise; `add_arguments` and
 `from_args` are the only places that turn fields into argparse options and back.
+
+Every setting is checked here too, once, before any model or data is touched: a field's metadata
+holds its range (`low`, `high`, `above`) and choices, and a class's `_relations` the rules between
+its fields (a band's ends, --limit with --sample). `problems` lists what is wrong (field -> message,
+for a form), `check_settings` raises a `SettingsError` naming the flag, the value and the range;
+`from_args` calls it, so a bad flag ends the command at once with exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import numbers
 import os
+import re
+import shlex
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from threeds.names import ANSWER_FLAGS, METRICS, PAPER_NAMES, SHORT_NAMES
+from threeds.errors import SettingsError
+from threeds.names import ANSWER_FLAGS, METRIC_NAMES, METRICS, PAPER_NAMES, SHORT_NAMES
 
 C = TypeVar("C")
+PERCENT = {"low": 0, "high": 100}  # a percentile or a 0-100 rating
 
 
-def setting(default: Any, help: str, *, choices: tuple | None = None, kind: type | None = None, flag: str | None = None) -> Any:
-    """A dataclass field that is also a CLI flag (`kind` parses the flag's text; default: type of default)."""
-    meta = {"help": help, "choices": choices, "kind": kind or type(default), "flag": flag}
+def setting(default: Any, help: str, *, choices: tuple | None = None, kind: type | None = None, flag: str | None = None,
+            low: float | None = None, high: float | None = None, above: float | None = None) -> Any:  # fmt: skip
+    """A dataclass field that is also a CLI flag (`kind` parses the flag's text; default: type of default);
+    a number's allowed range is `low` <= value <= `high`, or value > `above`."""
+    meta = {"help": help, "choices": choices, "kind": kind or type(default), "flag": flag, "low": low, "high": high, "above": above}
     return field(default=default, metadata=meta)
 
 
@@ -42,10 +57,15 @@ class DataConfig:
 class SubsetConfig:
     """A small run first (`threeds run`): some of the records instead of all of them."""
 
-    limit: int | None = setting(None, "only the first N records (default: all)", kind=int)
+    limit: int | None = setting(None, "only the first N records (default: all)", kind=int, low=1)
     sample: int | None = setting(None, "only N records drawn at random with --sample-seed, kept in input order; "
-                                 "not with --limit (default: all)", kind=int)  # fmt: skip
-    sample_seed: int = setting(0, "seed of --sample (default: 0)")
+                                 "not with --limit (default: all)", kind=int, low=1)  # fmt: skip
+    sample_seed: int = setting(0, "seed of --sample (default: 0)", low=0)
+
+    def _relations(self, flag: Callable[[str], str]) -> dict[str, str]:
+        if self.limit is not None and self.sample is not None:
+            return {"sample": f"not with {flag('limit')}: give a record limit or a random sample size, not both"}
+        return {}
 
     def recorded(self) -> dict:
         """As the rate stage records it under `data`: absent for the whole data."""
@@ -90,22 +110,28 @@ class BackendConfig:
     )  # fmt: skip
     batch_size: int = setting(64, "local: most answers decoded together; a finished one is replaced by the next "
                               "prompt at once; also the most prompts scored together by --rating-mode logits "
-                              "(default: 64)")  # fmt: skip
+                              "(default: 64)", low=1)  # fmt: skip
     gen_batch_tokens: int = setting(32768, "local: answers decoded together x (longest prompt among them + "
                                     "max new tokens) stays within this many tokens, which bounds the key/value cache; "
-                                    "answers do not depend on it or on --batch-size (default: 32768)")  # fmt: skip
+                                    "answers do not depend on it or on --batch-size (default: 32768)", low=1)  # fmt: skip
     base_url: str = setting("http://127.0.0.1:8000/v1", "openai: the server's API root "
                             "(default: http://127.0.0.1:8000/v1, where LlamaFactory and vLLM listen)")  # fmt: skip
     api_model: str | None = setting(None, "openai: model name to request (default: the server's only model, "
                                     "from /v1/models)", kind=str)  # fmt: skip
-    concurrency: int = setting(8, "openai: requests in flight at once (default: 8)")
-    timeout: float = setting(120.0, "openai: seconds one attempt may take (default: 120)")
-    retries: int = setting(5, "openai: retries after a timeout, connection error, 429 or 5xx (default: 5)")
-    retry_backoff: float = setting(1.0, "openai: first retry delay in seconds, doubled each retry, with jitter (default: 1)")
+    concurrency: int = setting(8, "openai: requests in flight at once (default: 8)", low=1)
+    timeout: float = setting(120.0, "openai: seconds one attempt may take (default: 120)", above=0)
+    retries: int = setting(5, "openai: retries after a timeout, connection error, 429 or 5xx (default: 5)", low=0)
+    retry_backoff: float = setting(1.0, "openai: first retry delay in seconds, doubled each retry, with jitter "
+                                   "(default: 1)", low=0)  # fmt: skip
     max_consecutive_failures: int = setting(
         5, "openai: stop (exit status 6, server down) after this many records in a row could not reach the server, "
-        "even with retries; finished records are kept and a rerun resumes; 0 = never stop (default: 5)",
+        "even with retries; finished records are kept and a rerun resumes; 0 = never stop (default: 5)", low=0,
     )  # fmt: skip
+
+    def _relations(self, flag: Callable[[str], str]) -> dict[str, str]:
+        if not re.match(r"https?://[^/\s]+", self.base_url):
+            return {"base_url": "must be an http:// or https:// URL, e.g. http://127.0.0.1:8000/v1"}
+        return {}
 
 
 @dataclass(frozen=True)
@@ -121,7 +147,7 @@ class EngineConfig:
                                       "`ray start --head` (default: RAY_ADDRESS, a cluster already running on this "
                                       "machine, or a new local one)", kind=str)  # fmt: skip
     ray_workers: int | None = setting(None, "with --engine ray: model replicas (default: one per GPU in the "
-                                      "cluster, else one per CPU)", kind=int)  # fmt: skip
+                                      "cluster, else one per CPU)", kind=int, low=1)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -131,9 +157,9 @@ class RateConfig:
     prompt: str = setting("auto", "rating prompt: one of en-medical, zh-medical, general (zh-medical is the "
                           "paper's setting), or a text file with {instruction} and {output} slots (default: auto = "
                           "zh-medical for Chinese data, else en-medical)")  # fmt: skip
-    max_new_tokens: int = setting(16, "longest rating reply in tokens; the score is the first number in it (default: 16)")
+    max_new_tokens: int = setting(16, "longest rating reply in tokens; the score is the first number in it (default: 16)", low=1)
     reasks: int = setting(2, "times a reply without a score is asked again, with a reminder, before it is recorded "
-                          "as a failure (default: 2)")  # fmt: skip
+                          "as a failure (default: 2)", low=0)  # fmt: skip
     rating_mode: str = setting(
         "generate", "generate = the model writes a reply and the first number 0-100 in it is the score (the paper's "
         "method); logits = one pass over the prompt and no reply: the score is the expected value of the number the "
@@ -150,12 +176,13 @@ class RateConfig:
 
 @dataclass(frozen=True)
 class FilterConfig:
-    quality_threshold: float = setting(85.0, "keep records rated at least this, 0-100 (default: 85, as in the paper)")
+    quality_threshold: float = setting(85.0, "keep records rated at least this, 0-100 (default: 85, as in the paper)",
+                                       low=0, high=100)  # fmt: skip
 
 
 @dataclass(frozen=True)
 class GenerateConfig:
-    max_new_tokens: int = setting(512, "longest A' in tokens (default: 512)")
+    max_new_tokens: int = setting(512, "longest A' in tokens (default: 512)", low=1)
 
 
 @dataclass(frozen=True)
@@ -164,7 +191,7 @@ class ScoreConfig:
 
     max_length: int = setting(
         1024, "truncate each templated prompt+response on the right to this many tokens; truncated samples are "
-        "flagged, and one with no response token left gets NaN and is excluded (default: 1024)",
+        "flagged, and one with no response token left gets NaN and is excluded (default: 1024)", low=2,
     )  # fmt: skip
     function_words: str = setting(
         "auto", "drop function words from the weighted losses: pos = spaCy POS tags (PART, DET, PUNCT, CCONJ, ADP, "
@@ -173,9 +200,9 @@ class ScoreConfig:
         choices=("auto", "pos", "lexical", "none"),
     )  # fmt: skip
     batch_tokens: int = setting(16384, "token budget of one forward batch (batch size x longest sequence); larger is "
-                                "faster until memory runs out; results do not depend on it (default: 16384)")  # fmt: skip
+                                "faster until memory runs out; results do not depend on it (default: 16384)", low=1)  # fmt: skip
     chunk_size: int = setting(256, "samples written to disk at a time; a killed run resumes from the last finished "
-                              "chunk (default: 256)")  # fmt: skip
+                              "chunk (default: 256)", low=1)  # fmt: skip
 
 
 def id_list(text: str) -> tuple[str, ...]:
@@ -202,21 +229,22 @@ class SelectConfig:
     greedy. A metric's own band flags win over --low-th/--up-th. The app, presets
     (`<run>/selections/NAME.json`) and `threeds select` all apply it through `threeds.selection.apply`."""
 
-    low_th: float = setting(25.0, "lower percentile of every metric's band: easier samples are dropped (default: 25)")
-    up_th: float = setting(75.0, "upper percentile of every metric's band: harder samples are dropped (default: 75)")
-    ins_low: float | None = setting(None, f"lower percentile for {PAPER_NAMES['ins_ppl']}", kind=float)
-    ins_up: float | None = setting(None, f"upper percentile for {PAPER_NAMES['ins_ppl']}", kind=float)
-    conf_low: float | None = setting(None, f"lower percentile for {PAPER_NAMES['gen_wloss']}", kind=float)
-    conf_up: float | None = setting(None, f"upper percentile for {PAPER_NAMES['gen_wloss']}", kind=float)
-    corr_low: float | None = setting(None, f"lower percentile for {PAPER_NAMES['gt_wloss']}", kind=float)
-    corr_up: float | None = setting(None, f"upper percentile for {PAPER_NAMES['gt_wloss']}", kind=float)
-    sample_num: int = setting(5000, "how many samples k-center greedy picks among the band survivors (default: 5000)")
+    low_th: float = setting(25.0, "lower percentile of every metric's band: easier samples are dropped (default: 25)", **PERCENT)
+    up_th: float = setting(75.0, "upper percentile of every metric's band: harder samples are dropped (default: 75)", **PERCENT)
+    ins_low: float | None = setting(None, f"lower percentile for {PAPER_NAMES['ins_ppl']}", kind=float, **PERCENT)
+    ins_up: float | None = setting(None, f"upper percentile for {PAPER_NAMES['ins_ppl']}", kind=float, **PERCENT)
+    conf_low: float | None = setting(None, f"lower percentile for {PAPER_NAMES['gen_wloss']}", kind=float, **PERCENT)
+    conf_up: float | None = setting(None, f"upper percentile for {PAPER_NAMES['gen_wloss']}", kind=float, **PERCENT)
+    corr_low: float | None = setting(None, f"lower percentile for {PAPER_NAMES['gt_wloss']}", kind=float, **PERCENT)
+    corr_up: float | None = setting(None, f"upper percentile for {PAPER_NAMES['gt_wloss']}", kind=float, **PERCENT)
+    sample_num: int = setting(5000, "how many samples k-center greedy picks among the band survivors (default: 5000)", low=1)
     atten_method: str = setting("mean", "how last-layer attention is aggregated per key token over query rows "
                                 "before the head mean (default: mean)", choices=("mean", "max"))  # fmt: skip
-    seed: int = setting(0, "seed of the first k-center centre (default: 0)")
+    seed: int = setting(0, "seed of the first k-center centre (default: 0)", low=0)
     quality_threshold: float | None = setting(
         None, "keep only samples whose Stage-1 rating (the run's ratings.jsonl) is at least this, 0-100, before the "
         "bands; the bands' percentiles are then taken over those (default: none, every scored sample)", kind=float,
+        **PERCENT,
     )  # fmt: skip
     include: tuple[str, ...] = setting(
         (), "comma-separated ids always selected, whatever their quality and bands: k-center greedy starts from them "
@@ -235,6 +263,28 @@ class SelectConfig:
         for metric in METRICS:
             low, high = getattr(self, f"{SHORT_NAMES[metric]}_low"), getattr(self, f"{SHORT_NAMES[metric]}_up")
             found[metric] = (self.low_th if low is None else low, self.up_th if high is None else high)
+        return found
+
+    def _relations(self, flag: Callable[[str], str]) -> dict[str, str]:
+        """A band whose ends are reversed, rules that contradict each other or hold an id no flag can carry."""
+        found: dict[str, str] = {}
+        for metric, (low, high) in self.bands().items():
+            low_name, up_name = (f"{SHORT_NAMES[metric]}_{end}" for end in ("low", "up"))
+            low_name = low_name if getattr(self, low_name) is not None else "low_th"
+            up_name = up_name if getattr(self, up_name) is not None else "up_th"
+            what = "every band" if (low_name, up_name) == ("low_th", "up_th") else f"the {METRIC_NAMES[metric]} band"
+            if low > high and low_name not in found:
+                found[low_name] = f"above {flag(up_name)} {format_value(high)}; {what} needs 0 <= low <= up <= 100"
+        for name in ("include", "exclude"):
+            odd = [repr(i) for i in getattr(self, name) if "," in i or not i.strip()]
+            if odd:
+                found[name] = f"a rule cannot hold the id {odd[0]} (empty or with a comma)"
+        both = sorted(set(self.include) & set(self.exclude))
+        if both and "exclude" not in found:
+            found["exclude"] = f"ids both included and excluded (by {flag('include')} too): {', '.join(both[:5])}"
+        unknown = [name for name in self.exclude_flags if name not in ANSWER_FLAGS]
+        if unknown:
+            found["exclude_flags"] = f"unknown A' flag {unknown[0]!r}; expected some of {','.join(ANSWER_FLAGS)}"
         return found
 
     @classmethod
@@ -303,8 +353,79 @@ def add_arguments(parser: argparse._ActionsContainer, cls: type, flags: dict[str
         )  # fmt: skip
 
 
-def from_args(cls: type[C], args: argparse.Namespace) -> C:
-    return cls(**{f.name: getattr(args, dest_of(cls, f.name)) for f in dataclasses.fields(cls)})
+def from_args(cls: type[C], args: argparse.Namespace, flags: dict[str, str] | None = None) -> C:
+    """The config the flags give, checked: SettingsError (exit status 2) naming the first bad flag."""
+    return check_settings(cls(**{f.name: getattr(args, dest_of(cls, f.name)) for f in dataclasses.fields(cls)}), flags)
+
+
+# ------------------------------------------------------------------------------- checks
+
+
+def problems(config: Any, flags: dict[str, str] | None = None) -> dict[str, str]:
+    """What is wrong with `config`: field -> message, empty when every setting is valid (a form shows
+    them beside its fields; a RunConfig's keys are `part.field`). Rules between fields are only
+    checked once every field is valid on its own."""
+    if isinstance(config, RunConfig):
+        return {f"{part}.{name}": message for part, value in _parts(config) for name, message in
+                problems(value, RUN_FLAGS.get(type(value))).items()}  # fmt: skip
+    found = {f.name: m for f in dataclasses.fields(config) if (m := _field_problem(f, getattr(config, f.name)))}
+    relations = getattr(config, "_relations", None)
+    if found or relations is None:
+        return found
+    return relations(lambda name: flag_of(type(config), name, flags))
+
+
+def first_problem(config: Any, flags: dict[str, str] | None = None) -> str | None:
+    """One line for the first bad setting, `--flag value: what it must be`; None when all are valid."""
+    if isinstance(config, RunConfig):
+        return next(filter(None, (first_problem(value, RUN_FLAGS.get(type(value))) for _, value in _parts(config))), None)
+    for name, message in problems(config, flags).items():
+        value = getattr(config, name)
+        text = shlex.quote(value) if isinstance(value, str) else format_value(value)
+        return f"{flag_of(type(config), name, flags)} {text}: {message}"
+    return None
+
+
+def check_settings(config: C, flags: dict[str, str] | None = None) -> C:
+    """`config` when every setting is valid, else SettingsError naming the first bad one."""
+    line = first_problem(config, flags)
+    if line is not None:
+        raise SettingsError(line)
+    return config
+
+
+def _parts(config: RunConfig) -> list[tuple[str, Any]]:
+    return [(part.name, getattr(config, part.name)) for part in dataclasses.fields(config)]
+
+
+def _field_problem(f: dataclasses.Field, value: Any) -> str | None:
+    """Why one field's value is not allowed on its own (type, choices, range), or None."""
+    meta, kind = f.metadata, f.metadata["kind"]
+    if value is None:
+        return None if f.default is None else "must be given"
+    if meta["choices"] and value not in meta["choices"]:
+        return f"must be one of {', '.join(meta['choices'])}"
+    if kind in (int, float):
+        whole = isinstance(value, numbers.Integral) or kind is float and isinstance(value, numbers.Real)
+        if isinstance(value, bool) or not whole:
+            return "must be a whole number" if kind is int else "must be a number"
+        return "must be a finite number" if not math.isfinite(value) else _range_problem(value, meta)
+    if isinstance(f.default, tuple):
+        return None if isinstance(value, tuple) and all(isinstance(v, str) for v in value) else "must be a list of ids"
+    return "must be text" if kind is str and not isinstance(value, str) else None
+
+
+def _range_problem(value: float, meta: Any) -> str | None:
+    low, high, above = meta["low"], meta["high"], meta["above"]
+    if low is not None and high is not None and not low <= value <= high:
+        return f"must be within {low}-{high}"
+    if low is not None and value < low:
+        return f"must be at least {low}"
+    if high is not None and value > high:
+        return f"must be at most {high}"
+    if above is not None and not value > above:
+        return f"must be more than {above}"
+    return None
 
 
 def to_argv(config: Any, flags: dict[str, str] | None = None, explicit: bool = False) -> list[str]:

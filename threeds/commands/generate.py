@@ -62,10 +62,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def main(args: argparse.Namespace) -> int:
     config = RunConfig(model=from_args(ModelConfig, args), backend=from_args(BackendConfig, args),
                        engine=from_args(EngineConfig, args))  # fmt: skip
+    tokens = from_args(GenerateConfig, args).max_new_tokens
+    duplicate_ids = from_args(DataConfig, args).duplicate_ids
     if config.engine.engine == "ray" and config.backend.backend != "local":
         raise ThreedsError(RAY_OPENAI)
     log_path = args.log or args.out.with_name(f"{args.out.stem}.generations.jsonl")
-    records, rejects = read_records(args.data, from_args(DataConfig, args).duplicate_ids)
+    records, rejects = read_records(args.data, duplicate_ids)
     require_records(args.data, records, rejects)
     if rejects:
         log.warning("%d input records rejected, e.g. %s", len(rejects), rejects[0])
@@ -73,7 +75,6 @@ def main(args: argparse.Namespace) -> int:
     with locked(log_path.parent):  # before the model loads: a second writer is refused at once
         try:
             backend = make_backend(config)
-            tokens = from_args(GenerateConfig, args).max_new_tokens
             done, summary = generate_records(records, backend, log_path, tokens, overwrite=args.overwrite)
             write_records(args.out, done)
         finally:

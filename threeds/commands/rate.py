@@ -46,9 +46,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    rate = from_args(RateConfig, args)
+    rate, data = from_args(RateConfig, args), from_args(DataConfig, args)
     config = RunConfig(model=from_args(ModelConfig, args), backend=from_args(BackendConfig, args))
-    records, rejects = read_records(args.data, from_args(DataConfig, args).duplicate_ids)
+    records, rejects = read_records(args.data, data.duplicate_ids)
     require_records(args.data, records, rejects)
     if rejects:
         log.warning("%d input records rejected, e.g. %s", len(rejects), rejects[0])

@@ -63,7 +63,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    return RunConfig(**{name: from_args(cls, args) for name, (cls, _) in GROUPS.items()})
+    """Every setting checked before any file is read: SettingsError (exit status 2) naming the first bad flag."""
+    return RunConfig(**{name: from_args(cls, args, RUN_FLAGS.get(cls)) for name, (cls, _) in GROUPS.items()})
 
 
 def main(args: argparse.Namespace) -> int:

@@ -39,11 +39,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    score, model, engine = (from_args(cls, args) for cls in (ScoreConfig, ModelConfig, EngineConfig))
     records, rejects = read_records(args.data, duplicate_ids=from_args(DataConfig, args).duplicate_ids)
     require_records(args.data, records, rejects)
-    manifest = score_run(
-        records, args.out, from_args(ScoreConfig, args), from_args(ModelConfig, args), from_args(EngineConfig, args),
-        data_path=str(args.data), rejects=rejects, overwrite=args.overwrite,
-    )  # fmt: skip
+    manifest = score_run(records, args.out, score, model, engine, data_path=str(args.data), rejects=rejects,
+                         overwrite=args.overwrite)  # fmt: skip
     print(json.dumps({"run": str(args.out), "timings": manifest.get("timings"), "report": manifest.get("report")}, indent=2))
     return 0

@@ -14,6 +14,7 @@ a Parquet file) is written as null, since `NaN` is not JSON and other tools refu
 from __future__ import annotations
 
 import csv
+import decimal
 import hashlib
 import json
 import math
@@ -67,6 +68,7 @@ def read_records(
         )
     path = Path(path)
     raw, where = _load_raw(path)
+    _check_ids(path, raw, where)
     given = [_given_id(item) for item in raw]
     first_seen = _first_positions(path, given, where, duplicate_ids)
     records: list[dict] = []
@@ -283,6 +285,17 @@ def _checked_row(row: dict, reader: csv.DictReader) -> dict:
     ragged = _RaggedRow({k: v for k, v in row.items() if v is not None})
     ragged.problem = f"line {reader.line_num}: {cells} cells, the header has {len(reader.fieldnames)}"
     return ragged
+
+
+def _check_ids(path: Path, raw: list[Any], where: Callable[[int], str]) -> None:
+    """Ids are strings or numbers: an object, a list or true/false would become a Python repr that
+    no other tool spells the same way, so the whole file is refused at the first one."""
+    for index, item in enumerate(raw):
+        value = item.get("id") if isinstance(item, dict) else None
+        if value is None or isinstance(value, (str, int, float, decimal.Decimal)) and not isinstance(value, bool):
+            continue
+        kind = {dict: "an object", list: "a list", bool: "true/false"}.get(type(value), type(value).__name__)
+        raise DataError(f"{path}: {where(index)}: field id: must be a string or a number, got {kind}")
 
 
 def _given_id(item: Any) -> str | None:

@@ -30,14 +30,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from threeds.config import SelectConfig, add_arguments, dest_of
+from threeds.config import (
+    SelectConfig,
+    add_arguments,
+    check_settings,
+    dest_of,
+    first_problem,
+)
 from threeds.errors import SettingsError, ThreedsError
 from threeds.io.atomic import atomic_write
 from threeds.io.lock import locked
 from threeds.names import (
     ANSWER_FLAG_NAMES,
-    ANSWER_FLAGS,
-    ATTEN_METHODS,
     METRIC_NAMES,
     METRICS,
     metric_column,
@@ -53,7 +57,6 @@ from threeds.selection.answer_flags import AnswerFlags, run_answer_flags
 from threeds.selection.kcenter import (
     NAN_REASONS,
     NonFiniteError,
-    _resolve_bands,
     _storage_dtype,
     band_filter,
     resolve_device,
@@ -75,27 +78,10 @@ class SelectionSettingError(SelectionError, SettingsError):
 
 
 def check(config: SelectConfig) -> None:
-    """Raise SelectionSettingError naming the first setting out of range."""
-    for metric, band in config.bands().items():
-        try:
-            _resolve_bands({metric: band})
-        except ValueError as exc:
-            raise SelectionSettingError(f"{METRIC_NAMES[metric]} band: {exc}") from None
-    if config.sample_num < 1:
-        raise SelectionSettingError(f"sample_num must be >= 1, got {config.sample_num}")
-    if config.atten_method not in ATTEN_METHODS:
-        raise SelectionSettingError(f"atten_method must be one of {ATTEN_METHODS}, got {config.atten_method!r}")
-    if config.quality_threshold is not None and not 0 <= config.quality_threshold <= 100:
-        raise SelectionSettingError(f"quality_threshold must be within 0-100, got {config.quality_threshold:g}")
-    both = set(config.include) & set(config.exclude)
-    if both:
-        raise SelectionSettingError(f"ids both included and excluded: {sorted(both)[:5]}")
-    unknown = [name for name in config.exclude_flags if name not in ANSWER_FLAGS]
-    if unknown:
-        raise SelectionSettingError(f"exclude_flags: unknown A' flag {unknown[0]!r}; expected some of {', '.join(ANSWER_FLAGS)}")
-    for sample_id in (*config.include, *config.exclude):
-        if "," in sample_id or not sample_id.strip():
-            raise SelectionSettingError(f"an include/exclude rule cannot hold the id {sample_id!r} (empty or with a comma)")
+    """Raise SelectionSettingError naming the first setting out of range (`threeds.config.problems`' rules)."""
+    line = first_problem(config)
+    if line is not None:
+        raise SelectionSettingError(line)
 
 
 # ------------------------------------------------------------------------------ stages 1-3
@@ -446,7 +432,7 @@ def config_from_args(args: argparse.Namespace, run_dir: str | os.PathLike) -> Se
     """The preset (or the defaults) with every flag that was given on top."""
     base = load_preset(run_dir, args.preset) if getattr(args, "preset", None) else SelectConfig()
     given = {f.name: getattr(args, dest_of(SelectConfig, f.name)) for f in dataclasses.fields(SelectConfig) if hasattr(args, dest_of(SelectConfig, f.name))}
-    return dataclasses.replace(base, **given)
+    return check_settings(dataclasses.replace(base, **given))
 
 
 # ------------------------------------------------------------------------------ presets
