@@ -1,4 +1,5 @@
-"""What every page shares: the current run, state kept across pages, cached library calls.
+"""What every page shares: the current run and its picker, cached library calls, shared widgets.
+The selection, brush, URL and presets are kept by `app_pages.state`.
 
 Heavy things are cached so a slider re-render only redoes cheap work: the loaded run
 (`st.cache_resource`, keyed by the run's file stamps so a re-scored run reloads), the band filter
@@ -15,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import streamlit as st
 
-from app_pages import url_state
+from app_pages import state
 from threeds.config import SelectConfig
 from threeds.errors import describe
-from threeds.names import ATTEN_METHODS, METRIC_NAMES, METRICS, metric_column
+from threeds.names import ATTEN_METHODS, METRIC_NAMES, metric_column
 from threeds.rundir.read import (
     DEFAULT_CACHE,
     Run,
@@ -38,30 +39,14 @@ from threeds.selection.apply import (
     filter_rows,
     funnel,
     list_presets,
-    load_preset,
     pick_count,
     quality_per_row,
-    save_preset,
 )
-from threeds.selection.kcenter import DEFAULT_BAND
 from threeds.selection.pick_order import PickOrder
 from threeds.views.embed_map import load_or_compute_umap
 
 INSPECTOR = "app_pages/inspector.py"
 INSPECTOR_PATH = "inspector"  # its URL path
-DEFAULTS = {
-    "atten_method": "mean",
-    "quality_threshold": 85.0,
-    "sample_num": 5000,
-    "seed": 0,
-    "rule_include": (),
-    "rule_exclude": (),
-    "exclude_flags": [],  # a multiselect's value: a list
-    **{f"band_{m}": DEFAULT_BAND for m in METRICS},
-}
-# Widget keys that must survive page switches: Streamlit drops a widget's state when a page
-# without that widget runs, unless the key is re-assigned on every run (its documented workaround).
-PERSISTENT = (*DEFAULTS, "run_name", "inspect_id", "ins_ppl_log", "inspect_atten")
 
 
 def page_config() -> None:
@@ -73,8 +58,8 @@ def page_config() -> None:
 
 def setup(page_path: str) -> None:
     """State kept across pages, a link's state, and the run picker (app.py, before any page)."""
-    keep_state()
-    url_state.read(run_names(), page_path)
+    state.keep_state()
+    state.read_url(run_names(), page_path)
     run_picker()
 
 
@@ -83,27 +68,7 @@ def write_url(page_path: str) -> None:
     run = current_run()
     config = selection_config(run) if run is not None else None
     sample_id = st.session_state.get("inspect_id") if page_path == INSPECTOR_PATH else None
-    url_state.write(st.session_state.get("run_name"), config, sample_id)
-
-
-def set_selection(config: SelectConfig) -> None:
-    """Make `config` the current selection (a link, a preset); before the widgets are drawn."""
-    for metric, band in config.bands().items():
-        st.session_state[f"band_{metric}"] = band
-    st.session_state.update(
-        sample_num=config.sample_num, atten_method=config.atten_method, seed=config.seed,
-        rule_include=config.include, rule_exclude=config.exclude, exclude_flags=list(config.exclude_flags),
-    )  # fmt: skip
-    if config.quality_threshold is not None:
-        st.session_state["quality_threshold"] = config.quality_threshold
-
-
-def keep_state() -> None:
-    for key in PERSISTENT:
-        if key in st.session_state:
-            st.session_state[key] = st.session_state[key]
-    for key, value in DEFAULTS.items():
-        st.session_state.setdefault(key, value)
+    state.write_url(st.session_state.get("run_name"), config, sample_id)
 
 
 # ---------------------------------------------------------------------------------- the run
@@ -138,9 +103,9 @@ def run_picker() -> None:
             keep_selection()
         else:  # the session's first run, or a link's (whose settings then go on top)
             start_from_run_settings()
-    linked = url_state.pending()
+    linked = state.pending()
     if linked is not None:
-        set_selection(linked)
+        state.set_selection(linked)
     run = current_run()
     show_funnel(run)
     if run is not None:
@@ -153,45 +118,21 @@ def preset_panel(run: Run) -> None:
         saved = list_presets(run.path)
         if saved:
             st.selectbox("Saved", saved, key="preset_pick")
-            st.button("Load", key="preset_load", on_click=_load_preset, args=(run,))
+            st.button("Load", key="preset_load", on_click=state.load_preset_named, args=(run.path,))
         else:
             st.caption(f"None saved in `{run.name}/{PRESET_DIR}/` yet.")
         st.text_input("Name", key="preset_name", placeholder="e.g. narrow-bands")
-        st.button("Save current selection", key="preset_save", on_click=_save_preset, args=(run,))
+        st.button("Save current selection", key="preset_save", on_click=state.save_preset_named, args=(run.path, run.ratings is not None))
         if st.session_state.get("preset_message"):
             st.caption(st.session_state.pop("preset_message"))
-
-
-def _load_preset(run: Run) -> None:
-    name = st.session_state.get("preset_pick")
-    try:
-        set_selection(load_preset(run.path, name))
-        st.session_state["preset_message"] = f"Loaded {name}; `threeds select --preset {name}` selects the same."
-    except SelectionError as exc:
-        st.session_state["preset_message"] = f"Not loaded: {exc}"
-
-
-def _save_preset(run: Run) -> None:
-    name = (st.session_state.get("preset_name") or "").strip()
-    try:
-        path = save_preset(run.path, name, selection_config(run))
-        st.session_state["preset_message"] = f"Saved {path}."
-        st.session_state["preset_pick"] = name
-    except SelectionError as exc:
-        st.session_state["preset_message"] = f"Not saved: {exc}"
 
 
 def start_from_run_settings() -> None:
     """On opening a run, set the sliders to what the run itself used (else the defaults)."""
     run = current_run()
     st.session_state["settings_of"] = st.session_state["run_name"]
-    found = run_settings(run) if run is not None else {}
-    for key, value in DEFAULTS.items():
-        st.session_state[key] = value
-    clear_brush()
-    for metric, band in found.pop("bands", {}).items():
-        st.session_state[f"band_{metric}"] = band
-    st.session_state.update(found)
+    st.session_state[state.SELECTION] = state.from_run_settings(run_settings(run) if run is not None else {})
+    state.clear_brush()
 
 
 def keep_selection() -> None:
@@ -199,49 +140,13 @@ def keep_selection() -> None:
     valid for any run. The brush (rows of the old run) goes; the include/exclude rules stay only
     if the new run has every id they name (a run over the same records)."""
     st.session_state["settings_of"] = st.session_state["run_name"]
-    clear_brush()
+    state.clear_brush()
     run = current_run()
     ids = set(run.metrics["id"]) if run is not None and run.metrics is not None else set()
-    for kind in ("rule_include", "rule_exclude"):
-        if not set(st.session_state[kind]) <= ids:
-            st.session_state[kind] = ()
-            st.sidebar.caption(f"The {kind.removeprefix('rule_')} rule names samples run {code(run.name if run else '?')} lacks: cleared.")
-
-
-# ---------------------------------------------------------------------------------- brushing and rules
-
-
-def set_brush(rows: np.ndarray, label: str) -> None:
-    """Rows chosen on a map or histogram: they filter the Samples table and are drawn in colour."""
-    st.session_state["brush_rows"] = np.unique(np.asarray(rows, dtype=np.int64))
-    st.session_state["brush_label"] = label
-
-
-def clear_brush() -> None:
-    st.session_state.pop("brush_rows", None)
-    st.session_state.pop("brush_label", None)
-
-
-def brushed_rows() -> np.ndarray | None:
-    return st.session_state.get("brush_rows")
-
-
-def brushed_mask(n: int) -> np.ndarray:
-    """True for brushed rows; every row when nothing is brushed."""
-    rows = brushed_rows()
-    if rows is None:
-        return np.ones(n, dtype=bool)
-    mask = np.zeros(n, dtype=bool)
-    mask[rows[rows < n]] = True
-    return mask
-
-
-def add_rule(kind: str, ids: list[str]) -> None:
-    """Put `ids` in the include or exclude rule (and out of the other one); the selection follows."""
-    other = "rule_exclude" if kind == "rule_include" else "rule_include"
-    new = set(ids)
-    st.session_state[kind] = tuple(dict.fromkeys([*st.session_state[kind], *ids]))
-    st.session_state[other] = tuple(i for i in st.session_state[other] if i not in new)
+    for kind in ("include", "exclude"):
+        if not set(getattr(state.selection(), kind)) <= ids:
+            state.change(**{kind: ()})
+            st.sidebar.caption(f"The {kind} rule names samples run {code(run.name if run else '?')} lacks: cleared.")
 
 
 def switch_run(name: str) -> None:
@@ -296,19 +201,9 @@ def key_of(run: Run) -> tuple:
 # ---------------------------------------------------------------------------------- selection state
 
 
-def bands() -> dict[str, tuple[float, float]]:
-    return {m: tuple(st.session_state[f"band_{m}"]) for m in METRICS}
-
-
 def selection_config(run: Run) -> SelectConfig:
-    """The one selection every page shows and Export applies, from the shared state: the
-    quality threshold applies when the run has ratings."""
-    state = st.session_state
-    return SelectConfig.from_bands(
-        bands(), sample_num=int(state["sample_num"]), atten_method=state["atten_method"], seed=int(state["seed"]),
-        quality_threshold=float(state["quality_threshold"]) if run.ratings is not None else None,
-        include=tuple(state["rule_include"]), exclude=tuple(state["rule_exclude"]), exclude_flags=tuple(state["exclude_flags"]),
-    )  # fmt: skip
+    """The one selection every page shows and Export applies (`state.selection_config`)."""
+    return state.selection_config(run.ratings is not None)
 
 
 def _stages_key(config: SelectConfig) -> tuple:
@@ -389,7 +284,7 @@ def show_funnel(run: Run | None) -> None:
     if run.metrics is None or run.embeddings is None or run.errors.keys() & {"metrics.parquet", "embeddings.npy"}:
         if run.ratings is not None and "ratings.jsonl" not in run.errors:
             scores = run.ratings["score"].to_numpy(dtype=float)
-            kept = int((scores[np.isfinite(scores)] >= float(st.session_state["quality_threshold"])).sum())
+            kept = int((scores[np.isfinite(scores)] >= state.selection().quality_threshold).sum())
             st.sidebar.markdown("**Selection**  \n" + funnel_text({"rated": int(np.isfinite(scores).sum()), "kept by quality": kept}))
         return
     done, config = filtered(run), selection_config(run)
@@ -400,26 +295,37 @@ def show_funnel(run: Run | None) -> None:
         st.warning(f"**This selection picks 0 samples:** {reason}.", icon=":material/warning:")
 
 
-def sample_num_slider(run: Run) -> int:
-    """The shared sample_num slider (Embedding map, Export); clamped to the k-center candidates."""
+def selection_controls(run: Run) -> None:
+    """The attention toggle and the sample_num slider side by side (Embedding map, Export)."""
+    c1, c2 = st.columns([1, 2])
+    with c1:
+        atten_toggle()
+    with c2:
+        sample_num_slider(run)
+
+
+def sample_num_slider(run: Run) -> None:
+    """sample_num over 1 .. the k-center candidates; a sample_num above them (a link, the run's own
+    setting) shows the slider's end and stays as it is: picking all candidates is what it means."""
     n = len(filtered(run).candidates)
     if n == 0:  # the warning at the top of the page says which step left none
         st.stop()
-    st.session_state["sample_num"] = max(1, min(int(st.session_state["sample_num"]), n))
-    if n == 1:
-        return 1
-    return st.slider("sample_num (k-center picks)", 1, n, key="sample_num", help=f"{n:,} samples pass quality, bands and rules")
+    wanted = state.selection().sample_num
+    if n > 1:
+        st.slider("sample_num (k-center picks)", 1, n, **state.bind("sample_num", min(wanted, n)), help=f"{n:,} samples pass quality, bands and rules")
+    if wanted > n:
+        st.caption(f"sample_num {wanted:,}: all {n:,} candidates are picked")
 
 
-def atten_toggle() -> str:
-    return st.radio(
-        "Attention aggregation", ATTEN_METHODS, key="atten_method", horizontal=True,
+def atten_toggle() -> None:
+    st.radio(
+        "Attention aggregation", ATTEN_METHODS, horizontal=True, **state.bind("atten_method"),
         help="mean: column sum over query rows / rows that see the key; max: max over query rows (spec item 4)",
     )  # fmt: skip
 
 
 def metric_label(metric: str) -> str:
-    return f"{METRIC_NAMES[metric]} ({metric_column(metric, st.session_state['atten_method'])})"
+    return f"{METRIC_NAMES[metric]} ({metric_column(metric, state.selection().atten_method)})"
 
 
 # ---------------------------------------------------------------------------------- cached views

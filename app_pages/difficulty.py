@@ -6,7 +6,7 @@ import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 
-from app_pages import common, raster
+from app_pages import common, state, raster
 from threeds.names import ANSWER_FLAG_NAMES, ANSWER_FLAGS, METRICS, metric_column
 from threeds.selection.answer_flags import (
     HIT_MAX_SLACK,
@@ -58,14 +58,14 @@ def brush_histogram(metric: str, column: str, values: np.ndarray) -> None:
     lo, hi = sorted(float(x) for x in boxes[0]["x"][:2])
     with np.errstate(invalid="ignore"):
         rows = np.flatnonzero((values >= lo) & (values <= hi))
-    common.set_brush(rows, f"{len(rows):,} samples with {column} in {lo:.4g} – {hi:.4g} (Difficulty)")
+    state.set_brush(rows, f"{len(rows):,} samples with {column} in {lo:.4g} – {hi:.4g} (Difficulty)")
 
 
 def band_panel(col, run, metric: str, info: dict, log: bool) -> None:
-    column = metric_column(metric, st.session_state["atten_method"])
+    column = metric_column(metric, state.selection().atten_method)
     with col:
         st.markdown(f"**{common.metric_label(metric)}**")
-        st.slider("percentile band", 0.0, 100.0, step=1.0, format="%.0f", key=f"band_{metric}")
+        st.slider("percentile band", 0.0, 100.0, step=1.0, format="%.0f", **state.bind(f"band_{metric}"))
         values = run.metrics[column].to_numpy(dtype=float)
         st.plotly_chart(
             histogram_figure(values, (common.key_of(run), column, log), info["lo"], info["hi"], log),
@@ -96,7 +96,7 @@ def flag_panel(run) -> None:
     for col, name in zip(cols, ANSWER_FLAGS):
         col.metric(f"A' {ANSWER_FLAG_NAMES[name]}", f"{counts[name]:,}", help=FLAG_HELP[name])
     cols[3].multiselect(
-        "Drop flagged A' before the bands", ANSWER_FLAGS, key="exclude_flags", format_func=ANSWER_FLAG_NAMES.get,
+        "Drop flagged A' before the bands", ANSWER_FLAGS, **state.bind("exclude_flags"), format_func=ANSWER_FLAG_NAMES.get,
         help="part of the selection: the bands' percentiles are then taken over the other samples (threeds select --exclude-flagged)",
     )  # fmt: skip
     if flags.cap is None:
@@ -107,7 +107,7 @@ def flag_panel(run) -> None:
 
 def scatter_matrix(run, mask: np.ndarray) -> go.Figure:
     rows = common.display_rows(len(mask), SPLOM_POINTS)
-    atten = st.session_state["atten_method"]
+    atten = state.selection().atten_method
     dims = [dict(label=m, values=run.metrics[metric_column(m, atten)].to_numpy()[rows]) for m in METRICS]
     splom = go.Splom(
         dimensions=dims, showupperhalf=False, diagonal_visible=False,
@@ -130,7 +130,7 @@ def main() -> None:
     mask, report = done.in_bands, done.report
     k1, k2, k3 = st.columns(3)
     k1.metric("in all three bands", f"{report['n_kept']:,}")
-    pool = "scored samples kept by quality" + (", A' not flagged" if st.session_state["exclude_flags"] else "")
+    pool = "scored samples kept by quality" + (", A' not flagged" if state.selection().exclude_flags else "")
     k2.metric(pool, f"{report['n_total']:,}", help="the bands' percentiles are taken over these")
     k3.metric("excluded (NaN metric)", f"{report['n_excluded_nan']:,}")
     flag_panel(run)
@@ -150,7 +150,7 @@ def scatter_section(run, mask: np.ndarray) -> None:
     shown = min(len(mask), SPLOM_POINTS)
     st.caption(f"blue: inside all three bands; {shown:,} of {len(mask):,} samples drawn" + (" (fixed random subset)" if shown < len(mask) else "")
                + " · a box or lasso on a panel brushes every sample inside it (see **Samples**)")  # fmt: skip
-    if common.brushed_rows() is not None:
+    if state.brushed_rows() is not None:
         st.caption(f"Brushed: {st.session_state.get('brush_label', '')}")
     st.plotly_chart(
         scatter_matrix(run, mask), width="stretch", key="splom", on_select=lambda: brush_splom(run),
@@ -164,11 +164,11 @@ def brush_splom(run) -> None:
     boxes, lassos = chosen.get("box") or [], chosen.get("lasso") or []
     if not boxes and not lassos:
         return
-    atten = st.session_state["atten_method"]
+    atten = state.selection().atten_method
     columns = [run.metrics[metric_column(m, atten)].to_numpy(dtype=float) for m in METRICS]
     rows = raster.panel_rows(columns, boxes, lassos)
     if rows is not None:  # Plotly names the panel (axes) of every box and lasso
-        common.set_brush(rows, f"{len(rows):,} samples from a box/lasso on the scatter matrix (Difficulty)")
+        state.set_brush(rows, f"{len(rows):,} samples from a box/lasso on the scatter matrix (Difficulty)")
 
 
 main()

@@ -9,7 +9,7 @@ import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 
-from app_pages import common, raster
+from app_pages import common, raster, state
 from threeds.io.data import full_instruction
 from threeds.names import METRICS, metric_column
 from threeds.views.embed_map import MIN_POINTS
@@ -43,7 +43,7 @@ def hover_texts(_run, key: tuple) -> tuple[np.ndarray, np.ndarray]:
 
 
 def colour_options(run) -> list[str]:
-    atten = st.session_state["atten_method"]
+    atten = state.selection().atten_method
     options = ["k-center pick", "in band", *(metric_column(m, atten) for m in METRICS)]
     return options + (["quality"] if run.ratings is not None else [])
 
@@ -94,7 +94,7 @@ def svg_figure(run, coords: np.ndarray, drawn: list[Layer]) -> go.Figure:
     """Every point an SVG marker (small maps): hover, click and brush reach them all."""
     traces = [scatter(coords, layer.rows, run, layer.name, marker(layer, layer.rows), layer.hover) for layer in drawn if len(layer.rows)]
     figure = go.Figure(data=traces, layout=map_layout())
-    brushed = common.brushed_rows()
+    brushed = state.brushed_rows()
     if brushed is not None:
         grey_unbrushed(figure, run, brushed)
     return figure
@@ -105,7 +105,7 @@ def image_figure(run, coords: np.ndarray, drawn: list[Layer]) -> go.Figure:
     for hover and click: the earliest picks first, the rest at random."""
     box = raster.bounds(coords[:, 0], coords[:, 1])
     canvas = raster.Canvas(box)
-    lit = common.brushed_mask(len(coords))
+    lit = state.brushed_mask(len(coords))
     for alpha, part in ((60, ~lit), (255, lit)):  # unbrushed points faded, under the brushed ones
         for layer in drawn:
             rows = layer.rows[part[layer.rows]]
@@ -160,7 +160,7 @@ def on_select(run, coords: np.ndarray) -> None:
     chosen = st.session_state["map"]["selection"]
     if chosen.get("box") or chosen.get("lasso"):
         rows = raster.selected_rows(coords[:, 0], coords[:, 1], chosen.get("box") or [], chosen.get("lasso") or [])
-        common.set_brush(rows, f"{len(rows):,} points from a box/lasso on the map")
+        state.set_brush(rows, f"{len(rows):,} points from a box/lasso on the map")
     elif chosen["points"]:
         st.session_state["inspect_id"] = str(chosen["points"][0]["customdata"])
         st.session_state["goto_inspector"] = True
@@ -182,11 +182,7 @@ def main() -> None:
         st.info(f"A map needs at least {MIN_POINTS} scored samples; this run has {len(run.metrics)}.")
         return
     coords = common.umap_coords(run, common.key_of(run))
-    c1, c2 = st.columns([1, 2])
-    with c1:
-        common.atten_toggle()
-    with c2:
-        common.sample_num_slider(run)
+    common.selection_controls(run)
     picked = common.picks(run)
     drawn = "every point hoverable" if len(coords) <= SVG_POINTS else f"drawn as an image; hover and click reach {HOVER_POINTS:,} of them, the first picks first"
     st.caption(
@@ -205,7 +201,7 @@ def map_view(run, coords: np.ndarray, picked: np.ndarray) -> None:
     colour = st.selectbox("Colour by", colour_options(run), key="map_colour")
     draw = svg_figure if len(coords) <= SVG_POINTS else image_figure
     figure = draw(run, coords, layers(run, colour, picked))
-    if common.brushed_rows() is not None:
+    if state.brushed_rows() is not None:
         st.caption(f"Brushed: {st.session_state.get('brush_label', '')} · unbrushed points greyed · see **Samples**")
     st.plotly_chart(
         figure, key="map", on_select=lambda: on_select(run, coords), selection_mode=("points", "box", "lasso"), width="stretch",

@@ -26,11 +26,7 @@ def main() -> None:
     st.title("Export")
     run = common.require_run()
     common.require(run, "metrics.parquet", "embeddings.npy", "data.jsonl")
-    c1, c2 = st.columns([1, 2])
-    with c1:
-        common.atten_toggle()
-    with c2:
-        common.sample_num_slider(run)
+    common.selection_controls(run)
     config = common.selection_config(run)
     rows = common.picks(run, config)
     ids = tuple(str(i) for i in run.metrics["id"].to_numpy()[rows])

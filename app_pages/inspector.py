@@ -8,7 +8,7 @@ import html
 import pandas as pd
 import streamlit as st
 
-from app_pages import common
+from app_pages import common, state
 from threeds.io.data import full_instruction
 from threeds.names import (
     ANSWER_FLAG_NAMES,
@@ -119,7 +119,7 @@ def response_panel(col, tokens: pd.DataFrame, response: str, record: dict, view_
 
 def metric_table(run, row: int) -> pd.DataFrame:
     """Every metric column's value for the sample and its percentile rank among all samples."""
-    atten = st.session_state["atten_method"]  # the selection's, not this page's view
+    atten = state.selection().atten_method  # the selection's, not this page's view
     rows = []
     for metric in METRICS:
         for method in ("mean", "max") if metric != "ins_ppl" else ("mean",):
@@ -138,7 +138,7 @@ def metric_table(run, row: int) -> pd.DataFrame:
 
 
 def chosen_id(run) -> str | None:
-    """From a link (?id=, read into the session by app_pages.url_state), another page or the search box."""
+    """From a link (?id=, read into the session by app_pages.state), another page or the search box."""
     query = st.text_input("Find a sample by id or text", key="inspect_query")
     if query:
         matches = find(run, query)
@@ -154,7 +154,7 @@ def chosen_id(run) -> str | None:
 
 def attention_view() -> None:
     """This page's own attention view: it colours the tokens and never changes the selection."""
-    st.session_state.setdefault("inspect_atten", st.session_state["atten_method"])
+    st.session_state.setdefault("inspect_atten", state.selection().atten_method)
     st.radio(
         "Attention view (this page only)", ("mean", "max"), key="inspect_atten", horizontal=True,
         help="which per-token weights to draw; the selection's method is set on Difficulty",

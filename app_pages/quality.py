@@ -7,7 +7,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from app_pages import common
+from app_pages import common, state
 from threeds.rundir.read import Run, run_settings
 from threeds.selection.quality import quality_mask
 
@@ -84,7 +84,7 @@ def main() -> None:
     common.require(run, "ratings.jsonl")
     key = common.key_of(run)
     scores, order = score_order(run, key)
-    threshold = st.slider("Quality threshold (keep score ≥ threshold)", 0.0, 100.0, step=1.0, format="%.0f", key="quality_threshold")
+    threshold = st.slider("Quality threshold (keep score ≥ threshold)", 0.0, 100.0, step=1.0, format="%.0f", **state.bind("quality_threshold"))
     kept = quality_mask(scores, threshold)
     unrated = int(np.isnan(scores).sum())
     c1, c2, c3 = st.columns(3)

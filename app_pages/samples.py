@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from app_pages import common
+from app_pages import common, state
 from threeds.io.data import full_instruction
 from threeds.names import ANSWER_FLAG_NAMES, METRIC_NAMES, METRICS
 from threeds.rundir.read import Run
@@ -57,25 +57,25 @@ def filtered_rows(run: Run, table: pd.DataFrame, verdicts: list[str], reasons: l
     if query.strip():
         haystack = search_texts(run, common.key_of(run))[0]
         keep &= haystack.str.contains(query.strip().lower(), regex=False).to_numpy()
-    keep &= common.brushed_mask(len(table))
+    keep &= state.brushed_mask(len(table))
     return np.flatnonzero(keep)
 
 
 def brush_and_rules(run: Run) -> None:
     """The brush from the map or a histogram, and turning it into an include/exclude rule."""
-    brushed = common.brushed_rows()
+    brushed = state.brushed_rows()
     if brushed is not None:
         ids = [str(i) for i in run.metrics["id"].to_numpy()[brushed]]
         c1, c2, c3, c4 = st.columns([4, 2, 2, 2])
         c1.info(f"Brushed: {st.session_state.get('brush_label', '')}")
-        c2.button("Always include these", key="rule_add_include", on_click=common.add_rule, args=("rule_include", ids))
-        c3.button("Exclude these", key="rule_add_exclude", on_click=common.add_rule, args=("rule_exclude", ids))
-        c4.button("Clear brush", key="brush_clear", on_click=common.clear_brush)
-    include, exclude = st.session_state["rule_include"], st.session_state["rule_exclude"]
+        c2.button("Always include these", key="rule_add_include", on_click=state.add_rule, args=("include", ids))
+        c3.button("Exclude these", key="rule_add_exclude", on_click=state.add_rule, args=("exclude", ids))
+        c4.button("Clear brush", key="brush_clear", on_click=state.clear_brush)
+    include, exclude = state.selection().include, state.selection().exclude
     if include or exclude:
         c1, c2 = st.columns([8, 2])
         c1.caption(f"Rules: always include {len(include):,} (k-center starts from them) · exclude {len(exclude):,}")
-        c2.button("Clear rules", key="rules_clear", on_click=st.session_state.update, kwargs={"rule_include": (), "rule_exclude": ()})
+        c2.button("Clear rules", key="rules_clear", on_click=state.clear_rules)
 
 
 def main() -> None:

@@ -16,6 +16,8 @@ import pytest
 from streamlit.testing.v1 import AppTest
 from synthetic_run import make_run
 
+from app_pages import state as app_state
+
 from threeds import cli
 from threeds.config import (
     DataConfig,
@@ -58,10 +60,27 @@ def app() -> AppTest:
 def open_page(page: str, **state) -> AppTest:
     at = app().run()
     for key, value in state.items():
-        at.session_state[key] = value
+        if key in app_state.FIELDS or key.startswith("band_"):
+            select(at, **{key: value})
+        else:
+            at.session_state[key] = value
     at.switch_page(page).run()
     assert not at.exception, at.exception[0].value if at.exception else None
     return at
+
+
+def select(at: AppTest, **settings) -> None:
+    """Change settings of the session's selection (SelectConfig fields or band_<metric>), as a widget would."""
+    at.session_state[app_state.SELECTION] = app_state.changed(at.session_state[app_state.SELECTION], **settings)
+
+
+def chosen(at: AppTest, name: str):
+    """A setting of the session's selection."""
+    return app_state.setting(name, at.session_state[app_state.SELECTION])
+
+
+def widget(name: str) -> str:
+    return app_state.widget_key(name)
 
 
 def metric(at: AppTest, label: str) -> str:
@@ -157,7 +176,7 @@ def test_quality_threshold_slider(demo):
     at = open_page("app_pages/quality.py")
     scores = load_run(demo).ratings["score"].to_numpy()
     for threshold in (85.0, 50.0, 95.0):
-        at.slider(key="quality_threshold").set_value(threshold).run()
+        at.slider(key=widget("quality_threshold")).set_value(threshold).run()
         kept = int(quality_mask(scores, threshold).sum())
         assert metric(at, "kept") == f"{kept:,}"
         assert metric(at, "dropped") == f"{len(scores) - kept:,}"
@@ -185,9 +204,9 @@ def test_difficulty_bands_follow_the_library(demo):
     ]
     bands = {m: (25.0, 75.0) for m in METRICS}
     for atten, change in settings:
-        at.radio(key="atten_method").set_value(atten)
+        at.radio(key=widget("atten_method")).set_value(atten)
         for m, band in change.items():
-            at.slider(key=f"band_{m}").set_value(band)
+            at.slider(key=widget(f"band_{m}")).set_value(band)
             bands[m] = band
         at.run()
         assert not at.exception
@@ -260,7 +279,7 @@ def test_inspector_by_search_and_by_link(demo):
         assert page.count("outline:2px dashed") == 1 + int(scale.clipped.sum())  # legend swatch + clipped cells
         colours[view] = page.split("background:rgba(")[1].split(",")[:3]
     assert len({tuple(c) for c in colours.values()}) == 3  # a colour map per view
-    assert at.session_state["atten_method"] == "mean"  # the view choice is the page's own
+    assert chosen(at, "atten_method") == "mean"  # the view choice is the page's own
 
     other = run.records[5]["id"]
     link = app()
@@ -281,10 +300,11 @@ def test_embedding_map_sample_num_and_click(demo):
     at = open_page("app_pages/embedding_map.py")
     run = load_run(demo)
     mask, report = band_filter(run.metrics, None, "mean")
-    slider = at.slider(key="sample_num")
-    assert slider.max == report["n_kept"] and slider.value == report["n_kept"]  # 5000 clamped
+    slider = at.slider(key=widget("sample_num"))
+    assert slider.max == report["n_kept"] and slider.value == report["n_kept"]  # 5000 shown at the end
+    assert chosen(at, "sample_num") == 5000 and f"sample_num 5,000: all {report['n_kept']} candidates are picked" in texts(at.caption)
     slider.set_value(3).run()
-    assert "3 k-center picks" in texts(at.caption)
+    assert "3 k-center picks" in texts(at.caption) and chosen(at, "sample_num") == 3
     for colour in at.selectbox(key="map_colour").options:
         at.selectbox(key="map_colour").set_value(colour).run()
         assert not at.exception, colour
@@ -293,6 +313,26 @@ def test_embedding_map_sample_num_and_click(demo):
     at.run()
     assert at.title[0].value == "Sample inspector"
     assert "`s000007`" in texts(at.markdown)
+
+
+def test_a_visit_to_the_map_or_a_brush_never_changes_sample_num(demo):
+    """Issue 25 (5): opening the map with sample_num above its candidates (a link here) kept the
+    slider's end as the setting (10 -> 6); a brush, then any sequence of pages, keeps the setting
+    in the URL, the sidebar and Export (a page without the slider drops the slider's own state)."""
+    at = app()
+    at.query_params.update({"run": "demo", "sample_num": "9999"})
+    at.run()
+    at.switch_page("app_pages/embedding_map.py").run()
+    candidates = int(at.slider(key=widget("sample_num")).max)
+    assert at.query_params["sample_num"] == "9999" and chosen(at, "sample_num") == 9999 < 10_000
+    at.slider(key=widget("sample_num")).set_value(candidates - 2).run()
+    at.session_state["brush_rows"] = np.array([1, 2, 3])  # what a lasso's callback sets
+    at.run()
+    for page in ("samples", "difficulty", "embedding_map", "quality", "samples", "export"):
+        at.switch_page(f"app_pages/{page}.py").run()
+        assert at.query_params["sample_num"] == str(candidates - 2), page
+        assert f"picked **{candidates - 2}**" in sidebar_funnel(at), page
+    assert f"--sample-num {candidates - 2} " in at.code[1].value and metric(at, "selected samples") == str(candidates - 2)
 
 
 def test_export_page_matches_the_library(demo, tmp_path):
@@ -335,10 +375,10 @@ def test_every_page_on_a_real_threeds_run(cache, tiny_model_dir):
     for page in PAGES:
         at.switch_page(page).run()
         assert not at.exception and not at.error, (page, at.exception or at.error)
-    assert at.slider(key="sample_num").value == 3
+    assert at.slider(key=widget("sample_num")).value == 3
     assert "this selection is identical" in texts(at.caption)
     at.switch_page("app_pages/quality.py").run()
-    assert at.slider(key="quality_threshold").value == 70.0
+    assert at.slider(key=widget("quality_threshold")).value == 70.0
     scored = load_run(cache / "real").metrics.iloc[1]
     at.session_state["inspect_id"] = scored["id"]
     at.switch_page("app_pages/inspector.py").run()
@@ -465,7 +505,7 @@ def test_one_selection_on_every_page_and_the_exported_command(demo, tmp_path):
     the funnel shows it everywhere; the exported command picks the same ids in the same order."""
     run = load_run(demo)
     at = open_page("app_pages/quality.py")
-    at.slider(key="quality_threshold").set_value(95.0).run()
+    at.slider(key=widget("quality_threshold")).set_value(95.0).run()
     config = SelectConfig(quality_threshold=95.0, sample_num=5000)
     expected = apply(config, run.metrics, run.embeddings, run.ratings)
     scores = run.ratings["score"].to_numpy(dtype=float)
@@ -497,7 +537,7 @@ def test_inspector_attention_view_never_changes_the_selection(demo):
     at.run()
     verdict = [m for m in texts(at.markdown).splitlines() if "selection:" in m]
     at.radio(key="inspect_atten").set_value("max").run()
-    assert at.session_state["atten_method"] == "mean"
+    assert chosen(at, "atten_method") == "mean"
     assert [m for m in texts(at.markdown).splitlines() if "selection:" in m] == verdict
     assert "gt_wloss_max" in texts(at.markdown)  # the heatmaps follow the page-local view
     at.switch_page("app_pages/export.py").run()
@@ -512,8 +552,8 @@ def test_a_pasted_link_opens_its_run_settings_and_sample(demo, cache):
     at.run()
     at.switch_page("app_pages/inspector.py").run()
     assert not at.exception
-    assert at.session_state["run_name"] == "other" and at.session_state["quality_threshold"] == 95.0
-    assert at.session_state["band_gen_wloss"] == (25.0, 80.0) and at.session_state["sample_num"] == 3
+    assert at.session_state["run_name"] == "other" and chosen(at, "quality_threshold") == 95.0
+    assert chosen(at, "band_gen_wloss") == (25.0, 80.0) and chosen(at, "sample_num") == 3
     assert "`s000004`" in texts(at.markdown)
     assert at.query_params["id"] == "s000004" and at.query_params["run"] == "other"
     at.switch_page("app_pages/export.py").run()
@@ -525,10 +565,10 @@ def test_a_pasted_link_opens_its_run_settings_and_sample(demo, cache):
 def test_the_url_follows_every_setting(demo):
     at = open_page("app_pages/quality.py")
     assert at.query_params["run"] == "demo" and at.query_params["quality_threshold"] == "85"
-    at.slider(key="quality_threshold").set_value(91.0).run()
+    at.slider(key=widget("quality_threshold")).set_value(91.0).run()
     at.switch_page("app_pages/difficulty.py").run()
-    at.slider(key="band_gt_wloss").set_value((10.0, 60.0)).run()
-    at.radio(key="atten_method").set_value("max").run()
+    at.slider(key=widget("band_gt_wloss")).set_value((10.0, 60.0)).run()
+    at.radio(key=widget("atten_method")).set_value("max").run()
     params = dict(at.query_params)
     assert params == {"run": "demo", "quality_threshold": "91", "atten_method": "max", "ins_low": "25", "ins_up": "75",
                       "conf_low": "25", "conf_up": "75", "corr_low": "10", "corr_up": "60"}  # fmt: skip
@@ -536,7 +576,7 @@ def test_the_url_follows_every_setting(demo):
     again.query_params.update(params)
     again.run()
     again.switch_page("app_pages/difficulty.py").run()
-    assert again.session_state["band_gt_wloss"] == (10.0, 60.0) and again.session_state["atten_method"] == "max"
+    assert chosen(again, "band_gt_wloss") == (10.0, 60.0) and chosen(again, "atten_method") == "max"
     assert metric(again, "in all three bands") == metric(at, "in all three bands")
 
 
@@ -555,7 +595,7 @@ def test_presets_save_list_load_and_cli(demo, tmp_path):
     at.sidebar.button(key="preset_save").click().run()
     assert (demo / "selections" / "three.json").is_file()
     shown = at.code[1].value
-    at.session_state["sample_num"] = 5
+    select(at, sample_num=5)
     at.run()
     assert at.code[1].value != shown
     at.sidebar.selectbox(key="preset_pick").set_value("three")
@@ -609,15 +649,15 @@ def test_a_brush_filters_the_table_and_becomes_a_rule(demo, tmp_path):
     at.switch_page("app_pages/samples.py").run()
     assert sorted(at.dataframe[0].value["id"]) == sorted(ids)
     at.button(key="rule_add_include").click().run()
-    assert at.session_state["rule_include"] == tuple(ids[i] for i in np.argsort([run.row_of[i] for i in ids]))
+    assert chosen(at, "include") == tuple(ids[i] for i in np.argsort([run.row_of[i] for i in ids]))
     at.button(key="brush_clear").click().run()
     table = at.dataframe[0].value
     assert len(table) == len(run.metrics)
-    assert table["id"].tolist()[:3] == list(at.session_state["rule_include"])  # picks 1-3: the included ids
+    assert table["id"].tolist()[:3] == list(chosen(at, "include"))  # picks 1-3: the included ids
     assert set(table["why"].iloc[:3]) <= {"always include (rule)"} | {w for w in table["why"] if w.startswith("always include (rule) over")}
     at.switch_page("app_pages/export.py").run()
     line = at.code[1].value
-    assert "--include " + ",".join(at.session_state["rule_include"]) in line
+    assert "--include " + ",".join(chosen(at, "include")) in line
     assert exported_ids(line, tmp_path / "r.json") == at.table[0].value.reset_index()["id"].tolist()[:4]
 
 
@@ -666,7 +706,7 @@ def test_flags_on_the_difficulty_page_and_their_rule(demo, flagged, tmp_path):
     at = open_page("app_pages/difficulty.py")
     assert [metric(at, f"A' {name}") for name in ("hit max-new-tokens", "repeats itself", "empty")] == ["2", "2", "1"]
     assert "max-new-tokens 400" in texts(at.caption)
-    at.multiselect(key="exclude_flags").set_value(["hit_max", "repeats", "empty"]).run()
+    at.multiselect(key=widget("exclude_flags")).set_value(["hit_max", "repeats", "empty"]).run()
     run = load_run(demo)
     from threeds.selection.answer_flags import run_answer_flags
 
@@ -684,7 +724,7 @@ def test_flags_on_the_difficulty_page_and_their_rule(demo, flagged, tmp_path):
 
 
 def test_flags_in_the_samples_table_and_the_inspector(demo, flagged):
-    at = open_page("app_pages/samples.py", exclude_flags=["repeats"])
+    at = open_page("app_pages/samples.py", exclude_flags=("repeats",))
     table = at.dataframe[0].value
     by_id = table.set_index("id")["A' flags"]
     assert by_id[flagged["hit_max"][0]] == "hit max-new-tokens" and by_id[flagged["empty"][0]] == "empty"
@@ -718,8 +758,7 @@ def test_an_empty_selection_is_named_on_every_page(demo, state, reason):
         row["score"] = min(row["score"], 99.0) if row["score"] is not None else None
     (demo / "ratings.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ratings))
     at = app().run()
-    for key, value in state.items():
-        at.session_state[key] = value
+    select(at, **state)
     at.run()
     assert reason in texts(at.warning)  # the Runs page too
     for page in ALL_PAGES:
@@ -733,49 +772,46 @@ def test_switching_runs_keeps_the_tuned_selection(demo, cache):
     runs keeps them (rules only when the new run has their ids); the new run's numbers follow."""
     make_run(cache / "other", n=40, n_dropped=10, seed=2)
     at = open_page("app_pages/difficulty.py")
-    at.slider(key="band_gt_wloss").set_value((10.0, 60.0)).run()
-    at.session_state["quality_threshold"] = 90.0
-    at.session_state["rule_exclude"] = ("s000001",)
+    at.slider(key=widget("band_gt_wloss")).set_value((10.0, 60.0)).run()
+    select(at, quality_threshold=90.0, exclude=("s000001",))
     at.run()
     at.sidebar.selectbox(key="run_name").set_value("other").run()
-    assert at.session_state["band_gt_wloss"] == (10.0, 60.0) and at.session_state["quality_threshold"] == 90.0
-    assert at.session_state["rule_exclude"] == ("s000001",)  # "other" scored the same ids
+    assert chosen(at, "band_gt_wloss") == (10.0, 60.0) and chosen(at, "quality_threshold") == 90.0
+    assert chosen(at, "exclude") == ("s000001",)  # "other" scored the same ids
     assert at.query_params["run"] == "other" and at.query_params["corr_low"] == "10" and at.query_params["quality_threshold"] == "90"
     run = load_run(cache / "other")
     config = SelectConfig(quality_threshold=90.0, corr_low=10.0, corr_up=60.0, exclude=("s000001",))
     assert metric(at, "in all three bands") == str(apply(config, run.metrics, run.embeddings, run.ratings).funnel["in all bands"])
     make_run(cache / "small", n=5, n_dropped=0, seed=3)  # lacks s000010
-    at.session_state["rule_exclude"] = ("s000010",)
+    select(at, exclude=("s000010",))
     at.run()
     at.sidebar.selectbox(key="run_name").set_value("small").run()
-    assert at.session_state["rule_exclude"] == () and "exclude rule names samples" in texts(at.sidebar.caption)
-    assert at.session_state["band_gt_wloss"] == (10.0, 60.0)
+    assert chosen(at, "exclude") == () and "exclude rule names samples" in texts(at.sidebar.caption)
+    assert chosen(at, "band_gt_wloss") == (10.0, 60.0)
 
 
 def test_back_and_forward_on_one_page_restore_its_settings(demo, monkeypatch):
     """Issue 11 (2): Streamlit pushes a history entry per query string and reruns with the popped
     one marked as history navigation; the app then takes the settings from the URL."""
-    from app_pages import url_state
-
     at = open_page("app_pages/difficulty.py")
     before = dict(at.query_params)
-    at.slider(key="band_ins_ppl").set_value((5.0, 95.0)).run()
+    at.slider(key=widget("band_ins_ppl")).set_value((5.0, 95.0)).run()
     after = dict(at.query_params)
     assert after["ins_low"] == "5" and after != before
     at.query_params.clear()
     at.query_params.update(before)  # the browser's back: the previous entry's query string
     at.run()
-    assert at.session_state["band_ins_ppl"] == (5.0, 95.0)  # a plain rerun with an old URL (a drag) is not read
+    assert chosen(at, "band_ins_ppl") == (5.0, 95.0)  # a plain rerun with an old URL (a drag) is not read
     assert dict(at.query_params) == after  # and the URL is rewritten from the session
-    monkeypatch.setattr(url_state, "history_navigation", lambda: True)
+    monkeypatch.setattr(app_state, "history_navigation", lambda: True)
     at.query_params.clear()
     at.query_params.update(before)
     at.run()
-    assert at.session_state["band_ins_ppl"] == (25.0, 75.0) and dict(at.query_params) == before
+    assert chosen(at, "band_ins_ppl") == (25.0, 75.0) and dict(at.query_params) == before
     at.query_params.clear()
     at.query_params.update(after)  # forward
     at.run()
-    assert at.session_state["band_ins_ppl"] == (5.0, 95.0) and at.slider(key="band_ins_ppl").value == (5.0, 95.0)
+    assert chosen(at, "band_ins_ppl") == (5.0, 95.0) and at.slider(key=widget("band_ins_ppl")).value == (5.0, 95.0)
 
 
 def test_a_large_map_is_an_image_with_the_first_picks_hoverable(cache):

@@ -418,15 +418,10 @@ def test_back_and_forward_restore_a_pages_settings(server, browser):
     assert d.current_url == second and metric(d, "in all three bands") == second_kept
 
 
-def test_lasso_on_the_map_filters_the_samples_table_and_compare(server, browser, shots):
-    """Issue 11 (4, 3, 5): a lasso drawn on the map brushes points; Samples shows only those;
-    a row opens the inspector; Compare draws two selections."""
+def lasso_on_the_map(d) -> None:
+    """Draw a closed lasso over the middle of the embedding map and wait for its brush."""
     from selenium.webdriver.common.action_chains import ActionChains
 
-    url, _ = server
-    d = browser
-    d.get(f"{url}/embedding_map")
-    idle(d)
     plot = wait_for(d, lambda d: d.find_elements("css selector", ".js-plotly-plot .nsewdrag"), "the map")[0]
     ActionChains(d).move_to_element(plot).perform()  # the mode bar shows on hover
     d.execute_script("document.querySelector('.js-plotly-plot .modebar-btn[data-val=\"lasso\"]').click()")  # lasso select
@@ -436,6 +431,49 @@ def test_lasso_on_the_map_filters_the_samples_table_and_compare(server, browser,
         lasso = lasso.move_by_offset(dx // 2, dy // 2).move_by_offset(dx - dx // 2, dy - dy // 2)
     lasso.release().perform()
     wait_for(d, lambda d: "points from a box/lasso on the map" in body_text(d), "the lasso's brush")
+
+
+def url_setting(d, name: str) -> str | None:
+    from urllib.parse import parse_qs, urlsplit
+
+    return parse_qs(urlsplit(d.current_url).query).get(name, [None])[0]
+
+
+def test_a_visit_or_a_brush_on_the_map_never_changes_sample_num(server, browser):
+    """Issue 25 (5): opening the map with sample_num above its candidates keeps sample_num (was
+    clamped); after a slider move and a lasso, every page, the URL, the sidebar and Export say
+    the same sample_num (a brush then a page change moved it 4 -> 6)."""
+    from selenium.webdriver.common.keys import Keys
+
+    url, _ = server
+    d = browser
+    d.get(f"{url}/embedding_map?run=demo&sample_num=9999")  # a new session from a link
+    caption = wait_for(d, lambda d: next((x for x in body_text(d).splitlines() if "candidates" in x), None), "map caption")
+    idle(d)
+    candidates = int(caption.split(" candidates")[0].split()[-1].replace(",", ""))
+    assert url_setting(d, "sample_num") == "9999" and slider_values(d) == [str(candidates)]
+    nudge_slider(d, 0, Keys.ARROW_LEFT, 2)
+    wanted = str(candidates - 2)
+    wait_for(d, lambda d: url_setting(d, "sample_num") == wanted, "the slider's move in the URL")
+    lasso_on_the_map(d)
+    idle(d)
+    for page in ("Samples", "Difficulty", "Embedding map", "Samples", "Export"):
+        go(d, page)
+        assert url_setting(d, "sample_num") == wanted, (page, d.current_url)
+        sidebar = d.find_element("css selector", '[data-testid="stSidebar"]').text
+        assert f"picked {wanted}" in " ".join(sidebar.split()), (page, sidebar)
+    wait_for(d, lambda d: f"--sample-num {wanted} " in body_text(d), "Export's command")
+    assert metric(d, "selected samples") == wanted and slider_values(d) == [wanted]
+
+
+def test_lasso_on_the_map_filters_the_samples_table_and_compare(server, browser, shots):
+    """Issue 11 (4, 3, 5): a lasso drawn on the map brushes points; Samples shows only those;
+    a row opens the inspector; Compare draws two selections."""
+    url, _ = server
+    d = browser
+    d.get(f"{url}/embedding_map")
+    idle(d)
+    lasso_on_the_map(d)
     wait_for(d, lambda d: "unbrushed points greyed" in body_text(d), "the brush")
     idle(d)
     shot(d, shots, "embedding_map_brush")
