@@ -1,0 +1,157 @@
+"""`threeds eval`: choice log-likelihoods with a shared prompt pass, prompts, rows, resume, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import tiny_llama
+
+from threeds.cli import main as cli
+from threeds.io.data import read_jsonl
+from threeds.outcomes.benchsets import Bench, BenchItem
+from threeds.outcomes.evaluate import EvalSettingsError, encode, evaluate_loaded, render
+from threeds.outcomes.loglik import Request, choice_logprobs
+
+
+def reference_logprobs(model, request: Request) -> list[float]:
+    """One unbatched sequence `prompt + choice` per choice, the whole logits: the textbook way."""
+    out = []
+    with torch.no_grad():
+        for cont in request.choices:
+            logp = model(torch.tensor([request.prompt + cont])).logits[0].float().log_softmax(-1)
+            start = len(request.prompt) - 1
+            out.append(sum(float(logp[start + i, t]) for i, t in enumerate(cont)))
+    return out
+
+
+def random_requests(vocab: int, shapes: list[tuple[int, list[int]]], seed: int = 0) -> list[Request]:
+    gen = torch.Generator().manual_seed(seed)
+
+    def ids(n: int) -> list[int]:
+        return torch.randint(0, vocab, (n,), generator=gen).tolist()
+
+    return [Request(ids(n), [ids(k) for k in ks]) for n, ks in shapes]
+
+
+def test_shared_prompt_pass_equals_one_sequence_per_choice():
+    model = tiny_llama(500, seed=3, layers=3)
+    requests = random_requests(500, [(7, [1, 4, 2, 3]), (15, [3, 1]), (2, [5, 5, 1]), (30, [1, 2, 6, 2, 9])])
+    expected = [reference_logprobs(model, r) for r in requests]
+    for share in (True, False):
+        for batch_size, batch_tokens in ((1, 8192), (2, 8192), (32, 8192), (32, 40)):
+            got = choice_logprobs(model, requests, share=share, batch_size=batch_size, batch_tokens=batch_tokens)
+            for g, e in zip(got, expected):
+                assert g == pytest.approx(e, abs=1e-5), (share, batch_size, batch_tokens)
+
+
+def test_on_batch_reports_each_request_once():
+    model = tiny_llama(100)
+    requests = random_requests(100, [(3, [1, 2]), (9, [2]), (4, [1, 1, 1])])
+    seen: dict[int, list[float]] = {}
+    choice_logprobs(model, requests, batch_size=2, on_batch=lambda done, seconds: seen.update(done))
+    assert sorted(seen) == [0, 1, 2] and seen[1] == pytest.approx(reference_logprobs(model, requests[1]), abs=1e-5)
+
+
+ITEM = BenchItem("q1", "Which organ pumps blood?", ["heart", "liver"], 0, "anatomy")
+SHOT = BenchItem("d1", "Which organ breathes?", ["kidney", "lung"], 1, "anatomy")
+
+
+def test_plain_prompt_exactly():
+    prompt, conts = render(ITEM, "plain", [SHOT], None)
+    assert prompt == "Question: Which organ breathes?\nAnswer: lung\n\nQuestion: Which organ pumps blood?\nAnswer:"
+    assert conts == [" heart", " liver"]
+    ctx = BenchItem("p", "Does it?", ["yes", "no", "maybe"], 0, "pubmedqa", "An abstract.")
+    assert render(ctx, "plain", [], None)[0] == "Context: An abstract.\nQuestion: Does it?\nAnswer:"
+
+
+def test_chat_prompt_is_the_template_with_shots_as_turns(tokenizer):
+    from threeds.model.prompts import prompt_format
+
+    chat = prompt_format(tokenizer)
+    prompt, conts = render(ITEM, "chat", [SHOT], chat)
+    messages = [{"role": "user", "content": SHOT.question}, {"role": "assistant", "content": "lung"},
+                {"role": "user", "content": ITEM.question}]  # fmt: skip
+    assert prompt == tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith("<|im_start|>assistant\n") and conts == ["heart", "liver"]
+    assert render(ITEM, "chat", [], chat)[0] == chat.prompt(ITEM.question)
+
+
+@pytest.mark.parametrize("fmt", ["plain", "chat"])
+def test_continuation_tokens_are_those_after_the_prompt(tokenizer, fmt):
+    from threeds.model.prompts import prompt_format
+
+    prompt, conts = render(ITEM, fmt, [], prompt_format(tokenizer))
+    request = encode(tokenizer, prompt, conts, fmt)
+    for cont, ids in zip(conts, request.choices):
+        assert request.prompt + ids == tokenizer.encode(prompt + cont, add_special_tokens=fmt == "plain")
+
+
+def small_bench(n: int = 3) -> Bench:
+    items = [BenchItem(f"q{i}", f"Question number {i} about the body?", ["heart", "lung", "the left kidney"][: 2 + i % 2],
+                       i % 2, "anatomy" if i < 2 else "biology") for i in range(n)]  # fmt: skip
+    return Bench("tiny", items, [SHOT])
+
+
+def test_rows_summary_and_resume(tmp_path, tiny_model, tokenizer):
+    out = tmp_path / "eval"
+    bench = small_bench(3)
+    calls = []
+    first = evaluate_loaded(tiny_model, tokenizer, Bench("tiny", bench.items[:2], bench.dev), out, model_name="tiny",
+                            prompt_format="plain", progress=lambda done, total: calls.append((done, total)))  # fmt: skip
+    assert first["n_items"] == 2 and calls[-1] == (2, 2)
+    rows = read_jsonl(out / "items.jsonl")
+    row = rows[0]
+    assert set(row) >= {"id", "subject", "gold", "pred", "correct", "pred_norm", "correct_norm", "gold_prob", "prompt",
+                        "choices", "logprobs"}  # fmt: skip
+    request = encode(tokenizer, row["prompt"], row["choices"], "plain")
+    assert row["logprobs"] == pytest.approx(reference_logprobs(tiny_model, request), abs=1e-5)
+    norm = [lp / len(c) for lp, c in zip(row["logprobs"], bench.items[0].choices)]
+    assert row["gold_prob"] == pytest.approx(math.exp(norm[0]) / sum(math.exp(v) for v in norm))
+    assert row["pred"] == max(range(2), key=lambda i: row["logprobs"][i]) and row["correct"] == (row["pred"] == 0)
+    # mark a finished row, tear the file's tail as a kill would: the rerun keeps the row, scores only q2
+    rows[0]["logprobs"], rows[0]["correct"] = [0.0, -1.0], True
+    (out / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"id": "q', encoding="utf-8")
+    with pytest.warns(UserWarning, match="truncated last line"):
+        summary = evaluate_loaded(tiny_model, tokenizer, bench, out, model_name="tiny", prompt_format="plain")
+    rows = read_jsonl(out / "items.jsonl")
+    assert [r["id"] for r in rows] == ["q0", "q1", "q2"] and rows[0]["logprobs"] == [0.0, -1.0]
+    assert summary["n_items"] == 3 and summary["acc"] == pytest.approx(sum(r["correct"] for r in rows) / 3)
+    assert summary["majority_acc"] == pytest.approx(2 / 3) and summary["subjects"]["biology"]["n_items"] == 1
+    assert summary["bench"] == "tiny" and summary["prompt_format"] == "plain" and summary["shots"] == 0
+    assert json.loads((out / "summary.json").read_text()) == summary
+
+
+def test_other_settings_are_refused_unless_overwrite(tmp_path, tiny_model, tokenizer):
+    out = tmp_path / "eval"
+    bench = small_bench(2)
+    evaluate_loaded(tiny_model, tokenizer, bench, out, model_name="tiny", prompt_format="plain")
+    with pytest.raises(EvalSettingsError, match="prompt_format 'plain', not 'chat'"):
+        evaluate_loaded(tiny_model, tokenizer, bench, out, model_name="tiny", prompt_format="chat")
+    summary = evaluate_loaded(tiny_model, tokenizer, bench, out, model_name="tiny", shots=1, overwrite=True)
+    assert summary["shots"] == 1 and read_jsonl(out / "items.jsonl")[0]["prompt"].count("<|im_start|>user") == 2
+
+
+def test_cli_bad_file_is_one_line_and_writes_nothing(tmp_path, caplog):
+    bad = tmp_path / "exam.jsonl"
+    bad.write_text('{"id": "a", "question": "Q", "options": ["x", "y"], "answer": "maybe"}\n')
+    out = tmp_path / "out"
+    assert cli(["eval", "--bench", str(bad), "--out", str(out)]) == 1
+    (message,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert message == f"{bad}: line 1 (id a): answer 'maybe' is not among the options A, B"
+    assert not out.exists()
+
+
+@pytest.mark.integration
+def test_cli_on_the_embedded_model(tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert cli(["eval", "--bench", "mmlu-medical", "--limit", "5", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_items"] == 5 and summary["prompt_format"] == "chat" and summary["model"].startswith("embedded:")
+    rows = read_jsonl(out / "items.jsonl")
+    assert len({r["subject"] for r in rows}) == 5
+    assert all(len(r["logprobs"]) == len(r["choices"]) == 4 and all(lp < 0 for lp in r["logprobs"]) for r in rows)
+    assert summary["acc"] == sum(r["correct"] for r in rows) / 5
+    assert json.loads(capsys.readouterr().out)["n_items"] == 5

@@ -1,0 +1,37 @@
+"""`threeds eval`: accuracy of a model (and LoRA adapter) on a multiple-choice set, by log-likelihood."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from threeds.config import EvalConfig, ModelConfig, add_arguments, from_args
+from threeds.outcomes.evaluate import evaluate
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "eval",
+        help="accuracy on a multiple-choice set (MMLU medical, PubMedQA, your file) by log-likelihood",
+        description="Score every choice of every item as the continuation of the prompt (no generation; the "
+        "prompt is computed once for all of an item's choices): acc (highest summed log-probability), acc_norm "
+        "(per character), gold_prob (softmax over the per-character scores). Writes --out/items.jsonl (one row "
+        "per item, appended as batches finish: run the same command again to resume) and --out/summary.json.",
+    )  # fmt: skip
+    parser.add_argument("--out", required=True, type=Path, help="output folder, e.g. cache/eval/base")
+    add_arguments(parser, EvalConfig)
+    add_arguments(parser, ModelConfig)
+    parser.add_argument("--overwrite", action="store_true", help="replace an evaluation made with other settings")
+    parser.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    config, model = from_args(EvalConfig, args), from_args(ModelConfig, args)
+    summary = evaluate(
+        model.model, config.bench, args.out, adapter=config.adapter, limit=config.limit, shots=config.shots,
+        prompt_format=config.prompt_format, batch_size=config.batch_size, batch_tokens=config.batch_tokens,
+        template=model.template, system=model.system, dtype=model.load_dtype, progress=True, overwrite=args.overwrite,
+    )  # fmt: skip
+    print(json.dumps(summary, indent=2, ensure_ascii=False))
+    return 0

@@ -1,0 +1,281 @@
+"""`threeds eval`: multiple choice by log-likelihood, no generation, resumable.
+
+Per item, every choice's text is scored as the continuation of one prompt (`threeds.outcomes.loglik`:
+the prompt is computed once for all choices): `logprobs` are the summed log-probabilities of the
+continuation tokens; `pred` is their argmax (`acc`); `pred_norm` the argmax of the log-probability
+per character of the choice's text (`acc_norm`); `probs` the softmax of those per-character scores
+and `gold_prob` its value at the gold choice (a continuous metric that separates small models
+long before accuracy does).
+
+Prompt formats (README, "threeds eval"), K-shot examples from the set's dev items (same subject
+first, in file order):
+
+* `chat` (default): the model's chat template (and `--template`/`--system`), one user turn
+  `[context "\\n\\n"] question`, the generation prompt; each shot is a user turn and an assistant turn
+  holding the gold choice. The continuation is the choice's text as the assistant's reply.
+  A tokenizer without a chat template falls back to `plain`, and the summary says so.
+* `plain`: `[Context: context\\n]Question: question\\nAnswer:`, shots as the same block with the gold
+  choice after `Answer: ` and a blank line; the continuation is `" " + choice`.
+
+Files in `out`: `config.json` (what the rows depend on; a rerun with other settings is refused),
+`items.jsonl` (one row per item, appended after each batch, so a killed run resumes), and
+`summary.json`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+from threeds.errors import SettingsError, ThreedsError
+from threeds.io.data import append_jsonl, read_jsonl, write_json, write_jsonl
+from threeds.io.lock import locked
+from threeds.model.prompts import PromptFormat, prompt_format as make_prompt_format
+from threeds.outcomes.benchsets import Bench, BenchItem, load_bench
+from threeds.outcomes.loglik import Request, choice_logprobs
+from threeds.rundir.check import read_json_object
+
+FORMATS = ("chat", "plain")
+ITEMS_FILE, SUMMARY_FILE, CONFIG_FILE = "items.jsonl", "summary.json", "config.json"
+Progress = Callable[[int, int], None]
+
+
+class EvalSettingsError(ThreedsError):
+    """The output folder holds an evaluation made with other settings."""
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+def shots_for(item: BenchItem, dev: list[BenchItem], k: int) -> list[BenchItem]:
+    """The K dev items shown before `item`: its subject's first, then others, in file order."""
+    if k <= 0:
+        return []
+    if k > len(dev):
+        raise SettingsError(f"--shots {k}: the set has only {len(dev)} dev items")
+    same = [d for d in dev if d.subject == item.subject]
+    return (same + [d for d in dev if d.subject != item.subject])[:k]
+
+
+def render(item: BenchItem, fmt: str, shots: list[BenchItem], chat: PromptFormat | None) -> tuple[str, list[str]]:
+    """(the prompt text, the continuation text of each choice) in format `fmt` (module docstring)."""
+    if fmt == "plain":
+        blocks = [_plain_block(s) + " " + s.choices[s.gold] + "\n\n" for s in shots]
+        return "".join(blocks) + _plain_block(item), [" " + c for c in item.choices]
+    messages = []
+    for s in shots:
+        messages += [{"role": "user", "content": _user_text(s)}, {"role": "assistant", "content": s.choices[s.gold]}]
+    messages.append({"role": "user", "content": _user_text(item)})
+    if chat.system is not None:
+        messages.insert(0, {"role": "system", "content": chat.system})
+    text = chat.tokenizer.apply_chat_template(messages, chat_template=chat.template, tokenize=False,
+                                              add_generation_prompt=True)  # fmt: skip
+    return text, list(item.choices)
+
+
+def _plain_block(item: BenchItem) -> str:
+    context = f"Context: {item.context}\n" if item.context else ""
+    return f"{context}Question: {item.question}\nAnswer:"
+
+
+def _user_text(item: BenchItem) -> str:
+    return f"{item.context}\n\n{item.question}" if item.context else item.question
+
+
+def encode(tokenizer, prompt: str, continuations: list[str], fmt: str) -> Request:
+    """Token ids of the prompt and of each continuation as it is tokenized after the prompt (the
+    tail of `prompt + continuation` when the prompt's tokens are its head, else on its own)."""
+    special = fmt == "plain"  # a chat template writes its own BOS, a plain prompt gets the tokenizer's
+    head = tokenizer.encode(prompt, add_special_tokens=special)
+    choices = []
+    for cont in continuations:
+        whole = tokenizer.encode(prompt + cont, add_special_tokens=special)
+        tail = whole[len(head):] if whole[: len(head)] == head else []
+        choices.append(tail or tokenizer.encode(cont, add_special_tokens=False))
+    return Request(head, choices)
+
+
+def check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise SettingsError(f"--prompt-format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+
+
+def resolve_format(tokenizer, fmt: str) -> str:
+    """`chat` unless the tokenizer has no chat template (then `plain`)."""
+    check_format(fmt)
+    return fmt if fmt == "plain" or getattr(tokenizer, "chat_template", None) else "plain"
+
+
+# --------------------------------------------------------------------------- rows and summary
+
+
+def item_row(item: BenchItem, prompt: str, continuations: list[str], logprobs: list[float], seconds: float) -> dict:
+    """One items.jsonl row."""
+    norm = [lp / max(1, len(c)) for lp, c in zip(logprobs, item.choices)]
+    top = max(norm)
+    weights = [math.exp(v - top) for v in norm]
+    probs = [w / sum(weights) for w in weights]
+    pred, pred_norm = _argmax(logprobs), _argmax(norm)
+    return {
+        "id": item.id, "subject": item.subject, "gold": item.gold, "pred": pred, "correct": pred == item.gold,
+        "pred_norm": pred_norm, "correct_norm": pred_norm == item.gold, "gold_prob": probs[item.gold],
+        "probs": [round(p, 6) for p in probs], "prompt": prompt, "choices": continuations, "logprobs": logprobs,
+        "seconds": seconds,
+    }  # fmt: skip
+
+
+def _argmax(values: list[float]) -> int:
+    return max(range(len(values)), key=lambda i: values[i])
+
+
+def majority_acc(golds: list[int]) -> float:
+    """Accuracy of always answering the most common gold position (PubMedQA: always "yes")."""
+    return Counter(golds).most_common(1)[0][1] / len(golds) if golds else float("nan")
+
+
+def summarize_rows(rows: list[dict], settings: dict) -> dict:
+    """summary.json: the means over `rows`, per subject too, and the settings."""
+    n = len(rows)
+
+    def mean(key: str, part: list[dict]) -> float:
+        return sum(float(r[key]) for r in part) / len(part) if part else float("nan")
+
+    subjects = {}
+    for subject in sorted({r["subject"] for r in rows}):
+        part = [r for r in rows if r["subject"] == subject]
+        subjects[subject] = {"n_items": len(part), "acc": mean("correct", part), "acc_norm": mean("correct_norm", part),
+                             "gold_prob": mean("gold_prob", part)}  # fmt: skip
+    return {
+        "bench": settings["bench"], "n_items": n, "acc": mean("correct", rows), "acc_norm": mean("correct_norm", rows),
+        "gold_prob": mean("gold_prob", rows), "majority_acc": majority_acc([r["gold"] for r in rows]),
+        "model": settings["model"], "adapter": settings["adapter"], "prompt_format": settings["prompt_format"],
+        "shots": settings["shots"], "seconds": sum(float(r.get("seconds", 0.0)) for r in rows), "subjects": subjects,
+    }  # fmt: skip
+
+
+# --------------------------------------------------------------------------- running
+
+
+def evaluate(
+    model_spec: str | None, bench: str, out: str | os.PathLike, *, adapter: str | os.PathLike | None = None,
+    limit: int | None = None, shots: int = 0, prompt_format: str = "chat", batch_size: int = 32,
+    batch_tokens: int = 8192, template: str | None = None, system: str | None = None, dtype: str | None = None,
+    device: str | None = None, progress: bool | Progress | None = None, overwrite: bool = False,
+) -> dict:  # fmt: skip
+    """Load the set, the model (and `adapter`), evaluate; returns (and writes) summary.json.
+
+    The set is read before the model loads, so a bad file fails at once. `model_spec=None` is the
+    embedded SmolLM2-135M-Instruct. `progress`: True for a bar on stderr, or `f(done, total)`.
+    """
+    from threeds.model.load import ModelError, load_model, model_label
+
+    bench_obj = load_bench(bench, limit)
+    check_format(prompt_format)
+    try:
+        model, tokenizer = load_model(model_spec, device=device, dtype=dtype)
+    except ModelError as exc:
+        raise ThreedsError(str(exc)) from exc
+    if adapter is not None:
+        model = load_adapter(model, Path(adapter))
+    return evaluate_loaded(
+        model, tokenizer, bench_obj, out, model_name=model_label(model_spec), adapter=adapter, shots=shots,
+        prompt_format=prompt_format, template=template, system=system, batch_size=batch_size,
+        batch_tokens=batch_tokens, progress=progress, overwrite=overwrite,
+    )  # fmt: skip
+
+
+def load_adapter(model, adapter: Path):
+    """`model` with the PEFT adapter in `adapter` merged into its weights (inference runs at the
+    base model's speed)."""
+    if not (adapter / "adapter_config.json").is_file():
+        raise ThreedsError(f"--adapter {adapter}: no adapter_config.json (expected a PEFT adapter folder)")
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().eval()
+
+
+def evaluate_loaded(
+    model, tokenizer, bench: Bench, out: str | os.PathLike, *, model_name: str | None = None,
+    adapter: str | os.PathLike | None = None, shots: int = 0, prompt_format: str = "chat",
+    template: str | None = None, system: str | None = None, batch_size: int = 32, batch_tokens: int = 8192,
+    progress: bool | Progress | None = None, overwrite: bool = False,
+) -> dict:  # fmt: skip
+    """Evaluate an already-loaded model (e.g. right after training) on `bench`; writes `out`'s
+    files and returns the summary. Items already in `out/items.jsonl` are not scored again."""
+    out = Path(out)
+    fmt = resolve_format(tokenizer, prompt_format)
+    chat = make_prompt_format(tokenizer, template, system) if fmt == "chat" else None
+    settings = {"bench": bench.name, "model": model_name or str(getattr(model.config, "_name_or_path", "")),
+                "adapter": str(adapter) if adapter is not None else None, "prompt_format": fmt, "shots": shots,
+                "template": template, "system": system}  # fmt: skip
+    rendered = {item.id: render(item, fmt, shots_for(item, bench.dev, shots), chat) for item in bench.items}
+    with locked(out):
+        done = _resume(out, settings, rendered, overwrite)
+        todo = [item for item in bench.items if item.id not in done]
+        requests = [encode(tokenizer, *rendered[item.id], fmt) for item in todo]
+        tick, close = _progress(progress, len(bench.items) - len(todo), len(bench.items))
+
+        def save(finished: dict[int, list[float]], seconds: float) -> None:
+            rows = [item_row(todo[r], *rendered[todo[r].id], lps, seconds / len(finished)) for r, lps in finished.items()]
+            append_jsonl(out / ITEMS_FILE, rows)
+            done.update((row["id"], row) for row in rows)
+            tick(len(rows))
+
+        try:
+            choice_logprobs(model, requests, batch_size=batch_size, batch_tokens=batch_tokens, on_batch=save)
+        finally:
+            close()
+        return _finish(out, bench, done, settings)
+
+
+def _resume(out: Path, settings: dict, rendered: dict[str, tuple[str, list[str]]], overwrite: bool) -> dict[str, dict]:
+    """The rows already scored with these settings, by id; refuses a folder made with others."""
+    config = out / CONFIG_FILE
+    if overwrite:
+        for name in (ITEMS_FILE, SUMMARY_FILE, CONFIG_FILE):
+            (out / name).unlink(missing_ok=True)
+    if config.exists():
+        old = read_json_object(config)
+        for key, value in settings.items():
+            if old.get(key) != value:
+                raise EvalSettingsError(f"{out}: holds an evaluation made with {key} {old.get(key)!r}, not {value!r}: "
+                                        "pass another --out, or --overwrite to replace it")  # fmt: skip
+    write_json(config, settings)
+    rows = read_jsonl(out / ITEMS_FILE) if (out / ITEMS_FILE).exists() else []
+    for row in rows:
+        if row.get("id") in rendered and (row.get("prompt"), row.get("choices")) != tuple(rendered[row["id"]]):
+            raise EvalSettingsError(f"{out / ITEMS_FILE}: item {row['id']}: scored with another prompt than this "
+                                    "model's template renders now: pass --overwrite to score again")  # fmt: skip
+    return {row["id"]: row for row in rows}
+
+
+def _finish(out: Path, bench: Bench, done: dict[str, dict], settings: dict) -> dict:
+    """items.jsonl rewritten in the set's order (rows of items outside this selection kept at the end),
+    and summary.json over the selected items."""
+    order = {item.id: i for i, item in enumerate(bench.items)}
+    rows = sorted(done.values(), key=lambda row: order.get(row["id"], len(order)))
+    write_jsonl(out / ITEMS_FILE, rows)
+    summary = summarize_rows([row for row in rows if row["id"] in order], settings)
+    write_json(out / SUMMARY_FILE, summary)
+    return summary
+
+
+def _progress(progress: bool | Progress | None, done: int, total: int) -> tuple[Callable[[int], None], Callable[[], None]]:
+    """(advance by n, close) for a tqdm bar (progress=True), a callback `f(done, total)`, or nothing."""
+    if progress is True:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, initial=done, desc="eval", unit="item", dynamic_ncols=True)
+        return bar.update, bar.close
+    count = [done]
+
+    def tick(n: int) -> None:
+        count[0] += n
+        if callable(progress):
+            progress(count[0], total)
+
+    return tick, lambda: None
