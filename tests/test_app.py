@@ -123,11 +123,9 @@ def test_runs_page_starts_a_run_in_the_background(demo, monkeypatch):
     at = app().run()
     at.radio(key="new_source").set_value("Path on this machine").run()
     at.text_input(key="new_path").set_value(str(demo / "input.jsonl")).run()
-    at.text_input(key="new_name").set_value("demo")  # an existing name is refused
-    at.button(key="new_start").click().run()
-    assert "exists" in texts(at.error)
-    assert not started
-    at.text_input(key="new_name").set_value("fresh")
+    at.text_input(key="new_name").set_value("demo").run()  # an existing name is refused
+    assert at.button(key="new_start").disabled and "a run named 'demo' exists" in texts(at.warning).replace("\\", "")
+    at.text_input(key="new_name").set_value("fresh").run()
     at.number_input(key="new_sample_num").set_value(17)
     at.button(key="new_start").click().run()
     assert not at.exception
@@ -136,6 +134,49 @@ def test_runs_page_starts_a_run_in_the_background(demo, monkeypatch):
                            RunConfig(data=DataConfig("rename"), subset=SubsetConfig(limit=20), select=SelectConfig(sample_num=17)))
     assert argv == expected and run_dir.name == "fresh"  # starts small: the first 20 records
     assert at.session_state["run_name"] == "fresh"
+
+
+def test_the_start_form_checks_with_the_cli_rules_before_it_launches(demo, monkeypatch, tmp_path):
+    """Issue 25 (3): a band of low 80 > high 20, a sample_num of 0 and a data file with a bad line
+    each disable Start with the reason (the CLI's own words); fixed, the run starts."""
+    started = []
+    monkeypatch.setattr("threeds.rundir.jobs.start_run", lambda argv, run_dir, cwd=None: started.append(argv) or run_dir.mkdir())
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": \n')
+    at = app().run()
+    at.radio(key="new_source").set_value("Path on this machine").run()
+    at.text_input(key="new_path").set_value(str(bad)).run()
+    at.number_input(key="new_low").set_value(80.0)
+    at.number_input(key="new_up").set_value(20.0)
+    at.number_input(key="new_sample_num").set_value(0).run()
+    shown = texts(at.warning).replace("\\", "")  # the messages are escaped markdown
+    assert at.button(key="new_start").disabled and "Start is disabled" in shown
+    assert "**sample_num**: must be at least 1" in shown and "bad.jsonl: invalid JSON on line 2" in shown, shown
+    at.number_input(key="new_sample_num").set_value(5).run()  # a band is only checked once every field is valid
+    shown = texts(at.warning).replace("\\", "")
+    assert at.button(key="new_start").disabled and "**Band low %**: above --up-th 20; every band needs 0 <= low <= up <= 100" in shown, shown
+    at.number_input(key="new_up").set_value(90.0)
+    at.text_input(key="new_path").set_value(str(demo / "input.jsonl")).run()
+    assert not at.warning and "input.jsonl: 50 records" in texts(at.caption)
+    at.button(key="new_start").click().run()
+    assert len(started) == 1 and "--low-th" in started[0] and "--sample-num" in started[0]
+
+
+def test_an_upload_is_read_at_once_under_its_own_name(cache):
+    """Issue 25 (3): an upload is checked as it arrives, by the reader the run uses, and named
+    by its own file name and line (not the hashed copy the run reads)."""
+    from app_pages import new_run
+
+    class Upload:
+        name = "my data.jsonl"
+
+        def getbuffer(self):
+            return b'{"instruction": "a", "output": "b"}\n{"instruction": "c", \n'
+
+    path = new_run.save_upload(Upload())
+    assert Path(path).name == "my data.jsonl" and Path(path).parent.parent == cache / "uploads"
+    [message] = new_run.data_problems(path, Upload.name, "error").values()
+    assert message.startswith("my data.jsonl: invalid JSON on line 2") and "uploads" not in message, message
 
 
 def test_launcher_inputs_reach_the_command(demo, monkeypatch):
@@ -161,7 +202,7 @@ def test_launcher_inputs_reach_the_command(demo, monkeypatch):
     assert config.subset == SubsetConfig(sample=7, sample_seed=3) and config.rate.prompt == "zh-medical"
     assert (config.generate.max_new_tokens, config.backend.batch_size, config.model.dtype) == (64, 4, "bfloat16")
 
-    at.text_input(key="new_name").set_value("whole")
+    at.text_input(key="new_name").set_value("whole").run()  # "small" exists now: Start was disabled
     at.selectbox(key="new_subset").set_value("all records")
     at.selectbox(key="new_prompt").set_value("auto (from the data's language)")
     at.selectbox(key="new_dtype").set_value("auto")
@@ -842,3 +883,13 @@ def test_a_stopped_run_says_how_it_ended(demo, code, said):
     write_status(demo, "stopped", exit_code=code, error="stopped", pid=2**22 + 7)  # no such process
     at = app().run()
     assert f"Stopped by the user ({said}" in texts(at.warning)
+
+
+def test_the_runs_page_says_what_3ds_does_and_where_to_go(demo):
+    """Issue 25 (6): a first visit lands on Runs: two lines on what 3DS does, links along Quality ->
+    Difficulty -> Samples -> Export, and where a new run starts."""
+    at = app().run()
+    assert "picks the samples worth fine-tuning" in texts(at.markdown)
+    links = [(e.proto.page, e.proto.label) for e in at.get("page_link")]
+    assert [label for _, label in links] == ["Quality", "Difficulty", "Samples", "Export"], links
+    assert "(#start-a-new-run)" in texts(at.markdown) and "Start a new run" in [h.value for h in at.header]

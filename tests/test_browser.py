@@ -296,12 +296,12 @@ def check_heatmaps(d) -> None:
         assert part in tip, tip
 
 
-def type_into(driver, label: str, text: str) -> None:
-    """Type into the text input labelled `label` and leave it (Tab commits it, like a user)."""
+def type_into(driver, label: str, text: str, kind: str = "stTextInput") -> None:
+    """Type into the text (or `kind`) input labelled `label` and leave it (Tab commits it, like a user)."""
     from selenium.webdriver.common.keys import Keys
 
     def box(d):
-        return next((b for b in d.find_elements("css selector", '[data-testid="stTextInput"]') if b.text.strip().startswith(label)), None)
+        return next((b for b in d.find_elements("css selector", f'[data-testid="{kind}"]') if b.text.strip().startswith(label)), None)
 
     field = wait_for(driver, box, f"text input {label}").find_element("css selector", "input")
     field.send_keys(Keys.CONTROL, "a")  # replace what is there (clear() bypasses React's state)
@@ -336,6 +336,15 @@ def test_a_run_started_on_the_page_updates_live_and_ends_failed(server, browser,
         type_into(d, "Model", str(tmp_path / "no-such-model"))
         pick_radio(d, "Stage 1 rating", "openai")
         type_into(d, "OpenAI-compatible base URL", fake.base_url)
+        type_into(d, "Band low %", "80", kind="stNumberInput")  # above the high end: Start says why it is off
+        type_into(d, "Band high %", "20", kind="stNumberInput")
+        wait_for(d, lambda d: "Band low %: above --up-th 20" in body_text(d), "the band's problem")
+        start = next(b for b in d.find_elements("css selector", "button") if b.text.strip() == "Start run")
+        assert not start.is_enabled() and "Start is disabled until these are fixed" in body_text(d)
+        d.execute_script("arguments[0].scrollIntoView({block: 'center'})", start)
+        shot(d, shots, "runs_form_check")
+        type_into(d, "Band high %", "90", kind="stNumberInput")
+        wait_for(d, lambda d: "Start is disabled" not in body_text(d), "the form fixed")
         d.execute_script("window.notReloaded = true")
         next(b for b in d.find_elements("css selector", "button") if b.text.strip() == "Start run").click()
         seen, counts = set(), set()
