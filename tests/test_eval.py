@@ -36,13 +36,19 @@ def random_requests(vocab: int, shapes: list[tuple[int, list[int]]], seed: int =
     return [Request(ids(n), [ids(k) for k in ks]) for n, ks in shapes]
 
 
-def test_shared_prompt_pass_equals_one_sequence_per_choice():
+@pytest.mark.parametrize("common", [0, 6])
+def test_shared_prompt_pass_equals_one_sequence_per_choice(common):
+    """Packed tree rows (and the `share=False` harness rows), batched and padded, with and without a
+    common start in the cache, give each choice the log-probability of its own sequence."""
     model = tiny_llama(500, seed=3, layers=3)
     requests = random_requests(500, [(7, [1, 4, 2, 3]), (15, [3, 1]), (2, [5, 5, 1]), (30, [1, 2, 6, 2, 9])])
+    head = random_requests(500, [(common, [])], seed=9)[0].prompt
+    requests = [Request(head + r.prompt, r.choices) for r in requests]
     expected = [reference_logprobs(model, r) for r in requests]
     for share in (True, False):
         for batch_size, batch_tokens in ((1, 8192), (2, 8192), (32, 8192), (32, 40)):
-            got = choice_logprobs(model, requests, share=share, batch_size=batch_size, batch_tokens=batch_tokens)
+            got = choice_logprobs(model, requests, share=share, batch_size=batch_size, batch_tokens=batch_tokens,
+                                  min_prefix=4)  # fmt: skip
             for g, e in zip(got, expected):
                 assert g == pytest.approx(e, abs=1e-5), (share, batch_size, batch_tokens)
 

@@ -214,16 +214,19 @@ class EvalConfig:
                          "{id, question, options, answer} (default: mmlu-medical)")  # fmt: skip
     adapter: str | None = setting(None, "a PEFT (LoRA) adapter folder to apply to --model (default: none)", kind=str)
     limit: int | None = setting(None, "only N items, spread evenly over the set so every subject is represented "
-                                "(default: all)", kind=int)  # fmt: skip
-    shots: int = setting(0, "K examples from the set's dev items (same subject first) before each question (default: 0)")
+                                "(default: all)", kind=int, low=1)  # fmt: skip
+    shots: int = setting(0, "K examples from the set's dev items (same subject first) before each question (default: 0)",
+                         low=0)  # fmt: skip
     prompt_format: str = setting(
         "chat", "chat = the model's chat template, the choice as the assistant's reply; plain = 'Question: "
         "...\\nAnswer:' and ' choice' (README, threeds eval) (default: chat; plain when the tokenizer has no template)",
         choices=("chat", "plain"),
     )  # fmt: skip
-    batch_size: int = setting(32, "most items in one forward pass; results do not depend on it beyond float rounding (default: 32)")
+    batch_size: int = setting(32, "most items in one forward pass; results do not depend on it beyond float rounding "
+                              "(default: 32)", low=1)  # fmt: skip
     batch_tokens: int = setting(8192, "items in one forward x their longest packed length (prompt + every choice) "
-                                "stays within this many tokens; results do not depend on it beyond float rounding (default: 8192)")  # fmt: skip
+                                "stays within this many tokens; results do not depend on it beyond float rounding "
+                                "(default: 8192)", low=1)  # fmt: skip
 
 
 def id_list(text: str) -> tuple[str, ...]:

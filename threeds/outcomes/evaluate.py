@@ -226,10 +226,23 @@ def evaluate_loaded(
             tick(len(rows))
 
         try:
-            choice_logprobs(model, requests, batch_size=batch_size, batch_tokens=batch_tokens, on_batch=save)
+            for group in _prefix_groups(todo, shots):
+                choice_logprobs(model, [requests[i] for i in group], batch_size=batch_size, batch_tokens=batch_tokens,
+                                on_batch=lambda got, s, group=group: save({group[r]: lps for r, lps in got.items()}, s))  # fmt: skip
         finally:
             close()
         return _finish(out, bench, done, settings)
+
+
+def _prefix_groups(items: list[BenchItem], shots: int) -> list[list[int]]:
+    """Indices of items scored together: all at once, or per subject with K-shot examples (a subject's
+    items share their examples, which `choice_logprobs` then computes once)."""
+    if not shots:
+        return [list(range(len(items)))] if items else []
+    groups: dict[str, list[int]] = {}
+    for i, item in enumerate(items):
+        groups.setdefault(item.subject, []).append(i)
+    return list(groups.values())
 
 
 def _resume(out: Path, settings: dict, rendered: dict[str, tuple[str, list[str]]], overwrite: bool) -> dict[str, dict]:

@@ -7,7 +7,9 @@ tokens are causal; a choice's token attends to the prompt and to the earlier tok
 choice, never to another choice. Each choice's positions continue from the end of the prompt
 (`L, L+1, ...`), so every choice sees exactly what it would see alone, and its log-probabilities
 are those of the separate sequence (to float rounding). Items of similar length are batched, right
-padded; a pad attends only to what precedes it and its output is never read.
+padded; a pad attends only to what precedes it and its output is never read. A start common to
+every prompt (the chat template's system prompt, K-shot examples) is computed once, and its
+key/value cache is shared by every row (`threeds.model.decode.shared_prefix`).
 
 Only the hidden states that predict a choice token go through the output layer (the vocabulary
 projection is as costly as the rest of a 135M model per token), and only their log-softmax is kept.
@@ -20,6 +22,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from transformers import DynamicCache
+
+from threeds.model.decode import Prefix, shared_prefix
+
+PAD_SLACK = 1.1  # a batch computes at most this many tokens per token of its rows
+MIN_PREFIX = 16  # tokens; a shorter common start is recomputed per row (it costs less than the cache copy)
 
 
 @dataclass(frozen=True)
@@ -44,27 +52,30 @@ class _Packed:
 OnBatch = Callable[[dict[int, list[float]], float], None]
 
 
-def pack(requests: Sequence[Request], share: bool = True) -> list[_Packed]:
+def pack(requests: Sequence[Request], share: bool = True, start: int = 0) -> list[_Packed]:
     """One row per request (the prompt shared by its choices), or with `share=False` one row per
-    (request, choice): `prompt + choice`, the usual harness pattern, kept for comparison."""
+    (request, choice): `prompt + choice`, the usual harness pattern, kept for comparison. The
+    first `start` prompt tokens (a prefix every request shares, in the cache) are left out."""
     rows = []
     for r, req in enumerate(requests):
         groups = [[j for j in range(len(req.choices))]] if share else [[j] for j in range(len(req.choices))]
         for chosen in groups:
-            rows.append(_pack_one(r, req, chosen))
+            rows.append(_pack_one(r, req, chosen, start))
     return rows
 
 
-def _pack_one(r: int, req: Request, chosen: list[int]) -> _Packed:
+def _pack_one(r: int, req: Request, chosen: list[int], start: int) -> _Packed:
     length = len(req.prompt)
-    ids, positions, groups = list(req.prompt), list(range(length)), [-1] * length
+    if length <= start:
+        raise ValueError(f"request {r}: the prompt must have a token after the shared prefix")
+    ids, positions, groups = list(req.prompt[start:]), list(range(start, length)), [-1] * (length - start)
     reads = []
     for j in chosen:
         cont = req.choices[j]
-        if not cont or not length:
-            raise ValueError(f"request {r}: empty prompt or choice {j}")
-        start = len(ids)
-        reads.append((r, j, [length - 1, *range(start, start + len(cont) - 1)], list(cont)))
+        if not cont:
+            raise ValueError(f"request {r}: choice {j} has no token")
+        first = len(ids)
+        reads.append((r, j, [length - 1 - start, *range(first, first + len(cont) - 1)], list(cont)))
         ids += cont
         positions += range(length, length + len(cont))
         groups += [j] * len(cont)
@@ -72,34 +83,44 @@ def _pack_one(r: int, req: Request, chosen: list[int]) -> _Packed:
 
 
 def batches(rows: Sequence[_Packed], batch_size: int, batch_tokens: int) -> list[list[int]]:
-    """Row indices per forward, longest first: a batch grows while it has at most `batch_size` rows
-    and rows x its longest row stays within `batch_tokens` (a single row may exceed it)."""
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i].ids))
+    """Row indices per forward, longest first: a batch grows while it has at most `batch_size` rows,
+    rows x its longest row stays within `batch_tokens` (a single row may exceed it) and within
+    `PAD_SLACK` times its rows' own tokens (padding is computed like any token)."""
     out: list[list[int]] = []
-    for i in order:
-        if out and len(out[-1]) < batch_size and (len(out[-1]) + 1) * len(rows[out[-1][0]].ids) <= batch_tokens:
-            out[-1].append(i)
-        else:
-            out.append([i])
+    own = 0
+    for i in sorted(range(len(rows)), key=lambda i: -len(rows[i].ids)):
+        n = len(rows[i].ids)
+        if out:
+            grown = (len(out[-1]) + 1) * len(rows[out[-1][0]].ids)
+            if len(out[-1]) < batch_size and grown <= batch_tokens and grown <= PAD_SLACK * (own + n):
+                out[-1].append(i)
+                own += n
+                continue
+        out.append([i])
+        own = n
     return out
 
 
 def choice_logprobs(
     model, requests: Sequence[Request], *, share: bool = True, batch_size: int = 32, batch_tokens: int = 8192,
-    on_batch: OnBatch | None = None,
+    min_prefix: int | None = MIN_PREFIX, on_batch: OnBatch | None = None,
 ) -> list[list[float]]:  # fmt: skip
     """Summed log-probability of each choice of each request, in choice order.
 
+    A start every prompt shares (a chat template's system prompt, K-shot examples) of at least
+    `min_prefix` tokens is computed once and its key/value cache reused by every row (None: never).
     `on_batch({request index: its log-probs}, seconds)` is called after each forward with the
     requests it completed (all of their choices now scored), so a caller can save them at once.
     """
-    rows = pack(requests, share)
+    with torch.inference_mode():
+        prefix = shared_prefix(model, [r.prompt for r in requests], min_prefix) if min_prefix is not None else None
+    rows = pack(requests, share, prefix.length if prefix is not None else 0)
     sums: list[list[float | None]] = [[None] * len(req.choices) for req in requests]
     left = [len(req.choices) for req in requests]
     for batch in batches(rows, batch_size, batch_tokens):
         began = time.perf_counter()
         with torch.inference_mode():
-            scored = _forward(model, [rows[i] for i in batch])
+            scored = _forward(model, [rows[i] for i in batch], prefix)
         finished = []
         for r, j, value in scored:
             sums[r][j] = value
@@ -111,8 +132,9 @@ def choice_logprobs(
     return sums  # type: ignore[return-value]
 
 
-def _forward(model, rows: list[_Packed]) -> list[tuple[int, int, float]]:
-    """(request, choice, summed log-prob) for every choice carried by `rows`, from one forward."""
+def _forward(model, rows: list[_Packed], prefix: Prefix | None = None) -> list[tuple[int, int, float]]:
+    """(request, choice, summed log-prob) for every choice carried by `rows`, from one forward on
+    top of the shared `prefix`'s cache (every row sees all of it)."""
     device = model.device
     width = max(len(row.ids) for row in rows)
     ids = torch.zeros(len(rows), width, dtype=torch.long, device=device)
@@ -125,8 +147,15 @@ def _forward(model, rows: list[_Packed]) -> list[tuple[int, int, float]]:
         groups[b, :n] = torch.tensor(row.groups, device=device)
     causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
     same = (groups[:, None, :] == -1) | (groups[:, None, :] == groups[:, :, None])  # [rows, query, key]
-    mask = (causal & same)[:, None]
-    hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state
+    mask = causal & same
+    cache = None
+    if prefix is not None:
+        cache = DynamicCache(config=model.config)
+        for index, (keys, values) in enumerate(prefix.kv):
+            cache.update(keys.expand(len(rows), -1, -1, -1), values.expand(len(rows), -1, -1, -1), index)
+        mask = torch.cat([mask.new_ones(len(rows), width, prefix.length), mask], 2)
+    hidden = model.get_decoder()(input_ids=ids, attention_mask=mask[:, None], position_ids=positions,
+                                 past_key_values=cache, use_cache=cache is not None).last_hidden_state  # fmt: skip
     where = [(b, r, j, cols, targets) for b, row in enumerate(rows) for r, j, cols, targets in row.reads]
     rows_idx = torch.tensor([b for b, _, _, cols, _ in where for _ in cols], device=device)
     cols_idx = torch.tensor([c for _, _, _, cols, _ in where for c in cols], device=device)

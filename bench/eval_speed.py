@@ -1,0 +1,121 @@
+"""`threeds eval` speed on the CPU: the shared prompt pass vs one sequence per choice, in one process
+(BENCHMARKS.md (h)).
+
+The same items of a bundled set (`--limit` of them, spread over the subjects), prompts rendered
+and tokenized as `threeds eval` does, scored by `threeds.outcomes.loglik.choice_logprobs` in three ways:
+
+  * harness: one sequence `prompt + choice` per choice (the usual lm-eval-harness pattern), batched
+    by length like the others;
+  * packed: one row per item, the prompt once and every choice after it under a tree mask;
+  * threeds (the default): packed, and the start every prompt shares (the chat template's system
+    prompt; K-shot examples) computed once, its cache shared by every row.
+
+The model is loaded once (float32, as threeds loads it on a CPU); load time is excluded from these
+rows. Tokens fed = tokens that go through the model. `--end-to-end` also times `evaluate()` as
+`threeds eval --limit N` runs it (model load, files) in the same process. Each path's log-probs
+are compared with the harness's (largest absolute difference, and whether any prediction changed).
+
+    python bench/eval_speed.py --limit 200 --end-to-end --out bench/results/eval_speed.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from threeds.model.load import load_model  # noqa: E402
+from threeds.model.prompts import prompt_format  # noqa: E402
+from threeds.outcomes.benchsets import load_bench  # noqa: E402
+from threeds.outcomes.evaluate import encode, evaluate, render, shots_for  # noqa: E402
+from threeds.outcomes.loglik import MIN_PREFIX, choice_logprobs, pack  # noqa: E402
+from threeds.model.decode import shared_prefix  # noqa: E402
+
+PATHS = {"harness": (False, None), "packed": (True, None), "threeds": (True, MIN_PREFIX)}
+
+
+def requests_for(tokenizer, bench_name: str, limit: int, shots: int, fmt: str):
+    bench = load_bench(bench_name, limit)
+    chat = prompt_format(tokenizer)
+    return [encode(tokenizer, *render(item, fmt, shots_for(item, bench.dev, shots), chat), fmt) for item in bench.items]
+
+
+def tokens_fed(model, requests, share: bool, min_prefix: int | None) -> int:
+    prefix = shared_prefix(model, [r.prompt for r in requests], min_prefix) if min_prefix is not None else None
+    start = prefix.length if prefix is not None else 0
+    return start + sum(len(row.ids) for row in pack(requests, share, start))
+
+
+def time_path(model, requests, name: str, batch_size: int, batch_tokens: int) -> dict:
+    share, min_prefix = PATHS[name]
+    with torch.inference_mode():
+        fed = tokens_fed(model, requests, share, min_prefix)
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = choice_logprobs(model, requests, share=share, min_prefix=min_prefix, batch_size=batch_size,
+                          batch_tokens=batch_tokens)  # fmt: skip
+    return {"path": name, "wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu, "fed": fed, "logprobs": out}
+
+
+def table(rows: list[dict], n: int, header: str) -> str:
+    base = next(r for r in rows if r["path"] == "harness")
+    lines = [header, "", "| path | wall s | CPU s | items/s | tokens fed | speed-up vs harness | largest abs. diff vs harness | predictions changed |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        diff = max(abs(a - b) for x, y in zip(r["logprobs"], base["logprobs"]) for a, b in zip(x, y))
+        changed = sum(_argmax(x) != _argmax(y) for x, y in zip(r["logprobs"], base["logprobs"]))
+        lines.append(f"| {r['path']} | {r['wall']:.1f} | {r['cpu']:.1f} | {n / r['wall']:.2f} | {r['fed']:,} | "
+                     f"{base['wall'] / r['wall']:.2f}x | {diff:.1e} | {changed} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def _argmax(values: list[float]) -> int:
+    return max(range(len(values)), key=lambda i: values[i])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bench", default="mmlu-medical")
+    parser.add_argument("--limit", type=int, default=200)
+    parser.add_argument("--shots", type=int, default=0)
+    parser.add_argument("--format", default="chat", choices=("chat", "plain"))
+    parser.add_argument("--paths", default="threeds,harness,packed", help="comma-separated, in the order run")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-tokens", type=int, default=8192)
+    parser.add_argument("--end-to-end", action="store_true", help="also time evaluate() as `threeds eval` runs it")
+    parser.add_argument("--out", type=Path, help="also write the table here")
+    args = parser.parse_args()
+    load_before = os.getloadavg()[0]
+    model, tokenizer = load_model()
+    requests = requests_for(tokenizer, args.bench, args.limit, args.shots, args.format)
+    rows = [time_path(model, requests, name, args.batch_size, args.batch_tokens) for name in args.paths.split(",")]
+    header = (f"{args.bench}, {len(requests)} items (--limit {args.limit}), {args.shots}-shot, {args.format} prompts, "
+              f"embedded SmolLM2-135M-Instruct float32, torch threads {torch.get_num_threads()}, load average "
+              f"{load_before:.1f} before / {os.getloadavg()[0]:.1f} after")  # fmt: skip
+    text = table(rows, len(requests), header)
+    if args.end_to_end:
+        with tempfile.TemporaryDirectory() as tmp:
+            began = time.perf_counter()
+            summary = evaluate(None, args.bench, tmp, limit=args.limit, shots=args.shots, prompt_format=args.format,
+                               batch_size=args.batch_size, batch_tokens=args.batch_tokens)  # fmt: skip
+            wall = time.perf_counter() - began
+        full = len(load_bench(args.bench).items)
+        text += (f"\n\nend to end, `evaluate()` as `threeds eval --bench {args.bench} --limit {args.limit}` runs it "
+                 f"(model load and files included): {wall:.1f} s, scoring {summary['seconds']:.1f} s; "
+                 f"{full:,} items at this pace: {summary['seconds'] * full / len(requests) / 60:.1f} min of scoring "
+                 f"(extrapolated); acc {summary['acc']:.3f}, acc_norm {summary['acc_norm']:.3f}, "
+                 f"gold_prob {summary['gold_prob']:.3f}")  # fmt: skip
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
