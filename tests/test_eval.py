@@ -13,6 +13,7 @@ from threeds.cli import main as cli
 from threeds.io.data import read_jsonl
 from threeds.outcomes.benchsets import Bench, BenchItem
 from threeds.outcomes.evaluate import EvalSettingsError, encode, evaluate_loaded, render
+from threeds.outcomes import loglik
 from threeds.outcomes.loglik import Request, choice_logprobs
 
 
@@ -37,9 +38,11 @@ def random_requests(vocab: int, shapes: list[tuple[int, list[int]]], seed: int =
 
 
 @pytest.mark.parametrize("common", [0, 6])
-def test_shared_prompt_pass_equals_one_sequence_per_choice(common):
+def test_shared_prompt_pass_equals_one_sequence_per_choice(common, monkeypatch):
     """Packed tree rows (and the `share=False` harness rows), batched and padded, with and without a
-    common start in the cache, give each choice the log-probability of its own sequence."""
+    common start in the cache, the output layer in chunks, give each choice the log-probability of
+    its own sequence."""
+    monkeypatch.setattr(loglik, "HEAD_CHUNK", 5)
     model = tiny_llama(500, seed=3, layers=3)
     requests = random_requests(500, [(7, [1, 4, 2, 3]), (15, [3, 1]), (2, [5, 5, 1]), (30, [1, 2, 6, 2, 9])])
     head = random_requests(500, [(common, [])], seed=9)[0].prompt

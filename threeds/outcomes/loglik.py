@@ -27,6 +27,7 @@ from transformers import DynamicCache
 from threeds.model.decode import Prefix, shared_prefix
 
 PAD_SLACK = 1.1  # a batch computes at most this many tokens per token of its rows
+HEAD_CHUNK = 1024  # positions per output-layer call: [1024, vocab] float32 logits at a time (600 MiB at 150k)
 MIN_PREFIX = 16  # tokens; a shorter common start is recomputed per row (it costs less than the cache copy)
 
 
@@ -160,8 +161,9 @@ def _forward(model, rows: list[_Packed], prefix: Prefix | None = None) -> list[t
     rows_idx = torch.tensor([b for b, _, _, cols, _ in where for _ in cols], device=device)
     cols_idx = torch.tensor([c for _, _, _, cols, _ in where for c in cols], device=device)
     targets = torch.tensor([t for *_, tgt in where for t in tgt], device=device)
-    logits = _head(model, hidden[rows_idx, cols_idx]).float()
-    token_lp = logits.log_softmax(-1).gather(1, targets[:, None])[:, 0]
+    picked = hidden[rows_idx, cols_idx]
+    token_lp = torch.cat([_head(model, part).float().log_softmax(-1).gather(1, tgt[:, None])[:, 0]
+                          for part, tgt in zip(picked.split(HEAD_CHUNK), targets.split(HEAD_CHUNK))])  # fmt: skip
     sums = torch.split(token_lp, [len(cols) for *_, cols, _ in where])
     return [(r, j, float(s.sum())) for (_, r, j, _, _), s in zip(where, sums)]
 
