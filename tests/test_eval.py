@@ -164,3 +164,30 @@ def test_cli_on_the_embedded_model(tmp_path, capsys):
     assert all(len(r["logprobs"]) == len(r["choices"]) == 4 and all(lp < 0 for lp in r["logprobs"]) for r in rows)
     assert summary["acc"] == sum(r["correct"] for r in rows) / 5
     assert json.loads(capsys.readouterr().out)["n_items"] == 5
+
+
+def test_adapter_is_applied(tmp_path, tiny_model_dir, tokenizer):
+    """`evaluate(adapter=DIR)` scores the base model with the saved LoRA merged in: the log-probs of
+    the PEFT model itself, not those of the base model."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from threeds.errors import ThreedsError
+    from threeds.outcomes.evaluate import evaluate
+
+    torch.manual_seed(1)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    before = reference_logprobs(base, encode(tokenizer, *render(ITEM, "plain", [], None), "plain"))
+    peft = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).eval()
+    peft.save_pretrained(tmp_path / "adapter")
+    exam = tmp_path / "exam.jsonl"
+    exam.write_text(json.dumps({"id": "q1", "question": ITEM.question, "options": ITEM.choices, "answer": "A"}) + "\n")
+    summary = evaluate(str(tiny_model_dir), str(exam), tmp_path / "out", adapter=tmp_path / "adapter",
+                       prompt_format="plain", device="cpu")  # fmt: skip
+    (row,) = read_jsonl(tmp_path / "out" / "items.jsonl")
+    expected = reference_logprobs(peft, encode(tokenizer, row["prompt"], row["choices"], "plain"))
+    assert row["logprobs"] == pytest.approx(expected, abs=1e-4)
+    assert max(abs(a - b) for a, b in zip(expected, before)) > 1e-3
+    assert summary["adapter"] == str(tmp_path / "adapter")
+    with pytest.raises(ThreedsError, match="no adapter_config.json"):
+        evaluate(str(tiny_model_dir), str(exam), tmp_path / "out2", adapter=tmp_path, device="cpu")

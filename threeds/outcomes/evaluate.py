@@ -225,11 +225,14 @@ def evaluate_loaded(
             done.update((row["id"], row) for row in rows)
             tick(len(rows))
 
+        training = model.training
+        model.eval()  # no dropout (a model straight from training); restored below
         try:
             for group in _prefix_groups(todo, shots):
                 choice_logprobs(model, [requests[i] for i in group], batch_size=batch_size, batch_tokens=batch_tokens,
                                 on_batch=lambda got, s, group=group: save({group[r]: lps for r, lps in got.items()}, s))  # fmt: skip
         finally:
+            model.train(training)
             close()
         return _finish(out, bench, done, settings)
 
