@@ -52,8 +52,9 @@ def test_mmlu_csv_file(tmp_path):
 
 def test_cmb_style_json_drops_empty_options(tmp_path):
     path = tmp_path / "cmb.json"
-    rows = [{"exam_subject": "内科", "question": "发热最常见的原因是", "option": {"A": "感染", "B": "肿瘤", "C": "外伤", "D": "中毒", "E": ""},
-             "answer": "A"}, {"id": "x7", "question": "Q2", "option": {"A": "p", "B": "q"}, "answer": "B"}]  # fmt: skip
+    options = {"A": "感染", "B": "肿瘤", "C": "外伤", "D": "中毒", "E": ""}
+    rows = [{"exam_subject": "内科", "question": "发热最常见的原因是", "option": options, "answer": "A"},
+            {"id": "x7", "question": "Q2", "option": {"A": "p", "B": "q"}, "answer": "B"}]
     path.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
     items = load_bench(path).items
     assert items[0] == BenchItem("1", "发热最常见的原因是", ["感染", "肿瘤", "外伤", "中毒"], 0, "内科")

@@ -11,9 +11,9 @@ from conftest import tiny_llama
 
 from threeds.cli import main as cli
 from threeds.io.data import read_jsonl
+from threeds.outcomes import loglik
 from threeds.outcomes.benchsets import Bench, BenchItem
 from threeds.outcomes.evaluate import EvalSettingsError, encode, evaluate_loaded, render
-from threeds.outcomes import loglik
 from threeds.outcomes.loglik import Request, choice_logprobs
 
 

@@ -19,7 +19,8 @@ from threeds.outcomes.stats import (
 )
 
 
-def rows(correct: list[int], golds: list[int] | None = None, subjects: list[str] | None = None, prefix: str = "q") -> list[dict]:
+def rows(correct: list[int], golds: list[int] | None = None, subjects: list[str] | None = None,
+         prefix: str = "q") -> list[dict]:  # fmt: skip
     golds = golds or [0] * len(correct)
     subjects = subjects or ["s"] * len(correct)
     return [{"id": f"{prefix}{i}", "gold": g, "correct": bool(c), "correct_norm": not c, "gold_prob": 0.25 + 0.5 * c,

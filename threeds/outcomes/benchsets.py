@@ -137,7 +137,8 @@ def read_mmlu_csv(path: Path) -> list[BenchItem]:
     for number, row in enumerate(csv.reader(io.StringIO(_text(path), newline="")), start=1):
         where = f"row {number}"
         if len(row) < 4:
-            raise DataError(f"{path}: {where}: expected question, at least two options and an answer letter, got {len(row)} fields")
+            raise DataError(f"{path}: {where}: expected question, at least two options and an answer letter, "
+                            f"got {len(row)} fields")  # fmt: skip
         question, options, answer = row[0], row[1:-1], row[-1].strip()
         items.append(_item(path, where, f"{subject}-{number}", question, options, answer, subject))
     return items

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -34,7 +33,9 @@ from pathlib import Path
 from threeds.errors import SettingsError, ThreedsError
 from threeds.io.data import append_jsonl, read_jsonl, write_json, write_jsonl
 from threeds.io.lock import locked
-from threeds.model.prompts import PromptFormat, prompt_format as make_prompt_format
+from threeds.model.load import ModelError, load_model, model_label
+from threeds.model.prompts import PromptFormat
+from threeds.model.prompts import prompt_format as make_prompt_format
 from threeds.outcomes.benchsets import Bench, BenchItem, load_bench
 from threeds.outcomes.loglik import Request, choice_logprobs
 from threeds.rundir.check import read_json_object
@@ -171,8 +172,6 @@ def evaluate(
     The set is read before the model loads, so a bad file fails at once. `model_spec=None` is the
     embedded SmolLM2-135M-Instruct. `progress`: True for a bar on stderr, or `f(done, total)`.
     """
-    from threeds.model.load import ModelError, load_model, model_label
-
     bench_obj = load_bench(bench, limit)
     check_format(prompt_format)
     try:
@@ -230,11 +229,16 @@ def evaluate_loaded(
         try:
             for group in _prefix_groups(todo, shots):
                 choice_logprobs(model, [requests[i] for i in group], batch_size=batch_size, batch_tokens=batch_tokens,
-                                on_batch=lambda got, s, group=group: save({group[r]: lps for r, lps in got.items()}, s))  # fmt: skip
+                                on_batch=_renumbered(save, group))  # fmt: skip
         finally:
             model.train(training)
             close()
         return _finish(out, bench, done, settings)
+
+
+def _renumbered(save: Callable[[dict[int, list[float]], float], None], group: list[int]):
+    """`save` for a call on `group`'s items: its request indices mapped back to the whole list's."""
+    return lambda got, seconds: save({group[r]: lps for r, lps in got.items()}, seconds)
 
 
 def _prefix_groups(items: list[BenchItem], shots: int) -> list[list[int]]:
