@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import streamlit as st
+from streamlit.runtime.scriptrunner import get_script_run_ctx
 
 from app_pages import state
 from threeds.config import SelectConfig
@@ -63,12 +64,19 @@ def setup(page_path: str) -> None:
     run_picker()
 
 
+def fragment_wrote_url(page_path: str) -> None:
+    """A fragment that changes the view (a brush, a search) writes the URL at the end of its own
+    reruns, where app.py's `write_url` does not run; in a whole run app.py writes it."""
+    ctx = get_script_run_ctx()
+    if ctx is not None and ctx.fragment_ids_this_run:
+        write_url(page_path)
+
+
 def write_url(page_path: str) -> None:
     """Put the current view in the query string (app.py, after the page, however it ended)."""
     run = current_run()
     config = selection_config(run) if run is not None else None
-    sample_id = st.session_state.get("inspect_id") if page_path == INSPECTOR_PATH else None
-    state.write_url(st.session_state.get("run_name"), config, sample_id)
+    state.write_url(st.session_state.get("run_name"), config, state.view(page_path, INSPECTOR_PATH))
 
 
 # ---------------------------------------------------------------------------------- the run
@@ -106,6 +114,7 @@ def run_picker() -> None:
     linked = state.pending()
     if linked is not None:
         state.set_selection(linked)
+    state.apply_pending_brush()
     run = current_run()
     show_funnel(run)
     if run is not None:

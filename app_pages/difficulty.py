@@ -6,7 +6,7 @@ import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 
-from app_pages import common, state, raster
+from app_pages import common, raster, state
 from threeds.names import ANSWER_FLAG_NAMES, ANSWER_FLAGS, METRICS, metric_column
 from threeds.selection.answer_flags import (
     HIT_MAX_SLACK,

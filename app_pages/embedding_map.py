@@ -206,6 +206,7 @@ def map_view(run, coords: np.ndarray, picked: np.ndarray) -> None:
     st.plotly_chart(
         figure, key="map", on_select=lambda: on_select(run, coords), selection_mode=("points", "box", "lasso"), width="stretch",
     )  # fmt: skip
+    common.fragment_wrote_url("embedding_map")  # a fragment's rerun: a new brush goes in the URL now
 
 
 main()

@@ -19,6 +19,7 @@ from threeds.names import (
 )
 from threeds.rundir.read import RunFileError, percentile_rank
 from threeds.selection.answer_flags import REPEAT_SHARE
+from threeds.selection.verdicts import explained
 from threeds.views import heatmap
 
 MATCHES = 50
@@ -208,7 +209,7 @@ def main() -> None:
     chosen = common.selection(run)
     rank = f" (pick #{chosen.rank[row]:,})" if chosen.rank[row] else ""
     st.markdown(f"### {common.code(sample_id)}  ·  selection: **{chosen.verdict[row]}**{rank}")
-    st.caption(f"why: {chosen.reason[row]}")
+    st.markdown("\n".join(f"- {common.md(rule)}" + (f" — *{common.md(meaning)}*" if meaning else "") for rule, meaning in explained(chosen.reason[row])))
     flag_badges(run, row)
     st.markdown("**Instruction**")
     st.text(full_instruction(record))

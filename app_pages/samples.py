@@ -108,17 +108,20 @@ def table_view(run: Run, table: pd.DataFrame) -> None:
     shown = table.iloc[rows].assign(instruction=snippets.to_numpy()[rows])
     shown["pick"] = [f"{r:,}" if r else "" for r in shown["pick"]]  # blank, not "None", when not picked
     st.caption(f"{len(order):,} of {len(table):,} samples match" + (f"; the first {SHOWN:,} are shown" if len(order) > SHOWN else "") + " · select a row to open it in the inspector")
-    columns = ["pick", "id", "verdict", "why", "A' flags", "instruction", "quality", *(c for m in METRICS for c in (METRIC_NAMES[m], f"{METRIC_NAMES[m]} %"))]
+    columns = ["pick", "id", "verdict", "why", "in plain words", "A' flags", "instruction", "quality", *(c for m in METRICS for c in (METRIC_NAMES[m], f"{METRIC_NAMES[m]} %"))]
     number = st.column_config.NumberColumn
     event = st.dataframe(
         shown[columns], hide_index=True, width="stretch", height=560, key="samples_table",
         on_select="rerun", selection_mode="single-row",
         column_config={
             "pick": st.column_config.TextColumn("pick #"), "quality": number(format="%g"),
+            "why": st.column_config.TextColumn(width="medium"),
+            "in plain words": st.column_config.TextColumn(width="medium", help="what the why means for the sample as training data"),
             **{METRIC_NAMES[m]: number(format="%.4g") for m in METRICS},
             **{f"{METRIC_NAMES[m]} %": number(format="%.1f", help="percentile rank among the samples kept by quality") for m in METRICS},
         },
     )  # fmt: skip
+    common.fragment_wrote_url("samples")  # a fragment's rerun: the search goes in the URL now, not at the next full run
     picked = event.selection.rows if event is not None else []
     if picked:
         common.open_inspector(str(shown["id"].iloc[picked[0]]))

@@ -17,12 +17,16 @@ back/forward within a page (Streamlit >= 1.50 marks such a run `is_history_navig
 otherwise: while a slider is dragged the browser sends reruns that still carry the previous query
 string, and reading those would move it back. Selection settings use SelectConfig's field names
 and only appear when they differ from its defaults, so `?run=demo&quality_threshold=90&conf_up=80`
-is a complete link.
+is a complete link. The view goes in too: the inspector's `id`, the Samples `search`, and a `brush`
+(its rows as a deflated bit mask, a few dozen characters for a run of thousands) with its label.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +41,14 @@ from threeds.selection.apply import SelectionError, check, load_preset, save_pre
 SELECTION = "selection"  # the current SelectConfig
 # Other widget keys that must survive page switches: Streamlit drops a widget's state when a page
 # without that widget runs, unless the key is re-assigned on every run (its documented workaround).
-PERSISTENT = ("run_name", "inspect_id", "ins_ppl_log", "inspect_atten")
+PERSISTENT = ("run_name", "inspect_id", "ins_ppl_log", "inspect_atten", "samples_query")
 FIELDS = {f.name: f for f in dataclasses.fields(SelectConfig)}
 BAND_FIELDS = {"low_th", "up_th", *(f"{SHORT_NAMES[m]}_{end}" for m in METRICS for end in ("low", "up"))}
 WRITTEN = "url_written"  # the query string this session wrote last
 PAGE = "url_page"  # the page of the previous run
 PENDING = "url_settings"  # settings read from a link, applied once the run is open
+PENDING_BRUSH = "url_brush"  # a brush read from a link (None: none), applied once the run is open
+VIEW = ("id", "search", "brush", "brush_label")  # what the URL holds besides the run and the selection
 
 
 def default_selection() -> SelectConfig:
@@ -181,16 +187,44 @@ def clear_rules() -> None:
 # ---------------------------------------------------------------------------------- the URL
 
 
-def encode(run_name: str | None, config: SelectConfig | None, sample_id: str | None = None) -> dict[str, str]:
+def encode(run_name: str | None, config: SelectConfig | None, view: dict[str, str] | None = None) -> dict[str, str]:
+    """The query string: the run, the selection's settings that differ from SelectConfig's defaults,
+    and the view (`VIEW`: the inspector's id, the Samples search, the brush), each when set."""
     params = {"run": run_name} if run_name else {}
     if config is not None:
         for name, f in FIELDS.items():
             value = getattr(config, name)
             if value != f.default and value is not None:
                 params[name] = format_value(value)
-    if sample_id:
-        params["id"] = sample_id
-    return params
+    return params | {name: value for name, value in (view or {}).items() if name in VIEW and value}
+
+
+def view(page_path: str, inspector_path: str) -> dict[str, str]:
+    """The view's URL part for the page shown: the sample id on the inspector, the search on Samples,
+    the brush (rows of the run) on every page."""
+    rows = brushed_rows()
+    found = {"brush": encode_rows(rows), "brush_label": st.session_state.get("brush_label", "")} if rows is not None else {}
+    if page_path == inspector_path:
+        found["id"] = st.session_state.get("inspect_id") or ""
+    if page_path == "samples":
+        found["search"] = st.session_state.get("samples_query") or ""
+    return found
+
+
+def encode_rows(rows: np.ndarray) -> str:
+    """Row numbers as a short URL-safe text: a bit per row up to the last, deflated, base64."""
+    mask = np.zeros(int(rows.max()) + 1 if len(rows) else 0, dtype=bool)
+    mask[rows] = True
+    return base64.urlsafe_b64encode(zlib.compress(np.packbits(mask).tobytes(), 9)).decode("ascii").rstrip("=")
+
+
+def decode_rows(text: str) -> np.ndarray:
+    """The rows `encode_rows` wrote; SelectionError when the text is not one of its outputs."""
+    try:
+        packed = zlib.decompress(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
+    except (binascii.Error, zlib.error, ValueError):
+        raise SelectionError(f"link setting brush={text[:20]!r} is not a brush this app wrote") from None
+    return np.flatnonzero(np.unpackbits(np.frombuffer(packed, dtype=np.uint8))).astype(np.int64)
 
 
 def decode(params: dict[str, str]) -> SelectConfig:
@@ -238,6 +272,18 @@ def read_url(run_names: list[str], page_path: str) -> None:
             st.sidebar.warning(f"{exc}; the link's selection is ignored.")
     if params.get("id"):
         st.session_state["inspect_id"] = params["id"]
+    st.session_state["samples_query"] = params.get("search", "")
+    read_brush(params)
+
+
+def read_brush(params: dict[str, str]) -> None:
+    """The link's brush (or none) for `pending_brush`, applied once its run is open."""
+    try:
+        rows = decode_rows(params["brush"]) if params.get("brush") else None
+    except SelectionError as exc:
+        st.sidebar.warning(f"{exc}; the link's brush is ignored.")
+        rows = None
+    st.session_state[PENDING_BRUSH] = None if rows is None else (rows, params.get("brush_label") or f"{len(rows):,} samples brushed (from a link)")
 
 
 def pending() -> SelectConfig | None:
@@ -245,8 +291,19 @@ def pending() -> SelectConfig | None:
     return st.session_state.pop(PENDING, None)
 
 
-def write_url(run_name: str | None, config: SelectConfig | None, sample_id: str | None) -> None:
-    params = encode(run_name, config, sample_id)
+def apply_pending_brush() -> None:
+    """The brush a link brought (or its absence, after back/forward), once its run is open."""
+    if PENDING_BRUSH in st.session_state:
+        brush = st.session_state.pop(PENDING_BRUSH)
+        if brush is None:
+            clear_brush()
+        else:
+            set_brush(*brush)
+
+
+def write_url(run_name: str | None, config: SelectConfig | None, view: dict[str, str]) -> None:
+    """Put the current view in the query string (a new browser history entry when it changed)."""
+    params = encode(run_name, config, view)
     if st.query_params.to_dict() != params:
         st.query_params.from_dict(params)
     st.session_state[WRITTEN] = params

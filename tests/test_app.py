@@ -376,6 +376,31 @@ def test_a_visit_to_the_map_or_a_brush_never_changes_sample_num(demo):
     assert f"--sample-num {candidates - 2} " in at.code[1].value and metric(at, "selected samples") == str(candidates - 2)
 
 
+def test_export_names_the_run_by_its_absolute_path(cache, monkeypatch):
+    """Issue 25 (6): with the cache given relative to the app's directory (the default `cache/`), the
+    command Export shows still works when pasted in another directory."""
+    make_run(cache / "demo", n=40, n_dropped=10)
+    monkeypatch.chdir(cache.parent)
+    monkeypatch.setenv("THREEDS_CACHE", "cache")
+    at = open_page("app_pages/export.py", sample_num=3)
+    assert f"threeds select --run {cache / 'demo'} --out " in at.code[1].value
+
+
+def test_the_inspector_says_what_the_why_means(demo):
+    """Issue 25 (6): beside the rule, what it means for the sample."""
+    run = load_run(demo)
+    at = open_page("app_pages/export.py")
+    chosen = apply(SelectConfig(quality_threshold=85.0), run.metrics, run.embeddings, run.ratings)
+    low = next(i for i, w in zip(chosen.ids, chosen.reason) if w.startswith("Response Confidence below"))
+    at.session_state["inspect_id"] = low
+    at.switch_page("app_pages/inspector.py").run()
+    why = texts(at.markdown).replace("\\", "")
+    assert "- Response Confidence below the 25th percentile — *the model already answers this confidently: little to learn from it*" in why, why
+    at.switch_page("app_pages/samples.py").run()
+    table = at.dataframe[0].value.set_index("id")
+    assert table.loc[low, "in plain words"].startswith("the model already answers this confidently")
+
+
 def test_export_page_matches_the_library(demo, tmp_path):
     at = open_page("app_pages/export.py", sample_num=4)
     run = load_run(demo)
@@ -893,3 +918,33 @@ def test_the_runs_page_says_what_3ds_does_and_where_to_go(demo):
     links = [(e.proto.page, e.proto.label) for e in at.get("page_link")]
     assert [label for _, label in links] == ["Quality", "Difficulty", "Samples", "Export"], links
     assert "(#start-a-new-run)" in texts(at.markdown) and "Start a new run" in [h.value for h in at.header]
+
+
+def test_the_search_and_the_brush_are_kept_in_the_url(demo):
+    """Issue 25 (6): the Samples search and a brush are part of the link: a new session opened with
+    the URL shows the same rows, and back to no brush clears it."""
+    run = load_run(demo)
+    at = open_page("app_pages/embedding_map.py")
+    rows = np.array([3, 17, 30])
+    at.session_state["brush_rows"] = rows  # what a lasso's callback sets
+    at.session_state["brush_label"] = "3 points from a box/lasso on the map"
+    at.run()
+    assert app_state.decode_rows(at.query_params["brush"]).tolist() == [3, 17, 30]
+    at.switch_page("app_pages/samples.py").run()
+    at.text_input(key="samples_query").set_value("a").run()
+    params = dict(at.query_params)
+    assert params["search"] == "a" and params["brush_label"] == "3 points from a box/lasso on the map"
+    shown = sorted(at.dataframe[0].value["id"])
+    assert 0 < len(shown) <= 3 and set(shown) <= set(run.metrics["id"].iloc[rows])
+    again = app()  # a reload, or the link pasted elsewhere
+    again.query_params.update(params)
+    again.run()
+    again.switch_page("app_pages/samples.py").run()
+    assert sorted(again.dataframe[0].value["id"]) == shown and again.text_input(key="samples_query").value == "a"
+    assert "3 points from a box/lasso on the map" in texts(again.info)
+    again.switch_page("app_pages/difficulty.py").run()
+    assert "search" not in again.query_params and again.query_params["brush"] == params["brush"]  # the search is Samples'
+    bad = app()
+    bad.query_params.update({"run": "demo", "brush": "!!"})
+    bad.run()
+    assert "brush='!!' is not a brush this app wrote" in texts(bad.sidebar.warning) and "brush" not in bad.query_params

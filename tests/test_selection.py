@@ -226,6 +226,30 @@ def test_sample_table_hand_checked():
     assert table["pick"].tolist() == [0, 0, 1, 0, 0] and table["verdict"].tolist()[2] == "picked"
 
 
+def test_every_why_has_plain_words():
+    """Issue 25 (6): each rule in a sample's "why" comes with what it means for the sample."""
+    from threeds.selection.apply import filter_rows, quality_per_row, sample_table
+    from threeds.selection.verdicts import in_plain_words
+
+    metrics, emb, ratings = tiny()
+    config = SelectConfig(quality_threshold=85.0, sample_num=10)
+    chosen = apply(config, metrics, emb, ratings)
+    table = sample_table(chosen, metrics, quality_per_row(ratings, metrics["id"]), filter_rows(config, metrics, quality_per_row(ratings, metrics["id"])).quality_ok)
+    # a (1) lies below every band, b (quality 80) is rated out, c is picked, e (5) lies above every band
+    a, b, c, e = (table.set_index("id").loc[i] for i in "abce")
+    assert "Response Confidence below the 25th percentile" in a["why"]
+    assert "the model already answers this confidently: little to learn from it" in a["in plain words"]
+    assert b["in plain words"] == "rated below the quality threshold: a weak example"
+    assert c["in plain words"] == "right difficulty, and unlike the samples picked before it"
+    assert "the reference answer is far from what the model expects" in e["in plain words"]
+    assert in_plain_words("in all bands; not among the 2 k-center picks").startswith("right difficulty, but")
+    assert in_plain_words("always include (rule) over: quality 60 < 85") == "you chose to always include it"
+    assert in_plain_words("A' repeats itself; Response Confidence: no value (x)") == (
+        "the model's own answer loops, so its confidence says little; this metric could not be measured")
+    whys = set(table["why"])
+    assert all(in_plain_words(w) for w in whys), whys
+
+
 def test_overlap_and_difference_hand_checked():
     from threeds.selection.apply import difference_table, overlap
 

@@ -62,6 +62,7 @@ from threeds.selection.kcenter import (
     resolve_device,
 )
 from threeds.selection.pick_order import PickOrder
+from threeds.selection.verdicts import in_plain_words
 
 PRESET_DIR = "selections"
 PRESET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -315,8 +316,9 @@ def sample_table(chosen: Selection, metrics: pd.DataFrame, quality: np.ndarray |
                  flags: AnswerFlags | None = None) -> pd.DataFrame:  # fmt: skip
     """One row per scored sample: id, quality, the flags on its A' ('' when none or unknown), each
     metric with its percentile rank among the pool (`Filtered.pool`: what the bands cut), verdict,
-    why and pick rank (0 = not picked)."""
-    table = {"id": chosen.ids, "verdict": chosen.verdict, "why": chosen.reason, "pick": chosen.rank}
+    why, the why in plain words (`threeds.selection.verdicts`) and pick rank (0 = not picked)."""
+    meaning = {why: in_plain_words(why) for why in set(chosen.reason)}
+    table = {"id": chosen.ids, "verdict": chosen.verdict, "why": chosen.reason, "in plain words": [meaning[w] for w in chosen.reason], "pick": chosen.rank}
     table["quality"] = np.full(len(metrics), np.nan) if quality is None else quality
     table["A' flags"] = np.full(len(metrics), "", dtype=object) if flags is None else flags.labels()
     for metric in METRICS:
