@@ -4,6 +4,7 @@ target. Readers (the app, a resumed run) see the old file or the new one, never 
 from __future__ import annotations
 
 import errno
+import glob
 import os
 import tempfile
 from collections.abc import Callable
@@ -29,6 +30,17 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[Any]], object], mo
         if isinstance(exc, OSError) and exc.filename is None:  # e.g. ENOSPC from write or fsync: name the file
             raise OSError(exc.errno, exc.strerror, str(path)) from exc
         raise
+
+
+def remove_temps(folder: str | os.PathLike, names: tuple[str, ...] | None = None) -> list[Path]:
+    """Remove the temporary files a killed `atomic_write` left in `folder` (of the targets `names`,
+    or all of them); only the folder's one writer may call this. Returns what was removed."""
+    folder = Path(folder)
+    patterns = [f".{glob.escape(name)}.*.tmp" for name in names] if names is not None else [".*.tmp"]
+    found = sorted({p for pattern in patterns for p in folder.glob(pattern) if p.is_file()})
+    for path in found:
+        path.unlink(missing_ok=True)
+    return found
 
 
 def make_parent(path: str | os.PathLike) -> None:

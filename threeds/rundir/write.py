@@ -3,6 +3,11 @@
 Scoring writes one chunk of samples at a time into `chunks/`, each file atomically (temp file +
 rename) and the chunk's metrics file last, so a chunk counts as done only when all of it is on disk.
 A killed run started again skips finished chunks: no row is lost or duplicated.
+
+Consolidation is safe to kill at any step: the joined outputs are written first (each atomically),
+then the manifest's `status: scored`, the completion marker, and only then are the chunks removed.
+A rerun that finds the marker only finishes the cleanup; one that does not joins the chunks again.
+Temporary files a kill left behind are removed when the run's writer starts (`remove_stale_temps`).
 """
 
 from __future__ import annotations
@@ -17,12 +22,16 @@ import numpy as np
 import pandas as pd
 
 from threeds.errors import ThreedsError
-from threeds.io.atomic import atomic_write
+from threeds.io.atomic import atomic_write, remove_temps
 from threeds.io.data import write_json, write_jsonl
 from threeds.rundir.check import read_manifest
 
 MANIFEST = "manifest.json"
 PROGRESS = "progress.json"
+CHUNK_PARTS = ("tokens.parquet", "emb.npy", "metrics.parquet")  # in the order written: metrics last
+SCORE_OUTPUTS = ("data.jsonl", "embeddings.npy", "tokens.parquet", "metrics.parquet")  # metrics last
+# Files the run's writer replaces atomically (the app's caches beside them are not its own).
+WRITER_FILES = (MANIFEST, PROGRESS, "status.json", "rejects.jsonl", "selection.json", "selected.json", *SCORE_OUTPUTS)
 PACKAGES = ("threeds", "torch", "transformers", "numpy", "pandas", "pyarrow", "spacy", "jieba")
 
 
@@ -73,18 +82,29 @@ class RunDir:
         return self.chunks / f"{index:06d}.{kind}"
 
     def done_chunks(self) -> set[int]:
-        """Chunks whose metrics file (written last) exists."""
+        """Chunks with every part on disk (the metrics file is written last, but a run killed while an
+        older threeds removed `chunks/` may have left it without the others: such a chunk is redone)."""
         if not self.chunks.exists():
             return set()
-        return {int(p.name.split(".")[0]) for p in self.chunks.glob("*.metrics.parquet")}
+        found = {int(p.name.split(".")[0]) for p in self.chunks.glob("*.metrics.parquet")}
+        return {i for i in found if all(self._chunk(i, part).is_file() for part in CHUNK_PARTS)}
 
     def write_chunk(self, index: int, metrics: pd.DataFrame, embeddings: np.ndarray, tokens: pd.DataFrame) -> None:
         atomic_write(self._chunk(index, "tokens.parquet"), lambda f: tokens.to_parquet(f, index=False))
         atomic_write(self._chunk(index, "emb.npy"), lambda f: _save_npy(f, embeddings))
         atomic_write(self._chunk(index, "metrics.parquet"), lambda f: metrics.to_parquet(f, index=False))
 
+    def remove_chunks(self) -> None:
+        """Remove `chunks/`; only once the completion marker is written, and safe to repeat after a kill."""
+        shutil.rmtree(self.chunks, ignore_errors=True)
+
+    def remove_stale_temps(self) -> list[Path]:
+        """Temporary files a killed writer left (its own files' and every chunk's); the caller holds the lock."""
+        return remove_temps(self.path, WRITER_FILES) + remove_temps(self.chunks)
+
     def consolidate(self, n_chunks: int, records: list[dict]) -> pd.DataFrame:
-        """Join the chunks in order into metrics.parquet, embeddings.npy, tokens.parquet, data.jsonl."""
+        """Join the chunks in order into data.jsonl, embeddings.npy, tokens.parquet and metrics.parquet
+        (last); the chunks stay until the caller has written the completion marker."""
         missing = sorted(set(range(n_chunks)) - self.done_chunks())
         if missing:
             raise RunError(f"{self.chunks}: chunks {missing[:5]} are missing; run the same command again")
@@ -97,13 +117,12 @@ class RunDir:
         atomic_write(self.file("embeddings.npy"), lambda f: _save_npy(f, embeddings))
         atomic_write(self.file("tokens.parquet"), lambda f: tokens.to_parquet(f, index=False))
         atomic_write(self.file("metrics.parquet"), lambda f: metrics.to_parquet(f, index=False))
-        shutil.rmtree(self.chunks)
         return metrics
 
     def clear_scores(self) -> None:
         """Forget earlier scoring output (used with --overwrite or a changed config)."""
-        shutil.rmtree(self.chunks, ignore_errors=True)
-        for name in ("metrics.parquet", "embeddings.npy", "tokens.parquet", "data.jsonl", "selection.json"):
+        self.remove_chunks()
+        for name in (*reversed(SCORE_OUTPUTS), "selection.json"):  # metrics first: no longer "scored" to a reader
             self.file(name).unlink(missing_ok=True)
 
 

@@ -39,7 +39,13 @@ from threeds.io.lock import locked
 from threeds.model.backends import Backend, LocalBackend, OpenAIBackend
 from threeds.names import METRIC_COLUMNS
 from threeds.rundir.progress import ProgressFile
-from threeds.rundir.write import PROGRESS, RunDir, RunError, package_versions
+from threeds.rundir.write import (
+    PROGRESS,
+    SCORE_OUTPUTS,
+    RunDir,
+    RunError,
+    package_versions,
+)
 from threeds.selection.apply import select_dir
 from threeds.selection.kcenter import selected_records
 from threeds.stages.generate import generate_records
@@ -158,7 +164,9 @@ def _score_run(
         raise DataError(f"{data_path or run.path}: no record to score ({len(rejects)} rejected{first})")
     config = score_config(score, spec, kept, loaded)
     manifest = _open_scoring(run, config, overwrite)
+    run.remove_stale_temps()
     if manifest.get("status") == "scored":
+        run.remove_chunks()  # a run killed after its completion marker, while cleaning up
         log.info("%s: already scored with this configuration; nothing to do", run.path)
         return manifest
     if rejects:
@@ -177,7 +185,9 @@ def _score_run(
         spent = score_chunks(run, _engine(score, spec, engine, loaded), chunks, pending, progress)
         timings = {name: timings.get(name, 0.0) + seconds for name, seconds in spent.items()}
     metrics = run.consolidate(len(chunks), kept)
-    return run.update_manifest(status="scored", timings=timings, report=score_report(metrics))
+    manifest = run.update_manifest(status="scored", timings=timings, report=score_report(metrics))  # the marker, last
+    run.remove_chunks()
+    return manifest
 
 
 def _open_scoring(run: RunDir, config: dict, overwrite: bool) -> dict:
@@ -192,7 +202,7 @@ def _open_scoring(run: RunDir, config: dict, overwrite: bool) -> dict:
             )
         run.clear_scores()
         manifest.pop("status", None)
-    elif manifest.get("status") == "scored" and not run.file("metrics.parquet").exists():
+    elif manifest.get("status") == "scored" and not all(run.file(name).exists() for name in SCORE_OUTPUTS):
         manifest.pop("status")
     run.path.mkdir(parents=True, exist_ok=True)
     return manifest
@@ -260,6 +270,7 @@ def run_pipeline(data: Path, run: RunDir, config: RunConfig) -> dict:
 
 
 def _run_stages(data: Path, run: RunDir, config: RunConfig) -> dict:
+    run.remove_stale_temps()  # a killed run's; this process holds the lock, so none is being written
     stages = Stages(run)
     records, rejects = read_records(data, config.data.duplicate_ids)
     require_records(data, records, rejects)
