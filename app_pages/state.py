@@ -58,11 +58,10 @@ def default_selection() -> SelectConfig:
 
 
 def keep_state() -> None:
-    """At the start of every run (app.py): the selection exists; page-switch-proof widget keys."""
+    """At the start of every run (app.py): the widget keys that must survive a page switch."""
     for key in PERSISTENT:
         if key in st.session_state:
             st.session_state[key] = st.session_state[key]
-    st.session_state.setdefault(SELECTION, default_selection())
 
 
 # ---------------------------------------------------------------------------------- the selection
