@@ -38,10 +38,12 @@ PERCENT = {"low": 0, "high": 100}  # a percentile or a 0-100 rating
 
 
 def setting(default: Any, help: str, *, choices: tuple | None = None, kind: type | None = None, flag: str | None = None,
-            low: float | None = None, high: float | None = None, above: float | None = None) -> Any:  # fmt: skip
+            low: float | None = None, high: float | None = None, above: float | None = None, many: bool = False) -> Any:  # fmt: skip
     """A dataclass field that is also a CLI flag (`kind` parses the flag's text; default: type of default);
-    a number's allowed range is `low` <= value <= `high`, or value > `above`."""
-    meta = {"help": help, "choices": choices, "kind": kind or type(default), "flag": flag, "low": low, "high": high, "above": above}
+    a number's allowed range is `low` <= value <= `high`, or value > `above`. `many`: the flag may be
+    given several times, the field holds a tuple of the values in order."""
+    meta = {"help": help, "choices": choices, "kind": kind or type(default), "flag": flag, "low": low, "high": high, "above": above,
+            "many": many}  # fmt: skip
     return field(default=default, metadata=meta)
 
 
@@ -346,6 +348,57 @@ class RunConfig:
     select: SelectConfig = field(default_factory=SelectConfig)
 
 
+@dataclass(frozen=True)
+class TrainConfig:
+    """`threeds train` and every arm of `threeds experiment`: LoRA fine-tuning with the paper's settings
+    (r 8, learning rate 5e-5, 1 epoch, cutoff 1024; LlamaFactory's alpha = 2 r, no dropout, all linear
+    layers, cosine schedule). The effective batch is batch_size x grad_accum examples per optimizer step."""
+
+    lora_r: int = setting(8, "LoRA rank (default: 8, as in the paper)", low=1)
+    lora_alpha: float = setting(16.0, "LoRA alpha; the update is scaled by alpha / r (default: 16 = 2 r, LlamaFactory's)", above=0)
+    lora_dropout: float = setting(0.0, "dropout on the LoRA input (default: 0, LlamaFactory's)", low=0, high=0.99)
+    lr: float = setting(5e-5, "peak learning rate of AdamW (default: 5e-5, as in the paper)", above=0)
+    epochs: int = setting(1, "passes over the training records (default: 1, as in the paper)", low=1)
+    batch_size: int = setting(
+        4, "records per forward pass; lower it if memory runs out (default: 4). The effective batch is "
+        "--batch-size x --grad-accum: 64 by default, so a tiny subset is a handful of optimizer steps "
+        "(40 records at 64 is one step); for a small demo lower both", low=1,
+    )  # fmt: skip
+    grad_accum: int = setting(16, "forward passes accumulated per optimizer step (default: 16)", low=1)
+    scheduler: str = setting("cosine", "learning-rate schedule over the optimizer steps (default: cosine, LlamaFactory's)",
+                             choices=("cosine", "constant"))  # fmt: skip
+    warmup_ratio: float = setting(0.0, "share of the steps warming the learning rate up linearly (default: 0)", low=0, high=0.99)
+    weight_decay: float = setting(0.0, "AdamW weight decay (default: 0)", low=0)
+    max_grad_norm: float = setting(1.0, "clip the gradient to this norm; 0 = no clipping (default: 1)", low=0)
+    cutoff: int = setting(1024, "truncate each templated prompt+response to this many tokens (default: 1024, as in the paper)", low=2)
+    seed: int = setting(0, "seed of the LoRA initialisation and the order of the records (default: 0)", low=0)
+    save_steps: int = setting(20, "save a checkpoint (adapter + optimizer) every this many optimizer steps; a killed "
+                              "training resumes from the last one (default: 20)", low=1)  # fmt: skip
+    dtype: str = setting("auto", "precision of the base model: auto = float32 on CPU, bfloat16 on a GPU; the LoRA "
+                         "weights stay float32 (default: auto)", choices=("auto", "float32", "bfloat16"))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """`threeds experiment`: arms (each a training set) x seeds, trained and evaluated on one benchmark."""
+
+    name: str = setting("", "experiment name: its files go to RUN/experiments/NAME/")
+    arm: tuple[str, ...] = setting(
+        (), "an arm NAME=SPEC, given once per arm. SPEC: current (the run's selection), preset:NAME (a saved "
+        "selection), random:same (a seeded random subset the size of the first arm), random:N, quality (every record "
+        "kept by the quality threshold), all (every scored record), base (no training)", kind=str, many=True,
+    )  # fmt: skip
+    baseline: str | None = setting(None, "the arm the others are compared with (default: the first)", kind=str)
+    model: str | None = setting(None, "base model trained and evaluated (default: the run's target model, from its "
+                                "manifest): a local directory, a hub id or a .gguf file", kind=str)  # fmt: skip
+    seeds: int = setting(1, "seeds per arm (0..K-1): each one a training with its own LoRA initialisation, order and "
+                         "random subset; the statistics average an item's result over the seeds (default: 1)", low=1)  # fmt: skip
+    bench: str = setting("mmlu-medical", "evaluation set: mmlu-medical, pubmedqa or a file (default: mmlu-medical)")
+    limit: int | None = setting(None, "only N items of the evaluation set, spread evenly over it (default: all)", kind=int, low=1)
+    shots: int = setting(0, "examples from the set's dev split put before each question (default: 0)", low=0)
+    eval_batch_size: int = setting(16, "items scored together by the evaluation (default: 16)", low=1)
+
+
 # `threeds run` has two token budgets: the rating reply's is renamed there.
 RUN_FLAGS = {
     RateConfig: {"max_new_tokens": "--rate-max-new-tokens"},
@@ -371,15 +424,18 @@ def add_arguments(parser: argparse._ActionsContainer, cls: type, flags: dict[str
     """One flag per field of `cls`, with its default, choices and help."""
     for f in dataclasses.fields(cls):
         meta = f.metadata
+        many = {"action": "append", "default": None} if meta.get("many") else {"default": f.default}
         parser.add_argument(
-            flag_of(cls, f.name, flags), dest=dest_of(cls, f.name), default=f.default, type=meta["kind"],
-            choices=meta["choices"], help=meta["help"], metavar=None if meta["choices"] else f.name.upper(),
+            flag_of(cls, f.name, flags), dest=dest_of(cls, f.name), type=meta["kind"], choices=meta["choices"],
+            help=meta["help"], metavar=None if meta["choices"] else f.name.upper(), **many,
         )  # fmt: skip
 
 
 def from_args(cls: type[C], args: argparse.Namespace, flags: dict[str, str] | None = None) -> C:
     """The config the flags give, checked: SettingsError (exit status 2) naming the first bad flag."""
-    return check_settings(cls(**{f.name: getattr(args, dest_of(cls, f.name)) for f in dataclasses.fields(cls)}), flags)
+    values = {f.name: getattr(args, dest_of(cls, f.name)) for f in dataclasses.fields(cls)}
+    many = {f.name: tuple(values[f.name] or f.default) for f in dataclasses.fields(cls) if f.metadata.get("many")}
+    return check_settings(cls(**(values | many)), flags)
 
 
 # ------------------------------------------------------------------------------- checks
@@ -459,7 +515,8 @@ def to_argv(config: Any, flags: dict[str, str] | None = None, explicit: bool = F
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         if value is not None and value != () and (explicit or value != f.default):  # () = no ids
-            argv += [flag_of(type(config), f.name, flags), format_value(value)]
+            flag = flag_of(type(config), f.name, flags)
+            argv += [a for v in value for a in (flag, format_value(v))] if f.metadata.get("many") else [flag, format_value(value)]
     return argv
 
 

@@ -1,0 +1,56 @@
+"""`threeds experiment`: does the selection help? Train arms x seeds, evaluate each, compare with statistics."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from threeds.config import ExperimentConfig, TrainConfig, add_arguments, from_args
+from threeds.errors import INTERRUPTED, describe
+from threeds.io.lock import locked
+from threeds.outcomes.experiment import experiment_dir, run_experiment
+from threeds.rundir.progress import write_status
+
+log = logging.getLogger(__name__)
+
+EPILOG = """\
+example: the run's selection against a random subset of the same size, 3 seeds, on MMLU's medical subjects
+  threeds experiment --run cache/demo --name sel-vs-random --arm sel=current --arm rand=random:same \\
+      --seeds 3 --bench mmlu-medical
+Files go to RUN/experiments/NAME/ (experiment.json, arms/, evals/, summary.json, report.md, report.csv).
+Running the same command again reuses every finished training and evaluation and resumes a killed one;
+an --arm added later is trained and evaluated alone. The app's Outcomes page starts, follows and shows it.
+"""
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "experiment", help="train and evaluate several selections (arms) and compare them with honest statistics",
+        description="Train the run's model with LoRA on every arm x seed, evaluate each by log-likelihood multiple "
+        "choice, and compare the arms with the baseline: accuracy with a bootstrap CI, the paired difference with "
+        "its CI, McNemar's exact test (Holm-corrected) and the smallest difference the set could detect.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    parser.add_argument("--run", required=True, type=Path, help="run directory the arms are drawn from")
+    add_arguments(parser, ExperimentConfig)
+    add_arguments(parser.add_argument_group("training of every arm (threeds train's flags)"), TrainConfig)
+    parser.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    config, train = from_args(ExperimentConfig, args), from_args(TrainConfig, args)
+    exp = experiment_dir(args.run, config.name)
+    with locked(exp):  # status.json is the experiment's own: only its one writer records it
+        write_status(exp, "running")
+        try:
+            summary = run_experiment(args.run, config, train, say=log.info)
+        except BaseException as exc:
+            message, code = describe(exc)
+            write_status(exp, "stopped" if code == INTERRUPTED else "failed", exit_code=code, error=message)
+            raise
+        write_status(exp, "done", exit_code=0)
+    print((exp / "report.md").read_text(encoding="utf-8"))
+    print(json.dumps({"summary": str(exp / "summary.json"), "report": str(exp / "report.md")}, indent=2))
+    return 0

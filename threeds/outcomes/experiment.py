@@ -1,0 +1,267 @@
+"""`threeds experiment`: train every arm x seed on a run's records, evaluate each, compare them.
+
+Layout of `RUN/experiments/NAME/`:
+
+- `experiment.json`: the settings, the model, the arms with their specs and sizes per seed;
+- `arms/ARM/seedK/`: the training (`threeds.outcomes.train`: adapter, ids.json, loss.jsonl, ...);
+- `evals/ARM/seedK/`: its evaluation (`threeds.outcomes.evaluate`: items.jsonl, summary.json);
+- `units.json`: each arm x seed's state and time (train and eval seconds): the page's table;
+- `progress.json`, `status.json`, `.lock`: as in a run directory (`threeds.rundir.progress`);
+- `summary.json`: the statistics over the arms (`threeds.outcomes.stats.summarize`);
+- `report.md`, `report.csv`: the same as a report (`threeds.outcomes.report`).
+
+A `base` arm is evaluated once (seed 0): without training every seed would give the same numbers.
+A rerun reuses every finished evaluation and training, and resumes a killed one; arms may be
+added to an experiment, but its other settings cannot change (another name does that).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from threeds.config import ExperimentConfig, TrainConfig
+from threeds.errors import SettingsError, ThreedsError
+from threeds.io.data import read_jsonl, write_json
+from threeds.io.lock import locked
+from threeds.model.load import load_model, model_label, resolve_model
+from threeds.model.prompts import prompt_format
+from threeds.outcomes import report
+from threeds.outcomes.arms import ARM_NAME, Arm, ArmSource, parse_arms
+from threeds.outcomes.benchsets import load_bench
+from threeds.outcomes.evaluate import evaluate
+from threeds.outcomes.train import check_config, finished, train_lora, write_llamafactory
+from threeds.rundir.check import read_json_object
+from threeds.rundir.progress import ProgressFile
+from threeds.rundir.write import package_versions
+
+log = logging.getLogger(__name__)
+
+EXPERIMENTS = "experiments"
+FIXED = ("bench", "limit", "shots", "model", "train")  # what every arm of an experiment shares
+
+
+class ExperimentError(ThreedsError, ValueError):
+    """An experiment that cannot run as asked: one line naming the experiment and the setting."""
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One arm x seed: its training ids (None: the base model) and its two folders."""
+
+    arm: Arm
+    seed: int
+    ids: list[str] | None
+
+    @property
+    def key(self) -> str:
+        return f"{self.arm.name}/seed{self.seed}"
+
+
+def experiment_dir(run_dir: str | os.PathLike, name: str) -> Path:
+    if not ARM_NAME.fullmatch(name or ""):
+        raise SettingsError(f"--name {name!r}: letters, digits, '.', '_' and '-' only (up to 64)")
+    return Path(run_dir) / EXPERIMENTS / name
+
+
+def list_experiments(run_dir: str | os.PathLike) -> list[str]:
+    folder = Path(run_dir) / EXPERIMENTS
+    return sorted(p.name for p in folder.iterdir() if (p / "experiment.json").is_file()) if folder.is_dir() else []
+
+
+def train_dir(exp: Path, unit: Unit) -> Path:
+    return exp / "arms" / unit.arm.name / f"seed{unit.seed}"
+
+
+def eval_dir(exp: Path, arm: str, seed: int) -> Path:
+    return exp / "evals" / arm / f"seed{seed}"
+
+
+def plan_units(source: ArmSource, arms: list[Arm], seeds: int) -> list[Unit]:
+    """Every arm x seed with its ids; random:same takes the first arm's size for the same seed."""
+    if seeds < 1:
+        raise SettingsError(f"--seeds must be >= 1, got {seeds}")
+    units = []
+    for seed in range(seeds):
+        first = source.ids(arms[0], seed)
+        same = len(first) if first is not None else None
+        for arm in arms:
+            if arm.kind == "base" and seed:
+                continue
+            if arm.arg == "same" and same is None:
+                raise SettingsError(f"--arm {arm.name}: random:same needs a first arm that trains (not base)")
+            units.append(Unit(arm, seed, first if arm is arms[0] else source.ids(arm, seed, same)))
+    return sorted(units, key=lambda u: (u.seed, arms.index(u.arm)))
+
+
+def experiment_model(source: ArmSource, config: ExperimentConfig) -> dict:
+    """The run's target model (model, template, system), with --model instead when given."""
+    return source.model() | ({"model": config.model} if config.model else {})
+
+
+def describe_experiment(config: ExperimentConfig, train: TrainConfig, arms: list[Arm], units: list[Unit], run_dir: Path,
+                        model: dict) -> dict:  # fmt: skip
+    sizes = {arm.name: {f"seed{u.seed}": (None if u.ids is None else len(u.ids)) for u in units if u.arm is arm} for arm in arms}
+    return {
+        "name": config.name, "run": str(run_dir), "bench": config.bench, "limit": config.limit, "shots": config.shots,
+        "model": model, "train": dataclasses.asdict(train), "seeds": config.seeds,
+        "baseline": config.baseline or arms[0].name,
+        "arms": [{"name": a.name, "spec": a.spec, "records": sizes[a.name]} for a in arms],
+        "created": time.time(), "versions": package_versions(),
+    }  # fmt: skip
+
+
+def check_rerun(exp: Path, new: dict) -> None:
+    """An experiment folder holding other settings is refused (arms may be added, not changed)."""
+    path = exp / "experiment.json"
+    if not path.is_file():
+        return
+    old = read_json_object(path)
+    for key in FIXED:
+        if old.get(key) != new[key]:
+            raise ExperimentError(f"{exp}: experiment {new['name']} was made with other {key} "
+                                  f"({old.get(key)!r}); give this one another --name", path=None)  # fmt: skip
+    specs = {a["name"]: a["spec"] for a in old.get("arms", [])}
+    for arm in new["arms"]:
+        if specs.get(arm["name"], arm["spec"]) != arm["spec"]:
+            raise ExperimentError(f"{exp}: arm {arm['name']} was {specs[arm['name']]}, not {arm['spec']}; name the new arm differently")
+
+
+# ------------------------------------------------------------------------------ running
+
+
+Log = Callable[[str], None]
+
+
+class Runner:
+    """Runs the units of one experiment in order, recording state and time in units.json."""
+
+    def __init__(self, exp: Path, config: ExperimentConfig, train: TrainConfig, source: ArmSource, units: list[Unit], say: Log) -> None:
+        self.exp, self.config, self.train, self.source, self.units, self.say = exp, config, train, source, units, say
+        self.model = experiment_model(source, config)
+        path = exp / "units.json"
+        self.state: dict[str, dict] = read_json_object(path) if path.is_file() else {}
+
+    def run(self) -> None:
+        for index, unit in enumerate(self.units):
+            row = self.state.setdefault(unit.key, {"arm": unit.arm.name, "seed": unit.seed})
+            row["records"] = None if unit.ids is None else len(unit.ids)
+            if self.evaluated(unit):
+                row.update(train=row.get("train") or ("none" if unit.ids is None else "done"), eval="done")
+                continue
+            self.say(f"[{index + 1}/{len(self.units)}] {unit.key}: " + self.time_left(index))
+            if unit.ids is not None:
+                self.timed(unit, "train", lambda: self.train_unit(unit))
+            else:
+                row["train"] = "none"
+            self.timed(unit, "eval", lambda: self.eval_unit(unit))
+        self.save_state()
+
+    def timed(self, unit: Unit, phase: str, work: Callable[[], dict | None]) -> None:
+        row = self.state[unit.key]
+        row[phase] = "running"
+        self.save_state()
+        start = time.perf_counter()
+        result = work()
+        row[phase] = "done"
+        if result is not None:  # None: finished before, reused
+            row[f"{phase}_s"] = round(time.perf_counter() - start, 2)
+        self.save_state()
+
+    def time_left(self, index: int) -> str:
+        """'about N min left' from the mean time of the units finished in this experiment."""
+        spent = [r.get("train_s", 0) + r.get("eval_s", 0) for r in self.state.values() if "eval_s" in r]
+        if not spent:
+            return "starting"
+        left = sum(spent) / len(spent) * (len(self.units) - index)
+        return f"about {left / 60:.1f} min left for the experiment"
+
+    def train_unit(self, unit: Unit) -> dict | None:
+        out = train_dir(self.exp, unit)
+        if finished(out) is not None:
+            return None
+        records = self.source.records_of(unit.ids)
+        config = dataclasses.replace(self.train, seed=unit.seed)
+        model, tokenizer = load_model(self.model["model"], dtype=config.dtype)
+        fmt = prompt_format(tokenizer, self.model["template"], self.model["system"])
+        meta = {"model": model_label(self.model["model"]), "run": str(self.source.run_dir), "arm": unit.arm.spec}
+        bar = ProgressFile(self.exp / "progress.json", f"{unit.key} train", 0, unit="steps")
+        summary = train_lora(model, tokenizer, fmt, records, config, out, meta, progress=lambda d, t: self.tick(bar, d, t))
+        bar.close()
+        write_llamafactory(out, records, config, resolve_model(self.model["model"]), self.model["template"])
+        self.say(f"{unit.key}: trained {summary['records']} records in {summary['steps']} steps, final loss {summary['final_loss']:.3f}")
+        return summary
+
+    def eval_unit(self, unit: Unit) -> dict:
+        out = eval_dir(self.exp, unit.arm.name, unit.seed)
+        bar = ProgressFile(self.exp / "progress.json", f"{unit.key} eval", 0, unit="items")
+        summary = evaluate(
+            self.model["model"], self.config.bench, out, adapter=None if unit.ids is None else train_dir(self.exp, unit),
+            limit=self.config.limit, shots=self.config.shots, batch_size=self.config.eval_batch_size,
+            template=self.model["template"], system=self.model["system"], progress=lambda d, t: self.tick(bar, d, t),
+        )  # fmt: skip
+        bar.close()
+        self.say(f"{unit.key}: accuracy {summary.get('acc', float('nan')):.3f} on {summary.get('n_items', '?')} items")
+        return summary
+
+    @staticmethod
+    def tick(bar: ProgressFile, done: int, total: int) -> None:
+        bar.state["total"] = total
+        bar.update(done)
+
+    def evaluated(self, unit: Unit) -> bool:
+        """Whether the unit's evaluation finished (its summary is there): nothing to do."""
+        return (eval_dir(self.exp, unit.arm.name, unit.seed) / "summary.json").is_file() and self.state.get(unit.key, {}).get("eval") == "done"
+
+    def save_state(self) -> None:
+        write_json(self.exp / "units.json", self.state)
+
+
+def run_experiment(run_dir: str | os.PathLike, config: ExperimentConfig, train: TrainConfig, say: Log = log.info) -> dict:
+    """Plan, train and evaluate every unit not finished yet, then write summary.json and the report."""
+    run_dir = Path(run_dir)
+    exp = experiment_dir(run_dir, config.name)
+    arms = parse_arms(config.arm, config.baseline)
+    check_config(train)
+    load_bench(config.bench, config.limit)  # a bad set fails before any training
+    source = ArmSource(run_dir)
+    units = plan_units(source, arms, config.seeds)
+    with locked(exp):
+        described = describe_experiment(config, train, arms, units, run_dir, experiment_model(source, config))
+        check_rerun(exp, described)
+        write_json(exp / "experiment.json", described)
+        Runner(exp, config, train, source, units, say).run()
+        summary = summarize_experiment(exp)
+        (exp / "progress.json").unlink(missing_ok=True)
+    return summary
+
+
+def arm_items(exp: Path, described: dict) -> dict[str, list[list[dict]]]:
+    """items.jsonl rows of every evaluated arm, one list per seed (the stats' input)."""
+    found: dict[str, list[list[dict]]] = {}
+    for arm in described["arms"]:
+        for seed in range(described["seeds"]):
+            path = eval_dir(exp, arm["name"], seed) / "items.jsonl"
+            if path.is_file():
+                found.setdefault(arm["name"], []).append(read_jsonl(path))
+    return found
+
+
+def summarize_experiment(exp: Path) -> dict:
+    """summary.json from the arms' evaluations, and the Markdown + CSV report."""
+    from threeds.outcomes.stats import summarize
+
+    described = read_json_object(exp / "experiment.json")
+    evals = arm_items(exp, described)
+    if described["baseline"] not in evals:
+        raise ExperimentError(f"{exp}: the baseline arm {described['baseline']} has no evaluation yet")
+    summary = summarize(evals, described["baseline"])
+    write_json(exp / "summary.json", summary)
+    (exp / "report.md").write_text(report.markdown(described, summary), encoding="utf-8")
+    (exp / "report.csv").write_text(report.csv_text(summary, described), encoding="utf-8")
+    return summary

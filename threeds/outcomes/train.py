@@ -1,0 +1,364 @@
+"""LoRA fine-tuning of the target model on a list of records: `threeds train` and every arm of an experiment.
+
+A plain torch loop (HF's Trainer pickles its state): each record is templated with the model's chat
+template as `P + R + E` (`threeds.stages.score.encode`, the same tokens Stage 2 scored), cut at
+`cutoff` tokens, and only the response tokens `R + E` count in the loss. The loss of an optimizer
+step is the mean over every response token of its batch_size x grad_accum records, so it does not
+depend on how the step is split into forward passes.
+
+Deterministic for a seed: the seed sets the LoRA initialisation and the order of the records, drawn
+up front for every epoch. A checkpoint every `save_steps` steps holds the LoRA weights, AdamW's
+state and the torch RNG as safetensors (no pickle), and a killed training resumes from it with the
+same numbers it would have had. Output directory:
+
+- `adapter_model.safetensors`, `adapter_config.json`: the adapter, as PEFT saves it (loads with
+  `PeftModel.from_pretrained`, vLLM's `--lora-modules`, LlamaFactory's `adapter_name_or_path`);
+- `ids.json`: the seed, the ids given and the order they were trained in;
+- `train_config.json`: the settings, the model and the package versions; `train.json`: the summary;
+- `loss.jsonl`: one row per optimizer step (step, epoch, loss, lr, tokens);
+- `llamafactory/`: the records, `dataset_info.json` and a training YAML for LlamaFactory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from threeds.config import TrainConfig
+from threeds.errors import SettingsError, ThreedsError
+from threeds.io.data import append_jsonl, full_instruction, read_jsonl, write_json, write_jsonl
+from threeds.model.prompts import PromptFormat
+from threeds.rundir.write import package_versions
+from threeds.stages.score import encode
+from threeds.views.export import dataset_info_entry, export_text
+
+log = logging.getLogger(__name__)
+
+LOSS_FILE = "loss.jsonl"
+SUMMARY_FILE = "train.json"
+CONFIG_FILE = "train_config.json"
+IDS_FILE = "ids.json"
+CHECKPOINT_FILE = "checkpoint.json"
+IGNORE = -100
+
+
+class TrainError(ThreedsError, ValueError):
+    """A training that cannot start or resume: one line naming the directory or setting."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One record tokenised: `P + R + E`; the first `n_prompt` tokens are not learnt."""
+
+    id: str
+    ids: list[int]
+    n_prompt: int
+
+    @property
+    def n_targets(self) -> int:
+        return len(self.ids) - self.n_prompt
+
+
+def encode_examples(records: Sequence[dict], tokenizer: PreTrainedTokenizerBase, fmt: PromptFormat, cutoff: int) -> list[Example]:
+    """Every record as the chat template renders it, cut at `cutoff` tokens on the right."""
+    eot = fmt.end_of_turn
+    found = []
+    for rec in records:
+        enc = encode(tokenizer, fmt.prompt(full_instruction(rec)), rec["output"], eot, cutoff)
+        found.append(Example(str(rec["id"]), enc.ids, max(enc.n_prompt, 1)))
+    return found
+
+
+def check_config(config: TrainConfig) -> None:
+    """SettingsError naming the first setting out of range."""
+    for name in ("lora_r", "epochs", "batch_size", "grad_accum", "cutoff", "save_steps"):
+        if getattr(config, name) < 1:
+            raise SettingsError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(config, name)}")
+    if not config.lr > 0 or not 0 <= config.warmup_ratio < 1 or not 0 <= config.lora_dropout < 1:
+        raise SettingsError("--lr must be > 0, --warmup-ratio and --lora-dropout within [0, 1)")
+
+
+# ------------------------------------------------------------------------------ the plan
+
+
+def step_plan(n: int, config: TrainConfig) -> list[list[int]]:
+    """Record indices of every optimizer step: each epoch a shuffle drawn from the seed, cut into
+    steps of batch_size x grad_accum (an epoch's last step may be smaller)."""
+    rng, per_step, steps = random.Random(config.seed), config.batch_size * config.grad_accum, []
+    for _ in range(config.epochs):
+        order = list(range(n))
+        rng.shuffle(order)
+        steps += [order[i : i + per_step] for i in range(0, n, per_step)]
+    return steps
+
+
+def learning_rate(step: int, total: int, config: TrainConfig) -> float:
+    """The rate of optimizer step `step` (0-based) of `total`: linear warmup, then cosine or constant
+    (transformers' `get_cosine_schedule_with_warmup`, LlamaFactory's default)."""
+    warmup = math.ceil(config.warmup_ratio * total)
+    if step < warmup:
+        return config.lr * step / warmup
+    if config.scheduler == "constant":
+        return config.lr
+    progress = (step - warmup) / max(1, total - warmup)
+    return config.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# ------------------------------------------------------------------------------ the loss
+
+
+def batch_nll(model: PreTrainedModel, batch: Sequence[Example], pad_id: int, device: torch.device) -> torch.Tensor:
+    """Summed negative log-likelihood of the response tokens of `batch` (prompt and padding masked).
+
+    Logits are computed only from the first position that predicts a response token on (the
+    model's `logits_to_keep`), which spares the prompt's [tokens x vocabulary] logits."""
+    width = max(len(e.ids) for e in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    target = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+    for row, ex in enumerate(batch):
+        ids[row, : len(ex.ids)] = torch.tensor(ex.ids)
+        mask[row, : len(ex.ids)] = 1
+        target[row, ex.n_prompt - 1 : len(ex.ids) - 1] = ids[row, ex.n_prompt : len(ex.ids)]  # t-1 predicts t
+    keep = torch.arange(min(e.n_prompt for e in batch) - 1, width - 1)
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=keep.to(device)).logits
+    picked = target[:, keep].to(device)
+    return F.cross_entropy(logits.float().flatten(0, 1), picked.flatten(), ignore_index=IGNORE, reduction="sum")
+
+
+def run_step(model: PreTrainedModel, examples: Sequence[Example], config: TrainConfig, pad_id: int, device: torch.device) -> tuple[float, int]:
+    """Forward and backward of one optimizer step's records in batches; (mean loss per token, tokens)."""
+    tokens = sum(e.n_targets for e in examples)
+    total = 0.0
+    for start in range(0, len(examples), config.batch_size):
+        nll = batch_nll(model, examples[start : start + config.batch_size], pad_id, device)
+        if tokens:
+            (nll / tokens).backward()
+        total += float(nll.detach())
+    return (total / tokens if tokens else float("nan")), tokens
+
+
+# ------------------------------------------------------------------------------ model and optimizer
+
+
+def add_lora(model: PreTrainedModel, config: TrainConfig) -> PreTrainedModel:
+    """LoRA on every linear layer but the output head (LlamaFactory's `lora_target: all`), seeded."""
+    from peft import LoraConfig, get_peft_model  # a slow import: only when training
+
+    torch.manual_seed(config.seed)
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules="all-linear", task_type="CAUSAL_LM")  # fmt: skip
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return get_peft_model(model, lora)
+
+
+def trainable(model: PreTrainedModel) -> dict[str, torch.nn.Parameter]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def make_optimizer(model: PreTrainedModel, config: TrainConfig) -> torch.optim.AdamW:
+    return torch.optim.AdamW(list(trainable(model).values()), lr=config.lr, weight_decay=config.weight_decay, foreach=False)
+
+
+# ------------------------------------------------------------------------------ checkpoints
+
+
+def save_checkpoint(out: Path, model: PreTrainedModel, optimizer: torch.optim.Optimizer, step: int) -> None:
+    """Write checkpoint-STEP/ whole, then point checkpoint.json at it, then drop older ones: a kill at
+    any moment leaves the last complete checkpoint in use."""
+    final, tmp = out / f"checkpoint-{step}", out / f"checkpoint-{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in trainable(model).items()}, str(tmp / "adapter.safetensors"))
+    state = {f"{index}.{key}": value.cpu() for index, slots in optimizer.state_dict()["state"].items() for key, value in slots.items()}
+    save_file({**state, "torch_rng": torch.get_rng_state()}, str(tmp / "optimizer.safetensors"))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    write_json(out / CHECKPOINT_FILE, {"step": step, "dir": final.name})
+    for old in out.glob("checkpoint-*"):
+        if old.is_dir() and old != final:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(out: Path, model: PreTrainedModel, optimizer: torch.optim.Optimizer) -> int:
+    """Restore the last checkpoint (safetensors only: no pickle); the number of steps it holds (0: none)."""
+    try:
+        pointer = json.loads((out / CHECKPOINT_FILE).read_text(encoding="utf-8"))
+        folder = out / pointer["dir"]
+        weights, state = load_file(str(folder / "adapter.safetensors")), load_file(str(folder / "optimizer.safetensors"))
+    except FileNotFoundError:
+        return 0
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise TrainError(f"unreadable checkpoint ({exc}); delete {out / CHECKPOINT_FILE} to start over", path=out) from None
+    params = trainable(model)
+    if set(weights) != set(params):
+        raise TrainError(f"the checkpoint's LoRA weights do not fit this model; delete {out / CHECKPOINT_FILE} to start over", path=out)
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+    torch.set_rng_state(state.pop("torch_rng"))
+    slots: dict[int, dict] = {}
+    for key, value in state.items():
+        index, name = key.split(".", 1)
+        slots.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": slots, "param_groups": optimizer.state_dict()["param_groups"]})
+    return int(pointer["step"])
+
+
+# ------------------------------------------------------------------------------ the loop
+
+
+Progress = Callable[[int, int], None]  # (optimizer steps done, total)
+
+
+def train_lora(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, fmt: PromptFormat, records: Sequence[dict],
+               config: TrainConfig, out: str | Path, meta: dict | None = None, progress: Progress | None = None) -> dict:  # fmt: skip
+    """Train a LoRA adapter on `records` into `out` (resuming a checkpoint there); the summary.
+
+    `model` is the base model, loaded on its device; it is changed in place (LoRA layers added).
+    `meta` (model name, data source) is recorded in train_config.json next to the settings."""
+    out = Path(out)
+    check_config(config)
+    examples = encode_examples(records, tokenizer, fmt, config.cutoff)
+    if not any(e.n_targets for e in examples):
+        raise TrainError(f"no response token is left within --cutoff {config.cutoff} in any record")
+    plan = step_plan(len(examples), config)
+    start_files(out, config, examples, plan, meta or {})
+    summary = finished(out)
+    if summary is not None:
+        return summary
+    model = add_lora(model, config)
+    model.train()
+    optimizer = make_optimizer(model, config)
+    done = load_checkpoint(out, model, optimizer)
+    keep_loss_rows(out, done)
+    started, device = time.perf_counter(), next(model.parameters()).device
+    for step in range(done, len(plan)):
+        row = one_step(model, optimizer, [examples[i] for i in plan[step]], step, len(plan), config, tokenizer.pad_token_id, device)
+        append_jsonl(out / LOSS_FILE, [row | {"epoch": epoch_of(step, len(examples), config)}])
+        if (step + 1) % config.save_steps == 0 and step + 1 < len(plan):
+            save_checkpoint(out, model, optimizer, step + 1)
+        if progress:
+            progress(step + 1, len(plan))
+    model.save_pretrained(out)  # adapter_model.safetensors + adapter_config.json
+    return finish(out, examples, plan, done, time.perf_counter() - started)
+
+
+def one_step(model: PreTrainedModel, optimizer: torch.optim.Optimizer, batch: list[Example], step: int, total: int,
+             config: TrainConfig, pad_id: int, device: torch.device) -> dict:  # fmt: skip
+    lr = learning_rate(step, total, config)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss, tokens = run_step(model, batch, config, pad_id, device)
+    if config.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(list(trainable(model).values()), config.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"step": step + 1, "loss": loss, "lr": lr, "records": len(batch), "tokens": tokens}
+
+
+def epoch_of(step: int, n: int, config: TrainConfig) -> int:
+    per_epoch = math.ceil(n / (config.batch_size * config.grad_accum))
+    return step // per_epoch + 1
+
+
+def finished(out: Path) -> dict | None:
+    """train.json of a finished training in `out`, or None."""
+    try:
+        summary = json.loads((out / SUMMARY_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return summary if isinstance(summary, dict) and summary.get("finished") and (out / "adapter_model.safetensors").is_file() else None
+
+
+def start_files(out: Path, config: TrainConfig, examples: list[Example], plan: list[list[int]], meta: dict) -> None:
+    """ids.json and train_config.json; a directory holding another training (other ids or settings) is refused."""
+    settings = {"train": dataclasses.asdict(config), **meta, "versions": package_versions()}
+    ids = {"seed": config.seed, "ids": [e.id for e in examples], "order": [examples[i].id for step in plan for i in step]}
+    if (out / CHECKPOINT_FILE).is_file() or (out / SUMMARY_FILE).is_file():
+        before = _json(out / CONFIG_FILE), _json(out / IDS_FILE)
+        if {k: v for k, v in before[0].items() if k != "versions"} != {k: v for k, v in settings.items() if k != "versions"} or before[1] != ids:
+            raise TrainError("holds a training with other settings, model or records; train into another --out, or "
+                             "empty it to start over", path=out)  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / CONFIG_FILE, settings)
+    write_json(out / IDS_FILE, ids)
+
+
+def _json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def keep_loss_rows(out: Path, steps: int) -> None:
+    """loss.jsonl cut back to the steps the checkpoint holds (a killed run may have logged later ones)."""
+    path = out / LOSS_FILE
+    rows = read_jsonl(path) if path.is_file() else []
+    write_jsonl(path, [r for r in rows if r["step"] <= steps])
+
+
+def finish(out: Path, examples: list[Example], plan: list[list[int]], resumed: int, seconds: float) -> dict:
+    summary = {
+        "finished": True, "steps": len(plan), "resumed_at_step": resumed, "records": len(examples),
+        "tokens": sum(e.n_targets for e in examples), "cut_off": sum(e.n_targets == 0 for e in examples),
+        "seconds": round(seconds, 3), "final_loss": read_jsonl(out / LOSS_FILE)[-1]["loss"] if plan else None,
+    }  # fmt: skip
+    write_json(out / SUMMARY_FILE, summary)
+    (out / CHECKPOINT_FILE).unlink(missing_ok=True)
+    for old in out.glob("checkpoint-*"):
+        shutil.rmtree(old, ignore_errors=True)
+    return summary
+
+
+# ------------------------------------------------------------------------------ LlamaFactory
+
+
+TEMPLATES = {"qwen": "qwen", "baichuan": "baichuan2"}  # threeds --template -> LlamaFactory's
+
+
+def write_llamafactory(out: Path, records: Sequence[dict], config: TrainConfig, model: str, template: str | None) -> Path:
+    """llamafactory/: the records (Alpaca), dataset_info.json and train.yaml with these settings, for
+    `llamafactory-cli train llamafactory/train.yaml` as the paper trained."""
+    folder = out / "llamafactory"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "threeds_train.json").write_text(export_text(records, "alpaca"), encoding="utf-8")
+    write_json(folder / "dataset_info.json", dataset_info_entry("threeds_train", "alpaca"))
+    lf_template = TEMPLATES.get(template or "", "")
+    lines = [
+        "### written by threeds train: LlamaFactory's LoRA SFT with the same settings", f"model_name_or_path: {model}",
+        "stage: sft", "do_train: true", "finetuning_type: lora", f"lora_rank: {config.lora_r}",
+        f"lora_alpha: {config.lora_alpha:g}", f"lora_dropout: {config.lora_dropout:g}", "lora_target: all",
+        "dataset: threeds_train", f"dataset_dir: {folder}",
+        f"template: {lf_template or 'CHANGEME'}" + ("" if lf_template else "  # your model's LlamaFactory template"),
+        f"cutoff_len: {config.cutoff}", f"output_dir: {out / 'llamafactory' / 'output'}", "logging_steps: 1",
+        f"per_device_train_batch_size: {config.batch_size}", f"gradient_accumulation_steps: {config.grad_accum}",
+        f"learning_rate: {config.lr:g}", f"num_train_epochs: {config.epochs}.0", f"lr_scheduler_type: {config.scheduler}",
+        f"warmup_ratio: {config.warmup_ratio:g}", f"weight_decay: {config.weight_decay:g}",
+        f"max_grad_norm: {config.max_grad_norm:g}", f"seed: {config.seed}", "bf16: true",
+    ]  # fmt: skip
+    (folder / "train.yaml").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder
+
+
+def loss_rows(out: str | Path) -> list[dict]:
+    """loss.jsonl of a training directory ([] when absent)."""
+    path = Path(out) / LOSS_FILE
+    return read_jsonl(path) if path.is_file() else []
+
