@@ -23,6 +23,7 @@ navigation = st.navigation(
         st.Page("app_pages/embedding_map.py", title="Embedding map", icon=":material/scatter_plot:"),
         st.Page("app_pages/compare.py", title="Compare", icon=":material/compare_arrows:"),
         st.Page("app_pages/export.py", title="Export", icon=":material/download:"),
+        st.Page("app_pages/outcomes.py", title="Outcomes", icon=":material/science:"),
     ]
 )
 common.setup(navigation.url_path)

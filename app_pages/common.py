@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from app_pages import state
 from threeds.config import SelectConfig
 from threeds.errors import describe
 from threeds.names import ATTEN_METHODS, METRIC_NAMES, metric_column
+from threeds.rundir.progress import eta_seconds
 from threeds.rundir.read import (
     DEFAULT_CACHE,
     Run,
@@ -404,3 +406,25 @@ def code(text: object) -> str:
     fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
     pad = " " if text.startswith("`") or text.endswith("`") else ""
     return f"{fence}{pad}{text}{pad}{fence}"
+
+
+# ---------------------------------------------------------------------------------- background jobs
+
+
+def progress_text(progress: dict) -> str:
+    """'generate: 3 / 10 records · about 2 min left (updated 1 s ago)'."""
+    done, total = int(progress.get("done", 0)), int(progress.get("total", 0))
+    text = f"{progress.get('stage', '?')}: {done:,} / {total:,} {progress.get('unit', '')}".rstrip()
+    eta = eta_seconds(progress)
+    if eta is not None:
+        text += f" · about {duration(eta)} left"
+    return text + f" (updated {time.time() - float(progress.get('updated', time.time())):.0f} s ago)"
+
+
+def duration(seconds: float) -> str:
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shlex
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -12,7 +11,7 @@ import streamlit as st
 from app_pages import common
 from app_pages.new_run import start_background, start_form
 from threeds.rundir.jobs import job_running, log_tail, read_job, stop_run
-from threeds.rundir.progress import eta_seconds, job_state, read_status
+from threeds.rundir.progress import job_state, read_status
 from threeds.rundir.read import read_progress
 from threeds.selection.funnel import stage_counts
 
@@ -100,7 +99,7 @@ def run_panel(path: str) -> None:
     state = job_state(read_status(run_dir), running)
     if progress and progress.get("stage") != "done" and state in ("running", "unknown"):
         done, total = int(progress.get("done", 0)), int(progress.get("total", 0)) or 1
-        st.progress(min(done / total, 1.0), text=progress_text(progress))
+        st.progress(min(done / total, 1.0), text=common.progress_text(progress))
     elif progress and state in ("stopped", "failed", "killed"):
         st.caption(f"Reached {progress.get('stage', '?')}: {int(progress.get('done', 0)):,} / {int(progress.get('total', 0)):,} {progress.get('unit', '')}")
     job = read_job(run_dir)
@@ -114,25 +113,6 @@ def run_panel(path: str) -> None:
         was_running[path] = False
         st.rerun(scope="app")  # the run ended: reload its files on every element of the page
     was_running[path] = running
-
-
-def progress_text(progress: dict) -> str:
-    """'generate: 3 / 10 records · about 2 min left (updated 1 s ago)'."""
-    done, total = int(progress.get("done", 0)), int(progress.get("total", 0))
-    text = f"{progress.get('stage', '?')}: {done:,} / {total:,} {progress.get('unit', '')}".rstrip()
-    eta = eta_seconds(progress)
-    if eta is not None:
-        text += f" · about {duration(eta)} left"
-    return text + f" (updated {time.time() - float(progress.get('updated', time.time())):.0f} s ago)"
-
-
-def duration(seconds: float) -> str:
-    seconds = round(seconds)
-    if seconds < 60:
-        return f"{seconds} s"
-    if seconds < 3600:
-        return f"{seconds // 60} min {seconds % 60} s"
-    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
 
 
 def outcome(run_dir: Path, state: str, job: dict | None, finished: bool) -> None:

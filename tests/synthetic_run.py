@@ -143,3 +143,33 @@ def flag_answers(path: Path, cap: int = 400, hit: tuple[int, ...] = (2, 5), loop
     (path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     ids = metrics["id"].tolist()
     return {"hit_max": [ids[r] for r in hit], "repeats": [ids[r] for r in loop], "empty": [ids[r] for r in blank]}
+
+
+def make_experiment(run_dir: Path, name: str = "sel-vs-rand") -> Path:
+    """A finished two-arm experiment's files, written by hand (no training): arm `sel` answers items
+    0-5 right, `rand` items 0-2; the statistics and the report from the library."""
+    from threeds.outcomes.experiment import summarize_experiment
+
+    exp = run_dir / "experiments" / name
+    described = {"name": name, "run": str(run_dir), "bench": "mmlu-medical", "limit": 8, "shots": 0, "model": {"model": None},
+                 "train": {"lora_r": 8, "lr": 5e-5, "epochs": 1, "batch_size": 2, "grad_accum": 1}, "seeds": 1,
+                 "baseline": "rand", "arms": [{"name": "sel", "spec": "current", "records": {"seed0": 6}},
+                                              {"name": "rand", "spec": "random:same", "records": {"seed0": 6}}]}  # fmt: skip
+    (exp / "evals").mkdir(parents=True)
+    (exp / "experiment.json").write_text(json.dumps(described))
+    for arm, right in (("sel", 6), ("rand", 3)):
+        folder = exp / "evals" / arm / "seed0"
+        folder.mkdir(parents=True)
+        rows = [{"id": f"q{i}", "subject": "anatomy" if i < 4 else "virology", "gold": 0, "pred": 0 if i < right else 1,
+                 "correct": i < right, "prompt": f"Question {i}?", "choices": ["yes", "no"],
+                 "logprobs": [-1.0, -2.0] if i < right else [-2.0, -1.0]} for i in range(8)]  # fmt: skip
+        (folder / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (folder / "summary.json").write_text(json.dumps({"acc": right / 8}))
+        train = exp / "arms" / arm / "seed0"
+        train.mkdir(parents=True)
+        (train / "loss.jsonl").write_text("".join(json.dumps({"step": s, "loss": 3.0 - s / 2}) + "\n" for s in (1, 2, 3)))
+    units = {f"{a}/seed0": {"arm": a, "seed": 0, "records": 6, "train": "done", "eval": "done", "train_s": 4.0, "eval_s": 9.0, "steps": 3}
+             for a in ("sel", "rand")}  # fmt: skip
+    (exp / "units.json").write_text(json.dumps(units))
+    summarize_experiment(exp)
+    return exp

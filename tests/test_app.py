@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
-from synthetic_run import make_run
+from synthetic_run import make_experiment, make_run
 
 from app_pages import state as app_state
 
@@ -948,3 +948,40 @@ def test_the_search_and_the_brush_are_kept_in_the_url(demo):
     bad.query_params.update({"run": "demo", "brush": "!!"})
     bad.run()
     assert "brush='!!' is not a brush this app wrote" in texts(bad.sidebar.warning) and "brush" not in bad.query_params
+
+
+def test_outcomes_page_shows_an_experiment_and_starts_one(demo, monkeypatch):
+    from threeds.outcomes import report
+    from threeds.outcomes.experiment import load_results
+
+    exp = make_experiment(demo)
+    at = open_page("app_pages/outcomes.py")
+    assert at.selectbox(key="outcomes_experiment").value == "sel-vs-rand"
+    results = load_results(exp)
+    arms = next(d.value for d in at.dataframe if "accuracy % (95% CI)" in d.value.columns)
+    expected = report.arm_rows(results.described, results.summary)
+    assert arms["arm"].tolist() == ["sel", "rand"]
+    assert arms["accuracy % (95% CI)"][0] == f"{report.pct(expected[0]['acc'])} ({report.pct(expected[0]['acc_lo'])}–{report.pct(expected[0]['acc_hi'])})"
+    assert arms["accuracy % (95% CI)"][0].startswith("75.0") and arms["vs baseline, points (95% CI)"][1] == "baseline"
+    subjects = next(d.value for d in at.dataframe if "subject" in d.value.columns and "n" in d.value.columns)
+    assert subjects.to_dict("list") == {"subject": ["anatomy", "virology"], "n": [4, 4], "sel": [1.0, 0.5], "rand": [0.75, 0.0]}
+    disagree = next(d.value for d in at.dataframe if "gold" in d.value.columns and "id" in d.value.columns)
+    assert disagree["id"].tolist() == ["q3", "q4", "q5"]  # where sel is right and rand is not
+    assert "embedded SmolLM2-135M" in texts(at.warning) and "Tiny training sets (6 records" in texts(at.warning)
+    units = next(d.value for d in at.dataframe if "train s" in d.value.columns)
+    assert units["eval s"].tolist() == [9.0, 9.0]
+
+    started = []
+    monkeypatch.setattr("threeds.rundir.jobs.start_run", lambda argv, run_dir, cwd=None: started.append((argv, run_dir)) or 1)
+    at.text_area(key="exp_arms").set_value("a=current\nb=random:50")
+    at.text_input(key="exp_name").set_value("second")
+    at.number_input(key="exp_batch").set_value(2)
+    at.button(key="exp_start").click().run()
+    assert not at.exception and not at.error
+    argv, run_dir = started[0]
+    assert run_dir == demo / "experiments" / "second"
+    assert argv[argv.index("experiment"):] == ["experiment", "--run", str(demo), "--name", "second", "--arm", "a=current",
+                                                "--arm", "b=random:50", "--limit", "200", "--batch-size", "2"]  # fmt: skip
+    at.text_area(key="exp_arms").set_value("a=random:same")
+    at.button(key="exp_start").click().run()
+    assert "cannot be first" in texts(at.error) and len(started) == 1

@@ -45,7 +45,7 @@ def main(args: argparse.Namespace) -> int:
     with locked(exp):  # status.json is the experiment's own: only its one writer records it
         write_status(exp, "running")
         try:
-            summary = run_experiment(args.run, config, train, say=log.info)
+            run_experiment(args.run, config, train, say=log.info)
         except BaseException as exc:
             message, code = describe(exc)
             write_status(exp, "stopped" if code == INTERRUPTED else "failed", exit_code=code, error=message)

@@ -35,7 +35,12 @@ from threeds.outcomes import report
 from threeds.outcomes.arms import ARM_NAME, Arm, ArmSource, parse_arms
 from threeds.outcomes.benchsets import load_bench
 from threeds.outcomes.evaluate import evaluate
-from threeds.outcomes.train import check_config, finished, train_lora, write_llamafactory
+from threeds.outcomes.train import (
+    check_config,
+    finished,
+    train_lora,
+    write_llamafactory,
+)
 from threeds.rundir.check import read_json_object
 from threeds.rundir.progress import ProgressFile
 from threeds.rundir.write import package_versions
@@ -70,8 +75,10 @@ def experiment_dir(run_dir: str | os.PathLike, name: str) -> Path:
 
 
 def list_experiments(run_dir: str | os.PathLike) -> list[str]:
+    """Experiments of a run, newest first (a folder started in the background counts before it plans)."""
     folder = Path(run_dir) / EXPERIMENTS
-    return sorted(p.name for p in folder.iterdir() if (p / "experiment.json").is_file()) if folder.is_dir() else []
+    found = [p for p in folder.iterdir() if (p / "experiment.json").is_file() or (p / "job.json").is_file()] if folder.is_dir() else []
+    return [p.name for p in sorted(found, key=lambda p: (-p.stat().st_mtime, p.name))]
 
 
 def train_dir(exp: Path, unit: Unit) -> Path:
@@ -156,21 +163,22 @@ class Runner:
                 continue
             self.say(f"[{index + 1}/{len(self.units)}] {unit.key}: " + self.time_left(index))
             if unit.ids is not None:
-                self.timed(unit, "train", lambda: self.train_unit(unit))
+                self.timed(unit, "train", self.train_unit)
             else:
                 row["train"] = "none"
-            self.timed(unit, "eval", lambda: self.eval_unit(unit))
+            self.timed(unit, "eval", self.eval_unit)
         self.save_state()
 
-    def timed(self, unit: Unit, phase: str, work: Callable[[], dict | None]) -> None:
+    def timed(self, unit: Unit, phase: str, work: Callable[[Unit], dict | None]) -> None:
         row = self.state[unit.key]
         row[phase] = "running"
         self.save_state()
         start = time.perf_counter()
-        result = work()
+        result = work(unit)
         row[phase] = "done"
         if result is not None:  # None: finished before, reused
             row[f"{phase}_s"] = round(time.perf_counter() - start, 2)
+            row.update({"steps": result["steps"]} if phase == "train" else {})
         self.save_state()
 
     def time_left(self, index: int) -> str:
@@ -242,13 +250,13 @@ def run_experiment(run_dir: str | os.PathLike, config: ExperimentConfig, train: 
 
 
 def arm_items(exp: Path, described: dict) -> dict[str, list[list[dict]]]:
-    """items.jsonl rows of every evaluated arm, one list per seed (the stats' input)."""
+    """items.jsonl rows of every finished evaluation (its summary.json written), one list per seed (the stats' input)."""
     found: dict[str, list[list[dict]]] = {}
     for arm in described["arms"]:
         for seed in range(described["seeds"]):
-            path = eval_dir(exp, arm["name"], seed) / "items.jsonl"
-            if path.is_file():
-                found.setdefault(arm["name"], []).append(read_jsonl(path))
+            folder = eval_dir(exp, arm["name"], seed)
+            if (folder / "summary.json").is_file():
+                found.setdefault(arm["name"], []).append(read_jsonl(folder / "items.jsonl"))
     return found
 
 
@@ -265,3 +273,35 @@ def summarize_experiment(exp: Path) -> dict:
     (exp / "report.md").write_text(report.markdown(described, summary), encoding="utf-8")
     (exp / "report.csv").write_text(report.csv_text(summary, described), encoding="utf-8")
     return summary
+
+
+# ------------------------------------------------------------------------------ reading back
+
+
+@dataclass(frozen=True)
+class Results:
+    """An experiment's files as the page shows them (any may be missing while it runs)."""
+
+    described: dict
+    summary: dict | None
+    units: dict
+    evals: dict[str, list[list[dict]]]
+
+    def losses(self, exp: Path) -> list[dict]:
+        """Every training's loss per step: arm, seed, step, loss."""
+        rows = []
+        for arm in self.described.get("arms", []):
+            for seed in range(self.described.get("seeds", 1)):
+                path = exp / "arms" / arm["name"] / f"seed{seed}" / "loss.jsonl"
+                if path.is_file():
+                    rows += [{"arm": arm["name"], "seed": seed, "step": r["step"], "loss": r["loss"]} for r in read_jsonl(path)]
+        return rows
+
+
+def load_results(exp: str | os.PathLike) -> Results:
+    exp = Path(exp)
+    described = read_json_object(exp / "experiment.json") if (exp / "experiment.json").is_file() else {}
+    summary = read_json_object(exp / "summary.json") if (exp / "summary.json").is_file() else None
+    units = read_json_object(exp / "units.json") if (exp / "units.json").is_file() else {}
+    evals = arm_items(exp, described) if described else {}
+    return Results(described, summary, units, evals)

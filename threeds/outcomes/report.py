@@ -55,32 +55,110 @@ def p_text(value: float | None) -> str:
 
 def markdown(described: dict, summary: dict) -> str:
     """The report page: what was compared, the table, the verdicts, what the numbers cannot say."""
-    rows = arm_rows(described, summary)
-    train = described.get("train") or {}
     lines = [
-        f"# Experiment {described.get('name', '')}", "",
-        f"Run `{described.get('run', '')}`, model `{(described.get('model') or {}).get('model') or 'embedded SmolLM2-135M-Instruct'}`, "
-        f"evaluated on {described.get('bench', '')} ({summary.get('n_items', '?')} items"
-        + (f", the first {described['limit']} spread over the set" if described.get("limit") else "") + f"), "
-        f"{described.get('seeds', 1)} seed(s) per arm. LoRA r {train.get('lora_r')}, learning rate {train.get('lr')}, "
-        f"{train.get('epochs')} epoch(s), batch {train.get('batch_size')} x {train.get('grad_accum')}.", "",
+        f"# Experiment {described.get('name', '')}", "", _settings_text(described, summary), "",
         f"Baseline: **{summary.get('baseline')}**. Always answering the most common gold letter scores "
         f"{pct(summary.get('majority_acc'))}%.", "",
-        "| arm | SPEC | records | accuracy % (95% CI) | vs baseline, points (95% CI) | McNemar p (Holm) | disagree % | gold prob | verdict |",
+        "| arm | SPEC | records | accuracy % (95% CI) | vs baseline, points (95% CI) | McNemar p (Holm) "
+        "| disagree % | gold prob | verdict |",
         "|---|---|---|---|---|---|---|---|---|",
+        *(_table_row(r, summary.get("baseline")) for r in arm_rows(described, summary)),
+        "", "## What this can and cannot say", "", *(f"- {c}" for c in caveats(described, summary)),
+        "- Confidence intervals are 95% bootstrap intervals over the items (seeds averaged per item first); the "
+        "difference is paired item by item; p is the exact McNemar test, Holm-corrected across arms.",
+        "- `mde_80` is the smallest difference this many items would detect 80% of the time: a smaller true "
+        "difference can hide behind 'no detectable difference'.",
+        "- One evaluation set and one model: a result here is evidence for this model on this set, not in general.",
     ]  # fmt: skip
-    for r in rows:
-        lines.append(
-            f"| {r['arm']} | `{r['spec']}` | {r['records'] if r['records'] is not None else '—'} | "
-            f"{pct(r['acc'])} ({pct(r['acc_lo'])}–{pct(r['acc_hi'])}) | "
-            + ("baseline" if r["arm"] == summary.get("baseline") else f"{pct(r['delta'], True)} ({pct(r['delta_lo'], True)} to {pct(r['delta_hi'], True)})")
-            + f" | {p_text(r['mcnemar_p'])} ({p_text(r['p_holm'])}) | {pct(r['disagreement'])} | "
-            f"{'—' if r['gold_prob'] is None else format(r['gold_prob'], '.3f')} | {r['verdict']} |"
-        )  # fmt: skip
-    lines += ["", "## What this can and cannot say", "",
-              "- Confidence intervals are 95% bootstrap intervals over the items (seeds averaged per item first); the "
-              "difference is paired item by item; p is the exact McNemar test, Holm-corrected across arms.",
-              "- `mde_80` is the smallest difference this many items would detect 80% of the time: a smaller true "
-              "difference can hide behind 'no detectable difference'.",
-              "- One evaluation set and one model: a result here is evidence for this model on this set, not in general."]  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def _settings_text(described: dict, summary: dict) -> str:
+    train = described.get("train") or {}
+    model = (described.get("model") or {}).get("model") or "embedded SmolLM2-135M-Instruct"
+    spread = f", {described['limit']} spread over the set" if described.get("limit") else ""
+    return (f"Run `{described.get('run', '')}`, model `{model}`, evaluated on {described.get('bench', '')} "
+            f"({summary.get('n_items', '?')} items{spread}), {described.get('seeds', 1)} seed(s) per arm. LoRA r "
+            f"{train.get('lora_r')}, learning rate {train.get('lr')}, {train.get('epochs')} epoch(s), batch "
+            f"{train.get('batch_size')} x {train.get('grad_accum')}.")  # fmt: skip
+
+
+def _table_row(r: dict, baseline: str | None) -> str:
+    versus = "baseline" if r["arm"] == baseline else f"{pct(r['delta'], True)} ({pct(r['delta_lo'], True)} to {pct(r['delta_hi'], True)})"
+    records = "—" if r["records"] is None else r["records"]
+    gold = "—" if r["gold_prob"] is None else format(r["gold_prob"], ".3f")
+    return (f"| {r['arm']} | `{r['spec']}` | {records} | {pct(r['acc'])} ({pct(r['acc_lo'])}–{pct(r['acc_hi'])}) | {versus} "
+            f"| {p_text(r['mcnemar_p'])} ({p_text(r['p_holm'])}) | {pct(r['disagreement'])} | {gold} | {r['verdict']} |")
+
+
+# ------------------------------------------------------------------------------ what the page shows
+
+
+def caveats(described: dict, summary: dict | None, units: dict | None = None) -> list[str]:
+    """What this experiment cannot say, in words, from its own settings (the page and the report show them)."""
+    found = []
+    if not (described.get("model") or {}).get("model"):
+        found.append("The model is the embedded SmolLM2-135M-Instruct, a stand-in small enough for a CPU that answers "
+                     "these exams near chance: the result says nothing about what the selection does for a real target model.")  # fmt: skip
+    sizes = [n for arm in described.get("arms", []) for n in (arm.get("records") or {}).values() if n is not None]
+    if sizes and min(sizes) < 200:
+        steps = [u.get("steps") for u in (units or {}).values() if u.get("steps")]
+        found.append(f"Tiny training sets ({min(sizes)} records at the least" + (f", {min(steps)} optimizer step(s)" if steps else "")
+                     + "): LoRA barely moves the model, so the arms are expected to look alike.")  # fmt: skip
+    if summary and summary.get("n_items", 10**9) < 500:
+        mde = [a.get("mde_80") for a in summary.get("arms", {}).values() if a.get("mde_80")]
+        found.append(f"Only {summary['n_items']} evaluation items" + (f": a difference under {100 * max(mde):.1f} points would likely go unseen" if mde else "") + ".")
+    if described.get("seeds", 1) == 1 and any(a["spec"] != "base" for a in described.get("arms", [])):
+        found.append("One seed per arm: how much a training varies with its seed (and a random subset with its draw) is not measured.")
+    return found
+
+
+def softmax(values: list[float]) -> list[float]:
+    top = max(values)
+    exps = [math.exp(v - top) for v in values]
+    return [e / sum(exps) for e in exps]
+
+
+def subject_table(evals: dict[str, list[list[dict]]]) -> list[dict]:
+    """Per subject: the number of items and each arm's accuracy (seeds averaged per item)."""
+    per_arm = {arm: _mean_correct(runs) for arm, runs in evals.items()}
+    subjects: dict[str, list[str]] = {}
+    for row in next(iter(evals.values()))[0]:
+        subjects.setdefault(row.get("subject") or "", []).append(row["id"])
+    return [{"subject": subject, "n": len(ids), **{arm: sum(acc.get(i, 0.0) for i in ids) / len(ids) for arm, acc in per_arm.items()}}
+            for subject, ids in sorted(subjects.items())]  # fmt: skip
+
+
+def _mean_correct(runs: list[list[dict]]) -> dict[str, float]:
+    found: dict[str, list[float]] = {}
+    for run in runs:
+        for row in run:
+            found.setdefault(row["id"], []).append(float(bool(row["correct"])))
+    return {item: sum(v) / len(v) for item, v in found.items()}
+
+
+def disagreements(evals: dict[str, list[list[dict]]]) -> list[dict]:
+    """Items where the arms' answers (first seed) differ: id, subject, gold and each arm's answer
+    letter with its accuracy over the seeds."""
+    first = {arm: {row["id"]: row for row in runs[0]} for arm, runs in evals.items()}
+    correct = {arm: _mean_correct(runs) for arm, runs in evals.items()}
+    rows = []
+    for row in next(iter(evals.values()))[0]:
+        preds = {arm: rows_[row["id"]]["pred"] for arm, rows_ in first.items() if row["id"] in rows_}
+        if len(set(preds.values())) > 1:
+            rows.append({"id": row["id"], "subject": row.get("subject", ""), "gold": _letter(row["gold"]),
+                         **{arm: f"{_letter(p)} ({100 * correct[arm][row['id']]:.0f}% right)" for arm, p in preds.items()}})  # fmt: skip
+    return rows
+
+
+def item_detail(evals: dict[str, list[list[dict]]], item_id: str) -> dict:
+    """One item for the page: its prompt, its choices and, per arm (first seed), the probability of
+    each choice among the choices (softmax of their summed log-probabilities)."""
+    rows = {arm: next(r for r in runs[0] if r["id"] == item_id) for arm, runs in evals.items()}
+    any_row = next(iter(rows.values()))
+    return {"prompt": any_row["prompt"], "choices": any_row["choices"], "gold": any_row["gold"],
+            "probs": {arm: softmax(row["logprobs"]) for arm, row in rows.items()}}  # fmt: skip
+
+
+def _letter(index: int) -> str:
+    return "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[index] if 0 <= index < 26 else str(index)

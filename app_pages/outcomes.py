@@ -1,0 +1,226 @@
+"""Outcomes: does the selection help? Start an experiment (arms x seeds, trained and evaluated in the
+background), follow it, and read its result: the arms with their statistics, loss curves, subjects,
+the items where the arms disagree, and the report."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+
+from app_pages import common
+from app_pages.new_run import start_background
+from threeds.config import ExperimentConfig, TrainConfig, to_argv
+from threeds.errors import SettingsError
+from threeds.outcomes import report
+from threeds.outcomes.arms import parse_arms
+from threeds.outcomes.experiment import experiment_dir, list_experiments, load_results
+from threeds.rundir.jobs import job_running, log_tail, read_job, stop_run
+from threeds.rundir.progress import eta_seconds, job_state, read_status
+from threeds.rundir.read import read_progress
+
+BENCHES = ["mmlu-medical", "pubmedqa"]
+
+
+def outcomes_page() -> None:
+    st.title("Outcomes: does the selection help?")
+    run = common.require_run()
+    st.caption("Train the run's model with LoRA on each selection (an *arm*), evaluate every arm on a multiple-choice "
+               "exam and compare them with the baseline, with confidence intervals and a paired test.")  # fmt: skip
+    names = list_experiments(run.path)
+    if names:
+        if st.session_state.get("outcomes_next") in names:
+            st.session_state["outcomes_experiment"] = st.session_state.pop("outcomes_next")
+        name = st.selectbox("Experiment", names, key="outcomes_experiment")
+        exp = experiment_dir(run.path, name)
+        st.fragment(status_panel, run_every=2 if job_running(exp) else None)(str(exp))
+        show_results(exp)
+    else:
+        st.info(f"Run {common.code(run.name)} has no experiment yet: start one below.")
+    start_form(run.path, names)
+
+
+def status_panel(path: str) -> None:
+    """State, progress with time left, each arm x seed's state and time, Stop/Resume, the log."""
+    exp = Path(path)
+    running = job_running(exp)
+    state = job_state(read_status(exp), running)
+    units = load_results(exp).units
+    progress = read_progress(exp) or {}
+    if running and progress:
+        done, total = int(progress.get("done", 0)), int(progress.get("total", 0)) or 1
+        st.progress(min(done / total, 1.0), text=common.progress_text(progress) + experiment_left(units, progress))
+    if units:
+        table = pd.DataFrame([{"arm": u["arm"], "seed": u["seed"], "records": u.get("records"), "train": u.get("train", "todo"),
+                               "train s": u.get("train_s"), "eval": u.get("eval", "todo"), "eval s": u.get("eval_s")}
+                              for u in units.values()])  # fmt: skip
+        st.dataframe(table, hide_index=True, width="stretch")
+    job = read_job(exp)
+    controls(exp, state, job)
+    if job is not None:
+        with st.expander("Command and log", expanded=state not in ("done", "unknown")):
+            st.code(shlex.join(job["argv"]), language="bash", wrap_lines=True)
+            st.code(log_tail(exp) or "(no output yet)", language=None, wrap_lines=True)
+    was = st.session_state.setdefault("outcomes_was_running", {})
+    if was.get(path) and not running:
+        was[path] = False
+        st.rerun(scope="app")  # finished: draw the results
+    was[path] = running
+
+
+def experiment_left(units: dict, progress: dict) -> str:
+    """' · about N min for the experiment': the running unit's time left plus the mean unit time for the rest."""
+    spent = [u.get("train_s", 0) + u.get("eval_s", 0) for u in units.values() if "eval_s" in u]
+    todo = [u for u in units.values() if u.get("eval") != "done"]
+    if not spent or not todo:
+        return ""
+    left = (eta_seconds(progress) or 0) + sum(spent) / len(spent) * (len(todo) - 1)
+    return f" · about {common.duration(left)} left for the experiment"
+
+
+def controls(exp: Path, state: str, job: dict | None) -> None:
+    c1, c2 = st.columns([1, 5])
+    if state == "running":
+        c2.caption(f"Running in the background (pid {job['pid'] if job else '?'}); you can leave this page and come back.")
+        if job is not None and c1.button("Stop", key="outcomes_stop"):
+            with st.spinner("Stopping (SIGINT, then SIGTERM, then SIGKILL if it does not stop)…"):
+                st.session_state["outcomes_stopped"] = stop_run(exp).message
+            st.rerun(scope="app")
+        return
+    if st.session_state.get("outcomes_stopped"):
+        st.info(f"Stop: {st.session_state['outcomes_stopped']}")
+    status = read_status(exp) or {}
+    if state == "failed":
+        c2.error(f"Failed (exit code {status.get('exit_code')}): {common.md(status.get('error') or 'see the log')}")
+    elif state in ("stopped", "killed"):
+        c2.warning("Stopped before the end. Resume runs the same command again: finished arms are kept, a training resumes from its checkpoint.")
+    resumable = job is not None and state in ("failed", "stopped", "killed")
+    if resumable and c1.button("Resume", key="outcomes_resume") and start_background(job["argv"], exp):
+        st.rerun(scope="app")
+
+
+def show_results(exp: Path) -> None:
+    results = load_results(exp)
+    if results.summary is None:
+        st.caption("No result yet: the statistics appear when every arm is evaluated.")
+        return
+    described, summary = results.described, results.summary
+    for caveat in report.caveats(described, summary, results.units):
+        st.warning(caveat, icon=":material/info:")
+    st.subheader("Arms")
+    rows = report.arm_rows(described, summary)
+    arms_table(rows, summary)
+    st.plotly_chart(accuracy_chart(rows, summary), width="stretch", key="outcomes_chart")
+    losses = results.losses(exp)
+    if losses:
+        st.subheader("Training loss")
+        st.plotly_chart(loss_chart(losses), width="stretch", key="outcomes_loss")
+    st.subheader("By subject")
+    subjects = pd.DataFrame(report.subject_table(results.evals))
+    st.dataframe(subjects, hide_index=True, width="stretch",
+                 column_config={arm: st.column_config.NumberColumn(arm, format="percent") for arm in results.evals})  # fmt: skip
+    disagreement_panel(results.evals)
+    c1, c2 = st.columns(2)
+    c1.download_button("Report (Markdown)", report.markdown(described, summary), f"{exp.name}-report.md", "text/markdown", key="outcomes_md")
+    c2.download_button("Report (CSV)", report.csv_text(summary, described), f"{exp.name}-report.csv", "text/csv", key="outcomes_csv")
+
+
+def arms_table(rows: list[dict], summary: dict) -> None:
+    baseline = summary.get("baseline")
+    table = pd.DataFrame([{
+        "arm": r["arm"], "SPEC": r["spec"], "records": r["records"], "n items": r["n_items"],
+        "accuracy % (95% CI)": f"{report.pct(r['acc'])} ({report.pct(r['acc_lo'])}–{report.pct(r['acc_hi'])})",
+        "vs baseline, points (95% CI)": "baseline" if r["arm"] == baseline else
+        f"{report.pct(r['delta'], True)} ({report.pct(r['delta_lo'], True)} to {report.pct(r['delta_hi'], True)})",
+        "p (Holm)": report.p_text(r["p_holm"]), "verdict": r["verdict"],
+    } for r in rows])  # fmt: skip
+    st.dataframe(table, hide_index=True, width="stretch")
+    st.caption(f"Baseline **{common.md(baseline)}**; {summary.get('n_items')} items; always answering the most common "
+               f"gold letter scores {report.pct(summary.get('majority_acc'))}%. CI: bootstrap over items; p: exact "
+               "McNemar on the items where the two arms differ, Holm-corrected across arms.")  # fmt: skip
+
+
+def accuracy_chart(rows: list[dict], summary: dict) -> go.Figure:
+    acc = [100 * (r["acc"] or 0) for r in rows]
+    bars = go.Bar(
+        x=[r["arm"] for r in rows], y=acc, name="accuracy",
+        error_y=dict(type="data", symmetric=False, array=[100 * (r["acc_hi"] or 0) - a for r, a in zip(rows, acc)],
+                     arrayminus=[a - 100 * (r["acc_lo"] or 0) for r, a in zip(rows, acc)]),
+        hovertemplate="%{x}: %{y:.1f}%<extra></extra>",
+    )  # fmt: skip
+    figure = go.Figure([bars], layout=dict(height=320, margin=dict(l=10, r=10, t=30, b=10), yaxis_title="accuracy % (95% CI)",
+                                           title="Accuracy per arm"))  # fmt: skip
+    if summary.get("majority_acc") is not None:
+        figure.add_hline(y=100 * summary["majority_acc"], line_dash="dot", annotation_text="most common answer")
+    return figure
+
+
+def loss_chart(losses: list[dict]) -> go.Figure:
+    frame = pd.DataFrame(losses)
+    traces = [go.Scatter(x=part["step"], y=part["loss"], mode="lines+markers", name=f"{arm} seed {seed}")
+              for (arm, seed), part in frame.groupby(["arm", "seed"], sort=False)]  # fmt: skip
+    return go.Figure(traces, layout=dict(height=280, margin=dict(l=10, r=10, t=10, b=10), xaxis_title="optimizer step",
+                                         yaxis_title="loss (response tokens)"))  # fmt: skip
+
+
+def disagreement_panel(evals: dict) -> None:
+    rows = report.disagreements(evals)
+    st.subheader(f"Items where the arms disagree ({len(rows)})")
+    if not rows:
+        st.caption("Every arm gave the same answer to every item.")
+        return
+    picked = st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch", on_select="rerun",
+                          selection_mode="single-row", key="outcomes_disagree")  # fmt: skip
+    chosen = picked.selection.rows if picked else []
+    if not chosen:
+        st.caption("Click a row to see the question, its choices and each arm's probabilities.")
+        return
+    detail = report.item_detail(evals, rows[chosen[0]]["id"])
+    st.code(detail["prompt"], language=None, wrap_lines=True)
+    table = pd.DataFrame({"choice": detail["choices"], "gold": ["✓" if i == detail["gold"] else "" for i in range(len(detail["choices"]))],
+                          **{arm: probs for arm, probs in detail["probs"].items()}})  # fmt: skip
+    st.dataframe(table, hide_index=True, width="stretch",
+                 column_config={arm: st.column_config.ProgressColumn(arm, min_value=0.0, max_value=1.0, format="percent")
+                                for arm in detail["probs"]})  # fmt: skip
+
+
+def start_form(run_dir: Path, taken: list[str]) -> None:
+    st.header("Start an experiment")
+    with st.form("new_experiment"):
+        c1, c2, c3 = st.columns(3)
+        name = c1.text_input("Name", value=next(f"exp-{i}" for i in range(1, len(taken) + 2) if f"exp-{i}" not in taken), key="exp_name")
+        bench = c2.selectbox("Evaluation set", BENCHES, key="exp_bench")
+        limit = c3.number_input("Items (0: all)", 0, 100_000, 200, key="exp_limit", help="spread evenly over the set")
+        arms = st.text_area("Arms, one NAME=SPEC a line", "selection=current\nrandom=random:same", key="exp_arms",
+                            help="SPEC: current, preset:NAME, random:same, random:N, quality, all, base (no training)")  # fmt: skip
+        c1, c2, c3, c4, c5 = st.columns(5)
+        baseline = c1.text_input("Baseline arm (empty: the first)", key="exp_baseline")
+        seeds = c2.number_input("Seeds", 1, 20, 1, key="exp_seeds")
+        batch = c3.number_input("Batch size", 1, 1024, TrainConfig.batch_size, key="exp_batch")
+        accum = c4.number_input("Grad accumulation", 1, 1024, TrainConfig.grad_accum, key="exp_accum",
+                                help="batch x accumulation records per optimizer step: 64 by default (the paper's)")  # fmt: skip
+        epochs = c5.number_input("Epochs", 1, 100, TrainConfig.epochs, key="exp_epochs")
+        submitted = st.form_submit_button("Start experiment", type="primary", key="exp_start")
+    if not submitted:
+        return
+    try:
+        arm_lines = tuple(line.strip() for line in arms.splitlines() if line.strip())
+        parse_arms(arm_lines, baseline.strip() or None)
+        exp = experiment_dir(run_dir, name.strip())
+    except SettingsError as exc:
+        st.error(common.md(common.one_line_error(exc)))
+        return
+    config = ExperimentConfig(name=name.strip(), arm=arm_lines, baseline=baseline.strip() or None, seeds=int(seeds),
+                              bench=bench, limit=int(limit) or None)  # fmt: skip
+    train = TrainConfig(batch_size=int(batch), grad_accum=int(accum), epochs=int(epochs))
+    argv = [sys.executable, "-m", "threeds", "experiment", "--run", str(run_dir), *to_argv(config), *to_argv(train)]
+    if start_background(argv, exp):
+        st.session_state["outcomes_next"] = exp.name  # the picker is drawn: set it on the next run
+        st.rerun()
+
+
+outcomes_page()
