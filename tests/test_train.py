@@ -14,7 +14,13 @@ from threeds.config import TrainConfig
 from threeds.errors import SettingsError
 from threeds.model.prompts import prompt_format
 from threeds.outcomes import train
-from threeds.outcomes.train import TrainError, encode_examples, learning_rate, step_plan, train_lora
+from threeds.outcomes.train import (
+    TrainError,
+    encode_examples,
+    learning_rate,
+    step_plan,
+    train_lora,
+)
 
 SMALL = TrainConfig(batch_size=2, grad_accum=2, lr=1e-2, epochs=2, cutoff=64, save_steps=1)
 

@@ -25,7 +25,13 @@ import numpy as np
 from threeds.errors import SettingsError, ThreedsError
 from threeds.rundir.check import load_scored
 from threeds.rundir.read import Run, load_run, selected_ids
-from threeds.selection.apply import apply, load_preset, read_run_flags, read_run_ratings, quality_per_row
+from threeds.selection.apply import (
+    apply,
+    load_preset,
+    quality_per_row,
+    read_run_flags,
+    read_run_ratings,
+)
 from threeds.selection.quality import quality_mask
 
 ARM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")

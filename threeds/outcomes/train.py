@@ -39,7 +39,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from threeds.config import TrainConfig
 from threeds.errors import SettingsError, ThreedsError
-from threeds.io.data import append_jsonl, full_instruction, read_jsonl, write_json, write_jsonl
+from threeds.io.data import (
+    append_jsonl,
+    full_instruction,
+    read_jsonl,
+    write_json,
+    write_jsonl,
+)
 from threeds.model.prompts import PromptFormat
 from threeds.rundir.write import package_versions
 from threeds.stages.score import encode
