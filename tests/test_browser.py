@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from synthetic_run import make_run
+from synthetic_run import make_experiment, make_run
 
 from threeds.rundir.read import load_run
 from threeds.views import embed_map
@@ -57,6 +57,8 @@ def prepare_cache(cache: Path) -> None:
         shutil.copytree(source, cache / "demo")
     else:
         make_run(cache / "demo", n=300, n_dropped=60, dim=32)
+    if not (cache / "demo" / "experiments").is_dir():
+        make_experiment(cache / "demo")  # the Outcomes page's (the shipped demo has its own)
     run = load_run(cache / "demo")
     if not (cache / "demo" / embed_map.UMAP_FILE).exists():
         with pytest.MonkeyPatch.context() as mp:
@@ -551,3 +553,37 @@ def test_a_lasso_on_an_image_map_brushes_every_point_inside(server, browser):
     label = wait_for(d, lambda d: next((line for line in body_text(d).splitlines() if "points from a box/lasso" in line), None), "the brush")
     brushed = int(label.split("Brushed: ")[-1].split(" points")[0].replace(",", ""))
     assert brushed > 1_500  # far more than the 120 markers: every point inside, drawn or not
+
+
+def test_outcomes_page_shows_the_experiment_and_an_item_on_click(server, browser, shots):
+    """The shipped demo experiment (or a synthetic one): the arms, the charts, the honest caveats;
+    a click on a disagreeing item shows its prompt and each arm's probabilities."""
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    from threeds.outcomes import report
+    from threeds.outcomes.experiment import list_experiments, load_results
+
+    url, cache = server
+    d = browser
+    d.get(url)
+    wait_for(d, lambda d: "Start a new run" in body_text(d), "Runs page")
+    idle(d)
+    requested_urls(d)
+    go(d, "Outcomes")
+    wait_for(d, lambda d: "Items where the arms disagree" in body_text(d), "the experiment's results")
+    idle(d)
+    assert len(d.find_elements("css selector", ".js-plotly-plot")) == 2  # accuracy with error bars, loss curves
+    text = body_text(d)
+    assert "SmolLM2-135M" in text and "Tiny training sets" in text
+    shot(d, shots, "outcomes")
+    exp = cache / "demo" / "experiments" / list_experiments(cache / "demo")[0]
+    evals = load_results(exp).evals
+    first = report.disagreements(evals)[0]["id"]
+    question = max(report.item_detail(evals, first)["prompt"].splitlines(), key=len)  # a line the code block shows
+    grid = d.find_elements("css selector", '[data-testid="stDataFrame"]')[-1]  # the disagreeing items
+    size = grid.size
+    ActionChains(d).move_to_element_with_offset(grid, -size["width"] // 2 + 18, -size["height"] // 2 + 35 + 17).click().perform()
+    wait_for(d, lambda d: question[:40] in body_text(d), "the clicked item's prompt")
+    idle(d)
+    shot(d, shots, "outcomes_item")
+    assert not outside(requested_urls(d)), "the app fetched something from the internet"

@@ -124,3 +124,25 @@ def test_llamafactory_files(tmp_path):
     for line in ("lora_rank: 8", "learning_rate: 5e-05", "num_train_epochs: 1.0", "template: qwen", "cutoff_len: 1024",
                  "finetuning_type: lora", "model_name_or_path: Qwen/Qwen2.5-7B"):  # fmt: skip
         assert line in yaml.splitlines()
+
+
+def test_train_command_on_a_run_with_ids_and_errors(tmp_path, tiny_model_dir, caplog):
+    from synthetic_run import make_run
+
+    from threeds import cli
+
+    run = make_run(tmp_path / "run", n=6, n_dropped=0, tokens=False, nan_rows=0)
+    (tmp_path / "ids.txt").write_text("s000004\ns000001\n")
+    out = tmp_path / "out"
+    base = ["train", "--run", str(run), "--out", str(out), "--model", str(tiny_model_dir), "--batch-size", "2", "--grad-accum", "1"]
+    assert cli.main([*base, "--ids", str(tmp_path / "ids.txt")]) == 0
+    assert json.loads((out / "ids.json").read_text())["ids"] == ["s000004", "s000001"]
+    assert json.loads((out / "train_config.json").read_text())["model"] == str(tiny_model_dir)
+    assert (out / "adapter_config.json").is_file() and (out / "llamafactory" / "train.yaml").is_file()
+    assert f"model_name_or_path: {tiny_model_dir}" in (out / "llamafactory" / "train.yaml").read_text()
+    (tmp_path / "bad.json").write_text('["s000001", "nope"]')
+    assert cli.main([*base[:4], str(tmp_path / "o2"), *base[5:], "--ids", str(tmp_path / "bad.json")]) == 1
+    assert cli.main([*base[:4], str(tmp_path / "o3"), *base[5:]]) == 1  # no selection.json in the run
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 2 and "'nope'" in errors[0] and "no selection.json" in errors[1]
+    assert not any(r.exc_info for r in caplog.records)  # one line each, no traceback
