@@ -120,7 +120,7 @@ def show_results(exp: Path) -> None:
         st.subheader("Training loss")
         st.plotly_chart(loss_chart(losses), width="stretch", key="outcomes_loss")
     st.subheader("By subject")
-    subjects = pd.DataFrame(report.subject_table(results.evals))
+    subjects = pd.DataFrame(report.subject_table(summary))
     st.dataframe(subjects, hide_index=True, width="stretch",
                  column_config={arm: st.column_config.NumberColumn(arm, format="percent") for arm in results.evals})  # fmt: skip
     disagreement_panel(results.evals)

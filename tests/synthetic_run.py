@@ -161,7 +161,8 @@ def make_experiment(run_dir: Path, name: str = "sel-vs-rand") -> Path:
         folder = exp / "evals" / arm / "seed0"
         folder.mkdir(parents=True)
         rows = [{"id": f"q{i}", "subject": "anatomy" if i < 4 else "virology", "gold": 0, "pred": 0 if i < right else 1,
-                 "correct": i < right, "prompt": f"Question {i}?", "choices": ["yes", "no"],
+                 "correct": i < right, "pred_norm": 0 if i < right else 1, "correct_norm": i < right,
+                 "gold_prob": 0.73 if i < right else 0.27, "prompt": f"Question {i}?", "choices": ["yes", "no"],
                  "logprobs": [-1.0, -2.0] if i < right else [-2.0, -1.0]} for i in range(8)]  # fmt: skip
         (folder / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         (folder / "summary.json").write_text(json.dumps({"acc": right / 8}))

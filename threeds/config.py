@@ -396,7 +396,7 @@ class ExperimentConfig:
     bench: str = setting("mmlu-medical", "evaluation set: mmlu-medical, pubmedqa or a file (default: mmlu-medical)")
     limit: int | None = setting(None, "only N items of the evaluation set, spread evenly over it (default: all)", kind=int, low=1)
     shots: int = setting(0, "examples from the set's dev split put before each question (default: 0)", low=0)
-    eval_batch_size: int = setting(16, "items scored together by the evaluation (default: 16)", low=1)
+    eval_batch_size: int = setting(32, "items scored together by the evaluation (default: 32)", low=1)
 
 
 # `threeds run` has two token budgets: the rating reply's is renamed there.

@@ -160,6 +160,8 @@ class Runner:
             row["records"] = None if unit.ids is None else len(unit.ids)
             if self.evaluated(unit):
                 row.update(train=row.get("train") or ("none" if unit.ids is None else "done"), eval="done")
+                trained = read_json_object(train_dir(self.exp, unit) / "train.json") if unit.ids is not None else {}
+                row.update({"steps": trained["steps"]} if "steps" in trained else {})
                 continue
             self.say(f"[{index + 1}/{len(self.units)}] {unit.key}: " + self.time_left(index))
             if unit.ids is not None:

@@ -119,14 +119,12 @@ def softmax(values: list[float]) -> list[float]:
     return [e / sum(exps) for e in exps]
 
 
-def subject_table(evals: dict[str, list[list[dict]]]) -> list[dict]:
-    """Per subject: the number of items and each arm's accuracy (seeds averaged per item)."""
-    per_arm = {arm: _mean_correct(runs) for arm, runs in evals.items()}
-    subjects: dict[str, list[str]] = {}
-    for row in next(iter(evals.values()))[0]:
-        subjects.setdefault(row.get("subject") or "", []).append(row["id"])
-    return [{"subject": subject, "n": len(ids), **{arm: sum(acc.get(i, 0.0) for i in ids) / len(ids) for arm, acc in per_arm.items()}}
-            for subject, ids in sorted(subjects.items())]  # fmt: skip
+def subject_table(summary: dict) -> list[dict]:
+    """Per subject: the number of items and each arm's accuracy (from the summary's per-subject stats)."""
+    arms = summary.get("arms", {})
+    subjects = next(iter(arms.values()), {}).get("subjects", {})
+    return [{"subject": name, "n": part["n_items"], **{arm: stats["subjects"][name]["acc"] for arm, stats in arms.items()}}
+            for name, part in subjects.items()]  # fmt: skip
 
 
 def _mean_correct(runs: list[list[dict]]) -> dict[str, float]:
