@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import re
+import warnings
 from pathlib import Path
 
 import streamlit as st
@@ -163,24 +164,28 @@ def data_problems(path: str, shown: str, duplicate_ids: str) -> dict[str, str]:
     if not Path(path).is_file():
         return {"Data": f"no such file: {path}"}
     stat = Path(path).stat()
-    count, rejects, error = read_check(path, (stat.st_mtime_ns, stat.st_size), duplicate_ids)
+    count, rejects, error, notes = read_check(path, (stat.st_mtime_ns, stat.st_size), duplicate_ids)
     if error is not None:
         return {"Data": error.replace(str(Path(path)), shown)}
     if count == 0:
         return {"Data": f"{shown}: no usable record ({rejects:,} set aside as blank)"}
     aside = f"; {rejects:,} set aside (blank texts), listed in the run's rejects.jsonl" if rejects else ""
-    st.caption(f"{common.md(shown)}: {count:,} records{aside}")
+    told = "".join(f"  \n{common.md(note.replace(str(Path(path)), shown))}" for note in notes)
+    st.caption(f"{common.md(shown)}: {count:,} records{aside}{told}")
     return {}
 
 
 @st.cache_data(max_entries=8, show_spinner="Reading the data file…")
-def read_check(path: str, stamp: tuple, duplicate_ids: str) -> tuple[int, int, str | None]:
-    """(records, rejects, the one-line error) of reading `path` as the run will; once per file version."""
-    try:
-        records, rejects = read_records(path, duplicate_ids)
-    except (ThreedsError, OSError) as exc:
-        return 0, 0, common.one_line_error(exc)
-    return len(records), len(rejects), None
+def read_check(path: str, stamp: tuple, duplicate_ids: str) -> tuple[int, int, str | None, tuple[str, ...]]:
+    """(records, rejects, the one-line error, what the reader warned of: renamed ids) of reading
+    `path` as the run will; once per file version."""
+    with warnings.catch_warnings(record=True) as told:
+        warnings.simplefilter("always")
+        try:
+            records, rejects = read_records(path, duplicate_ids)
+        except (ThreedsError, OSError) as exc:
+            return 0, 0, common.one_line_error(exc), ()
+    return len(records), len(rejects), None, tuple(str(w.message) for w in told)
 
 
 def save_upload(upload) -> str:

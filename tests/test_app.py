@@ -134,6 +134,8 @@ def test_runs_page_starts_a_run_in_the_background(demo, monkeypatch):
                            RunConfig(data=DataConfig("rename"), subset=SubsetConfig(limit=20), select=SelectConfig(sample_num=17)))
     assert argv == expected and run_dir.name == "fresh"  # starts small: the first 20 records
     assert at.session_state["run_name"] == "fresh"
+    at.radio(key="new_source").set_value("Sample data").run()  # the bundled MedQuAD sample repeats an id
+    assert "2 records reuse an earlier id" in texts(at.caption) and "renamed" in texts(at.caption)
 
 
 def test_the_start_form_checks_with_the_cli_rules_before_it_launches(demo, monkeypatch, tmp_path):
