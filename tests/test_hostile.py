@@ -13,6 +13,7 @@ import errno
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -208,6 +209,89 @@ def _bad_setting(tmp, model):
     return [*score(tmp, data, model), "--chunk-size", "0"], ["--chunk-size 0", "at least 1"]
 
 
+def model_copy(tmp: Path, model: Path, name: str = "m") -> Path:
+    """A copy of the tiny model to damage."""
+    shutil.copytree(model, tmp / name)
+    return tmp / name
+
+
+def score_one(tmp: Path, model: str | Path) -> list[str]:
+    return score(tmp, jsonl(tmp / "d.jsonl", [{"id": "a", **GOOD}]), model)
+
+
+def _model_missing(tmp, model):
+    return score_one(tmp, tmp / "nowhere"), [f"--model {tmp / 'nowhere'}", "no such file or directory"]
+
+
+def _model_dir_empty(tmp, model):
+    (tmp / "m").mkdir()
+    return score_one(tmp, tmp / "m"), [str(tmp / "m"), "the directory is empty"]
+
+
+def _model_config_only(tmp, model):
+    (tmp / "m").mkdir()
+    shutil.copy(model / "config.json", tmp / "m")
+    return score_one(tmp, tmp / "m"), [f"no weights in {tmp / 'm'}", "model.safetensors"]
+
+
+def _model_pickle_only(tmp, model):
+    folder = model_copy(tmp, model)
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")  # never read: refused by its name
+    return score_one(tmp, folder), [str(folder), "only pytorch_model.bin", "a pickle", "never loads"]
+
+
+def _model_text_gguf(tmp, model):
+    (tmp / "m.gguf").write_text("not a model\n")
+    return score_one(tmp, tmp / "m.gguf"), [str(tmp / "m.gguf"), "not a GGUF file"]
+
+
+def _model_any_file(tmp, model):
+    (tmp / "passwd").write_text("root:x:0:0:root:/root:/bin/bash\n")
+    return score_one(tmp, tmp / "passwd"), [str(tmp / "passwd"), "not a GGUF file", "expected a model directory"]
+
+
+def _model_device(tmp, model):
+    return score_one(tmp, "/dev/null"), ["--model /dev/null", "not a regular file"]
+
+
+def _model_truncated_weights(tmp, model):
+    folder = model_copy(tmp, model)
+    (folder / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes()[:1000])
+    return score_one(tmp, folder), [str(folder), "cannot load the model", "header"]
+
+
+def _model_bad_config(tmp, model):
+    folder = model_copy(tmp, model)
+    (folder / "config.json").write_text("{oops")
+    return score_one(tmp, folder), [str(folder / "config.json"), "not valid JSON"]
+
+
+def _model_unknown_type(tmp, model):
+    folder = model_copy(tmp, model)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "nosuch"}))
+    return score_one(tmp, folder), [str(folder), "cannot load the model", "nosuch"]
+
+
+def _no_tokenizer(tmp, model):
+    folder = model_copy(tmp, model)
+    for path in folder.glob("tokenizer*"):
+        path.unlink()
+    return score_one(tmp, folder), [str(folder), "cannot load the tokenizer"]
+
+
+def _no_chat_template(tmp, model):
+    folder = model_copy(tmp, model)
+    (folder / "chat_template.jinja").unlink()
+    return score_one(tmp, folder), ["no chat template", "--template qwen|baichuan"]
+
+
+def _failing_chat_template(tmp, model):
+    folder = model_copy(tmp, model)
+    (folder / "chat_template.jinja").write_text("{{ raise_exception('only one turn, please') }}")
+    return score_one(tmp, folder), ["the chat template fails", "only one turn, please"]
+
+
 def _broken_ratings(tmp, model):
     data = jsonl(tmp / "d.jsonl", [{"id": "a", **GOOD}])
     ratings = jsonl(tmp / "r.jsonl", ['{"id": "a", "score": 90}', "{oops", '{"id": "b", "score": 1}'])
@@ -242,6 +326,15 @@ CASES = [
     Case("broken ratings line", _broken_ratings, BAD_INPUT),
     Case("an id that is a JSON object", _object_id, BAD_INPUT),
     Case("a setting out of range", _bad_setting, USAGE),
+    *(Case(name, build, BAD_INPUT, writes=("run/manifest.json",)) for name, build in [
+        ("model: no such path", _model_missing), ("model: empty directory", _model_dir_empty),
+        ("model: config.json without weights", _model_config_only), ("model: a pickle only", _model_pickle_only),
+        ("model: a text file named .gguf", _model_text_gguf), ("model: any other file", _model_any_file),
+        ("model: a device", _model_device), ("model: truncated weights", _model_truncated_weights),
+        ("model: config.json not JSON", _model_bad_config), ("model: unknown architecture", _model_unknown_type),
+        ("model: no tokenizer", _no_tokenizer), ("model: no chat template", _no_chat_template),
+        ("model: a chat template that fails", _failing_chat_template),
+    ]),
 ]
 
 
@@ -347,3 +440,73 @@ def test_an_empty_selection_says_so_and_exits_3(tmp_path, caplog, capsys):
     assert json.loads(capsys.readouterr().out)["selected"] == 0
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [
         "0 samples selected: no sample lies inside all three percentile bands; widen a band"]
+
+
+# ------------------------------------------------------------------------- models, cached and not
+
+
+@pytest.fixture()
+def no_hub(monkeypatch, tmp_path):
+    """A hub that cannot be reached (a closed local port: refused at once) and an empty local cache."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    return tmp_path / "hf-cache"
+
+
+def test_a_hub_id_without_network_fails_at_once(no_hub, tmp_path, caplog):
+    import time
+
+    from threeds.cli import main
+
+    started = time.monotonic()
+    assert main(score_one(tmp_path, "some-org/some-model")) == BAD_INPUT
+    seconds = time.monotonic() - started
+    line = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"][0]
+    assert "no network to fetch hub id some-org/some-model" in line and "pass a local directory" in line, line
+    assert seconds < 10, seconds  # transformers' own retries took 31 s
+
+
+def test_hf_hub_offline_is_honoured_without_a_request(no_hub, tmp_path, monkeypatch):
+    from threeds.model.load import ModelError, resolve_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.HfApi.model_info", lambda *a, **k: pytest.fail("a request was made"))
+    with pytest.raises(ModelError, match="not in the local Hugging Face cache and HF_HUB_OFFLINE is set"):
+        resolve_model("some-org/some-model")
+
+
+def test_a_hub_id_in_the_local_cache_loads_from_there(no_hub, tiny_model_dir, monkeypatch):
+    """The snapshot folder is used as a local directory: no request is made."""
+    from threeds.model.load import resolve_model
+
+    snapshot = no_hub / "models--some-org--some-model" / "snapshots" / ("0" * 40)
+    shutil.copytree(tiny_model_dir, snapshot)
+    (no_hub / "models--some-org--some-model" / "refs").mkdir()
+    (no_hub / "models--some-org--some-model" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr("huggingface_hub.HfApi.model_info", lambda *a, **k: pytest.fail("a request was made"))
+    assert resolve_model("some-org/some-model") == str(snapshot)
+
+
+def test_pos_without_a_trained_pipeline_is_one_line(tmp_path, tiny_model_dir, caplog, monkeypatch):
+    from threeds.cli import main
+    from threeds.model import function_words
+
+    monkeypatch.setattr(function_words, "installed_pipeline", lambda lang: None)
+    assert main([*score_one(tmp_path, tiny_model_dir), "--function-words", "pos"]) == BAD_INPUT
+    line = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"][0]
+    assert "needs a trained spaCy pipeline" in line and "lexical" in line, line
+
+
+def test_run_records_the_models_one_line_in_status_json(tmp_path, caplog):
+    from threeds.cli import main
+
+    (tmp_path / "m").mkdir()
+    data = jsonl(tmp_path / "d.jsonl", [{"id": "a", **GOOD}])
+    assert main(["run", "--data", str(data), "--out", str(tmp_path / "run"), "--model", str(tmp_path / "m")]) == BAD_INPUT
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    line = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"][0]
+    assert status["state"] == "failed" and status["error"] == line, status
+    assert line == f"--model {tmp_path / 'm'}: the directory is empty; expected config.json and model.safetensors"

@@ -99,6 +99,12 @@ def os_message(exc: OSError) -> str:
     return f"{' -> '.join(paths)}: {reason}" if paths else reason
 
 
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of a library exception's message (they run to many lines), for a one-line cause."""
+    lines = str(exc).strip().splitlines()
+    return (lines[0].strip() if lines else type(exc).__name__)[:limit]
+
+
 def one_line(message: str) -> str:
     """Newlines folded so the message stays one line on the terminal and in logs."""
     return " ".join(message.split("\n")).strip()

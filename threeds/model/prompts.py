@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import jinja2
 from transformers import PreTrainedTokenizerBase
+
+from threeds.errors import ThreedsError, first_line
 
 PRESETS: dict[str, str] = {
     # ChatML as LlamaFactory's `qwen` template renders it, default system prompt included.
@@ -35,7 +38,7 @@ PRESETS: dict[str, str] = {
 _PROBE = "\x00threeds-probe\x00"
 
 
-class TemplateError(ValueError):
+class TemplateError(ThreedsError, ValueError):
     """The tokenizer has no usable chat template; the message names the fix."""
 
 
@@ -52,9 +55,12 @@ class PromptFormat:
             messages = [{"role": "system", "content": self.system}, *messages]
         if self.template is None and not getattr(self.tokenizer, "chat_template", None):
             raise TemplateError("the tokenizer has no chat template: pass --template qwen|baichuan")
-        return self.tokenizer.apply_chat_template(
-            messages, chat_template=self.template, tokenize=False, add_generation_prompt=generation_prompt
-        )
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages, chat_template=self.template, tokenize=False, add_generation_prompt=generation_prompt
+            )
+        except (jinja2.TemplateError, ValueError, TypeError, KeyError) as exc:  # a template that fails or raises
+            raise TemplateError(f"the chat template fails ({first_line(exc)}): pass --template qwen|baichuan") from exc
 
     def prompt(self, instruction: str) -> str:
         """`P`: the single user turn, templated, with the generation prompt added."""
