@@ -22,7 +22,7 @@ from app_pages import state
 from threeds.config import SelectConfig
 from threeds.errors import describe
 from threeds.names import ATTEN_METHODS, METRIC_NAMES, metric_column
-from threeds.rundir.progress import eta_seconds
+from threeds.rundir.progress import duration, eta_seconds, run_time_left
 from threeds.rundir.read import (
     DEFAULT_CACHE,
     Run,
@@ -418,13 +418,9 @@ def progress_text(progress: dict) -> str:
     eta = eta_seconds(progress)
     if eta is not None:
         text += f" · about {duration(eta)} left"
+    whole = run_time_left(progress)
+    if whole is not None and progress.get("ahead"):  # a threeds run: the stages still to come
+        seconds, unmeasured = whole
+        text += f"; the whole run: {'at least' if unmeasured else 'about'} {duration(seconds)}"
+        text += f" ({', '.join(unmeasured)}: not measured yet)" if unmeasured else ""
     return text + f" (updated {time.time() - float(progress.get('updated', time.time())):.0f} s ago)"
-
-
-def duration(seconds: float) -> str:
-    seconds = round(seconds)
-    if seconds < 60:
-        return f"{seconds} s"
-    if seconds < 3600:
-        return f"{seconds // 60} min {seconds % 60} s"
-    return f"{seconds // 3600} h {seconds % 3600 // 60} min"

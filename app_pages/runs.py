@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -11,9 +12,11 @@ import streamlit as st
 from app_pages import common
 from app_pages.new_run import start_background, start_form
 from threeds.rundir.jobs import job_running, log_tail, read_job, stop_run
-from threeds.rundir.progress import job_state, read_status
+from threeds.rundir.progress import job_state, phase_line, read_status
 from threeds.rundir.read import read_progress
 from threeds.selection.funnel import stage_counts
+from threeds.stages.joblog import failed_rows
+from threeds.stages.outcome import failure_counts
 
 # How a stopped run ended, by its recorded exit code (128 + signal): the CLI records SIGINT itself;
 # the Stop button records SIGTERM or SIGKILL when it had to send them (`threeds.rundir.jobs.stop_run`).
@@ -100,6 +103,9 @@ def run_panel(path: str) -> None:
     if progress and progress.get("stage") != "done" and state in ("running", "unknown"):
         done, total = int(progress.get("done", 0)), int(progress.get("total", 0)) or 1
         st.progress(min(done / total, 1.0), text=common.progress_text(progress))
+        line = phase_line(progress, time.time()) if state == "running" else None
+        if line:
+            st.caption(f"Now: {line}")
     elif progress and state in ("stopped", "failed", "killed"):
         st.caption(f"Reached {progress.get('stage', '?')}: {int(progress.get('done', 0)):,} / {int(progress.get('total', 0)):,} {progress.get('unit', '')}")
     job = read_job(run_dir)
@@ -129,8 +135,15 @@ def outcome(run_dir: Path, state: str, job: dict | None, finished: bool) -> None
     stopped = st.session_state.get("stopped", {}).get(str(run_dir))
     if stopped:
         st.info(f"Stop: {stopped}")
-    if state == "done":
+    if state == "done" and not status.get("exit_code"):
         c2.success("Done: every stage finished.")
+    elif state == "done":  # every stage finished, but with nothing selected
+        c2.warning(f"Done (exit code {status.get('exit_code')}): {status.get('error') or 'see the log'}")
+    elif state == "done_with_failures":
+        counts = failure_counts(status.get("failures") or {}) or "some records failed"
+        c2.warning(f"Done with failures (exit code {status.get('exit_code')}): {counts}. Retry runs the same command "
+                   "again and asks the failed records only.")  # fmt: skip
+        failed_records(status.get("failures") or {})
     elif state == "failed":
         c2.error(f"Failed (exit code {status.get('exit_code')}): {status.get('error') or 'see the log'}")
     elif state == "stopped":
@@ -141,9 +154,26 @@ def outcome(run_dir: Path, state: str, job: dict | None, finished: bool) -> None
     elif job is not None and not finished:
         c2.caption("Stopped before the end. Resume runs the same command again; finished work is kept.")
     if job is not None and state != "done" and not (state == "unknown" and finished):
-        if c1.button("Resume" if state != "failed" else "Run again", key="resume_run"):
+        label = {"failed": "Run again", "done_with_failures": "Retry failed"}.get(state, "Resume")
+        if c1.button(label, key="resume_run"):
             if start_background(job["argv"], run_dir):
                 st.rerun(scope="app")
+
+
+def failed_records(failures: dict) -> None:
+    """The first failed records of each stage with their error, and every one of them on demand."""
+    first = [{"stage": stage, **row} for stage, f in failures.items() for row in f.get("first", [])]
+    if first:
+        st.dataframe(pd.DataFrame(first), hide_index=True, width="stretch")
+    for stage, f in failures.items():
+        path = Path(f.get("log", ""))
+        with st.expander(f"All {f.get('failed', 0):,} failed records of {stage} ({path.name})"):
+            rows = failed_rows(path)
+            if rows:
+                st.dataframe(pd.DataFrame(rows)[[c for c in ("id", "error", "raw", "attempts") if c in rows[0]]],
+                             hide_index=True, width="stretch")  # fmt: skip
+            else:
+                st.caption(f"None left in {common.code(str(path))}: a later run asked them again.")
 
 
 runs_page()

@@ -109,7 +109,7 @@ def test_system_prompt_and_unreachable_server(server):
         dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
     with pytest.raises(ServerDownError, match="server is down"):
         OpenAIBackend(dead, retries=1, backoff=0.01, timeout=2).chat(["x"], 4)
-    (reply,) = OpenAIBackend(dead, "m", retries=1, backoff=0.01, timeout=2).chat(["x"], 4)
+    (reply,) = OpenAIBackend(dead, "m", retries=1, backoff=0.01, timeout=2, max_consecutive_failures=0).chat(["x"], 4)
     assert "connection failed" in reply.error and reply.attempts == 2
 
 

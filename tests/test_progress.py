@@ -28,7 +28,7 @@ def test_progress_file_rate_limits_writes_but_never_ends_behind(tmp_path):
     clock = Clock()
     bar = pg.ProgressFile(tmp_path / pg.PROGRESS_FILE, "generate", total=10, done=4, min_interval=0.5, clock=clock)
     assert read(tmp_path) == {"stage": "generate", "done": 4, "total": 10, "unit": "records", "started": 1000.0,
-                              "done_at_start": 4, "updated": 1000.0}  # fmt: skip
+                              "done_at_start": 4, "updated": 1000.0, "phase": "generate", "phase_since": 1000.0, "ahead": []}  # fmt: skip
     clock.t = 1000.2
     bar.update(5)
     assert read(tmp_path)["done"] == 4  # within 0.5 s of the last write: not written
@@ -39,6 +39,35 @@ def test_progress_file_rate_limits_writes_but_never_ends_behind(tmp_path):
     bar.update(7)
     bar.close()  # the last count is always written
     assert read(tmp_path)["done"] == 7 and read(tmp_path)["updated"] == 1000.7
+
+
+def test_phase_line_from_the_first_second_and_the_pace_from_the_stage_own_phase(tmp_path):
+    """Issue 25: 'rate: 0 / 10 (updated 384 s ago)' for 9.5 minutes became a line that moves."""
+    clock = Clock()
+    bar = pg.ProgressFile(tmp_path / pg.PROGRESS_FILE, "rate", total=10, clock=clock)
+    bar.phase("loading the model")  # written at once, whatever the rate limit
+    assert pg.phase_line(read(tmp_path), now=1040.0) == "loading the model, 40 s so far"
+    clock.t = 1300.0
+    bar.phase("rate")
+    assert pg.phase_line(read(tmp_path), now=1340.0) == "rating record 1 of 10, 40 s so far"
+    clock.t = 1320.0
+    bar.update(2, force=True)
+    state = read(tmp_path)
+    assert pg.phase_line(state, now=1425.0) == "rating record 3 of 10, 2 min 5 s so far"
+    assert pg.eta_seconds(state) == pytest.approx(80.0)  # 2 records in the 20 s since loading: 8 left
+    assert pg.phase_line({"stage": "rate", "done": 1, "total": 2}, now=0.0) is None  # an older progress.json
+
+
+def test_whole_run_time_left_adds_the_stages_ahead_at_their_measured_pace(tmp_path):
+    path = tmp_path / pg.PROGRESS_FILE
+    pg.set_ahead(path, [{"stage": "generate", "units": 8, "seconds_per_unit": 15.0},
+                        {"stage": "score", "units": 16, "seconds_per_unit": None}])  # fmt: skip
+    clock = Clock()
+    bar = pg.ProgressFile(path, "rate", total=10, clock=clock)  # keeps the stages ahead
+    clock.t = 1020.0
+    bar.update(4, force=True)  # 5 s a record: 30 s left in rating, then 8 x 15 s of A'
+    assert pg.run_time_left(read(tmp_path)) == (pytest.approx(150.0), ["score"])
+    assert pg.ProgressFile(path, "score", total=16, ahead=[]).state["ahead"] == []
 
 
 def test_progress_file_writes_a_held_back_count_at_the_end_of_the_interval(tmp_path):

@@ -116,7 +116,10 @@ def test_rate_records_retries_records_failures_and_reruns_only_failures(tmp_path
         summary = rate_records(records, backend, out, template, 8, reasks=2, progress=False)
         rows = {r["id"]: r for r in _rows(out)}
         assert summary | {"seconds": 0} == {"stage": "rate", "total": 6, "done": 4, "failed": 2, "skipped": 0, "new": 4,
-                                            "seconds": 0, "log": str(out)}  # fmt: skip
+                                            "seconds": 0, "log": str(out), "first_failures": [
+            {"id": "r2", "error": "HTTP 500: fake 500 (gave up after 3 attempts)"},
+            {"id": "r3", "error": NO_SCORE, "raw": "I cannot rate this"}]}  # fmt: skip
+        assert len(_rows(out)) == 6  # the pending rows of r3 and r4 were settled by their last reply
         assert rows["r1"]["score"] == 88 and rows["r1"]["attempts"] == 3
         assert rows["r2"]["score"] is None and "HTTP 500" in rows["r2"]["error"]  # backend gave up after 3 attempts
         assert rows["r3"] == rows["r3"] | {"score": None, "raw": "I cannot rate this", "error": NO_SCORE, "attempts": 3}

@@ -115,7 +115,11 @@ def test_run_with_failed_records_exits_3_and_counts_rejects(tmp_path, data, tiny
                 "--sample-num", "3", "--max-new-tokens", "20", "--reasks", "0"]  # fmt: skip
         assert cli(args) == 3
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "run the same command again" in r.getMessage()]
-    assert any("1 records in rate" in m for m in warned), warned
+    assert any(m.startswith("done with failures: 1 of 12 ratings failed (the first, q11: no score") for m in warned), warned
+    status = _status(run)  # issue 25: never "done" while a record failed
+    assert (status["state"], status["exit_code"]) == ("done_with_failures", 3) and status["error"].startswith("done with failures")
+    assert status["failures"] == {"rate": {"failed": 1, "total": 12, "log": str(run / "ratings.jsonl"), "first": [
+        {"id": "q11", "error": "no score from 0 to 100 in the reply", "raw": "I would rather not say"}]}}
     stages = json.loads((run / "manifest.json").read_text())["stages"]
     assert stages["rate"]["summary"] | {"seconds": 0} == stages["rate"]["summary"] | {
         "total": 12, "done": 11, "failed": 1, "rejected": 1, "seconds": 0}

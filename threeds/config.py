@@ -77,6 +77,17 @@ class SubsetConfig:
 
 
 @dataclass(frozen=True)
+class PreflightConfig:
+    """`threeds run`'s check before the long work (threeds.stages.preflight)."""
+
+    preflight: bool = setting(
+        True, "skip the preflight: by default the run first rates 2 records and asks the model for 2 short A', and "
+        "stops with one line naming the likely cause when no rating can be read (e.g. a Chinese prompt on an "
+        "English-only model) or no A' comes back", flag="--no-preflight",
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """The target model and its chat template (every command that runs the model)."""
 
@@ -338,6 +349,7 @@ class RunConfig:
 
     data: DataConfig = field(default_factory=DataConfig)
     subset: SubsetConfig = field(default_factory=SubsetConfig)
+    preflight: PreflightConfig = field(default_factory=PreflightConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -424,6 +436,10 @@ def add_arguments(parser: argparse._ActionsContainer, cls: type, flags: dict[str
     """One flag per field of `cls`, with its default, choices and help."""
     for f in dataclasses.fields(cls):
         meta = f.metadata
+        if meta["kind"] is bool:  # a switch: its flag turns the default around
+            parser.add_argument(flag_of(cls, f.name, flags), dest=dest_of(cls, f.name), default=f.default,
+                                action="store_false" if f.default else "store_true", help=meta["help"])  # fmt: skip
+            continue
         many = {"action": "append", "default": None} if meta.get("many") else {"default": f.default}
         parser.add_argument(
             flag_of(cls, f.name, flags), dest=dest_of(cls, f.name), type=meta["kind"], choices=meta["choices"],
@@ -514,7 +530,9 @@ def to_argv(config: Any, flags: dict[str, str] | None = None, explicit: bool = F
     argv: list[str] = []
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
-        if value is not None and value != () and (explicit or value != f.default):  # () = no ids
+        if isinstance(value, bool):  # a switch: its flag alone, when it differs from the default
+            argv += [flag_of(type(config), f.name, flags)] if value != f.default else []
+        elif value is not None and value != () and (explicit or value != f.default):  # () = no ids
             flag = flag_of(type(config), f.name, flags)
             argv += [a for v in value for a in (flag, format_value(v))] if f.metadata.get("many") else [flag, format_value(value)]
     return argv

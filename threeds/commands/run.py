@@ -16,6 +16,7 @@ from threeds.config import (
     FilterConfig,
     GenerateConfig,
     ModelConfig,
+    PreflightConfig,
     RateConfig,
     RunConfig,
     ScoreConfig,
@@ -24,18 +25,19 @@ from threeds.config import (
     add_arguments,
     from_args,
 )  # fmt: skip
-from threeds.errors import INTERRUPTED, RECORDS_FAILED, describe
+from threeds.errors import INTERRUPTED, describe
 from threeds.io.lock import locked
-from threeds.rundir.progress import write_status
+from threeds.rundir.progress import PROGRESS_FILE, ProgressFile, write_status
 from threeds.rundir.write import RunDir
-from threeds.selection.apply import empty_reason
+from threeds.stages.outcome import run_outcome
 from threeds.stages.pipeline import run_pipeline
 
 log = logging.getLogger(__name__)
 
 # The parts of RunConfig, and the help group each one's flags are listed under.
 GROUPS = {
-    "data": (DataConfig, None), "subset": (SubsetConfig, "a small run first"), "model": (ModelConfig, None), "backend": (BackendConfig, "backend"),
+    "data": (DataConfig, None), "subset": (SubsetConfig, "a small run first"), "preflight": (PreflightConfig, "a small run first"),
+    "model": (ModelConfig, None), "backend": (BackendConfig, "backend"),
     "rate": (RateConfig, "stage 1: rating"), "filter": (FilterConfig, "stage 1: rating"),
     "generate": (GenerateConfig, "stage 2: A' generation, scoring and selection"),
     "score": (ScoreConfig, "stage 2: A' generation, scoring and selection"),
@@ -68,25 +70,22 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run the pipeline and record how it ended in OUT/status.json (done, stopped, failed)."""
-    config = config_from_args(args)
+    """Run the pipeline and record how it ended in OUT/status.json (done, done with failures, stopped,
+    failed); the last line printed says the same."""
     out = args.out or Path("cache") / args.data.stem
     with locked(out):  # status.json is the run's own: only its one writer records it
         write_status(out, "running")
+        ProgressFile(out / PROGRESS_FILE, "start", 0, ahead=[]).phase("reading the data")  # a phase line from the first second
         try:
+            config = config_from_args(args)  # refused settings are recorded as the run's end too
             result = run_pipeline(args.data, RunDir(out), config)
         except BaseException as exc:
             message, code = describe(exc)
             write_status(out, "stopped" if code == INTERRUPTED else "failed", exit_code=code, error=message)
             raise
     print(json.dumps(result, indent=2, ensure_ascii=False, default=str))
-    failed = {stage: result[stage]["failed"] for stage in ("rate", "generate") if result[stage]["failed"]}
-    if failed:
-        log.warning("%s failed and were left out (rows with an \"error\" in %s); run the same command again to retry "
-                    "them", " and ".join(f"{n} records in {stage}" for stage, n in failed.items()), out)  # fmt: skip
-    if not result["selected"]:
-        funnel = result["select"].get("funnel")  # absent in a selection.json older than the funnel
-        log.warning("0 samples selected: %s", empty_reason(config.select, funnel) if funnel else "widen the bands")
-    code = RECORDS_FAILED if failed or not result["selected"] else 0
-    write_status(out, "done", exit_code=code)
-    return code
+    outcome = run_outcome(result, config.select)
+    (log.warning if outcome.exit_code else log.info)("%s", outcome.line)
+    write_status(out, outcome.state, exit_code=outcome.exit_code, error=outcome.line if outcome.exit_code else None,
+                 failures=outcome.failures)  # fmt: skip
+    return outcome.exit_code

@@ -181,7 +181,9 @@ class OpenAIBackend:
     settings are wrong); a later 400/413/422 fails only its record (e.g. a prompt too long).
     After `max_consecutive_failures` records in a row failed without reaching the server (connection
     errors, timeouts, after their retries) it raises `ServerDownError`: the server is down, and
-    asking it for every remaining record would take hours. 0 never gives up.
+    asking it for every remaining record would take hours. Before the first request the server is
+    probed once (GET /models, no retries): a refused connection raises `ServerDownError` at once.
+    0 never gives up, and skips the probe.
     """
 
     name = "openai"
@@ -198,6 +200,7 @@ class OpenAIBackend:
         self.backoff, self.max_backoff = backoff, max_backoff
         self._succeeded = False
         self.max_consecutive_failures, self._unreachable_in_a_row = max_consecutive_failures, 0
+        self._probed = False  # the server is probed once, before the first request
 
     @property
     def label(self) -> str:
@@ -225,8 +228,9 @@ class OpenAIBackend:
         async with AsyncOpenAI(
             base_url=self.base_url, api_key=self.api_key, max_retries=0, timeout=self.timeout, http_client=http
         ) as client:
+            listing = await self._probe(client) if not self._probed and self.max_consecutive_failures else None
             if self.model is None:
-                self.model = await self._server_model(client)
+                self.model = await self._server_model(client, listing)
             model = self.model
 
             async def worker() -> None:
@@ -244,11 +248,33 @@ class OpenAIBackend:
                 await asyncio.gather(*workers, return_exceptions=True)
         return replies
 
-    async def _server_model(self, client) -> str:
-        """The one model the server serves, for when --api-model is not given."""
-        listing, _, error = await self._call(lambda: client.models.list())
+    async def _probe(self, client):
+        """One GET /models, without retries, before the first record: a server that refuses the
+        connection ends the run now instead of after every record's retries; any other failure
+        (a timeout, a 5xx, no /models route) is left to the requests' own retries. The listing, or None."""
+        import openai
+
+        self._probed = True
+        try:
+            return await asyncio.wait_for(client.models.list(), self.timeout)
+        except openai.APIConnectionError as exc:
+            # refused, no such host: the transport's ConnectError (the SDK's HTTP package varies), not a timeout
+            if any(cls.__name__ == "ConnectError" for cls in type(exc.__cause__).__mro__):
+                raise self._down(f"connection failed: {exc.__cause__}") from exc
+            return None  # a timeout: the requests retry it
+        except Exception:  # noqa: BLE001 - only a hint: the requests retry and report for themselves
+            return None
+
+    def _down(self, error: str) -> ServerDownError:
+        return ServerDownError(f"{self.base_url}: the server is down: {error}; start it and run the same command again")
+
+    async def _server_model(self, client, listing=None) -> str:
+        """The one model the server serves, for when --api-model is not given (`listing`: the probe's)."""
+        error = None
+        if listing is None:
+            listing, _, error = await self._call(lambda: client.models.list())
         if listing is None and error.startswith(UNREACHABLE):
-            raise ServerDownError(f"{self.base_url}: the server is down: {error}; start it and run the same command again")
+            raise self._down(error)
         if listing is None:
             raise BackendError(f"{self.base_url}: could not list the served models ({error}); pass --api-model")
         names = [m.id for m in listing.data]

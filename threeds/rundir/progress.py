@@ -3,9 +3,11 @@
 - `progress.json`: the running stage's counts, written as each record (or scored batch) finishes,
   at most every `ProgressFile.min_interval` seconds, with where the stage started so `eta_seconds`
   can estimate the time left from the work done so far.
-- `status.json`: how the run ended, recorded by `threeds run`'s top level: `running`, `done`,
-  `stopped` (interrupted: the app's Stop button or Ctrl-C) or `failed` (the last error line and the
-  exit code). A run killed outright cannot record its end: its status stays `running` with no
+- `status.json`: how the run ended, recorded by `threeds run`'s top level: `running`, `done` (every
+  stage finished; `error` names an empty selection, exit code 3), `done_with_failures` (every stage
+  finished but records failed: `failures` holds per stage the count and the first failed records,
+  exit code 3), `stopped` (interrupted: the app's Stop button or Ctrl-C) or `failed` (the last error
+  line and the exit code). A run killed outright cannot record its end: its status stays `running` with no
   process behind it (`job_state` says `killed`), unless the app's Stop killed it: the stopper
   then records `stopped` for it, naming the signal (`threeds.rundir.jobs.stop_run`).
 - `terminal_text`: a log written for a terminal (tqdm's carriage returns, ANSI colours) as the
@@ -26,11 +28,13 @@ from threeds.io.data import write_json
 
 PROGRESS_FILE = "progress.json"
 STATUS_FILE = "status.json"
-STATES = ("running", "done", "stopped", "failed")
+STATES = ("running", "done", "done_with_failures", "stopped", "failed")
 
 
 class ProgressFile:
-    """progress.json (at `path`) of one stage: {stage, done, total, unit, updated, started, done_at_start}.
+    """progress.json (at `path`) of one stage: {stage, done, total, unit, updated, started, done_at_start,
+    phase, phase_since}; `phase` says what the stage is doing now ("loading the model", or the stage's
+    own name once it works through its records) and `phase_since` since when (`phase_line`).
 
     `update` writes at most every `min_interval` seconds (an atomic, fsynced write per record
     would cost as much as the record's own log line at high concurrency); a count held back is
@@ -40,11 +44,14 @@ class ProgressFile:
 
     def __init__(
         self, path: str | os.PathLike, stage: str, total: int, done: int = 0, unit: str = "records",
-        min_interval: float = 0.5, clock: Callable[[], float] = time.time,
+        min_interval: float = 0.5, clock: Callable[[], float] = time.time, ahead: list[dict] | None = None,
     ) -> None:  # fmt: skip
+        """`ahead`: the stages after this one (`set_ahead`); None keeps those of the file it replaces."""
         self.path = Path(path)
         self.clock, self.min_interval = clock, min_interval
-        self.state = {"stage": stage, "done": done, "total": total, "unit": unit, "started": clock(), "done_at_start": done}
+        now = clock()
+        self.state = {"stage": stage, "done": done, "total": total, "unit": unit, "started": now, "done_at_start": done,
+                      "phase": stage, "phase_since": now, "ahead": _ahead(self.path) if ahead is None else ahead}  # fmt: skip
         self.written = -float("inf")
         self.lock = threading.Lock()
         self.pending: threading.Timer | None = None
@@ -62,6 +69,15 @@ class ProgressFile:
                 self.pending.daemon = True
                 self.pending.start()
 
+    def phase(self, text: str) -> None:
+        """A new phase, written at once; the stage's pace (`eta_seconds`) counts from the stage's own phase."""
+        with self.lock:
+            now = self.clock()
+            self.state.update(phase=text, phase_since=now)
+            if text == self.state["stage"]:  # loading the model or the preflight is not part of the stage's pace
+                self.state.update(started=now, done_at_start=self.state["done"])
+        self.update(self.state["done"], force=True)
+
     def close(self) -> None:
         self.update(self.state["done"], force=True)
 
@@ -76,6 +92,43 @@ class ProgressFile:
             self.pending = None
         write_json(self.path, {**self.state, "updated": now})
         self.written = now
+
+
+def _ahead(path: Path) -> list[dict]:
+    try:
+        ahead = json.loads(path.read_text(encoding="utf-8")).get("ahead")
+    except (OSError, ValueError, AttributeError):
+        return []
+    return ahead if isinstance(ahead, list) else []
+
+
+def set_ahead(path: str | os.PathLike, ahead: list[dict]) -> None:
+    """Record in progress.json (between stages: no ProgressFile is writing it) the stages still to
+    come, each {stage, units, seconds_per_unit}: the pace measured when that stage last ran in this
+    run directory, or None when it never did. The next stage's ProgressFile keeps them."""
+    path = Path(path)
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        state = {}
+    write_json(path, {**(state if isinstance(state, dict) else {}), "ahead": ahead})
+
+
+def run_time_left(progress: dict) -> tuple[float, list[str]] | None:
+    """(seconds left for the whole run, the stages still to come whose pace is not measured yet), as
+    of the last update: the running stage's `eta_seconds` plus each stage ahead at its measured pace;
+    None while the running stage has no pace yet."""
+    now = eta_seconds(progress)
+    if now is None:
+        return None
+    unmeasured = []
+    for stage in progress.get("ahead") or []:
+        pace = stage.get("seconds_per_unit")
+        if isinstance(pace, (int, float)):
+            now += pace * int(stage.get("units", 0))
+        else:
+            unmeasured.append(str(stage.get("stage")))
+    return now, unmeasured
 
 
 def eta_seconds(progress: dict) -> float | None:
@@ -93,14 +146,46 @@ def eta_seconds(progress: dict) -> float | None:
     return max(total - done, 0) * elapsed / new
 
 
+# A stage's own phase, as the phase line words it: (verb, unit)
+PHASE_WORDS = {"rate": ("rating", "record"), "generate": ("writing A' for", "record"), "score": ("scoring", "sequence")}
+
+
+def phase_line(progress: dict, now: float) -> str | None:
+    """What the run is doing now and for how long: "loading the model, 40 s so far", "rating record
+    3 of 10, 2 min 5 s so far"; None for a progress.json without a phase (older runs)."""
+    phase, since = progress.get("phase"), progress.get("phase_since")
+    if not isinstance(phase, str) or not isinstance(since, (int, float)):
+        return None
+    so_far = f"{duration(max(now - since, 0.0))} so far"
+    if phase in PHASE_WORDS:
+        verb, unit = PHASE_WORDS[phase]
+        done, total = int(progress.get("done", 0)), int(progress.get("total", 0))
+        if done < total:
+            return f"{verb} {unit} {done + 1:,} of {total:,}, {so_far}"
+    return f"{phase}, {so_far}"
+
+
+def duration(seconds: float) -> str:
+    """'45 s', '4 min 30 s', '2 h 5 min'."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+
+
 def write_status(
     run_dir: str | os.PathLike, state: str, exit_code: int | None = None, error: str | None = None,
-    pid: int | None = None,
+    pid: int | None = None, failures: dict | None = None,
 ) -> None:  # fmt: skip
-    """Record the run's state (one of STATES) with the run's pid (default: this process's)."""
+    """Record the run's state (one of STATES) with the run's pid (default: this process's) and, for
+    `done_with_failures`, the failed records per stage."""
     if state not in STATES:
         raise ValueError(f"state {state!r}: not one of {STATES}")
     status = {"state": state, "exit_code": exit_code, "error": error, "pid": pid or os.getpid(), "updated": time.time()}
+    if failures:
+        status["failures"] = failures
     write_json(Path(run_dir) / STATUS_FILE, status)
 
 
@@ -114,8 +199,8 @@ def read_status(run_dir: str | os.PathLike) -> dict | None:
 
 
 def job_state(status: dict | None, running: bool) -> str:
-    """What to tell the user: `running`, `done`, `stopped`, `failed`, `killed` (recorded as
-    running but no process is left) or `unknown` (no status recorded, e.g. an older run)."""
+    """What to tell the user: `running`, `done`, `done_with_failures`, `stopped`, `failed`, `killed`
+    (recorded as running but no process is left) or `unknown` (no status recorded, e.g. an older run)."""
     if running:
         return "running"
     if status is None:

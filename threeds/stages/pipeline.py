@@ -38,7 +38,7 @@ from threeds.io.data import (
 from threeds.io.lock import locked
 from threeds.model.backends import Backend, LocalBackend, OpenAIBackend
 from threeds.names import METRIC_COLUMNS
-from threeds.rundir.progress import ProgressFile
+from threeds.rundir.progress import ProgressFile, set_ahead
 from threeds.rundir.write import (
     PROGRESS,
     SCORE_OUTPUTS,
@@ -49,7 +49,10 @@ from threeds.rundir.write import (
 from threeds.selection.apply import select_dir
 from threeds.selection.kcenter import selected_records
 from threeds.stages.generate import generate_records
+from threeds.stages.joblog import Check
+from threeds.stages.preflight import PREFLIGHT_RECORDS, check_ratings, probe_answers
 from threeds.stages.rate import (
+    NO_SCORE,
     filter_by_rating,
     load_rating_prompt,
     rate_records,
@@ -91,6 +94,21 @@ class Stages:
     def record(self, name: str, **meta: object) -> None:
         self.all[name] = {**self.all.get(name, {}), **meta}
         self.run.update_manifest(stages=self.all)
+
+    def pace(self, name: str) -> float | None:
+        """Seconds per record (per sequence for scoring) the stage took when it last worked here; None if never."""
+        if name == "score":
+            manifest = self.run.read_manifest()
+            seconds, scored = manifest.get("timings", {}).get("score_seconds"), manifest.get("report", {}).get("n_scored")
+            return seconds / (2 * scored) if seconds and scored else None
+        summary = self.all.get(name, {}).get("summary", {})
+        return summary["seconds"] / summary["new"] if summary.get("new") and summary.get("seconds") else None
+
+    def plan_ahead(self, current: str, records: int) -> None:
+        """progress.json's stages still to come after `current` for `records` records, at their pace here."""
+        units = {"generate": records, "score": 2 * records}
+        later = [s for s in STAGES[STAGES.index(current) + 1 :] if s in units]
+        set_ahead(self.run.file(PROGRESS), [{"stage": s, "units": units[s], "seconds_per_unit": self.pace(s)} for s in later])
 
 
 def make_backend(config: RunConfig) -> Backend:
@@ -222,15 +240,17 @@ def _engine(score: ScoreConfig, spec: ModelConfig, engine: EngineConfig, loaded:
 def score_chunks(run: RunDir, engine, chunks: list[list[dict]], pending: list[int], progress: bool) -> dict[str, float]:
     """The one chunk writer: start `engine`, write each chunk it returns the moment it arrives (the
     manifest names the model once known), keep progress.json current; returns the timings."""
+    total = 2 * sum(len(chunks[i]) for i in pending)
+    before = 2 * sum(map(len, chunks)) - total  # sequences of the chunks an earlier run finished
+    file = ProgressFile(run.file(PROGRESS), "score", before + total, before, unit="sequences")
+    file.phase("loading the model")
     started = time.perf_counter()
     described = engine.start()
     if described:
         run.update_manifest(**described)
     load_seconds = time.perf_counter() - started
     started = time.perf_counter()
-    total = 2 * sum(len(chunks[i]) for i in pending)
-    before = 2 * sum(map(len, chunks)) - total  # sequences of the chunks an earlier run finished
-    file = ProgressFile(run.file(PROGRESS), "score", before + total, before, unit="sequences")
+    file.phase("score")
     try:
         with tqdm(total=total, unit="seq", desc="score", disable=not progress) as bar:
 
@@ -308,13 +328,26 @@ def _rate(stages: Stages, data: Path, records: list[dict], rejected: int, backen
                 "max_new_tokens": rate.max_new_tokens, **rate.recorded()}  # fmt: skip
     source = {"path": str(data), "fingerprint": fingerprint(data), "n_records": len(records), **config.subset.recorded()}
     stages.record("rate", config=recorded, data=source)
+    stages.plan_ahead("rate", len(records))  # A' for every record at most: the filter is still to come
+    check = _preflight(records, backend, prompt, template, config) if config.preflight.preflight else None
     summary = rate_records(records, backend, run.file("ratings.jsonl"), template, rate.max_new_tokens,
                            reasks=rate.reasks, overwrite=True, progress_path=run.file("progress.json"),
-                           mode=rate.rating_mode)  # fmt: skip
+                           mode=rate.rating_mode, check_first=check)  # fmt: skip
     summary = {**summary, "rejected": rejected}
     stages.record("rate", summary=summary)
     _warn_failures(summary)
     return summary
+
+
+def _preflight(records: list[dict], backend: Backend, prompt: str, template: str, config: RunConfig) -> tuple[int, Check]:
+    """The check of the first records' ratings, then a short A' for them (`threeds.stages.preflight`)."""
+    by_id = {r["id"]: r for r in records}
+
+    def check(rows: list[dict]) -> None:
+        check_ratings(rows, prompt, template, NO_SCORE)
+        probe_answers([by_id[r["id"]] for r in rows], backend, config.generate.max_new_tokens)
+
+    return PREFLIGHT_RECORDS, check
 
 
 def _filter(stages: Stages, records: list[dict], config: RunConfig) -> tuple[list[dict], dict]:
@@ -332,6 +365,7 @@ def _filter(stages: Stages, records: list[dict], config: RunConfig) -> tuple[lis
 def _generate(stages: Stages, kept: list[dict], backend: Backend, config: RunConfig) -> tuple[list[dict], dict]:
     """A' for the kept records (resumes per record); frees a local model, as scoring loads its own."""
     run, tokens = stages.run, config.generate.max_new_tokens
+    stages.plan_ahead("generate", len(kept))
     generated, summary = generate_records(kept, backend, run.file("generations.jsonl"), tokens, overwrite=True,
                                           progress_path=run.file("progress.json"))  # fmt: skip
     stages.record("generate", config={**backend.signature, "max_new_tokens": tokens}, summary=summary)
@@ -354,6 +388,7 @@ def _score(stages: Stages, data: Path, generated: list[dict], rejects: list[dict
     if fresh and (run.file("metrics.parquet").exists() or run.chunks.exists()):
         log.warning("score: the records or settings changed since the last run; scoring again")
     stages.record("score", **meta)  # before scoring, so a killed run resumes its chunks
+    stages.plan_ahead("score", len(generated))
     score_run(generated, run.path, score, spec, config.engine, data_path=str(data), rejects=rejects, positions=positions,
               overwrite=fresh)  # fmt: skip
     return meta

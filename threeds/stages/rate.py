@@ -21,7 +21,7 @@ from threeds.io.data import full_instruction
 from threeds.model.backends import Backend, LocalBackend, OnReply, Reply
 from threeds.model.function_words import detect_language
 from threeds.selection.quality import quality_mask
-from threeds.stages.joblog import Job, make_tasks, run_job
+from threeds.stages.joblog import Check, Job, make_tasks, run_job
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +139,9 @@ class LogitsRater:
     def label(self) -> str:
         return self.backend.label
 
+    def load(self):
+        return self.backend.load()
+
     @property
     def signature(self) -> dict:
         return self.backend.signature | {"rating_mode": "logits"}  # a log never mixes the two modes
@@ -178,12 +181,13 @@ def _logits_fields(reply: Reply) -> dict:
 def rate_records(
     records: Sequence[dict], backend: Backend, out_path: Path, template: str, max_new_tokens: int = 16,
     *, reasks: int = 2, overwrite: bool = False, progress: bool = True, progress_path: Path | None = None,
-    mode: str = "generate",
+    mode: str = "generate", check_first: tuple[int, Check] | None = None,
 ) -> dict:  # fmt: skip
     """Rate every record not yet rated into `out_path` (ratings JSONL); returns the summary.
 
     `mode` "generate" parses the score the model writes (the paper's method); "logits" reads it
     from one pass over the prompt (threeds.stages.rating_logits), keyed apart so the log never mixes them.
+    `check_first`: the preflight (`threeds.stages.joblog.run_job`).
     """
     job = rating_job(reasks)
     if mode == "logits":
@@ -192,7 +196,7 @@ def rate_records(
         raise ValueError(f"rating mode must be generate or logits, got {mode!r}")
     tasks = make_tasks(records, [render(template, r) for r in records], backend, max_new_tokens)
     return run_job(job, tasks, backend, Path(out_path), max_new_tokens, overwrite=overwrite,
-                   progress=progress, progress_path=progress_path)  # fmt: skip
+                   progress=progress, progress_path=progress_path, check_first=check_first)  # fmt: skip
 
 
 def filter_by_rating(records: Sequence[dict], ratings: Sequence[dict], threshold: float = 85) -> tuple[list[dict], dict]:
