@@ -106,8 +106,9 @@ def caveats(described: dict, summary: dict | None, units: dict | None = None) ->
         found.append(f"Tiny training sets ({min(sizes)} records at the least" + (f", {min(steps)} optimizer step(s)" if steps else "")
                      + "): LoRA barely moves the model, so the arms are expected to look alike.")  # fmt: skip
     if summary and summary.get("n_items", 10**9) < 500:
-        mde = [a.get("mde_80") for a in summary.get("arms", {}).values() if a.get("mde_80")]
-        found.append(f"Only {summary['n_items']} evaluation items" + (f": a difference under {100 * max(mde):.1f} points would likely go unseen" if mde else "") + ".")
+        widths = [(a["acc_ci"][1] - a["acc_ci"][0]) / 2 for a in summary.get("arms", {}).values() if a.get("acc_ci")]
+        found.append(f"Only {summary['n_items']} evaluation items" + (f": one arm's accuracy is known to about "
+                     f"±{100 * max(widths):.0f} points (95% CI)" if widths else "") + ".")  # fmt: skip
     if described.get("seeds", 1) == 1 and any(a["spec"] != "base" for a in described.get("arms", [])):
         found.append("One seed per arm: how much a training varies with its seed (and a random subset with its draw) is not measured.")
     return found
