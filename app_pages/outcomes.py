@@ -109,8 +109,9 @@ def show_results(exp: Path) -> None:
         st.caption("No result yet: the statistics appear when every arm is evaluated.")
         return
     described, summary = results.described, results.summary
-    for caveat in report.caveats(described, summary, results.units):
-        st.warning(caveat, icon=":material/info:")
+    caveats = report.caveats(described, summary, results.units)
+    if caveats:
+        st.warning("**What this experiment cannot say**\n\n" + "\n".join(f"- {c}" for c in caveats), icon=":material/info:")
     st.subheader("Arms")
     rows = report.arm_rows(described, summary)
     arms_table(rows, summary)
@@ -164,7 +165,7 @@ def loss_chart(losses: list[dict]) -> go.Figure:
     traces = [go.Scatter(x=part["step"], y=part["loss"], mode="lines+markers", name=f"{arm} seed {seed}")
               for (arm, seed), part in frame.groupby(["arm", "seed"], sort=False)]  # fmt: skip
     return go.Figure(traces, layout=dict(height=280, margin=dict(l=10, r=10, t=10, b=10), xaxis_title="optimizer step",
-                                         yaxis_title="loss (response tokens)"))  # fmt: skip
+                                         yaxis_title="loss (response tokens)", xaxis_dtick=1))  # fmt: skip
 
 
 def disagreement_panel(evals: dict) -> None:
