@@ -149,8 +149,8 @@ def accuracy_chart(rows: list[dict], summary: dict) -> go.Figure:
     acc = [100 * (r["acc"] or 0) for r in rows]
     bars = go.Bar(
         x=[r["arm"] for r in rows], y=acc, name="accuracy",
-        error_y=dict(type="data", symmetric=False, array=[100 * (r["acc_hi"] or 0) - a for r, a in zip(rows, acc)],
-                     arrayminus=[a - 100 * (r["acc_lo"] or 0) for r, a in zip(rows, acc)]),
+        error_y=dict(type="data", symmetric=False, array=[100 * (r["acc_hi"] or 0) - a for r, a in zip(rows, acc, strict=True)],
+                     arrayminus=[a - 100 * (r["acc_lo"] or 0) for r, a in zip(rows, acc, strict=True)]),
         hovertemplate="%{x}: %{y:.1f}%<extra></extra>",
     )  # fmt: skip
     figure = go.Figure([bars], layout=dict(height=320, margin=dict(l=10, r=10, t=30, b=10), yaxis_title="accuracy % (95% CI)",

@@ -131,7 +131,7 @@ class ArmSource:
         ids = list(self.records)
         scores = quality_per_row(self.run.ratings, ids)
         keep = quality_mask(np.asarray(scores, dtype=float), self.threshold)
-        return [i for i, k in zip(ids, keep) if k]
+        return [i for i, k in zip(ids, keep, strict=True) if k]
 
     def _all(self, arm: Arm) -> list[str]:
         return list(self.records)
