@@ -129,6 +129,7 @@ def check_rerun(exp: Path, new: dict) -> None:
     if not path.is_file():
         return
     old = read_json_object(path)
+    new["created"] = old.get("created", new["created"])  # the experiment's, not this rerun's
     for key in FIXED:
         if old.get(key) != new[key]:
             raise ExperimentError(f"{exp}: experiment {new['name']} was made with other {key} "
