@@ -292,6 +292,47 @@ def _failing_chat_template(tmp, model):
     return score_one(tmp, folder), ["the chat template fails", "only one turn, please"]
 
 
+def _fifo_input(tmp, model):
+    os.mkfifo(tmp / "d.jsonl")  # reading it would block forever
+    return score(tmp, tmp / "d.jsonl", model), [str(tmp / "d.jsonl"), "not a regular file (a FIFO)"]
+
+
+def _device_input(tmp, model):
+    (tmp / "d.jsonl").symlink_to("/dev/zero")  # reading it would never end
+    return score(tmp, tmp / "d.jsonl", model), [str(tmp / "d.jsonl"), "not a regular file (a character device)"]
+
+
+def _input_over_the_size_limit(tmp, model):
+    data = jsonl(tmp / "d.jsonl", [{"id": str(i), **GOOD} for i in range(50)])
+    return [*score(tmp, data, model), "--max-data-mb", "0.001"], [str(data), "more than the limit of 1048 bytes", "--max-data-mb"]
+
+
+def _line_over_the_limit(tmp, model):
+    data = jsonl(tmp / "d.jsonl", [{"id": "a", **GOOD}, {"id": "b", **GOOD, "instruction": "x" * 3000}])
+    return [*score(tmp, data, model), "--max-line-mb", "0.002"], [str(data), "line 2", "a line of 3", "more than the limit of 2097 bytes"]
+
+
+def _deep_jsonl_line(tmp, model):
+    data = jsonl(tmp / "d.jsonl", [{"id": "a", **GOOD}, '{"id": "b", "x": ' + "[" * 50000 + "]" * 50000 + "}"])
+    return score(tmp, data, model), [str(data), "line 2", "JSON nested 50001 levels deep, more than 64"]
+
+
+def _deep_json_file(tmp, model):
+    (tmp / "d.json").write_text("[" * 100000 + "]" * 100000)
+    return score(tmp, tmp / "d.json", model), [str(tmp / "d.json"), "nested too deep"]
+
+
+def _lone_surrogate(tmp, model):
+    data = jsonl(tmp / "d.jsonl", ['{"id": "a", "instruction": "Fever\\ud800?", "output": "Rest.", "generated_output": "Rest."}'])
+    return score(tmp, data, model), [str(data), "field instruction", "line 1: lone surrogate U+D800"]
+
+
+def _deep_manifest(tmp, model):
+    (tmp / "run").mkdir()
+    (tmp / "run" / "manifest.json").write_text('{"a": ' + "[" * 50000 + "]" * 50000 + "}")
+    return score_one(tmp, model), [str(tmp / "run" / "manifest.json"), "JSON nested 50001 levels deep"]
+
+
 def _broken_ratings(tmp, model):
     data = jsonl(tmp / "d.jsonl", [{"id": "a", **GOOD}])
     ratings = jsonl(tmp / "r.jsonl", ['{"id": "a", "score": 90}', "{oops", '{"id": "b", "score": 1}'])
@@ -326,6 +367,14 @@ CASES = [
     Case("broken ratings line", _broken_ratings, BAD_INPUT),
     Case("an id that is a JSON object", _object_id, BAD_INPUT),
     Case("a setting out of range", _bad_setting, USAGE),
+    Case("a FIFO as input", _fifo_input, BAD_INPUT),
+    Case("a link to /dev/zero as input", _device_input, BAD_INPUT),
+    Case("input over the size limit", _input_over_the_size_limit, BAD_INPUT),
+    Case("a line over the limit", _line_over_the_limit, BAD_INPUT),
+    Case("a deeply nested JSONL line", _deep_jsonl_line, BAD_INPUT),
+    Case("a deeply nested JSON file", _deep_json_file, BAD_INPUT),
+    Case("a lone surrogate", _lone_surrogate, BAD_INPUT),
+    Case("a deeply nested manifest.json", _deep_manifest, BAD_INPUT),
     *(Case(name, build, BAD_INPUT, writes=("run/manifest.json",)) for name, build in [
         ("model: no such path", _model_missing), ("model: empty directory", _model_dir_empty),
         ("model: config.json without weights", _model_config_only), ("model: a pickle only", _model_pickle_only),
@@ -339,7 +388,9 @@ CASES = [
 
 
 def snapshot(tmp: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(tmp)): p.read_bytes() for p in sorted(tmp.rglob("*")) if p.is_file()}
+    """Every regular file's bytes (a FIFO or a link to a device stands as its kind, unread)."""
+    return {str(p.relative_to(tmp)): p.read_bytes() if p.is_file() and not p.is_symlink() else b"<special>"
+            for p in sorted(tmp.rglob("*")) if not p.is_dir()}  # fmt: skip
 
 
 def run_cli(argv: list[str]) -> subprocess.CompletedProcess:
@@ -510,3 +561,20 @@ def test_run_records_the_models_one_line_in_status_json(tmp_path, caplog):
     line = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"][0]
     assert status["state"] == "failed" and status["error"] == line, status
     assert line == f"--model {tmp_path / 'm'}: the directory is empty; expected config.json and model.safetensors"
+
+
+def test_the_app_loads_a_run_whose_data_links_to_a_device_at_once(tmp_path):
+    """Loading a run in the app reads its files with the same bounds: a data.jsonl that is a link to
+    /dev/zero is named as the run's error at once, without reading from it."""
+    import resource
+    import time
+
+    from threeds.rundir.read import load_run
+
+    run = scored_run(tmp_path)
+    (run / "data.jsonl").unlink()
+    (run / "data.jsonl").symlink_to("/dev/zero")
+    before, started = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.monotonic()
+    loaded = load_run(run)
+    assert time.monotonic() - started < 10 and resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # kB
+    assert any("not a regular file (a character device)" in message for message in loaded.errors.values()), loaded.errors

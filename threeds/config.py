@@ -53,6 +53,9 @@ class DataConfig:
         "error", "two records with the same id: stop with an error naming both (default), or keep the first and "
         "rename later ones <id>#2, <id>#3 (MedQuAD, for one, numbers ids per source site)", choices=("error", "rename"),
     )  # fmt: skip
+    max_data_mb: float = setting(2048.0, "largest data file read, in MB: a bigger one stops at once, before it is read "
+                                 "(default: 2048)", above=0)  # fmt: skip
+    max_line_mb: float = setting(16.0, "longest line of a JSON Lines file (or CSV cell) read, in MB (default: 16)", above=0)
 
 
 @dataclass(frozen=True)

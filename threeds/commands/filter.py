@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 
 from threeds.config import DataConfig, FilterConfig, add_arguments, from_args
-from threeds.io.data import read_jsonl, read_records, write_records
+from threeds.io.data import read_data, read_jsonl, write_records
 from threeds.stages.rate import filter_by_rating
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def main(args: argparse.Namespace) -> int:
     threshold = from_args(FilterConfig, args).quality_threshold
-    records, _ = read_records(args.data, from_args(DataConfig, args).duplicate_ids)
+    records, _ = read_data(args.data, from_args(DataConfig, args))
     kept, report = filter_by_rating(records, read_jsonl(args.ratings), threshold)
     write_records(args.out, kept)
     if report["unrated"]:

@@ -18,7 +18,7 @@ from threeds.config import (
     from_args,
 )  # fmt: skip
 from threeds.errors import RECORDS_FAILED, ThreedsError
-from threeds.io.data import read_records, require_records, write_records
+from threeds.io.data import read_data, require_records, write_records
 from threeds.io.lock import locked
 from threeds.model.backends import LocalBackend
 from threeds.stages.generate import generate_records
@@ -63,11 +63,11 @@ def main(args: argparse.Namespace) -> int:
     config = RunConfig(model=from_args(ModelConfig, args), backend=from_args(BackendConfig, args),
                        engine=from_args(EngineConfig, args))  # fmt: skip
     tokens = from_args(GenerateConfig, args).max_new_tokens
-    duplicate_ids = from_args(DataConfig, args).duplicate_ids
+    data = from_args(DataConfig, args)
     if config.engine.engine == "ray" and config.backend.backend != "local":
         raise ThreedsError(RAY_OPENAI)
     log_path = args.log or args.out.with_name(f"{args.out.stem}.generations.jsonl")
-    records, rejects = read_records(args.data, duplicate_ids)
+    records, rejects = read_data(args.data, data)
     require_records(args.data, records, rejects)
     if rejects:
         log.warning("%d input records rejected, e.g. %s", len(rejects), rejects[0])

@@ -17,7 +17,7 @@ from threeds.config import (
     from_args,
 )
 from threeds.errors import RECORDS_FAILED
-from threeds.io.data import read_records, require_records
+from threeds.io.data import read_data, require_records
 from threeds.io.lock import locked
 from threeds.stages.pipeline import make_backend
 from threeds.stages.rate import load_rating_prompt, rate_records, rating_prompt_name
@@ -48,7 +48,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def main(args: argparse.Namespace) -> int:
     rate, data = from_args(RateConfig, args), from_args(DataConfig, args)
     config = RunConfig(model=from_args(ModelConfig, args), backend=from_args(BackendConfig, args))
-    records, rejects = read_records(args.data, data.duplicate_ids)
+    records, rejects = read_data(args.data, data)
     require_records(args.data, records, rejects)
     if rejects:
         log.warning("%d input records rejected, e.g. %s", len(rejects), rejects[0])

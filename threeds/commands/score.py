@@ -14,7 +14,7 @@ from threeds.config import (
     add_arguments,
     from_args,
 )
-from threeds.io.data import read_records, require_records
+from threeds.io.data import read_data, require_records
 from threeds.stages.pipeline import score_run
 
 
@@ -40,7 +40,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def main(args: argparse.Namespace) -> int:
     score, model, engine = (from_args(cls, args) for cls in (ScoreConfig, ModelConfig, EngineConfig))
-    records, rejects = read_records(args.data, duplicate_ids=from_args(DataConfig, args).duplicate_ids)
+    records, rejects = read_data(args.data, from_args(DataConfig, args))
     require_records(args.data, records, rejects)
     manifest = score_run(records, args.out, score, model, engine, data_path=str(args.data), rejects=rejects,
                          overwrite=args.overwrite)  # fmt: skip

@@ -10,7 +10,6 @@ file and what to do, before anything is computed from it: a repeated id would ot
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from threeds.errors import ThreedsError
-from threeds.io.data import DataError, read_jsonl
+from threeds.io.data import DataError, loads_bounded, read_jsonl, read_text
 from threeds.names import METRIC_COLUMNS, TOKEN_COLUMNS
 
 MANIFEST_SECTIONS = ("config", "score_config", "model", "data", "timings", "report", "stages", "packages")
@@ -37,10 +36,10 @@ def _fail(path: Path, problem: str, fix: str = RESCORE) -> RunFileError:
 def read_json_object(path: Path) -> dict:
     """A JSON file that must hold one object (manifest.json, selection.json, progress.json)."""
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as exc:
-        raise _fail(path, f"not UTF-8 text (byte {exc.start})", "delete the file and run the stage again") from exc
-    except json.JSONDecodeError as exc:
+        value = loads_bounded(read_text(path))
+    except DataError as exc:  # not a regular file, too big, not UTF-8: checked before it is read
+        raise _fail(path, str(exc).removeprefix(f"{path}: "), "delete the file and run the stage again") from exc
+    except ValueError as exc:  # corrupt, or nested deeper than any file threeds writes
         raise _fail(path, f"corrupt JSON ({exc})", "delete the file and run the stage again") from exc
     if not isinstance(value, dict):
         raise _fail(path, f"expected a JSON object, got {type(value).__name__}", "delete the file and run the stage again")

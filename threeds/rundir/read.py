@@ -7,7 +7,6 @@ file and what to do, so one page can report a corrupt file while the others keep
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -19,7 +18,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from threeds.errors import describe
-from threeds.io.data import DataError, read_jsonl, read_records
+from threeds.io.data import (
+    DataError,
+    loads_bounded,
+    read_jsonl,
+    read_records,
+    read_text,
+)
 from threeds.names import TOKEN_COLUMNS
 from threeds.rundir.check import (
     RunFileError,
@@ -228,8 +233,8 @@ def read_progress(run_dir: str | os.PathLike) -> dict | None:
     """progress.json as written by the CLI ({stage, done, total, updated}); None if absent or torn."""
     path = Path(run_dir) / "progress.json"
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        value = loads_bounded(read_text(path))
+    except (OSError, ValueError):  # absent, torn, not a file: no progress to show
         return None
     return value if isinstance(value, dict) else None
 

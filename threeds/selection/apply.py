@@ -39,6 +39,7 @@ from threeds.config import (
 )
 from threeds.errors import SettingsError, ThreedsError
 from threeds.io.atomic import atomic_write
+from threeds.io.data import MAX_DEPTH, DataError, nesting_problem, read_text
 from threeds.io.lock import locked
 from threeds.names import (
     ANSWER_FLAG_NAMES,
@@ -499,9 +500,15 @@ def load_preset(run_dir: str | os.PathLike, name: str) -> SelectConfig:
         known = list_presets(run_dir)
         raise SelectionError(f"{path}: no such preset" + (f"; saved ones: {', '.join(known)}" if known else " (none saved)"))
     try:
-        obj = json.loads(path.read_text(encoding="utf-8"), parse_constant=_no_constant)
-    except (json.JSONDecodeError, ValueError) as exc:
+        text = read_text(path)
+        problem = nesting_problem(text, MAX_DEPTH)
+        obj = json.loads(text, parse_constant=_no_constant) if problem is None else None
+    except DataError as exc:  # too big, not UTF-8
+        raise SelectionError(str(exc)) from None
+    except ValueError as exc:
         raise SelectionError(f"{path}: not valid JSON ({exc})") from None
+    if problem:
+        raise SelectionError(f"{path}: not valid JSON ({problem})")
     return config_from_json(obj, str(path))
 
 

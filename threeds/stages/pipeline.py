@@ -27,8 +27,8 @@ from threeds.io.data import (
     DataError,
     file_positions,
     fingerprint,
+    read_data,
     read_jsonl,
-    read_records,
     require_fields,
     require_records,
     take_records,
@@ -292,7 +292,7 @@ def run_pipeline(data: Path, run: RunDir, config: RunConfig) -> dict:
 def _run_stages(data: Path, run: RunDir, config: RunConfig) -> dict:
     run.remove_stale_temps()  # a killed run's; this process holds the lock, so none is being written
     stages = Stages(run)
-    records, rejects = read_records(data, config.data.duplicate_ids)
+    records, rejects = read_data(data, config.data)
     require_records(data, records, rejects)
     if rejects:
         write_jsonl(run.file("rejects.jsonl"), rejects)
