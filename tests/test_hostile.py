@@ -375,7 +375,7 @@ CASES = [
     Case("a deeply nested JSON file", _deep_json_file, BAD_INPUT),
     Case("a lone surrogate", _lone_surrogate, BAD_INPUT),
     Case("a deeply nested manifest.json", _deep_manifest, BAD_INPUT),
-    *(Case(name, build, BAD_INPUT, writes=("run/manifest.json",)) for name, build in [
+    *(Case(name, build, BAD_INPUT, writes=("run/manifest.json", "run/progress.json")) for name, build in [
         ("model: no such path", _model_missing), ("model: empty directory", _model_dir_empty),
         ("model: config.json without weights", _model_config_only), ("model: a pickle only", _model_pickle_only),
         ("model: a text file named .gguf", _model_text_gguf), ("model: any other file", _model_any_file),
