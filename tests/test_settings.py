@@ -5,6 +5,7 @@ naming the flag, the value and the allowed range (exit status 2)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 
 import pytest
@@ -134,4 +135,9 @@ def test_a_bad_flag_stops_before_the_data_is_read(argv, line, tmp_path, caplog, 
     assert main(argv) == USAGE
     said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(said) == 1 and said[0].startswith(line), said
-    assert list(tmp_path.iterdir()) == []  # no run directory, no lock, no status.json
+    written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    if argv[0] == "run":  # `run` records the refusal as the run's end, for the app; nothing else is written
+        assert written == ["cache/absent/.lock", "cache/absent/progress.json", "cache/absent/status.json"], written
+        assert json.loads((tmp_path / "cache/absent/status.json").read_text())["error"] == said[0]
+    else:
+        assert written == []
