@@ -1,5 +1,5 @@
 """The naive Stage-2 computation, as the original 3DS release does it: one sample at a time,
-three forward passes (prompt, prompt + A, prompt + A'), eager attention with every layer's
+three forward passes (prompt, prompt + A, prompt + A'; the prompt tokenised on its own), eager attention with every layer's
 attention maps returned. Used as the speed baseline and, in the tests, as an independent
 reference for the numbers.
 """
@@ -37,18 +37,16 @@ def naive_sample(model, tokenizer, fmt: PromptFormat, fw: FunctionWords, record:
         "embedding": out.hidden_states[-1][0].float().mean(0).cpu().numpy(),
     }
     for name, field in (("gt", "output"), ("gen", "generated_output")):
-        text = prompt + record[field] + eot
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = torch.tensor(enc["input_ids"][:max_length])
-        offsets = enc["offset_mapping"][:max_length]
+        tail = tokenizer(record[field] + eot, add_special_tokens=False, return_offsets_mapping=True)
+        ids = torch.cat([p_ids[0], torch.tensor(tail["input_ids"], dtype=torch.long)])[:max_length]
         out = model(input_ids=ids[None].to(model.device), output_attentions=True)
         att = out.attentions[-1][0].float()  # [heads, L, L]
         length = ids.shape[0]
         w_mean = (att.sum(dim=1).mean(dim=0) / (length - torch.arange(length, device=att.device))).cpu().numpy()
         w_max = att.amax(dim=1).mean(dim=0).cpu().numpy()
         ce = _token_ce(out.logits[0], ids.to(model.device)).cpu().numpy()
-        resp = [i for i, (s, _) in enumerate(offsets) if s >= len(prompt)]
-        spans = [(offsets[i][0] - len(prompt), offsets[i][1] - len(prompt)) for i in resp]
+        resp = list(range(p_ids.shape[1], length))  # the tokens of R + E within max_length
+        spans = [tuple(span) for span in tail["offset_mapping"][: len(resp)]]
         keep = ~np.asarray(fw.flags([record[field]], [spans])[0], dtype=bool)
         idx = np.asarray(resp, dtype=int)[keep]
         for method, w in (("mean", w_mean), ("max", w_max)):

@@ -210,11 +210,56 @@ def test_encode_texts_matches_encode(tokenizer):
     fmt = prompt_format(tokenizer)
     records = make_records(8, seed=7)
     prompts = [fmt.prompt(r["instruction"]) for r in records]
-    texts = [p + r["output"] + fmt.end_of_turn for p, r in zip(prompts, records)]
+    prompts[3] = prompts[2]  # a prompt met twice is tokenised once, with the same result
+    tails = [r["output"] + fmt.end_of_turn for r in records]
     for max_length in (1024, 12):
-        many = encode_texts(tokenizer, [len(p) for p in prompts], texts, max_length)
+        many = encode_texts(tokenizer, prompts, tails, max_length)
         assert many == [encode(tokenizer, p, r["output"], fmt.end_of_turn, max_length) for p, r in zip(prompts, records)]
     assert encode_texts(tokenizer, [], [], 1024) == []
+
+
+def test_encode_without_leading_whitespace_equals_one_call(tokenizer):
+    """Where the answer starts with a visible character, `ids(P) + ids(R + E)` is what one call over
+    `P + R + E` gives: no token crosses P's end, so scores of such records did not move."""
+    fmt = prompt_format(tokenizer)
+    for record in make_records(8, seed=4):
+        prompt = fmt.prompt(record["instruction"])
+        text = prompt + record["output"] + fmt.end_of_turn
+        whole = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        enc = encode(tokenizer, prompt, record["output"], fmt.end_of_turn, 1024)
+        assert enc.ids == whole["input_ids"] and enc.offsets == [tuple(o) for o in whole["offset_mapping"]]
+
+
+LEADS = ["", " ", "\n", "\n\n"]
+
+
+def test_prompt_tokens_do_not_depend_on_leading_whitespace(tokenizer):
+    """One call over `P + R + E` merged P's final "\n" with R's leading whitespace (issue 23)."""
+    fmt = prompt_format(tokenizer)
+    prompt = fmt.prompt("What is a fever?")
+    alone = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    for lead in LEADS:
+        enc = encode(tokenizer, prompt, lead + "A raised body temperature.", fmt.end_of_turn, 1024)
+        assert enc.ids[: enc.n_prompt] == alone, repr(lead)
+        response = "".join(enc.text[s:e] for s, e in enc.offsets[enc.n_prompt :])
+        assert response == lead + "A raised body temperature.<|im_end|>"
+        assert enc.offsets[enc.n_prompt][0] == len(prompt)
+    merged = tokenizer(prompt + "\n\nA", add_special_tokens=False)["input_ids"]
+    assert merged[: len(alone)] != alone  # what the old single call did with this tokenizer
+
+
+def test_instruction_scores_do_not_depend_on_leading_whitespace(tokenizer, tiny_model):
+    fmt = prompt_format(tokenizer)
+    use_threeds_attention(tiny_model)
+    base = {"instruction": "Why do I cough at night?", "output": "Mucus drains when you lie down.",
+            "generated_output": "Because of asthma."}  # fmt: skip
+    records = [{**base, "id": f"r{i}", "output": lead + base["output"]} for i, lead in enumerate(LEADS)]
+    result = Scorer(tiny_model, tokenizer, fmt, FunctionWords("lexical"), batch_tokens=64).score(records)
+    np.testing.assert_allclose(result.metrics.ins_ppl, result.metrics.ins_ppl[0], rtol=1e-6)
+    assert result.metrics.prompt_tokens.nunique() == 1
+    np.testing.assert_allclose(result.embeddings, np.repeat(result.embeddings[:1], len(LEADS), 0), rtol=1e-5, atol=1e-6)
+    gt = result.tokens[result.tokens.response == "gt"]
+    assert all("".join(gt[gt.id == r["id"]].token) == r["output"] + "<|im_end|>" for r in records)  # the whitespace is R's
 
 
 def test_pipeline_keeps_order_and_numbers_with_many_batches(tokenizer, tiny_model, monkeypatch):

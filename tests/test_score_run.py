@@ -151,6 +151,23 @@ def test_dtype_is_loaded_recorded_and_guards_resume(tmp_path, tiny_model_dir):
         score_run(records, tmp_path / "bf16", spec=ModelConfig(model=str(tiny_model_dir)), **common)
 
 
+def test_scores_of_an_older_version_are_not_mixed_in(tmp_path, tiny_model_dir):
+    """A run scored before the prompt was tokenised on its own (no `score_version` in its manifest):
+    resuming it refuses in one line that says why; --overwrite scores it again, as version 2."""
+    records, run = make_records(4, seed=8), tmp_path / "run"
+    settings = {"score": ScoreConfig(chunk_size=2, function_words="none"), "spec": ModelConfig(model=str(tiny_model_dir)),
+                "progress": False}  # fmt: skip
+    assert score_run(records, run, **settings)["score_config"]["score_version"] == 2
+    manifest = json.loads((run / "manifest.json").read_text())
+    del manifest["score_config"]["score_version"]
+    manifest["status"] = "scoring"
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(RunError, match=r"older threeds \(scores version 1, this one makes 2") as refused:
+        score_run(records, run, **settings)
+    assert "\n" not in str(refused.value) and "--overwrite" in str(refused.value)
+    assert score_run(records, run, overwrite=True, **settings)["score_config"]["score_version"] == 2
+
+
 def test_cli_reports_bad_input_clearly(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": "a", "instruction": "q", "output": "a", "generated_output": "b"}\n{"id": oops}\n')

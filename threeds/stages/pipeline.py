@@ -62,6 +62,9 @@ from threeds.stages.rate import (
 log = logging.getLogger(__name__)
 
 STAGES = ("rate", "filter", "generate", "score", "select")
+# Marks scores that can be compared (and a run's chunks mixed): raised whenever a change moves the
+# numbers of the same records and settings. 2: the prompt tokenised on its own (issue 23).
+SCORE_VERSION = 2
 
 
 def digest(obj: object) -> str:
@@ -139,8 +142,8 @@ def score_config(score: ScoreConfig, spec: ModelConfig, records: Sequence[dict],
     """What a scored run depends on (manifest `score_config`): a run is resumed only if it matches."""
     model = spec.model or (loaded[0].name_or_path if loaded is not None else None)
     return {
-        "model": model, "max_length": score.max_length, "function_words": score.function_words,
-        "template": spec.template, "system": spec.system, "chunk_size": score.chunk_size,
+        "score_version": SCORE_VERSION, "model": model, "max_length": score.max_length,
+        "function_words": score.function_words, "template": spec.template, "system": spec.system, "chunk_size": score.chunk_size,
         "data_fingerprint": records_fingerprint(records), **spec.recorded(),
     }  # fmt: skip
 
@@ -214,16 +217,23 @@ def _open_scoring(run: RunDir, config: dict, overwrite: bool) -> dict:
     manifest = run.read_manifest()
     if overwrite or manifest.get("score_config") != config:
         if manifest.get("score_config") and not overwrite and (run.chunks.exists() or run.file("metrics.parquet").exists()):
-            raise RunError(
-                f"{run.path} holds scores made with another configuration or data; "
-                "pass --overwrite to replace them or choose another --out"
-            )
+            raise RunError(f"{run.path} holds scores made {_made_how(manifest['score_config'])}; "
+                           "pass --overwrite to replace them or choose another --out")  # fmt: skip
         run.clear_scores()
         manifest.pop("status", None)
     elif manifest.get("status") == "scored" and not all(run.file(name).exists() for name in SCORE_OUTPUTS):
         manifest.pop("status")
     run.path.mkdir(parents=True, exist_ok=True)
     return manifest
+
+
+def _made_how(recorded: dict) -> str:
+    """What differs about a run's earlier scores, for the message that refuses to mix them."""
+    version = recorded.get("score_version", 1)
+    if version != SCORE_VERSION:
+        return (f"by an older threeds (scores version {version}, this one makes {SCORE_VERSION}: the prompt is "
+                "now tokenised on its own, docs/SPEC-3DS.md), which cannot be mixed with new ones")  # fmt: skip
+    return "with another configuration or data"
 
 
 def _engine(score: ScoreConfig, spec: ModelConfig, engine: EngineConfig, loaded: tuple | None):
@@ -381,12 +391,12 @@ def _score(stages: Stages, data: Path, generated: list[dict], rejects: list[dict
            config: RunConfig) -> dict:  # fmt: skip
     """Stage 2 scoring (resumable chunks); returns the stage's recorded settings and input."""
     run, score, spec = stages.run, config.score, config.model
-    recorded = {"model": spec.model, "max_length": score.max_length, "function_words": score.function_words,
-                "template": spec.template, "system": spec.system, "chunk_size": score.chunk_size, **spec.recorded()}  # fmt: skip
+    recorded = {"score_version": SCORE_VERSION, "model": spec.model, "max_length": score.max_length,
+                "function_words": score.function_words, "template": spec.template, "system": spec.system, "chunk_size": score.chunk_size, **spec.recorded()}  # fmt: skip
     meta = {"config": recorded, "input": records_fingerprint(generated)}
     fresh = not stages.current("score", meta)
     if fresh and (run.file("metrics.parquet").exists() or run.chunks.exists()):
-        log.warning("score: the records or settings changed since the last run; scoring again")
+        log.warning("score: the records, settings or scores version changed since the last run; scoring again")
     stages.record("score", **meta)  # before scoring, so a killed run resumes its chunks
     stages.plan_ahead("score", len(generated))
     score_run(generated, run.path, score, spec, config.engine, data_path=str(data), rejects=rejects, positions=positions,

@@ -15,7 +15,6 @@ exactly those of doing each step in turn.
 
 from __future__ import annotations
 
-import bisect
 import math
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -45,12 +44,12 @@ LOGIT_ELEMENTS = 1 << 26
 
 @dataclass(frozen=True)
 class Encoded:
-    """One templated text `P + R + E`, tokenised and truncated on the right."""
+    """One templated text `P + R + E` as `ids(P) + ids(R + E)`, truncated on the right."""
 
     ids: list[int]
-    offsets: list[tuple[int, int]]
-    prompt_chars: int  # len(P): tokens starting at or after it are response tokens
-    n_prompt: int  # tokens starting before len(P), within the kept window
+    offsets: list[tuple[int, int]]  # character spans in `text`
+    prompt_chars: int  # len(P)
+    n_prompt: int  # the tokens of P within the kept window; the rest are response tokens
     text: str
     truncated: bool
 
@@ -66,32 +65,39 @@ class SequenceOut:
 
 
 def encode(tokenizer: PreTrainedTokenizerBase, prompt: str, response: str, eot: str, max_length: int) -> Encoded:
-    """Tokenise `P + R + E` without added special tokens (the template is the authority)."""
-    text = prompt + response + eot
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    return _truncated(len(prompt), text, enc["input_ids"], enc["offset_mapping"], max_length)
+    """`ids(P) + ids(R + E)` without added special tokens (the template is the authority).
+
+    P is tokenised on its own (spec item 3), so its tokens, `ins_ppl` and the embedding never depend
+    on the answer: one call over `P + R + E` would merge P's final newline with an answer's leading
+    whitespace into one token."""
+    return encode_texts(tokenizer, [prompt], [response + eot], max_length)[0]
 
 
 def encode_texts(
-    tokenizer: PreTrainedTokenizerBase, prompt_chars: Sequence[int], texts: Sequence[str], max_length: int
+    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], tails: Sequence[str], max_length: int
 ) -> list[Encoded]:
-    """`encode` of many texts `P + R + E` (given with `len(P)` each) in one tokenizer call: a fast
-    tokenizer encodes a list in parallel and outside the GIL. Same result as one call per text."""
-    if not texts:
+    """`encode` of many pairs (P, R + E) in one tokenizer call (each distinct P once): a fast
+    tokenizer encodes a list in parallel and outside the GIL. Same result as one call per pair."""
+    if not prompts:
         return []
-    enc = tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True)
+    unique = list(dict.fromkeys(prompts))
+    enc = tokenizer([*unique, *tails], add_special_tokens=False, return_offsets_mapping=True)
+    pairs = list(zip(enc["input_ids"], enc["offset_mapping"]))
+    head = dict(zip(unique, pairs))
     return [
-        _truncated(n, text, ids, offsets, max_length)
-        for n, text, ids, offsets in zip(prompt_chars, texts, enc["input_ids"], enc["offset_mapping"], strict=True)
+        _joined(prompt, tail, head[prompt], tokens, max_length)
+        for prompt, tail, tokens in zip(prompts, tails, pairs[len(unique) :], strict=True)
     ]
 
 
-def _truncated(prompt_chars: int, text: str, ids: Sequence[int], offsets: Sequence, max_length: int) -> Encoded:
-    ids, offsets = list(ids), [tuple(o) for o in offsets]
+def _joined(prompt: str, tail: str, head: tuple, tokens: tuple, max_length: int) -> Encoded:
+    """P's (ids, offsets) `head` then those of `R + E` (spans moved past P), cut at `max_length`."""
+    (p_ids, p_offsets), (r_ids, r_offsets) = head, tokens
+    shift = len(prompt)
+    ids = [*p_ids, *r_ids]
+    offsets = [*(tuple(o) for o in p_offsets), *((s + shift, e + shift) for s, e in r_offsets)]
     truncated = len(ids) > max_length
-    ids, offsets = ids[:max_length], offsets[:max_length]
-    n_prompt = bisect.bisect_left([start for start, _ in offsets], prompt_chars)
-    return Encoded(ids, offsets, prompt_chars, n_prompt, text, truncated)
+    return Encoded(ids[:max_length], offsets[:max_length], shift, min(len(p_ids), max_length), prompt + tail, truncated)
 
 
 def plan_batches(lengths: Sequence[int], batch_tokens: int, max_padding: float = 0.1) -> list[list[int]]:
@@ -263,15 +269,15 @@ class Scorer:
         return outs  # type: ignore[return-value]
 
     def encode_records(self, records: Sequence[dict]) -> list[Encoded]:
-        """`P + R + E` of every record, in the order (gt, gen) of the first record, then the second's...
-        A bad record fails as `encode_record` would (same error, same record first)."""
-        prompt_chars, texts = [], []
+        """`ids(P) + ids(R + E)` of every record, in the order (gt, gen) of the first record, then the
+        second's... A bad record fails as `encode_record` would (same error, same record first)."""
+        prompts, tails = [], []
         for record in records:
             prompt = self.fmt.prompt(full_instruction(record))
             for field_name in RESPONSES.values():
-                prompt_chars.append(len(prompt))
-                texts.append(prompt + record[field_name] + self.eot)
-        return encode_texts(self.tokenizer, prompt_chars, texts, self.max_length)
+                prompts.append(prompt)
+                tails.append(record[field_name] + self.eot)
+        return encode_texts(self.tokenizer, prompts, tails, self.max_length)
 
     def responses(self, encoded: Sequence[Encoded]) -> list[Response]:
         """Each sequence's response `R + E`, its tokens' spans in it and their function-word flags
