@@ -106,7 +106,7 @@ def _run_baseline(args: argparse.Namespace, out: dict) -> np.ndarray:
 
 
 def _run_ours(args: argparse.Namespace, out: dict) -> np.ndarray | torch.Tensor:
-    device = resolve_device(args.device)
+    device = torch.device(resolve_device(args.device))
     dtype = args.worker.split(":")[1]
     cuda = device.type == "cuda"
     k_center_greedy(np.random.default_rng(0).standard_normal((64, 8)), 4, device=device)  # warm-up

@@ -12,8 +12,8 @@ import torch
 from threeds.config import SelectConfig
 from threeds.names import METRICS, metric_column
 from threeds.selection.apply import select_dir
+from threeds.selection.arrays import NumpyOps, _first_copies
 from threeds.selection.kcenter import (
-    _first_copies,
     band_filter,
     band_thresholds,
     k_center_greedy,
@@ -192,10 +192,27 @@ def test_k_center_duplicates_tie_to_lowest_index():
 
 def test_k_center_n_le_k_and_k_zero():
     x = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
-    assert k_center_greedy(x, 4).tolist() == [0, 1, 2, 3]
-    assert k_center_greedy(x, 10).tolist() == [0, 1, 2, 3]
+    greedy = reference_kcenter(x, 4, 0)
+    assert sorted(greedy) == [0, 1, 2, 3] and greedy != [0, 1, 2, 3]  # pick order, not index order
+    assert k_center_greedy(x, 4).tolist() == greedy
+    assert k_center_greedy(x, 10).tolist() == greedy
+    assert k_center_greedy(x, 10, initial=[2]).tolist()[0] == 2
     assert k_center_greedy(x, 0).tolist() == []
     assert k_center_greedy(np.empty((0, 3), np.float32), 5).tolist() == []
+
+
+@pytest.mark.parametrize("extra", [-1, 0, 1])
+def test_k_center_picks_are_a_prefix_at_every_size(extra):
+    """n in {k-1, k, k+1}: the picks for k are the first k of the picks for any larger k, in the same
+    greedy order whether or not the survivors outnumber k (issue 23)."""
+    k = 12
+    x = np.random.default_rng(5).standard_normal((k + extra, 4)).astype(np.float32)
+    longest = k_center_greedy(x, 3 * k, seed=1).tolist()
+    assert sorted(longest) == list(range(len(x)))
+    for m in range(1, 3 * k + 1):
+        assert k_center_greedy(x, m, seed=1).tolist() == longest[:m], m
+    assert longest[0] == int(np.random.default_rng(1).integers(len(x)))
+    assert longest[: min(k, len(x))] == reference_kcenter(x, min(k, len(x)), 1)
 
 
 def test_k_center_errors():
@@ -244,8 +261,10 @@ def test_k_center_widening_search_and_small_blocks(monkeypatch):
 
 def test_first_copies():
     x = torch.tensor([[1.0, 2.0], [0.0, -0.0], [1.0, 2.0], [0.0, 0.0], [2.0, 1.0], [1.0, 2.0]])
-    assert _first_copies(x, chunk_rows=2).tolist() == [0, 1, 0, 1, 4, 0]
-    assert _first_copies(x.to(torch.float16), chunk_rows=4).tolist() == [0, 1, 0, 1, 4, 0]
+    assert _first_copies(torch, x, chunk_rows=2).tolist() == [0, 1, 0, 1, 4, 0]
+    assert _first_copies(torch, x.to(torch.float16), chunk_rows=4).tolist() == [0, 1, 0, 1, 4, 0]
+    for dtype in ("float32", "float16"):  # the numpy backend's
+        assert NumpyOps(dtype).first_copies(x.numpy().astype(dtype), 2).tolist() == [0, 1, 0, 1, 4, 0]
 
 
 def test_k_center_clustered_copies_farthest_within_round_off():
@@ -291,6 +310,28 @@ def test_k_center_half_storage_on_well_separated_data(dtype):
     assert k_center_greedy(x, 40, seed=3, device="cpu", dtype=dtype).tolist() == expected
     # small chunks exercise the chunked float32 conversion of the half rows
     assert k_center_greedy(x, 40, seed=3, device="cpu", dtype=dtype, chunk_rows=7).tolist() == expected
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_numpy_and_torch_backends_pick_alike(monkeypatch, dtype):
+    """On the CPU k-center runs on numpy (no torch import); the torch backend (GPU, bfloat16) runs the
+    same algorithm: on random and clustered-with-copies data both equal the plain reference."""
+    from threeds.selection import arrays
+    from threeds.selection import kcenter as module
+
+    rng = np.random.default_rng(4)
+    noise = rng.standard_normal((400, 12)).astype(np.float32)
+    copies = noise.copy()
+    copies[200:260] = copies[:60]
+    runs = {}
+    for backend in ("numpy", "torch"):
+        ops = arrays.NumpyOps if backend == "numpy" else (lambda d: arrays.TorchOps("cpu", d))
+        monkeypatch.setattr(module, "ops_for", lambda device, d, ops=ops: ops(d))
+        runs[backend] = [k_center_greedy(x, 150, seed=5, device="cpu", dtype=dtype, chunk_rows=37).tolist()
+                         for x in (noise, copies)]  # fmt: skip
+    assert runs["numpy"] == runs["torch"]
+    if dtype == "float32":
+        assert runs["numpy"][0] == reference_kcenter(noise, 150, 5)
 
 
 def test_k_center_progress_bar(capsys):
@@ -351,10 +392,11 @@ def test_select_dir(tmp_path):
 
 
 def test_select_dir_fewer_survivors_than_sample_num(tmp_path):
-    metrics, _ = _make_run(tmp_path)
+    metrics, emb = _make_run(tmp_path)
     result = select_dir(tmp_path, SelectConfig(sample_num=1000))
     survivors = np.flatnonzero(band_filter(metrics)[0])
-    assert result["selected_rows"] == survivors.tolist()
+    greedy = survivors[reference_kcenter(emb[survivors], len(survivors), 0)]
+    assert result["selected_rows"] == greedy.tolist() != sorted(greedy)  # all of them, in pick order
     assert result["report"]["n_selected"] == len(survivors)
 
 

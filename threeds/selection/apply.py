@@ -55,12 +55,11 @@ from threeds.rundir.check import (
 )
 from threeds.rundir.read import RunFileError, read_ratings
 from threeds.selection.answer_flags import AnswerFlags, run_answer_flags
+from threeds.selection.arrays import resolve_device, storage_dtype
 from threeds.selection.kcenter import (
     NAN_REASONS,
     NonFiniteError,
-    _storage_dtype,
     band_filter,
-    resolve_device,
 )
 from threeds.selection.pick_order import PickOrder
 from threeds.selection.verdicts import in_plain_words
@@ -407,7 +406,7 @@ def _select_into(run_dir: Path, config: SelectConfig, metrics: pd.DataFrame, emb
     recorded = config.recorded()
     recorded["bands"] = {m: list(b) for m, b in recorded["bands"].items()}
     result = {
-        "params": {**recorded, "device": str(device), "dtype": str(_storage_dtype(dtype)).removeprefix("torch.")},
+        "params": {**recorded, "device": str(device), "dtype": storage_dtype(dtype)},
         "report": report,
         "selected_ids": chosen.picked_ids,
         "selected_rows": [int(r) for r in chosen.picked],

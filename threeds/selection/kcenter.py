@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from threeds.errors import SettingsError
 from threeds.names import METRIC_NAMES, METRICS, metric_column
+from threeds.selection.arrays import is_tensor, ops_for, resolve_device, storage_dtype
 
 DEFAULT_BAND = (25.0, 75.0)
 # Why a metric can be NaN (spec item 6); inf (overflow) is counted with NaN.
@@ -25,7 +25,6 @@ NAN_REASONS = {
     "gen_wloss": "no generated-response token left after truncation and function-word filtering",
     "gt_wloss": "no ground-truth-response token left after truncation and function-word filtering",
 }
-STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _CHUNK_BYTES = 64 << 20  # float32 bytes per chunk when uploading / converting rows
 _CENTRE_ROWS = 4096  # about this many evenly spaced rows estimate the centroid
 _REFRESH_ROWS = 64  # rows brought up to date per try when looking for the farthest one
@@ -130,36 +129,7 @@ def band_filter(
 # ---------------------------------------------------------------------------- k-center greedy
 
 
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """CUDA when present unless told otherwise."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def _storage_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, str):
-        if dtype not in STORAGE_DTYPES:
-            raise ValueError(f"dtype must be one of {list(STORAGE_DTYPES)}, got {dtype!r}")
-        return STORAGE_DTYPES[dtype]
-    if dtype not in STORAGE_DTYPES.values():
-        raise ValueError(f"dtype must be one of {list(STORAGE_DTYPES.values())}, got {dtype}")
-    return dtype
-
-
-def _rows_float32(emb: np.ndarray | torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    """Rows [start, stop) as a float32 tensor, without copying the whole input."""
-    if isinstance(emb, torch.Tensor):
-        return emb[start:stop].to(torch.float32)
-    rows = np.ascontiguousarray(emb[start:stop], dtype=np.float32)
-    if not rows.flags.writeable:  # e.g. a read-only memmap; torch wants writable memory
-        rows = rows.copy()
-    return torch.from_numpy(rows)
-
-
-def _centre(emb: np.ndarray | torch.Tensor) -> np.ndarray:
+def _centre(emb) -> np.ndarray:
     """Approximate centroid from evenly spaced rows.
 
     Used before rounding rows to half precision: distances do not change under translation, but
@@ -169,81 +139,35 @@ def _centre(emb: np.ndarray | torch.Tensor) -> np.ndarray:
     """
     step = max(1, len(emb) // _CENTRE_ROWS)
     sample = emb[::step]
-    if isinstance(sample, torch.Tensor):
-        return sample.to(torch.float64).mean(0).cpu().numpy()
+    if is_tensor(sample):
+        return sample.double().mean(0).cpu().numpy()
     return np.asarray(sample, dtype=np.float64).mean(0)
 
 
-def _shared_float32(emb: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor | None:
-    """The input itself as a float32 tensor on `device` when that needs no copy (saves n*dim*4 B)."""
-    if isinstance(emb, torch.Tensor):
-        same_device = emb.device == torch.empty(0, device=device).device
-        ok = same_device and emb.dtype == torch.float32 and emb.is_contiguous()
-        return emb if ok else None
-    flags = emb.flags
-    if device.type == "cpu" and emb.dtype == np.float32 and flags.c_contiguous and flags.writeable:
-        return torch.from_numpy(emb)
-    return None
-
-
-def _upload(
-    emb: np.ndarray | torch.Tensor, device: torch.device, dtype: torch.dtype, chunk_rows: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows in storage dtype on `device` (centred if half), and their float32 squared norms.
+def _upload(emb, ops, chunk_rows: int):
+    """Rows in storage dtype on the backend's device (centred if half), and their float32 squared norms.
 
     Chunked so that only one float32 chunk exists besides the stored matrix. Norms come from the
     stored (possibly rounded) values so that a point's distance to itself is ~0.
     """
     n, d = emb.shape
-    x = _shared_float32(emb, device) if dtype == torch.float32 else None
+    half = storage_dtype(ops.dtype) != "float32"
+    x = None if half else ops.shared(emb)
     if x is None:
-        centre = None
-        if dtype != torch.float32:
-            centre = torch.from_numpy(_centre(emb)).to(device, torch.float32)
-        x = torch.empty((n, d), dtype=dtype, device=device)
-        for s in range(0, n, chunk_rows):
-            rows = _rows_float32(emb, s, s + chunk_rows).to(device)
-            x[s : s + chunk_rows] = rows if centre is None else rows - centre
-    norms = torch.empty(n, dtype=torch.float32, device=device)
+        centre = ops.rows(_centre(emb)[None], 0, 1) if half else None
+        x = ops.empty((n, d), ops.dtype)
+        with np.errstate(over="ignore"):  # a value past float16's range: reported below
+            for s in range(0, n, chunk_rows):
+                rows = ops.rows(emb, s, s + chunk_rows)
+                x[s : s + chunk_rows] = rows if centre is None else rows - centre
+    norms = ops.empty(n)
     for s in range(0, n, chunk_rows):
-        stored = x[s : s + chunk_rows].to(torch.float32)
+        stored = ops.f32(x[s : s + chunk_rows])
         norms[s : s + chunk_rows] = (stored * stored).sum(1)
-    if not bool(torch.isfinite(norms).all()):
-        hint = "" if dtype == torch.float32 else f" or overflow {dtype} storage (try float32)"
+    if not ops.all_finite(norms):
+        hint = f" or overflow {storage_dtype(ops.dtype)} storage (try float32)" if half else ""
         raise NonFiniteError(f"embeddings contain NaN/inf{hint}")
     return x, norms
-
-
-def _first_copies(x: torch.Tensor, chunk_rows: int) -> torch.Tensor:
-    """For every row, the lowest index of a row with the same values (itself if none earlier).
-
-    Rows are hashed by their bits with integer arithmetic (exact and order-free, so equal rows
-    hash equally wherever they sit), hash collisions are ruled out by comparing the rows, and a
-    stable sort groups them.
-    """
-    n, dim = x.shape
-    bits_dtype = torch.int32 if x.element_size() == 4 else torch.int16
-    span = 2 ** (62 - 8 * x.element_size() - max(1, dim - 1).bit_length())  # no int64 overflow
-    gen = torch.Generator().manual_seed(0)
-    weights = torch.randint(-span, span, (dim,), generator=gen, dtype=torch.int64).to(x.device)
-    hashes = torch.empty(n, dtype=torch.int64, device=x.device)
-    step = max(1, chunk_rows // 4)  # two int64 temporaries per value: about the float32 chunk's bytes
-    for s in range(0, n, step):
-        rows = x[s : s + step] + 0.0  # -0.0 and 0.0 are the same point
-        hashes[s : s + step] = (rows.view(bits_dtype).to(torch.int64) * weights).sum(1)
-    ordered, order = torch.sort(hashes, stable=True)
-    starts = torch.ones(n, dtype=torch.bool, device=x.device)
-    starts[1:] = ordered[1:] != ordered[:-1]
-    position = torch.arange(n, device=x.device)
-    run_start = torch.cummax(torch.where(starts, position, 0), 0).values
-    first = torch.empty_like(order)
-    first[order] = order[run_start]
-    copies = torch.nonzero(first != position)[:, 0]
-    for s in range(0, len(copies), chunk_rows):
-        c = copies[s : s + chunk_rows]
-        same = (x.index_select(0, c) == x.index_select(0, first[c])).all(1)
-        first[c] = torch.where(same, first[c], c)
-    return first
 
 
 class _LazyFarthest:
@@ -252,35 +176,36 @@ class _LazyFarthest:
     `bound[i]` is row i's min squared distance over the first `seen[i]` centres: an upper bound
     on its min over all of them. Bringing a row up to date costs one small matrix product
     against the centres it has not seen, and a new centre moves few rows' distances, so the
-    farthest row is usually found among the few rows with the largest bounds.
+    farthest row is usually found among the few rows with the largest bounds. Arrays are the
+    backend's (`ops`: numpy or torch).
     """
 
-    def __init__(self, x: torch.Tensor, norms: torch.Tensor, k: int, chunk_rows: int) -> None:
+    def __init__(self, ops, x, norms, k: int, chunk_rows: int) -> None:
         n, dim = x.shape
-        self.x, self.norms, self.chunk_rows = x, norms, chunk_rows
-        self.centres = torch.empty((max(k, 1), dim), dtype=torch.float32, device=x.device)
-        self.centre_norms = torch.empty(max(k, 1), dtype=torch.float32, device=x.device)
+        self.ops, self.x, self.norms, self.chunk_rows = ops, x, norms, chunk_rows
+        self.centres = ops.empty((max(k, 1), dim))
+        self.centre_norms = ops.empty(max(k, 1))
         self.count = 0
-        self.bound = torch.full((n,), float("inf"), dtype=torch.float32, device=x.device)
-        self.seen = torch.zeros(n, dtype=torch.int64, device=x.device)
+        self.bound = ops.full(n, float("inf"))
+        self.seen = ops.counters(n)
         self.remaining = n
 
     def add(self, row: int) -> None:
         """Make `row` a centre; a chosen row is never picked again (bound -inf)."""
         if self.count == len(self.centres):  # continued past the k it was made for: double the room
-            self.centres = torch.cat([self.centres, torch.empty_like(self.centres)])
-            self.centre_norms = torch.cat([self.centre_norms, torch.empty_like(self.centre_norms)])
-        self.centres[self.count] = self.x[row].to(torch.float32)
+            self.centres = self.ops.concat([self.centres, self.ops.empty(self.centres.shape)])
+            self.centre_norms = self.ops.concat([self.centre_norms, self.ops.empty(self.centre_norms.shape)])
+        self.centres[self.count] = self.ops.f32(self.x[row])
         self.centre_norms[self.count] = self.norms[row]
         self.count += 1
-        self.drop(torch.tensor([row], device=self.bound.device))
+        self.drop(self.ops.indices([row]))
 
-    def drop(self, rows: torch.Tensor) -> None:
+    def drop(self, rows) -> None:
         """Never pick `rows` (bound -inf): chosen rows, and later copies of other rows."""
-        self.remaining -= int((self.bound.index_select(0, rows) > float("-inf")).sum())
+        self.remaining -= int((self.bound[rows] > float("-inf")).sum())
         self.bound[rows] = float("-inf")
 
-    def refresh(self, rows: torch.Tensor) -> None:
+    def refresh(self, rows) -> None:
         """Bring `rows` up to date: min over the centres each has not seen yet.
 
         Most rows missed only the newest centre, and a few missed many; the two groups are
@@ -289,29 +214,30 @@ class _LazyFarthest:
         the work was grouped.
         """
         t = self.count
-        seen = self.seen.index_select(0, rows)
+        seen = self.seen[rows]
         for behind in (seen == t - 1, seen < t - 1):
             if bool(behind.any()):
                 self._catch_up(rows[behind], int(seen[behind].min()))
         self.seen[rows] = t
 
-    def _catch_up(self, rows: torch.Tensor, lo: int) -> None:
+    def _catch_up(self, rows, lo: int) -> None:
         """Fold centres [lo, count) into `rows`' bounds, in blocks of about chunk_rows x dim floats."""
         t = self.count
-        cols = torch.arange(lo, t, device=rows.device)
+        cols = self.ops.arange(lo, t)
         step = max(1, min(self.chunk_rows, self.chunk_rows * self.x.shape[1] // (t - lo)))
         for s in range(0, len(rows), step):
             r = rows[s : s + step]
-            xr = self.x.index_select(0, r).to(torch.float32)
-            dist = torch.mm(xr, self.centres[lo:t].T).mul_(-2.0)
-            dist.add_(self.norms.index_select(0, r)[:, None]).add_(self.centre_norms[lo:t])
-            dist.clamp_min_(0.0).masked_fill_(cols < self.seen.index_select(0, r)[:, None], float("inf"))
-            self.bound[r] = torch.minimum(self.bound.index_select(0, r), dist.amin(1))
+            dist = self.ops.f32(self.x[r]) @ self.centres[lo:t].T
+            dist *= -2.0
+            dist += self.norms[r][:, None]
+            dist += self.centre_norms[lo:t]
+            self.ops.clamp_and_hide(dist, cols < self.seen[r][:, None])
+            self.bound[r] = self.ops.minimum(self.bound[r], self.ops.rowmin(dist))
 
     def refresh_all(self) -> None:
         n = len(self.bound)
         for s in range(0, n, self.chunk_rows):
-            self.refresh(torch.arange(s, min(n, s + self.chunk_rows), device=self.bound.device))
+            self.refresh(self.ops.arange(s, min(n, s + self.chunk_rows)))
 
     def farthest(self) -> int:
         """The unchosen row farthest from all centres (ties: lowest index), exactly.
@@ -322,19 +248,19 @@ class _LazyFarthest:
         """
         m = _REFRESH_ROWS
         while m < self.remaining:
-            values, rows = torch.topk(self.bound, m + 1, sorted=True)
+            values, rows = self.ops.largest(self.bound, m + 1)
             rows = rows[:m]
             self.refresh(rows)
-            fresh = self.bound.index_select(0, rows)
+            fresh = self.bound[rows]
             best = fresh.max()
             if bool(best > values[m]):
                 return int(rows[fresh == best].min())
             m *= 4
         self.refresh_all()
-        return int(torch.argmax(self.bound))
+        return int(self.bound.argmax())
 
 
-def _initial_rows(embeddings: np.ndarray | torch.Tensor, initial: Sequence[int], k: int) -> list[int]:
+def _initial_rows(embeddings, initial: Sequence[int], k: int) -> list[int]:
     """Checks k-center's arguments; the `initial` centres as a list."""
     if embeddings.ndim != 2:
         raise ValueError(f"embeddings must be 2-D [n, dim], got shape {tuple(embeddings.shape)}")
@@ -347,36 +273,38 @@ def _initial_rows(embeddings: np.ndarray | torch.Tensor, initial: Sequence[int],
 
 
 def k_center_greedy(
-    embeddings: np.ndarray | torch.Tensor,
+    embeddings,
     k: int,
     seed: int = 0,
-    device: str | torch.device | None = None,
+    device=None,
     chunk_rows: int | None = None,
-    dtype: torch.dtype | str | None = None,
+    dtype=None,
     progress: bool = False,
     initial: Sequence[int] = (),
 ) -> np.ndarray:
     """Farthest-point greedy (spec item 8); returns row indices in pick order.
 
-    First centre `np.random.default_rng(seed).integers(n)` (or the rows `initial`, in that order,
-    as centres before the greedy starts: "always include" rules), then repeatedly the unchosen row
-    with the largest squared Euclidean distance to its nearest chosen centre; exact ties go to
-    the lowest index. If n <= k all rows are returned as 0..n-1.
+    `embeddings`: [n, dim] numpy array or torch tensor. First centre
+    `np.random.default_rng(seed).integers(n)` (or the rows `initial`, in that order, as centres
+    before the greedy starts: "always include" rules), then repeatedly the unchosen row with the
+    largest squared Euclidean distance to its nearest chosen centre; exact ties go to the lowest
+    index. If n <= k all n rows are returned, still in pick order (once every distinct row is a
+    centre, the rest follow by index, all at distance 0), so the first m picks are the same for
+    every k >= m.
 
     Distances are d = ||x||^2 + ||c||^2 - 2 x.c in float32, clamped at 0. Rather than updating
     every row's min distance after every pick (one pass over all n x dim values per pick, which
     is memory-bound), rows are brought up to date lazily (`_LazyFarthest`): the picks are the
     same, the work is a few small matrix products per pick. On random float32 data the picks
     equal a plain float32 `((x - c) ** 2).sum()` reference (tested); the two can differ only
-    where candidates lie within float32 round-off of each other. `dtype` float16/bfloat16
-    stores centred rows (see `_centre`) in half precision, half the memory, with float32
-    arithmetic; that rounds the data, so picks can differ from the float32 ones where distances
-    are that close. `chunk_rows` bounds the float32 working blocks.
+    where candidates lie within float32 round-off of each other. `device`: "cpu" (numpy, no
+    torch), "cuda"..., None for CUDA when present (`threeds.selection.arrays`). `dtype`
+    float16/bfloat16 stores centred rows (see `_centre`) in half precision, half the memory,
+    with float32 arithmetic; that rounds the data, so picks can differ from the float32 ones
+    where distances are that close. `chunk_rows` bounds the float32 working blocks.
     """
-    n = len(embeddings)
     initial = _initial_rows(embeddings, initial, k)
-    if n <= k:
-        return np.asarray(initial + sorted(set(range(n)) - set(initial)), dtype=np.int64)
+    k = min(k, len(embeddings))
     if k == 0:
         return np.empty(0, dtype=np.int64)
     greedy = KCenter(embeddings, seed, device, chunk_rows, dtype, initial, capacity=k)
@@ -390,19 +318,18 @@ class KCenter:
     down slices. Arguments as for `k_center_greedy`; `capacity` sizes the centre buffer (it grows)."""
 
     def __init__(
-        self, embeddings: np.ndarray | torch.Tensor, seed: int = 0, device: str | torch.device | None = None,
-        chunk_rows: int | None = None, dtype: torch.dtype | str | None = None, initial: Sequence[int] = (),
-        capacity: int = 64,
+        self, embeddings, seed: int = 0, device=None, chunk_rows: int | None = None, dtype=None,
+        initial: Sequence[int] = (), capacity: int = 64,
     ) -> None:  # fmt: skip
         n = len(embeddings)
         self.n, self.seed, self.initial = n, seed, _initial_rows(embeddings, initial, max(len(initial), 1))
-        device = resolve_device(device)
+        self.ops = ops_for(resolve_device(device), storage_dtype(dtype))
         chunk_rows = chunk_rows or max(1, _CHUNK_BYTES // (4 * embeddings.shape[1]))
-        x, norms = _upload(embeddings, device, _storage_dtype(dtype), chunk_rows)
-        self.state = _LazyFarthest(x, norms, max(capacity, len(self.initial)), chunk_rows)
-        self.first = _first_copies(x, chunk_rows)
+        x, norms = _upload(embeddings, self.ops, chunk_rows)
+        self.state = _LazyFarthest(self.ops, x, norms, max(capacity, len(self.initial)), chunk_rows)
+        self.first = self.ops.first_copies(x, chunk_rows)
         # a later copy of a row ties with it at every step and loses on index: never a candidate
-        self.state.drop(torch.nonzero(self.first != torch.arange(n, device=device))[:, 0])
+        self.state.drop(self.ops.nonzero(self.first != self.ops.arange(0, n)))
         self.picks: list[int] = []
 
     def extend(self, k: int, progress: bool = False) -> np.ndarray:
@@ -412,18 +339,16 @@ class KCenter:
             from tqdm.auto import tqdm
 
             bar = tqdm(desc="k-center", unit="pick", initial=len(self.picks), total=k)
-        precision = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision("highest")  # TF32 would round the dot products
         try:
-            if not self.picks and self.n:
-                self._start()
-            while len(self.picks) < k and self.state.remaining:
-                self.picks.append(self.state.farthest())
-                self.state.add(self.picks[-1])
-                if bar is not None:
-                    bar.update()
+            with self.ops.exact_matmul():
+                if not self.picks and self.n:
+                    self._start()
+                while len(self.picks) < k and self.state.remaining:
+                    self.picks.append(self.state.farthest())
+                    self.state.add(self.picks[-1])
+                    if bar is not None:
+                        bar.update()
         finally:
-            torch.set_float32_matmul_precision(precision)
             if bar is not None:
                 bar.close()
         picks = self.picks[:k]
@@ -437,7 +362,7 @@ class KCenter:
         self.picks = list(self.initial) or [int(np.random.default_rng(self.seed).integers(self.n))]
         for pick in self.picks:
             self.state.add(pick)
-            self.state.drop(self.first[pick].view(1))  # the first copy of a centre is at distance 0
+            self.state.drop(self.ops.indices([int(self.first[pick])]))  # the first copy of a centre is at distance 0
         self.state.refresh_all()
 
 

@@ -19,15 +19,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from threeds.io.array_cache import array_digest, read_cached, write_cached
-from threeds.selection.kcenter import (
-    KCenter,
-    _storage_dtype,
-    k_center_greedy,
-    resolve_device,
-)
+from threeds.selection.arrays import resolve_device, storage_dtype
+from threeds.selection.kcenter import KCenter
 
 PICK_DIR = "pick_orders"
 KEEP_ORDERS = 16  # orders kept per run (the newest): one per band setting tried
@@ -39,19 +34,20 @@ class PickOrder:
 
     def __init__(
         self, embeddings: np.ndarray, seed: int = 0, initial: Sequence[int] = (), run_dir: str | os.PathLike | None = None,
-        device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
+        device=None, dtype=None,
     ) -> None:  # fmt: skip
         self.embeddings, self.seed, self.initial = embeddings, seed, tuple(int(i) for i in initial)
-        self.device, self.dtype = resolve_device(device), _storage_dtype(dtype)
+        self.device, self.dtype = resolve_device(device), storage_dtype(dtype)
         self.run_dir = None if run_dir is None else Path(run_dir)
         self._where: tuple[Path, Path, dict] | None = None
         self._greedy: KCenter | None = None
 
     def picks(self, k: int, progress: bool = False) -> np.ndarray:
-        """Candidate indices picked for `sample_num = k`, in pick order (all if k >= n); k is at
+        """Candidate indices picked for `sample_num = k`, in pick order (all n if k >= n); k is at
         least len(initial)."""
-        if k >= len(self.embeddings):  # every candidate, as the library orders them
-            return k_center_greedy(self.embeddings, k, self.seed, self.device, dtype=self.dtype, initial=self.initial)
+        k = min(k, len(self.embeddings))
+        if k == 0:
+            return np.empty(0, dtype=np.int64)
         if self._greedy is None:
             stored = self._read()
             if len(stored) >= k:
@@ -70,7 +66,7 @@ class PickOrder:
             return self._where
         meta = {
             "embeddings_sha256": array_digest(self.embeddings), "rows": len(self.embeddings), "seed": self.seed,
-            "initial": list(self.initial), "device": self.device.type, "dtype": str(self.dtype).removeprefix("torch."),
+            "initial": list(self.initial), "device": self.device.split(":")[0], "dtype": self.dtype,
         }  # fmt: skip
         name = meta["embeddings_sha256"][:24] + f"-{self.seed}-{len(self.initial)}"
         folder = self.run_dir / PICK_DIR

@@ -1,0 +1,236 @@
+"""The array operations k-center greedy needs, on numpy (the CPU) or torch (a GPU, or bfloat16).
+
+`threeds select` on a CPU runs on numpy, so it never imports torch (seconds of start-up for a
+command that takes a fraction of one); torch is imported only where a GPU could be there or
+bfloat16 storage is asked for. Both backends do the same float32 arithmetic in the same order;
+their matrix products come from different BLAS kernels, so picks can differ only where
+candidates lie within float32 round-off of each other.
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+STORAGE_DTYPES = ("float32", "float16", "bfloat16")
+_NVIDIA_DRIVER = Path("/proc/driver/nvidia/version")
+
+
+def resolve_device(device=None) -> str:
+    """The device as a string ("cpu", "cuda", "cuda:1"): CUDA when present unless told otherwise.
+    torch is asked only where it is loaded already or an NVIDIA driver is."""
+    if device is not None:
+        return str(device)
+    if "torch" not in sys.modules and not _NVIDIA_DRIVER.exists():
+        return "cpu"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def storage_dtype(dtype=None) -> str:
+    """The name of the rows' storage dtype (a name or a torch dtype; None: float32)."""
+    name = "float32" if dtype is None else str(dtype).removeprefix("torch.")
+    if name not in STORAGE_DTYPES:
+        raise ValueError(f"dtype must be one of {list(STORAGE_DTYPES)}, got {dtype!r}")
+    return name
+
+
+def is_tensor(array) -> bool:
+    """A torch tensor (torch is never imported to find out)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(array, torch.Tensor)
+
+
+def ops_for(device: str, dtype: str) -> NumpyOps | TorchOps:
+    """numpy for the CPU (float32 or float16 storage), torch otherwise."""
+    if device == "cpu" and dtype != "bfloat16":
+        return NumpyOps(dtype)
+    return TorchOps(device, dtype)
+
+
+def host_rows(emb, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) as a float32 numpy array, without copying the whole input."""
+    if is_tensor(emb):
+        return emb[start:stop].float().cpu().numpy()
+    return np.ascontiguousarray(emb[start:stop], dtype=np.float32)
+
+
+class NumpyOps:
+    """numpy on the host."""
+
+    def __init__(self, dtype: str) -> None:
+        self.dtype, self.device_kind = np.dtype(dtype), "cpu"
+
+    def empty(self, shape, dtype=np.float32) -> np.ndarray:
+        return np.empty(shape, dtype=dtype)
+
+    def full(self, n: int, value: float) -> np.ndarray:
+        return np.full(n, value, dtype=np.float32)
+
+    def counters(self, n: int) -> np.ndarray:
+        return np.zeros(n, dtype=np.int64)
+
+    def arange(self, start: int, stop: int) -> np.ndarray:
+        return np.arange(start, stop)
+
+    def indices(self, rows: list[int]) -> np.ndarray:
+        return np.asarray(rows, dtype=np.int64)
+
+    def shared(self, emb) -> np.ndarray | None:
+        """The input itself when it is float32 rows that need no copy."""
+        if is_tensor(emb) or emb.dtype != np.float32 or not emb.flags.c_contiguous:
+            return None
+        return emb
+
+    def rows(self, emb, start: int, stop: int) -> np.ndarray:
+        return host_rows(emb, start, stop)
+
+    def f32(self, array: np.ndarray) -> np.ndarray:
+        return array.astype(np.float32, copy=False)
+
+    def nonzero(self, mask: np.ndarray) -> np.ndarray:
+        return np.flatnonzero(mask)
+
+    def largest(self, values: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
+        """The m largest values, largest first, and their indices."""
+        top = np.argpartition(values, len(values) - m)[len(values) - m :]
+        top = top[np.argsort(-values[top], kind="stable")]
+        return values[top], top
+
+    def rowmin(self, array: np.ndarray) -> np.ndarray:
+        return array.min(1)
+
+    def clamp_and_hide(self, dist: np.ndarray, hidden: np.ndarray) -> None:
+        """In place: negative round-off to 0, `hidden` entries to infinity."""
+        np.maximum(dist, 0.0, out=dist)
+        np.putmask(dist, hidden, np.inf)
+
+    def all_finite(self, array: np.ndarray) -> bool:
+        return bool(np.isfinite(array).all())
+
+    minimum = staticmethod(np.minimum)
+    concat = staticmethod(np.concatenate)
+
+    def first_copies(self, x: np.ndarray, chunk_rows: int) -> np.ndarray:
+        """For every row, the lowest index of a row with the same values (itself if none earlier)."""
+        rows = np.ascontiguousarray(x + x.dtype.type(0))  # -0.0 and 0.0 are the same point
+        keys = rows.view(np.dtype((np.void, rows.dtype.itemsize * rows.shape[1]))).ravel()
+        _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)  # first occurrences
+        return first[inverse.ravel()].astype(np.int64)
+
+    @contextmanager
+    def exact_matmul(self):
+        yield
+
+
+class TorchOps:
+    """torch on `device` (imported here, not before)."""
+
+    def __init__(self, device: str, dtype: str) -> None:
+        import torch
+
+        self.torch, self.device = torch, torch.device(device)
+        self.dtype, self.device_kind = getattr(torch, dtype), self.device.type
+
+    def empty(self, shape, dtype=None):
+        return self.torch.empty(shape, dtype=dtype or self.torch.float32, device=self.device)
+
+    def full(self, n: int, value: float):
+        return self.torch.full((n,), value, dtype=self.torch.float32, device=self.device)
+
+    def counters(self, n: int):
+        return self.torch.zeros(n, dtype=self.torch.int64, device=self.device)
+
+    def arange(self, start: int, stop: int):
+        return self.torch.arange(start, stop, device=self.device)
+
+    def indices(self, rows: list[int]):
+        return self.torch.tensor(rows, dtype=self.torch.int64, device=self.device)
+
+    def shared(self, emb):
+        """The input itself when it is float32 rows on this device that need no copy."""
+        torch = self.torch
+        if isinstance(emb, torch.Tensor):
+            ok = emb.device == torch.empty(0, device=self.device).device and emb.dtype == torch.float32
+            return emb if ok and emb.is_contiguous() else None
+        if self.device.type == "cpu" and emb.dtype == np.float32 and emb.flags.c_contiguous and emb.flags.writeable:
+            return torch.from_numpy(emb)
+        return None
+
+    def rows(self, emb, start: int, stop: int):
+        if isinstance(emb, self.torch.Tensor):
+            return emb[start:stop].to(self.device, self.torch.float32)
+        rows = host_rows(emb, start, stop)
+        if not rows.flags.writeable:  # e.g. a read-only memmap; torch wants writable memory
+            rows = rows.copy()
+        return self.torch.from_numpy(rows).to(self.device)
+
+    def f32(self, array):
+        return array.to(self.torch.float32)
+
+    def nonzero(self, mask):
+        return self.torch.nonzero(mask)[:, 0]
+
+    def largest(self, values, m: int):
+        return self.torch.topk(values, m, sorted=True)
+
+    def rowmin(self, array):
+        return array.amin(1)
+
+    def clamp_and_hide(self, dist, hidden) -> None:
+        dist.clamp_min_(0.0).masked_fill_(hidden, float("inf"))
+
+    def all_finite(self, array) -> bool:
+        return bool(self.torch.isfinite(array).all())
+
+    def minimum(self, a, b):
+        return self.torch.minimum(a, b)
+
+    def concat(self, arrays):
+        return self.torch.cat(arrays)
+
+    def first_copies(self, x, chunk_rows: int):
+        return _first_copies(self.torch, x, chunk_rows)
+
+    @contextmanager
+    def exact_matmul(self):
+        """TF32 would round the dot products."""
+        precision = self.torch.get_float32_matmul_precision()
+        self.torch.set_float32_matmul_precision("highest")
+        try:
+            yield
+        finally:
+            self.torch.set_float32_matmul_precision(precision)
+
+
+def _first_copies(torch, x, chunk_rows: int):
+    """`NumpyOps.first_copies` on the device: rows are hashed by their bits with integer arithmetic
+    (exact and order-free, so equal rows hash equally wherever they sit), hash collisions are ruled
+    out by comparing the rows, and a stable sort groups them."""
+    n, dim = x.shape
+    bits_dtype = torch.int32 if x.element_size() == 4 else torch.int16
+    span = 2 ** (62 - 8 * x.element_size() - max(1, dim - 1).bit_length())  # no int64 overflow
+    gen = torch.Generator().manual_seed(0)
+    weights = torch.randint(-span, span, (dim,), generator=gen, dtype=torch.int64).to(x.device)
+    hashes = torch.empty(n, dtype=torch.int64, device=x.device)
+    step = max(1, chunk_rows // 4)  # two int64 temporaries per value: about the float32 chunk's bytes
+    for s in range(0, n, step):
+        rows = x[s : s + step] + 0.0  # -0.0 and 0.0 are the same point
+        hashes[s : s + step] = (rows.view(bits_dtype).to(torch.int64) * weights).sum(1)
+    ordered, order = torch.sort(hashes, stable=True)
+    starts = torch.ones(n, dtype=torch.bool, device=x.device)
+    starts[1:] = ordered[1:] != ordered[:-1]
+    position = torch.arange(n, device=x.device)
+    run_start = torch.cummax(torch.where(starts, position, 0), 0).values
+    first = torch.empty_like(order)
+    first[order] = order[run_start]
+    copies = torch.nonzero(first != position)[:, 0]
+    for s in range(0, len(copies), chunk_rows):
+        c = copies[s : s + chunk_rows]
+        same = (x.index_select(0, c) == x.index_select(0, first[c])).all(1)
+        first[c] = torch.where(same, first[c], c)
+    return first
