@@ -53,6 +53,16 @@ def test_lexical_spans_match_spacy_token_attributes(lang):
     assert FunctionWords("lexical", lang).spans(text) == expected
 
 
+@pytest.mark.parametrize("lang", ["en", "zh"])
+def test_punct_mode_marks_punctuation_only(lang):
+    text = {"en": "However, it's what we do next -- isn't it?", "zh": "如果血压很高，那么就应该及时去医院。"}[lang]
+    expected = [(t.idx, t.idx + len(t)) for t in fwm._load_blank(lang)(text) if t.is_punct]
+    fw = FunctionWords("punct", lang)
+    assert fw.spans(text) == expected and len(expected) >= 2
+    assert all(not text[s:e].isalnum() for s, e in expected)
+    assert fw.describe() == f"punct (spacy blank {lang} punctuation)"
+
+
 def test_flags_align_tokens_by_character_offsets():
     fw = FunctionWords("lexical", "en")
     offsets = [

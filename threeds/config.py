@@ -212,8 +212,9 @@ class ScoreConfig:
     function_words: str = setting(
         "auto", "drop function words from the weighted losses: pos = spaCy POS tags (PART, DET, PUNCT, CCONJ, ADP, "
         "SCONJ, INTJ; needs a trained pipeline, or jieba tags for Chinese), lexical = spaCy blank pipeline stop "
-        "words + punctuation, none = keep all tokens, auto = pos where available else lexical",
-        choices=("auto", "pos", "lexical", "none"),
+        "words + punctuation, punct = punctuation only (nearest to the authors' scripts on English byte-level BPE "
+        "tokenizers, see docs/SPEC-3DS.md), none = keep all tokens, auto = pos where available else lexical",
+        choices=("auto", "pos", "lexical", "punct", "none"),
     )  # fmt: skip
     batch_tokens: int = setting(16384, "token budget of one forward batch (batch size x longest sequence); larger is "
                                 "faster until memory runs out; results do not depend on it (default: 16384)", low=1)  # fmt: skip

@@ -7,6 +7,8 @@ signal comes from content words. Which words count depends on what is installed:
   (the paper used `zh_core_web_sm`). For Chinese without one, jieba.posseg tags mapped to the same
   classes; for English without one this is an error (there is no honest substitute).
 - `lexical`: spaCy's blank pipeline for the language; stop words and punctuation.
+- `punct`: punctuation only (spaCy's blank pipeline): on English byte-level BPE, the nearest to
+  what the authors' token-string match drops in effect (docs/SPEC-3DS.md).
 - `none`: no filter.
 - `auto`: `pos` where a trained pipeline for the language is installed, else `lexical`.
 
@@ -30,7 +32,7 @@ Span = tuple[int, int]
 SpansFn = Callable[[list[str]], list[list[Span]]]
 
 FUNCTION_POS = frozenset({"PART", "DET", "PUNCT", "CCONJ", "ADP", "SCONJ", "INTJ"})
-MODES = ("auto", "pos", "lexical", "none")
+MODES = ("auto", "pos", "lexical", "punct", "none")
 LANGS = ("en", "zh")
 TRAINED_PIPELINES = {
     "en": ("en_core_web_sm", "en_core_web_md", "en_core_web_lg", "en_core_web_trf"),
@@ -133,8 +135,8 @@ def _plan(mode: str, lang: str) -> tuple[str, str | None]:
     """(backend kind, trained pipeline name or None) for one language."""
     if mode == "none":
         return "none", None
-    if mode == "lexical":
-        return "lexical", None
+    if mode in ("lexical", "punct"):
+        return mode, None
     trained = installed_pipeline(lang)
     if trained is not None:
         return "pos", trained
@@ -158,6 +160,8 @@ def _label(plan: tuple[str, str | None], lang: str) -> str:
     if kind == "lexical":
         segmenter = ", jieba segmenter" if lang == "zh" else ""
         return f"lexical (spacy blank {lang}{segmenter})"
+    if kind == "punct":
+        return f"punct (spacy blank {lang} punctuation)"
     return "none"
 
 
@@ -172,6 +176,8 @@ def _spans_fn(kind: str, name: str | None, lang: str) -> SpansFn:
         return _spacy_spans(_load_trained(name), [POS], lambda a: np.isin(a[:, 0], pos_ids))
     if kind == "lexical":
         return _spacy_spans(_load_blank(lang), [IS_STOP, IS_PUNCT], lambda a: a.any(axis=1))
+    if kind == "punct":
+        return _spacy_spans(_load_blank(lang), [IS_PUNCT], lambda a: a[:, 0] != 0)
     if kind == "jieba-pos":
         return _jieba_pos_spans()
     raise ValueError(f"unknown function-word backend {kind!r}")
