@@ -8,7 +8,7 @@ the same responses, with the same word list: for "authors", the surface forms of
 threeds's own filter marks in those responses (lexical: spaCy's blank pipeline, stop words and
 punctuation; pos: the Chinese POS filter, jieba.posseg mapped to UD classes), matched exactly
 against `tokenizer.convert_ids_to_tokens`. `punct` is threeds's span matching limited to
-punctuation. English POS needs a trained spaCy pipeline (en_core_web_sm), which is not installed
+punctuation (`--function-words punct`). English POS needs a trained spaCy pipeline (en_core_web_sm), which is not installed
 here, so it is left out.
 
 Losses and attention weights do not depend on the filter, so every token is scored once and each
@@ -94,18 +94,6 @@ def span_flags(fw: FunctionWords, records: list[dict], tokens: pd.DataFrame) -> 
     return [np.asarray(f, dtype=bool) for f in fw.flags(texts, offsets)], words
 
 
-def punct_flags(lang: str, records: list[dict], tokens: pd.DataFrame) -> list[np.ndarray]:
-    """Span matching limited to punctuation (spaCy's blank pipeline, is_punct)."""
-    from spacy.attrs import IS_PUNCT
-
-    from threeds.model import function_words as fwm
-
-    fw = FunctionWords("lexical", lang)
-    spans_fn = fwm._spacy_spans(fwm._load_blank(lang), [IS_PUNCT], lambda a: a[:, 0].astype(bool))
-    fw._spans_batch = lambda texts: spans_fn(texts)  # type: ignore[method-assign]
-    return span_flags(fw, records, tokens)[0]
-
-
 def selection(metrics: pd.DataFrame, tokens: pd.DataFrame, flags: list[np.ndarray], embeddings: np.ndarray,
               config: dict) -> tuple[set[str], set[str]]:  # fmt: skip
     """(band survivors, picks) with the weighted losses recomputed keeping the unflagged tokens."""
@@ -136,12 +124,12 @@ def compare(name: str, lang: str, records, metrics, tokens, embeddings, config, 
     strings = token_strings(tokenizer, eot, records, tokens)
     flags = {"none": [np.zeros(len(s), dtype=bool) for s in strings]}
     lists = {}
-    for mode in ("lexical", "pos"):
+    for mode in ("lexical", "pos", "punct"):
         try:
             flags[mode], lists[mode] = span_flags(FunctionWords(mode, lang), records, tokens)
         except FunctionWordsError:
             pass  # English POS: no trained spaCy pipeline installed
-    flags["punct"] = punct_flags(lang, records, tokens)
+    del lists["punct"]
     for mode, words in lists.items():
         flags[f"authors ({mode} list)"] = [np.array([t in words for t in s], dtype=bool) for s in strings]
     shares = {mode: sum(int((f & t).sum()) for f, t in zip(fl, in_text)) / sum(int(t.sum()) for t in in_text)
