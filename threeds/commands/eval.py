@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 from threeds.config import EvalConfig, ModelConfig, add_arguments, from_args
-from threeds.outcomes.evaluate import evaluate
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -27,6 +26,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from threeds.outcomes.evaluate import evaluate  # torch and transformers: not for `threeds --help`
+
     config, model = from_args(EvalConfig, args), from_args(ModelConfig, args)
     summary = evaluate(
         model.model, config.bench, args.out, adapter=config.adapter, limit=config.limit, shots=config.shots,
