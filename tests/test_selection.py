@@ -271,7 +271,8 @@ def test_flag_rule_drops_before_the_bands_hand_checked():
     config = SelectConfig(sample_num=10, exclude_flags=("repeats",))
     chosen = apply(config, metrics, emb, ratings, flags)
     # the pool is a-d (values 1..4): 25th/75th percentiles 1.75 and 3.25, so b and c are inside
-    assert chosen.picked_ids == ["b", "c"]  # fewer candidates than sample_num: all, in row order
+    # fewer candidates than sample_num: all, in pick order (first centre default_rng(0).integers(2) = 1: c)
+    assert chosen.picked_ids == ["c", "b"]
     assert chosen.funnel == {"rated": 5, "kept by quality": None, "scored": 5, "A' not flagged": 4, "in all bands": 2, "picked": 2}
     assert chosen.reason[4].startswith("A' repeats itself; ") and chosen.verdict[4] == "dropped"
     assert chosen.report["n_total"] == 4 and chosen.report["metrics"]["ins_ppl"]["lo"] == 1.75
