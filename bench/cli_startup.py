@@ -31,8 +31,8 @@ def commands(run: Path, out: Path) -> dict[str, list[str]]:
 
 def timed(tree: Path, args: list[str]) -> float:
     env = {**os.environ, "PYTHONPATH": str(tree.resolve())}
-    started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "threeds", *args], env=env, check=True, capture_output=True)
+    started = time.perf_counter()  # cwd: the tree, as `-m` puts the working directory first on the path
+    subprocess.run([sys.executable, "-m", "threeds", *args], env=env, cwd=tree, check=True, capture_output=True)
     return time.perf_counter() - started
 
 
@@ -45,7 +45,7 @@ def main() -> None:
     trees = dict(item.split("=", 1) for item in args.tree)
     with tempfile.TemporaryDirectory() as tmp:
         times: dict[tuple[str, str], list[float]] = {}
-        for name, argv in commands(Path(tmp) / "run", Path(tmp) / "sel.json").items():
+        for name, argv in commands((Path(tmp) / "run").resolve(), (Path(tmp) / "sel.json").resolve()).items():
             for _ in range(args.repeat):
                 for tree, path in trees.items():
                     shutil.rmtree(Path(tmp) / "run", ignore_errors=True)
