@@ -10,7 +10,6 @@ from pathlib import Path
 from threeds.config import ExperimentConfig, TrainConfig, add_arguments, from_args
 from threeds.errors import INTERRUPTED, describe
 from threeds.io.lock import locked
-from threeds.outcomes.experiment import experiment_dir, run_experiment
 from threeds.rundir.progress import write_status
 
 log = logging.getLogger(__name__)
@@ -40,6 +39,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from threeds.outcomes.experiment import experiment_dir, run_experiment  # torch: not for `threeds --help`
+
     config, train = from_args(ExperimentConfig, args), from_args(TrainConfig, args)
     exp = experiment_dir(args.run, config.name)
     with locked(exp):  # status.json is the experiment's own: only its one writer records it

@@ -10,10 +10,7 @@ from pathlib import Path
 from threeds.config import ModelConfig, TrainConfig, add_arguments, from_args
 from threeds.errors import ThreedsError
 from threeds.io.lock import locked
-from threeds.model.load import load_model, model_label, resolve_model
-from threeds.model.prompts import prompt_format
 from threeds.outcomes.arms import Arm, ArmSource
-from threeds.outcomes.train import train_lora, write_llamafactory
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +63,11 @@ def read_ids(path: Path) -> list[str]:
 
 
 def main(args: argparse.Namespace) -> int:
+    # torch and transformers only when it trains: `threeds --help` starts without them
+    from threeds.model.load import load_model, model_label, resolve_model
+    from threeds.model.prompts import prompt_format
+    from threeds.outcomes.train import train_lora, write_llamafactory
+
     config = from_args(TrainConfig, args)
     source = ArmSource(args.run)
     if args.ids is not None:
