@@ -350,8 +350,8 @@ CASES = [
     Case("data.jsonl out of order", _data_out_of_order, BAD_INPUT),
     Case("tokens of an unknown id", _stray_token_ids, BAD_INPUT),
     Case("metrics column missing", _missing_metric_column, BAD_INPUT),
-    Case("--out is a directory", _out_is_a_directory, IO_ERROR, writes=("run/selection.json",)),
-    Case("--out under a file", _out_under_a_file, IO_ERROR, writes=("run/selection.json",)),
+    Case("--out is a directory", _out_is_a_directory, IO_ERROR),  # checked first: the run is left as it was
+    Case("--out under a file", _out_under_a_file, IO_ERROR),
     Case("band out of order", _bad_band, USAGE),
     Case("manifest of the wrong shape", _manifest_wrong_shape, BAD_INPUT),
     Case("manifest section of the wrong shape", _manifest_section_wrong_shape, BAD_INPUT),
@@ -578,3 +578,56 @@ def test_the_app_loads_a_run_whose_data_links_to_a_device_at_once(tmp_path):
     loaded = load_run(run)
     assert time.monotonic() - started < 10 and resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # kB
     assert any("not a regular file (a character device)" in message for message in loaded.errors.values()), loaded.errors
+
+
+# ------------------------------------------------------------------------------------- files
+
+
+def test_a_refused_out_names_the_target_and_leaves_the_run_untouched(tmp_path, monkeypatch, caplog):
+    """A read-only --out folder (simulated: the tests may run as root, whom chmod does not stop)."""
+    from threeds.cli import main
+    from threeds.io import atomic
+
+    run = scored_run(tmp_path)
+    main(select(run, tmp_path / "first.json"))  # a selection.json to keep
+    (tmp_path / "ro").mkdir()
+    before = snapshot(tmp_path)
+    real = atomic.tempfile.mkstemp
+
+    def refuse(dir=None, prefix="", suffix=""):
+        if Path(dir) == tmp_path / "ro":
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(Path(dir) / f"{prefix}x1y2{suffix}"))
+        return real(dir=dir, prefix=prefix, suffix=suffix)
+
+    monkeypatch.setattr(atomic.tempfile, "mkstemp", refuse)
+    caplog.clear()
+    assert main(select(run, tmp_path / "ro" / "o.json", "--sample-num", "3")) == IO_ERROR
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [f"{tmp_path / 'ro' / 'o.json'}: permission denied"]
+    assert {k: v for k, v in snapshot(tmp_path).items() if not k.endswith(".lock")} == {
+        k: v for k, v in before.items() if not k.endswith(".lock")}  # selection.json as it was
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])
+def test_written_files_follow_the_umask(tmp_path, umask, mode):
+    from threeds.io.data import write_json
+
+    old = os.umask(umask)
+    try:
+        write_json(tmp_path / "a.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == mode
+
+
+def test_a_full_disk_while_appending_a_log_names_the_log(tmp_path, monkeypatch):
+    from threeds.errors import describe
+    from threeds.io import data
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(data.os, "fsync", full)
+    with pytest.raises(OSError) as caught:
+        data.append_jsonl(tmp_path / "generations.jsonl", [{"id": "a"}])
+    assert describe(caught.value) == (f"{tmp_path / 'generations.jsonl'}: disk full; free some space and run the same "
+                                      "command again", IO_ERROR)  # fmt: skip

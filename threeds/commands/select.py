@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 from threeds.errors import RECORDS_FAILED
+from threeds.io.atomic import check_writable
 from threeds.io.data import write_json
 from threeds.selection.apply import (
     add_select_flags,
@@ -37,6 +38,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def main(args: argparse.Namespace) -> int:
     config = config_from_args(args, args.run)
+    check_writable(args.out)  # before selection.json is replaced: a bad --out leaves the run as it was
     result = select_dir(args.run, config)
     records = selected_records(args.run, result["selected_ids"])
     write_json(args.out, records)

@@ -13,23 +13,57 @@ from typing import IO, Any
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[Any]], object], mode: str = "wb") -> None:
-    """Call `write(file)` on a temporary file opened with `mode` ("wb" or "w"), then rename it to `path`."""
+    """Call `write(file)` on a temporary file opened with `mode` ("wb" or "w"), then rename it to `path`.
+    The file gets the mode a plain open() would (0644 under umask 022), and an OS error names `path`,
+    never the temporary file."""
     path = Path(path)
     if path.is_dir():  # else os.replace would name the temporary file in its error
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
     make_parent(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes it 0600: a trainer on a shared cache could not read it
         with os.fdopen(fd, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.filename is None:  # e.g. ENOSPC from write or fsync: name the file
-            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename in (None, tmp):  # ENOSPC from write or fsync, EACCES from mkstemp
+            raise type(exc)(exc.errno, exc.strerror, str(path)) from exc
         raise
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (/proc), else set and restored."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def check_writable(path: str | os.PathLike) -> None:
+    """Fail now, naming `path`, if a file could not be written there (a directory in the way, a
+    read-only or full folder): for a command whose output comes after other work it must not redo
+    or leave half done."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+    make_parent(path)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise type(exc)(exc.errno, exc.strerror, str(path)) from exc
+    os.close(fd)
+    os.unlink(tmp)
 
 
 def remove_temps(folder: str | os.PathLike, names: tuple[str, ...] | None = None) -> list[Path]:

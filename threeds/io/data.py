@@ -619,11 +619,16 @@ def append_jsonl(path: PathLike, rows: Iterable[Any]) -> int:
     path = Path(path)
     make_parent(path)
     text = "".join(_dumps_line(row) for row in rows)
-    _drop_partial_tail(path)
-    with path.open("a", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        _drop_partial_tail(path)
+        with path.open("a", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        if exc.filename is None:  # ENOSPC from write or fsync names no file: name the log
+            raise type(exc)(exc.errno, exc.strerror, str(path)) from exc
+        raise
     return text.count("\n")
 
 
