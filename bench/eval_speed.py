@@ -36,8 +36,8 @@ from threeds.model.decode import shared_prefix
 from threeds.model.load import load_model
 from threeds.model.prompts import prompt_format
 from threeds.outcomes.benchsets import load_bench
-from threeds.outcomes.evaluate import encode, evaluate, render, shots_for
-from threeds.outcomes.loglik import MIN_PREFIX, choice_logprobs, pack
+from threeds.outcomes.evaluate import _prefix_groups, encode, evaluate, render, shots_for
+from threeds.outcomes.loglik import MIN_PREFIX, batches, choice_logprobs, pack
 
 PATHS = {"harness": (False, None), "packed": (True, None), "threeds": (True, MIN_PREFIX)}
 
@@ -48,10 +48,29 @@ def requests_for(tokenizer, bench_name: str, limit: int, shots: int, fmt: str):
     return [encode(tokenizer, *render(item, fmt, shots_for(item, bench.dev, shots), chat), fmt) for item in bench.items]
 
 
-def tokens_fed(model, requests, share: bool, min_prefix: int | None) -> int:
+def tokens_fed(model, requests, share: bool, min_prefix: int | None, padded: bool = False) -> int:
+    """Tokens through the model: the shared start once, then every row (with padding: as batched)."""
     prefix = shared_prefix(model, [r.prompt for r in requests], min_prefix) if min_prefix is not None else None
     start = prefix.length if prefix is not None else 0
-    return start + sum(len(row.ids) for row in pack(requests, share, start))
+    rows = pack(requests, share, start)
+    if not padded:
+        return start + sum(len(row.ids) for row in rows)
+    return start + sum(len(b) * len(rows[b[0]].ids) for b in batches(rows, 32, 8192))
+
+
+def work_table(model, tokenizer) -> str:
+    """Tokens each path computes (padding included) on the whole bundled sets, grouped as
+    `threeds eval` groups them (per subject with K-shot examples): no timing, no noise."""
+    lines = ["| set | items | harness | packed | threeds | harness / threeds |", "|---|---|---|---|---|---|"]
+    for bench, shots in (("mmlu-medical", 0), ("mmlu-medical", 5), ("pubmedqa", 0)):
+        items = load_bench(bench).items
+        requests = requests_for(tokenizer, bench, None, shots, "chat")
+        groups = [[requests[i] for i in g] for g in _prefix_groups(items, shots)]
+        with torch.inference_mode():
+            fed = {name: sum(tokens_fed(model, g, *PATHS[name], padded=True) for g in groups) for name in PATHS}
+        lines.append(f"| {bench}, {shots}-shot, chat | {len(items):,} | {fed['harness']:,} | {fed['packed']:,} | "
+                     f"{fed['threeds']:,} | {fed['harness'] / fed['threeds']:.1f}x |")  # fmt: skip
+    return "\n".join(lines)
 
 
 def time_path(model, requests, name: str, batch_size: int, batch_tokens: int) -> dict:
@@ -93,10 +112,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--batch-tokens", type=int, default=8192)
     parser.add_argument("--end-to-end", action="store_true", help="also time evaluate() as `threeds eval` runs it")
+    parser.add_argument("--work", action="store_true", help="only count the tokens each path computes on the whole sets")
     parser.add_argument("--out", type=Path, help="also write the table here")
     args = parser.parse_args()
     load_before = os.getloadavg()[0]
     model, tokenizer = load_model()
+    if args.work:
+        print(work_table(model, tokenizer))
+        return
     requests = requests_for(tokenizer, args.bench, args.limit, args.shots, args.format)
     rows = [time_path(model, requests, name, args.batch_size, args.batch_tokens) for name in args.paths.split(",")]
     header = (f"{args.bench}, {len(requests)} items (--limit {args.limit}), {args.shots}-shot, {args.format} prompts, "
