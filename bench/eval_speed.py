@@ -11,11 +11,14 @@ and tokenized as `threeds eval` does, scored by `threeds.outcomes.loglik.choice_
     prompt; K-shot examples) computed once, its cache shared by every row.
 
 The model is loaded once (float32, as threeds loads it on a CPU); load time is excluded from these
-rows. Tokens fed = tokens that go through the model. `--end-to-end` also times `evaluate()` as
+rows. The items are split into `--rounds` interleaved parts; each part is scored by every path in
+turn, the order rotating, and the times are summed, so that on a shared machine every path meets
+the same mix of load. Tokens fed = tokens that go through the model. `--end-to-end` also times `evaluate()` as
 `threeds eval --limit N` runs it (model load, files) in the same process. Each path's log-probs
 are compared with the harness's (largest absolute difference, and whether any prediction changed).
 
-    python bench/eval_speed.py --limit 200 --end-to-end --out bench/results/eval_speed.md
+    python bench/eval_speed.py --limit 100 --rounds 5 --out bench/results/eval_speed.md
+    python bench/eval_speed.py --work     # tokens each path computes on the whole sets
 """
 
 from __future__ import annotations
@@ -36,7 +39,13 @@ from threeds.model.decode import shared_prefix
 from threeds.model.load import load_model
 from threeds.model.prompts import prompt_format
 from threeds.outcomes.benchsets import load_bench
-from threeds.outcomes.evaluate import _prefix_groups, encode, evaluate, render, shots_for
+from threeds.outcomes.evaluate import (
+    _prefix_groups,
+    encode,
+    evaluate,
+    render,
+    shots_for,
+)
 from threeds.outcomes.loglik import MIN_PREFIX, batches, choice_logprobs, pack
 
 PATHS = {"harness": (False, None), "packed": (True, None), "threeds": (True, MIN_PREFIX)}
@@ -86,6 +95,23 @@ def time_path(model, requests, name: str, batch_size: int, batch_tokens: int) ->
     return row
 
 
+def timed_rounds(model, requests, names: list[str], rounds: int, batch_size: int, batch_tokens: int) -> list[dict]:
+    """Every path on every round's items (every `rounds`-th item), the paths' order rotating from one
+    round to the next, the times summed: on a shared machine each path meets the same mix of load."""
+    totals = {name: {"path": name, "wall": 0.0, "cpu": 0.0, "fed": 0, "logprobs": [None] * len(requests)} for name in names}
+    for k in range(rounds):
+        part = list(range(k, len(requests), rounds))
+        for name in names[k % len(names):] + names[: k % len(names)]:
+            row = time_path(model, [requests[i] for i in part], name, batch_size, batch_tokens)
+            total = totals[name]
+            total["wall"] += row["wall"]
+            total["cpu"] += row["cpu"]
+            total["fed"] += row["fed"]
+            for i, lps in zip(part, row["logprobs"]):
+                total["logprobs"][i] = lps
+    return [totals[name] for name in names]
+
+
 def table(rows: list[dict], n: int, header: str) -> str:
     base = next(r for r in rows if r["path"] == "harness")
     lines = [header, "", ("| path | wall s | CPU s | items/s | tokens fed | speed-up vs harness (wall) | (CPU) | "
@@ -109,6 +135,7 @@ def main() -> None:
     parser.add_argument("--shots", type=int, default=0)
     parser.add_argument("--format", default="chat", choices=("chat", "plain"))
     parser.add_argument("--paths", default="threeds,harness,packed", help="comma-separated, in the order run")
+    parser.add_argument("--rounds", type=int, default=5, help="items split into this many interleaved rounds")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--batch-tokens", type=int, default=8192)
     parser.add_argument("--end-to-end", action="store_true", help="also time evaluate() as `threeds eval` runs it")
@@ -121,10 +148,11 @@ def main() -> None:
         print(work_table(model, tokenizer))
         return
     requests = requests_for(tokenizer, args.bench, args.limit, args.shots, args.format)
-    rows = [time_path(model, requests, name, args.batch_size, args.batch_tokens) for name in args.paths.split(",")]
+    rows = timed_rounds(model, requests, args.paths.split(","), args.rounds, args.batch_size, args.batch_tokens)
     header = (f"{args.bench}, {len(requests)} items (--limit {args.limit}), {args.shots}-shot, {args.format} prompts, "
               f"embedded SmolLM2-135M-Instruct float32, torch threads {torch.get_num_threads()}, load average "
               f"{load_before:.1f} before / {os.getloadavg()[0]:.1f} after")  # fmt: skip
+    header += f", {args.rounds} interleaved rounds"
     text = table(rows, len(requests), header)
     if args.end_to_end:
         with tempfile.TemporaryDirectory() as tmp:

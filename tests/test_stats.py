@@ -116,5 +116,7 @@ def test_items_are_matched_by_id():
     assert out["n_items"] == 3 and out["arms"]["arm"]["delta"] == pytest.approx(-1 / 3)
     with pytest.raises(ValueError, match="baseline arm 'x'"):
         summarize({"base": [base]}, "x")
+    with pytest.raises(ValueError, match="arm 'arm' has no evaluation"):
+        summarize({"base": [base], "arm": []}, "base")
     with pytest.raises(ValueError, match="share no evaluated item"):
         summarize({"base": [base], "arm": [rows([1], prefix="z")]}, "base")

@@ -26,7 +26,8 @@ from transformers import DynamicCache
 
 from threeds.model.decode import Prefix, shared_prefix
 
-PAD_SLACK = 1.1  # a batch computes at most this many tokens per token of its rows
+PAD_SLACK = 1.25  # past FILL_TOKENS, a batch computes at most this many tokens per token of its rows
+FILL_TOKENS = 2048
 HEAD_CHUNK = 1024  # positions per output-layer call: [1024, vocab] float32 logits at a time (600 MiB at 150k)
 MIN_PREFIX = 16  # tokens; a shorter common start is recomputed per row (it costs less than the cache copy)
 
@@ -84,16 +85,19 @@ def _pack_one(r: int, req: Request, chosen: list[int], start: int) -> _Packed:
 
 
 def batches(rows: Sequence[_Packed], batch_size: int, batch_tokens: int) -> list[list[int]]:
-    """Row indices per forward, longest first: a batch grows while it has at most `batch_size` rows,
-    rows x its longest row stays within `batch_tokens` (a single row may exceed it) and within
-    `PAD_SLACK` times its rows' own tokens (padding is computed like any token)."""
+    """Row indices per forward, longest first: a batch grows while it has at most `batch_size` rows
+    and rows x its longest row stays within `batch_tokens` (a single row may exceed it); past
+    `FILL_TOKENS` computed tokens, only while they stay within `PAD_SLACK` times its rows' own
+    (padding is computed like any token, but on a CPU a forward of a few hundred tokens costs
+    several times more per token than one of a thousand)."""
     out: list[list[int]] = []
     own = 0
     for i in sorted(range(len(rows)), key=lambda i: -len(rows[i].ids)):
         n = len(rows[i].ids)
         if out:
             grown = (len(out[-1]) + 1) * len(rows[out[-1][0]].ids)
-            if len(out[-1]) < batch_size and grown <= batch_tokens and grown <= PAD_SLACK * (own + n):
+            fits = len(out[-1]) < batch_size and grown <= batch_tokens
+            if fits and (grown <= FILL_TOKENS or grown <= PAD_SLACK * (own + n)):
                 out[-1].append(i)
                 own += n
                 continue

@@ -42,6 +42,9 @@ def summarize(evals: dict[str, list[list[dict]]], baseline: str, *, n_boot: int 
     """The experiment's comparison table (module docstring), as summary.json holds it."""
     if baseline not in evals:
         raise ValueError(f"baseline arm {baseline!r} is not among the arms {sorted(evals)}")
+    empty = [arm for arm, runs in evals.items() if not runs]
+    if empty:
+        raise ValueError(f"arm {empty[0]!r} has no evaluation")
     ids = common_ids(evals)
     if not ids:
         raise ValueError("the arms share no evaluated item")
