@@ -12,7 +12,8 @@ every prompt (the chat template's system prompt, K-shot examples) is computed on
 key/value cache is shared by every row (`threeds.model.decode.shared_prefix`).
 
 Only the hidden states that predict a choice token go through the output layer (the vocabulary
-projection is as costly as the rest of a 135M model per token), and only their log-softmax is kept.
+projection is a fifth of SmolLM2-135M's multiply-adds per token, a quarter of Qwen2.5-0.5B's), in
+chunks, and only the gold token's log-softmax is kept.
 """
 
 from __future__ import annotations
