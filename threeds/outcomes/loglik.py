@@ -13,7 +13,7 @@ key/value cache is shared by every row (`threeds.model.decode.shared_prefix`).
 
 Only the hidden states that predict a choice token go through the output layer (the vocabulary
 projection is a fifth of SmolLM2-135M's multiply-adds per token, a quarter of Qwen2.5-0.5B's), in
-chunks, and only the gold token's log-softmax is kept.
+chunks, and only the log-probability of each choice's own next token is kept.
 """
 
 from __future__ import annotations
