@@ -125,6 +125,23 @@ def test_local_backend_stops_at_end_of_turn_and_reports_every_reply(tiny_model_d
     assert "<|im_end|>" not in "".join(r.text for r in replies)
 
 
+def test_a_prompt_past_the_context_fails_alone_and_max_new_tokens_is_capped(tiny_model_dir, caplog):
+    """A prompt longer than the model's context would stall every short one decoded beside it: it
+    fails at once with the reason; the others are answered. --max-new-tokens past the context is
+    capped, with one warning."""
+    backend = LocalBackend(str(tiny_model_dir), batch_size=2)
+    model, _ = backend.load()
+    model.config.max_position_embeddings = 48
+    seen = []
+    replies = backend.chat(["short", "word " * 200, "mid length"], 10**9, lambda i, r: seen.append(i))
+    assert seen[0] == 1 and sorted(seen) == [0, 1, 2]  # the rejection is reported first, before any decoding
+    assert replies[1].text is None and replies[1].error.startswith("the prompt has ")
+    assert "more than the model's context of 48: shorten the record" in replies[1].error
+    assert all(r.error is None and isinstance(r.text, str) for r in (replies[0], replies[2]))  # ended: 48 new tokens at most
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == ["--max-new-tokens 1000000000 is more than the model's context of 48 tokens: capped at 48"]
+
+
 def test_local_backend_dtype_loads_and_keys_the_log(tiny_model_dir):
     """--dtype reaches the loaded model and the log key; the default key is the one logs had
     before the flag, so they still resume."""

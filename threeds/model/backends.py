@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import random
 import time
@@ -20,6 +21,7 @@ from typing import Protocol, TypeVar
 from threeds.errors import ServerDownError, ThreedsError
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 API_KEY_ENV = ("THREEDS_API_KEY", "OPENAI_API_KEY")
 RETRYABLE_STATUS = {408, 409, 429}  # plus every 5xx: the server may recover
@@ -131,22 +133,51 @@ class LocalBackend:
         return [tokenizer(fmt.prompt(p), add_special_tokens=False)["input_ids"] for p in prompts], fmt.end_of_turn
 
     def chat(self, prompts: Sequence[str], max_new_tokens: int, on_reply: OnReply | None = None) -> list[Reply]:
+        """A prompt that does not fit the model's context fails alone, at once, with the reason (it
+        would stall the batch it joined); --max-new-tokens past the context is capped, with a warning."""
         from threeds.model.decode import greedy_decode
 
         model, tokenizer = self.load()
         encoded, end_of_turn = self.encode(prompts)
+        context = context_length(model)
+        max_new_tokens = self._capped(max_new_tokens, context)
         replies: list[Reply | None] = [None] * len(prompts)
+        fits = [i for i, ids in enumerate(encoded) if context is None or len(ids) < context]
 
-        def done(i: int, tokens: list[int], seconds: float) -> None:
+        def report(i: int, reply: Reply) -> None:
+            replies[i] = reply
+            if on_reply:
+                on_reply(i, reply)
+
+        for i in sorted(set(range(len(encoded))) - set(fits)):
+            report(i, Reply(None, 0.0, error=f"the prompt has {len(encoded[i])} tokens, more than the model's context "
+                            f"of {context}: shorten the record", model=self.label))  # fmt: skip
+
+        def done(j: int, tokens: list[int], seconds: float) -> None:
             text = tokenizer.decode(tokens, skip_special_tokens=True).split(end_of_turn)[0]  # a multi-token marker is not a stop id
             finish = "length" if len(tokens) >= max_new_tokens else "stop"  # a stop token is never kept
-            replies[i] = Reply(text, seconds, model=self.label, finish=finish)
-            if on_reply:
-                on_reply(i, replies[i])
+            report(fits[j], Reply(text, seconds, model=self.label, finish=finish))
 
-        greedy_decode(model, encoded, _stop_ids(tokenizer, end_of_turn), max_new_tokens,
-                      batch_tokens=self.batch_tokens, max_rows=self.batch_size, on_done=done)  # fmt: skip
+        if fits:
+            greedy_decode(model, [encoded[i] for i in fits], _stop_ids(tokenizer, end_of_turn), max_new_tokens,
+                          batch_tokens=self.batch_tokens, max_rows=self.batch_size, on_done=done)  # fmt: skip
         return replies
+
+    def _capped(self, max_new_tokens: int, context: int | None) -> int:
+        """At most the model's context; the first cap is logged once."""
+        if context is None or max_new_tokens <= context:
+            return max_new_tokens
+        if not getattr(self, "_cap_logged", False):
+            log.warning("--max-new-tokens %d is more than the model's context of %d tokens: capped at %d",
+                        max_new_tokens, context, context)  # fmt: skip
+            self._cap_logged = True
+        return context
+
+
+def context_length(model) -> int | None:
+    """The most positions the model takes (its config's max_position_embeddings), None when unknown."""
+    found = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return found if isinstance(found, int) and found > 0 else None
 
 
 def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
