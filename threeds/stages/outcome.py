@@ -9,6 +9,7 @@ the step that emptied it (issue 25: a run never says "done" when records failed)
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from threeds.config import SelectConfig
 from threeds.errors import OK, RECORDS_FAILED
@@ -45,8 +46,8 @@ def run_outcome(result: dict, select: SelectConfig) -> Outcome:
 
 
 def stage_failures(summary: dict) -> dict:
-    """A record stage's failures as status.json keeps them."""
-    return {"failed": summary["failed"], "total": summary["total"], "log": summary["log"],
+    """A record stage's failures as status.json keeps them (the log by its absolute path, for the app)."""
+    return {"failed": summary["failed"], "total": summary["total"], "log": str(Path(summary["log"]).absolute()),
             "first": summary.get("first_failures", [])}  # fmt: skip
 
 
