@@ -22,6 +22,7 @@ from app_pages import state
 from threeds.config import SelectConfig
 from threeds.errors import describe
 from threeds.names import ATTEN_METHODS, METRIC_NAMES, metric_column
+from threeds.rundir import layout
 from threeds.rundir.progress import duration, eta_seconds, run_time_left
 from threeds.rundir.read import (
     DEFAULT_CACHE,
@@ -33,7 +34,6 @@ from threeds.rundir.read import (
 )
 from threeds.selection.answer_flags import AnswerFlags, run_answer_flags
 from threeds.selection.apply import (
-    PRESET_DIR,
     Filtered,
     Selection,
     SelectionError,
@@ -131,7 +131,7 @@ def preset_panel(run: Run) -> None:
             st.selectbox("Saved", saved, key="preset_pick")
             st.button("Load", key="preset_load", on_click=state.load_preset_named, args=(run.path,))
         else:
-            st.caption(f"None saved in `{run.name}/{PRESET_DIR}/` yet.")
+            st.caption(f"None saved in `{run.name}/{layout.PRESETS}/` yet.")
         st.text_input("Name", key="preset_name", placeholder="e.g. narrow-bands")
         st.button("Save current selection", key="preset_save", on_click=state.save_preset_named, args=(run.path, run.ratings is not None))
         if st.session_state.get("preset_message"):
@@ -185,10 +185,10 @@ def require_run() -> Run:
 
 
 REQUIRED_FILES = {
-    "ratings.jsonl": ("ratings", "Stage-1 ratings"),
-    "metrics.parquet": ("metrics", "Stage-2 metrics"),
-    "embeddings.npy": ("embeddings", "instruction embeddings"),
-    "data.jsonl": ("records", "scored records"),
+    layout.RATINGS: ("ratings", "Stage-1 ratings"),
+    layout.METRICS: ("metrics", "Stage-2 metrics"),
+    layout.EMBEDDINGS: ("embeddings", "instruction embeddings"),
+    layout.DATA: ("records", "scored records"),
 }
 
 
@@ -292,8 +292,8 @@ def show_funnel(run: Run | None) -> None:
     """The current selection's funnel in the sidebar of every page (rated -> ... -> picked)."""
     if run is None:
         return
-    if run.metrics is None or run.embeddings is None or run.errors.keys() & {"metrics.parquet", "embeddings.npy"}:
-        if run.ratings is not None and "ratings.jsonl" not in run.errors:
+    if run.metrics is None or run.embeddings is None or run.errors.keys() & {layout.METRICS, layout.EMBEDDINGS}:
+        if run.ratings is not None and layout.RATINGS not in run.errors:
             scores = run.ratings["score"].to_numpy(dtype=float)
             kept = int((scores[np.isfinite(scores)] >= state.selection().quality_threshold).sum())
             st.sidebar.markdown("**Selection**  \n" + funnel_text({"rated": int(np.isfinite(scores).sum()), "kept by quality": kept}))

@@ -13,6 +13,7 @@ import streamlit as st
 
 from app_pages import common
 from threeds.names import METRIC_NAMES, METRICS, metric_column
+from threeds.rundir import layout
 from threeds.selection.apply import (
     SelectionError,
     difference_table,
@@ -30,7 +31,7 @@ def side(label: str, default_preset: int):
     names = common.run_names()
     run_name = st.selectbox(f"{label}: run", names, index=names.index(st.session_state["run_name"]), key=f"compare_run_{label}")
     run = common.current_run(run_name)
-    common.require(run, "metrics.parquet", "embeddings.npy", "data.jsonl")
+    common.require(run, layout.METRICS, layout.EMBEDDINGS, layout.DATA)
     options = [CURRENT, *list_presets(run.path)]
     choice = st.selectbox(f"{label}: selection", options, index=min(default_preset, len(options) - 1), key=f"compare_sel_{label}")
     try:

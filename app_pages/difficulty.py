@@ -8,6 +8,7 @@ import streamlit as st
 
 from app_pages import common, raster, state
 from threeds.names import ANSWER_FLAG_NAMES, ANSWER_FLAGS, METRICS, metric_column
+from threeds.rundir import layout
 from threeds.selection.answer_flags import (
     HIT_MAX_SLACK,
     REPEAT_MIN_COUNT,
@@ -121,7 +122,7 @@ def scatter_matrix(run, mask: np.ndarray) -> go.Figure:
 def main() -> None:
     st.title("Difficulty (Stage 2)")
     run = common.require_run()
-    common.require(run, "metrics.parquet")
+    common.require(run, layout.METRICS)
     c1, c2 = st.columns([2, 1])
     with c1:
         common.atten_toggle()

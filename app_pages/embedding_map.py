@@ -12,6 +12,7 @@ import streamlit as st
 from app_pages import common, raster, state
 from threeds.io.data import full_instruction
 from threeds.names import METRICS, metric_column
+from threeds.rundir import layout
 from threeds.views.embed_map import MIN_POINTS
 
 SVG_POINTS = 1_500  # up to this many points, each is an SVG marker; above, the map is an image (`raster`)
@@ -177,7 +178,7 @@ def grey_unbrushed(figure: go.Figure, run, brushed: np.ndarray) -> None:
 def main() -> None:
     st.title("Embedding map")
     run = common.require_run()
-    common.require(run, "metrics.parquet", "embeddings.npy", "data.jsonl")
+    common.require(run, layout.METRICS, layout.EMBEDDINGS, layout.DATA)
     if len(run.metrics) < MIN_POINTS:
         st.info(f"A map needs at least {MIN_POINTS} scored samples; this run has {len(run.metrics)}.")
         return

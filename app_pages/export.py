@@ -9,6 +9,7 @@ import streamlit as st
 
 from app_pages import common
 from threeds.io.data import full_instruction
+from threeds.rundir import layout
 from threeds.rundir.read import selected_ids
 from threeds.views.export import (
     FORMATS,
@@ -25,7 +26,7 @@ LABELS = {"alpaca": "JSON (Alpaca)", "jsonl": "JSONL (Alpaca rows)", "sharegpt":
 def main() -> None:
     st.title("Export")
     run = common.require_run()
-    common.require(run, "metrics.parquet", "embeddings.npy", "data.jsonl")
+    common.require(run, layout.METRICS, layout.EMBEDDINGS, layout.DATA)
     common.selection_controls(run)
     config = common.selection_config(run)
     rows = common.picks(run, config)

@@ -17,6 +17,7 @@ from threeds.names import (
     METRICS,
     metric_column,
 )
+from threeds.rundir import layout
 from threeds.rundir.read import RunFileError, percentile_rank
 from threeds.selection.answer_flags import REPEAT_SHARE
 from threeds.selection.verdicts import explained
@@ -199,7 +200,7 @@ def responses(tokens: pd.DataFrame | None, record: dict) -> None:
 def main() -> None:
     st.title("Sample inspector")
     run = common.require_run()
-    common.require(run, "metrics.parquet", "data.jsonl")
+    common.require(run, layout.METRICS, layout.DATA)
     sample_id = chosen_id(run)
     if sample_id not in run.row_of:
         st.info("Type an id or some words of an instruction, or click a point on **Embedding map**.")

@@ -8,6 +8,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from app_pages import common, state
+from threeds.rundir import layout
 from threeds.rundir.read import Run, run_settings
 from threeds.selection.quality import quality_mask
 
@@ -81,7 +82,7 @@ def source_breakdown(codes: np.ndarray, names: list[str], kept: np.ndarray) -> p
 def main() -> None:
     st.title("Quality (Stage 1)")
     run = common.require_run()
-    common.require(run, "ratings.jsonl")
+    common.require(run, layout.RATINGS)
     key = common.key_of(run)
     scores, order = score_order(run, key)
     threshold = st.slider("Quality threshold (keep score ≥ threshold)", 0.0, 100.0, step=1.0, format="%.0f", **state.bind("quality_threshold"))

@@ -11,6 +11,7 @@ import streamlit as st
 
 from app_pages import common
 from app_pages.new_run import start_background, start_form
+from threeds.rundir import layout
 from threeds.rundir.jobs import job_running, log_tail, read_job, stop_run
 from threeds.rundir.progress import job_state, phase_line, read_status
 from threeds.rundir.read import read_progress
@@ -21,7 +22,7 @@ from threeds.stages.outcome import failure_counts
 # How a stopped run ended, by its recorded exit code (128 + signal): the CLI records SIGINT itself;
 # the Stop button records SIGTERM or SIGKILL when it had to send them (`threeds.rundir.jobs.stop_run`).
 STOP_SIGNALS = {130: "interrupted, SIGINT", 143: "ended by SIGTERM after SIGINT went unheeded", 137: "ended by SIGKILL after SIGINT and SIGTERM went unheeded"}
-STAGE_FILES = ["ratings.jsonl", "metrics.parquet", "embeddings.npy", "tokens.parquet", "selection.json"]
+STAGE_FILES = [layout.RATINGS, layout.METRICS, layout.EMBEDDINGS, layout.TOKENS, layout.SELECTION]
 
 
 # The path through a run's pages, in the order a first look takes (the header's links).

@@ -17,6 +17,7 @@ import streamlit as st
 from app_pages import common, state
 from threeds.io.data import full_instruction
 from threeds.names import ANSWER_FLAG_NAMES, METRIC_NAMES, METRICS
+from threeds.rundir import layout
 from threeds.rundir.read import Run
 from threeds.selection.apply import VERDICTS, sample_table
 
@@ -81,7 +82,7 @@ def brush_and_rules(run: Run) -> None:
 def main() -> None:
     st.title("Samples")
     run = common.require_run()
-    common.require(run, "metrics.parquet", "embeddings.npy", "data.jsonl")
+    common.require(run, layout.METRICS, layout.EMBEDDINGS, layout.DATA)
     brush_and_rules(run)
     chosen = common.selection(run)
     table_view(run, table_of(run, common.key_of(run), dataclasses.astuple(chosen.config), chosen))

@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 from synthetic_run import make_experiment, make_run
 
+from threeds.rundir import layout
 from threeds.rundir.read import load_run
 from threeds.views import embed_map
 
@@ -60,7 +61,7 @@ def prepare_cache(cache: Path) -> None:
     if not (cache / "demo" / "experiments").is_dir():
         make_experiment(cache / "demo")  # the Outcomes page's (the shipped demo has its own)
     run = load_run(cache / "demo")
-    if not (cache / "demo" / embed_map.UMAP_FILE).exists():
+    if not (cache / "demo" / layout.UMAP[0]).exists():
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(embed_map, "compute_umap", lambda emb, settings=None: _spread(emb))
             embed_map.load_or_compute_umap(run.path, run.embeddings)

@@ -11,6 +11,7 @@ import pytest
 from synthetic_run import flag_answers, make_run
 
 from threeds.config import flag_list
+from threeds.rundir import layout
 from threeds.rundir.read import load_run
 from threeds.selection.answer_flags import (
     REPEAT_SHARE,
@@ -146,5 +147,5 @@ def test_repeat_shares_are_cached_in_the_run_directory_and_recomputed_when_stale
     assert flags.cached_repeat_shares(tmp_path, texts).tolist() == first.tolist() and calls == [3]  # read back
     changed = flags.cached_repeat_shares(tmp_path, ["one two three", "x", "y"])  # other texts: recomputed
     assert changed.tolist() == [0.0, 0.0, 0.0] and calls == [3, 3]
-    (tmp_path / flags.SHARES_FILE).write_bytes(b"not a npy file")  # corrupt: recomputed, not an error
+    (tmp_path / layout.REPEAT_SHARES[0]).write_bytes(b"not a npy file")  # corrupt: recomputed, not an error
     assert flags.cached_repeat_shares(tmp_path, ["one two three", "x", "y"]).tolist() == [0.0, 0.0, 0.0] and calls == [3, 3, 3]

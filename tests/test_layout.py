@@ -109,3 +109,77 @@ def test_sub_packages_import_only_downwards():
 def test_a_backward_import_is_found():
     planted = {**GRAPH, "threeds.io.data": {"threeds.stages.score"}}
     assert _backward_imports(planted) == ["threeds.io.data (io) imports threeds.stages.score (stages)"]
+
+
+# Every run file is named in threeds/rundir/layout.py only (issue 22): a path built from a literal
+# anywhere else would miss a rename. Docstrings and messages may mention the names; a string
+# constant that IS a name is a path being built. The lock file is named by io/lock.py, below rundir.
+APP = [ROOT / "app.py", *(ROOT / "app_pages").glob("*.py")]
+LAYOUT = LIBRARY / "rundir" / "layout.py"
+NAMED_BY = {".lock": LIBRARY / "io" / "lock.py"}
+
+
+def _run_file_names() -> set[str]:
+    from threeds.rundir import layout
+
+    values = [v for k, v in vars(layout).items() if k.isupper()]
+    return {n for v in values for n in (v if isinstance(v, tuple) else (v,))}
+
+
+def _string_constants(tree: ast.AST) -> list[ast.Constant]:
+    docstrings = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)}
+    return [n for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docstrings]
+
+
+def _where(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else path.name
+
+
+def _run_file_literals(files: list[Path], names: set[str]) -> list[str]:
+    return sorted(
+        f"{_where(path)}:{node.lineno} {node.value!r}"
+        for path in files
+        if path != LAYOUT
+        for node in _string_constants(ast.parse(path.read_text(encoding="utf-8")))
+        if node.value in names and NAMED_BY.get(node.value) != path
+    )
+
+
+def test_run_file_names_are_spelled_only_in_the_layout_module():
+    assert {"metrics.parquet", "data.jsonl", "embeddings.npy", "selection.json", "chunks"} <= _run_file_names()
+    assert not _run_file_literals([*LIBRARY.rglob("*.py"), *APP], _run_file_names())
+
+
+def test_a_run_file_literal_is_found(tmp_path):
+    planted = tmp_path / "planted.py"
+    planted.write_text('"""Reads metrics.parquet."""\nPATH = "metrics.parquet"\nNOTE = f"see {PATH}: metrics.parquet"\n')
+    assert [s.split(" ", 1)[1] for s in _run_file_literals([planted], _run_file_names())] == ["'metrics.parquet'"]
+
+
+# A name with a leading underscore is its module's own business: another module that imports it
+# (or reaches it through the module) depends on what its owner may change without notice.
+def _private_uses(path: Path) -> list[str]:
+    nodes = list(ast.walk(ast.parse(path.read_text(encoding="utf-8"))))
+    ours = [(n.module or "", a) for n in nodes if isinstance(n, ast.ImportFrom) for a in n.names
+            if (n.module or "").startswith(("threeds", "app_pages"))]  # fmt: skip
+    ours += [("", a) for n in nodes if isinstance(n, ast.Import) for a in n.names if a.name.startswith("threeds")]
+    modules = {a.asname or a.name for _, a in ours if not _private(a.name)}  # modules and other names: `name._x` is private
+    found = [f"{module}.{a.name}" for module, a in ours if _private(a.name)]
+    found += [f"{n.value.id}.{n.attr}" for n in nodes
+              if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id in modules and _private(n.attr)]  # fmt: skip
+    return [f"{_where(path)}: {f}" for f in found]
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def test_no_private_name_is_used_across_modules():
+    assert not [use for path in [*LIBRARY.rglob("*.py"), *APP] for use in _private_uses(path)]
+
+
+def test_a_private_import_is_found(tmp_path):
+    planted = tmp_path / "planted.py"
+    planted.write_text("from threeds.selection import kcenter\nfrom threeds.selection.kcenter import _centre, band_filter\n"
+                       "x = kcenter._rows_float32\ny = kcenter.__name__\n")  # fmt: skip
+    assert _private_uses(planted) == ["planted.py: threeds.selection.kcenter._centre", "planted.py: kcenter._rows_float32"]

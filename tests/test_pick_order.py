@@ -10,12 +10,13 @@ import pytest
 from synthetic_run import make_run
 
 from threeds.config import SelectConfig
+from threeds.rundir.layout import PICK_ORDERS
 from threeds.rundir.read import load_run
 from threeds.selection import kcenter as select
 from threeds.selection import pick_order
 from threeds.selection.apply import filter_rows, quality_per_row, select_dir
 from threeds.selection.kcenter import k_center_greedy
-from threeds.selection.pick_order import KEEP_ORDERS, PICK_DIR, PickOrder
+from threeds.selection.pick_order import KEEP_ORDERS, PickOrder
 
 
 def clustered(n: int, dim: int = 8, seed: int = 0) -> np.ndarray:
@@ -60,7 +61,7 @@ def test_a_stored_order_serves_a_new_process_without_a_step(tmp_path, steps):
     steps.clear()
     first = PickOrder(emb, seed=2, run_dir=tmp_path).picks(30)
     assert np.array_equal(first, expected) and len(steps) == 29
-    meta = json.loads(next((tmp_path / PICK_DIR).glob("*.json")).read_text())
+    meta = json.loads(next((tmp_path / PICK_ORDERS).glob("*.json")).read_text())
     assert meta["rows"] == 120 and meta["seed"] == 2 and meta["initial"] == [] and meta["dtype"] == "float32"
     steps.clear()
     again = PickOrder(emb, seed=2, run_dir=tmp_path)  # as a fresh app session would
@@ -87,7 +88,7 @@ def test_other_candidates_or_seed_do_not_reuse_an_order(tmp_path):
     PickOrder(emb, seed=0, run_dir=tmp_path).picks(20)
     assert np.array_equal(PickOrder(emb, seed=5, run_dir=tmp_path).picks(20), k_center_greedy(emb, 20, seed=5))
     assert np.array_equal(PickOrder(emb[1:], run_dir=tmp_path).picks(20), k_center_greedy(emb[1:], 20))
-    assert len(list((tmp_path / PICK_DIR).glob("*.npy"))) == 3
+    assert len(list((tmp_path / PICK_ORDERS).glob("*.npy"))) == 3
 
 
 @pytest.mark.parametrize(
@@ -103,7 +104,7 @@ def test_other_candidates_or_seed_do_not_reuse_an_order(tmp_path):
 def test_a_damaged_store_is_recomputed(tmp_path, damage):
     emb = clustered(60)
     expected = PickOrder(emb, run_dir=tmp_path).picks(15)
-    damage(next((tmp_path / PICK_DIR).glob("*.npy")))
+    damage(next((tmp_path / PICK_ORDERS).glob("*.npy")))
     assert np.array_equal(PickOrder(emb, run_dir=tmp_path).picks(15), expected)
 
 
@@ -111,7 +112,7 @@ def test_a_store_that_misses_the_include_rows_is_not_used(tmp_path):
     emb = clustered(60)
     order = PickOrder(emb, initial=(5, 9), run_dir=tmp_path)
     order.picks(10)
-    npy = next((tmp_path / PICK_DIR).glob("*.npy"))
+    npy = next((tmp_path / PICK_ORDERS).glob("*.npy"))
     np.save(npy, np.array([9, 5, 1]))  # the include rows in another order
     assert np.array_equal(PickOrder(emb, initial=(5, 9), run_dir=tmp_path).picks(10), k_center_greedy(emb, 10, initial=(5, 9)))
 
@@ -121,15 +122,15 @@ def test_only_the_newest_orders_are_kept(tmp_path, monkeypatch):
     emb = clustered(40)
     for seed in range(5):
         PickOrder(emb, seed=seed, run_dir=tmp_path).picks(4)
-        for path in (tmp_path / PICK_DIR).glob(f"*-{seed}-*"):  # the order of writing, clear to mtime
+        for path in (tmp_path / PICK_ORDERS).glob(f"*-{seed}-*"):  # the order of writing, clear to mtime
             os.utime(path, (seed, seed))
-    kept = sorted(json.loads(p.read_text())["seed"] for p in (tmp_path / PICK_DIR).glob("*.json"))
-    assert kept == [2, 3, 4] and len(list((tmp_path / PICK_DIR).glob("*.npy"))) == 3
+    kept = sorted(json.loads(p.read_text())["seed"] for p in (tmp_path / PICK_ORDERS).glob("*.json"))
+    assert kept == [2, 3, 4] and len(list((tmp_path / PICK_ORDERS).glob("*.npy"))) == 3
     assert KEEP_ORDERS >= 8
 
 
 def test_an_unwritable_run_directory_only_costs_the_greedy(tmp_path):
-    (tmp_path / PICK_DIR).write_text("a file where the folder should be")
+    (tmp_path / PICK_ORDERS).write_text("a file where the folder should be")
     emb = clustered(50)
     assert np.array_equal(PickOrder(emb, run_dir=tmp_path).picks(9), k_center_greedy(emb, 9))
 
@@ -138,7 +139,7 @@ def test_threeds_select_leaves_the_order_the_app_slices(tmp_path, steps):
     run_dir = make_run(tmp_path / "run", n=200, n_dropped=10)
     config = SelectConfig(sample_num=12, seed=1)
     chosen = select_dir(run_dir, config)
-    assert len(list((run_dir / PICK_DIR).glob("*.npy"))) == 1
+    assert len(list((run_dir / PICK_ORDERS).glob("*.npy"))) == 1
     run = load_run(run_dir)
     done = filter_rows(config, run.metrics, quality_per_row(run.ratings, run.metrics["id"]))
     assert len(done.candidates) > 12

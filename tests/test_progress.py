@@ -9,6 +9,7 @@ import time
 import pytest
 from tqdm import tqdm
 
+from threeds.rundir import layout
 from threeds.rundir import progress as pg
 
 
@@ -21,12 +22,12 @@ class Clock:
 
 
 def read(path) -> dict:
-    return json.loads((path / pg.PROGRESS_FILE).read_text())
+    return json.loads((path / layout.PROGRESS).read_text())
 
 
 def test_progress_file_rate_limits_writes_but_never_ends_behind(tmp_path):
     clock = Clock()
-    bar = pg.ProgressFile(tmp_path / pg.PROGRESS_FILE, "generate", total=10, done=4, min_interval=0.5, clock=clock)
+    bar = pg.ProgressFile(tmp_path / layout.PROGRESS, "generate", total=10, done=4, min_interval=0.5, clock=clock)
     assert read(tmp_path) == {"stage": "generate", "done": 4, "total": 10, "unit": "records", "started": 1000.0,
                               "done_at_start": 4, "updated": 1000.0, "phase": "generate", "phase_since": 1000.0, "ahead": []}  # fmt: skip
     clock.t = 1000.2
@@ -72,7 +73,7 @@ def test_whole_run_time_left_adds_the_stages_ahead_at_their_measured_pace(tmp_pa
 
 def test_progress_file_writes_a_held_back_count_at_the_end_of_the_interval(tmp_path):
     """A burst (a local batch finishing at once): the last count is not left waiting for the next record."""
-    bar = pg.ProgressFile(tmp_path / pg.PROGRESS_FILE, "generate", total=8, min_interval=0.2)
+    bar = pg.ProgressFile(tmp_path / layout.PROGRESS, "generate", total=8, min_interval=0.2)
     for done in range(1, 9):
         bar.update(done)
     assert read(tmp_path)["done"] == 0  # held back: within 0.2 s of the first write
@@ -93,7 +94,7 @@ def test_eta_from_the_records_done_in_this_run():
 
 def test_eta_of_a_real_progress_file(tmp_path):
     clock = Clock(0.0)
-    bar = pg.ProgressFile(tmp_path / pg.PROGRESS_FILE, "generate", total=8, min_interval=0, clock=clock)
+    bar = pg.ProgressFile(tmp_path / layout.PROGRESS, "generate", total=8, min_interval=0, clock=clock)
     for done in range(1, 3):
         clock.t += 2.0  # one record every 2 s
         bar.update(done)
@@ -107,7 +108,7 @@ def test_status_written_and_read_back(tmp_path):
     assert status["state"] == "failed" and status["exit_code"] == 1 and status["error"].endswith("not JSON")
     with pytest.raises(ValueError, match="state"):
         pg.write_status(tmp_path, "finished")
-    (tmp_path / pg.STATUS_FILE).write_text('{"state": "runn')  # torn
+    (tmp_path / layout.STATUS).write_text('{"state": "runn')  # torn
     assert pg.read_status(tmp_path) is None
 
 

@@ -20,10 +20,10 @@ from hypothesis import strategies as st
 from threeds.config import SelectConfig
 from threeds.io.data import read_jsonl, read_records, write_jsonl
 from threeds.names import METRIC_COLUMNS, TOKEN_COLUMNS
-from threeds.rundir.check import RunFileError, load_scored
+from threeds.rundir.check import RunFileError, load_scored, selected_records
 from threeds.rundir.write import RunDir
 from threeds.selection.apply import select_dir
-from threeds.selection.kcenter import band_filter, selected_records
+from threeds.selection.kcenter import band_filter
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)  # any text a file can hold

@@ -11,13 +11,13 @@ import torch
 
 from threeds.config import SelectConfig
 from threeds.names import METRICS, metric_column
+from threeds.rundir.check import RunFileError, selected_records
 from threeds.selection.apply import select_dir
 from threeds.selection.arrays import NumpyOps, _first_copies
 from threeds.selection.kcenter import (
     band_filter,
     band_thresholds,
     k_center_greedy,
-    selected_records,
     within,
 )
 
@@ -387,7 +387,7 @@ def test_select_dir(tmp_path):
     assert [r["id"] for r in records] == result["selected_ids"]
     r = int(result["selected_rows"][0])
     assert records[0] == {"id": f"r{r}", "instruction": f"问题 {r}", "output": f"a{r}", "source": "x"}
-    with pytest.raises(KeyError, match="not in data.jsonl"):
+    with pytest.raises(RunFileError, match=r"data.jsonl: 1 selected ids not in it"):
         selected_records(tmp_path, ["r1", "nope"])
 
 

@@ -26,7 +26,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from threeds.outcomes.evaluate import evaluate  # torch and transformers: not for `threeds --help`
+    from threeds.outcomes.evaluate import (
+        evaluate,  # torch and transformers: not for `threeds --help`
+    )
 
     config, model = from_args(EvalConfig, args), from_args(ModelConfig, args)
     summary = evaluate(

@@ -39,7 +39,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from threeds.outcomes.experiment import experiment_dir, run_experiment  # torch: not for `threeds --help`
+    from threeds.outcomes.experiment import (  # torch: not for `threeds --help`
+        experiment_dir,
+        run_experiment,
+    )
 
     config, train = from_args(ExperimentConfig, args), from_args(TrainConfig, args)
     exp = experiment_dir(args.run, config.name)

@@ -10,13 +10,13 @@ from pathlib import Path
 from threeds.errors import RECORDS_FAILED
 from threeds.io.atomic import check_writable
 from threeds.io.data import write_json
+from threeds.rundir.check import selected_records
 from threeds.selection.apply import (
     add_select_flags,
     config_from_args,
     empty_reason,
     select_dir,
 )
-from threeds.selection.kcenter import selected_records
 
 log = logging.getLogger(__name__)
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from threeds.errors import SettingsError, ThreedsError
+from threeds.rundir import layout
 from threeds.rundir.check import load_scored
 from threeds.rundir.read import Run, load_run, selected_ids
 from threeds.selection.apply import (
@@ -115,8 +116,8 @@ class ArmSource:
 
     def _current(self, arm: Arm) -> list[str]:
         if self.run.selection is None:
-            problem = self.run.errors.get("selection.json", "no selection.json: run `threeds select` first")
-            raise ArmError(f"arm {arm.name} (current): {problem}", path=None if "selection.json" in problem else self.run_dir)
+            problem = self.run.errors.get(layout.SELECTION, "no selection.json: run `threeds select` first")
+            raise ArmError(f"arm {arm.name} (current): {problem}", path=None if layout.SELECTION in problem else self.run_dir)
         return selected_ids(self.run.selection)
 
     def _preset(self, arm: Arm) -> list[str]:

@@ -41,6 +41,7 @@ from threeds.outcomes.train import (
     train_lora,
     write_llamafactory,
 )
+from threeds.rundir import layout
 from threeds.rundir.check import read_json_object
 from threeds.rundir.progress import ProgressFile
 from threeds.rundir.write import package_versions
@@ -77,7 +78,7 @@ def experiment_dir(run_dir: str | os.PathLike, name: str) -> Path:
 def list_experiments(run_dir: str | os.PathLike) -> list[str]:
     """Experiments of a run, newest first (a folder started in the background counts before it plans)."""
     folder = Path(run_dir) / EXPERIMENTS
-    found = [p for p in folder.iterdir() if (p / "experiment.json").is_file() or (p / "job.json").is_file()] if folder.is_dir() else []
+    found = [p for p in folder.iterdir() if (p / "experiment.json").is_file() or (p / layout.JOB).is_file()] if folder.is_dir() else []
     return [p.name for p in sorted(found, key=lambda p: (-p.stat().st_mtime, p.name))]
 
 
@@ -201,7 +202,7 @@ class Runner:
         model, tokenizer = load_model(self.model["model"], dtype=config.dtype)
         fmt = prompt_format(tokenizer, self.model["template"], self.model["system"])
         meta = {"model": model_label(self.model["model"]), "run": str(self.source.run_dir), "arm": unit.arm.spec}
-        bar = ProgressFile(self.exp / "progress.json", f"{unit.key} train", 0, unit="steps")
+        bar = ProgressFile(self.exp / layout.PROGRESS, f"{unit.key} train", 0, unit="steps")
         summary = train_lora(model, tokenizer, fmt, records, config, out, meta, progress=lambda d, t: self.tick(bar, d, t))
         bar.close()
         write_llamafactory(out, records, config, resolve_model(self.model["model"]), self.model["template"])
@@ -210,7 +211,7 @@ class Runner:
 
     def eval_unit(self, unit: Unit) -> dict:
         out = eval_dir(self.exp, unit.arm.name, unit.seed)
-        bar = ProgressFile(self.exp / "progress.json", f"{unit.key} eval", 0, unit="items")
+        bar = ProgressFile(self.exp / layout.PROGRESS, f"{unit.key} eval", 0, unit="items")
         summary = evaluate(
             self.model["model"], self.config.bench, out, adapter=None if unit.ids is None else train_dir(self.exp, unit),
             limit=self.config.limit, shots=self.config.shots, batch_size=self.config.eval_batch_size,
@@ -248,7 +249,7 @@ def run_experiment(run_dir: str | os.PathLike, config: ExperimentConfig, train: 
         write_json(exp / "experiment.json", described)
         Runner(exp, config, train, source, units, say).run()
         summary = summarize_experiment(exp)
-        (exp / "progress.json").unlink(missing_ok=True)
+        (exp / layout.PROGRESS).unlink(missing_ok=True)
     return summary
 
 

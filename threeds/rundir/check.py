@@ -10,6 +10,8 @@ file and what to do, before anything is computed from it: a repeated id would ot
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,7 @@ import pyarrow.parquet as pq
 from threeds.errors import ThreedsError
 from threeds.io.data import DataError, loads_bounded, read_jsonl, read_text
 from threeds.names import METRIC_COLUMNS, TOKEN_COLUMNS
+from threeds.rundir import layout
 
 MANIFEST_SECTIONS = ("config", "score_config", "model", "data", "timings", "report", "stages", "packages")
 RESCORE = "score again (threeds score --overwrite, or delete the run directory)"
@@ -75,17 +78,34 @@ def read_metrics(path: Path) -> pd.DataFrame:
 
 def read_scored_records(path: Path, ids: list[str]) -> list[dict]:
     """data.jsonl: one record per metrics row, same ids in the same order."""
-    try:
-        records = read_jsonl(path)
-    except DataError as exc:
-        raise RunFileError(f"{exc}; {RESCORE}") from exc
-    got = [r.get("id") if isinstance(r, dict) else None for r in records]
-    _require_unique(path, got, "line")
+    records, got = _read_data(path)
     if got != ids:
         row = next((r for r, (a, b) in enumerate(zip(got, ids)) if a != b), min(len(got), len(ids)))
         raise _fail(path, f"its ids do not match metrics.parquet row for row ({len(got)} records for {len(ids)} "
                     f"rows; first difference at row {row})")  # fmt: skip
     return records
+
+
+def selected_records(run_dir: str | os.PathLike, selected_ids: Sequence[str]) -> list[dict]:
+    """Records of data.jsonl with the given ids, in the given (pick) order, all fields kept."""
+    path = Path(run_dir) / layout.DATA
+    records, ids = _read_data(path)
+    by_id = {str(i): r for i, r in zip(ids, records)}
+    missing = [i for i in selected_ids if str(i) not in by_id]
+    if missing:
+        raise _fail(path, f"{len(missing)} selected ids not in it, e.g. {missing[:5]}", "select again")
+    return [by_id[str(i)] for i in selected_ids]
+
+
+def _read_data(path: Path) -> tuple[list[dict], list]:
+    """data.jsonl's records and their ids, unique (a line that is not an object has id None)."""
+    try:
+        records = read_jsonl(path)
+    except DataError as exc:
+        raise RunFileError(f"{exc}; {RESCORE}") from exc
+    ids = [r.get("id") if isinstance(r, dict) else None for r in records]
+    _require_unique(path, ids, "line")
+    return records, ids
 
 
 def read_embeddings(path: Path, n: int) -> np.ndarray:
@@ -123,15 +143,15 @@ def load_scored(run_dir: Path) -> tuple[pd.DataFrame, np.ndarray]:
     """metrics and embeddings of a scored run, after checking them against data.jsonl and tokens."""
     if not run_dir.is_dir():
         raise RunFileError(f"{run_dir}: no such run directory")
-    for name in ("metrics.parquet", "embeddings.npy", "data.jsonl"):
+    for name in layout.SCORED:
         if not (run_dir / name).is_file():
             raise _fail(run_dir / name, "missing (the run has not been scored)", "run `threeds score` into it first")
-    metrics = read_metrics(run_dir / "metrics.parquet")
+    metrics = read_metrics(run_dir / layout.METRICS)
     ids = metrics["id"].tolist()
-    embeddings = read_embeddings(run_dir / "embeddings.npy", len(metrics))
-    read_scored_records(run_dir / "data.jsonl", ids)
-    if (run_dir / "tokens.parquet").exists():
-        check_token_ids(run_dir / "tokens.parquet", ids)
+    embeddings = read_embeddings(run_dir / layout.EMBEDDINGS, len(metrics))
+    read_scored_records(run_dir / layout.DATA, ids)
+    if (run_dir / layout.TOKENS).exists():
+        check_token_ids(run_dir / layout.TOKENS, ids)
     return metrics, embeddings
 
 

@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from threeds.errors import LockedError
+from threeds.io.data import write_json
 from threeds.io.lock import holder, locked
+from threeds.rundir import layout
 from threeds.rundir.progress import read_status, terminal_text, write_status
 
-JOB_FILE = "job.json"  # written by `start_run`: pid and command of a background run
-LOG_FILE = "run.log"  # stdout + stderr of a background run
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGKILL)
 GRACE_SECONDS = (20.0, 10.0, 5.0)  # wait after each signal before sending the next
 
@@ -44,19 +44,19 @@ def start_run(argv: list[str], run_dir: str | os.PathLike, cwd: str | os.PathLik
     pid = holder(run_dir)
     if pid is not None:
         raise LockedError(f"{run_dir}: the run directory is being written by pid {pid}; wait for it or stop it")
-    with open(run_dir / LOG_FILE, "ab") as log:
+    with open(run_dir / layout.LOG, "ab") as log:
         proc = subprocess.Popen(
             argv, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
         )
     job = {"pid": proc.pid, "argv": argv, "started": time.time()}
-    (run_dir / JOB_FILE).write_text(json.dumps(job, indent=2) + "\n", encoding="utf-8")
+    write_json(run_dir / layout.JOB, job)
     _children[proc.pid] = proc
     return proc.pid
 
 
 def read_job(run_dir: str | os.PathLike) -> dict | None:
     try:
-        job = json.loads((Path(run_dir) / JOB_FILE).read_text(encoding="utf-8"))
+        job = json.loads((Path(run_dir) / layout.JOB).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return None
     return job if isinstance(job, dict) and isinstance(job.get("pid"), int) else None
@@ -187,7 +187,7 @@ def _live_members(pgid: int) -> int | None:
 def log_tail(run_dir: str | os.PathLike, lines: int = 20) -> str:
     """The last `lines` lines of run.log as a terminal shows them (progress bars' redraws and
     colour codes gone, `threeds.rundir.progress.terminal_text`)."""
-    path = Path(run_dir) / LOG_FILE
+    path = Path(run_dir) / layout.LOG
     if not path.exists():
         return ""
     with open(path, "rb") as fh:

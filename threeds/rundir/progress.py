@@ -25,9 +25,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from threeds.io.data import write_json
+from threeds.rundir import layout
 
-PROGRESS_FILE = "progress.json"
-STATUS_FILE = "status.json"
 STATES = ("running", "done", "done_with_failures", "stopped", "failed")
 
 
@@ -186,13 +185,13 @@ def write_status(
     status = {"state": state, "exit_code": exit_code, "error": error, "pid": pid or os.getpid(), "updated": time.time()}
     if failures:
         status["failures"] = failures
-    write_json(Path(run_dir) / STATUS_FILE, status)
+    write_json(Path(run_dir) / layout.STATUS, status)
 
 
 def read_status(run_dir: str | os.PathLike) -> dict | None:
     """status.json, or None when absent, torn or not a status (runs made before it existed)."""
     try:
-        status = json.loads((Path(run_dir) / STATUS_FILE).read_text(encoding="utf-8"))
+        status = json.loads((Path(run_dir) / layout.STATUS).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return None
     return status if isinstance(status, dict) and status.get("state") in STATES else None

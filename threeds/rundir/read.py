@@ -26,6 +26,7 @@ from threeds.io.data import (
     read_text,
 )
 from threeds.names import TOKEN_COLUMNS
+from threeds.rundir import layout
 from threeds.rundir.check import (
     RunFileError,
     check_token_ids,
@@ -39,8 +40,8 @@ from threeds.rundir.check import (
 DEFAULT_CACHE = Path("cache")
 NOT_RUNS = {"models", "uploads"}
 RUN_FILES = (
-    "manifest.json", "ratings.jsonl", "rejects.jsonl", "metrics.parquet", "selection.json",
-    "data.jsonl", "embeddings.npy", "tokens.parquet",
+    layout.MANIFEST, layout.RATINGS, layout.REJECTS, layout.METRICS, layout.SELECTION, layout.DATA, layout.EMBEDDINGS,
+    layout.TOKENS,
 )  # fmt: skip
 
 
@@ -105,7 +106,7 @@ class Run:
 
     def tokens(self, sample_id: str) -> pd.DataFrame:
         """The rows of tokens.parquet for one sample (A then A', by position)."""
-        return read_tokens(self.path / "tokens.parquet", sample_id)
+        return read_tokens(self.path / layout.TOKENS, sample_id)
 
 
 def list_runs(cache_dir: str | os.PathLike = DEFAULT_CACHE) -> list[Path]:
@@ -142,19 +143,19 @@ def load_run(path: str | os.PathLike) -> Run:
         raise FileNotFoundError(f"{path}: no such run directory")
     run = Run(path, key=run_key(path))
     loaders = [
-        ("manifest.json", lambda: setattr(run, "manifest", read_manifest(path / "manifest.json"))),
-        ("ratings.jsonl", lambda: setattr(run, "ratings", read_ratings(path / "ratings.jsonl"))),
-        ("rejects.jsonl", lambda: setattr(run, "rejects", len(read_jsonl(path / "rejects.jsonl")))),
-        ("metrics.parquet", lambda: setattr(run, "metrics", read_metrics(path / "metrics.parquet"))),
-        ("selection.json", lambda: setattr(run, "selection", read_json_object(path / "selection.json"))),
+        (layout.MANIFEST, lambda p: setattr(run, "manifest", read_manifest(p))),
+        (layout.RATINGS, lambda p: setattr(run, "ratings", read_ratings(p))),
+        (layout.REJECTS, lambda p: setattr(run, "rejects", len(read_jsonl(p)))),
+        (layout.METRICS, lambda p: setattr(run, "metrics", read_metrics(p))),
+        (layout.SELECTION, lambda p: setattr(run, "selection", read_json_object(p))),
     ]
     for name, load in loaders:
         _collect(run, name, load)
     if run.metrics is not None:
         n, ids = len(run.metrics), run.metrics["id"].tolist()
-        _collect(run, "data.jsonl", lambda: setattr(run, "records", read_scored_records(path / "data.jsonl", ids)))
-        _collect(run, "embeddings.npy", lambda: setattr(run, "embeddings", np.asarray(read_embeddings(path / "embeddings.npy", n), np.float32)))
-        _collect(run, "tokens.parquet", lambda: check_token_ids(path / "tokens.parquet", ids))
+        _collect(run, layout.DATA, lambda p: setattr(run, "records", read_scored_records(p, ids)))
+        _collect(run, layout.EMBEDDINGS, lambda p: setattr(run, "embeddings", np.asarray(read_embeddings(p, n), np.float32)))
+        _collect(run, layout.TOKENS, lambda p: check_token_ids(p, ids))
     return run
 
 
@@ -162,7 +163,7 @@ def _collect(run: Run, name: str, load) -> None:
     if not (run.path / name).exists():
         return
     try:
-        load()
+        load(run.path / name)
     except (RunFileError, DataError, OSError, ValueError, pa.ArrowException) as exc:
         message = describe(exc)[0]  # the line the command line would print
         run.errors[name] = message if str(run.path / name) in message else f"{run.path / name}: {message}"
@@ -231,7 +232,7 @@ def selected_ids(selection: dict) -> list[str]:
 
 def read_progress(run_dir: str | os.PathLike) -> dict | None:
     """progress.json as written by the CLI ({stage, done, total, updated}); None if absent or torn."""
-    path = Path(run_dir) / "progress.json"
+    path = Path(run_dir) / layout.PROGRESS
     try:
         value = loads_bounded(read_text(path))
     except (OSError, ValueError):  # absent, torn, not a file: no progress to show

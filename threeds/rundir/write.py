@@ -24,14 +24,13 @@ import pandas as pd
 from threeds.errors import ThreedsError
 from threeds.io.atomic import atomic_write, remove_temps
 from threeds.io.data import write_json, write_jsonl
+from threeds.rundir import layout
 from threeds.rundir.check import read_manifest
 
-MANIFEST = "manifest.json"
-PROGRESS = "progress.json"
-CHUNK_PARTS = ("tokens.parquet", "emb.npy", "metrics.parquet")  # in the order written: metrics last
-SCORE_OUTPUTS = ("data.jsonl", "embeddings.npy", "tokens.parquet", "metrics.parquet")  # metrics last
+CHUNK_PARTS = (layout.TOKENS, "emb.npy", layout.METRICS)  # in the order written: metrics last
 # Files the run's writer replaces atomically (the app's caches beside them are not its own).
-WRITER_FILES = (MANIFEST, PROGRESS, "status.json", "rejects.jsonl", "selection.json", "selected.json", *SCORE_OUTPUTS)
+WRITER_FILES = (layout.MANIFEST, layout.PROGRESS, layout.STATUS, layout.REJECTS, layout.SELECTION, layout.SELECTED,
+                *layout.SCORE_OUTPUTS)  # fmt: skip
 PACKAGES = ("threeds", "torch", "transformers", "numpy", "pandas", "pyarrow", "spacy", "jieba")
 
 
@@ -59,24 +58,24 @@ class RunDir:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
-        self.chunks = self.path / "chunks"
+        self.chunks = self.path / layout.CHUNKS
 
     def file(self, name: str) -> Path:
         return self.path / name
 
     def read_manifest(self) -> dict:
-        path = self.file(MANIFEST)
+        path = self.file(layout.MANIFEST)
         if not path.exists():
             return {}
         return read_manifest(path)  # a corrupt one or one of the wrong shape: RunFileError naming it
 
     def update_manifest(self, **fields: object) -> dict:
         manifest = self.read_manifest() | fields
-        write_json(self.file(MANIFEST), manifest)
+        write_json(self.file(layout.MANIFEST), manifest)
         return manifest
 
     def write_progress(self, stage: str, done: int, total: int) -> None:
-        write_progress(self.file(PROGRESS), stage, done, total)
+        write_progress(self.file(layout.PROGRESS), stage, done, total)
 
     def _chunk(self, index: int, kind: str) -> Path:
         return self.chunks / f"{index:06d}.{kind}"
@@ -86,13 +85,13 @@ class RunDir:
         older threeds removed `chunks/` may have left it without the others: such a chunk is redone)."""
         if not self.chunks.exists():
             return set()
-        found = {int(p.name.split(".")[0]) for p in self.chunks.glob("*.metrics.parquet")}
+        found = {int(p.name.split(".")[0]) for p in self.chunks.glob(f"*.{layout.METRICS}")}
         return {i for i in found if all(self._chunk(i, part).is_file() for part in CHUNK_PARTS)}
 
     def write_chunk(self, index: int, metrics: pd.DataFrame, embeddings: np.ndarray, tokens: pd.DataFrame) -> None:
-        atomic_write(self._chunk(index, "tokens.parquet"), lambda f: tokens.to_parquet(f, index=False))
+        atomic_write(self._chunk(index, layout.TOKENS), lambda f: tokens.to_parquet(f, index=False))
         atomic_write(self._chunk(index, "emb.npy"), lambda f: _save_npy(f, embeddings))
-        atomic_write(self._chunk(index, "metrics.parquet"), lambda f: metrics.to_parquet(f, index=False))
+        atomic_write(self._chunk(index, layout.METRICS), lambda f: metrics.to_parquet(f, index=False))
 
     def remove_chunks(self) -> None:
         """Remove `chunks/`; only once the completion marker is written, and safe to repeat after a kill."""
@@ -108,21 +107,21 @@ class RunDir:
         missing = sorted(set(range(n_chunks)) - self.done_chunks())
         if missing:
             raise RunError(f"{self.chunks}: chunks {missing[:5]} are missing; run the same command again")
-        metrics = pd.concat([pd.read_parquet(self._chunk(i, "metrics.parquet")) for i in range(n_chunks)], ignore_index=True)
+        metrics = pd.concat([pd.read_parquet(self._chunk(i, layout.METRICS)) for i in range(n_chunks)], ignore_index=True)
         embeddings = np.concatenate([np.load(self._chunk(i, "emb.npy"), allow_pickle=False) for i in range(n_chunks)])
-        tokens = pd.concat([pd.read_parquet(self._chunk(i, "tokens.parquet")) for i in range(n_chunks)], ignore_index=True)
+        tokens = pd.concat([pd.read_parquet(self._chunk(i, layout.TOKENS)) for i in range(n_chunks)], ignore_index=True)
         if list(metrics["id"]) != [r["id"] for r in records]:
             raise RunError(f"{self.chunks}: chunks do not match the input records; delete the run and score again")
-        write_jsonl(self.file("data.jsonl"), records)
-        atomic_write(self.file("embeddings.npy"), lambda f: _save_npy(f, embeddings))
-        atomic_write(self.file("tokens.parquet"), lambda f: tokens.to_parquet(f, index=False))
-        atomic_write(self.file("metrics.parquet"), lambda f: metrics.to_parquet(f, index=False))
+        write_jsonl(self.file(layout.DATA), records)
+        atomic_write(self.file(layout.EMBEDDINGS), lambda f: _save_npy(f, embeddings))
+        atomic_write(self.file(layout.TOKENS), lambda f: tokens.to_parquet(f, index=False))
+        atomic_write(self.file(layout.METRICS), lambda f: metrics.to_parquet(f, index=False))
         return metrics
 
     def clear_scores(self) -> None:
         """Forget earlier scoring output (used with --overwrite or a changed config)."""
         self.remove_chunks()
-        for name in (*reversed(SCORE_OUTPUTS), "selection.json"):  # metrics first: no longer "scored" to a reader
+        for name in (*reversed(layout.SCORE_OUTPUTS), layout.SELECTION):  # metrics first: no longer "scored" to a reader
             self.file(name).unlink(missing_ok=True)
 
 

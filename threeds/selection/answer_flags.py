@@ -40,10 +40,10 @@ import pandas as pd
 from threeds.io.array_cache import read_cached, write_cached
 from threeds.io.data import DataError, is_blank, read_jsonl
 from threeds.names import ANSWER_FLAG_NAMES, ANSWER_FLAGS
+from threeds.rundir import layout
 from threeds.rundir.check import RunFileError
 from threeds.rundir.read import read_tokens
 
-SHARES_FILE, SHARES_META = "repeat_shares.npy", "repeat_shares.json"  # cache in the run directory
 REPEAT_N = 4
 REPEAT_MIN_COUNT = 3
 REPEAT_SHARE = 0.5
@@ -176,15 +176,15 @@ def run_answer_flags(run_dir: str | Path, metrics: pd.DataFrame, records: Sequen
     """The flags of every scored sample of a run (records: data.jsonl, in metrics' row order)."""
     texts = [r.get("generated_output") for r in records]
     cap = generation_cap(manifest)
-    tokens = answer_tokens(metrics, texts, Path(run_dir) / "tokens.parquet") if cap is not None else None
-    reasons = finish_reasons(Path(run_dir) / "generations.jsonl")
+    tokens = answer_tokens(metrics, texts, Path(run_dir) / layout.TOKENS) if cap is not None else None
+    reasons = finish_reasons(Path(run_dir) / layout.GENERATIONS)
     finish = [reasons.get(str(i)) for i in metrics["id"]] if reasons else None
     return flag_answers(texts, tokens, cap, finish, cached_repeat_shares(Path(run_dir), texts))
 
 
 def cached_repeat_shares(run_dir: Path, texts: Sequence[str | None]) -> np.ndarray:
-    """`repeat_shares` of a run's A', kept in the run directory (SHARES_FILE, described by
-    SHARES_META: a digest of the texts and the rule's settings), since 100k long answers take
+    """`repeat_shares` of a run's A', kept in the run directory (`layout.REPEAT_SHARES`: the array and its
+    description, a digest of the texts and the rule's settings), since 100k long answers take
     ~20 s; a missing, stale or unreadable cache is recomputed, an unwritable directory only
     costs the recomputation next time."""
     texts = ["" if t is None else str(t) for t in texts]
@@ -192,11 +192,12 @@ def cached_repeat_shares(run_dir: Path, texts: Sequence[str | None]) -> np.ndarr
     for text in texts:
         digest.update(text.encode("utf-8", "surrogatepass") + b"\0")
     meta = {"texts_sha256": digest.hexdigest(), "rows": len(texts), "n": REPEAT_N, "min_count": REPEAT_MIN_COUNT}
-    cached = read_cached(run_dir / SHARES_FILE, run_dir / SHARES_META, meta, (len(texts),))
+    array, description = (run_dir / name for name in layout.REPEAT_SHARES)
+    cached = read_cached(array, description, meta, (len(texts),))
     if cached is not None:
         return cached
     shares = repeat_shares(texts)
-    write_cached(run_dir / SHARES_FILE, run_dir / SHARES_META, shares, meta)
+    write_cached(array, description, shares, meta)
     return shares
 
 

@@ -38,8 +38,7 @@ from threeds.config import (
     first_problem,
 )
 from threeds.errors import SettingsError, ThreedsError
-from threeds.io.atomic import atomic_write
-from threeds.io.data import MAX_DEPTH, DataError, nesting_problem, read_text
+from threeds.io.data import MAX_DEPTH, DataError, nesting_problem, read_text, write_json
 from threeds.io.lock import locked
 from threeds.names import (
     ANSWER_FLAG_NAMES,
@@ -47,6 +46,7 @@ from threeds.names import (
     METRICS,
     metric_column,
 )
+from threeds.rundir import layout
 from threeds.rundir.check import (
     RESCORE,
     load_scored,
@@ -64,7 +64,6 @@ from threeds.selection.kcenter import (
 from threeds.selection.pick_order import PickOrder
 from threeds.selection.verdicts import in_plain_words
 
-PRESET_DIR = "selections"
 PRESET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 VERDICTS = ("picked", "not picked", "dropped")
 FUNNEL = ("rated", "kept by quality", "scored", "A' not flagged", "in all bands", "picked")
@@ -359,7 +358,7 @@ def read_run_ratings(run_dir: Path, config: SelectConfig) -> pd.DataFrame | None
     """ratings.jsonl when the config has a quality threshold; a clear error when it is missing."""
     if config.quality_threshold is None:
         return None
-    path = run_dir / "ratings.jsonl"
+    path = run_dir / layout.RATINGS
     if not path.is_file():
         raise SelectionError(f"{path}: not found; --quality-threshold needs the run's Stage-1 ratings (rate first, or drop the threshold)")
     try:
@@ -386,9 +385,9 @@ def read_run_flags(run_dir: Path, config: SelectConfig, metrics: pd.DataFrame) -
     """The run's flags on A' when the config excludes some (data.jsonl's answers, the manifest's cap)."""
     if not config.exclude_flags:
         return None
-    manifest_path = run_dir / "manifest.json"
+    manifest_path = run_dir / layout.MANIFEST
     manifest = read_manifest(manifest_path) if manifest_path.is_file() else {}
-    records = read_scored_records(run_dir / "data.jsonl", metrics["id"].tolist())
+    records = read_scored_records(run_dir / layout.DATA, metrics["id"].tolist())
     return run_answer_flags(run_dir, metrics, records, manifest)
 
 
@@ -400,7 +399,7 @@ def _select_into(run_dir: Path, config: SelectConfig, metrics: pd.DataFrame, emb
     try:
         chosen = apply(config, metrics, embeddings, ratings, flags, run_dir=run_dir, device=device, dtype=dtype, progress=progress)
     except NonFiniteError as exc:
-        raise RunFileError(f"{exc} in rows k-center chooses among; {RESCORE}", path=run_dir / "embeddings.npy") from exc
+        raise RunFileError(f"{exc} in rows k-center chooses among; {RESCORE}", path=run_dir / layout.EMBEDDINGS) from exc
     report = dict(chosen.report, n_selected=len(chosen.picked), kcenter_seconds=round(time.perf_counter() - start, 3))
     report["funnel"] = chosen.funnel
     recorded = config.recorded()
@@ -411,18 +410,14 @@ def _select_into(run_dir: Path, config: SelectConfig, metrics: pd.DataFrame, emb
         "selected_ids": chosen.picked_ids,
         "selected_rows": [int(r) for r in chosen.picked],
     }
-    write_json_file(run_dir / "selection.json", result)
+    write_json(run_dir / layout.SELECTION, result)
     return result
 
-
-def write_json_file(path: Path, obj: dict) -> None:
-    """Strict JSON (no NaN), replaced atomically."""
-    atomic_write(path, lambda f: json.dump(obj, f, ensure_ascii=False, indent=1, allow_nan=False), "w")
 
 
 def add_select_flags(parser: argparse.ArgumentParser) -> None:
     """`--preset NAME` plus one flag per SelectConfig field; a flag given wins over the preset."""
-    parser.add_argument("--preset", help=f"start from the named selection saved in RUN/{PRESET_DIR}/NAME.json (by the app)")
+    parser.add_argument("--preset", help=f"start from the named selection saved in RUN/{layout.PRESETS}/NAME.json (by the app)")
     add_arguments(parser, SelectConfig)
     dests = {dest_of(SelectConfig, f.name) for f in dataclasses.fields(SelectConfig)}
     for action in parser._actions:  # an absent flag leaves no attribute, so the preset's value stays
@@ -477,19 +472,19 @@ def config_from_json(obj: object, where: str) -> SelectConfig:
 def preset_path(run_dir: str | os.PathLike, name: str) -> Path:
     if not PRESET_NAME.fullmatch(name or ""):
         raise SelectionError(f"preset name {name!r}: letters, digits, '.', '_' and '-' only (up to 64)")
-    return Path(run_dir) / PRESET_DIR / f"{name}.json"
+    return Path(run_dir) / layout.PRESETS / f"{name}.json"
 
 
 def save_preset(run_dir: str | os.PathLike, name: str, config: SelectConfig) -> Path:
     check(config)
     path = preset_path(run_dir, name)
     path.parent.mkdir(exist_ok=True)
-    write_json_file(path, config_to_json(config))
+    write_json(path, config_to_json(config))
     return path
 
 
 def list_presets(run_dir: str | os.PathLike) -> list[str]:
-    folder = Path(run_dir) / PRESET_DIR
+    folder = Path(run_dir) / layout.PRESETS
     return sorted(p.stem for p in folder.glob("*.json") if PRESET_NAME.fullmatch(p.stem)) if folder.is_dir() else []
 
 

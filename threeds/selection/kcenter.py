@@ -6,10 +6,7 @@ then pick `sample_num` survivors by farthest-point (k-center) greedy over their 
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -61,7 +58,8 @@ def within(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
         return np.isfinite(values) & (values >= lo) & (values <= hi)
 
 
-def _resolve_bands(bands: Mapping[str, Sequence[float]] | None) -> dict[str, tuple[float, float]]:
+def resolve_bands(bands: Mapping[str, Sequence[float]] | None) -> dict[str, tuple[float, float]]:
+    """A (low, high) percentile band for every metric, DEFAULT_BAND where none is given; ValueError names a bad one."""
     bands = dict(bands or {})
     unknown = set(bands) - set(METRICS)
     if unknown:
@@ -92,7 +90,7 @@ def band_filter(
     the reason, and `n_removed` (rows finite in all metrics that this band alone rejects; bands
     overlap, so these do not add up); `n_kept`.
     """
-    bands = _resolve_bands(bands)
+    bands = resolve_bands(bands)
     columns = {m: metric_column(m, atten_method) for m in METRICS}
     missing = [c for c in columns.values() if c not in metrics.columns]
     if missing:
@@ -365,25 +363,3 @@ class KCenter:
             self.state.drop(self.ops.indices([int(self.first[pick])]))  # the first copy of a centre is at distance 0
         self.state.refresh_all()
 
-
-# ---------------------------------------------------------------------------- run directory
-
-
-def selected_records(run_dir: str | os.PathLike, selected_ids: Sequence[str]) -> list[dict]:
-    """Records of `data.jsonl` with the given ids, in the given (pick) order, all fields kept."""
-    wanted = {str(i) for i in selected_ids}
-    found: dict[str, dict] = {}
-    with open(Path(run_dir) / "data.jsonl", encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            rec = json.loads(line)
-            rid = str(rec.get("id"))
-            if rid in wanted:
-                if rid in found:
-                    raise ValueError(f"data.jsonl line {line_no}: duplicate id {rid!r}")
-                found[rid] = rec
-    missing = [i for i in selected_ids if str(i) not in found]
-    if missing:
-        raise KeyError(f"{len(missing)} selected ids not in data.jsonl, e.g. {missing[:5]}")
-    return [found[str(i)] for i in selected_ids]

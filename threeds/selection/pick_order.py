@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 
 from threeds.io.array_cache import array_digest, read_cached, write_cached
+from threeds.rundir import layout
 from threeds.selection.arrays import resolve_device, storage_dtype
 from threeds.selection.kcenter import KCenter
 
-PICK_DIR = "pick_orders"
 KEEP_ORDERS = 16  # orders kept per run (the newest): one per band setting tried
 
 
@@ -69,7 +69,7 @@ class PickOrder:
             "initial": list(self.initial), "device": self.device.split(":")[0], "dtype": self.dtype,
         }  # fmt: skip
         name = meta["embeddings_sha256"][:24] + f"-{self.seed}-{len(self.initial)}"
-        folder = self.run_dir / PICK_DIR
+        folder = self.run_dir / layout.PICK_ORDERS
         self._where = folder / f"{name}.npy", folder / f"{name}.json", meta
         return self._where
 

@@ -38,16 +38,11 @@ from threeds.io.data import (
 from threeds.io.lock import locked
 from threeds.model.backends import Backend, LocalBackend, OpenAIBackend
 from threeds.names import METRIC_COLUMNS
+from threeds.rundir import layout
+from threeds.rundir.check import selected_records
 from threeds.rundir.progress import ProgressFile, set_ahead
-from threeds.rundir.write import (
-    PROGRESS,
-    SCORE_OUTPUTS,
-    RunDir,
-    RunError,
-    package_versions,
-)
+from threeds.rundir.write import RunDir, RunError, package_versions
 from threeds.selection.apply import select_dir
-from threeds.selection.kcenter import selected_records
 from threeds.stages.generate import generate_records
 from threeds.stages.joblog import Check
 from threeds.stages.preflight import PREFLIGHT_RECORDS, check_ratings, probe_answers
@@ -111,7 +106,7 @@ class Stages:
         """progress.json's stages still to come after `current` for `records` records, at their pace here."""
         units = {"generate": records, "score": 2 * records}
         later = [s for s in STAGES[STAGES.index(current) + 1 :] if s in units]
-        set_ahead(self.run.file(PROGRESS), [{"stage": s, "units": units[s], "seconds_per_unit": self.pace(s)} for s in later])
+        set_ahead(self.run.file(layout.PROGRESS), [{"stage": s, "units": units[s], "seconds_per_unit": self.pace(s)} for s in later])
 
 
 def make_backend(config: RunConfig) -> Backend:
@@ -191,8 +186,8 @@ def _score_run(
         log.info("%s: already scored with this configuration; nothing to do", run.path)
         return manifest
     if rejects:
-        write_jsonl(run.file("rejects.jsonl"), rejects)
-        log.warning("%d records rejected (see %s)", len(rejects), run.file("rejects.jsonl"))
+        write_jsonl(run.file(layout.REJECTS), rejects)
+        log.warning("%d records rejected (see %s)", len(rejects), run.file(layout.REJECTS))
     timings = manifest.get("timings", {}) if manifest.get("score_config") == config else {}
     run.update_manifest(
         status="scoring", score_config=config, config={**manifest.get("config", {}), **config},
@@ -216,12 +211,12 @@ def _open_scoring(run: RunDir, config: dict, overwrite: bool) -> dict:
     refused; `status` "scored" means there is nothing to do."""
     manifest = run.read_manifest()
     if overwrite or manifest.get("score_config") != config:
-        if manifest.get("score_config") and not overwrite and (run.chunks.exists() or run.file("metrics.parquet").exists()):
+        if manifest.get("score_config") and not overwrite and (run.chunks.exists() or run.file(layout.METRICS).exists()):
             raise RunError(f"{run.path} holds scores made {_made_how(manifest['score_config'])}; "
                            "pass --overwrite to replace them or choose another --out")  # fmt: skip
         run.clear_scores()
         manifest.pop("status", None)
-    elif manifest.get("status") == "scored" and not all(run.file(name).exists() for name in SCORE_OUTPUTS):
+    elif manifest.get("status") == "scored" and not all(run.file(name).exists() for name in layout.SCORE_OUTPUTS):
         manifest.pop("status")
     run.path.mkdir(parents=True, exist_ok=True)
     return manifest
@@ -252,7 +247,7 @@ def score_chunks(run: RunDir, engine, chunks: list[list[dict]], pending: list[in
     manifest names the model once known), keep progress.json current; returns the timings."""
     total = 2 * sum(len(chunks[i]) for i in pending)
     before = 2 * sum(map(len, chunks)) - total  # sequences of the chunks an earlier run finished
-    file = ProgressFile(run.file(PROGRESS), "score", before + total, before, unit="sequences")
+    file = ProgressFile(run.file(layout.PROGRESS), "score", before + total, before, unit="sequences")
     file.phase("loading the model")
     started = time.perf_counter()
     described = engine.start()
@@ -305,8 +300,8 @@ def _run_stages(data: Path, run: RunDir, config: RunConfig) -> dict:
     records, rejects = read_data(data, config.data)
     require_records(data, records, rejects)
     if rejects:
-        write_jsonl(run.file("rejects.jsonl"), rejects)
-        log.warning("%d input records rejected (see %s)", len(rejects), run.file("rejects.jsonl"))
+        write_jsonl(run.file(layout.REJECTS), rejects)
+        log.warning("%d input records rejected (see %s)", len(rejects), run.file(layout.REJECTS))
     records = take_records(records, config.subset.limit, config.subset.sample, config.subset.sample_seed)
     backend = make_backend(config)
     rated = _rate(stages, data, records, len(rejects), backend, config)
@@ -316,7 +311,7 @@ def _run_stages(data: Path, run: RunDir, config: RunConfig) -> dict:
     selection = _select(stages, score_meta, config)
     run.write_progress("done", len(selection["selected_ids"]), len(selection["selected_ids"]))
     return {
-        "run": str(run.path), "selected": len(selection["selected_ids"]), "out": str(run.file("selected.json")),
+        "run": str(run.path), "selected": len(selection["selected_ids"]), "out": str(run.file(layout.SELECTED)),
         "rate": rated, "filter": report, "generate": gen_summary, "score": run.read_manifest().get("report"),
         "select": selection["report"],
     }  # fmt: skip
@@ -340,8 +335,8 @@ def _rate(stages: Stages, data: Path, records: list[dict], rejected: int, backen
     stages.record("rate", config=recorded, data=source)
     stages.plan_ahead("rate", len(records))  # A' for every record at most: the filter is still to come
     check = _preflight(records, backend, prompt, template, config) if config.preflight.preflight else None
-    summary = rate_records(records, backend, run.file("ratings.jsonl"), template, rate.max_new_tokens,
-                           reasks=rate.reasks, overwrite=True, progress_path=run.file("progress.json"),
+    summary = rate_records(records, backend, run.file(layout.RATINGS), template, rate.max_new_tokens,
+                           reasks=rate.reasks, overwrite=True, progress_path=run.file(layout.PROGRESS),
                            mode=rate.rating_mode, check_first=check)  # fmt: skip
     summary = {**summary, "rejected": rejected}
     stages.record("rate", summary=summary)
@@ -362,13 +357,13 @@ def _preflight(records: list[dict], backend: Backend, prompt: str, template: str
 
 def _filter(stages: Stages, records: list[dict], config: RunConfig) -> tuple[list[dict], dict]:
     run, threshold = stages.run, config.filter.quality_threshold
-    kept, report = filter_by_rating(records, read_jsonl(run.file("ratings.jsonl")), threshold)
-    write_jsonl(run.file("filtered.jsonl"), kept)
+    kept, report = filter_by_rating(records, read_jsonl(run.file(layout.RATINGS)), threshold)
+    write_jsonl(run.file(layout.FILTERED), kept)
     stages.record("filter", config={"quality_threshold": threshold}, report=report)
     log.info("stage 1: %d of %d records rated >= %g (%d unrated)", report["kept"], report["total"], threshold,
              report["unrated"])  # fmt: skip
     if not kept:
-        raise RunError(f"no record passed stage 1 ({report}); lower --quality-threshold or check {run.file('ratings.jsonl')}")
+        raise RunError(f"no record passed stage 1 ({report}); lower --quality-threshold or check {run.file(layout.RATINGS)}")
     return kept, report
 
 
@@ -376,12 +371,12 @@ def _generate(stages: Stages, kept: list[dict], backend: Backend, config: RunCon
     """A' for the kept records (resumes per record); frees a local model, as scoring loads its own."""
     run, tokens = stages.run, config.generate.max_new_tokens
     stages.plan_ahead("generate", len(kept))
-    generated, summary = generate_records(kept, backend, run.file("generations.jsonl"), tokens, overwrite=True,
-                                          progress_path=run.file("progress.json"))  # fmt: skip
+    generated, summary = generate_records(kept, backend, run.file(layout.GENERATIONS), tokens, overwrite=True,
+                                          progress_path=run.file(layout.PROGRESS))  # fmt: skip
     stages.record("generate", config={**backend.signature, "max_new_tokens": tokens}, summary=summary)
     _warn_failures(summary)
     if not generated:
-        raise RunError(f"no A' could be generated; see the errors in {run.file('generations.jsonl')}")
+        raise RunError(f"no A' could be generated; see the errors in {run.file(layout.GENERATIONS)}")
     if isinstance(backend, LocalBackend):
         backend.close()
     return generated, summary
@@ -395,7 +390,7 @@ def _score(stages: Stages, data: Path, generated: list[dict], rejects: list[dict
                 "function_words": score.function_words, "template": spec.template, "system": spec.system, "chunk_size": score.chunk_size, **spec.recorded()}  # fmt: skip
     meta = {"config": recorded, "input": records_fingerprint(generated)}
     fresh = not stages.current("score", meta)
-    if fresh and (run.file("metrics.parquet").exists() or run.chunks.exists()):
+    if fresh and (run.file(layout.METRICS).exists() or run.chunks.exists()):
         log.warning("score: the records, settings or scores version changed since the last run; scoring again")
     stages.record("score", **meta)  # before scoring, so a killed run resumes its chunks
     stages.plan_ahead("score", len(generated))
@@ -408,10 +403,10 @@ def _select(stages: Stages, score_meta: dict, config: RunConfig) -> dict:
     """Bands + k-center, unless the selection is current; writes selection.json and selected.json."""
     run, select = stages.run, config.select
     meta = {"config": select.recorded(), "input": digest(score_meta)}
-    if stages.current("select", meta, "selection.json", "selected.json"):
+    if stages.current("select", meta, layout.SELECTION, layout.SELECTED):
         log.info("select: up to date")
-        return json.loads(run.file("selection.json").read_text())
+        return json.loads(run.file(layout.SELECTION).read_text())
     selection = select_dir(run.path, select)
-    write_json(run.file("selected.json"), selected_records(run.path, selection["selected_ids"]))
+    write_json(run.file(layout.SELECTED), selected_records(run.path, selection["selected_ids"]))
     stages.record("select", **meta, report=selection["report"])
     return selection

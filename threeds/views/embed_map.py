@@ -14,9 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from threeds.io.array_cache import array_digest, read_cached, write_cached
+from threeds.rundir import layout
 
-UMAP_FILE = "umap.npy"
-UMAP_META = "umap.json"
 MIN_POINTS = 4  # UMAP needs a neighbour graph; fewer points make no map
 
 
@@ -51,9 +50,10 @@ def load_or_compute_umap(
     """The run's cached map if it matches `embeddings` and `settings`, else compute and cache it."""
     run_dir = Path(run_dir)
     meta = {"embeddings_sha256": array_digest(embeddings), "rows": len(embeddings), **settings.__dict__}
-    cached = read_cached(run_dir / UMAP_FILE, run_dir / UMAP_META, meta, (len(embeddings), 2))
+    array, description = (run_dir / name for name in layout.UMAP)
+    cached = read_cached(array, description, meta, (len(embeddings), 2))
     if cached is not None:
         return cached
     coords = compute_umap(embeddings, settings)
-    write_cached(run_dir / UMAP_FILE, run_dir / UMAP_META, coords, meta)
+    write_cached(array, description, coords, meta)
     return coords
