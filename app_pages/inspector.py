@@ -18,8 +18,9 @@ from threeds.names import (
     metric_column,
 )
 from threeds.rundir import layout
-from threeds.rundir.read import RunFileError, percentile_rank
+from threeds.rundir.read import RunFileError
 from threeds.selection.answer_flags import REPEAT_SHARE
+from threeds.selection.apply import percentile_ranks
 from threeds.selection.verdicts import explained
 from threeds.views import heatmap
 
@@ -132,7 +133,7 @@ def metric_table(run, row: int) -> pd.DataFrame:
                     "metric": METRIC_NAMES[metric],
                     "column": column,
                     "value": values[row],
-                    "percentile rank": percentile_rank(values, values[row]),
+                    "percentile rank": percentile_ranks(values[row : row + 1], values)[0],
                     "used by the selection": method == atten or metric == "ins_ppl",
                 }
             )

@@ -33,6 +33,7 @@ from transformers import GenerationConfig
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from threeds.config import RateConfig  # noqa: E402
 from threeds.io.data import full_instruction, read_records  # noqa: E402
 from threeds.model.backends import LocalBackend, _stop_ids, length_batches  # noqa: E402
 from threeds.model.load import load_model  # noqa: E402
@@ -107,7 +108,7 @@ def _rate(records, backend, template, mode: str, share: bool) -> tuple[dict, flo
         with tempfile.TemporaryDirectory() as tmp:
             log = Path(tmp) / "ratings.jsonl"
             began = time.perf_counter()
-            rate_records(records, backend, log, template, 16, mode=mode, progress=False)
+            rate_records(records, backend, log, RateConfig(rating_mode=mode), template=template, progress=False)
             seconds = time.perf_counter() - began
             rows = {r["id"]: r["score"] for r in map(json.loads, log.read_text().splitlines())}
     finally:

@@ -16,6 +16,7 @@ import pytest
 import torch
 from fake_openai_server import FakeOpenAIServer
 
+from threeds.config import RateConfig
 from threeds.errors import ServerDownError
 from threeds.model.backends import BackendError, LocalBackend, OpenAIBackend
 
@@ -209,7 +210,7 @@ def _wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 12
 
 def test_real_llama_cpp_server_rates_and_generates(llama_server, tmp_path):
     from threeds.stages.generate import generate_records
-    from threeds.stages.rate import load_rating_prompt, rate_records
+    from threeds.stages.rate import rate_records
 
     records = [
         {"id": "a", "instruction": "What is hypertension?", "output": "High blood pressure: the force of blood "
@@ -218,7 +219,7 @@ def test_real_llama_cpp_server_rates_and_generates(llama_server, tmp_path):
         {"id": "c", "instruction": "Name two symptoms of diabetes.", "output": "Thirst and frequent urination."},
     ]  # fmt: skip
     backend = OpenAIBackend(llama_server, concurrency=2, timeout=120, retries=1)
-    summary = rate_records(records, backend, tmp_path / "ratings.jsonl", load_rating_prompt("en-medical"), 8, reasks=1)
+    summary = rate_records(records, backend, tmp_path / "ratings.jsonl", RateConfig(prompt="en-medical", max_new_tokens=8, reasks=1))
     rows = [json.loads(line) for line in (tmp_path / "ratings.jsonl").read_text().splitlines()]
     assert sorted(r["id"] for r in rows) == ["a", "b", "c"]
     assert summary["done"] + summary["failed"] == 3

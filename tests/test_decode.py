@@ -10,6 +10,7 @@ import torch
 from conftest import tiny_llama
 from transformers import GenerationConfig
 
+from threeds.config import RateConfig
 from threeds.model.backends import LocalBackend
 from threeds.model.decode import MIN_SHARED_PREFIX, greedy_decode, shared_prefix
 from threeds.stages import rating_logits
@@ -225,7 +226,7 @@ def test_logits_mode_logs_scores_under_its_own_key_and_needs_a_local_backend(tmp
                {"id": "b", "instruction": "Cough?", "output": "See a doctor."}]  # fmt: skip
     backend = LocalBackend(str(tiny_model_dir))
     log = tmp_path / "ratings.jsonl"
-    summary = rate_records(records, backend, log, "{instruction} {output} score:", mode="logits", progress=False)
+    summary = rate_records(records, backend, log, RateConfig(rating_mode="logits"), template="{instruction} {output} score:", progress=False)
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     assert summary["new"] == 2 and [r["id"] for r in rows] == ["a", "b"]
     assert all(0 <= r["score"] <= 100 and json.loads(r["raw"])["score"] == r["score"] for r in rows)
@@ -233,9 +234,9 @@ def test_logits_mode_logs_scores_under_its_own_key_and_needs_a_local_backend(tmp
     from threeds.stages.joblog import StaleResultsError
 
     with pytest.raises(StaleResultsError):  # a generate-mode rerun never mixes into this log
-        rate_records(records, backend, log, "{instruction} {output} score:", mode="generate", progress=False)
+        rate_records(records, backend, log, RateConfig(), template="{instruction} {output} score:", progress=False)
     with pytest.raises(RatingModeError, match="--backend local"):
-        rate_records(records, OpenAIBackend("http://127.0.0.1:9/v1"), log, "{instruction}{output}", mode="logits")
+        rate_records(records, OpenAIBackend("http://127.0.0.1:9/v1"), log, RateConfig(rating_mode="logits"), template="{instruction}{output}")
 
 
 def test_replies_and_the_generate_log_say_whether_an_answer_was_cut_off(tmp_path, tiny_model_dir):

@@ -15,6 +15,7 @@ import pytest
 from fake_openai_server import FakeOpenAIServer
 
 from threeds.cli import main as cli
+from threeds.config import RateConfig
 from threeds.model.backends import OpenAIBackend
 from threeds.stages.joblog import StaleResultsError
 from threeds.stages.rate import (
@@ -29,6 +30,8 @@ from threeds.stages.rate import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
+
+RATE = RateConfig(prompt="en-medical", max_new_tokens=8, reasks=2)
 
 
 @pytest.mark.parametrize(
@@ -113,7 +116,7 @@ def test_rate_records_retries_records_failures_and_reruns_only_failures(tmp_path
     template = load_rating_prompt("general")
     with FakeOpenAIServer(default_reply="Score: 88") as server:
         backend = OpenAIBackend(server.base_url, retries=2, backoff=0.01)
-        summary = rate_records(records, backend, out, template, 8, reasks=2, progress=False)
+        summary = rate_records(records, backend, out, RATE, template=template, progress=False)
         rows = {r["id"]: r for r in _rows(out)}
         assert summary | {"seconds": 0} == {"stage": "rate", "total": 6, "done": 4, "failed": 2, "skipped": 0, "new": 4,
                                             "seconds": 0, "log": str(out), "first_failures": [
@@ -128,7 +131,7 @@ def test_rate_records_retries_records_failures_and_reruns_only_failures(tmp_path
         assert rows["r5"]["score"] == 88 and rows["r0"]["raw"] == "Score: 88" and rows["r0"]["model"] == "fake-model"
         asked = len(server.requests)
 
-        summary = rate_records(records, backend, out, template, 8, reasks=2, progress=False,
+        summary = rate_records(records, backend, out, RATE, template=template, progress=False,
                                progress_path=tmp_path / "progress.json")  # r2 now recovers
         assert (summary["done"], summary["failed"], summary["skipped"]) == (5, 1, 4)
         assert len(server.requests) - asked == 1 + 3  # only the two failures were asked again
@@ -141,10 +144,10 @@ def test_changed_prompt_is_refused_unless_overwrite(tmp_path):
     records = _records(3)
     with FakeOpenAIServer() as server:
         backend = OpenAIBackend(server.base_url, retries=0)
-        rate_records(records, backend, out, load_rating_prompt("general"), 8, progress=False)
+        rate_records(records, backend, out, RateConfig(prompt="general", max_new_tokens=8), progress=False)
         with pytest.raises(StaleResultsError, match="3 results"):
-            rate_records(records, backend, out, load_rating_prompt("en-medical"), 8, progress=False)
-        summary = rate_records(records, backend, out, load_rating_prompt("en-medical"), 8, overwrite=True, progress=False)
+            rate_records(records, backend, out, RATE, progress=False)
+        summary = rate_records(records, backend, out, RATE, overwrite=True, progress=False)
     assert summary["new"] == 3 and len(_rows(out)) == 3
 
 

@@ -17,6 +17,7 @@ from streamlit.testing.v1 import AppTest
 from synthetic_run import make_run
 
 from threeds.cli import main as cli
+from threeds.config import RateConfig
 from threeds.model.backends import LocalBackend, Reply
 from threeds.rundir.progress import read_status, write_status
 from threeds.stages.rate import NO_SCORE, REMINDER, load_rating_prompt, rate_records
@@ -141,12 +142,12 @@ def test_a_stop_inside_a_batch_keeps_every_reply_that_arrived(tmp_path, tiny_mod
     out, template = tmp_path / "ratings.jsonl", load_rating_prompt("general")
     local = LocalBackend(str(tiny_model_dir), batch_size=6)
     with pytest.raises(KeyboardInterrupt):
-        rate_records(records, StopAfter(local, 3), out, template, 4, reasks=2, progress=False)
+        rate_records(records, StopAfter(local, 3), out, RateConfig(max_new_tokens=4), template=template, progress=False)
     kept = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(kept) == 3 and all(r["pending"] and r["round"] == 0 and r["error"] == NO_SCORE for r in kept)
 
     again = Recorder(local.signature)
-    summary = rate_records(records, again, out, template, 4, reasks=2, progress=False)
+    summary = rate_records(records, again, out, RateConfig(max_new_tokens=4), template=template, progress=False)
     reasked = [p for p in again.asked if p.endswith(REMINDER)]
     assert len(reasked) == 3 and len(again.asked) == 6  # 3 first questions, 3 re-asks, nothing asked twice
     assert (summary["done"], summary["failed"]) == (6, 0)

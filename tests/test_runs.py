@@ -29,10 +29,10 @@ from threeds.rundir.jobs import StopResult, job_running, start_run, stop_run
 from threeds.rundir.read import (
     list_runs,
     load_run,
-    percentile_rank,
     read_progress,
     run_key,
 )
+from threeds.selection.apply import percentile_ranks
 from threeds.selection.funnel import stage_counts
 from threeds.selection.quality import quality_mask
 from threeds.stages.rate import filter_by_rating
@@ -153,12 +153,12 @@ def test_run_key_follows_the_files_the_run_is_loaded_from(run_dir):
     assert run_key(run_dir) != before
 
 
-def test_percentile_rank():
-    values = np.array([1.0, 2.0, 3.0, 4.0, np.nan])
-    assert percentile_rank(values, 2.0) == 50.0
-    assert percentile_rank(values, 0.5) == 0.0
-    assert percentile_rank(values, 4.0) == 100.0
-    assert np.isnan(percentile_rank(values, np.nan))
+def test_percentile_ranks():
+    """The inspector's and the samples table's rank: % of the finite values at or below each value."""
+    values = np.array([1.0, 2.0, 3.0, 4.0, np.nan, np.inf])
+    ranks = percentile_ranks(np.array([2.0, 0.5, 4.0, np.nan, np.inf]), values)
+    assert ranks[:3].tolist() == [50.0, 0.0, 100.0] and np.isnan(ranks[3:]).all()
+    assert np.isnan(percentile_ranks(np.array([1.0]), np.array([np.nan]))).all()
 
 
 def test_run_command_is_accepted_by_the_cli(tmp_path):

@@ -184,3 +184,15 @@ def test_help_explains_flags():
     result = threeds("select", "--help")
     for flag in ("--low-th", "--up-th", "--sample-num", "--atten-method", "--ins-low", "k-center"):
         assert flag in result.stdout
+
+
+def test_both_engines_offer_the_engine_interface():
+    """`score_chunks` drives any `Engine`: this process's and Ray's both have start, results and close."""
+    from threeds.config import EngineConfig
+    from threeds.stages.engine import Engine
+    from threeds.stages.engine_ray import RayEngine
+    from threeds.stages.score import LocalEngine
+
+    assert isinstance(LocalEngine(ScoreConfig(), ModelConfig()), Engine)
+    assert isinstance(RayEngine(ScoreConfig(), ModelConfig(), EngineConfig(engine="ray")), Engine)
+    assert not isinstance(object(), Engine)

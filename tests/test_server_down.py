@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from fake_openai_server import FakeOpenAIServer
 
+from threeds.config import RateConfig
 from threeds.errors import SERVER_DOWN, ServerDownError
 from threeds.model.backends import OpenAIBackend
 from threeds.stages.rate import load_rating_prompt, rate_records
@@ -81,13 +82,14 @@ def test_rating_stops_when_the_server_dies_keeps_what_was_rated_and_the_rerun_re
         server.default_reply = reply
         backend = OpenAIBackend(server.base_url, max_consecutive_failures=3, **FAST)
         with pytest.raises(ServerDownError, match="records already answered are kept"):
-            rate_records(data, backend, out, template, 8, progress=False)
+            rate_records(data, backend, out, RateConfig(max_new_tokens=8), template=template, progress=False)
     first = rows(out)
     assert [r["id"] for r in first if r["error"] is None] == ["r0", "r1", "r2", "r3"]
     assert len(first) < 12
 
     with FakeOpenAIServer(default_reply="Score: 70") as again:  # back up (on another port)
-        summary = rate_records(data, OpenAIBackend(again.base_url, **FAST), out, template, 8, progress=False)
+        summary = rate_records(data, OpenAIBackend(again.base_url, **FAST), out, RateConfig(max_new_tokens=8), template=template,
+                               progress=False)
         asked = len(again.requests)
     assert (summary["done"], summary["failed"], summary["skipped"]) == (12, 0, 4)
     assert asked == 8  # only the records not rated before

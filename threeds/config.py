@@ -245,6 +245,14 @@ class EvalConfig:
                                 "stays within this many tokens; results do not depend on it beyond float rounding "
                                 "(default: 8192)", low=1)  # fmt: skip
 
+    def recorded(self, model: ModelConfig) -> dict:
+        """What scores depend on, as a run records it (manifest `score_config`, `stages.score.config`): these
+        settings and the model's, not batch_tokens."""
+        return {
+            "model": model.model, "max_length": self.max_length, "function_words": self.function_words,
+            "template": model.template, "system": model.system, "chunk_size": self.chunk_size, **model.recorded(),
+        }  # fmt: skip
+
 
 def id_list(text: str) -> tuple[str, ...]:
     """Comma-separated sample ids (a flag's text) as a tuple."""
@@ -436,15 +444,17 @@ def dest_of(cls: type, name: str) -> str:
     return f"{cls.__name__}.{name}"
 
 
-def add_arguments(parser: argparse._ActionsContainer, cls: type, flags: dict[str, str] | None = None) -> None:
-    """One flag per field of `cls`, with its default, choices and help."""
+def add_arguments(parser: argparse._ActionsContainer, cls: type, flags: dict[str, str] | None = None,
+                  defaults: bool = True) -> None:  # fmt: skip
+    """One flag per field of `cls`, with its default (without `defaults`, an absent flag sets nothing, so a
+    value from elsewhere, such as a preset, stays), choices and help."""
     for f in dataclasses.fields(cls):
-        meta = f.metadata
+        meta, default = f.metadata, f.default if defaults else argparse.SUPPRESS
         if meta["kind"] is bool:  # a switch: its flag turns the default around
-            parser.add_argument(flag_of(cls, f.name, flags), dest=dest_of(cls, f.name), default=f.default,
+            parser.add_argument(flag_of(cls, f.name, flags), dest=dest_of(cls, f.name), default=default,
                                 action="store_false" if f.default else "store_true", help=meta["help"])  # fmt: skip
             continue
-        many = {"action": "append", "default": None} if meta.get("many") else {"default": f.default}
+        many = {"action": "append", "default": None} if meta.get("many") else {"default": default}
         parser.add_argument(
             flag_of(cls, f.name, flags), dest=dest_of(cls, f.name), type=meta["kind"], choices=meta["choices"],
             help=meta["help"], metavar=None if meta["choices"] else f.name.upper(), **many,

@@ -54,7 +54,6 @@ def main(args: argparse.Namespace) -> int:
         log.warning("%d input records rejected, e.g. %s", len(rejects), rejects[0])
     template = load_rating_prompt(rating_prompt_name(rate.prompt, records))
     with locked(args.out.parent):  # before the model loads: a second writer is refused at once
-        summary = rate_records(records, make_backend(config), args.out, template, rate.max_new_tokens,
-                               reasks=rate.reasks, overwrite=args.overwrite, mode=rate.rating_mode)  # fmt: skip
+        summary = rate_records(records, make_backend(config), args.out, rate, template=template, overwrite=args.overwrite)
     print_summary(summary)
     return RECORDS_FAILED if summary["failed"] else 0

@@ -239,16 +239,3 @@ def read_progress(run_dir: str | os.PathLike) -> dict | None:
         return None
     return value if isinstance(value, dict) else None
 
-
-# ---------------------------------------------------------------------------------------------
-# Percentile ranks (the inspector's "where does this sample sit")
-# ---------------------------------------------------------------------------------------------
-
-
-def percentile_rank(values: np.ndarray, x: float) -> float:
-    """Percent of the non-NaN `values` at or below `x` (NaN for NaN `x`)."""
-    values = np.asarray(values, dtype=float)
-    values = np.sort(values[~np.isnan(values)])
-    if np.isnan(x) or values.size == 0:
-        return float("nan")
-    return 100.0 * np.searchsorted(values, x, side="right") / values.size

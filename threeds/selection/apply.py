@@ -414,15 +414,10 @@ def _select_into(run_dir: Path, config: SelectConfig, metrics: pd.DataFrame, emb
     return result
 
 
-
 def add_select_flags(parser: argparse.ArgumentParser) -> None:
     """`--preset NAME` plus one flag per SelectConfig field; a flag given wins over the preset."""
     parser.add_argument("--preset", help=f"start from the named selection saved in RUN/{layout.PRESETS}/NAME.json (by the app)")
-    add_arguments(parser, SelectConfig)
-    dests = {dest_of(SelectConfig, f.name) for f in dataclasses.fields(SelectConfig)}
-    for action in parser._actions:  # an absent flag leaves no attribute, so the preset's value stays
-        if action.dest in dests:
-            action.default = argparse.SUPPRESS
+    add_arguments(parser, SelectConfig, defaults=False)  # an absent flag leaves no attribute: the preset's value stays
 
 
 def config_from_args(args: argparse.Namespace, run_dir: str | os.PathLike) -> SelectConfig:

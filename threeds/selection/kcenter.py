@@ -11,11 +11,12 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from threeds.config import SelectConfig
 from threeds.errors import SettingsError
 from threeds.names import METRIC_NAMES, METRICS, metric_column
 from threeds.selection.arrays import is_tensor, ops_for, resolve_device, storage_dtype
 
-DEFAULT_BAND = (25.0, 75.0)
+DEFAULT_BAND = (SelectConfig.low_th, SelectConfig.up_th)  # the method's band, 25-75
 # Why a metric can be NaN (spec item 6); inf (overflow) is counted with NaN.
 NAN_REASONS = {
     "ins_ppl": "no prompt token to score",
@@ -80,7 +81,7 @@ def _float_or_none(x: float) -> float | None:
 def band_filter(
     metrics: pd.DataFrame,
     bands: Mapping[str, Sequence[float]] | None = None,
-    atten_method: str = "mean",
+    atten_method: str = SelectConfig.atten_method,
 ) -> tuple[np.ndarray, dict]:
     """Intersection of the three percentile bands (spec item 7) and a report of what each removed.
 

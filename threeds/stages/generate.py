@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from threeds.config import GenerateConfig
 from threeds.io.data import full_instruction
 from threeds.model.backends import Backend, Reply
 from threeds.stages.joblog import Job, Task, good_rows, make_tasks, run_job
@@ -28,7 +29,7 @@ def generate_tasks(records: Sequence[dict], backend: Backend, max_new_tokens: in
 
 
 def generate_records(
-    records: Sequence[dict], backend: Backend, log_path: Path, max_new_tokens: int = 512,
+    records: Sequence[dict], backend: Backend, log_path: Path, max_new_tokens: int = GenerateConfig.max_new_tokens,
     *, overwrite: bool = False, progress: bool = True, progress_path: Path | None = None,
 ) -> tuple[list[dict], dict]:  # fmt: skip
     """A' for every record into the log; returns (records that got one, in input order, summary).

@@ -43,6 +43,7 @@ from threeds.rundir.check import selected_records
 from threeds.rundir.progress import ProgressFile, set_ahead
 from threeds.rundir.write import RunDir, RunError, package_versions
 from threeds.selection.apply import select_dir
+from threeds.stages.engine import Engine
 from threeds.stages.generate import generate_records
 from threeds.stages.joblog import Check
 from threeds.stages.preflight import PREFLIGHT_RECORDS, check_ratings, probe_answers
@@ -133,14 +134,15 @@ def make_backend(config: RunConfig) -> Backend:
 # ------------------------------------------------------------------------------------ scoring
 
 
+def score_settings(score: ScoreConfig, spec: ModelConfig) -> dict:
+    """What scores depend on, as the manifest's `score_config` and the score stage record them."""
+    return {"score_version": SCORE_VERSION, **score.recorded(spec)}
+
+
 def score_config(score: ScoreConfig, spec: ModelConfig, records: Sequence[dict], loaded: tuple | None = None) -> dict:
     """What a scored run depends on (manifest `score_config`): a run is resumed only if it matches."""
     model = spec.model or (loaded[0].name_or_path if loaded is not None else None)
-    return {
-        "score_version": SCORE_VERSION, "model": model, "max_length": score.max_length,
-        "function_words": score.function_words, "template": spec.template, "system": spec.system, "chunk_size": score.chunk_size,
-        "data_fingerprint": records_fingerprint(records), **spec.recorded(),
-    }  # fmt: skip
+    return {**score_settings(score, spec), "model": model, "data_fingerprint": records_fingerprint(records)}
 
 
 def score_run(
@@ -231,7 +233,7 @@ def _made_how(recorded: dict) -> str:
     return "with another configuration or data"
 
 
-def _engine(score: ScoreConfig, spec: ModelConfig, engine: EngineConfig, loaded: tuple | None):
+def _engine(score: ScoreConfig, spec: ModelConfig, engine: EngineConfig, loaded: tuple | None) -> Engine:
     """The engine `engine` names; imported here, so commands that do not score start without torch's models."""
     if engine.engine == "ray":
         from threeds.stages.engine_ray import RayEngine
@@ -242,7 +244,7 @@ def _engine(score: ScoreConfig, spec: ModelConfig, engine: EngineConfig, loaded:
     return LocalEngine(score, spec, loaded)
 
 
-def score_chunks(run: RunDir, engine, chunks: list[list[dict]], pending: list[int], progress: bool) -> dict[str, float]:
+def score_chunks(run: RunDir, engine: Engine, chunks: list[list[dict]], pending: list[int], progress: bool) -> dict[str, float]:
     """The one chunk writer: start `engine`, write each chunk it returns the moment it arrives (the
     manifest names the model once known), keep progress.json current; returns the timings."""
     total = 2 * sum(len(chunks[i]) for i in pending)
@@ -335,9 +337,8 @@ def _rate(stages: Stages, data: Path, records: list[dict], rejected: int, backen
     stages.record("rate", config=recorded, data=source)
     stages.plan_ahead("rate", len(records))  # A' for every record at most: the filter is still to come
     check = _preflight(records, backend, prompt, template, config) if config.preflight.preflight else None
-    summary = rate_records(records, backend, run.file(layout.RATINGS), template, rate.max_new_tokens,
-                           reasks=rate.reasks, overwrite=True, progress_path=run.file(layout.PROGRESS),
-                           mode=rate.rating_mode, check_first=check)  # fmt: skip
+    summary = rate_records(records, backend, run.file(layout.RATINGS), rate, template=template, overwrite=True,
+                           progress_path=run.file(layout.PROGRESS), check_first=check)  # fmt: skip
     summary = {**summary, "rejected": rejected}
     stages.record("rate", summary=summary)
     _warn_failures(summary)
@@ -386,9 +387,7 @@ def _score(stages: Stages, data: Path, generated: list[dict], rejects: list[dict
            config: RunConfig) -> dict:  # fmt: skip
     """Stage 2 scoring (resumable chunks); returns the stage's recorded settings and input."""
     run, score, spec = stages.run, config.score, config.model
-    recorded = {"score_version": SCORE_VERSION, "model": spec.model, "max_length": score.max_length,
-                "function_words": score.function_words, "template": spec.template, "system": spec.system, "chunk_size": score.chunk_size, **spec.recorded()}  # fmt: skip
-    meta = {"config": recorded, "input": records_fingerprint(generated)}
+    meta = {"config": score_settings(score, spec), "input": records_fingerprint(generated)}
     fresh = not stages.current("score", meta)
     if fresh and (run.file(layout.METRICS).exists() or run.chunks.exists()):
         log.warning("score: the records, settings or scores version changed since the last run; scoring again")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from threeds.config import FilterConfig, RateConfig
 from threeds.errors import ThreedsError
 from threeds.io.data import full_instruction
 from threeds.model.backends import Backend, LocalBackend, OnReply, Reply
@@ -179,27 +180,32 @@ def _logits_fields(reply: Reply) -> dict:
 
 
 def rate_records(
-    records: Sequence[dict], backend: Backend, out_path: Path, template: str, max_new_tokens: int = 16,
-    *, reasks: int = 2, overwrite: bool = False, progress: bool = True, progress_path: Path | None = None,
-    mode: str = "generate", check_first: tuple[int, Check] | None = None,
+    records: Sequence[dict], backend: Backend, out_path: Path, config: RateConfig = RateConfig(),
+    *, template: str | None = None, overwrite: bool = False, progress: bool = True, progress_path: Path | None = None,
+    check_first: tuple[int, Check] | None = None,
 ) -> dict:  # fmt: skip
     """Rate every record not yet rated into `out_path` (ratings JSONL); returns the summary.
 
-    `mode` "generate" parses the score the model writes (the paper's method); "logits" reads it
+    `template`: the rating prompt's text (default: the prompt `config.prompt` names for these records).
+    Rating mode "generate" parses the score the model writes (the paper's method); "logits" reads it
     from one pass over the prompt (threeds.stages.rating_logits), keyed apart so the log never mixes them.
     `check_first`: the preflight (`threeds.stages.joblog.run_job`).
     """
-    job = rating_job(reasks)
-    if mode == "logits":
+    if template is None:
+        template = load_rating_prompt(rating_prompt_name(config.prompt, records))
+    job, tokens = rating_job(config.reasks), config.max_new_tokens
+    if config.rating_mode == "logits":
         backend, job = LogitsRater(backend), Job("rate", _logits_fields)
-    elif mode != "generate":
-        raise ValueError(f"rating mode must be generate or logits, got {mode!r}")
-    tasks = make_tasks(records, [render(template, r) for r in records], backend, max_new_tokens)
-    return run_job(job, tasks, backend, Path(out_path), max_new_tokens, overwrite=overwrite,
+    elif config.rating_mode != "generate":
+        raise ValueError(f"rating mode must be generate or logits, got {config.rating_mode!r}")
+    tasks = make_tasks(records, [render(template, r) for r in records], backend, tokens)
+    return run_job(job, tasks, backend, Path(out_path), tokens, overwrite=overwrite,
                    progress=progress, progress_path=progress_path, check_first=check_first)  # fmt: skip
 
 
-def filter_by_rating(records: Sequence[dict], ratings: Sequence[dict], threshold: float = 85) -> tuple[list[dict], dict]:
+def filter_by_rating(
+    records: Sequence[dict], ratings: Sequence[dict], threshold: float = FilterConfig.quality_threshold,
+) -> tuple[list[dict], dict]:  # fmt: skip
     """(records scored >= threshold, report). Records without a valid rating are left out and counted."""
     scores = {r["id"]: r["score"] for r in ratings if r.get("score") is not None}
     keep = quality_mask([scores.get(r["id"], np.nan) for r in records], threshold)
