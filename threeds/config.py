@@ -221,6 +221,14 @@ class ScoreConfig:
     chunk_size: int = setting(256, "samples written to disk at a time; a killed run resumes from the last finished "
                               "chunk (default: 256)", low=1)  # fmt: skip
 
+    def recorded(self, model: ModelConfig) -> dict:
+        """What scores depend on, as a run records it (manifest `score_config`, `stages.score.config`): these
+        settings and the model's, not batch_tokens."""
+        return {
+            "model": model.model, "max_length": self.max_length, "function_words": self.function_words,
+            "template": model.template, "system": model.system, "chunk_size": self.chunk_size, **model.recorded(),
+        }  # fmt: skip
+
 
 @dataclass(frozen=True)
 class EvalConfig:
@@ -244,14 +252,6 @@ class EvalConfig:
     batch_tokens: int = setting(8192, "items in one forward x their longest packed length (prompt + every choice) "
                                 "stays within this many tokens; results do not depend on it beyond float rounding "
                                 "(default: 8192)", low=1)  # fmt: skip
-
-    def recorded(self, model: ModelConfig) -> dict:
-        """What scores depend on, as a run records it (manifest `score_config`, `stages.score.config`): these
-        settings and the model's, not batch_tokens."""
-        return {
-            "model": model.model, "max_length": self.max_length, "function_words": self.function_words,
-            "template": model.template, "system": model.system, "chunk_size": self.chunk_size, **model.recorded(),
-        }  # fmt: skip
 
 
 def id_list(text: str) -> tuple[str, ...]:
