@@ -45,7 +45,7 @@ def test_progress_file_rate_limits_writes_but_never_ends_behind(tmp_path):
 def test_phase_line_from_the_first_second_and_the_pace_from_the_stage_own_phase(tmp_path):
     """Issue 25: 'rate: 0 / 10 (updated 384 s ago)' for 9.5 minutes became a line that moves."""
     clock = Clock()
-    bar = pg.ProgressFile(tmp_path / pg.PROGRESS_FILE, "rate", total=10, clock=clock)
+    bar = pg.ProgressFile(tmp_path / layout.PROGRESS, "rate", total=10, clock=clock)
     bar.phase("loading the model")  # written at once, whatever the rate limit
     assert pg.phase_line(read(tmp_path), now=1040.0) == "loading the model, 40 s so far"
     clock.t = 1300.0
@@ -60,7 +60,7 @@ def test_phase_line_from_the_first_second_and_the_pace_from_the_stage_own_phase(
 
 
 def test_whole_run_time_left_adds_the_stages_ahead_at_their_measured_pace(tmp_path):
-    path = tmp_path / pg.PROGRESS_FILE
+    path = tmp_path / layout.PROGRESS
     pg.set_ahead(path, [{"stage": "generate", "units": 8, "seconds_per_unit": 15.0},
                         {"stage": "score", "units": 16, "seconds_per_unit": None}])  # fmt: skip
     clock = Clock()

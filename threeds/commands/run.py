@@ -27,7 +27,8 @@ from threeds.config import (
 )  # fmt: skip
 from threeds.errors import INTERRUPTED, describe
 from threeds.io.lock import locked
-from threeds.rundir.progress import PROGRESS_FILE, ProgressFile, write_status
+from threeds.rundir import layout
+from threeds.rundir.progress import ProgressFile, write_status
 from threeds.rundir.write import RunDir
 from threeds.stages.outcome import run_outcome
 from threeds.stages.pipeline import run_pipeline
@@ -75,7 +76,7 @@ def main(args: argparse.Namespace) -> int:
     out = args.out or Path("cache") / args.data.stem
     with locked(out):  # status.json is the run's own: only its one writer records it
         write_status(out, "running")
-        ProgressFile(out / PROGRESS_FILE, "start", 0, ahead=[]).phase("reading the data")  # a phase line from the first second
+        ProgressFile(out / layout.PROGRESS, "start", 0, ahead=[]).phase("reading the data")  # a phase line from the first second
         try:
             config = config_from_args(args)  # refused settings are recorded as the run's end too
             result = run_pipeline(args.data, RunDir(out), config)
