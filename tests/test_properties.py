@@ -99,6 +99,8 @@ def make_run_dir(path: Path, n: int, dim: int, seed: int, nan_share: float, chun
     for index, (a, b) in enumerate(pairwise(cuts)):
         run.write_chunk(index, metrics.iloc[a:b], emb[a:b], tokens.iloc[a:b])
     run.consolidate(len(cuts) - 1, [{"id": i, "instruction": f"q {i}", "output": "a", "row": r} for r, i in enumerate(ids)])
+    run.update_manifest(status="scored")  # the completion marker, then the chunks go (as the pipeline does)
+    run.remove_chunks()
     return metrics, emb
 
 
