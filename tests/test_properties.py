@@ -86,7 +86,7 @@ def test_csv_rows_with_the_header_count_are_kept_and_others_rejected(cells):
 
 def make_run_dir(path: Path, n: int, dim: int, seed: int, nan_share: float, chunks: int = 1) -> tuple[pd.DataFrame, np.ndarray]:
     """A scored run written as the pipeline writes one: `chunks` chunks (random sizes) through
-    `RunDir.write_chunk`, then `RunDir.consolidate`; returns the metrics and embeddings written."""
+    `RunDir.write_chunk`, `RunDir.consolidate`, the completion marker, the chunks removed; returns the metrics and embeddings written."""
     rng = np.random.default_rng(seed)
     ids = [f"s{i}" for i in rng.permutation(n)]
     metrics = pd.DataFrame({"id": ids, **{c: rng.gamma(2.0, 1.0, n) for c in METRIC_COLUMNS[1:]}})
