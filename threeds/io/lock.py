@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import os
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,11 +24,12 @@ _guard = threading.Lock()
 
 
 @contextmanager
-def locked(directory: str | os.PathLike, create: bool = True) -> Iterator[Path]:
+def locked(directory: str | os.PathLike, create: bool = True, wait: float = 0.0) -> Iterator[Path]:
     """Hold the directory's write lock for the block; re-entrant in a process.
 
     The directory is made if missing, unless `create` is False (a run to update must exist).
-    Raises `LockedError` (exit status 4) naming the holder's pid when another process holds it.
+    Raises `LockedError` (exit status 4) naming the holder's pid when another process holds it
+    (after retrying for `wait` seconds: a holder that is exiting releases it soon).
     """
     directory = Path(directory)
     if not create and not directory.is_dir():
@@ -38,7 +40,7 @@ def locked(directory: str | os.PathLike, create: bool = True) -> Iterator[Path]:
         if key in _held:
             _held[key][1] += 1
         else:
-            _held[key] = [_acquire(directory), 1]
+            _held[key] = [_acquire_within(directory, wait), 1]
     try:
         yield directory
     finally:
@@ -66,6 +68,17 @@ def holder(directory: str | os.PathLike) -> int | None:
         return None
     finally:
         os.close(fd)
+
+
+def _acquire_within(directory: Path, wait: float) -> int:
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return _acquire(directory)
+        except LockedError:
+            if time.monotonic() >= deadline:
+                raise
+        time.sleep(0.05)
 
 
 def _acquire(directory: Path) -> int:

@@ -26,6 +26,7 @@ from threeds.rundir.progress import read_status, terminal_text, write_status
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGKILL)
 GRACE_SECONDS = (20.0, 10.0, 5.0)  # wait after each signal before sending the next
+LOCK_WAIT = 60.0  # the stopper's wait for the lock of a run whose processes are gone (`_record_stop`)
 
 _children: dict[int, subprocess.Popen] = {}  # started by this process: poll() reaps them
 
@@ -132,9 +133,10 @@ def stop_run(run_dir: str | os.PathLike, grace: tuple[float, ...] = GRACE_SECOND
 def _record_stop(run_dir: Path, pid: int, result: StopResult) -> None:
     """Record the end of a run whose processes are gone but whose status.json still says `running`
     (SIGTERM and SIGKILL give it no chance to): `stopped`, with the signal that ended it. A run
-    that recorded its own end is left alone, and so is a directory another writer took meanwhile."""
+    that recorded its own end is left alone, and so is a directory another writer took meanwhile
+    (its lock still held after `LOCK_WAIT`: the killed run's lock is dropped as its last thread exits)."""
     try:
-        with locked(run_dir, create=False):
+        with locked(run_dir, create=False, wait=LOCK_WAIT):
             status = read_status(run_dir)
             if status is None or status["state"] != "running":
                 return
@@ -168,7 +170,11 @@ def _group_alive(pgid: int) -> bool:
 
 def _live_members(pgid: int) -> int | None:
     """Processes of the group that are not zombies (dead, waiting for a parent to reap them);
-    None without /proc, where any member counts as alive."""
+    None without /proc, where any member counts as alive.
+
+    A process counts as a zombie only once all its threads are: a killed multi-threaded
+    process (numpy's, torch's, llama.cpp's thread pools) shows its main thread as a zombie
+    while the other threads still exit, holding its open files, the run's lock among them."""
     proc = Path("/proc")
     if not proc.is_dir():
         return None
@@ -176,12 +182,27 @@ def _live_members(pgid: int) -> int | None:
     for entry in proc.iterdir():
         if not entry.name.isdigit():
             continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue  # exited while we looked
-        count += int(fields[2]) == pgid and fields[0] != "Z"  # state, ppid, pgrp
+        fields = _stat(entry)
+        if fields is None or int(fields[2]) != pgid:  # state, ppid, pgrp
+            continue
+        count += fields[0] != "Z" or _live_threads(entry) > 0
     return count
+
+
+def _live_threads(process: Path) -> int:
+    try:
+        tasks = list((process / "task").iterdir())
+    except OSError:
+        return 0  # reaped while we looked
+    return sum(1 for task in tasks if (fields := _stat(task)) is not None and fields[0] not in "ZX")
+
+
+def _stat(entry: Path) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name, or None when it exited while we looked."""
+    try:
+        return (entry / "stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
 
 
 def log_tail(run_dir: str | os.PathLike, lines: int = 20) -> str:
