@@ -18,6 +18,7 @@ from threeds.views.export import (
     export_text,
     file_name,
     select_command,
+    selection_file_name,
 )
 
 LABELS = {"alpaca": "JSON (Alpaca)", "jsonl": "JSONL (Alpaca rows)", "sharegpt": "ShareGPT JSON"}
@@ -51,7 +52,7 @@ def main() -> None:
     st.markdown("**`dataset_info.json` entry** (merge into LlamaFactory's `data/dataset_info.json`, put the file next to it)")
     st.code(json.dumps(dataset_info_entry(dataset, fmt, has_system), indent=2), language="json")
     st.markdown("**Reproduce this selection from the command line**")
-    st.code(select_command(str(run.path.resolve()), f"{dataset}_selected.json", config), language="bash", wrap_lines=True)  # from any directory
+    st.code(select_command(str(run.path.resolve()), selection_file_name(dataset), config), language="bash", wrap_lines=True)  # from any directory
     st.markdown("**First rows**")
     preview = pd.DataFrame({"pick": range(1, min(len(ids), 20) + 1), "id": ids[:20], "instruction": [common.short(full_instruction(r), 120) for r in records[:20]]})
     st.table(preview.set_index("pick"))  # static: 20 rows, no data-grid redraw after each sample_num move

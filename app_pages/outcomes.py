@@ -19,6 +19,7 @@ from threeds.errors import SettingsError
 from threeds.outcomes import report
 from threeds.outcomes.arms import parse_arms
 from threeds.outcomes.experiment import experiment_dir, list_experiments, load_results
+from threeds.rundir import layout
 from threeds.rundir.jobs import job_running, log_tail, read_job, stop_run
 from threeds.rundir.progress import eta_seconds, job_state, read_status
 from threeds.rundir.read import read_progress
@@ -126,8 +127,8 @@ def show_results(exp: Path) -> None:
                  column_config={arm: st.column_config.NumberColumn(arm, format="percent") for arm in results.evals})  # fmt: skip
     disagreement_panel(results.evals)
     c1, c2 = st.columns(2)
-    c1.download_button("Report (Markdown)", report.markdown(described, summary), f"{exp.name}-report.md", "text/markdown", key="outcomes_md")
-    c2.download_button("Report (CSV)", report.csv_text(summary, described), f"{exp.name}-report.csv", "text/csv", key="outcomes_csv")
+    c1.download_button("Report (Markdown)", report.markdown(described, summary), f"{exp.name}-{layout.REPORT_MD}", "text/markdown", key="outcomes_md")
+    c2.download_button("Report (CSV)", report.csv_text(summary, described), f"{exp.name}-{layout.REPORT_CSV}", "text/csv", key="outcomes_csv")
 
 
 def arms_table(rows: list[dict], summary: dict) -> None:

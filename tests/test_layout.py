@@ -4,6 +4,7 @@ module importing the CLI or the UI, no function longer than 70 lines."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 from conftest import ROOT
@@ -111,18 +112,30 @@ def test_a_backward_import_is_found():
     assert _backward_imports(planted) == ["threeds.io.data (io) imports threeds.stages.score (stages)"]
 
 
-# Every run file is named in threeds/rundir/layout.py only (issue 22): a path built from a literal
-# anywhere else would miss a rename. Docstrings and messages may mention the names; a string
-# constant that IS a name is a path being built. The lock file is named by io/lock.py, below rundir.
+# Every file threeds writes is named in threeds/rundir/layout.py only (issues 22, 29): a path built
+# from a literal anywhere else would miss a rename. Docstrings and messages may mention the names; a
+# string constant that IS a file name (a stem and a known extension, e.g. "loss.jsonl", whether
+# layout.py knows it or not) is a path being built, and so is a layout name (a folder such as "arms")
+# used as a path part. Names other programs gave their files are spelled once, by the module that
+# reads them (NAMED_BY), below rundir in the layer order or beside their format's reader.
 APP = [ROOT / "app.py", *(ROOT / "app_pages").glob("*.py")]
 LAYOUT = LIBRARY / "rundir" / "layout.py"
-NAMED_BY = {".lock": LIBRARY / "io" / "lock.py"}
+FILE_NAME = re.compile(r"[\w.\-]*[\w\-]\.(?:json|jsonl|npy|npz|parquet|safetensors|bin|gguf|pt|pkl|md|csv|tsv|yaml|yml|log|txt|lock|html)")
+NAMED_BY = {
+    ".lock": LIBRARY / "io" / "lock.py",
+    **dict.fromkeys(("config.json", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
+                     "adapter_config.json", "adapter_model.safetensors"), LIBRARY / "model" / "load.py"),  # transformers', PEFT's
+    **dict.fromkeys(("ori_pqal.json", "test_ground_truth.json"), LIBRARY / "outcomes" / "benchsets.py"),  # PubMedQA's release
+    **dict.fromkeys(("_sharegpt.json", "_selected.json"), LIBRARY / "views" / "export.py"),  # files the user exports
+}  # fmt: skip
+PATH_CALLS = {"Path", "joinpath", "with_name", "glob", "rglob"}
 
 
-def _run_file_names() -> set[str]:
+def _layout_names() -> set[str]:
     from threeds.rundir import layout
 
-    values = [v for k, v in vars(layout).items() if k.isupper()]
+    values = [v for k, v in vars(layout).items() if k.isupper() and not isinstance(v, dict)]
+    values += [v for k, v in vars(layout).items() if k.isupper() and isinstance(v, dict) for v in v.values()]
     return {n for v in values for n in (v if isinstance(v, tuple) else (v,))}
 
 
@@ -131,29 +144,47 @@ def _string_constants(tree: ast.AST) -> list[ast.Constant]:
     return [n for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docstrings]
 
 
+def _path_parts(tree: ast.AST) -> set[int]:
+    """ids of the string constants that are path parts: an operand of `/`, an argument of Path(...) and its kin."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div):
+            found |= {id(node.left), id(node.right)}
+        elif isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) in PATH_CALLS:
+            found |= {id(a) for a in node.args}
+    return found
+
+
 def _where(path: Path) -> str:
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else path.name
 
 
-def _run_file_literals(files: list[Path], names: set[str]) -> list[str]:
-    return sorted(
-        f"{_where(path)}:{node.lineno} {node.value!r}"
-        for path in files
-        if path != LAYOUT
-        for node in _string_constants(ast.parse(path.read_text(encoding="utf-8")))
-        if node.value in names and NAMED_BY.get(node.value) != path
-    )
+def _file_name_literals(files: list[Path], names: set[str]) -> list[str]:
+    found = []
+    for path in files:
+        if path == LAYOUT:
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        parts = _path_parts(tree)
+        found += [f"{_where(path)}:{node.lineno} {node.value!r}" for node in _string_constants(tree)
+                  if (FILE_NAME.fullmatch(node.value) or node.value in names and id(node) in parts)
+                  and NAMED_BY.get(node.value) != path]  # fmt: skip
+    return sorted(found)
 
 
-def test_run_file_names_are_spelled_only_in_the_layout_module():
-    assert {"metrics.parquet", "data.jsonl", "embeddings.npy", "selection.json", "chunks"} <= _run_file_names()
-    assert not _run_file_literals([*LIBRARY.rglob("*.py"), *APP], _run_file_names())
+def test_file_names_are_spelled_only_in_the_layout_module():
+    assert {"metrics.parquet", "emb.npy", "experiments", "arms", "units.json", "loss.jsonl", "items.jsonl"} <= _layout_names()
+    assert not _file_name_literals([*LIBRARY.rglob("*.py"), *APP], _layout_names())
 
 
-def test_a_run_file_literal_is_found(tmp_path):
+def test_a_file_name_literal_is_found(tmp_path):
+    """Any file name is found, known to layout.py or not; a layout folder only where it builds a path."""
     planted = tmp_path / "planted.py"
-    planted.write_text('"""Reads metrics.parquet."""\nPATH = "metrics.parquet"\nNOTE = f"see {PATH}: metrics.parquet"\n')
-    assert [s.split(" ", 1)[1] for s in _run_file_literals([planted], _run_file_names())] == ["'metrics.parquet'"]
+    planted.write_text('"""Reads metrics.parquet."""\nPATH = "metrics.parquet"\nNOTE = f"see {PATH}: metrics.parquet"\n'
+                       'NEW = "weights.safetensors"\nfolder = exp / "arms" / f"seed{seed}"\nrows = described["arms"]\n'
+                       'SUFFIX = ".json"\nNAME = f"{exp}-report.md"\nlock = Path(".lock")\n')  # fmt: skip
+    found = [s.split(" ", 1)[1] for s in _file_name_literals([planted], _layout_names())]
+    assert found == ["'metrics.parquet'", "'weights.safetensors'", "'arms'", "'-report.md'", "'.lock'"]
 
 
 # A name with a leading underscore is its module's own business: another module that imports it

@@ -10,6 +10,7 @@ from pathlib import Path
 from threeds.config import ExperimentConfig, TrainConfig, add_arguments, from_args
 from threeds.errors import INTERRUPTED, describe
 from threeds.io.lock import locked
+from threeds.rundir import layout
 from threeds.rundir.progress import write_status
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,6 @@ def main(args: argparse.Namespace) -> int:
             write_status(exp, "stopped" if code == INTERRUPTED else "failed", exit_code=code, error=message)
             raise
         write_status(exp, "done", exit_code=0)
-    print((exp / "report.md").read_text(encoding="utf-8"))
-    print(json.dumps({"summary": str(exp / "summary.json"), "report": str(exp / "report.md")}, indent=2))
+    print((exp / layout.REPORT_MD).read_text(encoding="utf-8"))
+    print(json.dumps({"summary": str(exp / layout.EXPERIMENT_SUMMARY), "report": str(exp / layout.REPORT_MD)}, indent=2))
     return 0

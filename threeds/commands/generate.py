@@ -20,6 +20,7 @@ from threeds.config import (
 from threeds.errors import RECORDS_FAILED, ThreedsError
 from threeds.io.data import read_data, require_records, write_records
 from threeds.io.lock import locked
+from threeds.rundir import layout
 from threeds.model.backends import LocalBackend
 from threeds.stages.generate import generate_records
 from threeds.stages.pipeline import make_backend
@@ -66,7 +67,7 @@ def main(args: argparse.Namespace) -> int:
     data = from_args(DataConfig, args)
     if config.engine.engine == "ray" and config.backend.backend != "local":
         raise ThreedsError(RAY_OPENAI)
-    log_path = args.log or args.out.with_name(f"{args.out.stem}.generations.jsonl")
+    log_path = args.log or args.out.with_name(f"{args.out.stem}.{layout.GENERATIONS}")
     records, rejects = read_data(args.data, data)
     require_records(args.data, records, rejects)
     if rejects:

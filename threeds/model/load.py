@@ -44,7 +44,11 @@ class ModelError(ThreedsError):
 
 
 GGUF_MAGIC = b"GGUF"
+# The files transformers and PEFT name (threeds never names them otherwise).
+MODEL_CONFIG = "config.json"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"  # a PEFT adapter folder
 HUB_TIMEOUT = 5.0  # seconds for the one request that tells whether a hub id can be fetched
 # What transformers raises for a model it cannot read (a bad config, a truncated safetensors file, ...).
 LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, RuntimeError, AttributeError, ImportError, SafetensorError)
@@ -133,7 +137,7 @@ def resolve_model(spec: str | os.PathLike | None, cache_dir: Path = DEFAULT_CACH
             return hub_source(str(spec))
         gguf = check_gguf(path, spec)
     target = _gguf_copy_dir(gguf, cache_dir)
-    if not (target / "config.json").exists():
+    if not (target / MODEL_CONFIG).exists():
         try:
             convert_gguf(gguf, target)
         except LOAD_ERRORS as exc:
@@ -161,17 +165,17 @@ def check_model_dir(path: Path, spec: str | os.PathLike) -> str:
     names = {p.name for p in path.iterdir()}
     if not names:
         raise ModelError(f"--model {spec}: the directory is empty; expected config.json and model.safetensors")
-    if "config.json" not in names:
+    if MODEL_CONFIG not in names:
         ggufs = sorted(n for n in names if n.lower().endswith(".gguf"))
         hint = f"; pass the GGUF file itself: --model {path / ggufs[0]}" if ggufs else ""
-        raise ModelError(f"--model {spec}: no config.json in {path}: not a model directory{hint}")
+        raise ModelError(f"--model {spec}: no {MODEL_CONFIG} in {path}: not a model directory{hint}")
     try:
-        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        config = json.loads((path / MODEL_CONFIG).read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelError(f"--model {spec}: {path / 'config.json'} is not valid JSON ({first_line(exc)})") from exc
+        raise ModelError(f"--model {spec}: {path / MODEL_CONFIG} is not valid JSON ({first_line(exc)})") from exc
     if not isinstance(config, dict):
-        raise ModelError(f"--model {spec}: {path / 'config.json'} is not a JSON object")
-    if not any(name.endswith(".safetensors") or name == "model.safetensors.index.json" for name in names):
+        raise ModelError(f"--model {spec}: {path / MODEL_CONFIG} is not a JSON object")
+    if not any(name.endswith(".safetensors") or name == SAFETENSORS_INDEX for name in names):
         if names & set(PICKLED_WEIGHTS):
             raise ModelError(f"--model {spec}: only pytorch_model.bin in {path}, a pickle, which threeds never loads "
                              "(it can run code): save the model as model.safetensors on a machine you trust")  # fmt: skip
@@ -194,7 +198,7 @@ def hub_source(spec: str) -> str:
         validate_repo_id(spec)
     except HFValidationError:
         raise ModelError(f"--model {spec}: no such file or directory") from None
-    cached = try_to_load_from_cache(spec, "config.json")
+    cached = try_to_load_from_cache(spec, MODEL_CONFIG)
     if isinstance(cached, str):
         return check_model_dir(Path(cached).parent, spec)
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):

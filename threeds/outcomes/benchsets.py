@@ -31,6 +31,7 @@ from threeds.io.data import DataError
 
 BUNDLED = ("mmlu-medical", "pubmedqa")
 PUBMEDQA_CHOICES = ["yes", "no", "maybe"]
+PUBMEDQA_LABELLED, PUBMEDQA_TEST = "ori_pqal.json", "test_ground_truth.json"  # the release's labelled set and its test split
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 _SPLITS = ("_test", "_dev", "_val")
 
@@ -116,8 +117,8 @@ def _mmlu_medical() -> Bench:
 
 def _pubmedqa_bundled() -> Bench:
     root = eval_data_dir() / "pubmedqa"
-    labelled = read_pubmedqa(root / "ori_pqal.json", _json(root / "ori_pqal.json"))
-    test_ids = _json(root / "test_ground_truth.json")
+    labelled = read_pubmedqa(root / PUBMEDQA_LABELLED, _json(root / PUBMEDQA_LABELLED))
+    test_ids = _json(root / PUBMEDQA_TEST)
     test = [item for item in labelled if item.id in test_ids]
     for item in test:
         if PUBMEDQA_CHOICES[item.gold] != test_ids[item.id]:

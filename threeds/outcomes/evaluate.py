@@ -33,15 +33,15 @@ from pathlib import Path
 from threeds.errors import SettingsError, ThreedsError
 from threeds.io.data import append_jsonl, read_jsonl, write_json, write_jsonl
 from threeds.io.lock import locked
-from threeds.model.load import ModelError, load_model, model_label
+from threeds.model.load import ADAPTER_CONFIG, ModelError, load_model, model_label
 from threeds.model.prompts import PromptFormat
 from threeds.model.prompts import prompt_format as make_prompt_format
 from threeds.outcomes.benchsets import Bench, BenchItem, load_bench
 from threeds.outcomes.loglik import Request, choice_logprobs
+from threeds.rundir import layout
 from threeds.rundir.check import read_json_object
 
 FORMATS = ("chat", "plain")
-ITEMS_FILE, SUMMARY_FILE, CONFIG_FILE = "items.jsonl", "summary.json", "config.json"
 Progress = Callable[[int, int], None]
 
 
@@ -190,8 +190,8 @@ def evaluate(
 def load_adapter(model, adapter: Path):
     """`model` with the PEFT adapter in `adapter` merged into its weights (inference runs at the
     base model's speed)."""
-    if not (adapter / "adapter_config.json").is_file():
-        raise ThreedsError(f"--adapter {adapter}: no adapter_config.json (expected a PEFT adapter folder)")
+    if not (adapter / ADAPTER_CONFIG).is_file():
+        raise ThreedsError(f"--adapter {adapter}: no {ADAPTER_CONFIG} (expected a PEFT adapter folder)")
     from peft import PeftModel
 
     return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().eval()
@@ -220,7 +220,7 @@ def evaluate_loaded(
 
         def save(finished: dict[int, list[float]], seconds: float) -> None:
             rows = [item_row(todo[r], *rendered[todo[r].id], lps, seconds / len(finished)) for r, lps in finished.items()]
-            append_jsonl(out / ITEMS_FILE, rows)
+            append_jsonl(out / layout.ITEMS, rows)
             done.update((row["id"], row) for row in rows)
             tick(len(rows))
 
@@ -254,9 +254,9 @@ def _prefix_groups(items: list[BenchItem], shots: int) -> list[list[int]]:
 
 def _resume(out: Path, settings: dict, rendered: dict[str, tuple[str, list[str]]], overwrite: bool) -> dict[str, dict]:
     """The rows already scored with these settings, by id; refuses a folder made with others."""
-    config = out / CONFIG_FILE
+    config = out / layout.EVAL_CONFIG
     if overwrite:
-        for name in (ITEMS_FILE, SUMMARY_FILE, CONFIG_FILE):
+        for name in (layout.ITEMS, layout.EVAL_SUMMARY, layout.EVAL_CONFIG):
             (out / name).unlink(missing_ok=True)
     if config.exists():
         old = read_json_object(config)
@@ -265,10 +265,10 @@ def _resume(out: Path, settings: dict, rendered: dict[str, tuple[str, list[str]]
                 raise EvalSettingsError(f"{out}: holds an evaluation made with {key} {old.get(key)!r}, not {value!r}: "
                                         "pass another --out, or --overwrite to replace it")  # fmt: skip
     write_json(config, settings)
-    rows = read_jsonl(out / ITEMS_FILE) if (out / ITEMS_FILE).exists() else []
+    rows = read_jsonl(out / layout.ITEMS) if (out / layout.ITEMS).exists() else []
     for row in rows:
         if row.get("id") in rendered and (row.get("prompt"), row.get("choices")) != tuple(rendered[row["id"]]):
-            raise EvalSettingsError(f"{out / ITEMS_FILE}: item {row['id']}: scored with another prompt than this "
+            raise EvalSettingsError(f"{out / layout.ITEMS}: item {row['id']}: scored with another prompt than this "
                                     "model's template renders now: pass --overwrite to score again")  # fmt: skip
     return {row["id"]: row for row in rows}
 
@@ -278,9 +278,9 @@ def _finish(out: Path, bench: Bench, done: dict[str, dict], settings: dict) -> d
     and summary.json over the selected items."""
     order = {item.id: i for i, item in enumerate(bench.items)}
     rows = sorted(done.values(), key=lambda row: order.get(row["id"], len(order)))
-    write_jsonl(out / ITEMS_FILE, rows)
+    write_jsonl(out / layout.ITEMS, rows)
     summary = summarize_rows([row for row in rows if row["id"] in order], settings)
-    write_json(out / SUMMARY_FILE, summary)
+    write_json(out / layout.EVAL_SUMMARY, summary)
     return summary
 
 

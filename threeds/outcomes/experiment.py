@@ -48,7 +48,6 @@ from threeds.rundir.write import package_versions
 
 log = logging.getLogger(__name__)
 
-EXPERIMENTS = "experiments"
 FIXED = ("bench", "limit", "shots", "model", "train")  # what every arm of an experiment shares
 
 
@@ -72,22 +71,14 @@ class Unit:
 def experiment_dir(run_dir: str | os.PathLike, name: str) -> Path:
     if not ARM_NAME.fullmatch(name or ""):
         raise SettingsError(f"--name {name!r}: letters, digits, '.', '_' and '-' only (up to 64)")
-    return Path(run_dir) / EXPERIMENTS / name
+    return Path(run_dir) / layout.EXPERIMENTS / name
 
 
 def list_experiments(run_dir: str | os.PathLike) -> list[str]:
     """Experiments of a run, newest first (a folder started in the background counts before it plans)."""
-    folder = Path(run_dir) / EXPERIMENTS
-    found = [p for p in folder.iterdir() if (p / "experiment.json").is_file() or (p / layout.JOB).is_file()] if folder.is_dir() else []
+    folder = Path(run_dir) / layout.EXPERIMENTS
+    found = [p for p in folder.iterdir() if (p / layout.EXPERIMENT).is_file() or (p / layout.JOB).is_file()] if folder.is_dir() else []
     return [p.name for p in sorted(found, key=lambda p: (-p.stat().st_mtime, p.name))]
-
-
-def train_dir(exp: Path, unit: Unit) -> Path:
-    return exp / "arms" / unit.arm.name / f"seed{unit.seed}"
-
-
-def eval_dir(exp: Path, arm: str, seed: int) -> Path:
-    return exp / "evals" / arm / f"seed{seed}"
 
 
 def plan_units(source: ArmSource, arms: list[Arm], seeds: int) -> list[Unit]:
@@ -126,7 +117,7 @@ def describe_experiment(config: ExperimentConfig, train: TrainConfig, arms: list
 
 def check_rerun(exp: Path, new: dict) -> None:
     """An experiment folder holding other settings is refused (arms may be added, not changed)."""
-    path = exp / "experiment.json"
+    path = exp / layout.EXPERIMENT
     if not path.is_file():
         return
     old = read_json_object(path)
@@ -153,7 +144,7 @@ class Runner:
     def __init__(self, exp: Path, config: ExperimentConfig, train: TrainConfig, source: ArmSource, units: list[Unit], say: Log) -> None:
         self.exp, self.config, self.train, self.source, self.units, self.say = exp, config, train, source, units, say
         self.model = experiment_model(source, config)
-        path = exp / "units.json"
+        path = exp / layout.UNITS
         self.state: dict[str, dict] = read_json_object(path) if path.is_file() else {}
 
     def run(self) -> None:
@@ -162,7 +153,7 @@ class Runner:
             row["records"] = None if unit.ids is None else len(unit.ids)
             if self.evaluated(unit):
                 row.update(train=row.get("train") or ("none" if unit.ids is None else "done"), eval="done")
-                trained = read_json_object(train_dir(self.exp, unit) / "train.json") if unit.ids is not None else {}
+                trained = read_json_object(self.folder(unit, "train") / layout.TRAIN_SUMMARY) if unit.ids is not None else {}
                 row.update({"steps": trained["steps"]} if "steps" in trained else {})
                 continue
             self.say(f"[{index + 1}/{len(self.units)}] {unit.key}: " + self.time_left(index))
@@ -194,7 +185,7 @@ class Runner:
         return f"about {left / 60:.1f} min left for the experiment"
 
     def train_unit(self, unit: Unit) -> dict | None:
-        out = train_dir(self.exp, unit)
+        out = self.folder(unit, "train")
         if finished(out) is not None:
             return None
         records = self.source.records_of(unit.ids)
@@ -210,10 +201,10 @@ class Runner:
         return summary
 
     def eval_unit(self, unit: Unit) -> dict:
-        out = eval_dir(self.exp, unit.arm.name, unit.seed)
+        out = self.folder(unit, "eval")
         bar = ProgressFile(self.exp / layout.PROGRESS, f"{unit.key} eval", 0, unit="items")
         summary = evaluate(
-            self.model["model"], self.config.bench, out, adapter=None if unit.ids is None else train_dir(self.exp, unit),
+            self.model["model"], self.config.bench, out, adapter=None if unit.ids is None else self.folder(unit, "train"),
             limit=self.config.limit, shots=self.config.shots, batch_size=self.config.eval_batch_size,
             template=self.model["template"], system=self.model["system"], progress=lambda d, t: self.tick(bar, d, t),
         )  # fmt: skip
@@ -228,10 +219,13 @@ class Runner:
 
     def evaluated(self, unit: Unit) -> bool:
         """Whether the unit's evaluation finished (its summary is there): nothing to do."""
-        return (eval_dir(self.exp, unit.arm.name, unit.seed) / "summary.json").is_file() and self.state.get(unit.key, {}).get("eval") == "done"
+        return (self.folder(unit, "eval") / layout.EVAL_SUMMARY).is_file() and self.state.get(unit.key, {}).get("eval") == "done"
 
     def save_state(self) -> None:
-        write_json(self.exp / "units.json", self.state)
+        write_json(self.exp / layout.UNITS, self.state)
+
+    def folder(self, unit: Unit, kind: str) -> Path:
+        return layout.unit_dir(self.exp, kind, unit.arm.name, unit.seed)
 
 
 def run_experiment(run_dir: str | os.PathLike, config: ExperimentConfig, train: TrainConfig, say: Log = log.info) -> dict:
@@ -246,7 +240,7 @@ def run_experiment(run_dir: str | os.PathLike, config: ExperimentConfig, train: 
     with locked(exp):
         described = describe_experiment(config, train, arms, units, run_dir, experiment_model(source, config))
         check_rerun(exp, described)
-        write_json(exp / "experiment.json", described)
+        write_json(exp / layout.EXPERIMENT, described)
         Runner(exp, config, train, source, units, say).run()
         summary = summarize_experiment(exp)
         (exp / layout.PROGRESS).unlink(missing_ok=True)
@@ -258,9 +252,9 @@ def arm_items(exp: Path, described: dict) -> dict[str, list[list[dict]]]:
     found: dict[str, list[list[dict]]] = {}
     for arm in described["arms"]:
         for seed in range(described["seeds"]):
-            folder = eval_dir(exp, arm["name"], seed)
-            if (folder / "summary.json").is_file():
-                found.setdefault(arm["name"], []).append(read_jsonl(folder / "items.jsonl"))
+            folder = layout.unit_dir(exp, "eval", arm["name"], seed)
+            if (folder / layout.EVAL_SUMMARY).is_file():
+                found.setdefault(arm["name"], []).append(read_jsonl(folder / layout.ITEMS))
     return found
 
 
@@ -268,14 +262,14 @@ def summarize_experiment(exp: Path) -> dict:
     """summary.json from the arms' evaluations, and the Markdown + CSV report."""
     from threeds.outcomes.stats import summarize
 
-    described = read_json_object(exp / "experiment.json")
+    described = read_json_object(exp / layout.EXPERIMENT)
     evals = arm_items(exp, described)
     if described["baseline"] not in evals:
         raise ExperimentError(f"{exp}: the baseline arm {described['baseline']} has no evaluation yet")
     summary = summarize(evals, described["baseline"])
-    write_json(exp / "summary.json", summary)
-    (exp / "report.md").write_text(report.markdown(described, summary), encoding="utf-8")
-    (exp / "report.csv").write_text(report.csv_text(summary, described), encoding="utf-8")
+    write_json(exp / layout.EXPERIMENT_SUMMARY, summary)
+    (exp / layout.REPORT_MD).write_text(report.markdown(described, summary), encoding="utf-8")
+    (exp / layout.REPORT_CSV).write_text(report.csv_text(summary, described), encoding="utf-8")
     return summary
 
 
@@ -296,7 +290,7 @@ class Results:
         rows = []
         for arm in self.described.get("arms", []):
             for seed in range(self.described.get("seeds", 1)):
-                path = exp / "arms" / arm["name"] / f"seed{seed}" / "loss.jsonl"
+                path = layout.unit_dir(exp, "train", arm["name"], seed) / layout.LOSS
                 if path.is_file():
                     rows += [{"arm": arm["name"], "seed": seed, "step": r["step"], "loss": r["loss"]} for r in read_jsonl(path)]
         return rows
@@ -304,8 +298,8 @@ class Results:
 
 def load_results(exp: str | os.PathLike) -> Results:
     exp = Path(exp)
-    described = read_json_object(exp / "experiment.json") if (exp / "experiment.json").is_file() else {}
-    summary = read_json_object(exp / "summary.json") if (exp / "summary.json").is_file() else None
-    units = read_json_object(exp / "units.json") if (exp / "units.json").is_file() else {}
+    described, summary, units = (read_json_object(exp / name) if (exp / name).is_file() else None
+                                 for name in (layout.EXPERIMENT, layout.EXPERIMENT_SUMMARY, layout.UNITS))  # fmt: skip
+    described, units = described or {}, units or {}
     evals = arm_items(exp, described) if described else {}
     return Results(described, summary, units, evals)

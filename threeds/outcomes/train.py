@@ -46,18 +46,15 @@ from threeds.io.data import (
     write_json,
     write_jsonl,
 )
+from threeds.model.load import ADAPTER_WEIGHTS
 from threeds.model.prompts import PromptFormat
+from threeds.rundir import layout
 from threeds.rundir.write import package_versions
 from threeds.stages.score import encode
 from threeds.views.export import dataset_info_entry, export_text
 
 log = logging.getLogger(__name__)
 
-LOSS_FILE = "loss.jsonl"
-SUMMARY_FILE = "train.json"
-CONFIG_FILE = "train_config.json"
-IDS_FILE = "ids.json"
-CHECKPOINT_FILE = "checkpoint.json"
 IGNORE = -100
 
 
@@ -186,16 +183,16 @@ def make_optimizer(model: PreTrainedModel, config: TrainConfig) -> torch.optim.A
 def save_checkpoint(out: Path, model: PreTrainedModel, optimizer: torch.optim.Optimizer, step: int) -> None:
     """Write checkpoint-STEP/ whole, then point checkpoint.json at it, then drop older ones: a kill at
     any moment leaves the last complete checkpoint in use."""
-    final, tmp = out / f"checkpoint-{step}", out / f"checkpoint-{step}.tmp"
+    final, tmp = out / f"{layout.CHECKPOINT_PREFIX}{step}", out / f"{layout.CHECKPOINT_PREFIX}{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in trainable(model).items()}, str(tmp / "adapter.safetensors"))
+    save_file({k: v.detach().contiguous().cpu() for k, v in trainable(model).items()}, str(tmp / layout.CHECKPOINT_ADAPTER))
     state = {f"{index}.{key}": value.cpu() for index, slots in optimizer.state_dict()["state"].items() for key, value in slots.items()}
-    save_file({**state, "torch_rng": torch.get_rng_state()}, str(tmp / "optimizer.safetensors"))
+    save_file({**state, "torch_rng": torch.get_rng_state()}, str(tmp / layout.CHECKPOINT_OPTIMIZER))
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
-    write_json(out / CHECKPOINT_FILE, {"step": step, "dir": final.name})
-    for old in out.glob("checkpoint-*"):
+    write_json(out / layout.CHECKPOINT, {"step": step, "dir": final.name})
+    for old in out.glob(f"{layout.CHECKPOINT_PREFIX}*"):
         if old.is_dir() and old != final:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -203,16 +200,16 @@ def save_checkpoint(out: Path, model: PreTrainedModel, optimizer: torch.optim.Op
 def load_checkpoint(out: Path, model: PreTrainedModel, optimizer: torch.optim.Optimizer) -> int:
     """Restore the last checkpoint (safetensors only: no pickle); the number of steps it holds (0: none)."""
     try:
-        pointer = json.loads((out / CHECKPOINT_FILE).read_text(encoding="utf-8"))
+        pointer = json.loads((out / layout.CHECKPOINT).read_text(encoding="utf-8"))
         folder = out / pointer["dir"]
-        weights, state = load_file(str(folder / "adapter.safetensors")), load_file(str(folder / "optimizer.safetensors"))
+        weights, state = load_file(str(folder / layout.CHECKPOINT_ADAPTER)), load_file(str(folder / layout.CHECKPOINT_OPTIMIZER))
     except FileNotFoundError:
         return 0
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise TrainError(f"unreadable checkpoint ({exc}); delete {out / CHECKPOINT_FILE} to start over", path=out) from None
+        raise TrainError(f"unreadable checkpoint ({exc}); delete {out / layout.CHECKPOINT} to start over", path=out) from None
     params = trainable(model)
     if set(weights) != set(params):
-        raise TrainError(f"the checkpoint's LoRA weights do not fit this model; delete {out / CHECKPOINT_FILE} to start over", path=out)
+        raise TrainError(f"the checkpoint's LoRA weights do not fit this model; delete {out / layout.CHECKPOINT} to start over", path=out)
     with torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(value)
@@ -255,7 +252,7 @@ def train_lora(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, fmt: 
     started, device = time.perf_counter(), next(model.parameters()).device
     for step in range(done, len(plan)):
         row = one_step(model, optimizer, [examples[i] for i in plan[step]], step, len(plan), config, tokenizer.pad_token_id, device)
-        append_jsonl(out / LOSS_FILE, [row | {"epoch": epoch_of(step, len(examples), config)}])
+        append_jsonl(out / layout.LOSS, [row | {"epoch": epoch_of(step, len(examples), config)}])
         if (step + 1) % config.save_steps == 0 and step + 1 < len(plan):
             save_checkpoint(out, model, optimizer, step + 1)
         if progress:
@@ -285,24 +282,24 @@ def epoch_of(step: int, n: int, config: TrainConfig) -> int:
 def finished(out: Path) -> dict | None:
     """train.json of a finished training in `out`, or None."""
     try:
-        summary = json.loads((out / SUMMARY_FILE).read_text(encoding="utf-8"))
+        summary = json.loads((out / layout.TRAIN_SUMMARY).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return None
-    return summary if isinstance(summary, dict) and summary.get("finished") and (out / "adapter_model.safetensors").is_file() else None
+    return summary if isinstance(summary, dict) and summary.get("finished") and (out / ADAPTER_WEIGHTS).is_file() else None
 
 
 def start_files(out: Path, config: TrainConfig, examples: list[Example], plan: list[list[int]], meta: dict) -> None:
     """ids.json and train_config.json; a directory holding another training (other ids or settings) is refused."""
     settings = {"train": dataclasses.asdict(config), **meta, "versions": package_versions()}
     ids = {"seed": config.seed, "ids": [e.id for e in examples], "order": [examples[i].id for step in plan for i in step]}
-    if (out / CHECKPOINT_FILE).is_file() or (out / SUMMARY_FILE).is_file():
-        before = _json(out / CONFIG_FILE), _json(out / IDS_FILE)
+    if (out / layout.CHECKPOINT).is_file() or (out / layout.TRAIN_SUMMARY).is_file():
+        before = _json(out / layout.TRAIN_CONFIG), _json(out / layout.IDS)
         if {k: v for k, v in before[0].items() if k != "versions"} != {k: v for k, v in settings.items() if k != "versions"} or before[1] != ids:
             raise TrainError("holds a training with other settings, model or records; train into another --out, or "
                              "empty it to start over", path=out)  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / CONFIG_FILE, settings)
-    write_json(out / IDS_FILE, ids)
+    write_json(out / layout.TRAIN_CONFIG, settings)
+    write_json(out / layout.IDS, ids)
 
 
 def _json(path: Path) -> dict:
@@ -315,7 +312,7 @@ def _json(path: Path) -> dict:
 
 def keep_loss_rows(out: Path, steps: int) -> None:
     """loss.jsonl cut back to the steps the checkpoint holds (a killed run may have logged later ones)."""
-    path = out / LOSS_FILE
+    path = out / layout.LOSS
     rows = read_jsonl(path) if path.is_file() else []
     write_jsonl(path, [r for r in rows if r["step"] <= steps])
 
@@ -324,11 +321,11 @@ def finish(out: Path, examples: list[Example], plan: list[list[int]], resumed: i
     summary = {
         "finished": True, "steps": len(plan), "resumed_at_step": resumed, "records": len(examples),
         "tokens": sum(e.n_targets for e in examples), "cut_off": sum(e.n_targets == 0 for e in examples),
-        "seconds": round(seconds, 3), "final_loss": read_jsonl(out / LOSS_FILE)[-1]["loss"] if plan else None,
+        "seconds": round(seconds, 3), "final_loss": read_jsonl(out / layout.LOSS)[-1]["loss"] if plan else None,
     }  # fmt: skip
-    write_json(out / SUMMARY_FILE, summary)
-    (out / CHECKPOINT_FILE).unlink(missing_ok=True)
-    for old in out.glob("checkpoint-*"):
+    write_json(out / layout.TRAIN_SUMMARY, summary)
+    (out / layout.CHECKPOINT).unlink(missing_ok=True)
+    for old in out.glob(f"{layout.CHECKPOINT_PREFIX}*"):
         shutil.rmtree(old, ignore_errors=True)
     return summary
 
@@ -342,29 +339,29 @@ TEMPLATES = {"qwen": "qwen", "baichuan": "baichuan2"}  # threeds --template -> L
 def write_llamafactory(out: Path, records: Sequence[dict], config: TrainConfig, model: str, template: str | None) -> Path:
     """llamafactory/: the records (Alpaca), dataset_info.json and train.yaml with these settings, for
     `llamafactory-cli train llamafactory/train.yaml` as the paper trained."""
-    folder = out / "llamafactory"
+    folder = out / layout.LLAMAFACTORY
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "threeds_train.json").write_text(export_text(records, "alpaca"), encoding="utf-8")
-    write_json(folder / "dataset_info.json", dataset_info_entry("threeds_train", "alpaca"))
+    (folder / layout.LF_DATA).write_text(export_text(records, "alpaca"), encoding="utf-8")
+    write_json(folder / layout.LF_DATASET_INFO, dataset_info_entry(Path(layout.LF_DATA).stem, "alpaca"))
     lf_template = TEMPLATES.get(template or "", "")
     lines = [
         "### written by threeds train: LlamaFactory's LoRA SFT with the same settings", f"model_name_or_path: {model}",
         "stage: sft", "do_train: true", "finetuning_type: lora", f"lora_rank: {config.lora_r}",
         f"lora_alpha: {config.lora_alpha:g}", f"lora_dropout: {config.lora_dropout:g}", "lora_target: all",
-        "dataset: threeds_train", f"dataset_dir: {folder}",
+        f"dataset: {Path(layout.LF_DATA).stem}", f"dataset_dir: {folder}",
         f"template: {lf_template or 'CHANGEME'}" + ("" if lf_template else "  # your model's LlamaFactory template"),
-        f"cutoff_len: {config.cutoff}", f"output_dir: {out / 'llamafactory' / 'output'}", "logging_steps: 1",
+        f"cutoff_len: {config.cutoff}", f"output_dir: {folder / layout.LF_OUTPUT}", "logging_steps: 1",
         f"per_device_train_batch_size: {config.batch_size}", f"gradient_accumulation_steps: {config.grad_accum}",
         f"learning_rate: {config.lr:g}", f"num_train_epochs: {config.epochs}.0", f"lr_scheduler_type: {config.scheduler}",
         f"warmup_ratio: {config.warmup_ratio:g}", f"weight_decay: {config.weight_decay:g}",
         f"max_grad_norm: {config.max_grad_norm:g}", f"seed: {config.seed}", "bf16: true",
     ]  # fmt: skip
-    (folder / "train.yaml").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (folder / layout.LF_YAML).write_text("\n".join(lines) + "\n", encoding="utf-8")
     return folder
 
 
 def loss_rows(out: str | Path) -> list[dict]:
     """loss.jsonl of a training directory ([] when absent)."""
-    path = Path(out) / LOSS_FILE
+    path = Path(out) / layout.LOSS
     return read_jsonl(path) if path.is_file() else []
 

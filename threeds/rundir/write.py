@@ -27,7 +27,7 @@ from threeds.io.data import write_json, write_jsonl
 from threeds.rundir import layout
 from threeds.rundir.check import read_manifest
 
-CHUNK_PARTS = (layout.TOKENS, "emb.npy", layout.METRICS)  # in the order written: metrics last
+CHUNK_PARTS = (layout.TOKENS, layout.CHUNK_EMBEDDINGS, layout.METRICS)  # in the order written: metrics last
 # Files the run's writer replaces atomically (the app's caches beside them are not its own).
 WRITER_FILES = (layout.MANIFEST, layout.PROGRESS, layout.STATUS, layout.REJECTS, layout.SELECTION, layout.SELECTED,
                 *layout.SCORE_OUTPUTS)  # fmt: skip
@@ -90,7 +90,7 @@ class RunDir:
 
     def write_chunk(self, index: int, metrics: pd.DataFrame, embeddings: np.ndarray, tokens: pd.DataFrame) -> None:
         atomic_write(self._chunk(index, layout.TOKENS), lambda f: tokens.to_parquet(f, index=False))
-        atomic_write(self._chunk(index, "emb.npy"), lambda f: _save_npy(f, embeddings))
+        atomic_write(self._chunk(index, layout.CHUNK_EMBEDDINGS), lambda f: _save_npy(f, embeddings))
         atomic_write(self._chunk(index, layout.METRICS), lambda f: metrics.to_parquet(f, index=False))
 
     def remove_chunks(self) -> None:
@@ -108,7 +108,7 @@ class RunDir:
         if missing:
             raise RunError(f"{self.chunks}: chunks {missing[:5]} are missing; run the same command again")
         metrics = pd.concat([pd.read_parquet(self._chunk(i, layout.METRICS)) for i in range(n_chunks)], ignore_index=True)
-        embeddings = np.concatenate([np.load(self._chunk(i, "emb.npy"), allow_pickle=False) for i in range(n_chunks)])
+        embeddings = np.concatenate([np.load(self._chunk(i, layout.CHUNK_EMBEDDINGS), allow_pickle=False) for i in range(n_chunks)])
         tokens = pd.concat([pd.read_parquet(self._chunk(i, layout.TOKENS)) for i in range(n_chunks)], ignore_index=True)
         if list(metrics["id"]) != [r["id"] for r in records]:
             raise RunError(f"{self.chunks}: chunks do not match the input records; delete the run and score again")

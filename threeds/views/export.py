@@ -38,6 +38,11 @@ def file_name(dataset: str, fmt: str) -> str:
     return f"{dataset}_sharegpt.json" if fmt == "sharegpt" else f"{dataset}{SUFFIX[fmt]}"
 
 
+def selection_file_name(dataset: str) -> str:
+    """The file `threeds select` writes in the command the Export page shows."""
+    return f"{dataset}_selected.json"
+
+
 def dataset_info_entry(dataset: str, fmt: str, has_system: bool = False) -> dict:
     """`{dataset: {...}}` to merge into LlamaFactory's data/dataset_info.json for the exported file."""
     entry: dict = {"file_name": file_name(dataset, fmt)}
