@@ -14,17 +14,19 @@ import streamlit as st
 
 from app_pages import common
 from app_pages.new_run import start_background
-from threeds.config import ExperimentConfig, TrainConfig, to_argv
+from threeds.config import ExperimentConfig, TrainConfig, problems, to_argv
 from threeds.errors import SettingsError
 from threeds.outcomes import report
 from threeds.outcomes.arms import parse_arms
+from threeds.outcomes.benchsets import BUNDLED
 from threeds.outcomes.experiment import experiment_dir, list_experiments, load_results
 from threeds.rundir import layout
 from threeds.rundir.jobs import job_running, log_tail, read_job, stop_run
 from threeds.rundir.progress import eta_seconds, job_state, read_status
 from threeds.rundir.read import read_progress
 
-BENCHES = ["mmlu-medical", "pubmedqa"]
+# The form's label of each field it sets (`problems` keys them by field name).
+LABELS = {"limit": "Items", "seeds": "Seeds", "batch_size": "Batch size", "grad_accum": "Grad accumulation", "epochs": "Epochs"}
 
 
 def outcomes_page() -> None:
@@ -191,34 +193,39 @@ def disagreement_panel(evals: dict) -> None:
 
 
 def start_form(run_dir: Path, taken: list[str]) -> None:
+    """The settings checked by `threeds.config.problems`, as `threeds experiment` checks its flags (numbers
+    unbounded here: the config names a value out of range, where a bounded input would just not take it)."""
     st.header("Start an experiment")
     with st.form("new_experiment"):
         c1, c2, c3 = st.columns(3)
         name = c1.text_input("Name", value=next(f"exp-{i}" for i in range(1, len(taken) + 2) if f"exp-{i}" not in taken), key="exp_name")
-        bench = c2.selectbox("Evaluation set", BENCHES, key="exp_bench")
-        limit = c3.number_input("Items (0: all)", 0, 100_000, 200, key="exp_limit", help="spread evenly over the set")
+        bench = c2.selectbox("Evaluation set", BUNDLED, key="exp_bench")
+        limit = c3.number_input("Items (0: all)", value=200, step=1, key="exp_limit", help="spread evenly over the set")
         arms = st.text_area("Arms, one NAME=SPEC a line", "selection=current\nrandom=random:same", key="exp_arms",
                             help="SPEC: current, preset:NAME, random:same, random:N, quality, all, base (no training)")  # fmt: skip
         c1, c2, c3, c4, c5 = st.columns(5)
         baseline = c1.text_input("Baseline arm (empty: the first)", key="exp_baseline")
-        seeds = c2.number_input("Seeds", 1, 20, 1, key="exp_seeds")
-        batch = c3.number_input("Batch size", 1, 1024, TrainConfig.batch_size, key="exp_batch")
-        accum = c4.number_input("Grad accumulation", 1, 1024, TrainConfig.grad_accum, key="exp_accum",
+        seeds = c2.number_input("Seeds", value=ExperimentConfig.seeds, step=1, key="exp_seeds")
+        batch = c3.number_input("Batch size", value=TrainConfig.batch_size, step=1, key="exp_batch")
+        accum = c4.number_input("Grad accumulation", value=TrainConfig.grad_accum, step=1, key="exp_accum",
                                 help="batch x accumulation records per optimizer step: 64 by default (the paper's)")  # fmt: skip
-        epochs = c5.number_input("Epochs", 1, 100, TrainConfig.epochs, key="exp_epochs")
+        epochs = c5.number_input("Epochs", value=TrainConfig.epochs, step=1, key="exp_epochs")
         submitted = st.form_submit_button("Start experiment", type="primary", key="exp_start")
     if not submitted:
         return
-    try:
-        arm_lines = tuple(line.strip() for line in arms.splitlines() if line.strip())
-        parse_arms(arm_lines, baseline.strip() or None)
-        exp = experiment_dir(run_dir, name.strip())
-    except SettingsError as exc:
-        st.error(common.md(common.one_line_error(exc)))
-        return
+    arm_lines = tuple(line.strip() for line in arms.splitlines() if line.strip())
     config = ExperimentConfig(name=name.strip(), arm=arm_lines, baseline=baseline.strip() or None, seeds=int(seeds),
                               bench=bench, limit=int(limit) or None)  # fmt: skip
     train = TrainConfig(batch_size=int(batch), grad_accum=int(accum), epochs=int(epochs))
+    wrong = {LABELS.get(key, key): message for key, message in {**problems(config), **problems(train)}.items()}
+    try:
+        parse_arms(arm_lines, config.baseline)
+        exp = experiment_dir(run_dir, config.name)
+    except SettingsError as exc:
+        wrong["Arms and name"] = common.one_line_error(exc)
+    if wrong:
+        st.error("**Not started:**\n" + "\n".join(f"- **{label}**: {common.md(m)}" for label, m in wrong.items()))
+        return
     argv = [sys.executable, "-m", "threeds", "experiment", "--run", str(run_dir), *to_argv(config), *to_argv(train)]
     if start_background(argv, exp):
         st.session_state["outcomes_next"] = exp.name  # the picker is drawn: set it on the next run

@@ -35,8 +35,9 @@ import streamlit as st
 from streamlit.runtime.scriptrunner import get_script_run_ctx
 
 from threeds.config import FilterConfig, SelectConfig, format_value
+from threeds.errors import SettingsError
 from threeds.names import METRICS, SHORT_NAMES
-from threeds.selection.apply import SelectionError, check, load_preset, save_preset
+from threeds.selection.apply import SelectionError, load_preset, save_preset
 
 SELECTION = "selection"  # the current SelectConfig
 # Other widget keys that must survive page switches: Streamlit drops a widget's state when a page
@@ -227,18 +228,9 @@ def decode_rows(text: str) -> np.ndarray:
 
 
 def decode(params: dict[str, str]) -> SelectConfig:
-    """The SelectConfig a query string names (absent fields: the defaults); SelectionError if bad."""
-    values = {}
-    for name, text in params.items():
-        if name not in FIELDS:
-            continue
-        try:
-            values[name] = FIELDS[name].metadata["kind"](text)
-        except ValueError:
-            raise SelectionError(f"link setting {name}={text!r} is not a valid {FIELDS[name].metadata['kind'].__name__}") from None
-    config = SelectConfig(**values)
-    check(config)
-    return config
+    """The SelectConfig a query string names (absent fields: the defaults; other parameters, the view's,
+    ignored); SettingsError naming a bad one."""
+    return SelectConfig.from_dict({name: text for name, text in params.items() if name in FIELDS}, "link")
 
 
 def history_navigation() -> bool:
@@ -267,7 +259,7 @@ def read_url(run_names: list[str], page_path: str) -> None:
     if back or params.keys() & FIELDS.keys():
         try:
             st.session_state[PENDING] = decode(params)
-        except SelectionError as exc:
+        except SettingsError as exc:
             st.sidebar.warning(f"{exc}; the link's selection is ignored.")
     if params.get("id"):
         st.session_state["inspect_id"] = params["id"]

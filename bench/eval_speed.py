@@ -35,6 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from threeds.config import EvalConfig, ModelConfig
 from threeds.model.decode import shared_prefix
 from threeds.model.load import load_model
 from threeds.model.prompts import prompt_format
@@ -157,8 +158,10 @@ def main() -> None:
     if args.end_to_end:
         with tempfile.TemporaryDirectory() as tmp:
             began = time.perf_counter()
-            summary = evaluate(None, args.bench, tmp, limit=args.limit, shots=args.shots, prompt_format=args.format,
-                               batch_size=args.batch_size, batch_tokens=args.batch_tokens)  # fmt: skip
+            config = EvalConfig(bench=args.bench, limit=args.limit, shots=args.shots, prompt_format=args.format,
+                                batch_size=args.batch_size, batch_tokens=args.batch_tokens)  # fmt: skip
+            loaded = load_model(None, config.adapter)  # as `threeds eval` loads the embedded model
+            summary = evaluate(*loaded, load_bench(config.bench, config.limit), tmp, config, ModelConfig())
             wall = time.perf_counter() - began
         full = len(load_bench(args.bench).items)
         text += (f"\n\nend to end, `evaluate()` as `threeds eval --bench {args.bench} --limit {args.limit}` runs it "

@@ -47,7 +47,7 @@ def main() -> None:
     tokens = sum(len(e.ids) for e in encode_examples(part, tokenizer, fmt, config.cutoff))
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
-        summary = train_lora(model, tokenizer, fmt, part, config, out)
+        summary = train_lora(model, tokenizer, fmt, part, config, out).summary
         seconds = time.perf_counter() - start
     result = {
         "records": len(part), "steps": summary["steps"], "tokens": tokens, "seconds": round(seconds, 1),

@@ -13,7 +13,8 @@ from threeds.cli import main as cli
 from threeds.io.data import read_jsonl
 from threeds.outcomes import loglik
 from threeds.outcomes.benchsets import Bench, BenchItem
-from threeds.outcomes.evaluate import EvalSettingsError, encode, evaluate_loaded, render
+from threeds.config import EvalConfig, ModelConfig
+from threeds.outcomes.evaluate import EvalSettingsError, encode, evaluate, render
 from threeds.outcomes.loglik import Request, choice_logprobs
 
 
@@ -98,6 +99,9 @@ def test_continuation_tokens_are_those_after_the_prompt(tokenizer, fmt):
         assert request.prompt + ids == tokenizer.encode(prompt + cont, add_special_tokens=fmt == "plain")
 
 
+PLAIN, TINY = EvalConfig(prompt_format="plain"), ModelConfig(model="tiny")
+
+
 def small_bench(n: int = 3) -> Bench:
     items = [BenchItem(f"q{i}", f"Question number {i} about the body?", ["heart", "lung", "the left kidney"][: 2 + i % 2],
                        i % 2, "anatomy" if i < 2 else "biology") for i in range(n)]  # fmt: skip
@@ -108,8 +112,8 @@ def test_rows_summary_and_resume(tmp_path, tiny_model, tokenizer):
     out = tmp_path / "eval"
     bench = small_bench(3)
     calls = []
-    first = evaluate_loaded(tiny_model, tokenizer, Bench("tiny", bench.items[:2], bench.dev), out, model_name="tiny",
-                            prompt_format="plain", progress=lambda done, total: calls.append((done, total)))  # fmt: skip
+    first = evaluate(tiny_model, tokenizer, Bench("tiny", bench.items[:2], bench.dev), out, PLAIN, TINY,
+                     progress=lambda done, total: calls.append((done, total)))  # fmt: skip
     assert first["n_items"] == 2 and calls[-1] == (2, 2)
     rows = read_jsonl(out / "items.jsonl")
     row = rows[0]
@@ -124,7 +128,7 @@ def test_rows_summary_and_resume(tmp_path, tiny_model, tokenizer):
     rows[0]["logprobs"], rows[0]["correct"] = [0.0, -1.0], True
     (out / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"id": "q', encoding="utf-8")
     with pytest.warns(UserWarning, match="truncated last line"):
-        summary = evaluate_loaded(tiny_model, tokenizer, bench, out, model_name="tiny", prompt_format="plain")
+        summary = evaluate(tiny_model, tokenizer, bench, out, PLAIN, TINY)
     rows = read_jsonl(out / "items.jsonl")
     assert [r["id"] for r in rows] == ["q0", "q1", "q2"] and rows[0]["logprobs"] == [0.0, -1.0]
     assert summary["n_items"] == 3 and summary["acc"] == pytest.approx(sum(r["correct"] for r in rows) / 3)
@@ -136,10 +140,10 @@ def test_rows_summary_and_resume(tmp_path, tiny_model, tokenizer):
 def test_other_settings_are_refused_unless_overwrite(tmp_path, tiny_model, tokenizer):
     out = tmp_path / "eval"
     bench = small_bench(2)
-    evaluate_loaded(tiny_model, tokenizer, bench, out, model_name="tiny", prompt_format="plain")
+    evaluate(tiny_model, tokenizer, bench, out, PLAIN, TINY)
     with pytest.raises(EvalSettingsError, match="prompt_format 'plain', not 'chat'"):
-        evaluate_loaded(tiny_model, tokenizer, bench, out, model_name="tiny", prompt_format="chat")
-    summary = evaluate_loaded(tiny_model, tokenizer, bench, out, model_name="tiny", shots=1, overwrite=True)
+        evaluate(tiny_model, tokenizer, bench, out, EvalConfig(prompt_format="chat"), TINY)
+    summary = evaluate(tiny_model, tokenizer, bench, out, EvalConfig(shots=1), TINY, overwrite=True)
     assert summary["shots"] == 1 and read_jsonl(out / "items.jsonl")[0]["prompt"].count("<|im_start|>user") == 2
 
 
@@ -167,13 +171,14 @@ def test_cli_on_the_embedded_model(tmp_path, capsys):
 
 
 def test_adapter_is_applied(tmp_path, tiny_model_dir, tokenizer):
-    """`evaluate(adapter=DIR)` scores the base model with the saved LoRA merged in: the log-probs of
-    the PEFT model itself, not those of the base model."""
+    """`load_model(spec, adapter=DIR)` merges the saved LoRA: evaluate scores the log-probs of the PEFT
+    model itself, not those of the base model."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     from threeds.errors import ThreedsError
-    from threeds.outcomes.evaluate import evaluate
+    from threeds.model.load import load_model
+    from threeds.outcomes.benchsets import load_bench
 
     torch.manual_seed(1)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -182,12 +187,13 @@ def test_adapter_is_applied(tmp_path, tiny_model_dir, tokenizer):
     peft.save_pretrained(tmp_path / "adapter")
     exam = tmp_path / "exam.jsonl"
     exam.write_text(json.dumps({"id": "q1", "question": ITEM.question, "options": ITEM.choices, "answer": "A"}) + "\n")
-    summary = evaluate(str(tiny_model_dir), str(exam), tmp_path / "out", adapter=tmp_path / "adapter",
-                       prompt_format="plain", device="cpu")  # fmt: skip
+    config = EvalConfig(bench=str(exam), adapter=str(tmp_path / "adapter"), prompt_format="plain")
+    model, tok = load_model(str(tiny_model_dir), config.adapter, device="cpu")
+    summary = evaluate(model, tok, load_bench(config.bench), tmp_path / "out", config, ModelConfig(model=str(tiny_model_dir)))
     (row,) = read_jsonl(tmp_path / "out" / "items.jsonl")
     expected = reference_logprobs(peft, encode(tokenizer, row["prompt"], row["choices"], "plain"))
     assert row["logprobs"] == pytest.approx(expected, abs=1e-4)
     assert max(abs(a - b) for a, b in zip(expected, before)) > 1e-3
-    assert summary["adapter"] == str(tmp_path / "adapter")
+    assert summary["adapter"] == str(tmp_path / "adapter") and summary["model"] == str(tiny_model_dir)
     with pytest.raises(ThreedsError, match="no adapter_config.json"):
-        evaluate(str(tiny_model_dir), str(exam), tmp_path / "out2", adapter=tmp_path, device="cpu")
+        load_model(str(tiny_model_dir), tmp_path, device="cpu")

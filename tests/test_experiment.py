@@ -3,14 +3,17 @@ read back, a stopped experiment resumed without redoing finished arms, arms pars
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 from synthetic_run import make_run
 
 from threeds import cli
 from threeds.errors import SettingsError
-from threeds.outcomes import experiment, report
+from threeds.config import EvalConfig, ModelConfig
+from threeds.outcomes import experiment, report, train
 from threeds.outcomes.arms import ArmError, ArmSource, parse_arm, parse_arms
 
 SELECTED = ["s000003", "s000007", "s000001", "s000010"]
@@ -39,29 +42,37 @@ def argv(run_dir, bench, model, *extra):
 
 
 def test_two_arms_end_to_end_then_stopped_and_resumed(run_dir, bench, tiny_model_dir, monkeypatch):
-    calls = {"train": [], "eval": []}
-    real_train, real_eval = experiment.train_lora, experiment.evaluate
+    calls = {"train": [], "eval": [], "load": []}
+    real_train, real_eval, real_load = experiment.train_arm, experiment.evaluate, train.load_model
 
-    def counting_train(model, tokenizer, fmt, records, config, out, *a, **kw):
+    def counting_train(spec, records, config, out, *a, **kw):
         calls["train"].append(out.parent.name)
-        return real_train(model, tokenizer, fmt, records, config, out, *a, **kw)
+        return real_train(spec, records, config, out, *a, **kw)
 
-    def eval_then_stop(model, bench, out, **kw):
+    def eval_then_stop(model, tokenizer, bench, out, *a, **kw):
         calls["eval"].append(out.parent.name)
         if len(calls["eval"]) == 2:
             raise KeyboardInterrupt  # Stop pressed while the second arm is evaluated
-        return real_eval(model, bench, out, **kw)
+        return real_eval(model, tokenizer, bench, out, *a, **kw)
 
-    monkeypatch.setattr(experiment, "train_lora", counting_train)
+    def counting_load(spec, adapter=None, dtype=None, **kw):
+        calls["load"].append((adapter and Path(adapter).parent.name, dtype))
+        return real_load(spec, adapter, dtype, **kw)
+
+    monkeypatch.setattr(experiment, "train_arm", counting_train)
     monkeypatch.setattr(experiment, "evaluate", eval_then_stop)
-    assert cli.main(argv(run_dir, bench, tiny_model_dir)) == 130
+    monkeypatch.setattr(experiment, "load_model", counting_load)
+    monkeypatch.setattr(train, "load_model", counting_load)
+    assert cli.main(argv(run_dir, bench, tiny_model_dir, "--dtype", "float32")) == 130
+    assert calls["load"] == [(None, "float32"), (None, "float32")]  # one load per trained arm: sel is evaluated as trained
     exp = run_dir / "experiments" / "t"
     assert json.loads((exp / "status.json").read_text())["state"] == "stopped"
     units = json.loads((exp / "units.json").read_text())
     assert units["sel/seed0"]["eval"] == "done" and units["rand/seed0"]["train"] == "done"
 
-    assert cli.main(argv(run_dir, bench, tiny_model_dir)) == 0  # resumed
+    assert cli.main(argv(run_dir, bench, tiny_model_dir, "--dtype", "float32")) == 0  # resumed
     assert calls["train"] == ["sel", "rand"] and calls["eval"] == ["sel", "rand", "rand"]  # nothing finished was redone
+    assert calls["load"][2:] == [("rand", "float32")]  # rand trained before the stop: loaded with its saved adapter
     described = json.loads((exp / "experiment.json").read_text())
     assert [(a["name"], a["spec"], a["records"]) for a in described["arms"]] == [
         ("sel", "current", {"seed0": 4}), ("rand", "random:same", {"seed0": 4})]  # fmt: skip
@@ -82,11 +93,30 @@ def test_two_arms_end_to_end_then_stopped_and_resumed(run_dir, bench, tiny_model
     assert all(units[k]["train_s"] > 0 and units[k]["eval_s"] > 0 for k in ("sel/seed0", "rand/seed0"))
 
     # A rerun with one more arm evaluates only that one; a changed setting is refused.
-    assert cli.main([*argv(run_dir, bench, tiny_model_dir), "--arm", "zero=base"]) == 0
-    assert calls["train"] == ["sel", "rand"] and calls["eval"][3:] == ["zero"]
+    assert cli.main([*argv(run_dir, bench, tiny_model_dir, "--dtype", "float32"), "--arm", "zero=base"]) == 0
+    assert calls["train"] == ["sel", "rand"] and calls["eval"][3:] == ["zero"] and calls["load"][3:] == [(None, "float32")]
     assert set(json.loads((exp / "summary.json").read_text())["arms"]) == {"sel", "rand", "zero"}
-    assert cli.main([*argv(run_dir, bench, tiny_model_dir), "--lr", "1e-3"]) == 1
+    assert cli.main([*argv(run_dir, bench, tiny_model_dir, "--dtype", "float32"), "--lr", "1e-3"]) == 1
     assert "other train" in json.loads((exp / "status.json").read_text())["error"]
+
+
+def test_the_model_just_trained_scores_as_its_saved_adapter_reloaded(run_dir, bench, tiny_model_dir):
+    """The runner evaluates the model it trained (no second load): the same numbers, to the bit, as
+    the base model loaded again with the adapter it saved merged in."""
+    from threeds.model.load import load_model
+    from threeds.outcomes.benchsets import load_bench
+
+    assert cli.main(argv(run_dir, bench, tiny_model_dir, "--dtype", "float32")) == 0
+    exp = run_dir / "experiments" / "t"
+    config = EvalConfig(bench=str(bench), adapter=str(exp / "arms" / "sel" / "seed0"), batch_size=4)
+    model, tokenizer = load_model(str(tiny_model_dir), config.adapter, "float32")
+    experiment.evaluate(model, tokenizer, load_bench(config.bench), exp / "reloaded", config, ModelConfig(model=str(tiny_model_dir)))
+    base, tokenizer = load_model(str(tiny_model_dir), None, "float32")
+    experiment.evaluate(base, tokenizer, load_bench(config.bench), exp / "base", dataclasses.replace(config, adapter=None))
+    rows = [[json.loads(line) for line in (folder / "items.jsonl").read_text().splitlines()]
+            for folder in (exp / "evals" / "sel" / "seed0", exp / "reloaded", exp / "base")]  # fmt: skip
+    assert [r["logprobs"] for r in rows[0]] == [r["logprobs"] for r in rows[1]]
+    assert [r["logprobs"] for r in rows[0]] != [r["logprobs"] for r in rows[2]]  # the training moved them
 
 
 def test_arm_specs_are_parsed_and_checked():

@@ -123,8 +123,9 @@ LAYOUT = LIBRARY / "rundir" / "layout.py"
 FILE_NAME = re.compile(r"[\w.\-]*[\w\-]\.(?:json|jsonl|npy|npz|parquet|safetensors|bin|gguf|pt|pkl|md|csv|tsv|yaml|yml|log|txt|lock|html)")
 NAMED_BY = {
     ".lock": LIBRARY / "io" / "lock.py",
-    **dict.fromkeys(("config.json", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
-                     "adapter_config.json", "adapter_model.safetensors"), LIBRARY / "model" / "load.py"),  # transformers', PEFT's
+    **dict.fromkeys(("config.json", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"),
+                    LIBRARY / "model" / "load.py"),  # transformers'
+    **dict.fromkeys(("adapter_config.json", "adapter_model.safetensors"), LIBRARY / "model" / "lora.py"),  # PEFT's
     **dict.fromkeys(("ori_pqal.json", "test_ground_truth.json"), LIBRARY / "outcomes" / "benchsets.py"),  # PubMedQA's release
     **dict.fromkeys(("_sharegpt.json", "_selected.json"), LIBRARY / "views" / "export.py"),  # files the user exports
 }  # fmt: skip
@@ -185,6 +186,23 @@ def test_a_file_name_literal_is_found(tmp_path):
                        'SUFFIX = ".json"\nNAME = f"{exp}-report.md"\nlock = Path(".lock")\n')  # fmt: skip
     found = [s.split(" ", 1)[1] for s in _file_name_literals([planted], _layout_names())]
     assert found == ["'metrics.parquet'", "'weights.safetensors'", "'arms'", "'-report.md'", "'.lock'"]
+
+
+# The manifest's `stages` section has one writer (stages/pipeline.Stages) and one reader for everyone
+# else (rundir/check.stage_part): no other module spells its name.
+STAGES_OWNERS = {LIBRARY / "stages" / "pipeline.py", LIBRARY / "rundir" / "check.py"}
+
+
+def _stages_literals(files: list[Path]) -> list[str]:
+    return sorted(f"{_where(path)}:{node.lineno}" for path in files if path not in STAGES_OWNERS
+                  for node in _string_constants(ast.parse(path.read_text(encoding="utf-8"))) if node.value == "stages")  # fmt: skip
+
+
+def test_the_stages_section_is_read_through_one_reader(tmp_path):
+    assert not _stages_literals([*LIBRARY.rglob("*.py"), *APP])
+    planted = tmp_path / "planted.py"
+    planted.write_text('cap = manifest.get("stages", {}).get("generate")\n')
+    assert _stages_literals([planted]) == ["planted.py:1"]
 
 
 # A name with a leading underscore is its module's own business: another module that imports it

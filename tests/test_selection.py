@@ -14,12 +14,12 @@ from synthetic_run import flag_answers, make_run
 
 from threeds import cli
 from threeds.config import SelectConfig, to_argv
+from threeds.errors import SettingsError
 from threeds.selection.answer_flags import flag_answers as flags_of
 from threeds.selection.answer_flags import run_answer_flags
 from threeds.selection.apply import (
     SelectionError,
     apply,
-    config_from_json,
     empty_reason,
     list_presets,
     load_preset,
@@ -190,12 +190,12 @@ def test_bad_presets_are_one_line_errors(run_dir, tmp_path, caplog):
         load_preset(run_dir, "nan")
     with pytest.raises(SelectionError, match=r"unknown setting\(s\) \['low_t'\]"):
         load_preset(run_dir, "typo")
-    with pytest.raises(SelectionError, match="sample_num must be int"):
+    with pytest.raises(SelectionError, match="kind.json: sample_num='ten' is not a valid int"):
         load_preset(run_dir, "kind")
     with pytest.raises(SelectionError, match="saved ones: kind, nan, typo"):
         load_preset(run_dir, "missing")
-    with pytest.raises(SelectionError, match="x: --low-th 80: above --up-th 20; every band needs 0 <= low <= up <= 100"):
-        config_from_json({"low_th": 80.0, "up_th": 20.0}, "x")
+    with pytest.raises(SettingsError, match="x: --low-th 80: above --up-th 20; every band needs 0 <= low <= up <= 100"):
+        SelectConfig.from_dict({"low_th": 80.0, "up_th": 20.0}, "x")
     assert cli.main(["select", "--run", str(run_dir), "--out", str(tmp_path / "o.json"), "--preset", "typo"]) == 1
     assert "unknown setting" in caplog.text
 

@@ -141,3 +141,45 @@ def test_a_bad_flag_stops_before_the_data_is_read(argv, line, tmp_path, caplog, 
         assert json.loads((tmp_path / "cache/absent/status.json").read_text())["error"] == said[0]
     else:
         assert written == []
+
+
+def test_select_config_from_dict_reads_a_preset_a_link_and_a_recorded_selection():
+    """One parser for the three places a selection comes from: JSON values, a link's text, `recorded()`."""
+    want = SelectConfig(low_th=20.0, corr_up=80.0, sample_num=9, quality_threshold=70.0, include=("x", "y"),
+                        exclude_flags=("repeats",))  # fmt: skip
+    preset = {"low_th": 20, "corr_up": 80.0, "sample_num": 9, "quality_threshold": 70, "include": ["x", "y"],
+              "exclude_flags": ["repeats"]}  # fmt: skip
+    link = {"low_th": "20", "corr_up": "80", "sample_num": "9", "quality_threshold": "70", "include": "x,y",
+            "exclude_flags": "repeats"}  # fmt: skip
+    assert SelectConfig.from_dict(preset, "p") == SelectConfig.from_dict(link, "l") == want
+    assert SelectConfig.from_dict(want.recorded(), "r").bands() == want.bands()
+    assert SelectConfig.from_dict({"bands": {"ins_ppl": [10, 90]}}, "r").bands()["ins_ppl"] == (10.0, 90.0)
+    assert SelectConfig.from_dict({}, "p") == SelectConfig()
+
+
+@pytest.mark.parametrize("obj, message", [
+    ([1], "where: expected a JSON object, got list"),
+    ({"low_t": 20}, "where: unknown setting(s) ['low_t']"),
+    ({"sample_num": 2.5}, "where: sample_num must be int, got 2.5"),
+    ({"sample_num": True}, "where: sample_num must be int, got True"),
+    ({"sample_num": "ten"}, "where: sample_num='ten' is not a valid int"),
+    ({"include": [1]}, "where: include must be a list of id strings"),
+    ({"exclude_flags": "hit_max,nope"}, "where: unknown A' flag 'nope'"),
+    ({"low_th": 80, "up_th": 20}, "where: --low-th 80: above --up-th 20"),
+    ({"sample_num": 0}, "where: --sample-num 0: must be at least 1"),
+    ({"bands": {"ins_ppl": [1]}}, "where: bands must map metrics"),
+    ({"bands": {"ins_ppl": [1, 2]}, "low_th": 5}, "where: bands and low_th both given"),
+])  # fmt: skip
+def test_select_config_from_dict_names_what_is_wrong(obj, message):
+    with pytest.raises(SettingsError) as caught:
+        SelectConfig.from_dict(obj, "where")
+    assert str(caught.value).startswith(message)
+
+
+def test_stage_part_reads_what_a_stage_recorded_and_nothing_else():
+    from threeds.rundir.check import stage_part
+
+    manifest = {"stages": {"filter": {"config": {"quality_threshold": 70}}, "rate": {"data": [1]}, "score": None}}
+    assert stage_part(manifest, "filter", "config") == {"quality_threshold": 70}
+    assert stage_part(manifest, "rate", "data") == stage_part(manifest, "score", "config") == {}
+    assert stage_part({}, "filter", "config") == stage_part({"stages": []}, "filter", "config") == {}

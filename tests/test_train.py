@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+import yaml
 from conftest import make_records, tiny_llama
 from safetensors.torch import load_file
 
@@ -26,7 +27,7 @@ SMALL = TrainConfig(batch_size=2, grad_accum=2, lr=1e-2, epochs=2, cutoff=64, sa
 
 
 def run(tokenizer, records, out, config=SMALL, **kw):
-    return train_lora(tiny_llama(len(tokenizer)), tokenizer, prompt_format(tokenizer), records, config, out, **kw)
+    return train_lora(tiny_llama(len(tokenizer)), tokenizer, prompt_format(tokenizer), records, config, out, **kw).summary
 
 
 def test_first_step_loss_is_the_mean_nll_of_the_response_tokens_only(tokenizer, tmp_path):
@@ -120,10 +121,24 @@ def test_llamafactory_files(tmp_path):
     assert info["threeds_train"]["file_name"] == "threeds_train.json"
     data = json.loads((folder / "threeds_train.json").read_text())
     assert [d["instruction"] for d in data] == [r["instruction"] for r in records]
-    yaml = (folder / "train.yaml").read_text()
-    for line in ("lora_rank: 8", "learning_rate: 5e-05", "num_train_epochs: 1.0", "template: qwen", "cutoff_len: 1024",
-                 "finetuning_type: lora", "model_name_or_path: Qwen/Qwen2.5-7B"):  # fmt: skip
-        assert line in yaml.splitlines()
+    settings = yaml.safe_load((folder / "train.yaml").read_text())
+    assert {key: settings[key] for key in ("lora_rank", "learning_rate", "num_train_epochs", "template", "cutoff_len",
+                                           "finetuning_type", "model_name_or_path", "bf16")} == {
+        "lora_rank": 8, "learning_rate": 5e-05, "num_train_epochs": 1.0, "template": "qwen", "cutoff_len": 1024,
+        "finetuning_type": "lora", "model_name_or_path": "Qwen/Qwen2.5-7B", "bf16": True}  # fmt: skip
+    assert settings["dataset_dir"] == str(folder) and settings["output_dir"] == str(folder / "output")
+
+
+def test_llamafactory_yaml_reads_back_paths_yaml_would_misread(tmp_path):
+    """A folder or model path holding ": " or " #" (a mapping and a comment in plain YAML) reads back whole."""
+    out = tmp_path / "run: 2 #trial" / "arm"
+    folder = train.write_llamafactory(out, make_records(1), TrainConfig(lr=1e-4), "/models/my: model #1", None)
+    text = (folder / "train.yaml").read_text()
+    settings = yaml.safe_load(text)
+    assert settings["model_name_or_path"] == "/models/my: model #1"
+    assert settings["dataset_dir"] == str(out / "llamafactory") and settings["output_dir"] == str(out / "llamafactory" / "output")
+    assert settings["template"] == "CHANGEME" and "CHANGEME to your model's" in text.splitlines()[1]
+    assert settings["learning_rate"] == 1e-4 and isinstance(settings["learning_rate"], float)
 
 
 def test_train_command_on_a_run_with_ids_and_errors(tmp_path, tiny_model_dir, caplog):

@@ -27,7 +27,7 @@ import re
 import shlex
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
 from threeds.errors import SettingsError
@@ -346,12 +346,69 @@ class SelectConfig:
         own = {f"{SHORT_NAMES[m]}_{end}": v for m in METRICS for end, v in zip(("low", "up"), pairs[m])}
         return cls(**own, **rest)
 
+    @classmethod
+    def from_dict(cls, obj: object, where: str) -> SelectConfig:
+        """The selection a dict holds: a preset's JSON object, a link's query string (values as text) or
+        a run's recorded settings (`recorded`: `bands` per metric); absent settings take the defaults.
+        SettingsError `where: ...` naming an unknown key, a value of the wrong type or out of range."""
+        if not isinstance(obj, dict):
+            raise SettingsError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(obj) - set(fields) - {"bands"})
+        if unknown:
+            raise SettingsError(f"{where}: unknown setting(s) {unknown}; expected some of {sorted(fields)}")
+        values = {name: _field_value(fields[name], value, where) for name, value in obj.items() if name != "bands"}
+        if "bands" in obj:
+            band_fields = sorted(n for n in values if n.endswith(("_th", "_low", "_up")))
+            if band_fields:
+                raise SettingsError(f"{where}: bands and {band_fields[0]} both given; give one of them")
+            values = asdict(cls.from_bands(cls().bands() | _bands(obj["bands"], where))) | values
+        line = first_problem(config := cls(**values))
+        if line is not None:
+            raise SettingsError(f"{where}: {line}")
+        return config
+
     def recorded(self) -> dict:
         """As a run records it (manifest `stages.select.config`)."""
         found = {"bands": self.bands(), "sample_num": self.sample_num, "atten_method": self.atten_method, "seed": self.seed}
         rules = {"quality_threshold": self.quality_threshold, "include": list(self.include), "exclude": list(self.exclude),
                  "exclude_flags": list(self.exclude_flags)}  # fmt: skip
         return found | {key: value for key, value in rules.items() if value not in (None, [])}  # absent when unset
+
+
+def _field_value(f: dataclasses.Field, value: Any, where: str) -> Any:
+    """One setting of `SelectConfig.from_dict`: text parsed as its flag's text is, a JSON value checked for its type."""
+    kind = f.metadata["kind"]
+    if isinstance(value, str) and kind is not str:
+        try:
+            return kind(value)
+        except ValueError as exc:
+            problem = str(exc) if isinstance(exc, FlagTextError) else f"{f.name}={value!r} is not a valid {kind.__name__}"
+            raise SettingsError(f"{where}: {problem}") from None
+    if isinstance(f.default, tuple):
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+            raise SettingsError(f"{where}: {f.name} must be a list of id strings")
+        return tuple(value)
+    if value is None:
+        return None  # `problems` names a setting that must be given
+    if kind in (int, float):
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and (kind is float or float(value).is_integer())
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        raise SettingsError(f"{where}: {f.name} must be {kind.__name__}, got {value!r}")
+    return kind(value)
+
+
+def _bands(bands: Any, where: str) -> dict[str, tuple[float, float]]:
+    """A recorded `bands` object: metric -> [low, up] percentiles."""
+    ok = isinstance(bands, dict) and all(
+        m in METRICS and isinstance(b, list | tuple) and len(b) == 2
+        and all(isinstance(v, int | float) and not isinstance(v, bool) for v in b) for m, b in bands.items()
+    )  # fmt: skip
+    if not ok:
+        raise SettingsError(f"{where}: bands must map metrics ({', '.join(METRICS)}) to [low, up] percentiles")
+    return {m: (float(b[0]), float(b[1])) for m, b in bands.items()}
 
 
 @dataclass(frozen=True)

@@ -26,15 +26,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from threeds.outcomes.evaluate import (
-        evaluate,  # torch and transformers: not for `threeds --help`
-    )
+    # torch and transformers: not for `threeds --help`
+    from threeds.model.load import load_model
+    from threeds.outcomes.benchsets import load_bench
+    from threeds.outcomes.evaluate import evaluate
 
-    config, model = from_args(EvalConfig, args), from_args(ModelConfig, args)
-    summary = evaluate(
-        model.model, config.bench, args.out, adapter=config.adapter, limit=config.limit, shots=config.shots,
-        prompt_format=config.prompt_format, batch_size=config.batch_size, batch_tokens=config.batch_tokens,
-        template=model.template, system=model.system, dtype=model.load_dtype, progress=True, overwrite=args.overwrite,
-    )  # fmt: skip
+    config, spec = from_args(EvalConfig, args), from_args(ModelConfig, args)
+    bench = load_bench(config.bench, config.limit)  # a bad set fails before the model loads
+    model, tokenizer = load_model(spec.model, config.adapter, spec.dtype)
+    summary = evaluate(model, tokenizer, bench, args.out, config, spec, progress=True, overwrite=args.overwrite)
     print(json.dumps(summary, indent=2, ensure_ascii=False))
     return 0

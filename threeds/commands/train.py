@@ -63,10 +63,8 @@ def read_ids(path: Path) -> list[str]:
 
 
 def main(args: argparse.Namespace) -> int:
-    # torch and transformers only when it trains: `threeds --help` starts without them
-    from threeds.model.load import load_model, model_label, resolve_model
-    from threeds.model.prompts import prompt_format
-    from threeds.outcomes.train import train_lora, write_llamafactory
+    from threeds.model.load import model_label  # torch and transformers only when it trains: not for `threeds --help`
+    from threeds.outcomes.train import train_arm
 
     config = from_args(TrainConfig, args)
     source = ArmSource(args.run)
@@ -77,16 +75,13 @@ def main(args: argparse.Namespace) -> int:
         ids = source.ids(arm, config.seed)
     records = source.records_of(ids)
     run_model = source.model()
-    spec = ModelConfig(model=args.model or run_model["model"], template=args.template or run_model["template"],
-                       system=args.system if args.system is not None else run_model["system"])  # fmt: skip
+    spec = ModelConfig(model=args.model or run_model.model, template=args.template or run_model.template,
+                       system=args.system if args.system is not None else run_model.system, dtype=config.dtype)  # fmt: skip
+    meta = {"model": model_label(spec.model), "template": spec.template, "system": spec.system, "run": str(args.run),
+            "source": str(args.ids) if args.ids else f"preset:{args.preset}" if args.preset else "current"}  # fmt: skip
     with locked(args.out):
-        model, tokenizer = load_model(spec.model, dtype=config.dtype)
-        fmt = prompt_format(tokenizer, spec.template, spec.system)
-        meta = {"model": model_label(spec.model), "template": spec.template, "system": spec.system, "run": str(args.run),
-                "source": str(args.ids) if args.ids else f"preset:{args.preset}" if args.preset else "current"}  # fmt: skip
         log.info("training on %d records of %s", len(records), args.run)
-        summary = train_lora(model, tokenizer, fmt, records, config, args.out, meta, progress=_bar())
-        write_llamafactory(args.out, records, config, resolve_model(spec.model), spec.template)
+        summary = train_arm(spec, records, config, args.out, meta, progress=_bar()).summary
     print(json.dumps({**summary, "out": str(args.out)}, indent=2))
     return 0
 

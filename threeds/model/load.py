@@ -32,6 +32,7 @@ from transformers import (
 )
 
 from threeds.errors import ThreedsError, first_line
+from threeds.model.lora import merge_adapter
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +45,10 @@ class ModelError(ThreedsError):
 
 
 GGUF_MAGIC = b"GGUF"
-# The files transformers and PEFT name (threeds never names them otherwise).
+# The files transformers names (threeds never names them otherwise).
 MODEL_CONFIG = "config.json"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
-ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"  # a PEFT adapter folder
 HUB_TIMEOUT = 5.0  # seconds for the one request that tells whether a hub id can be fetched
 # What transformers raises for a model it cannot read (a bad config, a truncated safetensors file, ...).
 LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, RuntimeError, AttributeError, ImportError, SafetensorError)
@@ -236,12 +236,16 @@ def _tokenizer_from(source: str) -> PreTrainedTokenizerBase:
 
 def load_model(
     spec: str | os.PathLike | None = None,
-    device: str | torch.device | None = None,
+    adapter: str | os.PathLike | None = None,
     dtype: torch.dtype | str | None = None,
+    *,
+    device: str | torch.device | None = None,
     attn_implementation: str = "sdpa",
     cache_dir: Path = DEFAULT_CACHE,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load (model, tokenizer) for inference; `spec=None` is the embedded SmolLM2-135M-Instruct."""
+    """Load (model, tokenizer) for inference, the one path from a model spec to a model: `spec=None`
+    is the embedded SmolLM2-135M-Instruct; `adapter`, a PEFT adapter folder merged into the weights;
+    `dtype` a name in DTYPES, "auto" or None (the device's default)."""
     device = torch.device(device) if device is not None else default_device()
     dtype = resolve_dtype(dtype, device)
     source = resolve_model(spec, cache_dir)
@@ -251,4 +255,6 @@ def load_model(
     except LOAD_ERRORS as exc:
         raise ModelError(f"--model {spec or source}: cannot load the model ({first_line(exc)})") from exc
     model.to(device).eval()
+    if adapter is not None:
+        model = merge_adapter(model, adapter)
     return model, _tokenizer_from(source)

@@ -22,9 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
+from threeds.config import FilterConfig, ModelConfig
 from threeds.errors import SettingsError, ThreedsError
 from threeds.rundir import layout
-from threeds.rundir.check import load_scored
+from threeds.rundir.check import load_scored, stage_part
 from threeds.rundir.read import Run, load_run, selected_ids
 from threeds.selection.apply import (
     apply,
@@ -37,7 +38,6 @@ from threeds.selection.quality import quality_mask
 
 ARM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 KINDS = ("current", "preset", "random", "quality", "all", "base")
-DEFAULT_THRESHOLD = 85.0
 
 
 class ArmError(ThreedsError, ValueError):
@@ -145,13 +145,11 @@ class ArmSource:
 
     @property
     def threshold(self) -> float:
-        """The run's quality threshold (its filter stage's; 85, the paper's, when not recorded)."""
-        stages = self.run.manifest.get("stages") or {}
-        value = ((stages.get("filter") or {}).get("config") or {}).get("quality_threshold")
-        return float(value) if isinstance(value, (int, float)) else DEFAULT_THRESHOLD
+        """The run's quality threshold (its filter stage's; FilterConfig's default, the paper's, when not recorded)."""
+        value = stage_part(self.run.manifest, "filter", "config").get("quality_threshold")
+        return float(value) if isinstance(value, (int, float)) else FilterConfig().quality_threshold
 
-    def model(self) -> dict:
+    def model(self) -> ModelConfig:
         """The run's target model as its score stage recorded it: model (None = embedded), template, system."""
-        stages = self.run.manifest.get("stages") or {}
-        config = (stages.get("score") or {}).get("config") or {}
-        return {key: config.get(key) for key in ("model", "template", "system")}
+        config = stage_part(self.run.manifest, "score", "config")
+        return ModelConfig(**{key: config.get(key) for key in ("model", "template", "system")})

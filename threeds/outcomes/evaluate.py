@@ -33,10 +33,11 @@ from pathlib import Path
 from threeds.errors import SettingsError, ThreedsError
 from threeds.io.data import append_jsonl, read_jsonl, write_json, write_jsonl
 from threeds.io.lock import locked
-from threeds.model.load import ADAPTER_CONFIG, ModelError, load_model, model_label
+from threeds.config import EvalConfig, ModelConfig
+from threeds.model.load import model_label
 from threeds.model.prompts import PromptFormat
 from threeds.model.prompts import prompt_format as make_prompt_format
-from threeds.outcomes.benchsets import Bench, BenchItem, load_bench
+from threeds.outcomes.benchsets import Bench, BenchItem
 from threeds.outcomes.loglik import Request, choice_logprobs
 from threeds.rundir import layout
 from threeds.rundir.check import read_json_object
@@ -162,55 +163,22 @@ def summarize_rows(rows: list[dict], settings: dict) -> dict:
 
 
 def evaluate(
-    model_spec: str | None, bench: str, out: str | os.PathLike, *, adapter: str | os.PathLike | None = None,
-    limit: int | None = None, shots: int = 0, prompt_format: str = "chat", batch_size: int = 32,
-    batch_tokens: int = 8192, template: str | None = None, system: str | None = None, dtype: str | None = None,
-    device: str | None = None, progress: bool | Progress | None = None, overwrite: bool = False,
-) -> dict:  # fmt: skip
-    """Load the set, the model (and `adapter`), evaluate; returns (and writes) summary.json.
-
-    The set is read before the model loads, so a bad file fails at once. `model_spec=None` is the
-    embedded SmolLM2-135M-Instruct. `progress`: True for a bar on stderr, or `f(done, total)`.
-    """
-    bench_obj = load_bench(bench, limit)
-    check_format(prompt_format)
-    try:
-        model, tokenizer = load_model(model_spec, device=device, dtype=dtype)
-    except ModelError as exc:
-        raise ThreedsError(str(exc)) from exc
-    if adapter is not None:
-        model = load_adapter(model, Path(adapter))
-    return evaluate_loaded(
-        model, tokenizer, bench_obj, out, model_name=model_label(model_spec), adapter=adapter, shots=shots,
-        prompt_format=prompt_format, template=template, system=system, batch_size=batch_size,
-        batch_tokens=batch_tokens, progress=progress, overwrite=overwrite,
-    )  # fmt: skip
-
-
-def load_adapter(model, adapter: Path):
-    """`model` with the PEFT adapter in `adapter` merged into its weights (inference runs at the
-    base model's speed)."""
-    if not (adapter / ADAPTER_CONFIG).is_file():
-        raise ThreedsError(f"--adapter {adapter}: no {ADAPTER_CONFIG} (expected a PEFT adapter folder)")
-    from peft import PeftModel
-
-    return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().eval()
-
-
-def evaluate_loaded(
-    model, tokenizer, bench: Bench, out: str | os.PathLike, *, model_name: str | None = None,
-    adapter: str | os.PathLike | None = None, shots: int = 0, prompt_format: str = "chat",
-    template: str | None = None, system: str | None = None, batch_size: int = 32, batch_tokens: int = 8192,
+    model, tokenizer, bench: Bench, out: str | os.PathLike, config: EvalConfig, spec: ModelConfig | None = None, *,
     progress: bool | Progress | None = None, overwrite: bool = False,
 ) -> dict:  # fmt: skip
-    """Evaluate an already-loaded model (e.g. right after training) on `bench`; writes `out`'s
-    files and returns the summary. Items already in `out/items.jsonl` are not scored again."""
+    """Evaluate a loaded model (`load_model(spec, config.adapter, dtype)`, or one just trained) on
+    `bench` (`load_bench(config.bench, config.limit)`); writes `out`'s files and returns the summary.
+
+    `spec` names the model, its template and system prompt in the files (None: the model's own
+    name, its tokenizer's template). Items already in `out/items.jsonl` are not scored again.
+    `progress`: True for a bar on stderr, or `f(done, total)`."""
+    spec = spec or ModelConfig(model=str(getattr(model.config, "_name_or_path", "")))
+    template, system, shots = spec.template, spec.system, config.shots
     out = Path(out)
-    fmt = resolve_format(tokenizer, prompt_format)
+    fmt = resolve_format(tokenizer, config.prompt_format)
     chat = make_prompt_format(tokenizer, template, system) if fmt == "chat" else None
-    settings = {"bench": bench.name, "model": model_name or str(getattr(model.config, "_name_or_path", "")),
-                "adapter": str(adapter) if adapter is not None else None, "prompt_format": fmt, "shots": shots,
-                "template": template, "system": system}  # fmt: skip
+    settings = {"bench": bench.name, "model": model_label(spec.model), "adapter": config.adapter, "prompt_format": fmt,
+                "shots": shots, "template": template, "system": system}  # fmt: skip
     rendered = {item.id: render(item, fmt, shots_for(item, bench.dev, shots), chat) for item in bench.items}
     with locked(out):
         done = _resume(out, settings, rendered, overwrite)
@@ -228,8 +196,8 @@ def evaluate_loaded(
         model.eval()  # no dropout (a model straight from training); restored below
         try:
             for group in _prefix_groups(todo, shots):
-                choice_logprobs(model, [requests[i] for i in group], batch_size=batch_size, batch_tokens=batch_tokens,
-                                on_batch=_renumbered(save, group))  # fmt: skip
+                choice_logprobs(model, [requests[i] for i in group], batch_size=config.batch_size,
+                                batch_tokens=config.batch_tokens, on_batch=_renumbered(save, group))  # fmt: skip
         finally:
             model.train(training)
             close()

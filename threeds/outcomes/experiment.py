@@ -18,6 +18,7 @@ added to an experiment, but its other settings cannot change (another name does 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import time
@@ -25,22 +26,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from threeds.config import ExperimentConfig, TrainConfig
+from threeds.config import EvalConfig, ExperimentConfig, ModelConfig, TrainConfig, check_settings
 from threeds.errors import SettingsError, ThreedsError
 from threeds.io.data import read_jsonl, write_json
 from threeds.io.lock import locked
-from threeds.model.load import load_model, model_label, resolve_model
-from threeds.model.prompts import prompt_format
+from threeds.model.load import load_model, model_label
+from threeds.model.lora import merged
 from threeds.outcomes import report
 from threeds.outcomes.arms import ARM_NAME, Arm, ArmSource, parse_arms
-from threeds.outcomes.benchsets import load_bench
+from threeds.outcomes.benchsets import Bench, load_bench
 from threeds.outcomes.evaluate import evaluate
-from threeds.outcomes.train import (
-    check_config,
-    finished,
-    train_lora,
-    write_llamafactory,
-)
+from threeds.outcomes.train import Trained, finished, train_arm
 from threeds.rundir import layout
 from threeds.rundir.check import read_json_object
 from threeds.rundir.progress import ProgressFile
@@ -98,17 +94,20 @@ def plan_units(source: ArmSource, arms: list[Arm], seeds: int) -> list[Unit]:
     return sorted(units, key=lambda u: (u.seed, arms.index(u.arm)))
 
 
-def experiment_model(source: ArmSource, config: ExperimentConfig) -> dict:
-    """The run's target model (model, template, system), with --model instead when given."""
-    return source.model() | ({"model": config.model} if config.model else {})
+def experiment_model(source: ArmSource, config: ExperimentConfig, train: TrainConfig) -> ModelConfig:
+    """The run's target model (model, template, system), with --model instead when given, in the
+    training's dtype: every arm trains and evaluates in the same precision."""
+    run = source.model()
+    return dataclasses.replace(run, model=config.model or run.model, dtype=train.dtype)
 
 
 def describe_experiment(config: ExperimentConfig, train: TrainConfig, arms: list[Arm], units: list[Unit], run_dir: Path,
-                        model: dict) -> dict:  # fmt: skip
+                        model: ModelConfig) -> dict:  # fmt: skip
     sizes = {arm.name: {f"seed{u.seed}": (None if u.ids is None else len(u.ids)) for u in units if u.arm is arm} for arm in arms}
     return {
         "name": config.name, "run": str(run_dir), "bench": config.bench, "limit": config.limit, "shots": config.shots,
-        "model": model, "train": dataclasses.asdict(train), "seeds": config.seeds,
+        "model": {"model": model.model, "template": model.template, "system": model.system},  # its dtype: train's
+        "train": dataclasses.asdict(train), "seeds": config.seeds,
         "baseline": config.baseline or arms[0].name,
         "arms": [{"name": a.name, "spec": a.spec, "records": sizes[a.name]} for a in arms],
         "created": time.time(), "versions": package_versions(),
@@ -141,9 +140,10 @@ Log = Callable[[str], None]
 class Runner:
     """Runs the units of one experiment in order, recording state and time in units.json."""
 
-    def __init__(self, exp: Path, config: ExperimentConfig, train: TrainConfig, source: ArmSource, units: list[Unit], say: Log) -> None:
-        self.exp, self.config, self.train, self.source, self.units, self.say = exp, config, train, source, units, say
-        self.model = experiment_model(source, config)
+    def __init__(self, exp: Path, config: ExperimentConfig, train: TrainConfig, source: ArmSource, units: list[Unit],
+                 bench: Bench, say: Log) -> None:  # fmt: skip
+        self.exp, self.config, self.train, self.source, self.units, self.bench, self.say = exp, config, train, source, units, bench, say
+        self.spec = experiment_model(source, config, train)
         path = exp / layout.UNITS
         self.state: dict[str, dict] = read_json_object(path) if path.is_file() else {}
 
@@ -157,24 +157,27 @@ class Runner:
                 row.update({"steps": trained["steps"]} if "steps" in trained else {})
                 continue
             self.say(f"[{index + 1}/{len(self.units)}] {unit.key}: " + self.time_left(index))
+            trained = None
             if unit.ids is not None:
-                self.timed(unit, "train", self.train_unit)
+                trained = self.timed(unit, "train", self.train_unit)
             else:
                 row["train"] = "none"
-            self.timed(unit, "eval", self.eval_unit)
+            self.timed(unit, "eval", functools.partial(self.eval_unit, trained=trained))
         self.save_state()
 
-    def timed(self, unit: Unit, phase: str, work: Callable[[Unit], dict | None]) -> None:
+    def timed(self, unit: Unit, phase: str, work: Callable[[Unit], Trained | dict | None]) -> Trained | dict | None:
+        """work(unit) with its state and seconds recorded; its result (None: finished before, reused)."""
         row = self.state[unit.key]
         row[phase] = "running"
         self.save_state()
         start = time.perf_counter()
         result = work(unit)
         row[phase] = "done"
-        if result is not None:  # None: finished before, reused
+        if result is not None:
             row[f"{phase}_s"] = round(time.perf_counter() - start, 2)
-            row.update({"steps": result["steps"]} if phase == "train" else {})
+            row.update({"steps": result.summary["steps"]} if phase == "train" else {})
         self.save_state()
+        return result
 
     def time_left(self, index: int) -> str:
         """'about N min left' from the mean time of the units finished in this experiment."""
@@ -184,30 +187,32 @@ class Runner:
         left = sum(spent) / len(spent) * (len(self.units) - index)
         return f"about {left / 60:.1f} min left for the experiment"
 
-    def train_unit(self, unit: Unit) -> dict | None:
+    def train_unit(self, unit: Unit) -> Trained | None:
         out = self.folder(unit, "train")
         if finished(out) is not None:
             return None
         records = self.source.records_of(unit.ids)
         config = dataclasses.replace(self.train, seed=unit.seed)
-        model, tokenizer = load_model(self.model["model"], dtype=config.dtype)
-        fmt = prompt_format(tokenizer, self.model["template"], self.model["system"])
-        meta = {"model": model_label(self.model["model"]), "run": str(self.source.run_dir), "arm": unit.arm.spec}
+        meta = {"model": model_label(self.spec.model), "run": str(self.source.run_dir), "arm": unit.arm.spec}
         bar = ProgressFile(self.exp / layout.PROGRESS, f"{unit.key} train", 0, unit="steps")
-        summary = train_lora(model, tokenizer, fmt, records, config, out, meta, progress=lambda d, t: self.tick(bar, d, t))
+        trained = train_arm(self.spec, records, config, out, meta, progress=lambda d, t: self.tick(bar, d, t))
         bar.close()
-        write_llamafactory(out, records, config, resolve_model(self.model["model"]), self.model["template"])
+        summary = trained.summary
         self.say(f"{unit.key}: trained {summary['records']} records in {summary['steps']} steps, final loss {summary['final_loss']:.3f}")
-        return summary
+        return trained
 
-    def eval_unit(self, unit: Unit) -> dict:
-        out = self.folder(unit, "eval")
+    def eval_unit(self, unit: Unit, trained: Trained | None) -> dict:
+        """The unit's evaluation: of the model it just trained when there is one (its adapter merged in
+        memory gives the weights a reload would, `threeds.model.lora`), else loaded with its saved adapter."""
+        out, adapter = self.folder(unit, "eval"), None if unit.ids is None else str(self.folder(unit, "train"))
+        config = EvalConfig(bench=self.config.bench, adapter=adapter, limit=self.config.limit, shots=self.config.shots,
+                            batch_size=self.config.eval_batch_size)  # fmt: skip
+        if trained is not None and trained.model is not None:
+            model, tokenizer = merged(trained.model), trained.tokenizer
+        else:
+            model, tokenizer = load_model(self.spec.model, adapter, self.spec.dtype)
         bar = ProgressFile(self.exp / layout.PROGRESS, f"{unit.key} eval", 0, unit="items")
-        summary = evaluate(
-            self.model["model"], self.config.bench, out, adapter=None if unit.ids is None else self.folder(unit, "train"),
-            limit=self.config.limit, shots=self.config.shots, batch_size=self.config.eval_batch_size,
-            template=self.model["template"], system=self.model["system"], progress=lambda d, t: self.tick(bar, d, t),
-        )  # fmt: skip
+        summary = evaluate(model, tokenizer, self.bench, out, config, self.spec, progress=lambda d, t: self.tick(bar, d, t))
         bar.close()
         self.say(f"{unit.key}: accuracy {summary.get('acc', float('nan')):.3f} on {summary.get('n_items', '?')} items")
         return summary
@@ -233,15 +238,15 @@ def run_experiment(run_dir: str | os.PathLike, config: ExperimentConfig, train: 
     run_dir = Path(run_dir)
     exp = experiment_dir(run_dir, config.name)
     arms = parse_arms(config.arm, config.baseline)
-    check_config(train)
-    load_bench(config.bench, config.limit)  # a bad set fails before any training
+    check_settings(train)
+    bench = load_bench(config.bench, config.limit)  # a bad set fails before any training
     source = ArmSource(run_dir)
     units = plan_units(source, arms, config.seeds)
     with locked(exp):
-        described = describe_experiment(config, train, arms, units, run_dir, experiment_model(source, config))
+        described = describe_experiment(config, train, arms, units, run_dir, experiment_model(source, config, train))
         check_rerun(exp, described)
         write_json(exp / layout.EXPERIMENT, described)
-        Runner(exp, config, train, source, units, say).run()
+        Runner(exp, config, train, source, units, bench, say).run()
         summary = summarize_experiment(exp)
         (exp / layout.PROGRESS).unlink(missing_ok=True)
     return summary

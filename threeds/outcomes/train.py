@@ -33,12 +33,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from threeds.config import TrainConfig
-from threeds.errors import SettingsError, ThreedsError
+from threeds.config import ModelConfig, TrainConfig, check_settings
+from threeds.errors import ThreedsError
 from threeds.io.data import (
     append_jsonl,
     full_instruction,
@@ -46,8 +47,9 @@ from threeds.io.data import (
     write_json,
     write_jsonl,
 )
-from threeds.model.load import ADAPTER_WEIGHTS
-from threeds.model.prompts import PromptFormat
+from threeds.model.load import load_model, resolve_model
+from threeds.model.lora import ADAPTER_WEIGHTS, add_lora
+from threeds.model.prompts import PromptFormat, prompt_format
 from threeds.rundir import layout
 from threeds.rundir.write import package_versions
 from threeds.stages.score import encode
@@ -83,15 +85,6 @@ def encode_examples(records: Sequence[dict], tokenizer: PreTrainedTokenizerBase,
         enc = encode(tokenizer, fmt.prompt(full_instruction(rec)), rec["output"], eot, cutoff)
         found.append(Example(str(rec["id"]), enc.ids, max(enc.n_prompt, 1)))
     return found
-
-
-def check_config(config: TrainConfig) -> None:
-    """SettingsError naming the first setting out of range."""
-    for name in ("lora_r", "epochs", "batch_size", "grad_accum", "cutoff", "save_steps"):
-        if getattr(config, name) < 1:
-            raise SettingsError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(config, name)}")
-    if not config.lr > 0 or not 0 <= config.warmup_ratio < 1 or not 0 <= config.lora_dropout < 1:
-        raise SettingsError("--lr must be > 0, --warmup-ratio and --lora-dropout within [0, 1)")
 
 
 # ------------------------------------------------------------------------------ the plan
@@ -157,18 +150,6 @@ def run_step(model: PreTrainedModel, examples: Sequence[Example], config: TrainC
 # ------------------------------------------------------------------------------ model and optimizer
 
 
-def add_lora(model: PreTrainedModel, config: TrainConfig) -> PreTrainedModel:
-    """LoRA on every linear layer but the output head (LlamaFactory's `lora_target: all`), seeded."""
-    from peft import LoraConfig, get_peft_model  # a slow import: only when training
-
-    torch.manual_seed(config.seed)
-    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules="all-linear", task_type="CAUSAL_LM")  # fmt: skip
-    for param in model.parameters():
-        param.requires_grad_(False)
-    return get_peft_model(model, lora)
-
-
 def trainable(model: PreTrainedModel) -> dict[str, torch.nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
@@ -228,14 +209,36 @@ def load_checkpoint(out: Path, model: PreTrainedModel, optimizer: torch.optim.Op
 Progress = Callable[[int, int], None]  # (optimizer steps done, total)
 
 
-def train_lora(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, fmt: PromptFormat, records: Sequence[dict],
-               config: TrainConfig, out: str | Path, meta: dict | None = None, progress: Progress | None = None) -> dict:  # fmt: skip
-    """Train a LoRA adapter on `records` into `out` (resuming a checkpoint there); the summary.
+@dataclass(frozen=True)
+class Trained:
+    """A finished training: its summary (train.json) and, when it trained in this process, the model
+    with its LoRA layers (`threeds.model.lora.merged` makes it the model to evaluate) and tokenizer."""
 
-    `model` is the base model, loaded on its device; it is changed in place (LoRA layers added).
+    summary: dict
+    model: PreTrainedModel | None
+    tokenizer: PreTrainedTokenizerBase
+
+
+def train_arm(spec: ModelConfig, records: Sequence[dict], config: TrainConfig, out: str | Path, meta: dict,
+              progress: Progress | None = None) -> Trained:  # fmt: skip
+    """`threeds train` and every arm of an experiment: load the base model (`spec`; its dtype is the
+    training's --dtype), train a LoRA adapter on `records` into `out`, write the LlamaFactory files."""
+    model, tokenizer = load_model(spec.model, dtype=spec.dtype)
+    fmt = prompt_format(tokenizer, spec.template, spec.system)
+    trained = train_lora(model, tokenizer, fmt, records, config, out, meta, progress)
+    write_llamafactory(Path(out), records, config, resolve_model(spec.model), spec.template)
+    return trained
+
+
+def train_lora(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, fmt: PromptFormat, records: Sequence[dict],
+               config: TrainConfig, out: str | Path, meta: dict | None = None, progress: Progress | None = None) -> Trained:  # fmt: skip
+    """Train a LoRA adapter on `records` into `out` (resuming a checkpoint there).
+
+    `model` is the base model, loaded on its device; LoRA layers are added to it (the trained model
+    comes back in `Trained.model`; None when `out` held this training finished already).
     `meta` (model name, data source) is recorded in train_config.json next to the settings."""
     out = Path(out)
-    check_config(config)
+    check_settings(config)  # a config built in code: the CLI checked its flags already
     examples = encode_examples(records, tokenizer, fmt, config.cutoff)
     if not any(e.n_targets for e in examples):
         raise TrainError(f"no response token is left within --cutoff {config.cutoff} in any record")
@@ -243,7 +246,7 @@ def train_lora(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, fmt: 
     start_files(out, config, examples, plan, meta or {})
     summary = finished(out)
     if summary is not None:
-        return summary
+        return Trained(summary, None, tokenizer)
     model = add_lora(model, config)
     model.train()
     optimizer = make_optimizer(model, config)
@@ -258,7 +261,7 @@ def train_lora(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, fmt: 
         if progress:
             progress(step + 1, len(plan))
     model.save_pretrained(out)  # adapter_model.safetensors + adapter_config.json
-    return finish(out, examples, plan, done, time.perf_counter() - started)
+    return Trained(finish(out, examples, plan, done, time.perf_counter() - started), model, tokenizer)
 
 
 def one_step(model: PreTrainedModel, optimizer: torch.optim.Optimizer, batch: list[Example], step: int, total: int,
@@ -344,19 +347,21 @@ def write_llamafactory(out: Path, records: Sequence[dict], config: TrainConfig, 
     (folder / layout.LF_DATA).write_text(export_text(records, "alpaca"), encoding="utf-8")
     write_json(folder / layout.LF_DATASET_INFO, dataset_info_entry(Path(layout.LF_DATA).stem, "alpaca"))
     lf_template = TEMPLATES.get(template or "", "")
-    lines = [
-        "### written by threeds train: LlamaFactory's LoRA SFT with the same settings", f"model_name_or_path: {model}",
-        "stage: sft", "do_train: true", "finetuning_type: lora", f"lora_rank: {config.lora_r}",
-        f"lora_alpha: {config.lora_alpha:g}", f"lora_dropout: {config.lora_dropout:g}", "lora_target: all",
-        f"dataset: {Path(layout.LF_DATA).stem}", f"dataset_dir: {folder}",
-        f"template: {lf_template or 'CHANGEME'}" + ("" if lf_template else "  # your model's LlamaFactory template"),
-        f"cutoff_len: {config.cutoff}", f"output_dir: {folder / layout.LF_OUTPUT}", "logging_steps: 1",
-        f"per_device_train_batch_size: {config.batch_size}", f"gradient_accumulation_steps: {config.grad_accum}",
-        f"learning_rate: {config.lr:g}", f"num_train_epochs: {config.epochs}.0", f"lr_scheduler_type: {config.scheduler}",
-        f"warmup_ratio: {config.warmup_ratio:g}", f"weight_decay: {config.weight_decay:g}",
-        f"max_grad_norm: {config.max_grad_norm:g}", f"seed: {config.seed}", "bf16: true",
-    ]  # fmt: skip
-    (folder / layout.LF_YAML).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    settings = {
+        "model_name_or_path": model, "stage": "sft", "do_train": True, "finetuning_type": "lora",
+        "lora_rank": config.lora_r, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
+        "lora_target": "all", "dataset": Path(layout.LF_DATA).stem, "dataset_dir": str(folder),
+        "template": lf_template or "CHANGEME", "cutoff_len": config.cutoff, "output_dir": str(folder / layout.LF_OUTPUT),
+        "logging_steps": 1, "per_device_train_batch_size": config.batch_size,
+        "gradient_accumulation_steps": config.grad_accum, "learning_rate": config.lr,
+        "num_train_epochs": float(config.epochs), "lr_scheduler_type": config.scheduler,
+        "warmup_ratio": config.warmup_ratio, "weight_decay": config.weight_decay, "max_grad_norm": config.max_grad_norm,
+        "seed": config.seed, "bf16": True,
+    }  # fmt: skip
+    header = "### written by threeds train: LlamaFactory's LoRA SFT with the same settings\n"
+    header += "" if lf_template else "### template: CHANGEME to your model's LlamaFactory template\n"
+    text = yaml.safe_dump(settings, sort_keys=False, allow_unicode=True, width=10_000)  # quotes a path with ": " or " #"
+    (folder / layout.LF_YAML).write_text(header + text, encoding="utf-8")
     return folder
 
 

@@ -59,6 +59,16 @@ def read_manifest(path: Path) -> dict:
     return manifest
 
 
+def stage_part(manifest: dict, stage: str, part: str) -> dict:
+    """`manifest["stages"][stage][part]` (part: config, summary, data, ...), {} where a level is missing
+    or not an object: how every reader of the `stages` section but its writer (`threeds.stages.pipeline.Stages`)
+    reads it, so a run made before a stage recorded something reads as "not recorded"."""
+    value = manifest.get("stages")
+    for key in (stage, part):
+        value = value.get(key) if isinstance(value, dict) else None
+    return value if isinstance(value, dict) else {}
+
+
 def read_metrics(path: Path) -> pd.DataFrame:
     """metrics.parquet: the metric columns as numbers, non-empty unique string ids."""
     frame = _read_parquet(path)

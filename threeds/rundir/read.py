@@ -17,7 +17,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from threeds.errors import describe
+from threeds.config import SelectConfig
+from threeds.errors import SettingsError, describe
 from threeds.io.data import (
     DataError,
     loads_bounded,
@@ -35,6 +36,7 @@ from threeds.rundir.check import (
     read_manifest,
     read_metrics,
     read_scored_records,
+    stage_part,
 )
 
 DEFAULT_CACHE = Path("cache")
@@ -202,26 +204,25 @@ def read_tokens(path: Path, sample_id: str) -> pd.DataFrame:
 # ---------------------------------------------------------------------------------------------
 
 
+RUN_SETTINGS = ("bands", "sample_num", "atten_method", "seed", "exclude_flags")  # of its select stage, what the app starts from
+
+
 def run_settings(run: Run) -> dict:
-    """The settings the run itself used, as far as its files say: quality_threshold, bands,
-    sample_num, atten_method, seed, exclude_flags. The app starts from these so it first shows the run's own
-    selection."""
-    stages = run.manifest.get("stages") or {}
+    """The settings the run itself used, as far as its files say: quality_threshold (its filter stage's)
+    and its selection's bands (every metric's), sample_num, atten_method, seed, exclude_flags; a key
+    is absent where not recorded. The app starts from these so it first shows the run's own selection.
+    Read by `SelectConfig.from_dict`; a recorded selection it refuses (a hand-edited file) is left out."""
     found: dict = {}
-    threshold = ((stages.get("filter") or {}).get("config") or {}).get("quality_threshold")
+    threshold = stage_part(run.manifest, "filter", "config").get("quality_threshold")
     if isinstance(threshold, (int, float)):
         found["quality_threshold"] = float(threshold)
-    params = (run.selection or {}).get("params") or ((stages.get("select") or {}).get("config")) or {}
-    bands = params.get("bands")
-    if isinstance(bands, dict):
-        found["bands"] = {m: (float(b[0]), float(b[1])) for m, b in bands.items() if isinstance(b, list | tuple) and len(b) == 2}
-    for key, kind in (("sample_num", int), ("atten_method", str), ("seed", int)):
-        if isinstance(params.get(key), kind):
-            found[key] = params[key]
-    flags = params.get("exclude_flags")
-    if isinstance(flags, list) and all(isinstance(f, str) for f in flags):
-        found["exclude_flags"] = flags
-    return found
+    params = (run.selection or {}).get("params") or stage_part(run.manifest, "select", "config")
+    recorded = {key: params[key] for key in RUN_SETTINGS if key in params}
+    try:
+        config = SelectConfig.from_dict(recorded, f"{run.path}: the run's selection settings")
+    except SettingsError:
+        return found
+    return found | {key: config.bands() if key == "bands" else getattr(config, key) for key in recorded}
 
 
 def selected_ids(selection: dict) -> list[str]:

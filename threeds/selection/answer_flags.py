@@ -41,7 +41,7 @@ from threeds.io.array_cache import read_cached, write_cached
 from threeds.io.data import DataError, is_blank, read_jsonl
 from threeds.names import ANSWER_FLAG_NAMES, ANSWER_FLAGS
 from threeds.rundir import layout
-from threeds.rundir.check import RunFileError
+from threeds.rundir.check import RunFileError, stage_part
 from threeds.rundir.read import read_tokens
 
 REPEAT_N = 4
@@ -143,7 +143,7 @@ def flag_answers(
 
 def generation_cap(manifest: dict) -> int | None:
     """max_new_tokens of the run's generate stage, as its manifest records it (None: not there)."""
-    cap = (((manifest.get("stages") or {}).get("generate") or {}).get("config") or {}).get("max_new_tokens")
+    cap = stage_part(manifest, "generate", "config").get("max_new_tokens")
     return cap if isinstance(cap, int) and not isinstance(cap, bool) and cap > 0 else None
 
 

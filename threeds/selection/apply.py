@@ -62,6 +62,7 @@ from threeds.selection.kcenter import (
     band_filter,
 )
 from threeds.selection.pick_order import PickOrder
+from threeds.selection.quality import quality_mask
 from threeds.selection.verdicts import in_plain_words
 
 PRESET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -132,8 +133,7 @@ def filter_rows(config: SelectConfig, metrics: pd.DataFrame, quality: np.ndarray
     elif quality is None:
         raise SelectionError("a quality threshold needs the run's Stage-1 ratings, and this run has no ratings.jsonl")
     else:
-        with np.errstate(invalid="ignore"):
-            quality_ok = np.asarray(quality, dtype=float) >= config.quality_threshold
+        quality_ok = quality_mask(quality, config.quality_threshold)
     flagged = {name: flags.masks[name] for name in config.exclude_flags} if flags is not None else {}
     pool = np.flatnonzero(quality_ok & ~flags.any_of(config.exclude_flags) if flags is not None else quality_ok)
     inside, report = band_filter(metrics.iloc[pool], config.bands(), config.atten_method)
@@ -434,36 +434,6 @@ def config_to_json(config: SelectConfig) -> dict:
     return {f.name: list(v) if isinstance(v := getattr(config, f.name), tuple) else v for f in dataclasses.fields(config)}
 
 
-def config_from_json(obj: object, where: str) -> SelectConfig:
-    """A SelectConfig from a preset's JSON object; unknown keys and wrong types are errors."""
-    if not isinstance(obj, dict):
-        raise SelectionError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(SelectConfig)}
-    unknown = sorted(set(obj) - set(fields))
-    if unknown:
-        raise SelectionError(f"{where}: unknown setting(s) {unknown}; expected some of {sorted(fields)}")
-    values = {}
-    for name, value in obj.items():
-        default = fields[name].default
-        if isinstance(default, tuple):
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise SelectionError(f"{where}: {name} must be a list of id strings")
-            value = tuple(value)
-        elif value is not None or default is not None:
-            kind = fields[name].metadata["kind"]
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) if kind in (int, float) else isinstance(value, kind)
-            if not ok or (kind is int and not float(value).is_integer()):
-                raise SelectionError(f"{where}: {name} must be {kind.__name__}, got {value!r}")
-            value = kind(value)
-        values[name] = value
-    config = SelectConfig(**values)
-    try:
-        check(config)
-    except SelectionError as exc:
-        raise SelectionError(f"{where}: {exc}") from None
-    return config
-
-
 def preset_path(run_dir: str | os.PathLike, name: str) -> Path:
     if not PRESET_NAME.fullmatch(name or ""):
         raise SelectionError(f"preset name {name!r}: letters, digits, '.', '_' and '-' only (up to 64)")
@@ -498,7 +468,10 @@ def load_preset(run_dir: str | os.PathLike, name: str) -> SelectConfig:
         raise SelectionError(f"{path}: not valid JSON ({exc})") from None
     if problem:
         raise SelectionError(f"{path}: not valid JSON ({problem})")
-    return config_from_json(obj, str(path))
+    try:
+        return SelectConfig.from_dict(obj, str(path))
+    except SettingsError as exc:  # a bad file: bad input (exit status 1), not a bad flag
+        raise SelectionError(str(exc)) from None
 
 
 def _no_constant(name: str) -> None:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+from threeds.rundir.check import stage_part
 from threeds.rundir.read import Run, run_settings, selected_ids
 from threeds.selection.quality import quality_mask
 
 
 def stage_counts(run: Run) -> dict[str, int | None]:
     """How many samples each stage saw and kept (None where the stage has not run)."""
-    stages = run.manifest.get("stages") or {}
     settings = run_settings(run)
     rated = kept = None
     if run.ratings is not None:
@@ -16,10 +16,10 @@ def stage_counts(run: Run) -> dict[str, int | None]:
         rated = int(scores.notna().sum())
         if "quality_threshold" in settings:
             kept = int(quality_mask(scores, settings["quality_threshold"]).sum())
-    generated = ((stages.get("generate") or {}).get("summary") or {}).get("done")
+    generated = stage_part(run.manifest, "generate", "summary").get("done")
     in_bands = ((run.selection or {}).get("report") or {}).get("n_kept")
     return {
-        "input records": _first_int(((stages.get("rate") or {}).get("data") or {}).get("n_records"), (run.manifest.get("data") or {}).get("n_records")),
+        "input records": _first_int(stage_part(run.manifest, "rate", "data").get("n_records"), (run.manifest.get("data") or {}).get("n_records")),
         "rejected": run.rejects,
         "rated (Stage 1)": rated,
         "kept by quality": kept,
