@@ -12,13 +12,14 @@ import dataclasses
 import os
 import re
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import streamlit as st
 from streamlit.runtime.scriptrunner import get_script_run_ctx
 
-from app_pages import state
+from app_pages import pick_jobs, state
 from threeds.config import SelectConfig
 from threeds.errors import describe
 from threeds.names import ATTEN_METHODS, METRIC_NAMES, metric_column
@@ -228,16 +229,38 @@ def quality_of(_run: Run, key: tuple) -> np.ndarray | None:
     return quality_per_row(_run.ratings, _run.metrics["id"])
 
 
-@st.cache_resource(max_entries=4, show_spinner="Flagging the model's answers…")
-def _answer_flags(_run: Run, key: tuple) -> AnswerFlags:
-    return run_answer_flags(_run.path, _run.metrics, _run.records, _run.manifest)
+FLAGS_INLINE_ROWS = 20_000  # runs up to this size flag their answers while the page waits (a second or two)
 
 
-def answer_flags(run: Run) -> AnswerFlags | None:
-    """The run's flags on A' (`threeds.selection.answer_flags`), once per run; None without its scored records."""
+@st.cache_resource(max_entries=4, show_spinner=False)
+def _answer_flags(_run: Run, key: tuple) -> Future:
+    """The run's flags, computed once per run in a thread of the server (seconds per 100k answers)."""
+    return _FLAGGING.submit(run_answer_flags, _run.path, _run.metrics, _run.records, _run.manifest)
+
+
+_FLAGGING = ThreadPoolExecutor(max_workers=1, thread_name_prefix="threeds-flags")
+
+
+def answer_flags(run: Run, wait: bool = True) -> AnswerFlags | None:
+    """The run's flags on A' (`threeds.selection.answer_flags`), once per run; None without its
+    scored records, or (`wait` False) while a large run's are still being computed in the
+    background: what only shows them (counts, badges) does not wait, a rule that needs them does."""
     if run.metrics is None or run.records is None:
         return None
-    return _answer_flags(run, key_of(run))
+    future = _answer_flags(run, key_of(run))
+    if not future.done() and not wait and len(run.metrics) > FLAGS_INLINE_ROWS:
+        return None
+    with st.spinner("Flagging the model's answers (once per run)…"):
+        return future.result()
+
+
+@st.fragment(run_every=pick_jobs.POLL_S)
+def flags_coming(run: Run) -> None:
+    """Says the flags on A' are being computed; reruns the page once they are in."""
+    if _answer_flags(run, key_of(run)).done():
+        st.rerun()
+    with st.container(key="flags_pending"):
+        st.caption(f"Flagging the model's answers in the background (once per run; {len(run.metrics):,} answers); every control works meanwhile…")
 
 
 @st.cache_resource(max_entries=64, show_spinner=False)
@@ -262,26 +285,61 @@ def _pick_order(_run: Run, key: tuple, _filtered: Filtered, stages: tuple, seed:
     return PickOrder(rows, seed, _filtered.initial, _run.path)
 
 
-def picks(run: Run, config: SelectConfig | None = None) -> np.ndarray:
+def picks(run: Run, config: SelectConfig | None = None) -> np.ndarray | None:
     """Rows of metrics.parquet the current selection (or `config`) picks, in pick order: a slice of
-    a cached k-center order, so moving sample_num costs no recomputation."""
+    a k-center order kept per set of candidates, so moving sample_num costs no recomputation.
+    None while a background job makes them (`pick_jobs`: large candidate sets); the page then
+    says they are coming, with the job's progress, where this is called."""
     config = config or selection_config(run)
     done = filtered(run, config)
-    order = _pick_order(run, key_of(run), done, _stages_key(config), config.seed)
-    with st.spinner("k-center greedy…"):
-        return done.candidates[order.picks(pick_count(config))]
+    k = min(pick_count(config), len(done.candidates))
+    if pick_jobs.inline(len(done.candidates), run.embeddings.shape[1]):
+        order = _pick_order(run, key_of(run), done, _stages_key(config), config.seed)
+        with st.spinner("k-center greedy…"):
+            return done.candidates[order.picks(k)]
+    key = (str(run.path), key_of(run), _stages_key(config), config.seed)
+    board = pick_jobs.board()
+    found = board.ready(key, k)
+    if found is None:
+        board.request(key, k, pick_jobs.launcher(run.path, len(run.metrics), done.candidates, done.initial, config.seed, k))
+        pending_picks(key, k, len(done.candidates))
+    return found
+
+
+@st.fragment(run_every=pick_jobs.POLL_S)
+def pending_picks(key: tuple, k: int, candidates: int) -> None:
+    """The picks are coming: the background job's progress, polled; the page reruns once they are in."""
+    board = pick_jobs.board()
+    if board.ready(key, k) is not None:
+        st.rerun()
+    failure = board.failure(key)
+    with st.container(key="picks_pending"):
+        if failure is not None:
+            st.error(f"The k-center picks failed: {md(failure)}")
+            st.button("Try again", key="picks_retry", on_click=board.retry, args=(key,))
+            return
+        job = board.running
+        if job is None or job.key != key:  # ended, or replaced by another page's request: ask again
+            st.rerun()
+        progress = job.progress()
+        done, total = int(progress.get("done", 0)), int(progress.get("total", k)) or 1
+        st.progress(min(done / total, 1.0), text=f"The {k:,} k-center picks among {candidates:,} candidates are coming "
+                    f"(made in the background; every control works meanwhile) · {progress_text(progress) if progress else 'starting'}")  # fmt: skip
 
 
 @st.cache_resource(max_entries=8, show_spinner=False)
-def _selection(_run: Run, key: tuple, config: tuple, _config: SelectConfig, _done: Filtered, _picked: np.ndarray) -> Selection:
+def _selection(_run: Run, key: tuple, config: tuple, _config: SelectConfig, _done: Filtered, picked: tuple | None, _picked: np.ndarray | None) -> Selection:
     return explain(_config, _run.metrics, _run.ratings, _done, _picked)
 
 
 def selection(run: Run, config: SelectConfig | None = None) -> Selection:
     """The current selection (or `config`) applied to `run` with every sample's verdict, why and
-    pick rank (`threeds.selection.apply.explain`; for the pages that show them)."""
+    pick rank (`threeds.selection.apply.explain`; for the pages that show them); while the picks
+    are made in the background, the candidates' verdict is "pick pending"."""
     config = config or selection_config(run)
-    return _selection(run, key_of(run), dataclasses.astuple(config), config, filtered(run, config), picks(run, config))
+    chosen = picks(run, config)
+    state_of_picks = None if chosen is None else len(chosen)  # pending, or made: cached apart
+    return _selection(run, key_of(run), dataclasses.astuple(config), config, filtered(run, config), state_of_picks, chosen)
 
 
 def funnel_text(counts: dict) -> str:
@@ -369,7 +427,7 @@ def display_rows(n: int, cap: int, seed: int = 0) -> np.ndarray:
 
 @st.cache_resource(max_entries=4, show_spinner="Computing the UMAP map (once per run; cached as umap.npy)…")
 def umap_coords(_run: Run, key: tuple) -> np.ndarray:
-    return load_or_compute_umap(_run.path, _run.embeddings)
+    return load_or_compute_umap(_run.path, _run.embeddings, metrics=_run.metrics)
 
 
 def short(text: str, n: int = 120) -> str:

@@ -89,8 +89,10 @@ FLAG_HELP = {
 
 def flag_panel(run) -> None:
     """How many answers carry each flag on A', and the rule that drops them before the bands."""
-    flags = common.answer_flags(run)
+    flags = common.answer_flags(run, wait=False)
     if flags is None:
+        if run.metrics is not None and run.records is not None:
+            common.flags_coming(run)
         return
     counts = flags.counts()
     cols = st.columns(4)

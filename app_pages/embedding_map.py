@@ -13,11 +13,13 @@ from app_pages import common, raster, state
 from threeds.io.data import full_instruction
 from threeds.names import METRICS, metric_column
 from threeds.rundir import layout
-from threeds.views.embed_map import MIN_POINTS
+from threeds.views.embed_map import MIN_POINTS, fit_rows, map_fit
 
 SVG_POINTS = 1_500  # up to this many points, each is an SVG marker; above, the map is an image (`raster`)
 HOVER_POINTS = 120  # points an image map can hover and click (most of them the first picks): each SVG
 # marker adds about 0.25 ms to every re-render in the browser
+DENSITY_POINTS = 200_000  # above, the image is a density (`raster.Canvas.shade`) and
+LARGE_HOVER_POINTS = 2_000  # this many points hover and click, one WebGL trace (a fixed cost, not per point)
 GREY, BLUE = "#c8c8c8", "#1565c0"
 
 
@@ -35,18 +37,17 @@ class Layer:
     ordered: bool = False  # rows in a meaningful order (picks): an image map's hover reaches the first
 
 
-@st.cache_resource(max_entries=4, show_spinner=False)
-def hover_texts(_run, key: tuple) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, escaped instruction starts) per row, made once per run: the map re-sends them on
-    every re-render, so short strings keep re-renders fast."""
-    ids = _run.metrics["id"].to_numpy(dtype=str)
-    return ids, np.array([html.escape(common.short(full_instruction(r), 80)) for r in _run.records], dtype=str)
+def hover_texts(run, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, escaped instruction starts) of the drawn `rows`, read for those rows only (an image
+    map of millions draws a few thousand markers): short strings keep re-renders fast."""
+    ids = run.metrics["id"].to_numpy(dtype=str)[rows]
+    return ids, np.array([html.escape(common.short(full_instruction(run.records[int(r)]), 80)) for r in rows], dtype=str)
 
 
 def colour_options(run) -> list[str]:
     atten = state.selection().atten_method
     options = ["k-center pick", "in band", *(metric_column(m, atten) for m in METRICS)]
-    return options + (["quality"] if run.ratings is not None else [])
+    return options + (["quality"] if run.ratings is not None else []) + (["fitted on"] if map_fit(run.path) is not None else [])
 
 
 def quality_scores(run) -> np.ndarray:
@@ -54,9 +55,13 @@ def quality_scores(run) -> np.ndarray:
     return np.array([scores.get(i, np.nan) for i in run.metrics["id"]], dtype=float)
 
 
-def layers(run, colour: str, picked: np.ndarray) -> list[Layer]:
-    """What the map draws for a colour choice, bottom layer first."""
+def layers(run, colour: str, picked: np.ndarray | None) -> list[Layer]:
+    """What the map draws for a colour choice, bottom layer first (picks still being made: the
+    candidates they will come from)."""
     every = np.arange(len(run.metrics))
+    if colour == "k-center pick" and picked is None:
+        candidates = common.filtered(run).candidates
+        return [Layer("not a candidate", np.setdiff1d(every, candidates), GREY, size=4), Layer("candidate (picks coming)", candidates, BLUE)]
     if colour == "k-center pick":
         order = np.full(len(every), np.nan)
         order[picked] = np.arange(1, len(picked) + 1)
@@ -64,6 +69,9 @@ def layers(run, colour: str, picked: np.ndarray) -> list[Layer]:
             Layer("not picked", np.setdiff1d(every, picked), GREY, size=4),
             Layer("picked", picked, values=order, size=7, title="pick #", hover=" · pick #%{marker.color}", ordered=True),
         ]
+    if colour == "fitted on":  # a sampled map (`threeds.views.embed_map`): the rows UMAP was fitted on
+        fitted = fit_rows(run.metrics)
+        return [Layer("placed by transform", np.setdiff1d(every, fitted), GREY), Layer("fitted on", fitted, BLUE)]
     if colour == "in band":
         mask = common.filtered(run).in_bands
         return [Layer("outside a band", every[~mask], GREY), Layer("in all bands", every[mask], BLUE)]
@@ -83,10 +91,11 @@ def marker(layer: Layer, rows: np.ndarray, **extra) -> dict:
 def scatter(coords, rows, run, name: str, marker: dict, hover: str = "", labels: np.ndarray | None = None) -> go.Scatter:
     """Markers with the sample id, `hover` (a Plotly template part) or per-point `labels`, and the
     instruction's start in the hover box."""
-    ids, texts = hover_texts(run, common.key_of(run))
-    text = texts[rows] if labels is None else np.array([f"{label}<br>{t}" for label, t in zip(labels, texts[rows])], dtype=object)
-    return go.Scatter(
-        x=coords[rows, 0], y=coords[rows, 1], mode="markers", name=name, marker=marker, customdata=ids[rows],
+    ids, texts = hover_texts(run, rows)
+    text = texts if labels is None else np.array([f"{label}<br>{t}" for label, t in zip(labels, texts)], dtype=object)
+    kind = go.Scattergl if len(rows) > HOVER_POINTS else go.Scatter
+    return kind(
+        x=coords[rows, 0], y=coords[rows, 1], mode="markers", name=name, marker=marker, customdata=ids,
         text=text, hovertemplate="<b>%{customdata}</b>" + hover + "<br>%{text}<extra></extra>",
     )  # fmt: skip
 
@@ -107,14 +116,19 @@ def image_figure(run, coords: np.ndarray, drawn: list[Layer]) -> go.Figure:
     box = raster.bounds(coords[:, 0], coords[:, 1])
     canvas = raster.Canvas(box)
     lit = state.brushed_mask(len(coords))
+    dense = len(coords) > DENSITY_POINTS
     for alpha, part in ((60, ~lit), (255, lit)):  # unbrushed points faded, under the brushed ones
         for layer in drawn:
             rows = layer.rows[part[layer.rows]]
+            if dense:
+                values = None if layer.values is None else layer.values[rows]
+                canvas.shade(coords[rows, 0], coords[rows, 1], raster.rgb(layer.colour) if layer.colour else None, values, value_range(layer), alpha)
+                continue
             colours = raster.rgb(layer.colour) if layer.values is None else raster.viridis(layer.values[rows], *value_range(layer))
             canvas.draw(coords[rows, 0], coords[rows, 1], colours, size=3 if layer.size > 5 else 2, alpha=alpha)
-    top = drawn[-1]
-    first = top.rows[: HOVER_POINTS * 2 // 3] if top.ordered else top.rows[:0]
-    hover = np.union1d(first, common.display_rows(len(coords), HOVER_POINTS - len(first)))
+    top, wanted = drawn[-1], hover_count(len(coords))
+    first = top.rows[: wanted * 2 // 3] if top.ordered else top.rows[:0]
+    hover = np.union1d(first, common.display_rows(len(coords), wanted - len(first)))
     points = scatter(coords, hover, run, "hover", dict(size=7, color=GREY, opacity=0.01), labels=hover_labels(drawn, hover))
     points.showlegend = False
     keys = [go.Scatter(x=[None], y=[None], mode="markers", name=layer.name, marker=dict(size=8, color=layer.colour))
@@ -126,6 +140,11 @@ def image_figure(run, coords: np.ndarray, drawn: list[Layer]) -> go.Figure:
     figure = go.Figure(data=[points, *keys], layout=map_layout(box))
     figure.layout.images = [canvas.layout_image()]
     return figure
+
+
+def hover_count(n: int) -> int:
+    """Markers an image map of n points can hover and click."""
+    return LARGE_HOVER_POINTS if n > DENSITY_POINTS else HOVER_POINTS
 
 
 def hover_labels(drawn: list[Layer], rows: np.ndarray) -> np.ndarray:
@@ -185,16 +204,22 @@ def main() -> None:
     coords = common.umap_coords(run, common.key_of(run))
     common.selection_controls(run)
     picked = common.picks(run)
-    drawn = "every point hoverable" if len(coords) <= SVG_POINTS else f"drawn as an image; hover and click reach {HOVER_POINTS:,} of them, the first picks first"
+    drawn = "every point hoverable" if len(coords) <= SVG_POINTS else f"drawn as an image; hover and click reach {hover_count(len(coords)):,} of them, the first picks first"
+    made = "k-center picks coming" if picked is None else f"{len(picked):,} k-center picks"
     st.caption(
-        f"{len(picked):,} k-center picks among {len(common.filtered(run).candidates):,} candidates · {len(coords):,} points, "
+        f"{made} among {len(common.filtered(run).candidates):,} candidates · {len(coords):,} points, "
         f"{drawn} · click a point to open it in the inspector · a box or lasso selects every point inside"
     )
+    fit = map_fit(run.path)
+    if fit is not None:
+        st.caption(f"UMAP was fitted on {fit['rows']:,} of the {len(coords):,} rows, a sample stratified by the {fit['stratified_by']} "
+                   f"(in their first {fit['pca_dims']} principal axes); every other row was placed on it with UMAP's transform. "
+                   "Colour by \"fitted on\" shows which.")  # fmt: skip
     map_view(run, coords, picked)
 
 
 @st.fragment
-def map_view(run, coords: np.ndarray, picked: np.ndarray) -> None:
+def map_view(run, coords: np.ndarray, picked: np.ndarray | None) -> None:
     """Colour, map and brush: a fragment, since they change no selection setting, so choosing a
     colour or drawing a box reruns only this part (a click opens the inspector from here)."""
     if st.session_state.pop("goto_inspector", False):

@@ -166,7 +166,7 @@ def attention_view() -> None:
 
 def flag_badges(run, row: int) -> None:
     """The flags on this sample's A' as badges, with the numbers behind them."""
-    flags = common.answer_flags(run)
+    flags = common.answer_flags(run, wait=False)
     if flags is None:
         return
     names = [name for name in ANSWER_FLAGS if flags.masks[name][row]]

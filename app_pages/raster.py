@@ -61,6 +61,35 @@ class Canvas:
             for dc in range(size):
                 self.pixels[np.clip(row + dr, 0, height - 1), np.clip(col + dc, 0, width - 1)] = rgba
 
+    def shade(self, x: np.ndarray, y: np.ndarray, colour: np.ndarray | None = None, values: np.ndarray | None = None,
+              span: tuple[float, float] = (0.0, 1.0), alpha: int = 255) -> None:  # fmt: skip
+        """Points as a density over what the canvas holds: a pixel's opacity grows with the log of
+        the points on it (a lone point stays visible, at 30% of `alpha`), its colour is `colour` or
+        the Viridis colour of the mean of `values` there (`span`: the scale's ends). For maps of
+        millions of points, where drawing squares would only show the last layer's outline."""
+        height, width = self.pixels.shape[:2]
+        x0, x1, y0, y1 = self.box
+        ok = np.isfinite(x) & np.isfinite(y)
+        col = np.clip(np.floor((x[ok] - x0) / (x1 - x0) * width).astype(np.int64), 0, width - 1)
+        row = np.clip(np.floor((y1 - y[ok]) / (y1 - y0) * height).astype(np.int64), 0, height - 1)
+        index = row * width + col
+        count = np.bincount(index, minlength=height * width)
+        hit = np.flatnonzero(count)
+        if not len(hit):
+            return
+        if values is None:
+            src = np.broadcast_to(np.asarray(colour, dtype=float), (len(hit), 3))
+        else:
+            total = np.bincount(index, weights=np.asarray(values, dtype=float)[ok], minlength=height * width)
+            src = viridis(total[hit] / count[hit], *span).astype(float)
+        a = alpha / 255 * (0.3 + 0.7 * np.log1p(count[hit]) / np.log1p(count.max()))
+        flat = self.pixels.reshape(-1, 4)
+        dst, dst_a = flat[hit, :3].astype(float), flat[hit, 3].astype(float) / 255
+        out_a = a + dst_a * (1 - a)
+        mixed = (src * a[:, None] + dst * (dst_a * (1 - a))[:, None]) / np.maximum(out_a, 1e-9)[:, None]
+        flat[hit, :3] = np.clip(mixed.round(), 0, 255).astype(np.uint8)
+        flat[hit, 3] = np.clip((out_a * 255).round(), 0, 255).astype(np.uint8)
+
     def data_uri(self) -> str:
         buffer = io.BytesIO()
         Image.fromarray(self.pixels, "RGBA").save(buffer, format="PNG", compress_level=1)

@@ -37,9 +37,9 @@ def search_texts(_run: Run, key: tuple) -> tuple[pd.Series, pd.Series]:
 
 
 @st.cache_resource(max_entries=8, show_spinner=False)
-def table_of(_run: Run, key: tuple, config: tuple, _chosen) -> pd.DataFrame:
+def table_of(_run: Run, key: tuple, config: tuple, _chosen, _flags, flagged: bool) -> pd.DataFrame:
     done = common.filtered(_run, _chosen.config)
-    return sample_table(_chosen, _run.metrics, done.quality, done.pool, common.answer_flags(_run))
+    return sample_table(_chosen, _run.metrics, done.quality, done.pool, _flags)
 
 
 def reason_kinds() -> list[str]:
@@ -85,7 +85,9 @@ def main() -> None:
     common.require(run, layout.METRICS, layout.EMBEDDINGS, layout.DATA)
     brush_and_rules(run)
     chosen = common.selection(run)
-    table_view(run, table_of(run, common.key_of(run), dataclasses.astuple(chosen.config), chosen))
+    flags = common.answer_flags(run, wait=False)  # a large run's come later: the A' flags column fills in then
+    made = None if chosen.funnel["picked"] and not len(chosen.picked) else len(chosen.picked)  # picks pending or made
+    table_view(run, table_of(run, common.key_of(run), (dataclasses.astuple(chosen.config), made), chosen, flags, flags is not None))
 
 
 @st.fragment

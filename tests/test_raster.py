@@ -46,3 +46,17 @@ def test_a_box_or_lasso_on_a_scatter_matrix_panel_reads_that_panels_two_columns(
     assert raster.panel_rows([a, b, c], [box], [lasso]).tolist() == [0, 1, 2, 3]
     assert raster.panel_rows([a, b, c], [{"x": [0, 1], "y": [0, 1]}], []) is None  # no panel named
     assert raster.axis_index("x") == 0 and raster.axis_index("y3") == 2
+
+
+def test_a_density_shades_pixels_by_the_log_of_their_points_hand_checked():
+    canvas = raster.Canvas((0.0, 2.0, 0.0, 1.0), width=2, height=1)
+    canvas.shade(np.array([0.1, 0.2, 1.5, np.nan]), np.array([0.5, 0.5, 0.5, 0.5]), raster.rgb("#ff0000"))
+    # two points on the left pixel (the most: full alpha), one on the right: 0.3 + 0.7 * log 2 / log 3
+    assert canvas.pixels[0, 0].tolist() == [255, 0, 0, 255]
+    assert canvas.pixels[0, 1].tolist() == [255, 0, 0, round(255 * (0.3 + 0.7 * np.log(2) / np.log(3)))]
+    canvas.shade(np.array([0.1]), np.array([0.5]), values=np.array([10.0]), span=(0.0, 10.0), alpha=255)
+    assert canvas.pixels[0, 0].tolist() == [*raster.rgb("#fde725").tolist(), 255]  # a full-alpha layer covers
+    over = raster.Canvas((0.0, 1.0, 0.0, 1.0), width=1, height=1)
+    over.draw(np.array([0.5]), np.array([0.5]), raster.rgb("#ff0000"), size=1)
+    over.shade(np.array([0.5]), np.array([0.5]), raster.rgb("#0000ff"), alpha=102)  # 40% blue over opaque red
+    assert over.pixels[0, 0].tolist() == [153, 0, 102, 255]

@@ -66,7 +66,7 @@ from threeds.selection.quality import quality_mask
 from threeds.selection.verdicts import in_plain_words
 
 PRESET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-VERDICTS = ("picked", "not picked", "dropped")
+VERDICTS = ("picked", "not picked", "dropped", "pick pending")  # the last: k-center still running (the app)
 FUNNEL = ("rated", "kept by quality", "scored", "A' not flagged", "in all bands", "picked")
 
 
@@ -234,16 +234,20 @@ def reasons(config: SelectConfig, metrics: pd.DataFrame, quality: np.ndarray | N
 
 
 def explain(
-    config: SelectConfig, metrics: pd.DataFrame, ratings: pd.DataFrame | None, filtered: Filtered, picked: np.ndarray
+    config: SelectConfig, metrics: pd.DataFrame, ratings: pd.DataFrame | None, filtered: Filtered, picked: np.ndarray | None
 ) -> Selection:
-    """Verdict, reasons, rank and funnel for picks made under `config`."""
+    """Verdict, reasons, rank and funnel for picks made under `config`; `picked` None while the
+    picks are still being made (the app's background k-center): every candidate is then
+    "pick pending", and the funnel counts the picks there will be."""
     n = len(metrics)
+    pending = picked is None
+    picked = np.empty(0, dtype=np.int64) if pending else picked
     rank = np.zeros(n, dtype=np.int64)
     rank[picked] = np.arange(1, len(picked) + 1)
     why = reasons(config, metrics, filtered.quality, filtered)
-    verdict = np.where(rank > 0, "picked", np.where(why == "", "not picked", "dropped")).astype(object)
-    k = len(picked)
-    why[(rank == 0) & (why == "")] = f"in all bands; not among the {k:,} k-center picks"
+    verdict = np.where(rank > 0, "picked", np.where(why == "", VERDICTS[3] if pending else "not picked", "dropped")).astype(object)
+    k = min(pick_count(config), len(filtered.candidates)) if pending else len(picked)
+    why[(rank == 0) & (why == "")] = "in all bands; the k-center picks are being made" if pending else f"in all bands; not among the {k:,} k-center picks"
     dropped_but_kept = filtered.included & (why != "")
     why[dropped_but_kept] = ["always include (rule) over: " + w for w in why[dropped_but_kept]]
     why[filtered.included & (why == "")] = "always include (rule)"

@@ -36,6 +36,7 @@ def _meanings() -> list[tuple[str, str]]:
         ("in all bands", ""),  # said by the next part
         ("not among the", "right difficulty, but the picks before it already cover its part of the data"),
         ("k-center pick", "right difficulty, and unlike the samples picked before it"),
+        ("the k-center picks are being made", "right difficulty; whether it is picked is known once k-center is done"),
     ]
     for metric, (below, above) in BELOW_ABOVE.items():
         name = METRIC_NAMES[metric]
