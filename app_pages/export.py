@@ -33,7 +33,6 @@ def main() -> None:
     rows = common.picks(run, config)
     if rows is None:  # made in the background: the panel above says so; the rest needs them
         st.metric("selected samples", "coming")
-        st.code(select_command(str(run.path.resolve()), f"threeds_{run.name}_selected.json".replace("-", "_"), config), language="bash", wrap_lines=True)
         return
     ids = tuple(str(i) for i in run.metrics["id"].to_numpy()[rows])
     records = [run.records[r] for r in rows]

@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 import streamlit as st
 
+from threeds.rundir import layout
+
 # candidates x dim up to which picks are made in the page (well under a second of k-center);
 # THREEDS_INLINE_PICKS changes it (tests set 0 to see the background path on a small run)
 INLINE_WORK = int(os.environ.get("THREEDS_INLINE_PICKS", 20_000_000))
@@ -55,13 +57,13 @@ class Job:
 
     def progress(self) -> dict:
         try:
-            return json.loads((self.folder / "progress.json").read_text(encoding="utf-8"))
+            return json.loads((self.folder / layout.PROGRESS).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return {}
 
     def error(self) -> str:
         """The job's own line (stderr's last), or its exit status."""
-        lines = (self.folder / "log.txt").read_text(encoding="utf-8", errors="replace").strip().splitlines()
+        lines = (self.folder / layout.PICK_JOB_LOG).read_text(encoding="utf-8", errors="replace").strip().splitlines()
         return lines[-1] if lines else f"exit status {self.proc.returncode}"
 
 
@@ -114,7 +116,7 @@ class Board:
         self.running = None
         try:
             if job.proc.returncode == 0:
-                self.done[job.key] = np.load(job.folder / "picks.npy", allow_pickle=False)
+                self.done[job.key] = np.load(job.folder / layout.PICK_JOB_PICKS, allow_pickle=False)
                 self.done.move_to_end(job.key)
                 while len(self.done) > KEEP_DONE:
                     self.done.popitem(last=False)
@@ -148,10 +150,11 @@ def board() -> Board:
 
 def job_argv(folder: Path, run_dir: Path, rows: int, seed: int, k: int) -> list[str]:
     """The job's command line (its inputs and outputs in `folder`)."""
+    candidates, initial = (str(folder / name) for name in layout.PICK_JOB_INPUTS)
     return [
-        sys.executable, "-m", "threeds.selection.pick_job", "--run", str(run_dir), "--rows", str(rows),
-        "--candidates", str(folder / "candidates.npy"), "--initial", str(folder / "initial.npy"), "--seed", str(seed),
-        "--k", str(k), "--out", str(folder / "picks.npy"), "--progress", str(folder / "progress.json"),
+        sys.executable, "-m", "threeds.selection.pick_job", "--run", str(run_dir), "--rows", str(rows), "--candidates", candidates,
+        "--initial", initial, "--seed", str(seed), "--k", str(k), "--out", str(folder / layout.PICK_JOB_PICKS),
+        "--progress", str(folder / layout.PROGRESS),
     ]  # fmt: skip
 
 
@@ -159,9 +162,9 @@ def launcher(run_dir: Path, rows: int, candidates: np.ndarray, initial: np.ndarr
     """`start(folder)` for `Board.request`: writes the job's inputs and starts its process."""
 
     def start(folder: Path) -> subprocess.Popen:
-        np.save(folder / "candidates.npy", candidates, allow_pickle=False)
-        np.save(folder / "initial.npy", initial, allow_pickle=False)
-        with open(folder / "log.txt", "wb") as log:
+        for name, array in zip(layout.PICK_JOB_INPUTS, (candidates, initial)):
+            np.save(folder / name, array, allow_pickle=False)
+        with open(folder / layout.PICK_JOB_LOG, "wb") as log:
             return subprocess.Popen(job_argv(folder, run_dir, rows, seed, k), stdout=log, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
 

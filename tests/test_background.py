@@ -72,7 +72,6 @@ def test_controls_work_while_the_picks_are_pending_and_the_picks_are_the_library
     at = open_page("app_pages/export.py", sample_num=12)
     assert metric(at, "selected samples") == "coming"
     assert "The 12 k-center picks among" in progress_texts(at) and "are coming" in progress_texts(at)
-    assert "threeds select --run" in at.code[0].value  # the command needs no picks
     at.switch_page("app_pages/quality.py").run()  # a control while the job waits at its gate
     before = metric(at, "kept")
     at.slider(key=app_state.widget_key("quality_threshold")).set_value(95.0).run()
