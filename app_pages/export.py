@@ -35,7 +35,7 @@ def main() -> None:
         st.metric("selected samples", "coming")
         return
     ids = tuple(str(i) for i in run.metrics["id"].to_numpy()[rows])
-    records = [run.records[r] for r in rows]
+    records = run.records.take(rows)  # only the picks are read (threeds.rundir.record_index)
     st.metric("selected samples", f"{len(ids):,}")
     quality = "none" if config.quality_threshold is None else f"≥ {config.quality_threshold:g}"
     rules = f" · always include {len(config.include):,} · exclude {len(config.exclude):,}" if config.include or config.exclude else ""

@@ -26,6 +26,7 @@ import pytest
 from synthetic_run import make_run
 
 from threeds.errors import BAD_INPUT, IO_ERROR, USAGE
+from threeds.rundir import layout
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD = {"instruction": "What helps a fever?", "output": "Rest and fluids.", "generated_output": "Rest."}
@@ -398,9 +399,10 @@ def run_cli(argv: list[str]) -> subprocess.CompletedProcess:
 
 
 def unchanged(tmp: Path, before: dict[str, bytes], case: Case) -> bool:
-    """Nothing lost, nothing half written: the files are as they were (the lock file aside)."""
+    """Nothing lost, nothing half written: the files are as they were (the lock file and data.jsonl's
+    row index, a cache made from a file that was read whole, aside)."""
     after = snapshot(tmp)
-    return {k: v for k, v in after.items() if not k.endswith(".lock") and k not in case.writes} == before
+    return {k: v for k, v in after.items() if not k.endswith(".lock") and Path(k).name not in layout.DATA_INDEX and k not in case.writes} == before
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])

@@ -50,7 +50,7 @@ def test_full_run_loads_aligned(run_dir):
     assert run.embeddings.dtype == np.float32
     assert run.ratings["score"].isna().sum() == 1  # the unrated one
     sid = run.metrics["id"].iloc[3]
-    assert run.record(sid) is run.records[3]
+    assert run.record(sid) == run.records[3] and run.records[3]["id"] == sid
     assert run.record("d000001")["instruction"].startswith("What is")  # dropped by Stage 1: from the input file
     tokens = run.tokens(sid)
     assert set(tokens["id"]) == {sid}

@@ -378,8 +378,8 @@ def test_select_dir(tmp_path):
     assert result["params"]["seed"] == 1 and result["params"]["sample_num"] == 5
     assert json.loads((tmp_path / "selection.json").read_text(encoding="utf-8")) == result
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != ".lock") == [
-        "data.jsonl", "embeddings.npy", "metrics.parquet", "pick_orders", "selection.json"
-    ]  # fmt: skip
+        "data.jsonl", "data_index.json", "data_index.npy", "embeddings.npy", "metrics.parquet", "pick_orders", "selection.json"
+    ]  # fmt: skip (data_index: where each record starts, threeds.rundir.record_index)
     (stored,) = (tmp_path / "pick_orders").glob("*.npy")  # the order the app slices (threeds.selection.pick_order)
     assert np.load(stored).tolist() == list(picks)
 

@@ -254,9 +254,11 @@ def read_text(path: PathLike, limits: Limits | None = None) -> str:
     """The file's text (UTF-8, a BOM dropped): a regular file within the size limit, never read past
     it even if it grows meanwhile; DataError naming the file otherwise."""
     path, limits = Path(path), limits or Limits()
-    checked_size(path, limits)
+    size = checked_size(path, limits)
     with path.open("rb") as f:
-        data = f.read(limits.max_bytes + 1)
+        data = f.read(size + 1)  # not read(max_bytes + 1): Python allocates the buffer asked for, 2 GB by default
+        if len(data) > size:  # it grew meanwhile: read on up to the limit
+            data += f.read(limits.max_bytes + 1 - len(data))
     if len(data) > limits.max_bytes:
         raise DataError(f"{path}: more than the limit of {_size(limits.max_bytes)} (--max-data-mb)")
     try:

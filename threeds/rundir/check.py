@@ -19,17 +19,14 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from threeds.errors import ThreedsError
-from threeds.io.data import DataError, loads_bounded, read_jsonl, read_text
+from threeds.io.data import DataError, loads_bounded, read_text
 from threeds.names import METRIC_COLUMNS, TOKEN_COLUMNS
 from threeds.rundir import layout
+from threeds.rundir.record_index import RecordFile, open_records
+from threeds.rundir.run_file_error import RESCORE, RunFileError
 
 MANIFEST_SECTIONS = ("config", "score_config", "model", "data", "timings", "report", "stages", "packages")
-RESCORE = "score again (threeds score --overwrite, or delete the run directory)"
-
-
-class RunFileError(ThreedsError, ValueError):
-    """One file of a run directory is missing, unreadable or inconsistent with the others."""
+__all__ = ["RESCORE", "RunFileError"]  # re-exported: the names callers have always taken from here
 
 
 def _fail(path: Path, problem: str, fix: str = RESCORE) -> RunFileError:
@@ -79,47 +76,38 @@ def read_metrics(path: Path) -> pd.DataFrame:
     if not all(isinstance(i, str) and i for i in ids):
         row = next(r for r, i in enumerate(ids) if not (isinstance(i, str) and i))
         raise _fail(path, f"row {row}: field id: expected a non-empty string, got {ids.iloc[row]!r}")
-    _require_unique(path, ids.tolist(), "row")
+    _require_unique(path, ids)
     for column in METRIC_COLUMNS[1:]:
         if not pd.api.types.is_numeric_dtype(frame[column]) or pd.api.types.is_bool_dtype(frame[column]):
             raise _fail(path, f"column {column}: expected numbers, got {frame[column].dtype}")
     return frame
 
 
-def read_scored_records(path: Path, ids: list[str]) -> list[dict]:
-    """data.jsonl: one record per metrics row, same ids in the same order."""
-    records, got = _read_data(path)
-    if got != ids:
-        row = next((r for r, (a, b) in enumerate(zip(got, ids)) if a != b), min(len(got), len(ids)))
-        raise _fail(path, f"its ids do not match metrics.parquet row for row ({len(got)} records for {len(ids)} "
-                    f"rows; first difference at row {row})")  # fmt: skip
-    return records
+def read_scored_records(run_dir: Path, ids: list[str]) -> RecordFile:
+    """data.jsonl: one record per metrics row, same ids in the same order, read by row
+    (`threeds.rundir.record_index`: never parsed whole)."""
+    path = Path(run_dir) / layout.DATA
+    try:
+        return open_records(path, ids, run_dir)
+    except (DataError, OSError) as exc:
+        raise RunFileError(f"{exc}; {RESCORE}") from exc
 
 
 def selected_records(run_dir: str | os.PathLike, selected_ids: Sequence[str]) -> list[dict]:
-    """Records of data.jsonl with the given ids, in the given (pick) order, all fields kept."""
-    path = Path(run_dir) / layout.DATA
-    records, ids = _read_data(path)
-    by_id = {str(i): r for i, r in zip(ids, records)}
-    missing = [i for i in selected_ids if str(i) not in by_id]
-    if missing:
-        raise _fail(path, f"{len(missing)} selected ids not in it, e.g. {missing[:5]}", "select again")
-    return [by_id[str(i)] for i in selected_ids]
-
-
-def _read_data(path: Path) -> tuple[list[dict], list]:
-    """data.jsonl's records and their ids, unique (a line that is not an object has id None)."""
-    try:
-        records = read_jsonl(path)
-    except DataError as exc:
-        raise RunFileError(f"{exc}; {RESCORE}") from exc
-    ids = [r.get("id") if isinstance(r, dict) else None for r in records]
-    _require_unique(path, ids, "line")
-    return records, ids
+    """Records of data.jsonl with the given ids, in the given (pick) order, all fields kept;
+    only those records are read."""
+    run_dir = Path(run_dir)
+    ids = read_metrics(run_dir / layout.METRICS)["id"]
+    rows = pd.Index(ids).get_indexer([str(i) for i in selected_ids])
+    if (rows < 0).any():
+        missing = [i for i, r in zip(selected_ids, rows) if r < 0]
+        raise _fail(run_dir / layout.DATA, f"{len(missing)} selected ids not in it, e.g. {missing[:5]}", "select again")
+    return read_scored_records(run_dir, ids.tolist()).take(rows)
 
 
 def read_embeddings(path: Path, n: int) -> np.ndarray:
-    """embeddings.npy: a 2-D float array with one row per metrics row, memory-mapped."""
+    """embeddings.npy: a 2-D float array (float32, or float16 as a run at scale keeps it) with one
+    row per metrics row, memory-mapped in the dtype on disk: never read whole, never converted."""
     try:
         emb = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
@@ -127,7 +115,7 @@ def read_embeddings(path: Path, n: int) -> np.ndarray:
     if not isinstance(emb, np.ndarray) or emb.ndim != 2 or emb.shape[0] != n:
         raise _fail(path, f"shape {getattr(emb, 'shape', None)} does not match {n} rows of metrics.parquet")
     if emb.dtype.kind != "f":
-        raise _fail(path, f"dtype {emb.dtype}: expected float32")
+        raise _fail(path, f"dtype {emb.dtype}: expected float32 or float16")
     return emb
 
 
@@ -159,7 +147,7 @@ def load_scored(run_dir: Path) -> tuple[pd.DataFrame, np.ndarray]:
     metrics = read_metrics(run_dir / layout.METRICS)
     ids = metrics["id"].tolist()
     embeddings = read_embeddings(run_dir / layout.EMBEDDINGS, len(metrics))
-    read_scored_records(run_dir / layout.DATA, ids)
+    read_scored_records(run_dir, ids)
     if (run_dir / layout.TOKENS).exists():
         check_token_ids(run_dir / layout.TOKENS, ids)
     return metrics, embeddings
@@ -172,13 +160,13 @@ def _read_parquet(path: Path) -> pd.DataFrame:
         raise _fail(path, f"cannot read Parquet ({_short(exc)})") from exc
 
 
-def _require_unique(path: Path, ids: list, unit: str) -> None:
-    seen: dict = {}
-    for position, sample_id in enumerate(ids):
-        if sample_id in seen:
-            first = seen[sample_id] + (unit == "line")
-            raise _fail(path, f"{unit} {position + (unit == 'line')}: duplicate id {sample_id!r} (first at {unit} {first})")
-        seen[sample_id] = position
+def _require_unique(path: Path, ids: pd.Series) -> None:
+    """metrics.parquet's ids appear once each (checked by a hash table, not a Python dict)."""
+    repeated = ids.duplicated().to_numpy()
+    if repeated.any():
+        row = int(np.flatnonzero(repeated)[0])
+        first = int(np.flatnonzero((ids == ids.iloc[row]).to_numpy())[0])
+        raise _fail(path, f"row {row}: duplicate id {ids.iloc[row]!r} (first at row {first})")
 
 
 def _short(exc: BaseException) -> str:

@@ -19,6 +19,7 @@ RATINGS = "ratings.jsonl"  # Stage 1's job log
 FILTERED = "filtered.jsonl"  # records rated at or above the threshold
 GENERATIONS = "generations.jsonl"  # A' job log
 DATA = "data.jsonl"  # the records as scored, in the order of METRICS
+DATA_INDEX = ("data_index.npy", "data_index.json")  # where each record of DATA starts: offsets, description
 METRICS = "metrics.parquet"
 EMBEDDINGS = "embeddings.npy"
 TOKENS = "tokens.parquet"

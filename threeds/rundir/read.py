@@ -8,6 +8,7 @@ file and what to do, so one page can report a corrupt file while the others keep
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -38,6 +39,7 @@ from threeds.rundir.check import (
     read_scored_records,
     stage_part,
 )
+from threeds.rundir.record_index import RecordFile
 
 DEFAULT_CACHE = Path("cache")
 NOT_RUNS = {"models", "uploads"}
@@ -56,8 +58,8 @@ class Run:
     manifest: dict = field(default_factory=dict)
     ratings: pd.DataFrame | None = None  # Stage 1: id, score (NaN when unrated), ...
     metrics: pd.DataFrame | None = None  # Stage 2, one row per scored sample
-    records: list[dict] | None = None  # data.jsonl, aligned with metrics rows
-    embeddings: np.ndarray | None = None  # [n, hidden] float32, aligned with metrics rows
+    records: RecordFile | None = None  # data.jsonl, aligned with metrics rows, read by row (never whole)
+    embeddings: np.ndarray | None = None  # [n, hidden] float32 or float16 as on disk, memory-mapped, aligned with metrics rows
     selection: dict | None = None
     rejects: int = 0
     errors: dict[str, str] = field(default_factory=dict)  # file name -> what is wrong
@@ -67,9 +69,9 @@ class Run:
         return self.path.name
 
     @cached_property
-    def row_of(self) -> dict[str, int]:
+    def row_of(self) -> RowOf:
         """Sample id -> row of metrics / records / embeddings."""
-        return {} if self.metrics is None else {sid: i for i, sid in enumerate(self.metrics["id"])}
+        return RowOf(pd.Index([] if self.metrics is None else self.metrics["id"]))
 
     @cached_property
     def input_records(self) -> dict[str, dict]:
@@ -109,6 +111,27 @@ class Run:
     def tokens(self, sample_id: str) -> pd.DataFrame:
         """The rows of tokens.parquet for one sample (A then A', by position)."""
         return read_tokens(self.path / layout.TOKENS, sample_id)
+
+
+class RowOf(Mapping[str, int]):
+    """Sample id -> row, over the ids' own hash table (pandas), not a dict of millions of Python ints."""
+
+    def __init__(self, ids: pd.Index) -> None:
+        self.ids = ids
+
+    def __getitem__(self, sample_id: str) -> int:
+        if not isinstance(sample_id, str) or sample_id not in self.ids:
+            raise KeyError(sample_id)
+        return int(self.ids.get_loc(sample_id))
+
+    def __contains__(self, sample_id: object) -> bool:
+        return isinstance(sample_id, str) and sample_id in self.ids
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.ids)
+
+    def __len__(self) -> int:
+        return len(self.ids)
 
 
 def list_runs(cache_dir: str | os.PathLike = DEFAULT_CACHE) -> list[Path]:
@@ -155,8 +178,8 @@ def load_run(path: str | os.PathLike) -> Run:
         _collect(run, name, load)
     if run.metrics is not None:
         n, ids = len(run.metrics), run.metrics["id"].tolist()
-        _collect(run, layout.DATA, lambda p: setattr(run, "records", read_scored_records(p, ids)))
-        _collect(run, layout.EMBEDDINGS, lambda p: setattr(run, "embeddings", np.asarray(read_embeddings(p, n), np.float32)))
+        _collect(run, layout.DATA, lambda p: setattr(run, "records", read_scored_records(path, ids)))
+        _collect(run, layout.EMBEDDINGS, lambda p: setattr(run, "embeddings", read_embeddings(p, n)))
         _collect(run, layout.TOKENS, lambda p: check_token_ids(p, ids))
     return run
 

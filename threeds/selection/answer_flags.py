@@ -43,6 +43,7 @@ from threeds.names import ANSWER_FLAG_NAMES, ANSWER_FLAGS
 from threeds.rundir import layout
 from threeds.rundir.check import RunFileError, stage_part
 from threeds.rundir.read import read_tokens
+from threeds.rundir.record_index import RecordFile
 
 REPEAT_N = 4
 REPEAT_MIN_COUNT = 3
@@ -133,12 +134,17 @@ def flag_answers(
     repeat shares if already computed."""
     texts = ["" if t is None else str(t) for t in texts]
     shares = repeat_shares(texts) if shares is None else shares
-    hit = reaches_cap(tokens, cap) if tokens is not None and cap is not None else np.zeros(len(texts), dtype=bool)
+    return flags_of(shares, np.array([is_blank(t) for t in texts], dtype=bool), tokens, cap, finish)
+
+
+def flags_of(shares: np.ndarray, empty: np.ndarray, tokens: np.ndarray | None, cap: int | None,
+             finish: Sequence[str | None] | None) -> AnswerFlags:  # fmt: skip
+    """The flags from the answers' repeat shares and blankness, token counts, cap and finish reasons."""
+    hit = reaches_cap(tokens, cap) if tokens is not None and cap is not None else np.zeros(len(shares), dtype=bool)
     if finish is not None:
         known = np.array([f in ("stop", "length") for f in finish], dtype=bool)
         hit = np.where(known, np.array([f == "length" for f in finish], dtype=bool), hit)
-    masks = {"hit_max": hit, "repeats": shares >= REPEAT_SHARE, "empty": np.array([is_blank(t) for t in texts], dtype=bool)}
-    return AnswerFlags(masks, shares, tokens, cap)
+    return AnswerFlags({"hit_max": hit, "repeats": shares >= REPEAT_SHARE, "empty": empty}, shares, tokens, cap)
 
 
 def generation_cap(manifest: dict) -> int | None:
@@ -173,13 +179,51 @@ def _marker_tokens(metrics: pd.DataFrame, texts: Sequence[str | None], tokens_pa
 
 
 def run_answer_flags(run_dir: str | Path, metrics: pd.DataFrame, records: Sequence[dict], manifest: dict) -> AnswerFlags:
-    """The flags of every scored sample of a run (records: data.jsonl, in metrics' row order)."""
-    texts = [r.get("generated_output") for r in records]
+    """The flags of every scored sample of a run (records: data.jsonl, in metrics' row order; read
+    in chunks, never all A' at once)."""
+    answers = _Answers(records)
     cap = generation_cap(manifest)
-    tokens = answer_tokens(metrics, texts, Path(run_dir) / layout.TOKENS) if cap is not None else None
+    tokens = answer_tokens(metrics, answers, Path(run_dir) / layout.TOKENS) if cap is not None else None
     reasons = finish_reasons(Path(run_dir) / layout.GENERATIONS)
     finish = [reasons.get(str(i)) for i in metrics["id"]] if reasons else None
-    return flag_answers(texts, tokens, cap, finish, cached_repeat_shares(Path(run_dir), texts))
+    if isinstance(records, RecordFile):
+        shares, empty = cached_answer_checks(Path(run_dir), records)
+    else:
+        texts = ["" if t is None else str(t) for t in answers]
+        shares, empty = cached_repeat_shares(Path(run_dir), texts), np.array([is_blank(t) for t in texts], dtype=bool)
+    return flags_of(shares, empty, tokens, cap, finish)
+
+
+class _Answers(Sequence):
+    """The A' of a run's records by row, read as asked (for the one row `_marker_tokens` needs)."""
+
+    def __init__(self, records: Sequence[dict]) -> None:
+        self.records = records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, row):
+        return self.records[row].get("generated_output")
+
+
+def cached_answer_checks(run_dir: Path, records: RecordFile, chunk: int = 50_000) -> tuple[np.ndarray, np.ndarray]:
+    """Per record of data.jsonl, the repeat share and the blankness of its A', computed `chunk`
+    records at a time and kept in the run directory (`layout.REPEAT_SHARES`, described by
+    data.jsonl's size and mtime, as its row index is): a run of 1.9M answers is read once."""
+    meta = {"data": records.stamp, "rows": len(records), "n": REPEAT_N, "min_count": REPEAT_MIN_COUNT, "columns": ["share", "empty"]}
+    array, description = (run_dir / name for name in layout.REPEAT_SHARES)
+    cached = read_cached(array, description, meta, (len(records), 2))
+    if cached is None:
+        cached = np.empty((len(records), 2))
+        start = 0
+        for texts in records.field("generated_output", chunk):
+            texts = ["" if t is None else str(t) for t in texts]
+            cached[start : start + len(texts), 0] = repeat_shares(texts)
+            cached[start : start + len(texts), 1] = [is_blank(t) for t in texts]
+            start += len(texts)
+        write_cached(array, description, cached, meta)
+    return cached[:, 0], cached[:, 1] > 0
 
 
 def cached_repeat_shares(run_dir: Path, texts: Sequence[str | None]) -> np.ndarray:

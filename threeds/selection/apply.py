@@ -391,7 +391,7 @@ def read_run_flags(run_dir: Path, config: SelectConfig, metrics: pd.DataFrame) -
         return None
     manifest_path = run_dir / layout.MANIFEST
     manifest = read_manifest(manifest_path) if manifest_path.is_file() else {}
-    records = read_scored_records(run_dir / layout.DATA, metrics["id"].tolist())
+    records = read_scored_records(run_dir, metrics["id"].tolist())
     return run_answer_flags(run_dir, metrics, records, manifest)
 
 

@@ -1,0 +1,118 @@
+"""Runs read without holding them in memory (issue 30 item 2): data.jsonl through its row index,
+embeddings memory-mapped in their dtype on disk (float16 accepted), and the paper-shape generator
+(bench/make_scale_run.py) on a small shape."""
+
+from __future__ import annotations
+
+import json
+import sys
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from synthetic_run import make_run
+
+from threeds.config import SelectConfig
+from threeds.rundir import layout, record_index
+from threeds.rundir.check import RunFileError, selected_records
+from threeds.rundir.read import load_run
+from threeds.rundir.record_index import RecordFile, open_records
+from threeds.selection.apply import select_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from make_scale_run import make_scale_run  # noqa: E402
+
+
+def _lines(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / layout.DATA).read_text(encoding="utf-8").splitlines()]
+
+
+def test_records_are_read_by_row_through_the_offset_index(tmp_path, monkeypatch):
+    run = make_run(tmp_path / "r", n=30, n_dropped=0)
+    loaded = load_run(run)
+    assert isinstance(loaded.records, RecordFile) and len(loaded.records) == 30
+    written = _lines(run)
+    assert loaded.records[7] == written[7] and loaded.records[-1] == written[29]
+    assert loaded.records.take([12, 3, 12]) == [written[12], written[3], written[12]]  # asked order, repeats kept
+    assert list(loaded.records) == written and [r for chunk in loaded.records.chunks(7) for r in chunk] == written
+    offsets = np.load(run / layout.DATA_INDEX[0])
+    raw = (run / layout.DATA).read_bytes()
+    assert json.loads(raw[offsets[7] : offsets[8]]) == written[7] and offsets[-1] == len(raw)
+    with pytest.raises(IndexError):
+        loaded.records[30]
+    monkeypatch.setattr(record_index, "index_lines", lambda *a: pytest.fail("the kept index should be reused"))
+    assert load_run(run).records[5] == written[5]
+
+
+def test_the_index_is_remade_when_data_changes_and_bad_lines_are_named(tmp_path):
+    run = make_run(tmp_path / "r", n=10, n_dropped=0)
+    ids = [f"s{i:06d}" for i in range(10)]
+    open_records(run / layout.DATA, ids, run)
+    records = _lines(run)
+    records[3]["output"] = "A much longer answer than before, so every later line moves."
+    (run / layout.DATA).write_text("".join(json.dumps(r) + "\n" for r in records))
+    again = open_records(run / layout.DATA, ids, run)
+    assert again[3]["output"].startswith("A much longer") and again[9] == records[9]
+    lines = (run / layout.DATA).read_text().splitlines()
+    (run / layout.DATA).write_text("\n".join(lines[:4] + ["{not json"] + lines[5:]) + "\n")
+    with pytest.raises(RunFileError, match=r"data.jsonl: invalid JSON on line 5"):
+        open_records(run / layout.DATA, ids, run)
+    (run / layout.DATA).write_text("\n".join(lines[:2] + [lines[3], lines[2]] + lines[4:]) + "\n")
+    with pytest.raises(RunFileError, match=r"do not match metrics.parquet row for row .*first difference at row 2"):
+        open_records(run / layout.DATA, ids, run)
+
+
+def test_selected_records_reads_only_the_picks_in_pick_order(tmp_path):
+    run = make_run(tmp_path / "r", n=20, n_dropped=0)
+    written = _lines(run)
+    assert selected_records(run, ["s000017", "s000002"]) == [written[17], written[2]]
+    with pytest.raises(RunFileError, match=r"data.jsonl: 1 selected ids not in it"):
+        selected_records(run, ["s000001", "nope"])
+
+
+def _as_float16(run: Path) -> np.ndarray:
+    emb = np.load(run / layout.EMBEDDINGS)
+    np.save(run / layout.EMBEDDINGS, emb.astype(np.float16))
+    return emb
+
+
+def test_float16_embeddings_stay_mapped_and_pick_like_float32(tmp_path):
+    runs = {dtype: make_run(tmp_path / dtype, n=400, n_dropped=0, dim=32, tokens=False) for dtype in ("float32", "float16")}
+    _as_float16(runs["float16"])
+    loaded = load_run(runs["float16"])
+    assert loaded.errors == {} and loaded.embeddings.dtype == np.float16 and isinstance(loaded.embeddings, np.memmap)
+    config = SelectConfig(quality_threshold=None, sample_num=40, seed=3)
+    picks = {dtype: select_dir(run, config)["selected_ids"] for dtype, run in runs.items()}
+    assert len(picks["float16"]) == 40
+    assert len(set(picks["float16"]) & set(picks["float32"])) >= 36  # rounding to half moves at most a few near-ties
+
+
+def test_loading_a_float16_run_makes_no_float32_copy_of_the_embeddings(tmp_path):
+    run = make_run(tmp_path / "r", n=3000, n_dropped=0, dim=2048, tokens=False)
+    emb = _as_float16(run)
+    tracemalloc.start()
+    try:
+        loaded = load_run(run)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert np.array_equal(loaded.embeddings[5], emb[5].astype(np.float16))
+    assert peak < emb.nbytes / 4, f"peak {peak:,} B while loading; a float32 copy is {emb.nbytes:,} B, a float16 one half that"
+
+
+def test_make_scale_run_writes_a_run_threeds_reads(tmp_path):
+    run = make_scale_run(tmp_path / "s", n=4000, dim=24, dtype="float16", seed=1, chunk=1500, token_rows=5)
+    loaded = load_run(run)
+    assert loaded.errors == {} and loaded.embeddings.shape == (4000, 24) and loaded.embeddings.dtype == np.float16
+    assert len(loaded.ratings) == 4200 and (loaded.ratings["score"].to_numpy()[:4000] >= 85).all()
+    assert loaded.records[3999]["id"] == loaded.metrics["id"].iloc[3999] == "s0003999"
+    assert len({r["source"] for r in loaded.records}) == 5
+    assert set(pd.read_parquet(run / layout.TOKENS)["id"]) == {f"s{i:07d}" for i in range(5)}
+    result = select_dir(run, SelectConfig(quality_threshold=85.0, sample_num=50))
+    assert 0.10 < result["report"]["n_kept"] / 4000 < 0.15  # the paper's 25-75 bands on three independent metrics: 12.5%
+    again = make_scale_run(tmp_path / "t", n=4000, dim=24, dtype="float16", seed=1, chunk=1500, token_rows=5)
+    assert (again / layout.EMBEDDINGS).read_bytes() == (run / layout.EMBEDDINGS).read_bytes()  # seeded
