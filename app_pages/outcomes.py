@@ -4,6 +4,7 @@ the items where the arms disagree, and the report."""
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 import sys
 from pathlib import Path
@@ -23,7 +24,8 @@ from threeds.outcomes.experiment import experiment_dir, list_experiments, load_r
 from threeds.rundir import layout
 from threeds.rundir.jobs import job_running, log_tail, read_job, stop_run
 from threeds.rundir.progress import eta_seconds, job_state, read_status
-from threeds.rundir.read import read_progress
+from threeds.rundir.read import Run, read_progress
+from threeds.selection.apply import SelectionError, list_presets, load_preset, save_preset
 
 # The form's label of each field it sets (`problems` keys them by field name).
 LABELS = {"limit": "Items", "seeds": "Seeds", "batch_size": "Batch size", "grad_accum": "Grad accumulation", "epochs": "Epochs"}
@@ -44,7 +46,7 @@ def outcomes_page() -> None:
         show_results(exp)
     else:
         st.info(f"Run {common.code(run.name)} has no experiment yet: start one below.")
-    start_form(run.path, names)
+    start_form(run, names)
 
 
 def status_panel(path: str) -> None:
@@ -138,14 +140,16 @@ def arms_table(rows: list[dict], summary: dict) -> None:
     table = pd.DataFrame([{
         "arm": r["arm"], "SPEC": r["spec"], "records": r["records"], "n items": r["n_items"],
         "accuracy % (95% CI)": f"{report.pct(r['acc'])} ({report.pct(r['acc_lo'])}–{report.pct(r['acc_hi'])})",
-        "vs baseline, points (95% CI)": "baseline" if r["arm"] == baseline else
-        f"{report.pct(r['delta'], True)} ({report.pct(r['delta_lo'], True)} to {report.pct(r['delta_hi'], True)})",
+        "vs baseline, points (95% CI)": report.versus_text(r, baseline), "items that differ": r["differ"] or "—",
         "p (Holm)": report.p_text(r["p_holm"]), "verdict": r["verdict"],
     } for r in rows])  # fmt: skip
     st.dataframe(table, hide_index=True, width="stretch")
     st.caption(f"Baseline **{common.md(baseline)}**; {summary.get('n_items')} items; always answering the most common "
-               f"gold letter scores {report.pct(summary.get('majority_acc'))}%. CI: bootstrap over items; p: exact "
-               "McNemar on the items where the two arms differ, Holm-corrected across arms.")  # fmt: skip
+               f"gold letter scores {report.pct(summary.get('majority_acc'))}%. Accuracy CI: bootstrap over items; "
+               "difference CI: Newcombe's for paired proportions; p: exact McNemar on the items where the two arms "
+               "differ, Holm-corrected across arms.")  # fmt: skip
+    if summary.get("plan"):
+        st.caption(common.md(report.planning_text(summary)))
 
 
 def accuracy_chart(rows: list[dict], summary: dict) -> go.Figure:
@@ -184,27 +188,52 @@ def disagreement_panel(evals: dict) -> None:
         st.caption("Click a row to see the question, its choices and each arm's probabilities.")
         return
     detail = report.item_detail(evals, rows[chosen[0]]["id"])
+    st.caption("The prompt exactly as the model read it, and each continuation it scored after it.")
     st.code(detail["prompt"], language=None, wrap_lines=True)
-    table = pd.DataFrame({"choice": detail["choices"], "gold": ["✓" if i == detail["gold"] else "" for i in range(len(detail["choices"]))],
+    table = pd.DataFrame({"continuation scored": [repr(c) for c in detail["choices"]], "gold": ["✓" if i == detail["gold"] else "" for i in range(len(detail["choices"]))],
                           **{arm: probs for arm, probs in detail["probs"].items()}})  # fmt: skip
     st.dataframe(table, hide_index=True, width="stretch",
                  column_config={arm: st.column_config.ProgressColumn(arm, min_value=0.0, max_value=1.0, format="percent")
                                 for arm in detail["probs"]})  # fmt: skip
 
 
-def start_form(run_dir: Path, taken: list[str]) -> None:
+def freeze_current(run: Run, name: str, arm_lines: tuple[str, ...]) -> tuple[str, ...]:
+    """The arms with every `current` replaced by the sidebar's selection, saved now as the preset
+    `NAME-current` (what the user sees is what trains; experiment.json records the preset's settings)."""
+    arms = parse_arms(arm_lines)
+    if not any(a.kind == "current" for a in arms):
+        return arm_lines
+    preset, config = f"{name[:56]}-current", common.selection_config(run)
+    if preset in list_presets(run.path) and name in list_experiments(run.path) and load_preset(run.path, preset) != config:
+        raise SettingsError(f"experiment {name} trained `current` on another sidebar selection (preset {preset}): "
+                            "give this one another name")  # fmt: skip
+    save_preset(run.path, preset, config)
+    return tuple(f"{a.name}=preset:{preset}" if a.kind == "current" else line for a, line in zip(arms, arm_lines, strict=True))
+
+
+def start_form(run: Run, taken: list[str]) -> None:
     """The settings checked by `threeds.config.problems`, as `threeds experiment` checks its flags (numbers
     unbounded here: the config names a value out of range, where a bounded input would just not take it)."""
+    run_dir = run.path
     st.header("Start an experiment")
+    st.caption("An arm `current` trains on the selection in the sidebar as it is when you press Start: it is saved as "
+               "the preset *NAME-current* and recorded with the experiment (`threeds experiment` on the command line "
+               "trains `current` on the run's selection.json instead).")  # fmt: skip
     with st.form("new_experiment"):
         c1, c2, c3 = st.columns(3)
         name = c1.text_input("Name", value=next(f"exp-{i}" for i in range(1, len(taken) + 2) if f"exp-{i}" not in taken), key="exp_name")
         bench = c2.selectbox("Evaluation set", BUNDLED, key="exp_bench")
+        fmt = c2.selectbox("Prompt format", ["chat", "plain", "letters"], key="exp_format",
+                           help="chat: the model's chat template, the choice as its reply; plain: 'Question: ... Answer:' "
+                           "and the choice's text; letters: lm-evaluation-harness's MMLU prompt (options A-D, the "
+                           "letter scored), the form published MMLU numbers use")  # fmt: skip
         limit = c3.number_input("Items (0: all)", value=200, step=1, key="exp_limit", help="spread evenly over the set")
         arms = st.text_area("Arms, one NAME=SPEC a line", "selection=current\nrandom=random:same", key="exp_arms",
-                            help="SPEC: current, preset:NAME, random:same, random:N, quality, all, base (no training)")  # fmt: skip
+                            help="SPEC: current (the sidebar's selection, saved as the preset NAME-current when you press "
+                            "Start), preset:NAME, random:same, random:length, random:N, quality, all, base (no training)")  # fmt: skip
         c1, c2, c3, c4, c5 = st.columns(5)
-        baseline = c1.text_input("Baseline arm (empty: the first)", key="exp_baseline")
+        baseline = c1.text_input("Baseline arm (empty: the random one)", key="exp_baseline",
+                                 help="the arm the others are compared with; empty: the first random arm, else the first arm")  # fmt: skip
         seeds = c2.number_input("Seeds", value=ExperimentConfig.seeds, step=1, key="exp_seeds")
         batch = c3.number_input("Batch size", value=TrainConfig.batch_size, step=1, key="exp_batch")
         accum = c4.number_input("Grad accumulation", value=TrainConfig.grad_accum, step=1, key="exp_accum",
@@ -215,7 +244,7 @@ def start_form(run_dir: Path, taken: list[str]) -> None:
         return
     arm_lines = tuple(line.strip() for line in arms.splitlines() if line.strip())
     config = ExperimentConfig(name=name.strip(), arm=arm_lines, baseline=baseline.strip() or None, seeds=int(seeds),
-                              bench=bench, limit=int(limit) or None)  # fmt: skip
+                              bench=bench, limit=int(limit) or None, prompt_format=fmt)  # fmt: skip
     train = TrainConfig(batch_size=int(batch), grad_accum=int(accum), epochs=int(epochs))
     wrong = {LABELS.get(key, key): message for key, message in {**problems(config), **problems(train)}.items()}
     try:
@@ -225,6 +254,11 @@ def start_form(run_dir: Path, taken: list[str]) -> None:
         wrong["Arms and name"] = common.one_line_error(exc)
     if wrong:
         st.error("**Not started:**\n" + "\n".join(f"- **{label}**: {common.md(m)}" for label, m in wrong.items()))
+        return
+    try:
+        config = dataclasses.replace(config, arm=freeze_current(run, exp.name, arm_lines))
+    except (SettingsError, SelectionError) as exc:
+        st.error(f"**Not started:** {common.md(common.one_line_error(exc))}")
         return
     argv = [sys.executable, "-m", "threeds", "experiment", "--run", str(run_dir), *to_argv(config), *to_argv(train)]
     if start_background(argv, exp):

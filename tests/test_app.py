@@ -6,6 +6,7 @@ UMAP is replaced by a fast stand-in here (the real one is tested in test_embed_m
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shlex
@@ -28,7 +29,7 @@ from threeds.config import (
 )
 from threeds.names import METRICS
 from threeds.rundir.read import load_run
-from threeds.selection.apply import apply
+from threeds.selection.apply import apply, load_preset
 from threeds.selection.funnel import stage_counts
 from threeds.selection.kcenter import band_filter
 from threeds.selection.quality import quality_mask
@@ -975,15 +976,20 @@ def test_outcomes_page_shows_an_experiment_and_starts_one(demo, monkeypatch):
 
     started = []
     monkeypatch.setattr("threeds.rundir.jobs.start_run", lambda argv, run_dir, cwd=None: started.append((argv, run_dir)) or 1)
+    at.session_state["selection"] = dataclasses.replace(at.session_state["selection"], sample_num=3)  # the sidebar: pick 3
     at.text_area(key="exp_arms").set_value("a=current\nb=random:50")
     at.text_input(key="exp_name").set_value("second")
     at.number_input(key="exp_batch").set_value(2)
+    at.selectbox(key="exp_format").set_value("letters")
     at.button(key="exp_start").click().run()
     assert not at.exception and not at.error
     argv, run_dir = started[0]
     assert run_dir == demo / "experiments" / "second"
-    assert argv[argv.index("experiment"):] == ["experiment", "--run", str(demo), "--name", "second", "--arm", "a=current",
-                                                "--arm", "b=random:50", "--limit", "200", "--batch-size", "2"]  # fmt: skip
+    # `current` is the sidebar's selection, frozen at Start as a preset: what the user sees is what trains
+    assert argv[argv.index("experiment"):] == ["experiment", "--run", str(demo), "--name", "second", "--arm",
+                                                "a=preset:second-current", "--arm", "b=random:50", "--limit", "200",
+                                                "--prompt-format", "letters", "--batch-size", "2"]  # fmt: skip
+    assert load_preset(demo, "second-current").sample_num == 3
     at.text_area(key="exp_arms").set_value("a=random:same")
     at.button(key="exp_start").click().run()
     assert "cannot be first" in texts(at.error) and len(started) == 1

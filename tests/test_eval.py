@@ -89,14 +89,50 @@ def test_chat_prompt_is_the_template_with_shots_as_turns(tokenizer):
     assert render(ITEM, "chat", [], chat)[0] == chat.prompt(ITEM.question)
 
 
-@pytest.mark.parametrize("fmt", ["plain", "chat"])
+MMLU_DESCRIPTION = "The following are multiple choice questions (with answers) about {}.\n\n"
+
+
+def test_letters_prompt_is_lm_eval_harness_mmlu_default_exactly():
+    """lm-evaluation-harness's MMLU default (tasks/mmlu/default: description, `{{question.strip()}}\\nA.
+    {{choices[0]}}...\\nAnswer:`, choices A-D after a space; shots as first_n dev items, each followed by
+    ' ' + its letter + '\\n\\n'), pinned on the bundled set's first anatomy item and dev item."""
+    from threeds.outcomes.benchsets import load_bench
+
+    bench = load_bench("mmlu-medical")
+    item = next(i for i in bench.items if i.subject == "anatomy")
+    shot = next(i for i in bench.dev if i.subject == "anatomy")
+    block = ("A lesion causing compression of the facial nerve at the stylomastoid foramen will cause ipsilateral\n"
+             "A. paralysis of the facial muscles.\nB. paralysis of the facial muscles and loss of taste.\n"
+             "C. paralysis of the facial muscles, loss of taste and lacrimation.\n"
+             "D. paralysis of the facial muscles, loss of taste, lacrimation and decreased salivation.\nAnswer:")  # fmt: skip
+    prompt, conts = render(item, "letters", [], None)
+    assert prompt == MMLU_DESCRIPTION.format("anatomy") + block and conts == [" A", " B", " C", " D"]
+    one_shot = ("What is the embryological origin of the hyoid bone?\nA. The first pharyngeal arch\n"
+                "B. The first and second pharyngeal arches\nC. The second pharyngeal arch\n"
+                "D. The second and third pharyngeal arches\nAnswer: D\n\n")  # fmt: skip
+    assert render(item, "letters", [shot], None)[0] == MMLU_DESCRIPTION.format("anatomy") + one_shot + block
+    # a subject's underscores read as spaces, as the harness's generated descriptions do
+    two = BenchItem("m", "Which?", ["x", "y"], 1, "college_medicine")
+    assert render(two, "letters", [], None) == (MMLU_DESCRIPTION.format("college medicine") + "Which?\nA. x\nB. y\nAnswer:",
+                                                [" A", " B"])  # fmt: skip
+
+
+def test_letters_prompt_for_pubmedqa_and_files_without_subject():
+    ctx = BenchItem("p", "Does it?", ["yes", "no", "maybe"], 0, "pubmedqa", "An abstract.")
+    assert render(ctx, "letters", [], None) == ("Abstract: An abstract.\nQuestion: Does it?\nA. yes\nB. no\nC. maybe\nAnswer:",
+                                                [" A", " B", " C"])  # fmt: skip
+    bare = BenchItem("1", "Pick one.", ["a", "b", "c", "d", "e"], 4, "")  # a CMB-style row of five options, no subject
+    assert render(bare, "letters", [], None)[0] == "Pick one.\nA. a\nB. b\nC. c\nD. d\nE. e\nAnswer:"
+
+
+@pytest.mark.parametrize("fmt", ["plain", "chat", "letters"])
 def test_continuation_tokens_are_those_after_the_prompt(tokenizer, fmt):
     from threeds.model.prompts import prompt_format
 
     prompt, conts = render(ITEM, fmt, [], prompt_format(tokenizer))
     request = encode(tokenizer, prompt, conts, fmt)
     for cont, ids in zip(conts, request.choices):
-        assert request.prompt + ids == tokenizer.encode(prompt + cont, add_special_tokens=fmt == "plain")
+        assert request.prompt + ids == tokenizer.encode(prompt + cont, add_special_tokens=fmt != "chat")
 
 
 PLAIN, TINY = EvalConfig(prompt_format="plain"), ModelConfig(model="tiny")
@@ -135,6 +171,19 @@ def test_rows_summary_and_resume(tmp_path, tiny_model, tokenizer):
     assert summary["majority_acc"] == pytest.approx(2 / 3) and summary["subjects"]["biology"]["n_items"] == 1
     assert summary["bench"] == "tiny" and summary["prompt_format"] == "plain" and summary["shots"] == 0
     assert json.loads((out / "summary.json").read_text()) == summary
+
+
+def test_letters_rows_score_the_letters(tmp_path, tiny_model, tokenizer):
+    summary = evaluate(tiny_model, tokenizer, small_bench(3), tmp_path / "eval", EvalConfig(prompt_format="letters", shots=1), TINY)
+    rows = read_jsonl(tmp_path / "eval" / "items.jsonl")
+    assert rows[1]["choices"] == [" A", " B", " C"] and rows[1]["prompt"].endswith("B. lung\nC. the left kidney\nAnswer:")
+    assert rows[0]["prompt"].startswith(MMLU_DESCRIPTION.format("anatomy") + "Which organ breathes?\nA. kidney\nB. lung\nAnswer: B\n\n")
+    for row in rows:  # one-letter continuations: acc_norm is acc, probs the softmax of the log-probabilities
+        request = encode(tokenizer, row["prompt"], row["choices"], "letters")
+        assert row["logprobs"] == pytest.approx(reference_logprobs(tiny_model, request), abs=1e-5)
+        assert row["pred_norm"] == row["pred"] and row["gold_prob"] == pytest.approx(
+            math.exp(row["logprobs"][row["gold"]]) / sum(math.exp(v) for v in row["logprobs"]), rel=1e-5)
+    assert summary["acc_norm"] == summary["acc"] and summary["prompt_format"] == "letters"
 
 
 def test_other_settings_are_refused_unless_overwrite(tmp_path, tiny_model, tokenizer):

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 from synthetic_run import make_run
 
@@ -14,7 +16,14 @@ from threeds import cli
 from threeds.errors import SettingsError
 from threeds.config import EvalConfig, ModelConfig
 from threeds.outcomes import experiment, report, train
-from threeds.outcomes.arms import ArmError, ArmSource, parse_arm, parse_arms
+from threeds.outcomes.arms import (
+    ArmError,
+    ArmSource,
+    default_baseline,
+    length_matched,
+    parse_arm,
+    parse_arms,
+)
 
 SELECTED = ["s000003", "s000007", "s000001", "s000010"]
 
@@ -85,7 +94,7 @@ def test_two_arms_end_to_end_then_stopped_and_resumed(run_dir, bench, tiny_model
         rows = [json.loads(line) for line in (exp / "evals" / arm / "seed0" / "items.jsonl").read_text().splitlines()]
         assert [r["id"] for r in rows] == [f"q{i}" for i in range(6)] and all(len(r["logprobs"]) == 3 for r in rows)
     summary = json.loads((exp / "summary.json").read_text())
-    assert summary["baseline"] == "sel" and set(summary["arms"]) == {"sel", "rand"} and summary["arms"]["sel"]["n_items"] == 6
+    assert summary["baseline"] == "rand" and set(summary["arms"]) == {"sel", "rand"} and summary["arms"]["sel"]["n_items"] == 6
     assert json.loads((exp / "status.json").read_text())["state"] == "done"
     assert "| rand | `random:same` | 4 |" in (exp / "report.md").read_text()
     assert (exp / "report.csv").read_text().splitlines()[0].startswith("arm,spec,records,n_items,acc")
@@ -145,6 +154,38 @@ def test_arm_ids_drawn_from_the_run(run_dir):
     assert ids["q/seed0"] == [f"s{i:06d}" for i in range(12)]  # the dropped ones are rated below 85
     with pytest.raises(ArmError, match="asked"):
         source.ids(parse_arm("r=random:100"), 0)
+    assert default_baseline(arms) == "r" and default_baseline(parse_arms(["s=current", "b=base"])) == "s"
+
+
+def test_random_length_arm_follows_the_first_arms_lengths(run_dir):
+    source = ArmSource(run_dir)
+    units = {u.key: u.ids for u in experiment.plan_units(source, parse_arms(["s=current", "L=random:length"]), seeds=2)}
+    lengths = dict(zip(source.records, source.response_lengths().tolist(), strict=True))
+    assert sorted(lengths[i] for i in units["L/seed0"]) == sorted(lengths[i] for i in SELECTED)  # 4 records, 4 strata
+    assert units["L/seed0"] == experiment.plan_units(source, parse_arms(["s=current", "L=random:length"]), 1)[1].ids
+    with pytest.raises(SettingsError, match="cannot be first"):
+        parse_arms(["L=random:length", "s=current"])
+
+
+def test_length_matched_draw_by_hand():
+    pool = [f"r{i}" for i in range(1000)]
+    lengths = np.arange(1000) % 100  # ten records of every length 0..99
+    target = [90, 91, 92, 93, 94, 95, 96, 97, 98, 99] * 3 + [10, 10]  # long answers, and two short ones
+    picked = length_matched(pool, lengths, target, seed=0, bins=4)
+    got = sorted(int(lengths[int(i[1:])]) for i in picked)
+    assert len(picked) == len(set(picked)) == 32
+    # strata at the target's quartiles (edges 10, 92, 95, 97.25, 99): [10, 92) gets the two short and 3 x 90, 91
+    edges = np.quantile(target, [0, 0.25, 0.5, 0.75, 1])
+    strata = np.searchsorted(edges[1:-1], got, side="right")
+    assert np.bincount(strata).tolist() == np.bincount(np.searchsorted(edges[1:-1], target, side="right")).tolist()
+    assert min(got) >= 10 and max(got) <= 99  # never outside the target's range
+    assert picked == length_matched(pool, lengths, target, seed=0, bins=4) != length_matched(pool, lengths, target, seed=1, bins=4)
+    # a stratum short of records takes them all and borrows the rest from the nearest strata
+    # (lengths 0..99 once; strata [50, 98.5) and [98.5, 99]: the upper one has a single record, 99)
+    few = sorted(int(lengths[int(i[1:])]) for i in length_matched(pool[:100], lengths[:100], [50, 60, 70, 98, 99, 99, 99, 99], 0, 2))
+    assert len(few) == 8 and few[-1] == 99 and few[-2] < 99 and few[0] >= 50
+    with pytest.raises(ArmError, match="within the first arm's length range"):
+        length_matched(pool[:5], lengths[:5], [3, 4, 4, 4, 4, 4], seed=0)
 
 
 def test_report_rows_and_markdown():
@@ -153,9 +194,58 @@ def test_report_rows_and_markdown():
     summary = {"baseline": "a", "n_items": 10, "majority_acc": 0.3, "arms": {
         "a": {"n_items": 10, "acc": 0.5, "acc_ci": [0.2, 0.8], "delta": 0.0, "delta_ci": [0.0, 0.0], "verdict": "baseline"},
         "b": {"n_items": 10, "acc": 0.4, "acc_ci": [0.1, 0.7], "delta": -0.1, "delta_ci": [-0.3, 0.1], "mcnemar_p": 0.625,
-              "p_holm": 0.625, "verdict": "no detectable difference"}}}  # fmt: skip
+              "p_holm": 0.625, "differ": "3 of 10 items differ", "verdict": "no detectable difference"}}}  # fmt: skip
     rows = report.arm_rows(described, summary)
     assert [(r["arm"], r["records"], r["acc_lo"]) for r in rows] == [("a", 5, 0.2), ("b", None, 0.1)]
     text = report.markdown(described, summary)
-    assert "| b | `base` | — | 40.0 (10.0–70.0) | -10.0 (-30.0 to +10.0) | 0.625 (0.625) |" in text
+    assert "| b | `base` | — | 40.0 (10.0–70.0) | -10.0 (-30.0 to +10.0) | 3 of 10 items differ | 0.625 (0.625) |" in text
     assert report.csv_text(summary, described).splitlines()[2].startswith("b,base,,10,0.4,0.1,0.7")
+
+
+def test_disagreement_rows_say_seeds_and_margin():
+    def row(item, pred, logprobs, correct):
+        return {"id": item, "subject": "s", "gold": 0, "pred": pred, "correct": correct, "logprobs": logprobs}
+
+    half = [math.log(0.5021), math.log(0.4979), math.log(1e-9)]  # 50.21% vs 49.79%: a coin toss, not "100% right"
+    evals = {"sel": [[row("q1", 0, half, True), row("q2", 1, [0.0, 0.0, -50.0], False)]],
+             "rand": [[row("q1", 1, half[::-1][1:] + [half[2]], False), row("q2", 1, [0.0, 0.0, -50.0], False)]]}  # fmt: skip
+    rows = report.disagreements(evals)
+    assert [r["id"] for r in rows] == ["q1"]  # q2: both answered B
+    assert rows[0]["sel"] == "A: 50.2% vs 49.8% for B (1 of 1 seeds right)"
+    assert rows[0]["rand"] == "B: 50.2% vs 49.8% for A (0 of 1 seeds right)"
+    three = {"sel": [[row("q1", 0, half, c)] for c in (True, False, True)], "rand": [[row("q1", 2, [-9.0, -9.0, 0.0], False)]] * 3}
+    assert report.disagreements(three)[0]["sel"].endswith("(2 of 3 seeds right)")
+
+
+def test_report_says_what_n_can_call_and_plans():
+    summary = {"baseline": "a", "n_items": 100, "comparisons": 2, "min_callable": 0.07,
+               "plan": {"delta": 0.05, "discordant_share": 0.2, "power": 0.8, "alpha": 0.025, "n_items": 758}, "arms": {}}  # fmt: skip
+    said = report.caveats({"arms": [], "model": {"model": "x"}}, summary)
+    assert "No difference under 7.0 points can be called with 100 items (exact McNemar test, Holm over 2 comparisons)." in said
+    assert report.planning_text(summary).startswith("Planning: to detect a true 5-point difference 80% of the time (5% level, "
+                                                    "Holm over 2 comparisons) takes about 758 items if 20% of the items")  # fmt: skip
+
+
+def test_a_preset_arm_is_recorded_and_a_changed_preset_refused(run_dir, tmp_path):
+    from threeds.config import ExperimentConfig, SelectConfig, TrainConfig
+    from threeds.selection.apply import config_to_json, save_preset
+
+    save_preset(run_dir, "tight", SelectConfig(low_th=0.0, up_th=100.0, sample_num=3))
+    source = ArmSource(run_dir)
+    arms = parse_arms(["p=preset:tight", "r=random:same"])
+    units = experiment.plan_units(source, arms, 1)
+    config = ExperimentConfig(name="x", arm=("p=preset:tight", "r=random:same"))
+    described = experiment.describe_experiment(config, TrainConfig(), arms, units, run_dir, ModelConfig())
+    assert described["arms"][0]["selection"] == config_to_json(SelectConfig(low_th=0.0, up_th=100.0, sample_num=3)) and "selection" not in described["arms"][1]
+    assert described["baseline"] == "r" and described["prompt_format"] == "chat" and len(units[0].ids) == 3
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    (exp / "experiment.json").write_text(json.dumps(described))
+    experiment.check_rerun(exp, dict(described))  # the same settings: a rerun
+    save_preset(run_dir, "tight", SelectConfig(low_th=0.0, up_th=100.0, sample_num=4))
+    changed = experiment.describe_experiment(config, TrainConfig(), arms, units, run_dir, ModelConfig())
+    with pytest.raises(experiment.ExperimentError, match="the preset's settings changed"):
+        experiment.check_rerun(exp, changed)
+    older = {k: v for k, v in described.items() if k != "prompt_format"}  # an experiment.json from before the setting
+    (exp / "experiment.json").write_text(json.dumps(older))
+    experiment.check_rerun(exp, dict(described))

@@ -244,8 +244,9 @@ class EvalConfig:
                          low=0)  # fmt: skip
     prompt_format: str = setting(
         "chat", "chat = the model's chat template, the choice as the assistant's reply; plain = 'Question: "
-        "...\\nAnswer:' and ' choice' (README, threeds eval) (default: chat; plain when the tokenizer has no template)",
-        choices=("chat", "plain"),
+        "...\\nAnswer:' and ' choice'; letters = lm-evaluation-harness's MMLU prompt, options 'A. ...' to 'D. ...', "
+        "'Answer:' and ' A' to ' D' (README, threeds eval) (default: chat; plain when the tokenizer has no template)",
+        choices=("chat", "plain", "letters"),
     )  # fmt: skip
     batch_size: int = setting(32, "most items in one forward pass; results do not depend on it beyond float rounding "
                               "(default: 32)", low=1)  # fmt: skip
@@ -465,11 +466,13 @@ class ExperimentConfig:
 
     name: str = setting("", "experiment name: its files go to RUN/experiments/NAME/")
     arm: tuple[str, ...] = setting(
-        (), "an arm NAME=SPEC, given once per arm. SPEC: current (the run's selection), preset:NAME (a saved "
+        (), "an arm NAME=SPEC, given once per arm. SPEC: current (the run's selection.json as `threeds select` last "
+        "wrote it; the app trains its sidebar's selection instead, saved as a preset at Start), preset:NAME (a saved "
         "selection), random:same (a seeded random subset the size of the first arm), random:N, quality (every record "
         "kept by the quality threshold), all (every scored record), base (no training)", kind=str, many=True,
     )  # fmt: skip
-    baseline: str | None = setting(None, "the arm the others are compared with (default: the first)", kind=str)
+    baseline: str | None = setting(None, "the arm the others are compared with (default: the first random arm, else "
+                                   "the first arm)", kind=str)  # fmt: skip
     model: str | None = setting(None, "base model trained and evaluated (default: the run's target model, from its "
                                 "manifest): a local directory, a hub id or a .gguf file", kind=str)  # fmt: skip
     seeds: int = setting(1, "seeds per arm (0..K-1): each one a training with its own LoRA initialisation, order and "
@@ -477,6 +480,8 @@ class ExperimentConfig:
     bench: str = setting("mmlu-medical", "evaluation set: mmlu-medical, pubmedqa or a file (default: mmlu-medical)")
     limit: int | None = setting(None, "only N items of the evaluation set, spread evenly over it (default: all)", kind=int, low=1)
     shots: int = setting(0, "examples from the set's dev split put before each question (default: 0)", low=0)
+    prompt_format: str = setting("chat", "how each item is put to the model: chat, plain or letters (threeds eval "
+                                 "--prompt-format) (default: chat)", choices=("chat", "plain", "letters"))  # fmt: skip
     eval_batch_size: int = setting(32, "items scored together by the evaluation (default: 32)", low=1)
 
 

@@ -16,6 +16,16 @@ first, in file order):
   A tokenizer without a chat template falls back to `plain`, and the summary says so.
 * `plain`: `[Context: context\\n]Question: question\\nAnswer:`, shots as the same block with the gold
   choice after `Answer: ` and a blank line; the continuation is `" " + choice`.
+* `letters`: lm-evaluation-harness's default MMLU prompt: a description line `The following are
+  multiple choice questions (with answers) about {subject}.\\n\\n` (the subject's underscores as
+  spaces; none for an item without a subject), then per shot and for the item `question\\nA.
+  choice\\nB. choice ...\\nAnswer:`, a shot followed by `" " + its gold letter + "\\n\\n"`; the
+  continuations are `" A"`, `" B"`, .... An item with a context (PubMedQA's abstract) starts its
+  block with `Abstract: context\\nQuestion: ` as the harness's PubMedQA task does, and has no
+  description line. Its acc_norm equals acc: every continuation is one letter long.
+
+acc_norm divides by the length of the choice as the harness counts it: the continuation without
+its leading space.
 
 Files in `out`: `config.json` (what the rows depend on; a rerun with other settings is refused),
 `items.jsonl` (one row per item, appended after each batch, so a killed run resumes), and
@@ -37,12 +47,12 @@ from threeds.config import EvalConfig, ModelConfig
 from threeds.model.load import model_label
 from threeds.model.prompts import PromptFormat
 from threeds.model.prompts import prompt_format as make_prompt_format
-from threeds.outcomes.benchsets import Bench, BenchItem
+from threeds.outcomes.benchsets import LETTERS, Bench, BenchItem
 from threeds.outcomes.loglik import Request, choice_logprobs
 from threeds.rundir import layout
 from threeds.rundir.check import read_json_object
 
-FORMATS = ("chat", "plain")
+FORMATS = ("chat", "plain", "letters")
 Progress = Callable[[int, int], None]
 
 
@@ -68,6 +78,9 @@ def render(item: BenchItem, fmt: str, shots: list[BenchItem], chat: PromptFormat
     if fmt == "plain":
         blocks = [_plain_block(s) + " " + s.choices[s.gold] + "\n\n" for s in shots]
         return "".join(blocks) + _plain_block(item), [" " + c for c in item.choices]
+    if fmt == "letters":
+        blocks = [_lettered_block(s) + " " + LETTERS[s.gold] + "\n\n" for s in shots]
+        return _description(item) + "".join(blocks) + _lettered_block(item), [" " + LETTERS[i] for i in range(len(item.choices))]
     messages = []
     for s in shots:
         messages += [{"role": "user", "content": _user_text(s)}, {"role": "assistant", "content": s.choices[s.gold]}]
@@ -84,6 +97,19 @@ def _plain_block(item: BenchItem) -> str:
     return f"{context}Question: {item.question}\nAnswer:"
 
 
+def _description(item: BenchItem) -> str:
+    """The harness's MMLU description line, naming the item's subject (none with a context or no subject)."""
+    if item.context or not item.subject:
+        return ""
+    return f"The following are multiple choice questions (with answers) about {item.subject.replace('_', ' ')}.\n\n"
+
+
+def _lettered_block(item: BenchItem) -> str:
+    question = f"Abstract: {item.context}\nQuestion: {item.question}" if item.context else item.question
+    options = "".join(f"\n{LETTERS[i]}. {choice}" for i, choice in enumerate(item.choices))
+    return f"{question}{options}\nAnswer:"
+
+
 def _user_text(item: BenchItem) -> str:
     return f"{item.context}\n\n{item.question}" if item.context else item.question
 
@@ -91,7 +117,7 @@ def _user_text(item: BenchItem) -> str:
 def encode(tokenizer, prompt: str, continuations: list[str], fmt: str) -> Request:
     """Token ids of the prompt and of each continuation as it is tokenized after the prompt (the
     tail of `prompt + continuation` when the prompt's tokens are its head, else on its own)."""
-    special = fmt == "plain"  # a chat template writes its own BOS, a plain prompt gets the tokenizer's
+    special = fmt != "chat"  # a chat template writes its own BOS, a plain prompt gets the tokenizer's
     head = tokenizer.encode(prompt, add_special_tokens=special)
     choices = []
     for cont in continuations:
@@ -107,9 +133,9 @@ def check_format(fmt: str) -> None:
 
 
 def resolve_format(tokenizer, fmt: str) -> str:
-    """`chat` unless the tokenizer has no chat template (then `plain`)."""
+    """`fmt`, but `plain` for `chat` when the tokenizer has no chat template."""
     check_format(fmt)
-    return fmt if fmt == "plain" or getattr(tokenizer, "chat_template", None) else "plain"
+    return fmt if fmt != "chat" or getattr(tokenizer, "chat_template", None) else "plain"
 
 
 # --------------------------------------------------------------------------- rows and summary
@@ -117,7 +143,7 @@ def resolve_format(tokenizer, fmt: str) -> str:
 
 def item_row(item: BenchItem, prompt: str, continuations: list[str], logprobs: list[float], seconds: float) -> dict:
     """One items.jsonl row."""
-    norm = [lp / max(1, len(c)) for lp, c in zip(logprobs, item.choices)]
+    norm = [lp / max(1, len(c.removeprefix(" "))) for lp, c in zip(logprobs, continuations, strict=True)]
     top = max(norm)
     weights = [math.exp(v - top) for v in norm]
     probs = [w / sum(weights) for w in weights]

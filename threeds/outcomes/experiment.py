@@ -33,7 +33,7 @@ from threeds.io.lock import locked
 from threeds.model.load import load_model, model_label
 from threeds.model.lora import merged
 from threeds.outcomes import report
-from threeds.outcomes.arms import ARM_NAME, Arm, ArmSource, parse_arms
+from threeds.outcomes.arms import ARM_NAME, SIZED, Arm, ArmSource, default_baseline, parse_arms
 from threeds.outcomes.benchsets import Bench, load_bench
 from threeds.outcomes.evaluate import evaluate
 from threeds.outcomes.train import Trained, finished, train_arm
@@ -41,10 +41,12 @@ from threeds.rundir import layout
 from threeds.rundir.check import read_json_object
 from threeds.rundir.progress import ProgressFile
 from threeds.rundir.write import package_versions
+from threeds.selection.apply import config_to_json, load_preset
 
 log = logging.getLogger(__name__)
 
-FIXED = ("bench", "limit", "shots", "model", "train")  # what every arm of an experiment shares
+FIXED = ("bench", "limit", "shots", "prompt_format", "model", "train")  # what every arm of an experiment shares
+BEFORE = {"prompt_format": "chat"}  # a setting an older experiment.json lacks: the value it ran with
 
 
 class ExperimentError(ThreedsError, ValueError):
@@ -78,19 +80,18 @@ def list_experiments(run_dir: str | os.PathLike) -> list[str]:
 
 
 def plan_units(source: ArmSource, arms: list[Arm], seeds: int) -> list[Unit]:
-    """Every arm x seed with its ids; random:same takes the first arm's size for the same seed."""
+    """Every arm x seed with its ids; random:same and random:length follow the first arm of the same seed."""
     if seeds < 1:
         raise SettingsError(f"--seeds must be >= 1, got {seeds}")
     units = []
     for seed in range(seeds):
         first = source.ids(arms[0], seed)
-        same = len(first) if first is not None else None
         for arm in arms:
             if arm.kind == "base" and seed:
                 continue
-            if arm.arg == "same" and same is None:
-                raise SettingsError(f"--arm {arm.name}: random:same needs a first arm that trains (not base)")
-            units.append(Unit(arm, seed, first if arm is arms[0] else source.ids(arm, seed, same)))
+            if arm.kind == "random" and arm.arg in SIZED and first is None:
+                raise SettingsError(f"--arm {arm.name}: {arm.spec} needs a first arm that trains (not base)")
+            units.append(Unit(arm, seed, first if arm is arms[0] else source.ids(arm, seed, first)))
     return sorted(units, key=lambda u: (u.seed, arms.index(u.arm)))
 
 
@@ -106,12 +107,18 @@ def describe_experiment(config: ExperimentConfig, train: TrainConfig, arms: list
     sizes = {arm.name: {f"seed{u.seed}": (None if u.ids is None else len(u.ids)) for u in units if u.arm is arm} for arm in arms}
     return {
         "name": config.name, "run": str(run_dir), "bench": config.bench, "limit": config.limit, "shots": config.shots,
+        "prompt_format": config.prompt_format,
         "model": {"model": model.model, "template": model.template, "system": model.system},  # its dtype: train's
         "train": dataclasses.asdict(train), "seeds": config.seeds,
-        "baseline": config.baseline or arms[0].name,
-        "arms": [{"name": a.name, "spec": a.spec, "records": sizes[a.name]} for a in arms],
+        "baseline": config.baseline or default_baseline(arms),
+        "arms": [{"name": a.name, "spec": a.spec, "records": sizes[a.name], **_frozen(run_dir, a)} for a in arms],
         "created": time.time(), "versions": package_versions(),
     }  # fmt: skip
+
+
+def _frozen(run_dir: Path, arm: Arm) -> dict:
+    """A preset arm's selection settings as recorded with the experiment (the app's `current` is one)."""
+    return {"selection": config_to_json(load_preset(run_dir, arm.arg))} if arm.kind == "preset" else {}
 
 
 def check_rerun(exp: Path, new: dict) -> None:
@@ -122,13 +129,17 @@ def check_rerun(exp: Path, new: dict) -> None:
     old = read_json_object(path)
     new["created"] = old.get("created", new["created"])  # the experiment's, not this rerun's
     for key in FIXED:
-        if old.get(key) != new[key]:
+        if old.get(key, BEFORE.get(key)) != new[key]:
             raise ExperimentError(f"{exp}: experiment {new['name']} was made with other {key} "
                                   f"({old.get(key)!r}); give this one another --name", path=None)  # fmt: skip
-    specs = {a["name"]: a["spec"] for a in old.get("arms", [])}
+    before = {a["name"]: a for a in old.get("arms", [])}
     for arm in new["arms"]:
-        if specs.get(arm["name"], arm["spec"]) != arm["spec"]:
-            raise ExperimentError(f"{exp}: arm {arm['name']} was {specs[arm['name']]}, not {arm['spec']}; name the new arm differently")
+        was = before.get(arm["name"], arm)
+        if was["spec"] != arm["spec"]:
+            raise ExperimentError(f"{exp}: arm {arm['name']} was {was['spec']}, not {arm['spec']}; name the new arm differently")
+        if was.get("selection", arm.get("selection")) != arm.get("selection"):
+            raise ExperimentError(f"{exp}: arm {arm['name']} ({arm['spec']}): the preset's settings changed since the "
+                                  "experiment started; save them under another preset name and add that arm")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ running
@@ -206,7 +217,7 @@ class Runner:
         memory gives the weights a reload would, `threeds.model.lora`), else loaded with its saved adapter."""
         out, adapter = self.folder(unit, "eval"), None if unit.ids is None else str(self.folder(unit, "train"))
         config = EvalConfig(bench=self.config.bench, adapter=adapter, limit=self.config.limit, shots=self.config.shots,
-                            batch_size=self.config.eval_batch_size)  # fmt: skip
+                            prompt_format=self.config.prompt_format, batch_size=self.config.eval_batch_size)  # fmt: skip
         if trained is not None and trained.model is not None:
             model, tokenizer = merged(trained.model), trained.tokenizer
         else:

@@ -7,8 +7,10 @@ import csv
 import io
 import math
 
+from threeds.outcomes.stats import callable_text
+
 COLUMNS = ("arm", "spec", "records", "n_items", "acc", "acc_lo", "acc_hi", "acc_norm", "gold_prob", "delta",
-           "delta_lo", "delta_hi", "mcnemar_p", "p_holm", "disagreement", "mde_80", "verdict")  # fmt: skip
+           "delta_lo", "delta_hi", "mcnemar_p", "p_holm", "differ", "disagreement", "min_callable", "verdict")  # fmt: skip
 
 
 def arm_rows(described: dict, summary: dict) -> list[dict]:
@@ -24,8 +26,8 @@ def arm_rows(described: dict, summary: dict) -> list[dict]:
             "n_items": arm.get("n_items"), "acc": arm.get("acc"), "acc_lo": acc_ci[0], "acc_hi": acc_ci[1],
             "acc_norm": arm.get("acc_norm"), "gold_prob": arm.get("gold_prob"), "delta": arm.get("delta"),
             "delta_lo": delta_ci[0], "delta_hi": delta_ci[1], "mcnemar_p": arm.get("mcnemar_p"),
-            "p_holm": arm.get("p_holm"), "disagreement": arm.get("disagreement"), "mde_80": arm.get("mde_80"),
-            "verdict": arm.get("verdict", ""),
+            "p_holm": arm.get("p_holm"), "differ": arm.get("differ"), "disagreement": arm.get("disagreement"),
+            "min_callable": arm.get("min_callable"), "verdict": arm.get("verdict", ""),
         })  # fmt: skip
     return rows
 
@@ -59,15 +61,16 @@ def markdown(described: dict, summary: dict) -> str:
         f"# Experiment {described.get('name', '')}", "", _settings_text(described, summary), "",
         f"Baseline: **{summary.get('baseline')}**. Always answering the most common gold letter scores "
         f"{pct(summary.get('majority_acc'))}%.", "",
-        "| arm | SPEC | records | accuracy % (95% CI) | vs baseline, points (95% CI) | McNemar p (Holm) "
-        "| disagree % | gold prob | verdict |",
+        "| arm | SPEC | records | accuracy % (95% CI) | vs baseline, points (95% CI) | items that differ "
+        "| McNemar p (Holm) | gold prob | verdict |",
         "|---|---|---|---|---|---|---|---|---|",
         *(_table_row(r, summary.get("baseline")) for r in arm_rows(described, summary)),
         "", "## What this can and cannot say", "", *(f"- {c}" for c in caveats(described, summary)),
-        "- Confidence intervals are 95% bootstrap intervals over the items (seeds averaged per item first); the "
-        "difference is paired item by item; p is the exact McNemar test, Holm-corrected across arms.",
-        "- `mde_80` is the smallest difference this many items would detect 80% of the time: a smaller true "
-        "difference can hide behind 'no detectable difference'.",
+        "- An arm's accuracy interval is a 95% bootstrap interval over the items (seeds averaged per item first). "
+        "The difference from the baseline is paired item by item: its interval is Newcombe's for paired "
+        "proportions (Wilson score, method 10), and p is the exact McNemar test on the items where the two "
+        "differ, Holm-corrected across arms.",
+        *([f"- {planning_text(summary)}"] if summary.get("plan") else []),
         "- One evaluation set and one model: a result here is evidence for this model on this set, not in general.",
     ]  # fmt: skip
     return "\n".join(lines) + "\n"
@@ -78,17 +81,34 @@ def _settings_text(described: dict, summary: dict) -> str:
     model = (described.get("model") or {}).get("model") or "embedded SmolLM2-135M-Instruct"
     spread = f", {described['limit']} spread over the set" if described.get("limit") else ""
     return (f"Run `{described.get('run', '')}`, model `{model}`, evaluated on {described.get('bench', '')} "
-            f"({summary.get('n_items', '?')} items{spread}), {described.get('seeds', 1)} seed(s) per arm. LoRA r "
+            f"({summary.get('n_items', '?')} items{spread}, {described.get('prompt_format', 'chat')} prompts, "
+            f"{described.get('shots', 0)}-shot), {described.get('seeds', 1)} seed(s) per arm. LoRA r "
             f"{train.get('lora_r')}, learning rate {train.get('lr')}, {train.get('epochs')} epoch(s), batch "
             f"{train.get('batch_size')} x {train.get('grad_accum')}.")  # fmt: skip
 
 
+def versus_text(r: dict, baseline: str | None) -> str:
+    """'+1.0 (-1.8 to +3.8)', or 'baseline'."""
+    if r["arm"] == baseline:
+        return "baseline"
+    return f"{pct(r['delta'], True)} ({pct(r['delta_lo'], True)} to {pct(r['delta_hi'], True)})"
+
+
 def _table_row(r: dict, baseline: str | None) -> str:
-    versus = "baseline" if r["arm"] == baseline else f"{pct(r['delta'], True)} ({pct(r['delta_lo'], True)} to {pct(r['delta_hi'], True)})"
     records = "—" if r["records"] is None else r["records"]
     gold = "—" if r["gold_prob"] is None else format(r["gold_prob"], ".3f")
-    return (f"| {r['arm']} | `{r['spec']}` | {records} | {pct(r['acc'])} ({pct(r['acc_lo'])}–{pct(r['acc_hi'])}) | {versus} "
-            f"| {p_text(r['mcnemar_p'])} ({p_text(r['p_holm'])}) | {pct(r['disagreement'])} | {gold} | {r['verdict']} |")
+    return (f"| {r['arm']} | `{r['spec']}` | {records} | {pct(r['acc'])} ({pct(r['acc_lo'])}–{pct(r['acc_hi'])}) "
+            f"| {versus_text(r, baseline)} | {r['differ'] or '—'} | {p_text(r['mcnemar_p'])} ({p_text(r['p_holm'])}) "
+            f"| {gold} | {r['verdict']} |")
+
+
+def planning_text(summary: dict) -> str:
+    """What a next experiment would need, at stated assumptions (stats.plan)."""
+    plan, family = summary["plan"], summary.get("comparisons", 1)
+    holm = f", Holm over {family} comparisons" if family > 1 else ""
+    return (f"Planning: to detect a true {100 * plan['delta']:.0f}-point difference 80% of the time (5% level{holm}) takes "
+            f"about {plan['n_items']:,} items if {100 * plan['discordant_share']:.0f}% of the items are answered right by "
+            "only one of the two arms (an assumption, not measured here; more discordance needs more items).")
 
 
 # ------------------------------------------------------------------------------ what the page shows
@@ -109,6 +129,10 @@ def caveats(described: dict, summary: dict | None, units: dict | None = None) ->
         widths = [(a["acc_ci"][1] - a["acc_ci"][0]) / 2 for a in summary.get("arms", {}).values() if a.get("acc_ci")]
         found.append(f"Only {summary['n_items']} evaluation items" + (f": one arm's accuracy is known to about "
                      f"±{100 * max(widths):.0f} points (95% CI)" if widths else "") + ".")  # fmt: skip
+    if summary and "min_callable" in summary:
+        family = summary.get("comparisons", 1)
+        holm = f" (exact McNemar test, Holm over {family} comparisons)" if family > 1 else " (exact McNemar test)"
+        found.append(callable_text(summary["min_callable"], summary["n_items"]).capitalize() + holm + ".")
     if described.get("seeds", 1) == 1 and any(a["spec"] != "base" for a in described.get("arms", [])):
         found.append("One seed per arm: how much a training varies with its seed (and a random subset with its draw) is not measured.")
     return found
@@ -128,25 +152,36 @@ def subject_table(summary: dict) -> list[dict]:
             for name, part in subjects.items()]  # fmt: skip
 
 
-def _mean_correct(runs: list[list[dict]]) -> dict[str, float]:
-    found: dict[str, list[float]] = {}
+def _seeds_right(runs: list[list[dict]]) -> dict[str, tuple[int, int]]:
+    """Per item id: (seeds that got it right, seeds that evaluated it)."""
+    found: dict[str, list[bool]] = {}
     for run in runs:
         for row in run:
-            found.setdefault(row["id"], []).append(float(bool(row["correct"])))
-    return {item: sum(v) / len(v) for item, v in found.items()}
+            found.setdefault(row["id"], []).append(bool(row["correct"]))
+    return {item: (sum(v), len(v)) for item, v in found.items()}
+
+
+def answer_text(row: dict, right: tuple[int, int]) -> str:
+    """'A: 50.2% vs 49.8% for B (1 of 1 seeds right)': the answer, its probability among the choices
+    (softmax of the summed log-probabilities, first seed) against the runner-up's, and the seeds right."""
+    probs = softmax(row["logprobs"])
+    order = sorted(range(len(probs)), key=lambda i: -probs[i])
+    top, second = order[0], order[1]
+    return (f"{_letter(row['pred'])}: {100 * probs[top]:.1f}% vs {100 * probs[second]:.1f}% for {_letter(second)} "
+            f"({right[0]} of {right[1]} seeds right)")
 
 
 def disagreements(evals: dict[str, list[list[dict]]]) -> list[dict]:
     """Items where the arms' answers (first seed) differ: id, subject, gold and each arm's answer
-    letter with its accuracy over the seeds."""
+    with its probability margin and how many seeds got the item right (`answer_text`)."""
     first = {arm: {row["id"]: row for row in runs[0]} for arm, runs in evals.items()}
-    correct = {arm: _mean_correct(runs) for arm, runs in evals.items()}
+    right = {arm: _seeds_right(runs) for arm, runs in evals.items()}
     rows = []
     for row in next(iter(evals.values()))[0]:
-        preds = {arm: rows_[row["id"]]["pred"] for arm, rows_ in first.items() if row["id"] in rows_}
-        if len(set(preds.values())) > 1:
+        found = {arm: rows_[row["id"]] for arm, rows_ in first.items() if row["id"] in rows_}
+        if len({r["pred"] for r in found.values()}) > 1:
             rows.append({"id": row["id"], "subject": row.get("subject", ""), "gold": _letter(row["gold"]),
-                         **{arm: f"{_letter(p)} ({100 * correct[arm][row['id']]:.0f}% right)" for arm, p in preds.items()}})  # fmt: skip
+                         **{arm: answer_text(r, right[arm][row["id"]]) for arm, r in found.items()}})  # fmt: skip
     return rows
 
 
