@@ -27,7 +27,5 @@ navigation = st.navigation(
     ]
 )
 common.setup(navigation.url_path)
-try:
+with common.whole_run(navigation.url_path):  # then the URL, also after st.stop()
     navigation.run()
-finally:  # also after st.stop(): the URL always says what is shown
-    common.write_url(navigation.url_path)

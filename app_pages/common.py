@@ -12,12 +12,13 @@ import dataclasses
 import os
 import re
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import streamlit as st
-from streamlit.runtime.scriptrunner import get_script_run_ctx
 
 from app_pages import pick_jobs, state
 from threeds.config import SelectConfig
@@ -67,11 +68,25 @@ def setup(page_path: str) -> None:
     run_picker()
 
 
+WHOLE_RUN = "whole_run"  # True while app.py runs the page: a fragment's rerun (app.py not run) finds it False
+
+
+@contextmanager
+def whole_run(page_path: str) -> Iterator[None]:
+    """Around the page in app.py: marks the run as a whole one and, however it ends (st.stop, a
+    rerun), puts the current view in the URL."""
+    st.session_state[WHOLE_RUN] = True
+    try:
+        yield
+    finally:
+        st.session_state[WHOLE_RUN] = False
+        write_url(page_path)
+
+
 def fragment_wrote_url(page_path: str) -> None:
     """A fragment that changes the view (a brush, a search) writes the URL at the end of its own
     reruns, where app.py's `write_url` does not run; in a whole run app.py writes it."""
-    ctx = get_script_run_ctx()
-    if ctx is not None and ctx.fragment_ids_this_run:
+    if not st.session_state.get(WHOLE_RUN):
         write_url(page_path)
 
 

@@ -13,7 +13,9 @@ The URL: after each run of the app the query string is rewritten from the sessio
 Streamlit's frontend pushes a browser history entry for each new query string, so every committed
 change is a step back/forward can return to. The URL is read into the session (`read_url`) on the
 first run of a session (a reload, a pasted link, a bookmark), when the page changes, and on
-back/forward within a page (Streamlit >= 1.50 marks such a run `is_history_navigation`). Not
+back/forward within a page (Streamlit marks such a run `is_history_navigation` on its script-run
+context, the one value the app reads from Streamlit's internals: no public API says it, so
+requirements.txt pins the versions that have it and tests/test_app.py checks it is there). Not
 otherwise: while a slider is dragged the browser sends reruns that still carry the previous query
 string, and reading those would move it back. Selection settings use SelectConfig's field names
 and only appear when they differ from its defaults, so `?run=demo&quality_threshold=90&conf_up=80`
@@ -234,9 +236,10 @@ def decode(params: dict[str, str]) -> SelectConfig:
 
 
 def history_navigation() -> bool:
-    """Whether the browser's back/forward started this run (then the URL is the state to show)."""
+    """Whether the browser's back/forward started this run (then the URL is the state to show).
+    Outside a script run (no context) it did not; a Streamlit without the flag fails here, loudly."""
     ctx = get_script_run_ctx()
-    return bool(getattr(ctx, "is_history_navigation", False))
+    return ctx is not None and bool(ctx.is_history_navigation)
 
 
 def read_url(run_names: list[str], page_path: str) -> None:

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 from synthetic_run import make_experiment, make_run
+from waiting import wait_for
 
 from app_pages import state as app_state
 
@@ -458,7 +459,6 @@ def test_every_page_on_a_real_threeds_run(cache, tiny_model_dir):
 def test_runs_page_follows_a_background_run(demo):
     """A job started the way the Runs page starts one: progress while it runs, Resume once stopped."""
     import sys
-    import time
 
     from threeds.rundir.jobs import job_running, start_run
 
@@ -466,19 +466,15 @@ def test_runs_page_follows_a_background_run(demo):
         "import json, sys, time, pathlib\n"
         "p = pathlib.Path(sys.argv[1]) / 'progress.json'\n"
         "p.write_text(json.dumps({'stage': 'rate', 'done': 3, 'total': 10, 'updated': time.time()}))\n"
-        "time.sleep(60)\n"
+        "time.sleep(600)\n"
     )
     start_run([sys.executable, "-c", script, str(demo)], demo)
-    deadline = time.time() + 10
-    while not (demo / "progress.json").exists() and time.time() < deadline:
-        time.sleep(0.05)
+    wait_for((demo / "progress.json").exists, "progress.json written")
     at = app().run()
     assert "rate: 3 / 10" in at.get("progress")[0].proto.text
     assert "Running in the background" in texts(at.caption)
     at.button(key="stop_run").click().run()
-    deadline = time.time() + 10
-    while job_running(demo) and time.time() < deadline:
-        time.sleep(0.05)
+    assert not job_running(demo)  # Stop returns once the run's processes are gone
     at.run()
     assert "Stopped before the end" in texts(at.caption)
     assert "Stop: stopped (SIGINT): finished work is saved" in texts(at.info)
@@ -511,7 +507,6 @@ def test_user_controlled_text_is_escaped_and_run_file_errors_are_one_line(cache)
 def test_runs_page_shows_a_failed_run_as_failed(demo, tmp_path):
     """A real `threeds run` started the way the Runs page starts one, on data with a broken line."""
     import sys
-    import time
 
     from threeds.rundir.jobs import job_running, start_run
 
@@ -519,9 +514,7 @@ def test_runs_page_shows_a_failed_run_as_failed(demo, tmp_path):
     bad.write_text('{"id": "a", "instruction": "q", "output": "a"}\nnot json\n')
     run_dir = demo.parent / "broken"
     start_run(run_command(bad, run_dir, RunConfig()), run_dir, cwd=ROOT)
-    deadline = time.time() + 120
-    while job_running(run_dir) and time.time() < deadline:
-        time.sleep(0.2)
+    wait_for(lambda: not job_running(run_dir), "the run ended", poll=0.2)
     at = app()
     at.session_state["run_name"] = "broken"
     at.run()
@@ -881,6 +874,31 @@ def test_back_and_forward_on_one_page_restore_its_settings(demo, monkeypatch):
     at.query_params.update(after)  # forward
     at.run()
     assert chosen(at, "band_ins_ppl") == (5.0, 95.0) and at.slider(key=widget("band_ins_ppl")).value == (5.0, 95.0)
+
+
+def test_back_forward_is_read_from_streamlits_flag_which_every_allowed_version_has(monkeypatch):
+    """The one Streamlit internal the app reads (no public API says a run is back/forward): the
+    script-run context's `is_history_navigation`, first in Streamlit 1.65, the minimum
+    requirements.txt allows; read directly, so a Streamlit without it fails loudly, not by
+    silently ignoring back/forward as a `getattr` default did on 1.40-1.64."""
+    import dataclasses
+    import re
+    from types import SimpleNamespace
+
+    import streamlit
+    from streamlit.runtime.scriptrunner_utils.script_run_context import ScriptRunContext
+
+    minimum = re.search(r"^streamlit>=([\d.]+)", (ROOT / "requirements.txt").read_text(), re.M).group(1)
+    assert tuple(map(int, minimum.split("."))) >= (1, 65)
+    assert tuple(map(int, streamlit.__version__.split(".")[:2])) >= (1, 65)
+    assert "is_history_navigation" in {f.name for f in dataclasses.fields(ScriptRunContext)}
+    monkeypatch.setattr(app_state, "get_script_run_ctx", lambda: SimpleNamespace(is_history_navigation=True))
+    assert app_state.history_navigation() is True
+    monkeypatch.setattr(app_state, "get_script_run_ctx", lambda: SimpleNamespace(is_history_navigation=False))
+    assert app_state.history_navigation() is False
+    monkeypatch.setattr(app_state, "get_script_run_ctx", lambda: SimpleNamespace())
+    with pytest.raises(AttributeError):
+        app_state.history_navigation()
 
 
 def test_a_large_map_is_an_image_with_the_first_picks_hoverable(cache):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import time
 
 import pytest
 from tqdm import tqdm
@@ -71,16 +70,37 @@ def test_whole_run_time_left_adds_the_stages_ahead_at_their_measured_pace(tmp_pa
     assert pg.ProgressFile(path, "score", total=16, ahead=[]).state["ahead"] == []
 
 
-def test_progress_file_writes_a_held_back_count_at_the_end_of_the_interval(tmp_path):
-    """A burst (a local batch finishing at once): the last count is not left waiting for the next record."""
-    bar = pg.ProgressFile(tmp_path / layout.PROGRESS, "generate", total=8, min_interval=0.2)
+def test_progress_file_writes_a_held_back_count_at_the_end_of_the_interval(tmp_path, monkeypatch):
+    """A burst (a local batch finishing at once): the last count is not left waiting for the next
+    record; a timer set for the end of the interval writes it. The clock and the timer are the
+    test's, so a busy machine cannot let the interval pass during the burst."""
+    timers = []
+
+    class Timer:
+        def __init__(self, interval, function):
+            self.interval, self.function, self.daemon, self.cancelled = interval, function, False, False
+            timers.append(self)
+
+        def start(self):
+            pass
+
+        def cancel(self):
+            self.cancelled = True
+
+    monkeypatch.setattr(pg.threading, "Timer", Timer)
+    now = [100.0]
+    bar = pg.ProgressFile(tmp_path / layout.PROGRESS, "generate", total=8, min_interval=0.2, clock=lambda: now[0])
+    now[0] = 100.05
     for done in range(1, 9):
         bar.update(done)
     assert read(tmp_path)["done"] == 0  # held back: within 0.2 s of the first write
-    deadline = time.time() + 10
-    while read(tmp_path)["done"] != 8 and time.time() < deadline:
-        time.sleep(0.05)
-    assert read(tmp_path)["done"] == 8 and bar.pending is None
+    assert len(timers) == 1 and timers[0].interval == pytest.approx(0.15)  # one timer, for the end of the interval
+    now[0] = 100.2
+    timers[0].function()
+    assert read(tmp_path)["done"] == 8 and read(tmp_path)["updated"] == 100.2 and bar.pending is None
+    now[0] = 100.5
+    bar.update(9)  # past the interval: written at once, no timer
+    assert read(tmp_path)["done"] == 9 and len(timers) == 1
 
 
 def test_eta_from_the_records_done_in_this_run():

@@ -15,11 +15,13 @@ import pytest
 from fake_openai_server import FakeOpenAIServer
 from streamlit.testing.v1 import AppTest
 from synthetic_run import make_run
+from waiting import wait_for
 
 from threeds.cli import main as cli
 from threeds.config import RateConfig
 from threeds.model.backends import LocalBackend, Reply
 from threeds.rundir.progress import read_status, write_status
+from threeds.rundir.read import read_progress
 from threeds.stages.rate import NO_SCORE, REMINDER, load_rating_prompt, rate_records
 from threeds.views import embed_map
 
@@ -92,7 +94,7 @@ def test_a_refused_server_ends_the_run_in_seconds_naming_the_server(tmp_path, re
     began = time.monotonic()
     rc = cli(["run", "--data", str(data), "--out", str(tmp_path / "run"), "--backend", "openai", "--base-url", url,
               "--api-model", "m"])  # fmt: skip
-    assert rc == 6 and time.monotonic() - began < 10
+    assert rc == 6 and time.monotonic() - began < 30  # not minutes: wide enough for a busy machine
     status = read_status(tmp_path / "run")
     assert status["state"] == "failed" and status["error"].startswith(f"{url}: the server is down: connection failed")
 
@@ -197,15 +199,12 @@ def test_runs_page_shows_the_phase_from_the_first_second(run_dir):
         "import sys, time\n"
         "from threeds.rundir.progress import ProgressFile\n"
         "ProgressFile(sys.argv[1] + '/progress.json', 'rate', 10).phase('loading the model')\n"
-        "time.sleep(60)\n"
+        "time.sleep(600)\n"
     )
     start_run([sys.executable, "-c", script, str(run_dir)], run_dir)
     write_status(run_dir, "running")
     try:
-        deadline = time.time() + 20
-        while "loading" not in (run_dir / "progress.json").read_text() if (run_dir / "progress.json").exists() else True:
-            assert time.time() < deadline
-            time.sleep(0.05)
+        wait_for(lambda: "loading" in ((read_progress(run_dir) or {}).get("phase") or ""), "the phase written")
         at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60).run()
         assert job_running(run_dir)
         assert "Now: loading the model, " in texts(at.caption) and " s so far" in texts(at.caption)

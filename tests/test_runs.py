@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 
 import numpy as np
 import pytest
 from synthetic_run import make_run
+from waiting import WAIT, wait_for
 
 from threeds.cli import build_parser
 from threeds.commands.run import config_from_args
@@ -188,7 +188,7 @@ def test_background_job_start_status_stop(tmp_path):
     script = (
         "import json, time, pathlib, sys\n"
         "p = pathlib.Path(sys.argv[1])\n"
-        "for i in range(600):\n"
+        "for i in range(10**9):\n"
         "    p.joinpath('progress.json').write_text(json.dumps({'stage': 'rate', 'done': i, 'total': 600, 'updated': time.time()}))\n"
         "    time.sleep(0.05)\n"
     )
@@ -196,11 +196,9 @@ def test_background_job_start_status_stop(tmp_path):
     assert pid > 0 and job_running(run_dir)
     with pytest.raises(LockedError, match="already in progress"):
         start_run([sys.executable, "-c", "pass"], run_dir)
-    deadline = time.time() + 10
-    while read_progress(run_dir) is None and time.time() < deadline:
-        time.sleep(0.05)
+    wait_for(lambda: read_progress(run_dir) is not None, "progress.json written")
     assert read_progress(run_dir)["stage"] == "rate"
-    assert stop_run(run_dir) == StopResult(("SIGINT",), stopped=True)
+    assert stop_run(run_dir, grace=(WAIT, WAIT, WAIT)) == StopResult(("SIGINT",), stopped=True)
     assert not job_running(run_dir)
     assert "KeyboardInterrupt" in (run_dir / "run.log").read_text()
     assert stop_run(run_dir).signals == ()

@@ -431,10 +431,11 @@ def test_interrupt_stops_the_pipeline_promptly(tokenizer, tiny_model, monkeypatc
     fmt = prompt_format(tokenizer)
     use_threeds_attention(tiny_model)
     scorer = Scorer(tiny_model, tokenizer, fmt, FunctionWords("lexical"), batch_tokens=1)
-    launch, calls = score_module.launch_batch, []
+    launch, calls, encoded = score_module.launch_batch, [], []
     encode_records = scorer.encode_records
 
     def slow_encode(recs):
+        encoded.append(1)
         time.sleep(0.2)
         return encode_records(recs)
 
@@ -446,9 +447,8 @@ def test_interrupt_stops_the_pipeline_promptly(tokenizer, tiny_model, monkeypatc
 
     monkeypatch.setattr(scorer, "encode_records", slow_encode)
     monkeypatch.setattr(score_module, "launch_batch", interrupted)
-    started = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
         for _ in scorer.score_chunks([make_records(4, seed=s) for s in range(20)]):
             pass
-    assert time.monotonic() - started < 10
     assert not pipeline_threads()
+    assert len(encoded) < 20  # stopped with chunks left, not after encoding all of them

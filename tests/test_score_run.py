@@ -7,13 +7,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 from conftest import ROOT, make_records
+from waiting import WAIT, wait_for
 
 from threeds.config import ModelConfig, ScoreConfig
 from threeds.io.data import read_jsonl
@@ -70,9 +70,7 @@ def test_killed_run_resumes_without_loss_or_duplicates(tmp_path, tiny_model_dir)
             "--function-words", "lexical"]  # fmt: skip
     proc = subprocess.Popen([sys.executable, "-m", "threeds", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list((out / "chunks").glob("*.metrics.parquet"))) < 3:
-        time.sleep(0.02)
+    wait_for(lambda: len(list((out / "chunks").glob("*.metrics.parquet"))) >= 3, "3 chunks scored")
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     done_at_kill = len(list((out / "chunks").glob("*.metrics.parquet")))
@@ -101,13 +99,9 @@ def test_interrupted_run_stops_promptly_and_resumes(tmp_path, tiny_model_dir):
             "--function-words", "lexical"]  # fmt: skip
     with open(tmp_path / "stderr.txt", "w") as err:
         proc = subprocess.Popen([sys.executable, "-m", "threeds", *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
-        deadline = time.time() + 120
-        while time.time() < deadline and len(list((out / "chunks").glob("*.metrics.parquet"))) < 2:
-            time.sleep(0.02)
+        wait_for(lambda: len(list((out / "chunks").glob("*.metrics.parquet"))) >= 2, "2 chunks scored")
         proc.send_signal(signal.SIGINT)
-        sent = time.monotonic()
-        code = proc.wait(timeout=60)
-    assert time.monotonic() - sent < 30
+        code = proc.wait(timeout=WAIT)  # a thread blocking the exit would hang it
     assert code == 130 and "interrupted" in (tmp_path / "stderr.txt").read_text()
     assert not (out / "metrics.parquet").exists(), "the interrupt must land mid-run"
     result = threeds(*args)

@@ -38,12 +38,12 @@ def rows(path: Path) -> list[dict]:
 def test_a_server_refusing_connections_ends_at_the_probe_in_seconds():
     """Issue 25: one GET /models before the first record; a refused connection is not retried per record."""
     for model in ("m", None):  # with --api-model too, where nothing else would ask /models
-        backend = OpenAIBackend(closed_port_url(), model, max_consecutive_failures=5, retries=5, backoff=1.0)
+        backend = OpenAIBackend(closed_port_url(), model, max_consecutive_failures=5, retries=5, backoff=10.0)
         seen = []
         began = time.monotonic()
         with pytest.raises(ServerDownError, match=r"the server is down: connection failed: .*start it and run the same command again"):
             backend.chat([f"q{i}" for i in range(5)], 4, on_reply=lambda i, r: seen.append(i))
-        assert time.monotonic() - began < 10 and not seen  # was 5 records x 6 attempts with backoff: ~30 s
+        assert time.monotonic() - began < 60 and not seen  # would be 5 records x 6 attempts with backoff: minutes
 
 
 def test_unreachable_server_stops_after_n_records_in_a_row():
@@ -51,12 +51,10 @@ def test_unreachable_server_stops_after_n_records_in_a_row():
         backend = OpenAIBackend(server.base_url, "m", max_consecutive_failures=3, **FAST)
         assert backend.chat(["first"], 4)[0].error is None
     seen = []
-    began = time.monotonic()
     with pytest.raises(ServerDownError, match="server is down: 3 records in a row failed") as caught:
         backend.chat([f"q{i}" for i in range(50)], 4, on_reply=lambda i, r: seen.append((i, r.error)))
     assert caught.value.exit_code == SERVER_DOWN
-    assert [i for i, _ in seen] == [0, 1] and all("connection failed" in e for _, e in seen)
-    assert time.monotonic() - began < 10  # not 50 records x retries
+    assert [i for i, _ in seen] == [0, 1] and all("connection failed" in e for _, e in seen)  # not 50 records x retries
 
 
 def test_answers_from_the_server_reset_the_count_and_zero_never_stops():

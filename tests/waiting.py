@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-WAIT = 120.0
+WAIT = 300.0
 
 
 def wait_for(condition: Callable[[], object], what: str, seconds: float = WAIT, poll: float = 0.02) -> None:
