@@ -28,22 +28,17 @@ MATCHES = 50
 RESPONSES = {"gt": ("A (ground truth)", "output"), "gen": ("A' (model's own answer)", "generated_output")}
 
 
-@st.cache_data(max_entries=4, show_spinner=False)
-def instruction_texts(_run, key: tuple) -> list[str]:
-    return [full_instruction(r).lower() for r in _run.records]
-
-
-def find(run, query: str) -> list[str]:
-    """Ids matching `query`: the id itself, else instructions containing it (case-insensitive)."""
+@st.cache_data(max_entries=16, show_spinner="Searching the instructions…")
+def find(_run, key: tuple, query: str) -> list[str]:
+    """Ids matching `query`: the id itself, else the first MATCHES instructions containing it
+    (case-insensitive; data.jsonl read a chunk at a time until they are found)."""
     query = query.strip()
     if not query:
         return []
-    if query in run.row_of:
+    if query in _run.row_of:
         return [query]
-    needle = query.lower()
-    texts = instruction_texts(run, common.key_of(run))
-    ids = run.metrics["id"]
-    return [str(ids.iloc[i]) for i, t in enumerate(texts) if needle in t][:MATCHES]
+    rows = _run.records.matching(query, full_instruction, limit=MATCHES)
+    return [str(i) for i in _run.metrics["id"].to_numpy()[rows]]
 
 
 COLOURS = {"attention weight": (21, 101, 192), "loss": (230, 81, 0), "contribution": (106, 27, 154)}  # blue, orange, purple
@@ -144,7 +139,7 @@ def chosen_id(run) -> str | None:
     """From a link (?id=, read into the session by app_pages.state), another page or the search box."""
     query = st.text_input("Find a sample by id or text", key="inspect_query")
     if query:
-        matches = find(run, query)
+        matches = find(run, common.key_of(run), query)
         if not matches:
             st.warning(f"No sample id or instruction matches {common.md(repr(query))}.")
         else:

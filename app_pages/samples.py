@@ -1,8 +1,10 @@
 """Samples: every scored sample with its metrics, percentiles, verdict, why and pick rank.
 
 The table is computed by the library (`threeds.selection.apply.sample_table`) for the current
-selection; this page filters, searches and sorts it on the server and sends at most SHOWN rows,
-so it stays fast at 100k samples. Selecting a row opens it in the inspector.
+selection, as columns (no Python object per row but the ids and whys the selection holds); this
+page filters, searches and sorts it on the server and sends one page of SHOWN rows, reading the
+texts of that page's rows only (data.jsonl by row, `threeds.rundir.record_index`): it pages
+through the 1.9M rows of the paper's pool. Selecting a row opens it in the inspector.
 """
 
 from __future__ import annotations
@@ -25,15 +27,24 @@ SHOWN = 2_000
 SORTS = {"pick rank": ("pick", True), "quality": ("quality", False), **{f"{METRIC_NAMES[m]}": (METRIC_NAMES[m], False) for m in METRICS}}
 
 
-@st.cache_data(max_entries=2, show_spinner="Indexing the texts…")
-def search_texts(_run: Run, key: tuple) -> tuple[pd.Series, pd.Series]:
-    """(lower-cased instruction + A + A' per row for search, instruction snippets), once per run."""
-    instructions = [full_instruction(r) for r in _run.records]
-    haystack = pd.Series(
-        [f"{i}\n{r.get('output', '')}\n{r.get('generated_output', '')}".lower() for i, r in zip(instructions, _run.records)]
-    )
-    snippets = pd.Series([common.short(i, 100) for i in instructions])
-    return haystack, snippets
+def searched_text(record: dict) -> str:
+    """What the search looks in: the instruction (with its input), A and A'."""
+    return f"{full_instruction(record)}\n{record.get('output', '')}\n{record.get('generated_output', '')}"
+
+
+@st.cache_data(max_entries=16, show_spinner="Searching the texts…")
+def search_rows(_run: Run, key: tuple, query: str) -> np.ndarray:
+    """Rows whose instruction, A or A' contains `query` (case-insensitive): data.jsonl read a chunk
+    at a time (`RecordFile.matching`), never all texts in memory; once per query."""
+    return _run.records.matching(query, searched_text)
+
+
+def contains_any(column: pd.Series, wanted: list[str]) -> np.ndarray:
+    """Per row, whether the text contains any of `wanted`: tested once per distinct text (a why or
+    a flag label repeats across the rows), not once per row."""
+    codes, distinct = pd.factorize(column)
+    hit = pd.Series(distinct).str.contains("|".join(map(re.escape, wanted)), regex=True).to_numpy(dtype=bool)
+    return np.append(hit, False)[codes]  # code -1 (missing): no match
 
 
 @st.cache_resource(max_entries=8, show_spinner=False)
@@ -54,10 +65,11 @@ def filtered_rows(run: Run, table: pd.DataFrame, verdicts: list[str], reasons: l
     keep = table["verdict"].isin(verdicts).to_numpy().copy()
     for column, wanted in (("why", reasons), ("A' flags", flags)):
         if wanted:
-            keep &= table[column].str.contains("|".join(map(re.escape, wanted)), regex=True).to_numpy()
+            keep &= contains_any(table[column], wanted)
     if query.strip():
-        haystack = search_texts(run, common.key_of(run))[0]
-        keep &= haystack.str.contains(query.strip().lower(), regex=False).to_numpy()
+        found = np.zeros(len(table), dtype=bool)
+        found[search_rows(run, common.key_of(run), query.strip())] = True
+        keep &= found
     keep &= state.brushed_mask(len(table))
     return np.flatnonzero(keep)
 
@@ -101,16 +113,20 @@ def table_view(run: Run, table: pd.DataFrame) -> None:
     query = c4.text_input("Search instruction, A and A'", key="samples_query", placeholder="words…")
     sort = c5.selectbox("Sort by", list(SORTS), key="samples_sort")
     rows = filtered_rows(run, table, verdicts, reasons, flags, query)
+    pages = max(1, -(-len(rows) // SHOWN))
+    if st.session_state.get("samples_page", 1) > pages:  # fewer rows match now: the last page
+        st.session_state["samples_page"] = pages
+    page = st.number_input(f"Page (of {pages:,}, {SHOWN:,} rows each)", 1, pages, key="samples_page") if pages > 1 else 1
     column, ascending = SORTS[sort]
     values = table[column].to_numpy()[rows]
     if column == "pick":  # picks first, in pick order
         values = np.where(values > 0, values, np.iinfo(np.int64).max)
     order = np.argsort(values if ascending else -np.nan_to_num(values, nan=-np.inf), kind="stable")
-    rows = rows[order][:SHOWN]
-    snippets = search_texts(run, common.key_of(run))[1]
-    shown = table.iloc[rows].assign(instruction=snippets.to_numpy()[rows])
+    rows = rows[order][(page - 1) * SHOWN : page * SHOWN]
+    shown = table.iloc[rows].assign(instruction=[common.short(full_instruction(r), 100) for r in run.records.take(rows)])  # this page's texts only
     shown["pick"] = [f"{r:,}" if r else "" for r in shown["pick"]]  # blank, not "None", when not picked
-    st.caption(f"{len(order):,} of {len(table):,} samples match" + (f"; the first {SHOWN:,} are shown" if len(order) > SHOWN else "") + " · select a row to open it in the inspector")
+    where = f"; rows {(page - 1) * SHOWN + 1:,}-{(page - 1) * SHOWN + len(rows):,} are shown" if len(order) > SHOWN else ""
+    st.caption(f"{len(order):,} of {len(table):,} samples match{where} · select a row to open it in the inspector")
     columns = ["pick", "id", "verdict", "why", "in plain words", "A' flags", "instruction", "quality", *(c for m in METRICS for c in (METRIC_NAMES[m], f"{METRIC_NAMES[m]} %"))]
     number = st.column_config.NumberColumn
     event = st.dataframe(

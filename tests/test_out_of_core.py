@@ -116,3 +116,18 @@ def test_make_scale_run_writes_a_run_threeds_reads(tmp_path):
     assert 0.10 < result["report"]["n_kept"] / 4000 < 0.15  # the paper's 25-75 bands on three independent metrics: 12.5%
     again = make_scale_run(tmp_path / "t", n=4000, dim=24, dtype="float16", seed=1, chunk=1500, token_rows=5)
     assert (again / layout.EMBEDDINGS).read_bytes() == (run / layout.EMBEDDINGS).read_bytes()  # seeded
+
+
+def test_text_search_reads_records_by_chunk_and_matches_case_insensitively(tmp_path):
+    run = make_run(tmp_path / "r", n=40, n_dropped=0)
+    records = load_run(run).records
+    written = _lines(run)
+    written[5]["output"] = "Ünïcode ANSWER with \"quotes\" and a back\\slash"
+    written[9]["generated_output"] = "ünïcode answer"
+    (run / layout.DATA).write_text("".join(json.dumps(r) + "\n" for r in written))  # json.dumps escapes non-ASCII
+    records = load_run(run).records
+    text = lambda r: f"{r['instruction']}\n{r['output']}\n{r['generated_output']}"  # noqa: E731
+    for needle in ("ASTHMA", "case 3?", "ünïcode", 'with "quotes"', "back\\slash", "s000001", "instruction"):
+        want = [i for i, r in enumerate(written) if needle.lower() in text(r).lower()]
+        assert records.matching(needle, text, size=7).tolist() == want, needle  # chunks of 7 rows
+    assert records.matching("asthma", text, limit=2).tolist() == [i for i, r in enumerate(written) if "asthma" in r["instruction"]][:2]

@@ -14,7 +14,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator, Sequence
+import re
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +81,33 @@ class RecordFile(Sequence[dict]):
         for chunk in self.chunks(size):
             yield [r.get(name) for r in chunk]
 
+    def matching(self, needle: str, text_of: Callable[[dict], str], limit: int | None = None, size: int = 50_000) -> np.ndarray:
+        """Rows whose `text_of(record)` contains `needle`, case-insensitively (str.lower), ascending;
+        the first `limit` only. Reads `size` records' bytes at a time and parses only the lines
+        whose raw bytes contain the needle, where that is a sure test (`_raw_needle`)."""
+        needle = needle.lower()
+        raw = _raw_needle(needle)
+        found: list[np.ndarray] = []
+        count = 0
+        with open(self.path, "rb") as fh:
+            for start in range(0, len(self), size):
+                stop = min(start + size, len(self))
+                base = int(self.offsets[start])
+                fh.seek(base)
+                data = fh.read(int(self.offsets[stop]) - base)
+                rows = np.arange(start, stop)
+                if raw is not None:
+                    hits = np.fromiter((m.start() for m in re.finditer(re.escape(raw), data.lower())), dtype=np.int64)
+                    rows = np.unique(np.searchsorted(self.offsets, hits + base, side="right") - 1)
+                bounds = self.offsets[rows] - base, self.offsets[rows + 1] - base
+                keep = [r for r, a, b in zip(rows, *bounds) if needle in text_of(self._parse(data[a:b], int(r))).lower()]
+                found.append(np.asarray(keep, dtype=np.int64))
+                count += len(keep)
+                if limit is not None and count >= limit:
+                    break
+        rows = np.concatenate(found) if found else np.empty(0, dtype=np.int64)
+        return rows if limit is None else rows[:limit]
+
     def _read(self, fh, row: int) -> dict:
         fh.seek(int(self.offsets[row]))
         return self._parse(fh.read(int(self.offsets[row + 1] - self.offsets[row])), row)
@@ -92,6 +120,15 @@ class RecordFile(Sequence[dict]):
         if not isinstance(value, dict):
             raise RunFileError(f"row {row}: expected a JSON object; {RESCORE}", path=self.path)
         return value
+
+
+def _raw_needle(needle: str) -> bytes | None:
+    """The bytes a lower-cased needle shows in data.jsonl's lower-cased raw lines when it is printable
+    ASCII without a quote or backslash (json.dumps writes those characters as they are, and
+    lower-casing bytes agrees with str.lower on ASCII); None otherwise (every line is parsed)."""
+    if needle and all(" " <= c <= "~" and c not in '"\\' for c in needle):
+        return needle.encode("ascii")
+    return None
 
 
 def open_records(path: str | os.PathLike, ids: Sequence[str], run_dir: str | os.PathLike | None = None) -> RecordFile:

@@ -320,8 +320,9 @@ def sample_table(chosen: Selection, metrics: pd.DataFrame, quality: np.ndarray |
     """One row per scored sample: id, quality, the flags on its A' ('' when none or unknown), each
     metric with its percentile rank among the pool (`Filtered.pool`: what the bands cut), verdict,
     why, the why in plain words (`threeds.selection.verdicts`) and pick rank (0 = not picked)."""
-    meaning = {why: in_plain_words(why) for why in set(chosen.reason)}
-    table = {"id": chosen.ids, "verdict": chosen.verdict, "why": chosen.reason, "in plain words": [meaning[w] for w in chosen.reason], "pick": chosen.rank}
+    codes, whys = pd.factorize(chosen.reason)  # a few distinct whys; each put in words once, rows share the text
+    meaning = np.asarray([in_plain_words(why) for why in whys], dtype=object)[codes]
+    table = {"id": chosen.ids, "verdict": chosen.verdict, "why": chosen.reason, "in plain words": meaning, "pick": chosen.rank}
     table["quality"] = np.full(len(metrics), np.nan) if quality is None else quality
     table["A' flags"] = np.full(len(metrics), "", dtype=object) if flags is None else flags.labels()
     for metric in METRICS:
