@@ -79,7 +79,8 @@ def server(tmp_path_factory):
     cache.mkdir()
     prepare_cache(cache)
     port = free_port()
-    env = {**os.environ, "THREEDS_CACHE": str(cache)}
+    # candidates x dim above 40,000 are picked in the background: the demo's are not, a run of 512 dims is
+    env = {**os.environ, "THREEDS_CACHE": str(cache), "THREEDS_INLINE_PICKS": "40000"}
     argv = [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port), "--server.headless", "true"]
     log = open(cache.parent / "server.log", "wb")
     proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -389,7 +390,8 @@ def test_url_reload_and_pasted_link(server, browser, shots):
     assert "quality_threshold=" in link and "/difficulty?" in link
     d.refresh()
     wait_for(d, lambda d: metric(d, "in all three bands") == inside, "same intersection after a reload")
-    assert slider_values(d) == sliders and len(sliders) == 6 and d.current_url == link  # two thumbs per band
+    wait_for(d, lambda d: slider_values(d) == sliders, "the same sliders after a reload")  # the panels draw after the counts
+    assert len(sliders) == 6 and d.current_url == link  # two thumbs per band
     sample = load_run(cache / "demo").metrics["id"].iloc[3]
     d.get(f"{url}/inspector?run=demo&quality_threshold=90&low_th=10&id={sample}")  # a new session, as a pasted link
     wait_for(d, lambda d: f"{sample}" in body_text(d) and "selection:" in body_text(d), "the link's sample")
@@ -554,6 +556,26 @@ def test_a_lasso_on_an_image_map_brushes_every_point_inside(server, browser):
     label = wait_for(d, lambda d: next((line for line in body_text(d).splitlines() if "points from a box/lasso" in line), None), "the brush")
     brushed = int(label.split("Brushed: ")[-1].split(" points")[0].replace(",", ""))
     assert brushed > 1_500  # far more than the 120 markers: every point inside, drawn or not
+
+
+def test_large_picks_are_made_in_the_background_and_the_page_says_so(server, browser):
+    """Issue 30 (4): picks over many candidates come from a background job; Export says they are
+    coming (with the job's progress) and shows them when they are in, with no reload."""
+    url, cache = server
+    make_run(cache / "bg", n=1_500, n_dropped=10, dim=512)
+    d = browser
+    d.get(f"{url}/difficulty?run=bg&sample_num=40")
+    idle(d)
+    d.execute_script("""
+        window.sawComing = false; window.notReloaded = true;
+        new MutationObserver(() => { if (document.body.innerText.includes('are coming')) window.sawComing = true; })
+            .observe(document.body, {subtree: true, childList: true, characterData: true});
+    """)  # fmt: skip
+    go(d, "Export")
+    wait_for(d, lambda d: metrics(d).get("selected samples") not in (None, "coming"), "the picks arrive")
+    assert d.execute_script("return window.sawComing && window.notReloaded")
+    assert metric(d, "selected samples") == "40" and "are coming" not in body_text(d)
+    wait_for(d, lambda d: "--sample-num 40 " in body_text(d), "the command once the picks are in")
 
 
 def test_outcomes_page_shows_the_experiment_and_an_item_on_click(server, browser, shots):
