@@ -407,12 +407,16 @@ def test_an_input_without_usable_records_is_one_clear_error(tmp_path):
 def test_take_records_first_or_random_subset():
     from threeds.io.data import take_records
 
+    from threeds.config import SubsetConfig
+
     records = [{"id": str(i)} for i in range(10)]
-    assert take_records(records) == records and take_records(records, limit=20) == records
-    assert [r["id"] for r in take_records(records, limit=3)] == ["0", "1", "2"]
-    picked = [int(r["id"]) for r in take_records(records, sample=4, seed=7)]
+    assert take_records(records, SubsetConfig()) == records and take_records(records, SubsetConfig(limit=20)) == records
+    assert [r["id"] for r in take_records(records, SubsetConfig(limit=3))] == ["0", "1", "2"]
+    picked = [int(r["id"]) for r in take_records(records, SubsetConfig(sample=4, sample_seed=7))]
     assert len(picked) == 4 == len(set(picked)) and picked == sorted(picked)
-    assert picked == [int(r["id"]) for r in take_records(records, sample=4, seed=7)]
-    assert take_records(records, sample=10) == records
+    assert picked == [int(r["id"]) for r in take_records(records, SubsetConfig(sample=4, sample_seed=7))]
+    assert take_records(records, SubsetConfig(sample=10)) == records
     with pytest.raises(ValueError, match="not both"):
-        take_records(records, limit=2, sample=2)
+        take_records(records, SubsetConfig(limit=2, sample=2))
+    with pytest.raises(ValueError, match="--sample 0: must be at least 1"):
+        take_records(records, SubsetConfig(sample=0))

@@ -35,6 +35,7 @@ from threeds.names import ANSWER_FLAGS, METRIC_NAMES, METRICS, PAPER_NAMES, SHOR
 
 C = TypeVar("C")
 PERCENT = {"low": 0, "high": 100}  # a percentile or a 0-100 rating
+PROMPT_FORMATS = ("chat", "plain", "letters")  # how `threeds eval` puts an item to the model (threeds.outcomes.evaluate)
 
 
 def setting(default: Any, help: str, *, choices: tuple | None = None, kind: type | None = None, flag: str | None = None,
@@ -246,7 +247,7 @@ class EvalConfig:
         "chat", "chat = the model's chat template, the choice as the assistant's reply; plain = 'Question: "
         "...\\nAnswer:' and ' choice'; letters = lm-evaluation-harness's MMLU prompt, options 'A. ...' to 'D. ...', "
         "'Answer:' and ' A' to ' D' (README, threeds eval) (default: chat; plain when the tokenizer has no template)",
-        choices=("chat", "plain", "letters"),
+        choices=PROMPT_FORMATS,
     )  # fmt: skip
     batch_size: int = setting(32, "most items in one forward pass; results do not depend on it beyond float rounding "
                               "(default: 32)", low=1)  # fmt: skip
@@ -481,7 +482,7 @@ class ExperimentConfig:
     limit: int | None = setting(None, "only N items of the evaluation set, spread evenly over it (default: all)", kind=int, low=1)
     shots: int = setting(0, "examples from the set's dev split put before each question (default: 0)", low=0)
     prompt_format: str = setting("chat", "how each item is put to the model: chat, plain or letters (threeds eval "
-                                 "--prompt-format) (default: chat)", choices=("chat", "plain", "letters"))  # fmt: skip
+                                 "--prompt-format) (default: chat)", choices=PROMPT_FORMATS)  # fmt: skip
     eval_batch_size: int = setting(32, "items scored together by the evaluation (default: 32)", low=1)
 
 

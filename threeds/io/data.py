@@ -31,8 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from threeds.config import DataConfig
-from threeds.errors import SettingsError, ThreedsError
+from threeds.config import DataConfig, SubsetConfig, check_settings
+from threeds.errors import ThreedsError
 from threeds.io.atomic import atomic_write, make_parent
 
 PathLike = str | os.PathLike
@@ -191,17 +191,13 @@ def require_records(path: PathLike, records: list[dict], rejects: list[dict]) ->
                     f"field {first['field']}: {first['reason']}")  # fmt: skip
 
 
-def take_records(records: list[dict], limit: int | None = None, sample: int | None = None, seed: int = 0) -> list[dict]:
+def take_records(records: list[dict], subset: SubsetConfig) -> list[dict]:
     """A small run before the whole data: the first `limit` records, or `sample` records drawn at
-    random with `seed` (in their input order); all of them when neither is given."""
-    if limit is not None and sample is not None:
-        raise SettingsError("--limit and --sample: give a record limit or a random sample size, not both")
-    for flag, n in (("--limit", limit), ("--sample", sample)):
-        if n is not None and n < 1:
-            raise SettingsError(f"{flag} {n}: must be at least 1")
-    if sample is not None and sample < len(records):
-        return [records[i] for i in sorted(random.Random(seed).sample(range(len(records)), sample))]
-    return records[:limit] if limit is not None else records
+    random with `sample_seed` (in their input order); all of them when neither is given."""
+    check_settings(subset)  # limit and sample: at least 1, not both
+    if subset.sample is not None and subset.sample < len(records):
+        return [records[i] for i in sorted(random.Random(subset.sample_seed).sample(range(len(records)), subset.sample))]
+    return records[: subset.limit] if subset.limit is not None else records
 
 
 def full_instruction(rec: dict) -> str:

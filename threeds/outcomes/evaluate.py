@@ -43,7 +43,7 @@ from pathlib import Path
 from threeds.errors import SettingsError, ThreedsError
 from threeds.io.data import append_jsonl, read_jsonl, write_json, write_jsonl
 from threeds.io.lock import locked
-from threeds.config import EvalConfig, ModelConfig
+from threeds.config import EvalConfig, ModelConfig, check_settings
 from threeds.model.load import model_label
 from threeds.model.prompts import PromptFormat
 from threeds.model.prompts import prompt_format as make_prompt_format
@@ -52,7 +52,6 @@ from threeds.outcomes.loglik import Request, choice_logprobs
 from threeds.rundir import layout
 from threeds.rundir.check import read_json_object
 
-FORMATS = ("chat", "plain", "letters")
 Progress = Callable[[int, int], None]
 
 
@@ -127,14 +126,8 @@ def encode(tokenizer, prompt: str, continuations: list[str], fmt: str) -> Reques
     return Request(head, choices)
 
 
-def check_format(fmt: str) -> None:
-    if fmt not in FORMATS:
-        raise SettingsError(f"--prompt-format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-
-
 def resolve_format(tokenizer, fmt: str) -> str:
-    """`fmt`, but `plain` for `chat` when the tokenizer has no chat template."""
-    check_format(fmt)
+    """`fmt` (one of config.PROMPT_FORMATS), but `plain` for `chat` when the tokenizer has no chat template."""
     return fmt if fmt != "chat" or getattr(tokenizer, "chat_template", None) else "plain"
 
 
@@ -198,6 +191,7 @@ def evaluate(
     `spec` names the model, its template and system prompt in the files (None: the model's own
     name, its tokenizer's template). Items already in `out/items.jsonl` are not scored again.
     `progress`: True for a bar on stderr, or `f(done, total)`."""
+    check_settings(config)  # a config built in code: the CLI checked its flags already
     spec = spec or ModelConfig(model=str(getattr(model.config, "_name_or_path", "")))
     template, system, shots = spec.template, spec.system, config.shots
     out = Path(out)

@@ -81,8 +81,6 @@ def list_experiments(run_dir: str | os.PathLike) -> list[str]:
 
 def plan_units(source: ArmSource, arms: list[Arm], seeds: int) -> list[Unit]:
     """Every arm x seed with its ids; random:same and random:length follow the first arm of the same seed."""
-    if seeds < 1:
-        raise SettingsError(f"--seeds must be >= 1, got {seeds}")
     units = []
     for seed in range(seeds):
         first = source.ids(arms[0], seed)
@@ -249,7 +247,8 @@ def run_experiment(run_dir: str | os.PathLike, config: ExperimentConfig, train: 
     run_dir = Path(run_dir)
     exp = experiment_dir(run_dir, config.name)
     arms = parse_arms(config.arm, config.baseline)
-    check_settings(train)
+    for settings in (config, train):  # configs built in code: the CLI checked its flags already
+        check_settings(settings)
     bench = load_bench(config.bench, config.limit)  # a bad set fails before any training
     source = ArmSource(run_dir)
     units = plan_units(source, arms, config.seeds)

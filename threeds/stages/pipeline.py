@@ -304,7 +304,7 @@ def _run_stages(data: Path, run: RunDir, config: RunConfig) -> dict:
     if rejects:
         write_jsonl(run.file(layout.REJECTS), rejects)
         log.warning("%d input records rejected (see %s)", len(rejects), run.file(layout.REJECTS))
-    records = take_records(records, config.subset.limit, config.subset.sample, config.subset.sample_seed)
+    records = take_records(records, config.subset)
     backend = make_backend(config)
     rated = _rate(stages, data, records, len(rejects), backend, config)
     kept, report = _filter(stages, records, config)
