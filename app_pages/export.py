@@ -14,6 +14,7 @@ from threeds.rundir.read import selected_ids
 from threeds.views.export import (
     FORMATS,
     MIME,
+    compare_selections,
     dataset_info_entry,
     export_text,
     file_name,
@@ -44,8 +45,7 @@ def main() -> None:
         + f" · attention {config.atten_method} · seed {config.seed} (Difficulty / Embedding map){rules}"
     )  # fmt: skip
     if run.selection is not None:
-        same = selected_ids(run.selection) == list(ids)
-        st.caption(f"The run's own selection.json has {len(selected_ids(run.selection)):,} ids; " + ("this selection is identical." if same else "this selection differs."))
+        st.caption(compare_selections(selected_ids(run.selection), list(ids)))
     dataset = st.text_input("Dataset name (LlamaFactory)", value=f"threeds_{run.name}".replace("-", "_"), key="export_name")
     fmt = st.radio("Format", FORMATS, format_func=LABELS.get, horizontal=True, key="export_format")
     # The file is made when the button is clicked, not on every slider move.

@@ -4,7 +4,9 @@ The settings become the `RunConfig` the launcher starts, and `threeds.config.pro
 `threeds run` applies to its flags) says what is wrong with it, so the form cannot start a run the
 command line would refuse. The data file is read at once with the reader the run uses
 (`threeds.io.data.read_records`), an upload under its own name, so a bad line is named before
-anything starts. Start stays disabled while anything is wrong, and says why.
+anything starts, and the model is checked as the loader will (`threeds.model.load.model_problem`: it
+exists, is a model directory, a GGUF file or a hub id in the local cache). Start stays disabled while
+anything is wrong, and says why.
 """
 
 from __future__ import annotations
@@ -65,7 +67,8 @@ def start_form() -> None:
     st.session_state.setdefault("new_name", next(f"run-{i}" for i in range(1, len(taken) + 2) if f"run-{i}" not in taken))
     name = st.text_input("Run name", key="new_name")
     config = form_config(rename)
-    wrong |= name_problems(name) | {LABELS.get(key, key): message for key, message in problems(config).items()}
+    wrong |= name_problems(name) | model_problems(config.model.model)
+    wrong |= {LABELS.get(key, key): message for key, message in problems(config).items()}
     start = st.button("Start run", type="primary", key="new_start", disabled=bool(wrong))
     if wrong:
         st.warning("**Start is disabled until these are fixed:**\n" + "\n".join(f"- **{label}**: {common.md(m)}" for label, m in wrong.items()))
@@ -154,6 +157,15 @@ def name_problems(name: str) -> dict[str, str]:
     if name in common.run_names() or name in NOT_RUNS:
         return {"Run name": f"a run named {name!r} exists; pick it in the sidebar (and resume it there) or choose another name"}
     return {}
+
+
+def model_problems(spec: str | None) -> dict[str, str]:
+    """What the run's model loader would refuse about `spec` (`threeds.model.load.model_problem`), found
+    before the run starts: a missing path, a plain folder, a file that is not GGUF, an uncached hub id."""
+    from threeds.model.load import model_problem  # torch: only when a model is typed
+
+    problem = model_problem(spec) if spec else None
+    return {"Model": problem.removeprefix(f"--model {spec}: ")} if problem else {}
 
 
 def data_problems(path: str, shown: str, duplicate_ids: str) -> dict[str, str]:

@@ -16,12 +16,13 @@ import streamlit as st
 from app_pages import common
 from app_pages.new_run import start_background
 from threeds.config import ExperimentConfig, TrainConfig, problems, to_argv
-from threeds.errors import SettingsError
+from threeds.errors import SettingsError, ThreedsError
 from threeds.outcomes import report
 from threeds.outcomes.arms import parse_arms
 from threeds.outcomes.benchsets import BUNDLED
-from threeds.outcomes.experiment import experiment_dir, list_experiments, load_results
+from threeds.outcomes.experiment import Results, experiment_dir, list_experiments, load_results
 from threeds.rundir import layout
+from threeds.rundir.check import stage_part
 from threeds.rundir.jobs import job_running, log_tail, read_job, stop_run
 from threeds.rundir.progress import eta_seconds, job_state, read_status
 from threeds.rundir.read import Run, read_progress
@@ -43,10 +44,21 @@ def outcomes_page() -> None:
         name = st.selectbox("Experiment", names, key="outcomes_experiment")
         exp = experiment_dir(run.path, name)
         st.fragment(status_panel, run_every=2 if job_running(exp) else None)(str(exp))
-        show_results(exp)
+        results = read_results(exp)
+        if results is not None:
+            try:
+                show_results(exp, results)
+            except (ThreedsError, OSError) as exc:  # a training's loss.jsonl, read as the chart is drawn
+                st.error(f"Experiment {common.code(exp.name)} cannot be shown: {common.md(common.one_line_error(exc))}")
     else:
         st.info(f"Run {common.code(run.name)} has no experiment yet: start one below.")
     start_form(run, names)
+
+
+def run_model(run: Run) -> str | None:
+    """The run's target model as its score stage recorded it (None: the embedded one), which every arm trains."""
+    model = stage_part(run.manifest, "score", "config").get("model")
+    return model if isinstance(model, str) else None
 
 
 def status_panel(path: str) -> None:
@@ -54,7 +66,8 @@ def status_panel(path: str) -> None:
     exp = Path(path)
     running = job_running(exp)
     state = job_state(read_status(exp), running)
-    units = load_results(exp).units
+    units = read_results(exp, quiet=True)
+    units = units.units if units is not None else {}
     progress = read_progress(exp) or {}
     if running and progress:
         done, total = int(progress.get("done", 0)), int(progress.get("total", 0)) or 1
@@ -108,8 +121,18 @@ def controls(exp: Path, state: str, job: dict | None) -> None:
         st.rerun(scope="app")
 
 
-def show_results(exp: Path) -> None:
-    results = load_results(exp)
+def read_results(exp: Path, quiet: bool = False) -> Results | None:
+    """The experiment's files, or None after one line naming the damaged file (the page and its Start
+    form stay usable: a hand-edited or truncated file is the user's to fix, not a traceback)."""
+    try:
+        return load_results(exp)
+    except (ThreedsError, OSError) as exc:
+        if not quiet:
+            st.error(f"Experiment {common.code(exp.name)} cannot be shown: {common.md(common.one_line_error(exc))}")
+        return None
+
+
+def show_results(exp: Path, results: Results) -> None:
     if results.summary is None:
         st.caption("No result yet: the statistics appear when every arm is evaluated.")
         return
@@ -211,50 +234,48 @@ def freeze_current(run: Run, name: str, arm_lines: tuple[str, ...]) -> tuple[str
     return tuple(f"{a.name}=preset:{preset}" if a.kind == "current" else line for a, line in zip(arms, arm_lines, strict=True))
 
 
+@st.fragment
 def start_form(run: Run, taken: list[str]) -> None:
-    """The settings checked by `threeds.config.problems`, as `threeds experiment` checks its flags (numbers
-    unbounded here: the config names a value out of range, where a bounded input would just not take it)."""
+    """The settings, checked as they are filled in with the rules `threeds experiment` applies
+    (`threeds.config.problems`, the arms, the name) and the run's model as its loader would: Start
+    stays disabled, saying why, while anything is wrong (numbers unbounded here: the config names a
+    value out of range, where a bounded input would just not take it)."""
     run_dir = run.path
     st.header("Start an experiment")
     st.caption("An arm `current` trains on the selection in the sidebar as it is when you press Start: it is saved as "
                "the preset *NAME-current* and recorded with the experiment (`threeds experiment` on the command line "
                "trains `current` on the run's selection.json instead).")  # fmt: skip
-    with st.form("new_experiment"):
-        c1, c2, c3 = st.columns(3)
-        name = c1.text_input("Name", value=next(f"exp-{i}" for i in range(1, len(taken) + 2) if f"exp-{i}" not in taken), key="exp_name")
-        bench = c2.selectbox("Evaluation set", BUNDLED, key="exp_bench")
-        fmt = c2.selectbox("Prompt format", ["chat", "plain", "letters"], key="exp_format",
-                           help="chat: the model's chat template, the choice as its reply; plain: 'Question: ... Answer:' "
-                           "and the choice's text; letters: lm-evaluation-harness's MMLU prompt (options A-D, the "
-                           "letter scored), the form published MMLU numbers use")  # fmt: skip
-        limit = c3.number_input("Items (0: all)", value=200, step=1, key="exp_limit", help="spread evenly over the set")
-        arms = st.text_area("Arms, one NAME=SPEC a line", "selection=current\nrandom=random:same", key="exp_arms",
-                            help="SPEC: current (the sidebar's selection, saved as the preset NAME-current when you press "
-                            "Start), preset:NAME, random:same, random:length, random:N, quality, all, base (no training)")  # fmt: skip
-        c1, c2, c3, c4, c5 = st.columns(5)
-        baseline = c1.text_input("Baseline arm (empty: the random one)", key="exp_baseline",
-                                 help="the arm the others are compared with; empty: the first random arm, else the first arm")  # fmt: skip
-        seeds = c2.number_input("Seeds", value=ExperimentConfig.seeds, step=1, key="exp_seeds")
-        batch = c3.number_input("Batch size", value=TrainConfig.batch_size, step=1, key="exp_batch")
-        accum = c4.number_input("Grad accumulation", value=TrainConfig.grad_accum, step=1, key="exp_accum",
-                                help="batch x accumulation records per optimizer step: 64 by default (the paper's)")  # fmt: skip
-        epochs = c5.number_input("Epochs", value=TrainConfig.epochs, step=1, key="exp_epochs")
-        submitted = st.form_submit_button("Start experiment", type="primary", key="exp_start")
-    if not submitted:
-        return
+    c1, c2, c3 = st.columns(3)
+    st.session_state.setdefault("exp_name", next(f"exp-{i}" for i in range(1, len(taken) + 2) if f"exp-{i}" not in taken))
+    name = c1.text_input("Name", key="exp_name")
+    bench = c2.selectbox("Evaluation set", BUNDLED, key="exp_bench")
+    fmt = c2.selectbox("Prompt format", ["chat", "plain", "letters"], key="exp_format",
+                       help="chat: the model's chat template, the choice as its reply; plain: 'Question: ... Answer:' "
+                       "and the choice's text; letters: lm-evaluation-harness's MMLU prompt (options A-D, the "
+                       "letter scored), the form published MMLU numbers use")  # fmt: skip
+    limit = c3.number_input("Items (0: all)", value=200, step=1, key="exp_limit", help="spread evenly over the set")
+    arms = st.text_area("Arms, one NAME=SPEC a line", "selection=current\nrandom=random:same", key="exp_arms",
+                        help="SPEC: current (the sidebar's selection, saved as the preset NAME-current when you press "
+                        "Start), preset:NAME, random:same, random:length, random:N, quality, all, base (no training)")  # fmt: skip
+    c1, c2, c3, c4, c5 = st.columns(5)
+    baseline = c1.text_input("Baseline arm (empty: the random one)", key="exp_baseline",
+                             help="the arm the others are compared with; empty: the first random arm, else the first arm")  # fmt: skip
+    seeds = c2.number_input("Seeds", value=ExperimentConfig.seeds, step=1, key="exp_seeds")
+    batch = c3.number_input("Batch size", value=TrainConfig.batch_size, step=1, key="exp_batch")
+    accum = c4.number_input("Grad accumulation", value=TrainConfig.grad_accum, step=1, key="exp_accum",
+                            help="batch x accumulation records per optimizer step: 64 by default (the paper's)")  # fmt: skip
+    epochs = c5.number_input("Epochs", value=TrainConfig.epochs, step=1, key="exp_epochs")
     arm_lines = tuple(line.strip() for line in arms.splitlines() if line.strip())
     config = ExperimentConfig(name=name.strip(), arm=arm_lines, baseline=baseline.strip() or None, seeds=int(seeds),
                               bench=bench, limit=int(limit) or None, prompt_format=fmt)  # fmt: skip
     train = TrainConfig(batch_size=int(batch), grad_accum=int(accum), epochs=int(epochs))
-    wrong = {LABELS.get(key, key): message for key, message in {**problems(config), **problems(train)}.items()}
-    try:
-        parse_arms(arm_lines, config.baseline)
-        exp = experiment_dir(run_dir, config.name)
-    except SettingsError as exc:
-        wrong["Arms and name"] = common.one_line_error(exc)
+    wrong = experiment_problems(run_dir, config, train, run_model(run))
+    start = st.button("Start experiment", type="primary", key="exp_start", disabled=bool(wrong))
     if wrong:
-        st.error("**Not started:**\n" + "\n".join(f"- **{label}**: {common.md(m)}" for label, m in wrong.items()))
+        st.warning("**Start is disabled until these are fixed:**\n" + "\n".join(f"- **{label}**: {common.md(m)}" for label, m in wrong.items()))
+    if not start or wrong:
         return
+    exp = experiment_dir(run_dir, config.name)
     try:
         config = dataclasses.replace(config, arm=freeze_current(run, exp.name, arm_lines))
     except (SettingsError, SelectionError) as exc:
@@ -263,7 +284,23 @@ def start_form(run: Run, taken: list[str]) -> None:
     argv = [sys.executable, "-m", "threeds", "experiment", "--run", str(run_dir), *to_argv(config), *to_argv(train)]
     if start_background(argv, exp):
         st.session_state["outcomes_next"] = exp.name  # the picker is drawn: set it on the next run
-        st.rerun()
+        st.rerun(scope="app")
+
+
+def experiment_problems(run_dir: Path, config: ExperimentConfig, train: TrainConfig, model: str | None) -> dict[str, str]:
+    """What `threeds experiment` would refuse in these settings (label -> one line); empty when none."""
+    found = {LABELS.get(key, key): message for key, message in {**problems(config), **problems(train)}.items()}
+    try:
+        parse_arms(config.arm, config.baseline)
+        experiment_dir(run_dir, config.name)
+    except SettingsError as exc:
+        found["Arms and name"] = common.one_line_error(exc)
+    from threeds.model.load import model_problem  # torch: only when the form is drawn
+
+    problem = model_problem(model)
+    if problem:
+        found["Model"] = f"the run's model: {problem}"
+    return found
 
 
 outcomes_page()

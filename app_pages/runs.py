@@ -69,11 +69,23 @@ def run_table(names: list[str]) -> None:
             {
                 "run": name,
                 **{f: (path / f).exists() for f in STAGE_FILES},
-                "state": job_state(read_status(path), job_running(path)).replace("unknown", ""),
+                "state": state_words(read_status(path), job_running(path)),
                 "stage": progress.get("stage", ""),
             }
         )
     st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+
+
+STATE_WORDS = {"running": "running", "done": "done", "done_with_failures": "done with failures", "failed": "failed",
+               "stopped": "stopped by the user", "killed": "ended without saying how (killed?)", "unknown": ""}  # fmt: skip
+
+
+def state_words(status: dict | None, running: bool) -> str:
+    """How the run ended, in words for the run list (an empty selection is done, with nothing selected)."""
+    state = job_state(status, running)
+    if state == "done" and (status or {}).get("exit_code"):
+        return "done, nothing selected"
+    return STATE_WORDS.get(state, state)
 
 
 def show_run(run) -> None:
@@ -144,6 +156,8 @@ def outcome(run_dir: Path, state: str, job: dict | None, finished: bool) -> None
         counts = failure_counts(status.get("failures") or {}) or "some records failed"
         c2.warning(f"Done with failures (exit code {status.get('exit_code')}): {counts}. Retry runs the same command "
                    "again and asks the failed records only.")  # fmt: skip
+        if status.get("retry_error"):
+            st.warning(f"The last retry stopped before it fixed them: {common.md(status['retry_error'])}")
         failed_records(status.get("failures") or {})
     elif state == "failed":
         c2.error(f"Failed (exit code {status.get('exit_code')}): {status.get('error') or 'see the log'}")

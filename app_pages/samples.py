@@ -102,16 +102,33 @@ def main() -> None:
     table_view(run, table_of(run, common.key_of(run), (dataclasses.astuple(chosen.config), made), chosen, flags, flags is not None))
 
 
+def valid_state(options: dict[str, list[str]]) -> None:
+    """The filters and sort as a link or the session left them, kept to the options the page offers
+    (a hand-edited link's unknown value is dropped; an absent one takes the default: every verdict,
+    no reason or flag, pick rank)."""
+    defaults = {"samples_verdict": list(VERDICTS), "samples_reason": [], "samples_flags": [], "samples_sort": next(iter(SORTS))}
+    for key, allowed in options.items():
+        value = st.session_state.get(key, defaults[key])
+        if isinstance(defaults[key], list):
+            st.session_state[key] = [v for v in value if v in allowed] if isinstance(value, list) else defaults[key]
+        else:
+            st.session_state[key] = value if value in allowed else defaults[key]
+
+
 @st.fragment
 def table_view(run: Run, table: pd.DataFrame) -> None:
     """Filters, search, sort and the table: a fragment, since none of them changes the selection, so
     a keystroke in the search reruns only this part of the page."""
-    c1, c2, c3, c4, c5 = st.columns([2, 3, 2, 3, 2])
-    verdicts = c1.multiselect("Verdict", VERDICTS, default=list(VERDICTS), key="samples_verdict")
-    reasons = c2.multiselect("Why contains any of", reason_kinds(), key="samples_reason")
-    flags = c3.multiselect("A' flagged", list(ANSWER_FLAG_NAMES.values()), key="samples_flags", help="the model's own answer hit max-new-tokens, repeats itself or is empty (Difficulty page: counts and the rule that drops them)")
+    c1, c2, c3 = st.columns([4, 5, 3])  # wide enough that a verdict chip reads whole ("not picked", not "pic...")
+    c4, c5 = st.columns([4, 2])
+    options = {"samples_verdict": list(VERDICTS), "samples_reason": reason_kinds(), "samples_flags": list(ANSWER_FLAG_NAMES.values()),
+               "samples_sort": list(SORTS)}  # fmt: skip
+    valid_state(options)
+    verdicts = c1.multiselect("Verdict", VERDICTS, key="samples_verdict")
+    reasons = c2.multiselect("Why contains any of", options["samples_reason"], key="samples_reason")
+    flags = c3.multiselect("A' flagged", options["samples_flags"], key="samples_flags", help="the model's own answer hit max-new-tokens, repeats itself or is empty (Difficulty page: counts and the rule that drops them)")
     query = c4.text_input("Search instruction, A and A'", key="samples_query", placeholder="words…")
-    sort = c5.selectbox("Sort by", list(SORTS), key="samples_sort")
+    sort = c5.selectbox("Sort by", options["samples_sort"], key="samples_sort")
     rows = filtered_rows(run, table, verdicts, reasons, flags, query)
     pages = max(1, -(-len(rows) // SHOWN))
     if st.session_state.get("samples_page", 1) > pages:  # fewer rows match now: the last page
@@ -134,8 +151,8 @@ def table_view(run: Run, table: pd.DataFrame) -> None:
         on_select="rerun", selection_mode="single-row",
         column_config={
             "pick": st.column_config.TextColumn("pick #"), "quality": number(format="%g"),
-            "why": st.column_config.TextColumn(width="medium"),
-            "in plain words": st.column_config.TextColumn(width="medium", help="what the why means for the sample as training data"),
+            "why": st.column_config.TextColumn(width="large"),  # the meaning: read whole, not cut at ~25 characters
+            "in plain words": st.column_config.TextColumn(width="large", help="what the why means for the sample as training data"),
             **{METRIC_NAMES[m]: number(format="%.4g") for m in METRICS},
             **{f"{METRIC_NAMES[m]} %": number(format="%.1f", help="percentile rank among the samples kept by quality") for m in METRICS},
         },

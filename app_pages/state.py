@@ -19,8 +19,9 @@ requirements.txt pins the versions that have it and tests/test_app.py checks it 
 otherwise: while a slider is dragged the browser sends reruns that still carry the previous query
 string, and reading those would move it back. Selection settings use SelectConfig's field names
 and only appear when they differ from its defaults, so `?run=demo&quality_threshold=90&conf_up=80`
-is a complete link. The view goes in too: the inspector's `id`, the Samples `search`, and a `brush`
-(its rows as a deflated bit mask, a few dozen characters for a run of thousands) with its label.
+is a complete link. The view goes in too: the inspector's `id`, the Samples `search`, filters
+(`verdict`, `why`, `flags`) and `sort`, the Difficulty page's log x (`logx`), and a `brush` (its rows
+as a deflated bit mask, a few dozen characters for a run of thousands) with its label.
 """
 
 from __future__ import annotations
@@ -39,19 +40,23 @@ from streamlit.runtime.scriptrunner import get_script_run_ctx
 from threeds.config import FilterConfig, SelectConfig, format_value
 from threeds.errors import SettingsError
 from threeds.names import METRICS, SHORT_NAMES
-from threeds.selection.apply import SelectionError, load_preset, save_preset
+from threeds.selection.apply import VERDICTS, SelectionError, load_preset, save_preset
 
 SELECTION = "selection"  # the current SelectConfig
 # Other widget keys that must survive page switches: Streamlit drops a widget's state when a page
 # without that widget runs, unless the key is re-assigned on every run (its documented workaround).
-PERSISTENT = ("run_name", "inspect_id", "ins_ppl_log", "inspect_atten", "samples_query")
+PERSISTENT = ("run_name", "inspect_id", "ins_ppl_log", "inspect_atten", "samples_query", "samples_verdict", "samples_reason",
+              "samples_flags", "samples_sort")  # fmt: skip
 FIELDS = {f.name: f for f in dataclasses.fields(SelectConfig)}
 BAND_FIELDS = {"low_th", "up_th", *(f"{SHORT_NAMES[m]}_{end}" for m in METRICS for end in ("low", "up"))}
 WRITTEN = "url_written"  # the query string this session wrote last
 PAGE = "url_page"  # the page of the previous run
 PENDING = "url_settings"  # settings read from a link, applied once the run is open
 PENDING_BRUSH = "url_brush"  # a brush read from a link (None: none), applied once the run is open
-VIEW = ("id", "search", "brush", "brush_label")  # what the URL holds besides the run and the selection
+# The Samples page's filters and sort: URL name -> widget key (lists joined by ","; the sort a name).
+SAMPLES_VIEW = {"verdict": "samples_verdict", "why": "samples_reason", "flags": "samples_flags", "sort": "samples_sort"}
+SAMPLES_DEFAULTS = {"verdict": ",".join(VERDICTS), "sort": "pick rank"}  # left out of the URL
+VIEW = ("id", "search", *SAMPLES_VIEW, "logx", "brush", "brush_label")  # what the URL holds besides the run and the selection
 
 
 def default_selection() -> SelectConfig:
@@ -210,6 +215,12 @@ def view(page_path: str, inspector_path: str) -> dict[str, str]:
         found["id"] = st.session_state.get("inspect_id") or ""
     if page_path == "samples":
         found["search"] = st.session_state.get("samples_query") or ""
+        for name, key in SAMPLES_VIEW.items():
+            value = st.session_state.get(key)
+            text = ",".join(value) if isinstance(value, list) else value or ""
+            found[name] = "" if text == SAMPLES_DEFAULTS.get(name) else text
+    if page_path == "difficulty" and st.session_state.get("ins_ppl_log"):
+        found["logx"] = "1"
     return found
 
 
@@ -220,12 +231,26 @@ def encode_rows(rows: np.ndarray) -> str:
     return base64.urlsafe_b64encode(zlib.compress(np.packbits(mask).tobytes(), 9)).decode("ascii").rstrip("=")
 
 
-def decode_rows(text: str) -> np.ndarray:
-    """The rows `encode_rows` wrote; SelectionError when the text is not one of its outputs."""
+MAX_BRUSH_ROWS = 2**22  # 4.2M rows, past the paper's 1.9M: 512 KiB unpacked, 32 MiB of row numbers at most
+
+
+def decode_rows(text: str, max_rows: int = MAX_BRUSH_ROWS) -> np.ndarray:
+    """The rows `encode_rows` wrote; SelectionError when the text is not one of its outputs or names a
+    row past `max_rows`. Inflated with a bound: deflate packs 1,000 to 1, so an 11 KB link would
+    otherwise unpack to gigabytes of row numbers."""
+    limit = max_rows // 8 + 1
+    bad = SelectionError(f"link setting brush={text[:20]!r} is not a brush this app wrote")
+    if len(text) > 2 * limit:  # base64 of a deflated mask is never longer
+        raise bad
     try:
-        packed = zlib.decompress(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
+        inflate = zlib.decompressobj()
+        packed = inflate.decompress(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)), limit)
     except (binascii.Error, zlib.error, ValueError):
-        raise SelectionError(f"link setting brush={text[:20]!r} is not a brush this app wrote") from None
+        raise bad from None
+    if inflate.unconsumed_tail or len(packed) == limit:
+        raise SelectionError(f"link setting brush={text[:20]!r} names rows past {max_rows:,}, more than any run here holds")
+    if not inflate.eof:  # cut short
+        raise bad
     return np.flatnonzero(np.unpackbits(np.frombuffer(packed, dtype=np.uint8))).astype(np.int64)
 
 
@@ -267,6 +292,12 @@ def read_url(run_names: list[str], page_path: str) -> None:
     if params.get("id"):
         st.session_state["inspect_id"] = params["id"]
     st.session_state["samples_query"] = params.get("search", "")
+    for name, key in SAMPLES_VIEW.items():  # checked against the page's options when it draws them
+        if name in params:
+            st.session_state[key] = params[name] if name == "sort" else [v for v in params[name].split(",") if v]
+        else:
+            st.session_state.pop(key, None)
+    st.session_state["ins_ppl_log"] = params.get("logx") == "1"
     read_brush(params)
 
 

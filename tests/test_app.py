@@ -1008,12 +1008,11 @@ def test_outcomes_page_shows_an_experiment_and_starts_one(demo, monkeypatch):
                                                 "a=preset:second-current", "--arm", "b=random:50", "--limit", "200",
                                                 "--prompt-format", "letters", "--batch-size", "2"]  # fmt: skip
     assert load_preset(demo, "second-current").sample_num == 3
-    at.text_area(key="exp_arms").set_value("a=random:same")
-    at.button(key="exp_start").click().run()
-    assert "cannot be first" in texts(at.error) and len(started) == 1
+    at.text_area(key="exp_arms").set_value("a=random:same").run()  # checked as it is typed: Start is off, saying why
+    assert at.button(key="exp_start").disabled and "cannot be first" in texts(at.warning) and len(started) == 1
     at.text_area(key="exp_arms").set_value("a=current")
     at.number_input(key="exp_batch").set_value(0)
-    at.number_input(key="exp_seeds").set_value(-1)
-    at.button(key="exp_start").click().run()  # the ranges are the config's, as on the command line
-    assert "**Seeds**: must be at least 1" in texts(at.error) and "**Batch size**: must be at least 1" in texts(at.error)
+    at.number_input(key="exp_seeds").set_value(-1).run()  # the ranges are the config's, as on the command line
+    assert "**Seeds**: must be at least 1" in texts(at.warning) and "**Batch size**: must be at least 1" in texts(at.warning)
+    assert at.button(key="exp_start").disabled
     assert len(started) == 1 and at.selectbox(key="exp_bench").options == ["mmlu-medical", "pubmedqa"]

@@ -46,6 +46,9 @@ pytestmark = [
 
 
 def free_port() -> int:
+    """THREEDS_BROWSER_PORT when set (sessions sharing a machine keep to their own ports), else a free one."""
+    if os.environ.get("THREEDS_BROWSER_PORT"):
+        return int(os.environ["THREEDS_BROWSER_PORT"])
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -313,9 +316,9 @@ def type_into(driver, label: str, text: str, kind: str = "stTextInput") -> None:
 
 
 def test_a_run_started_on_the_page_updates_live_and_ends_failed(server, browser, tmp_path, shots):
-    """Start a run from the form (Stage 1 and A' from a slow fake server, a model path that does not
-    exist for Stage 2): the same page shows the counts and progress moving and then the failure,
-    with no reload."""
+    """Start a run from the form (Stage 1 and A' from a slow fake server, for Stage 2 a model folder
+    whose weights are broken, which only loading finds): the same page shows the counts and progress
+    moving and then the failure, with no reload. A model path that does not exist keeps Start off."""
     from fake_openai_server import FakeOpenAIServer
 
     url, _ = server
@@ -324,6 +327,10 @@ def test_a_run_started_on_the_page_updates_live_and_ends_failed(server, browser,
     rows = [{"id": f"q{i}", "instruction": f"Question {i} [[q{i};sleep={1.2 * i}]]: why do I cough at night?",
              "output": "Often postnasal drip or asthma."} for i in range(6)]  # fmt: skip
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "llama"}')
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
 
     def reply(content: str) -> str:
         return "Score: 90" if "Reply with the number only" in content else "Rest and fluids."
@@ -338,6 +345,8 @@ def test_a_run_started_on_the_page_updates_live_and_ends_failed(server, browser,
         idle(d)
         type_into(d, "Run name", "live")
         type_into(d, "Model", str(tmp_path / "no-such-model"))
+        wait_for(d, lambda d: "Model: no such file or directory" in body_text(d), "the model checked before the run starts")
+        type_into(d, "Model", str(broken))
         pick_radio(d, "Stage 1 rating", "openai")
         type_into(d, "OpenAI-compatible base URL", fake.base_url)
         type_into(d, "Band low %", "80", kind="stNumberInput")  # above the high end: Start says why it is off
@@ -359,7 +368,7 @@ def test_a_run_started_on_the_page_updates_live_and_ends_failed(server, browser,
             counts.add(metrics(d).get("rated (Stage 1)"))
             time.sleep(0.3)
     text = body_text(d)
-    assert "Failed (exit code 1)" in text and "no-such-model" in text, text[-2000:]
+    assert "Failed (exit code 1)" in text and "broken-model" in text, text[-2000:]
     assert d.execute_script("return window.notReloaded === true")  # all of it on the page that started it
     rated = sorted(s for s in seen if s.startswith("rate:"))
     assert len(rated) >= 2 and "rate: 6 / 6 records" not in rated[:1], seen  # counts moved while it ran
@@ -610,3 +619,41 @@ def test_outcomes_page_shows_the_experiment_and_an_item_on_click(server, browser
     idle(d)
     shot(d, shots, "outcomes_item")
     assert not outside(requested_urls(d)), "the app fetched something from the internet"
+
+
+def test_retry_that_fixes_nothing_and_a_pasted_samples_link(server, browser, tmp_path):
+    """Retry on a run done with failures whose retry stops again (its input is gone) keeps the amber
+    state and the failed records and says why; a pasted Samples link with a verdict filter and a sort
+    shows the rows it names."""
+    from threeds.rundir.progress import write_status
+
+    url, cache = server
+    d = browser
+    run_dir = cache / "retry"
+    make_run(run_dir, n=20, n_dropped=4)
+    failures = {"rate": {"failed": 1, "total": 24, "log": str(run_dir / "ratings.jsonl"), "first": [{"id": "s000002", "error": "no score"}]}}
+    write_status(run_dir, "done_with_failures", exit_code=3, error="done with failures: 1 of 24 ratings failed", failures=failures)
+    gone = tmp_path / "gone.jsonl"
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    argv = [sys.executable, "-m", "threeds", "run", "--data", str(gone), "--out", str(run_dir)]
+    (run_dir / layout.JOB).write_text(json.dumps({"pid": int(ended.stdout), "argv": argv, "started": time.time()}))
+    d.get(f"{url}/?run=retry")
+    wait_for(d, lambda d: "Done with failures (exit code 3)" in body_text(d), "the amber state")
+    next(b for b in d.find_elements("css selector", "button") if b.text.strip() == "Retry failed").click()
+    wait_for(d, lambda d: "The last retry stopped before it fixed them" in body_text(d), "why the retry stopped")
+    text = body_text(d)
+    assert "Done with failures (exit code 3)" in text and str(gone) in text and "Failed (exit code" not in text
+    assert "All 1 failed records of rate" in text and "Retry failed" in text
+
+    d.get(f"{url}/samples?run=demo")
+    wait_for(d, lambda d: "samples match" in body_text(d), "the Samples table")
+    every = int(body_text(d).split(" samples match")[0].split(" of ")[-1].replace(",", ""))
+    d.get(f"{url}/samples?run=demo&verdict=picked&sort=quality")  # a new session, as a pasted link
+    wait_for(d, lambda d: "samples match" in body_text(d), "the linked Samples table")
+    idle(d)
+    caption = next(line for line in body_text(d).splitlines() if "samples match" in line)
+    shown = int(caption.split(" of ")[0].replace(",", ""))
+    assert 0 < shown < every, caption
+    assert "verdict=picked" in d.current_url and "sort=quality" in d.current_url
+    go(d, "Export")
+    assert metric(d, "selected samples") == f"{shown:,}"  # the picked rows are the selection's

@@ -71,7 +71,9 @@ def test_same_seed_same_loss_log_and_adapter_and_files(tokenizer, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ids = json.loads((tmp_path / "a" / "ids.json").read_text())
     assert ids["seed"] == 0 and ids["ids"] == [f"r{i}" for i in range(7)]
-    assert sorted(ids["order"][:7]) == ids["ids"] and sorted(ids["order"][7:]) == ids["ids"] and ids["order"][:7] != ids["ids"]
+    assert sorted(ids["order"]) == ids["ids"] and ids["order"] != ids["ids"] and ids["epochs"] == 2  # the first epoch's shuffle
+    plan = step_plan(7, SMALL)
+    assert ids["order"] == [f"r{i}" for step in range(2) for i in plan[step]] and sorted(plan[2] + plan[3]) == list(range(7))
     assert first["finished"] and first["steps"] == 4 and not list((tmp_path / "a").glob("checkpoint*"))
     other = run(tokenizer, records, tmp_path / "c", TrainConfig(**{**SMALL.__dict__, "seed": 1}))
     assert train.loss_rows(tmp_path / "c") != rows and other["steps"] == 4

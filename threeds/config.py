@@ -454,7 +454,8 @@ class TrainConfig:
     weight_decay: float = setting(0.0, "AdamW weight decay (default: 0)", low=0)
     max_grad_norm: float = setting(1.0, "clip the gradient to this norm; 0 = no clipping (default: 1)", low=0)
     cutoff: int = setting(1024, "truncate each templated prompt+response to this many tokens (default: 1024, as in the paper)", low=2)
-    seed: int = setting(0, "seed of the LoRA initialisation and the order of the records (default: 0)", low=0)
+    seed: int = setting(0, "seed of the LoRA initialisation and the order of the records (default: 0)", low=0,
+                        high=2**63 - 1)  # torch.manual_seed takes 64 bits
     save_steps: int = setting(20, "save a checkpoint (adapter + optimizer) every this many optimizer steps; a killed "
                               "training resumes from the last one (default: 20)", low=1)  # fmt: skip
     dtype: str = setting("auto", "precision of the base model: auto = float32 on CPU, bfloat16 on a GPU; the LoRA "
@@ -477,7 +478,7 @@ class ExperimentConfig:
     model: str | None = setting(None, "base model trained and evaluated (default: the run's target model, from its "
                                 "manifest): a local directory, a hub id or a .gguf file", kind=str)  # fmt: skip
     seeds: int = setting(1, "seeds per arm (0..K-1): each one a training with its own LoRA initialisation, order and "
-                         "random subset; the statistics average an item's result over the seeds (default: 1)", low=1)  # fmt: skip
+                         "random subset; the statistics average an item's result over the seeds (default: 1)", low=1, high=1000)  # fmt: skip
     bench: str = setting("mmlu-medical", "evaluation set: mmlu-medical, pubmedqa or a file (default: mmlu-medical)")
     limit: int | None = setting(None, "only N items of the evaluation set, spread evenly over it (default: all)", kind=int, low=1)
     shots: int = setting(0, "examples from the set's dev split put before each question (default: 0)", low=0)

@@ -29,10 +29,11 @@ def main(args: argparse.Namespace) -> int:
     # torch and transformers: not for `threeds --help`
     from threeds.model.load import load_model
     from threeds.outcomes.benchsets import load_bench
-    from threeds.outcomes.evaluate import evaluate
+    from threeds.outcomes.evaluate import check_shots, evaluate
 
     config, spec = from_args(EvalConfig, args), from_args(ModelConfig, args)
-    bench = load_bench(config.bench, config.limit)  # a bad set fails before the model loads
+    bench = load_bench(config.bench, config.limit)  # a bad set, or too few dev items for --shots, fails before the model loads
+    check_shots(bench, config.shots)
     model, tokenizer = load_model(spec.model, config.adapter, spec.dtype)
     summary = evaluate(model, tokenizer, bench, args.out, config, spec, progress=True, overwrite=args.overwrite)
     print(json.dumps(summary, indent=2, ensure_ascii=False))

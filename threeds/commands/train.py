@@ -9,6 +9,7 @@ from pathlib import Path
 
 from threeds.config import ModelConfig, TrainConfig, add_arguments, from_args
 from threeds.errors import ThreedsError
+from threeds.io.data import loads_bounded, read_text
 from threeds.io.lock import locked
 from threeds.outcomes.arms import Arm, ArmSource
 
@@ -45,12 +46,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def read_ids(path: Path) -> list[str]:
-    """Ids from a JSON list (strings or records with an `id`) or a text file with one id per line."""
-    text = path.read_text(encoding="utf-8")
+    """Ids from a JSON list (strings or records with an `id`) or a text file with one id per line, read
+    within the data reader's bounds (a FIFO or a device is refused, not waited on); an id given twice
+    is refused (it would be trained on twice)."""
+    text = read_text(path)
     try:
-        value = json.loads(text)
+        value = loads_bounded(text)
     except json.JSONDecodeError:
-        return [line.strip() for line in text.splitlines() if line.strip()]
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        return _unique(path, lines, "line")
+    except ValueError as exc:  # nested past the bound
+        raise ThreedsError(str(exc), path=path) from None
     if isinstance(value, dict) and isinstance(value.get("selected_ids"), list):
         value = value["selected_ids"]
     if not isinstance(value, list):
@@ -59,6 +65,16 @@ def read_ids(path: Path) -> list[str]:
     bad = next((i for i, v in enumerate(ids) if not isinstance(v, str)), None)
     if bad is not None:
         raise ThreedsError("neither an id string nor a record with an id", path=path, where=f"item {bad + 1}")
+    return _unique(path, ids, "item")
+
+
+def _unique(path: Path, ids: list[str], unit: str) -> list[str]:
+    first: dict[str, int] = {}
+    for number, value in enumerate(ids, start=1):
+        if value in first:
+            raise ThreedsError(f"id {value!r} again (first at {unit} {first[value]}): each record is trained on once "
+                               "per epoch", path=path, where=f"{unit} {number}")  # fmt: skip
+        first[value] = number
     return ids
 
 

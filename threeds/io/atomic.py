@@ -37,6 +37,19 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[Any]], object], mo
         raise
 
 
+def follow_umask(folder: str | os.PathLike) -> None:
+    """Give `folder` and everything in it the modes plain mkdir/open would (0755/0644 under umask 022):
+    tempfile.mkdtemp makes a folder 0700 and safetensors writes its files 0600, so a model cache or
+    an adapter shared with a trainer or a server in another account could not be read."""
+    mask = current_umask()
+    for root, dirs, files in os.walk(folder):
+        os.chmod(root, 0o777 & ~mask)
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~mask)
+
+
 def current_umask() -> int:
     """The process's umask, read without changing it where Linux shows it (/proc), else set and restored."""
     try:

@@ -466,20 +466,20 @@ def _surrogate_problem(rec: dict, where: str) -> tuple[str, str] | None:
     """(field, reason) for the first field holding a lone surrogate (JSON's "\\ud800" alone): not
     Unicode, so no tokenizer or UTF-8 file can take it; None when there is none."""
     for field, value in rec.items():
-        found = _lone_surrogate(value)
+        found = lone_surrogate(value)
         if found is not None:
             return field, f"{where}: lone surrogate U+{ord(found):04X} (half of a UTF-16 pair, not a character)"
     return None
 
 
-def _lone_surrogate(value: Any) -> str | None:
+def lone_surrogate(value: Any) -> str | None:
     if isinstance(value, str):
         match = None if value.isascii() else _SURROGATE.search(value)
         return match.group() if match else None
     if isinstance(value, dict):
         value = [*value.keys(), *value.values()]
     if isinstance(value, list):
-        return next((found for item in value if (found := _lone_surrogate(item)) is not None), None)
+        return next((found for item in value if (found := lone_surrogate(item)) is not None), None)
     return None
 
 

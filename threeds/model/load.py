@@ -32,6 +32,7 @@ from transformers import (
 )
 
 from threeds.errors import ThreedsError, first_line
+from threeds.io.atomic import follow_umask
 from threeds.model.lora import merge_adapter
 
 log = logging.getLogger(__name__)
@@ -118,6 +119,7 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
     try:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        follow_umask(tmp)
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -213,6 +215,44 @@ def hub_source(spec: str) -> str:
                          f"({first_line(exc)}) nor a copy in the local Hugging Face cache: pass a local directory") from exc  # fmt: skip
     return spec
 
+
+
+def model_problem(spec: str | os.PathLike | None) -> str | None:
+    """Why `spec` would not load, found from the files alone (no weights read, no network, no GGUF
+    conversion): for a form, before it starts a run. None when it is the embedded model, a model
+    directory, a GGUF file or a hub id in the local Hugging Face cache; an id the run would have to
+    download is named, since a background run on a machine without network fails on it later."""
+    if spec is None or not str(spec).strip():
+        return None
+    path = Path(spec).expanduser()
+    try:
+        if path.is_dir():
+            check_model_dir(path, spec)
+        elif path.exists() or path.suffix.lower() == ".gguf":
+            check_gguf(path, spec)
+        else:
+            cached_hub_dir(str(spec))
+    except (ModelError, OSError) as exc:
+        return first_line(exc)
+    return None
+
+
+def cached_hub_dir(spec: str) -> str:
+    """The local snapshot of hub id `spec` (checked like a model directory); ModelError when it is not
+    an id or not in the local cache."""
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(spec)
+    except HFValidationError:
+        raise ModelError(f"--model {spec}: no such file or directory") from None
+    cached = try_to_load_from_cache(spec, "config.json")
+    if not isinstance(cached, str):
+        raise ModelError(f"--model {spec}: no such file or directory, nor a hub id in the local Hugging Face cache; "
+                         "pass a local directory or a .gguf file")  # fmt: skip
+    return check_model_dir(Path(cached).parent, spec)
 
 
 def model_label(spec: str | os.PathLike | None) -> str:

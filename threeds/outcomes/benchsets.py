@@ -13,13 +13,17 @@ other 500 labelled items are its dev set), or a file:
   them) are dropped.
 
 A file that cannot be scored as a whole (bad syntax, an answer not among the options, a duplicate
-id, fewer than two options) raises one `DataError` naming the file and the item; nothing is kept.
+id, fewer than two options, no item at all) raises one `DataError` naming the file and the item;
+nothing is kept. Files are read within `LIMITS` (the data reader's bounds: a regular file, its size,
+a line's length, JSON nesting), and an item's text within `MAX_ITEM_CHARS`, so a hostile file
+costs seconds and bounded memory.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import os
 from dataclasses import dataclass, field
@@ -27,13 +31,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from threeds.io.data import DataError
+from threeds.io.data import DataError, Limits, lone_surrogate, loads_bounded, read_text
 
 BUNDLED = ("mmlu-medical", "pubmedqa")
 PUBMEDQA_CHOICES = ["yes", "no", "maybe"]
 PUBMEDQA_LABELLED, PUBMEDQA_TEST = "ori_pqal.json", "test_ground_truth.json"  # the release's labelled set and its test split
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 _SPLITS = ("_test", "_dev", "_val")
+LIMITS = Limits(max_bytes=256 * 2**20, max_line=2**20)  # MMLU's largest file is 0.3 MB, CMB's 30 MB
+MAX_ITEM_CHARS = 200_000  # question, context and options together: past any context a model here holds
 
 
 @dataclass(frozen=True)
@@ -72,9 +78,11 @@ def load_bench(spec: str | os.PathLike, limit: int | None = None) -> Bench:
         bench = _pubmedqa_bundled()
     else:
         path = Path(spec)
-        if not path.is_file():
+        if not path.exists():
             raise DataError(f"--bench {spec}: neither one of {', '.join(BUNDLED)} nor an existing file")
         bench = Bench(path.stem, read_bench_file(path))
+        if not bench.items:
+            raise DataError(f"{path}: no items (the file is empty); expected questions with options and an answer")
     _check_unique(spec, bench.items)
     return Bench(bench.name, spread(bench.items, limit), bench.dev)
 
@@ -135,8 +143,15 @@ def read_mmlu_csv(path: Path) -> list[BenchItem]:
     for split in _SPLITS:
         subject = subject.removesuffix(split)
     items = []
-    for number, row in enumerate(csv.reader(io.StringIO(_text(path), newline="")), start=1):
+    rows = csv.reader(io.StringIO(_text(path), newline=""))
+    for number in itertools.count(1):
         where = f"row {number}"
+        try:
+            row = next(rows)
+        except StopIteration:
+            break
+        except csv.Error as exc:  # a cell past LIMITS.max_line (csv's field size limit), a stray NUL
+            raise DataError(f"{path}: {where}: invalid CSV: {exc}") from None
         if len(row) < 4:
             raise DataError(f"{path}: {where}: expected question, at least two options and an answer letter, "
                             f"got {len(row)} fields")  # fmt: skip
@@ -179,6 +194,12 @@ def _item(path: Path, where: str, item_id: str, question: Any, options: Any, ans
     """A checked item; `options` a list or a dict keyed by letter, `answer` a letter, index or option text."""
     if not isinstance(question, str) or not question.strip():
         raise DataError(f"{path}: {where}: no question text")
+    texts = [question, context, *(options.values() if isinstance(options, dict) else options if isinstance(options, list) else [])]
+    if sum(len(t) for t in texts if isinstance(t, str)) > MAX_ITEM_CHARS:
+        raise DataError(f"{path}: {where}: more than {MAX_ITEM_CHARS:,} characters of question, context and options")
+    bad = lone_surrogate([item_id, subject, *texts])
+    if bad is not None:
+        raise DataError(f"{path}: {where}: lone surrogate U+{ord(bad):04X} (half of a UTF-16 pair, not a character)")
     if isinstance(options, dict) and all(isinstance(v, str) for v in options.values()):
         kept = [(str(k), v) for k, v in options.items() if v.strip()]  # CMB pads with empty options
         keys, choices = [k for k, _ in kept], [v for _, v in kept]
@@ -220,26 +241,32 @@ def _check_unique(spec: Any, items: list[BenchItem]) -> None:
 
 
 def _text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text (byte {exc.start})") from exc
+    """The file's text within LIMITS (a FIFO or a device refused before it is read)."""
+    csv.field_size_limit(LIMITS.max_line)
+    return read_text(path, LIMITS)
 
 
 def _json(path: Path) -> Any:
+    text = _text(path)
     try:
-        return json.loads(_text(path))
+        return loads_bounded(text, LIMITS.max_depth)
     except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: line {exc.lineno}: invalid JSON: {exc.msg}") from exc
+        raise DataError(f"{path}: line {exc.lineno}: invalid JSON: {exc.msg}") from None
+    except ValueError as exc:  # nested past the limit
+        raise DataError(f"{path}: {exc}") from None
 
 
 def _jsonl_rows(path: Path) -> list[tuple[str, Any]]:
     rows = []
-    for number, line in enumerate(_text(path).splitlines(), start=1):
+    for number, line in enumerate(_text(path).split("\n"), start=1):
         if not line.strip():
             continue
+        if len(line) > LIMITS.max_line:
+            raise DataError(f"{path}: line {number}: longer than {LIMITS.max_line // 2**20} MB")
         try:
-            rows.append((f"line {number}", json.loads(line)))
+            rows.append((f"line {number}", loads_bounded(line, LIMITS.max_depth)))
         except json.JSONDecodeError as exc:
-            raise DataError(f"{path}: line {number}: invalid JSON: {exc.msg}") from exc
+            raise DataError(f"{path}: line {number}: invalid JSON: {exc.msg}") from None
+        except ValueError as exc:
+            raise DataError(f"{path}: line {number}: {exc}") from None
     return rows

@@ -34,6 +34,8 @@ Files in `out`: `config.json` (what the rows depend on; a rerun with other setti
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 from collections import Counter
@@ -41,7 +43,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from threeds.errors import SettingsError, ThreedsError
-from threeds.io.data import append_jsonl, read_jsonl, write_json, write_jsonl
+from threeds.io.data import DataError, append_jsonl, read_jsonl, write_json, write_jsonl
 from threeds.io.lock import locked
 from threeds.config import EvalConfig, ModelConfig, check_settings
 from threeds.model.load import model_label
@@ -59,7 +61,17 @@ class EvalSettingsError(ThreedsError):
     """The output folder holds an evaluation made with other settings."""
 
 
+class NonFiniteError(ThreedsError):
+    """The model gave a NaN or infinite log-probability: there is no answer to record."""
+
+
 # --------------------------------------------------------------------------- prompts
+
+
+def check_shots(bench: Bench, k: int) -> None:
+    """SettingsError when `bench` has fewer dev items than K shots ask for (checked before any model loads)."""
+    if k > len(bench.dev):
+        raise SettingsError(f"--shots {k}: the set {bench.name} has only {len(bench.dev)} dev items")
 
 
 def shots_for(item: BenchItem, dev: list[BenchItem], k: int) -> list[BenchItem]:
@@ -135,7 +147,12 @@ def resolve_format(tokenizer, fmt: str) -> str:
 
 
 def item_row(item: BenchItem, prompt: str, continuations: list[str], logprobs: list[float], seconds: float) -> dict:
-    """One items.jsonl row."""
+    """One items.jsonl row; NonFiniteError when a log-probability is NaN or infinite (no answer is made of it)."""
+    bad = next((j for j, lp in enumerate(logprobs) if not isinstance(lp, (int, float)) or not math.isfinite(lp)), None)
+    if bad is not None:
+        raise NonFiniteError(f"item {item.id}: the model gave choice {LETTERS[bad] if bad < len(LETTERS) else bad + 1} "
+                             f"a log-probability of {logprobs[bad]}: its weights (or the adapter's) hold NaN or inf, "
+                             "as a training that diverged leaves them; no answer is recorded for it")  # fmt: skip
     norm = [lp / max(1, len(c.removeprefix(" "))) for lp, c in zip(logprobs, continuations, strict=True)]
     top = max(norm)
     weights = [math.exp(v - top) for v in norm]
@@ -201,9 +218,10 @@ def evaluate(
                 "shots": shots, "template": template, "system": system}  # fmt: skip
     rendered = {item.id: render(item, fmt, shots_for(item, bench.dev, shots), chat) for item in bench.items}
     with locked(out):
-        done = _resume(out, settings, rendered, overwrite)
+        done = _resume(out, settings, rendered, {item.id: item for item in bench.items}, overwrite)
         todo = [item for item in bench.items if item.id not in done]
         requests = [encode(tokenizer, *rendered[item.id], fmt) for item in todo]
+        check_context(bench.name, todo, requests, getattr(model.config, "max_position_embeddings", None))
         tick, close = _progress(progress, len(bench.items) - len(todo), len(bench.items))
 
         def save(finished: dict[int, list[float]], seconds: float) -> None:
@@ -240,8 +258,45 @@ def _prefix_groups(items: list[BenchItem], shots: int) -> list[list[int]]:
     return list(groups.values())
 
 
-def _resume(out: Path, settings: dict, rendered: dict[str, tuple[str, list[str]]], overwrite: bool) -> dict[str, dict]:
-    """The rows already scored with these settings, by id; refuses a folder made with others."""
+def check_context(name: str, items: list[BenchItem], requests: list[Request], context: int | None) -> None:
+    """DataError naming the first item whose prompt and longest choice do not fit the model's context
+    (checked before any is scored: past it a model scores garbage or the allocator gives up)."""
+    if not context:
+        return
+    for item, req in zip(items, requests, strict=True):
+        n = len(req.prompt) + max(len(c) for c in req.choices)
+        if n > context:
+            raise DataError(f"{name}: item {item.id}: its prompt and longest choice take {n:,} tokens, more than the "
+                            f"model's context of {context:,}; shorten the item or leave it out (or fewer --shots)")  # fmt: skip
+
+
+def answer_key(bench: Bench) -> str:
+    """A digest of every item's id, gold and subject: summary.json records it, so a reader can tell
+    that the set's answers changed since (an experiment then evaluates again)."""
+    key = json.dumps([[item.id, item.gold, item.subject] for item in bench.items], ensure_ascii=False)
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
+
+
+def _regraded(row: dict, item: BenchItem, rendered: tuple[str, list[str]], path: Path) -> dict:
+    """`row` graded against `item`'s answer now (the set's answers may have changed since it was
+    scored: its log-probabilities still hold, its pred/correct/gold_prob are made again from them)."""
+    logprobs = row.get("logprobs")
+    if not isinstance(logprobs, list) or len(logprobs) != len(item.choices):
+        raise DataError(f"{path}: item {item.id}: logprobs is not a list of {len(item.choices)} numbers; pass "
+                        "--overwrite to score again")  # fmt: skip
+    if (row.get("gold"), row.get("subject")) == (item.gold, item.subject):
+        return row
+    seconds = row.get("seconds") if isinstance(row.get("seconds"), (int, float)) else 0.0
+    try:
+        return item_row(item, *rendered, logprobs, seconds)
+    except NonFiniteError as exc:
+        raise DataError(f"{path}: {exc}; pass --overwrite to score again") from None
+
+
+def _resume(out: Path, settings: dict, rendered: dict[str, tuple[str, list[str]]], items: dict[str, BenchItem],
+            overwrite: bool) -> dict[str, dict]:  # fmt: skip
+    """The rows already scored with these settings, by id, graded against the set's answers now;
+    refuses a folder made with others."""
     config = out / layout.EVAL_CONFIG
     if overwrite:
         for name in (layout.ITEMS, layout.EVAL_SUMMARY, layout.EVAL_CONFIG):
@@ -254,11 +309,17 @@ def _resume(out: Path, settings: dict, rendered: dict[str, tuple[str, list[str]]
                                         "pass another --out, or --overwrite to replace it")  # fmt: skip
     write_json(config, settings)
     rows = read_jsonl(out / layout.ITEMS) if (out / layout.ITEMS).exists() else []
-    for row in rows:
-        if row.get("id") in rendered and (row.get("prompt"), row.get("choices")) != tuple(rendered[row["id"]]):
-            raise EvalSettingsError(f"{out / layout.ITEMS}: item {row['id']}: scored with another prompt than this "
-                                    "model's template renders now: pass --overwrite to score again")  # fmt: skip
-    return {row["id"]: row for row in rows}
+    found = {}
+    for number, row in enumerate(rows, start=1):
+        if not isinstance(row, dict) or not isinstance(row.get("id"), str):
+            raise DataError(f"{out / layout.ITEMS}: row {number}: not an item row with an id; pass --overwrite to score again")
+        if row["id"] in rendered:
+            if (row.get("prompt"), row.get("choices")) != tuple(rendered[row["id"]]):
+                raise EvalSettingsError(f"{out / layout.ITEMS}: item {row['id']}: scored with another prompt than this "
+                                        "model's template renders now: pass --overwrite to score again")  # fmt: skip
+            row = _regraded(row, items[row["id"]], rendered[row["id"]], out / layout.ITEMS)
+        found[row["id"]] = row
+    return found
 
 
 def _finish(out: Path, bench: Bench, done: dict[str, dict], settings: dict) -> dict:
@@ -267,7 +328,7 @@ def _finish(out: Path, bench: Bench, done: dict[str, dict], settings: dict) -> d
     order = {item.id: i for i, item in enumerate(bench.items)}
     rows = sorted(done.values(), key=lambda row: order.get(row["id"], len(order)))
     write_jsonl(out / layout.ITEMS, rows)
-    summary = summarize_rows([row for row in rows if row["id"] in order], settings)
+    summary = summarize_rows([row for row in rows if row["id"] in order], settings) | {"answer_key": answer_key(bench)}
     write_json(out / layout.EVAL_SUMMARY, summary)
     return summary
 

@@ -28,14 +28,15 @@ from pathlib import Path
 
 from threeds.config import EvalConfig, ExperimentConfig, ModelConfig, TrainConfig, check_settings
 from threeds.errors import SettingsError, ThreedsError
-from threeds.io.data import read_jsonl, write_json
+from threeds.io.data import write_json
 from threeds.io.lock import locked
 from threeds.model.load import load_model, model_label
 from threeds.model.lora import merged
 from threeds.outcomes import report
 from threeds.outcomes.arms import ARM_NAME, SIZED, Arm, ArmSource, default_baseline, parse_arms
 from threeds.outcomes.benchsets import Bench, load_bench
-from threeds.outcomes.evaluate import evaluate
+from threeds.outcomes.evaluate import answer_key, check_shots, evaluate
+from threeds.outcomes.files import read_described, read_items, read_losses, read_summary, read_units
 from threeds.outcomes.train import Trained, finished, train_arm
 from threeds.rundir import layout
 from threeds.rundir.check import read_json_object
@@ -124,7 +125,7 @@ def check_rerun(exp: Path, new: dict) -> None:
     path = exp / layout.EXPERIMENT
     if not path.is_file():
         return
-    old = read_json_object(path)
+    old = read_described(path)
     new["created"] = old.get("created", new["created"])  # the experiment's, not this rerun's
     for key in FIXED:
         if old.get(key, BEFORE.get(key)) != new[key]:
@@ -140,6 +141,22 @@ def check_rerun(exp: Path, new: dict) -> None:
                                   "experiment started; save them under another preset name and add that arm")  # fmt: skip
 
 
+def check_trained_ids(exp: Path, units: list[Unit]) -> None:
+    """A unit whose training (finished or not) holds other ids than its arm gives now is refused before
+    anything runs: its adapter and evaluation would be reported under the new ids (the run's
+    selection or a preset changed since)."""
+    for unit in units:
+        path = layout.unit_dir(exp, "train", unit.arm.name, unit.seed) / layout.IDS
+        if unit.ids is None or not path.is_file():
+            continue
+        trained = read_json_object(path).get("ids")
+        if trained != unit.ids:
+            count = len(trained) if isinstance(trained, list) else "?"
+            raise ExperimentError(f"{exp}: arm {unit.arm.name} ({unit.arm.spec}) seed {unit.seed} was trained on {count} "
+                                  f"records that differ from the {len(unit.ids)} it stands for now (the run's selection "
+                                  "or preset changed since): give the new one another --name; this one stays as it was")  # fmt: skip
+
+
 # ------------------------------------------------------------------------------ running
 
 
@@ -153,8 +170,9 @@ class Runner:
                  bench: Bench, say: Log) -> None:  # fmt: skip
         self.exp, self.config, self.train, self.source, self.units, self.bench, self.say = exp, config, train, source, units, bench, say
         self.spec = experiment_model(source, config, train)
+        self.key = answer_key(bench)  # an evaluation graded with another answer key is made again
         path = exp / layout.UNITS
-        self.state: dict[str, dict] = read_json_object(path) if path.is_file() else {}
+        self.state: dict[str, dict] = read_units(path) if path.is_file() else {}
 
     def run(self) -> None:
         for index, unit in enumerate(self.units):
@@ -232,8 +250,12 @@ class Runner:
         bar.update(done)
 
     def evaluated(self, unit: Unit) -> bool:
-        """Whether the unit's evaluation finished (its summary is there): nothing to do."""
-        return (self.folder(unit, "eval") / layout.EVAL_SUMMARY).is_file() and self.state.get(unit.key, {}).get("eval") == "done"
+        """Whether the unit's evaluation finished (its summary is there) against the set's answers as they
+        are now: nothing to do. When the answers changed, `evaluate` grades its rows again."""
+        path = self.folder(unit, "eval") / layout.EVAL_SUMMARY
+        if not path.is_file() or self.state.get(unit.key, {}).get("eval") != "done":
+            return False
+        return read_json_object(path).get("answer_key") == self.key
 
     def save_state(self) -> None:
         write_json(self.exp / layout.UNITS, self.state)
@@ -249,36 +271,40 @@ def run_experiment(run_dir: str | os.PathLike, config: ExperimentConfig, train: 
     arms = parse_arms(config.arm, config.baseline)
     for settings in (config, train):  # configs built in code: the CLI checked its flags already
         check_settings(settings)
-    bench = load_bench(config.bench, config.limit)  # a bad set fails before any training
+    bench = load_bench(config.bench, config.limit)  # a bad set, or too few dev items for --shots, fails before any training
+    check_shots(bench, config.shots)
     source = ArmSource(run_dir)
     units = plan_units(source, arms, config.seeds)
     with locked(exp):
         described = describe_experiment(config, train, arms, units, run_dir, experiment_model(source, config, train))
         check_rerun(exp, described)
+        check_trained_ids(exp, units)
         write_json(exp / layout.EXPERIMENT, described)
         Runner(exp, config, train, source, units, bench, say).run()
-        summary = summarize_experiment(exp)
+        summary = summarize_experiment(exp, bench)
         (exp / layout.PROGRESS).unlink(missing_ok=True)
     return summary
 
 
-def arm_items(exp: Path, described: dict) -> dict[str, list[list[dict]]]:
-    """items.jsonl rows of every finished evaluation (its summary.json written), one list per seed (the stats' input)."""
+def arm_items(exp: Path, described: dict, ids: set[str] | None = None) -> dict[str, list[list[dict]]]:
+    """items.jsonl rows of every finished evaluation (its summary.json written), one list per seed (the
+    stats' input); only the rows of `ids` when given (an evaluation keeps rows of items the set no longer has)."""
     found: dict[str, list[list[dict]]] = {}
     for arm in described["arms"]:
         for seed in range(described["seeds"]):
             folder = layout.unit_dir(exp, "eval", arm["name"], seed)
             if (folder / layout.EVAL_SUMMARY).is_file():
-                found.setdefault(arm["name"], []).append(read_jsonl(folder / layout.ITEMS))
+                rows = read_items(folder / layout.ITEMS)
+                found.setdefault(arm["name"], []).append(rows if ids is None else [r for r in rows if r["id"] in ids])
     return found
 
 
-def summarize_experiment(exp: Path) -> dict:
-    """summary.json from the arms' evaluations, and the Markdown + CSV report."""
+def summarize_experiment(exp: Path, bench: Bench | None = None) -> dict:
+    """summary.json from the arms' evaluations (of `bench`'s items when given), and the Markdown + CSV report."""
     from threeds.outcomes.stats import summarize
 
-    described = read_json_object(exp / layout.EXPERIMENT)
-    evals = arm_items(exp, described)
+    described = read_described(exp / layout.EXPERIMENT)
+    evals = arm_items(exp, described, None if bench is None else {item.id for item in bench.items})
     if described["baseline"] not in evals:
         raise ExperimentError(f"{exp}: the baseline arm {described['baseline']} has no evaluation yet")
     summary = summarize(evals, described["baseline"])
@@ -307,14 +333,14 @@ class Results:
             for seed in range(self.described.get("seeds", 1)):
                 path = layout.unit_dir(exp, "train", arm["name"], seed) / layout.LOSS
                 if path.is_file():
-                    rows += [{"arm": arm["name"], "seed": seed, "step": r["step"], "loss": r["loss"]} for r in read_jsonl(path)]
+                    rows += [{"arm": arm["name"], "seed": seed, "step": r["step"], "loss": r["loss"]} for r in read_losses(path)]
         return rows
 
 
 def load_results(exp: str | os.PathLike) -> Results:
     exp = Path(exp)
-    described, summary, units = (read_json_object(exp / name) if (exp / name).is_file() else None
-                                 for name in (layout.EXPERIMENT, layout.EXPERIMENT_SUMMARY, layout.UNITS))  # fmt: skip
-    described, units = described or {}, units or {}
+    described = read_described(exp / layout.EXPERIMENT) if (exp / layout.EXPERIMENT).is_file() else {}
+    summary = read_summary(exp / layout.EXPERIMENT_SUMMARY) if (exp / layout.EXPERIMENT_SUMMARY).is_file() else None
+    units = read_units(exp / layout.UNITS) if (exp / layout.UNITS).is_file() else {}
     evals = arm_items(exp, described) if described else {}
     return Results(described, summary, units, evals)

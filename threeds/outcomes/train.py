@@ -13,7 +13,8 @@ same numbers it would have had. Output directory:
 
 - `adapter_model.safetensors`, `adapter_config.json`: the adapter, as PEFT saves it (loads with
   `PeftModel.from_pretrained`, vLLM's `--lora-modules`, LlamaFactory's `adapter_name_or_path`);
-- `ids.json`: the seed, the ids given and the order they were trained in;
+- `ids.json`: the seed, the ids given and the order of the first epoch (each later epoch reshuffles
+  from the same seeded stream: `StepPlan`);
 - `train_config.json`: the settings, the model and the package versions; `train.json`: the summary;
 - `loss.jsonl`: one row per optimizer step (step, epoch, loss, lr, tokens);
 - `llamafactory/`: the records, `dataset_info.json` and a training YAML for LlamaFactory.
@@ -25,7 +26,9 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import random
+import re
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -35,11 +38,12 @@ from pathlib import Path
 import torch
 import yaml
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from threeds.config import ModelConfig, TrainConfig, check_settings
 from threeds.errors import ThreedsError
+from threeds.io.atomic import atomic_write, follow_umask
 from threeds.io.data import (
     append_jsonl,
     full_instruction,
@@ -90,15 +94,40 @@ def encode_examples(records: Sequence[dict], tokenizer: PreTrainedTokenizerBase,
 # ------------------------------------------------------------------------------ the plan
 
 
-def step_plan(n: int, config: TrainConfig) -> list[list[int]]:
+class StepPlan(Sequence[list[int]]):
     """Record indices of every optimizer step: each epoch a shuffle drawn from the seed, cut into
-    steps of batch_size x grad_accum (an epoch's last step may be smaller)."""
-    rng, per_step, steps = random.Random(config.seed), config.batch_size * config.grad_accum, []
-    for _ in range(config.epochs):
-        order = list(range(n))
-        rng.shuffle(order)
-        steps += [order[i : i + per_step] for i in range(0, n, per_step)]
-    return steps
+    steps of batch_size x grad_accum (an epoch's last step may be smaller). Drawn an epoch at a
+    time as the steps are asked for, so `--epochs 3000000` costs one epoch's memory, not all of them."""
+
+    def __init__(self, n: int, config: TrainConfig) -> None:
+        self.n, self.seed, self.epochs = n, config.seed, config.epochs
+        self.per_step = config.batch_size * config.grad_accum
+        self.per_epoch = math.ceil(n / self.per_step)
+        self._rng, self._epoch, self._order = random.Random(self.seed), -1, list(range(n))
+
+    def __len__(self) -> int:
+        return self.epochs * self.per_epoch
+
+    def __getitem__(self, step: int) -> list[int]:  # type: ignore[override]
+        if not 0 <= step < len(self):
+            raise IndexError(step)
+        epoch, part = divmod(step, self.per_epoch)
+        if epoch < self._epoch:  # a step behind the one drawn: the stream again from the seed
+            self._rng, self._epoch = random.Random(self.seed), -1
+        while self._epoch < epoch:
+            self._order = list(range(self.n))
+            self._rng.shuffle(self._order)
+            self._epoch += 1
+        return self._order[part * self.per_step : (part + 1) * self.per_step]
+
+    def first_epoch(self) -> list[int]:
+        """The order of the first epoch's records (ids.json records it)."""
+        return [i for step in range(min(self.per_epoch, len(self))) for i in self[step]]
+
+
+def step_plan(n: int, config: TrainConfig) -> StepPlan:
+    """The plan of `n` records' optimizer steps under `config` (`StepPlan`)."""
+    return StepPlan(n, config)
 
 
 def learning_rate(step: int, total: int, config: TrainConfig) -> float:
@@ -167,9 +196,14 @@ def save_checkpoint(out: Path, model: PreTrainedModel, optimizer: torch.optim.Op
     final, tmp = out / f"{layout.CHECKPOINT_PREFIX}{step}", out / f"{layout.CHECKPOINT_PREFIX}{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in trainable(model).items()}, str(tmp / layout.CHECKPOINT_ADAPTER))
-    state = {f"{index}.{key}": value.cpu() for index, slots in optimizer.state_dict()["state"].items() for key, value in slots.items()}
-    save_file({**state, "torch_rng": torch.get_rng_state()}, str(tmp / layout.CHECKPOINT_OPTIMIZER))
+    try:  # through atomic_write: a full disk names the file (safetensors' own writer says "IoError(...)"), modes follow the umask
+        weights = {k: v.detach().contiguous().cpu() for k, v in trainable(model).items()}
+        atomic_write(tmp / layout.CHECKPOINT_ADAPTER, lambda f: f.write(save(weights)))
+        state = {f"{index}.{key}": value.cpu() for index, slots in optimizer.state_dict()["state"].items() for key, value in slots.items()}
+        atomic_write(tmp / layout.CHECKPOINT_OPTIMIZER, lambda f: f.write(save({**state, "torch_rng": torch.get_rng_state()})))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # the last complete checkpoint stays in use
+        raise
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     write_json(out / layout.CHECKPOINT, {"step": step, "dir": final.name})
@@ -254,14 +288,33 @@ def train_lora(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, fmt: 
     keep_loss_rows(out, done)
     started, device = time.perf_counter(), next(model.parameters()).device
     for step in range(done, len(plan)):
-        row = one_step(model, optimizer, [examples[i] for i in plan[step]], step, len(plan), config, tokenizer.pad_token_id, device)
+        try:
+            row = one_step(model, optimizer, [examples[i] for i in plan[step]], step, len(plan), config, tokenizer.pad_token_id, device)
+        except TrainError as exc:
+            raise TrainError(str(exc), path=out) from None
         append_jsonl(out / layout.LOSS, [row | {"epoch": epoch_of(step, len(examples), config)}])
         if (step + 1) % config.save_steps == 0 and step + 1 < len(plan):
             save_checkpoint(out, model, optimizer, step + 1)
         if progress:
             progress(step + 1, len(plan))
-    model.save_pretrained(out)  # adapter_model.safetensors + adapter_config.json
+    save_adapter(model, out)
     return Trained(finish(out, examples, plan, done, time.perf_counter() - started), model, tokenizer)
+
+
+def save_adapter(model: PreTrainedModel, out: Path) -> None:
+    """adapter_model.safetensors + adapter_config.json, as PEFT writes them, with the modes plain files
+    get; a full disk is an OSError naming the folder (safetensors' writer raises its own error type)."""
+    try:
+        model.save_pretrained(out)
+    except OSError:
+        raise
+    except Exception as exc:  # safetensors' SafetensorError wraps the OS error in its text
+        found = re.search(r"code: (\d+)", str(exc))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), str(out / ADAPTER_WEIGHTS)) from None
+    follow_umask(out)
 
 
 def one_step(model: PreTrainedModel, optimizer: torch.optim.Optimizer, batch: list[Example], step: int, total: int,
@@ -270,8 +323,12 @@ def one_step(model: PreTrainedModel, optimizer: torch.optim.Optimizer, batch: li
     for group in optimizer.param_groups:
         group["lr"] = lr
     loss, tokens = run_step(model, batch, config, pad_id, device)
-    if config.max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(list(trainable(model).values()), config.max_grad_norm)
+    norm = float(torch.nn.utils.clip_grad_norm_(list(trainable(model).values()), config.max_grad_norm or math.inf))
+    if not (math.isfinite(loss) and math.isfinite(norm)):
+        optimizer.zero_grad(set_to_none=True)
+        raise TrainError(f"training diverged at step {step + 1} of {total}: the loss is {loss:g} and the gradient norm "
+                         f"{norm:g} (learning rate {lr:g}); lower --lr. The step was not applied and no adapter written; "
+                         "loss.jsonl and the last checkpoint hold the steps before")  # fmt: skip
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return {"step": step + 1, "loss": loss, "lr": lr, "records": len(batch), "tokens": tokens}
@@ -291,10 +348,11 @@ def finished(out: Path) -> dict | None:
     return summary if isinstance(summary, dict) and summary.get("finished") and (out / ADAPTER_WEIGHTS).is_file() else None
 
 
-def start_files(out: Path, config: TrainConfig, examples: list[Example], plan: list[list[int]], meta: dict) -> None:
+def start_files(out: Path, config: TrainConfig, examples: list[Example], plan: StepPlan, meta: dict) -> None:
     """ids.json and train_config.json; a directory holding another training (other ids or settings) is refused."""
     settings = {"train": dataclasses.asdict(config), **meta, "versions": package_versions()}
-    ids = {"seed": config.seed, "ids": [e.id for e in examples], "order": [examples[i].id for step in plan for i in step]}
+    ids = {"seed": config.seed, "ids": [e.id for e in examples], "order": [examples[i].id for i in plan.first_epoch()],
+           "epochs": config.epochs}  # fmt: skip
     if (out / layout.CHECKPOINT).is_file() or (out / layout.TRAIN_SUMMARY).is_file():
         before = _json(out / layout.TRAIN_CONFIG), _json(out / layout.IDS)
         if {k: v for k, v in before[0].items() if k != "versions"} != {k: v for k, v in settings.items() if k != "versions"} or before[1] != ids:
@@ -320,7 +378,7 @@ def keep_loss_rows(out: Path, steps: int) -> None:
     write_jsonl(path, [r for r in rows if r["step"] <= steps])
 
 
-def finish(out: Path, examples: list[Example], plan: list[list[int]], resumed: int, seconds: float) -> dict:
+def finish(out: Path, examples: list[Example], plan: StepPlan, resumed: int, seconds: float) -> dict:
     summary = {
         "finished": True, "steps": len(plan), "resumed_at_step": resumed, "records": len(examples),
         "tokens": sum(e.n_targets for e in examples), "cut_off": sum(e.n_targets == 0 for e in examples),

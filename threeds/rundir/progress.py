@@ -176,15 +176,17 @@ def duration(seconds: float) -> str:
 
 def write_status(
     run_dir: str | os.PathLike, state: str, exit_code: int | None = None, error: str | None = None,
-    pid: int | None = None, failures: dict | None = None,
+    pid: int | None = None, failures: dict | None = None, retry_error: str | None = None,
 ) -> None:  # fmt: skip
     """Record the run's state (one of STATES) with the run's pid (default: this process's) and, for
-    `done_with_failures`, the failed records per stage."""
+    `done_with_failures`, the failed records per stage (and `retry_error`: why a retry of them stopped)."""
     if state not in STATES:
         raise ValueError(f"state {state!r}: not one of {STATES}")
     status = {"state": state, "exit_code": exit_code, "error": error, "pid": pid or os.getpid(), "updated": time.time()}
     if failures:
         status["failures"] = failures
+    if retry_error:
+        status["retry_error"] = retry_error
     write_json(Path(run_dir) / layout.STATUS, status)
 
 

@@ -62,3 +62,15 @@ def select_command(run_dir: str, out: str, config: SelectConfig) -> str:
     out, so it does not depend on the defaults of the threeds that runs it."""
     argv = ["threeds", "select", "--run", str(run_dir), "--out", str(out), *to_argv(config, explicit=True)]
     return shlex.join(argv)
+
+
+def compare_selections(saved: Sequence[str], shown: Sequence[str]) -> str:
+    """How the run's selection.json compares with the selection shown: the ids as sets first, their
+    order apart (a file written in another order holds the same samples)."""
+    head = f"The run's own selection.json has {len(saved):,} ids; "
+    if list(saved) == list(shown):
+        return head + "this selection is identical, in the same order."
+    if set(saved) == set(shown) and len(saved) == len(shown):
+        return head + "this selection holds the same samples, in another order (pick order here)."
+    only_file, only_here = len(set(saved) - set(shown)), len(set(shown) - set(saved))
+    return head + f"this selection differs: {only_here:,} samples only here, {only_file:,} only in selection.json."
