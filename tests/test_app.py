@@ -1013,6 +1013,6 @@ def test_outcomes_page_shows_an_experiment_and_starts_one(demo, monkeypatch):
     at.text_area(key="exp_arms").set_value("a=current")
     at.number_input(key="exp_batch").set_value(0)
     at.number_input(key="exp_seeds").set_value(-1).run()  # the ranges are the config's, as on the command line
-    assert "**Seeds**: must be at least 1" in texts(at.warning) and "**Batch size**: must be at least 1" in texts(at.warning)
+    assert "**Seeds**: must be within 1-1000" in texts(at.warning) and "**Batch size**: must be at least 1" in texts(at.warning)
     assert at.button(key="exp_start").disabled
     assert len(started) == 1 and at.selectbox(key="exp_bench").options == ["mmlu-medical", "pubmedqa"]
