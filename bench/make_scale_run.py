@@ -21,6 +21,7 @@ Same seed, same files (each chunk draws from its own seeded generator).
 
     python bench/make_scale_run.py --n 1900000 --dim 4096 --dtype float16 --out /work/scale/paper
     python bench/make_scale_run.py --n 100000 --dim 896 --out /work/scale/s100k
+    python bench/make_scale_run.py --short-copy-of /work/scale/paper --out /work/scale/paper-short
 """
 
 from __future__ import annotations
@@ -239,6 +240,22 @@ def make_scale_run(out: Path, n: int, dim: int, dtype: str = "float32", seed: in
     return out
 
 
+def short_copy(source: Path, out: Path) -> Path:
+    """`out`: links to every file of the run `source` but data.jsonl, written anew with one short
+    sentence per text (~200 bytes a record, as tests/synthetic_run.py writes): for the code before
+    issue 30, which refuses a data.jsonl over 2 GB (--max-data-mb) and parses it whole."""
+    out.mkdir(parents=True)
+    for entry in source.iterdir():
+        if entry.is_file() and entry.name in ("manifest.json", "ratings.jsonl", "rejects.jsonl", "metrics.parquet", "embeddings.npy", "tokens.parquet", "input.jsonl"):
+            (out / entry.name).symlink_to(entry.resolve())
+    ids = pq.read_table(source / "metrics.parquet", columns=["id"]).column("id").to_pylist()
+    with open(out / "data.jsonl", "w") as fh:
+        for i, sample_id in enumerate(ids):
+            fh.write(json.dumps({"id": sample_id, "instruction": f"What is the treatment of case {i}?", "output": f"Rest and fluids help in case {i}.",
+                                 "generated_output": f"See a doctor about case {i}.", "source": SOURCES[i % len(SOURCES)]}) + "\n")  # fmt: skip
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=1_900_000, help="scored records (default: 1,900,000)")
@@ -248,7 +265,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--chunk", type=int, default=16384, help="rows per chunk (memory: about chunk x dim x 8 bytes)")
     parser.add_argument("--token-rows", type=int, default=1000, help="samples with token rows in tokens.parquet (default: 1000)")
+    parser.add_argument("--short-copy-of", type=Path, help="instead: links to this run's files with a data.jsonl of short texts (for the code before issue 30)")
     args = parser.parse_args(argv)
+    if args.short_copy_of:
+        short_copy(args.short_copy_of, args.out)
+        return 0
     if args.n < 1 or args.dim < 1 or args.chunk < 1:
         parser.error("--n, --dim and --chunk must be positive")
     started = time.perf_counter()

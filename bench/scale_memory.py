@@ -7,7 +7,7 @@ Each mode runs a checkout's own code: this one, or `--app-root /work/before --py
 /work/before/.venv/bin/python` for the code before a change, so both are measured the same way.
 
 - `select`: `threeds select` with the paper's settings (bands 25-75, 5,000 picks, quality >= 85)
-  from a cold page cache (posix_fadvise DONTNEED on every file of the run) and then warm.
+  from a cold page cache (posix_fadvise DONTNEED on every file of the run) and then warm; see `select`.
 - `app`: the app's server (bench/browser_latency.py starts it on a folder of links to the run,
   without the app's caches); headless Chromium opens each page and waits until it settles (an
   error page is reported, not timed away); the peak memory over all pages.
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -34,8 +35,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tests")]
 
+from threeds.rundir import layout  # noqa: E402
+
 SAMPLE_S = 0.1
-PAPER = ["--sample-num", "5000", "--select-quality-threshold", "85"]  # bands 25-75 are the defaults
+PAPER = ["--sample-num", "5000", "--quality-threshold", "85"]  # bands 25-75 are the defaults
 GiB = 2**30
 
 
@@ -98,12 +101,22 @@ def drop_cache(run: Path) -> None:
 
 
 def select(args) -> dict:
+    """`threeds select` on a folder of links to the run (the run itself is never written), each
+    time without the k-center order a previous select left (pick_orders/), so every run picks:
+    `first` from a cold page cache with nothing kept (the code after issue 30 makes data.jsonl's
+    row index then), `cold` from a cold page cache, `warm` right after."""
+    import browser_latency as bl
+
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for label in ("cold", "warm"):
-            if label == "cold":
-                drop_cache(args.run)
-            argv = [args.python, "-m", "threeds", "select", "--run", str(args.run), "--out", f"{tmp}/picked.json", *PAPER]
+        run = bl.shadow_run(args.run.resolve(), Path(tmp) / "runs", keep_map=True)
+        for label in args.times.split(","):
+            shutil.rmtree(run / layout.PICK_ORDERS, ignore_errors=True)
+            for name in layout.DATA_INDEX if label == "first" else ():
+                (run / name).unlink(missing_ok=True)
+            if label != "warm":
+                drop_cache(args.run.resolve())
+            argv = [args.python, "-m", "threeds", "select", "--run", str(run), "--out", f"{tmp}/picked.json", *PAPER]
             began = time.perf_counter()
             proc = subprocess.Popen(argv, cwd=args.app_root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             sampler = Sampler(proc.pid)
@@ -188,6 +201,7 @@ def main() -> int:
     parser.add_argument("--app-root", type=Path, default=ROOT, help="the checkout whose code runs (default: this one)")
     parser.add_argument("--python", default=sys.executable, help="the Python that runs it (default: this one)")
     parser.add_argument("--pages", default="quality,difficulty,embedding_map,samples,export,inspector", help="app pages, comma-separated")
+    parser.add_argument("--times", default="cold,warm", help="select: which runs, of first,cold,warm (default: cold,warm)")
     parser.add_argument("--n", type=int, default=5000, help="export: picks (default: 5,000)")
     parser.add_argument("--port", type=int, default=8531, help="app: the server's port (default: 8531)")
     args = parser.parse_args()
