@@ -131,3 +131,20 @@ def test_text_search_reads_records_by_chunk_and_matches_case_insensitively(tmp_p
         want = [i for i, r in enumerate(written) if needle.lower() in text(r).lower()]
         assert records.matching(needle, text, size=7).tolist() == want, needle  # chunks of 7 rows
     assert records.matching("asthma", text, limit=2).tolist() == [i for i, r in enumerate(written) if "asthma" in r["instruction"]][:2]
+
+
+def test_stage2_writes_float16_embeddings_chunk_by_chunk(tmp_path):
+    from threeds.config import ModelConfig, ScoreConfig
+    from threeds.rundir.write import RunDir
+
+    rng = np.random.default_rng(0)
+    emb = rng.normal(0, 3, (7, 5)).astype(np.float32)
+    metrics = pd.DataFrame({"id": [f"s{i}" for i in range(7)], "ins_ppl": rng.random(7)})
+    run = RunDir(tmp_path / "r")
+    for index, (a, b) in enumerate(((0, 3), (3, 4), (4, 7))):
+        run.write_chunk(index, metrics.iloc[a:b], emb[a:b], pd.DataFrame({"id": metrics["id"].iloc[a:b]}))
+    run.consolidate(3, [{"id": f"s{i}", "instruction": "q", "output": "a"} for i in range(7)], "float16")
+    written = np.load(tmp_path / "r" / layout.EMBEDDINGS)
+    assert written.dtype == np.float16 and np.array_equal(written, emb.astype(np.float16))
+    assert "embeddings_dtype" not in ScoreConfig().recorded(ModelConfig())  # float32 runs scored before the option still match
+    assert ScoreConfig(embeddings_dtype="float16").recorded(ModelConfig())["embeddings_dtype"] == "float16"

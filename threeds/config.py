@@ -221,13 +221,18 @@ class ScoreConfig:
                                 "faster until memory runs out; results do not depend on it (default: 16384)", low=1)  # fmt: skip
     chunk_size: int = setting(256, "samples written to disk at a time; a killed run resumes from the last finished "
                               "chunk (default: 256)", low=1)  # fmt: skip
+    embeddings_dtype: str = setting("float32", "dtype of embeddings.npy: float16 halves it (1.9M x 4096: 15.6 GB, not 31); "
+                                    "k-center picks can then differ where distances tie within half precision, "
+                                    "BENCHMARKS.md (k) (default: float32)", choices=("float32", "float16"))  # fmt: skip
 
     def recorded(self, model: ModelConfig) -> dict:
         """What scores depend on, as a run records it (manifest `score_config`, `stages.score.config`): these
-        settings and the model's, not batch_tokens."""
+        settings and the model's, not batch_tokens; embeddings_dtype only when not float32, so runs scored
+        before it existed still match."""
+        half = {"embeddings_dtype": self.embeddings_dtype} if self.embeddings_dtype != "float32" else {}
         return {
             "model": model.model, "max_length": self.max_length, "function_words": self.function_words,
-            "template": model.template, "system": model.system, "chunk_size": self.chunk_size, **model.recorded(),
+            "template": model.template, "system": model.system, "chunk_size": self.chunk_size, **model.recorded(), **half,
         }  # fmt: skip
 
 

@@ -101,19 +101,20 @@ class RunDir:
         """Temporary files a killed writer left (its own files' and every chunk's); the caller holds the lock."""
         return remove_temps(self.path, WRITER_FILES) + remove_temps(self.chunks)
 
-    def consolidate(self, n_chunks: int, records: list[dict]) -> pd.DataFrame:
-        """Join the chunks in order into data.jsonl, embeddings.npy, tokens.parquet and metrics.parquet
-        (last); the chunks stay until the caller has written the completion marker."""
+    def consolidate(self, n_chunks: int, records: list[dict], embeddings_dtype: str = "float32") -> pd.DataFrame:
+        """Join the chunks in order into data.jsonl, embeddings.npy (in `embeddings_dtype`, a chunk at a
+        time), tokens.parquet and metrics.parquet (last); the chunks stay until the caller has written
+        the completion marker."""
         missing = sorted(set(range(n_chunks)) - self.done_chunks())
         if missing:
             raise RunError(f"{self.chunks}: chunks {missing[:5]} are missing; run the same command again")
         metrics = pd.concat([pd.read_parquet(self._chunk(i, layout.METRICS)) for i in range(n_chunks)], ignore_index=True)
-        embeddings = np.concatenate([np.load(self._chunk(i, layout.CHUNK_EMBEDDINGS), allow_pickle=False) for i in range(n_chunks)])
+        parts = [self._chunk(i, layout.CHUNK_EMBEDDINGS) for i in range(n_chunks)]
         tokens = pd.concat([pd.read_parquet(self._chunk(i, layout.TOKENS)) for i in range(n_chunks)], ignore_index=True)
         if list(metrics["id"]) != [r["id"] for r in records]:
             raise RunError(f"{self.chunks}: chunks do not match the input records; delete the run and score again")
         write_jsonl(self.file(layout.DATA), records)
-        atomic_write(self.file(layout.EMBEDDINGS), lambda f: _save_npy(f, embeddings))
+        atomic_write(self.file(layout.EMBEDDINGS), lambda f: _join_npy(f, parts, np.dtype(embeddings_dtype)))
         atomic_write(self.file(layout.TOKENS), lambda f: tokens.to_parquet(f, index=False))
         atomic_write(self.file(layout.METRICS), lambda f: metrics.to_parquet(f, index=False))
         return metrics
@@ -123,6 +124,15 @@ class RunDir:
         self.remove_chunks()
         for name in (*reversed(layout.SCORE_OUTPUTS), layout.SELECTION):  # metrics first: no longer "scored" to a reader
             self.file(name).unlink(missing_ok=True)
+
+
+def _join_npy(fh, parts: list[Path], dtype: np.dtype) -> None:
+    """The chunks' rows as one .npy of `dtype`, written a chunk at a time (never the whole array in memory)."""
+    shapes = [np.load(p, mmap_mode="r", allow_pickle=False).shape for p in parts]
+    n, dim = sum(s[0] for s in shapes), (shapes[0][1] if shapes else 0)
+    np.lib.format.write_array_header_1_0(fh, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (n, dim)})
+    for part in parts:
+        fh.write(np.ascontiguousarray(np.load(part, allow_pickle=False), dtype=dtype).tobytes())
 
 
 def _save_npy(fh, array: np.ndarray) -> None:

@@ -202,7 +202,7 @@ def _score_run(
     if pending:
         spent = score_chunks(run, _engine(score, spec, engine, loaded), chunks, pending, progress)
         timings = {name: timings.get(name, 0.0) + seconds for name, seconds in spent.items()}
-    metrics = run.consolidate(len(chunks), kept)
+    metrics = run.consolidate(len(chunks), kept, score.embeddings_dtype)
     manifest = run.update_manifest(status="scored", timings=timings, report=score_report(metrics))  # the marker, last
     run.remove_chunks()
     return manifest
