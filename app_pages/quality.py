@@ -24,13 +24,21 @@ def score_order(_run: Run, key: tuple) -> tuple[np.ndarray, np.ndarray]:
 
 @st.cache_data(max_entries=8, show_spinner="Reading the records' sources…")
 def source_codes(_run: Run, key: tuple) -> tuple[np.ndarray, list[str]] | None:
-    """Per rated row, an index into the list of `source` values; None when records have none."""
-    records = _run.input_records
-    sources = [str((records.get(i) or {}).get("source", "")) for i in _run.ratings["id"]]
-    if not any(sources):
+    """Per rated row, an index into the list of `source` values; None when records have none. The
+    scored records' sources are read from data.jsonl a chunk at a time (a code per row, not a record
+    per row); the others' from the input file where `Run.unscored_records` reads it."""
+    names: dict[str, int] = {"": 0}
+    code = lambda value: names.setdefault(str(value or ""), len(names))  # noqa: E731
+    scored = np.zeros(0, dtype=np.int64)
+    if _run.records is not None:
+        scored = np.fromiter((code(s) for chunk in _run.records.field("source") for s in chunk), dtype=np.int64, count=len(_run.records))
+    unscored = _run.unscored_records
+    rows = _run.row_of.ids.get_indexer(_run.ratings["id"].astype(str))
+    codes = np.array([scored[r] if r >= 0 else code((unscored.get(i) or {}).get("source")) for r, i in zip(rows, _run.ratings["id"])], dtype=np.int64)
+    if not codes.any():
         return None
-    names, codes = np.unique(np.asarray(sources, dtype=object).astype(str), return_inverse=True)
-    return codes, [n or "(none)" for n in names.tolist()]
+    order = sorted(names, key=names.get)
+    return codes, [n or "(none)" for n in order]
 
 
 def histogram_figure(scores: np.ndarray, threshold: float, key: tuple) -> go.Figure:

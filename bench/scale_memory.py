@@ -158,7 +158,7 @@ def app(args) -> dict:
                 try:
                     bl.visit(driver, f"{url}/{page}?run={run.name}", page)
                     shown = "ok"
-                except bl.PageFailed as exc:
+                except (bl.PageFailed, RuntimeError) as exc:  # an error page, or not settled within WAIT_S
                     shown = str(exc)[:160]
                 results["pages"][page] = {"seconds": round(time.perf_counter() - began, 1), "shown": shown,
                                           "anon_now": round(status_kb(proc.pid).get("RssAnon", 0) / 2**20, 2)}  # fmt: skip

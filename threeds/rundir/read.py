@@ -43,6 +43,7 @@ from threeds.rundir.record_index import RecordFile
 
 DEFAULT_CACHE = Path("cache")
 NOT_RUNS = {"models", "uploads"}
+INPUT_READ_BYTES = 256 << 20  # an input file is read whole for its Stage-1-only records only below this
 RUN_FILES = (
     layout.MANIFEST, layout.RATINGS, layout.REJECTS, layout.METRICS, layout.SELECTION, layout.DATA, layout.EMBEDDINGS,
     layout.TOKENS,
@@ -81,14 +82,23 @@ class Run:
         dropped ones' text is read back from the input file named in the manifest, if it is there
         (duplicate ids renamed, as a run that accepted them did).
         """
-        found = {r["id"]: r for r in self.records or []}
+        return self.unscored_records | {r["id"]: r for r in self.records or []}
+
+    @cached_property
+    def unscored_records(self) -> dict[str, dict]:
+        """The input file's records by id (it holds the Stage-1-only ones), read whole, so only from a
+        file under INPUT_READ_BYTES: a pool of millions is not held for a few dropped records'
+        texts ({} then, and the pages say the text is not available)."""
         source = self.input_path
-        if self.ratings is not None and source is not None:
-            try:
-                found = {r["id"]: r for r in read_records(source, duplicate_ids="rename")[0]} | found
-            except (DataError, OSError) as exc:
-                self.errors.setdefault("input data", f"{source}: {exc}")
-        return found
+        if self.ratings is None or source is None:
+            return {}
+        try:
+            if source.stat().st_size > INPUT_READ_BYTES:
+                return {}
+            return {r["id"]: r for r in read_records(source, duplicate_ids="rename")[0]}
+        except (DataError, OSError) as exc:
+            self.errors.setdefault("input data", f"{source}: {exc}")
+            return {}
 
     @property
     def input_path(self) -> Path | None:
@@ -103,10 +113,11 @@ class Run:
         return None
 
     def record(self, sample_id: str) -> dict | None:
+        """One record by id: a scored one read from data.jsonl by row, else the input file's."""
         row = self.row_of.get(sample_id)
         if row is not None and self.records is not None:
             return self.records[row]
-        return self.input_records.get(sample_id)
+        return self.unscored_records.get(sample_id)
 
     def tokens(self, sample_id: str) -> pd.DataFrame:
         """The rows of tokens.parquet for one sample (A then A', by position)."""
