@@ -19,6 +19,9 @@ EPILOG = """\
 example: the run's selection against a random subset of the same size, 3 seeds, on MMLU's medical subjects
   threeds experiment --run cache/demo --name sel-vs-random --arm sel=current --arm rand=random:same \\
       --seeds 3 --bench mmlu-medical
+`current` is the run's selection.json as `threeds select` last wrote it (the app's Outcomes page trains its
+sidebar's selection instead, saved as a preset at Start); the baseline is the first random arm unless
+--baseline names another; `random:length` matches the first arm's response lengths.
 Files go to RUN/experiments/NAME/ (experiment.json, arms/, evals/, summary.json, report.md, report.csv).
 Running the same command again reuses every finished training and evaluation and resumes a killed one;
 an --arm added later is trained and evaluated alone. The app's Outcomes page starts, follows and shows it.
@@ -30,7 +33,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "experiment", help="train and evaluate several selections (arms) and compare them with honest statistics",
         description="Train the run's model with LoRA on every arm x seed, evaluate each by log-likelihood multiple "
         "choice, and compare the arms with the baseline: accuracy with a bootstrap CI, the paired difference with "
-        "its CI, McNemar's exact test (Holm-corrected) and the smallest difference the set could detect.",
+        "Newcombe's interval, McNemar's exact test (Holm-corrected), how many items differ and the smallest "
+        "difference the exact test can call with this many items.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     parser.add_argument("--run", required=True, type=Path, help="run directory the arms are drawn from")
