@@ -475,3 +475,81 @@ def test_adapters_checkpoints_and_model_copies_follow_the_umask(umask, mode, tmp
         assert folder.stat().st_mode & 0o777 == 0o777 & ~umask and (folder / "model.safetensors").stat().st_mode & 0o777 == mode
     finally:
         os.umask(old)
+
+
+# ------------------------------------------------------------------------------ adapters
+
+
+def save_adapter(folder: Path, vocab: int, hidden: int = 32) -> Path:
+    """A LoRA adapter as PEFT saves it, for a tiny Llama of this hidden size."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2))  # fmt: skip
+    get_peft_model(base, LoraConfig(r=2, target_modules="all-linear", task_type="CAUSAL_LM")).save_pretrained(folder)
+    return folder
+
+
+def _truncated_weights(folder, vocab):
+    path = save_adapter(folder, vocab) / "adapter_model.safetensors"
+    path.write_bytes(path.read_bytes()[:200])
+    return ["adapter_model.safetensors", "not a readable safetensors file"]
+
+
+def _config_not_json(folder, vocab):
+    (save_adapter(folder, vocab) / "adapter_config.json").write_text("{oops")
+    return ["adapter_config.json", "not a readable JSON file"]
+
+
+def _config_not_object(folder, vocab):
+    (save_adapter(folder, vocab) / "adapter_config.json").write_text("[1, 2]")
+    return ["adapter_config.json", "expected a JSON object, got list"]
+
+
+def _other_base(folder, vocab):
+    save_adapter(folder, vocab, hidden=64)
+    return ["does not fit this model", "another base model"]
+
+
+def _pickle_only(folder, vocab):
+    save_adapter(folder, vocab)
+    (folder / "adapter_model.safetensors").unlink()
+    (folder / "adapter_model.bin").write_bytes(b"\x80\x04pickle")
+    return ["only adapter_model.bin, a pickle, which threeds never loads"]
+
+
+def _config_without_weights(folder, vocab):
+    save_adapter(folder, vocab)
+    (folder / "adapter_model.safetensors").unlink()
+    return ["no adapter_model.safetensors next to adapter_config.json"]
+
+
+ADAPTER_CASES = {"truncated weights": _truncated_weights, "config not JSON": _config_not_json,
+                 "config not an object": _config_not_object, "another base's shapes": _other_base,
+                 "a pickled adapter_model.bin": _pickle_only, "a config without weights": _config_without_weights}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ADAPTER_CASES)
+def test_a_broken_adapter_is_one_line(name, tmp_path, tiny_model_dir, tokenizer, caplog, monkeypatch):
+    """Never a traceback, never torch.load, never a request to the Hub."""
+    import huggingface_hub
+
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load was called"))
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: pytest.fail("the Hub was asked"))
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+    words = ADAPTER_CASES[name](tmp_path / "adapter", len(tokenizer))
+    bench = write_bench(tmp_path / "exam.jsonl", bench_rows(2))
+    code = cli.main(["eval", "--bench", str(bench), "--model", str(tiny_model_dir), "--adapter", str(tmp_path / "adapter"),
+                     "--out", str(tmp_path / "ev")])  # fmt: skip
+    line = one_error(caplog)
+    assert code == BAD_INPUT and all(w in line for w in words), line
+    assert not (tmp_path / "ev" / "items.jsonl").exists()
+
+
+def test_a_good_adapter_still_loads(tmp_path, tiny_model_dir, tokenizer):
+    bench = write_bench(tmp_path / "exam.jsonl", bench_rows(2))
+    save_adapter(tmp_path / "adapter", len(tokenizer))
+    assert cli.main(["eval", "--bench", str(bench), "--model", str(tiny_model_dir), "--adapter", str(tmp_path / "adapter"),
+                     "--out", str(tmp_path / "ev")]) == 0  # fmt: skip
+    assert len(read_jsonl(tmp_path / "ev" / "items.jsonl")) == 2
