@@ -148,3 +148,18 @@ def test_stage2_writes_float16_embeddings_chunk_by_chunk(tmp_path):
     assert written.dtype == np.float16 and np.array_equal(written, emb.astype(np.float16))
     assert "embeddings_dtype" not in ScoreConfig().recorded(ModelConfig())  # float32 runs scored before the option still match
     assert ScoreConfig(embeddings_dtype="float16").recorded(ModelConfig())["embeddings_dtype"] == "float16"
+
+
+def test_ratings_are_read_as_columns_with_the_line_reader_as_fallback(tmp_path):
+    from threeds.rundir.read import read_ratings
+
+    rows = [{"id": "a", "score": 90.0, "raw": "90"}, {"id": "b", "score": None, "error": "no number"}, {"id": "a", "score": 70.5, "raw": "70.5"}]
+    path = tmp_path / "ratings.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    columnar = read_ratings(path)
+    assert list(columnar.columns) == ["id", "score"] and columnar["id"].tolist() == ["b", "a"]
+    assert np.isnan(columnar["score"].iloc[0]) and columnar["score"].iloc[1] == 70.5  # the last row per id
+    path.write_text("".join(json.dumps(r) + "\n" for r in [*rows, {"id": 7, "score": "80"}]) + '{"id": "torn')  # mixed types, a torn line
+    with pytest.warns(UserWarning, match="truncated last line"):
+        mixed = read_ratings(path)
+    assert mixed["id"].tolist() == ["b", "a", "7"] and mixed["score"].iloc[2] == 80.0

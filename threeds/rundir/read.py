@@ -16,12 +16,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 from threeds.config import SelectConfig
 from threeds.errors import SettingsError, describe
 from threeds.io.data import (
     DataError,
+    Limits,
+    checked_size,
     loads_bounded,
     read_jsonl,
     read_records,
@@ -206,9 +209,18 @@ def _collect(run: Run, name: str, load) -> None:
 
 
 def read_ratings(path: Path) -> pd.DataFrame:
-    """Stage-1 ratings as a frame with at least `id` and float `score` (NaN = no score)."""
-    rows = read_jsonl(path)
-    frame = pd.DataFrame(rows)
+    """Stage-1 ratings as a frame of `id` and float `score` (NaN = no score), the last row per id.
+
+    Parsed by Arrow into columns where it can (a log of millions of rows costs its two columns,
+    not a dict per row); line by line otherwise (mixed types, a torn last line, a bad line), where
+    `read_jsonl` names the problem."""
+    try:
+        checked_size(path, Limits())
+        table = pa_json.read_json(path)
+        frame = table.select([c for c in ("id", "score") if c in table.column_names]).to_pandas()
+    except (pa.ArrowException, DataError, OSError):
+        frame = pd.DataFrame(read_jsonl(path))
+        frame = frame[[c for c in ("id", "score") if c in frame.columns]]
     if frame.empty:
         return pd.DataFrame({"id": pd.Series(dtype=str), "score": pd.Series(dtype=float)})
     missing = {"id", "score"} - set(frame.columns)
