@@ -31,7 +31,7 @@ from threeds.names import METRICS, metric_column
 from threeds.rundir import layout
 
 MIN_POINTS = 4  # UMAP needs a neighbour graph; fewer points make no map
-FIT_ROWS = 50_000  # rows UMAP is fitted on when a run has more; the rest are placed by `transform`
+FIT_ROWS = 20_000  # rows UMAP is fitted on when a run has more; the rest are placed by `transform`
 PCA_DIMS = 64  # principal axes a sampled map works in (UMAP's transform on 4096 dims is ~60x slower)
 TRANSFORM_ROWS = 25_000  # rows read and placed at a time
 DIGEST_ROWS = 65_536  # rows hashed to name the embeddings of a map
