@@ -5,7 +5,6 @@ the items where the arms disagree, and the report."""
 from __future__ import annotations
 
 import dataclasses
-import shlex
 import sys
 from pathlib import Path
 
@@ -13,18 +12,18 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from app_pages import common
+from app_pages import common, job_panel
+from app_pages import state as app_state
 from app_pages.new_run import start_background
 from threeds.config import ExperimentConfig, TrainConfig, problems, to_argv
 from threeds.errors import SettingsError, ThreedsError
-from threeds.outcomes import report
+from threeds.outcomes import pace, report
 from threeds.outcomes.arms import parse_arms
 from threeds.outcomes.benchsets import BUNDLED
 from threeds.outcomes.experiment import Results, experiment_dir, list_experiments, load_results
 from threeds.rundir import layout
 from threeds.rundir.check import stage_part
-from threeds.rundir.jobs import job_running, log_tail, read_job, stop_run
-from threeds.rundir.progress import eta_seconds, job_state, read_status
+from threeds.rundir.jobs import job_running
 from threeds.rundir.read import Run, read_progress
 from threeds.selection.apply import SelectionError, list_presets, load_preset, save_preset
 
@@ -40,8 +39,8 @@ def outcomes_page() -> None:
     names = list_experiments(run.path)
     if names:
         if st.session_state.get("outcomes_next") in names:
-            st.session_state["outcomes_experiment"] = st.session_state.pop("outcomes_next")
-        name = st.selectbox("Experiment", names, key="outcomes_experiment")
+            st.session_state[app_state.EXPERIMENT] = st.session_state.pop("outcomes_next")
+        name = st.selectbox("Experiment", names, key=app_state.EXPERIMENT)
         exp = experiment_dir(run.path, name)
         st.fragment(status_panel, run_every=2 if job_running(exp) else None)(str(exp))
         results = read_results(exp)
@@ -63,62 +62,39 @@ def run_model(run: Run) -> str | None:
 
 def status_panel(path: str) -> None:
     """State, progress with time left, each arm x seed's state and time, Stop/Resume, the log."""
-    exp = Path(path)
-    running = job_running(exp)
-    state = job_state(read_status(exp), running)
-    units = read_results(exp, quiet=True)
-    units = units.units if units is not None else {}
-    progress = read_progress(exp) or {}
-    if running and progress:
-        done, total = int(progress.get("done", 0)), int(progress.get("total", 0)) or 1
-        st.progress(min(done / total, 1.0), text=common.progress_text(progress) + experiment_left(units, progress))
-    if units:
-        table = pd.DataFrame([{"arm": u["arm"], "seed": u["seed"], "records": u.get("records"), "train": u.get("train", "todo"),
-                               "train s": u.get("train_s"), "eval": u.get("eval", "todo"), "eval s": u.get("eval_s")}
-                              for u in units.values()])  # fmt: skip
-        st.dataframe(table, hide_index=True, width="stretch")
-    job = read_job(exp)
-    controls(exp, state, job)
-    if job is not None:
-        with st.expander("Command and log", expanded=state not in ("done", "unknown")):
-            st.code(shlex.join(job["argv"]), language="bash", wrap_lines=True)
-            st.code(log_tail(exp) or "(no output yet)", language=None, wrap_lines=True)
-    was = st.session_state.setdefault("outcomes_was_running", {})
-    if was.get(path) and not running:
-        was[path] = False
-        st.rerun(scope="app")  # finished: draw the results
-    was[path] = running
-
-
-def experiment_left(units: dict, progress: dict) -> str:
-    """' · about N min for the experiment': the running unit's time left plus the mean unit time for the rest."""
-    spent = [u.get("train_s", 0) + u.get("eval_s", 0) for u in units.values() if "eval_s" in u]
-    todo = [u for u in units.values() if u.get("eval") != "done"]
-    if not spent or not todo:
-        return ""
-    left = (eta_seconds(progress) or 0) + sum(spent) / len(spent) * (len(todo) - 1)
-    return f" · about {common.duration(left)} left for the experiment"
-
-
-def controls(exp: Path, state: str, job: dict | None) -> None:
-    c1, c2 = st.columns([1, 5])
-    if state == "running":
-        c2.caption(f"Running in the background (pid {job['pid'] if job else '?'}); you can leave this page and come back.")
-        if job is not None and c1.button("Stop", key="outcomes_stop"):
-            with st.spinner("Stopping (SIGINT, then SIGTERM, then SIGKILL if it does not stop)…"):
-                st.session_state["outcomes_stopped"] = stop_run(exp).message
-            st.rerun(scope="app")
+    job = job_panel.job_of(path)
+    results = read_results(job.directory, quiet=True)
+    if results is None:
         return
-    if st.session_state.get("outcomes_stopped"):
-        st.info(f"Stop: {st.session_state['outcomes_stopped']}")
-    status = read_status(exp) or {}
-    if state == "failed":
-        c2.error(f"Failed (exit code {status.get('exit_code')}): {common.md(status.get('error') or 'see the log')}")
-    elif state in ("stopped", "killed"):
-        c2.warning("Stopped before the end. Resume runs the same command again: finished arms are kept, a training resumes from its checkpoint.")
-    resumable = job is not None and state in ("failed", "stopped", "killed")
-    if resumable and c1.button("Resume", key="outcomes_resume") and start_background(job["argv"], exp):
-        st.rerun(scope="app")
+    progress = read_progress(job.directory) or {}
+    if job.running and progress:
+        done, total = int(progress.get("done", 0)), int(progress.get("total", 0))
+        st.progress(min(done / total, 1.0) if total else 0.0, text=common.progress_text(progress) + experiment_left(results, progress))
+    if results.units:
+        st.dataframe(pd.DataFrame(unit_rows(results.units, job)), hide_index=True, width="stretch")
+    job_panel.controls(job, ("outcomes_stop", "outcomes_resume"), "finished arms are kept, a training resumes from its checkpoint",
+                       resumable=job.state in ("failed", "stopped", "killed"))  # fmt: skip
+    job_panel.command_and_log(job, expanded=job.state not in ("done", "unknown"))
+    job_panel.rerun_when_ended(job)  # finished: draw the results
+
+
+def unit_rows(units: dict, job: job_panel.Job) -> list[dict]:
+    """units.json as the table shows it: a phase recorded as running when the experiment no longer
+    runs shows how the experiment ended (stopped, failed, killed)."""
+    def shown(value: str | None) -> str:
+        return job.state if value == "running" and not job.running else value or "todo"
+
+    return [{"arm": u["arm"], "seed": u["seed"], "records": u.get("records"), "train": shown(u.get("train")),
+             "train s": u.get("train_s"), "eval": shown(u.get("eval")), "eval s": u.get("eval_s")} for u in units.values()]  # fmt: skip
+
+
+def experiment_left(results, progress: dict) -> str:
+    """' · about N min left for the experiment' (`threeds.outcomes.pace`), from the first unit on."""
+    left = pace.time_left(results.described, results.units, progress)
+    if left is None:
+        return " · the time left is known after the first step"
+    text = f" · {'at least' if left.unmeasured else 'about'} {common.duration(max(left.seconds, 1.0))} left for the experiment"
+    return text + (f" ({' and '.join(left.unmeasured)} not measured yet)" if left.unmeasured else "")
 
 
 def read_results(exp: Path, quiet: bool = False) -> Results | None:
@@ -204,14 +180,18 @@ def disagreement_panel(evals: dict) -> None:
     if not rows:
         st.caption("Every arm gave the same answer to every item.")
         return
-    picked = st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch", on_select="rerun",
-                          selection_mode="single-row", key="outcomes_disagree")  # fmt: skip
-    chosen = picked.selection.rows if picked else []
-    if not chosen:
+    def pick() -> None:  # the row clicked is the item opened (and in the URL); none: closed
+        chosen = st.session_state["outcomes_disagree"].selection.rows
+        st.session_state[app_state.ITEM] = rows[chosen[0]]["id"] if chosen else None
+
+    st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch", on_select=pick, selection_mode="single-row",
+                 key="outcomes_disagree")  # fmt: skip
+    item = st.session_state.get(app_state.ITEM)
+    if item not in {r["id"] for r in rows}:
         st.caption("Click a row to see the question, its choices and each arm's probabilities.")
         return
-    detail = report.item_detail(evals, rows[chosen[0]]["id"])
-    st.caption("The prompt exactly as the model read it, and each continuation it scored after it.")
+    detail = report.item_detail(evals, item)
+    st.caption(f"Item {common.code(item)}: the prompt exactly as the model read it, and each continuation it scored after it.")
     st.code(detail["prompt"], language=None, wrap_lines=True)
     table = pd.DataFrame({"continuation scored": [repr(c) for c in detail["choices"]], "gold": ["✓" if i == detail["gold"] else "" for i in range(len(detail["choices"]))],
                           **{arm: probs for arm, probs in detail["probs"].items()}})  # fmt: skip

@@ -2,26 +2,23 @@
 
 from __future__ import annotations
 
-import shlex
+import functools
 import time
 from pathlib import Path
 
 import pandas as pd
 import streamlit as st
 
-from app_pages import common
-from app_pages.new_run import start_background, start_form
+from app_pages import common, job_panel
+from app_pages.new_run import start_form
 from threeds.rundir import layout
-from threeds.rundir.jobs import job_running, log_tail, read_job, stop_run
+from threeds.rundir.jobs import job_running
 from threeds.rundir.progress import job_state, phase_line, read_status
 from threeds.rundir.read import read_progress
 from threeds.selection.funnel import stage_counts
 from threeds.stages.joblog import failed_rows
 from threeds.stages.outcome import failure_counts
 
-# How a stopped run ended, by its recorded exit code (128 + signal): the CLI records SIGINT itself;
-# the Stop button records SIGTERM or SIGKILL when it had to send them (`threeds.rundir.jobs.stop_run`).
-STOP_SIGNALS = {130: "interrupted, SIGINT", 143: "ended by SIGTERM after SIGINT went unheeded", 137: "ended by SIGKILL after SIGINT and SIGTERM went unheeded"}
 STAGE_FILES = [layout.RATINGS, layout.METRICS, layout.EMBEDDINGS, layout.TOKENS, layout.SELECTION]
 
 
@@ -103,76 +100,48 @@ def show_run(run) -> None:
 
 def run_panel(path: str) -> None:
     """The run's stage counts, progress, how it ended, Stop/Resume, its command and log."""
-    run_dir = Path(path)
-    running = job_running(run_dir)
+    job = job_panel.job_of(path)
     run = common.current_run()
     if run is not None:
         counts = list(stage_counts(run).items())
         for row in (counts[:4], counts[4:]):
             for col, (label, value) in zip(st.columns(4), row):
                 col.metric(label, "—" if value is None else f"{value:,}")
-    progress = read_progress(run_dir) or {}
-    state = job_state(read_status(run_dir), running)
-    if progress and progress.get("stage") != "done" and state in ("running", "unknown"):
+    progress = read_progress(job.directory) or {}
+    if progress and progress.get("stage") != "done" and job.state in ("running", "unknown"):
         done, total = int(progress.get("done", 0)), int(progress.get("total", 0)) or 1
         st.progress(min(done / total, 1.0), text=common.progress_text(progress))
-        line = phase_line(progress, time.time()) if state == "running" else None
+        line = phase_line(progress, time.time()) if job.state == "running" else None
         if line:
             st.caption(f"Now: {line}")
-    elif progress and state in ("stopped", "failed", "killed"):
+    elif progress and job.state in ("stopped", "failed", "killed"):
         st.caption(f"Reached {progress.get('stage', '?')}: {int(progress.get('done', 0)):,} / {int(progress.get('total', 0)):,} {progress.get('unit', '')}")
-    job = read_job(run_dir)
-    outcome(run_dir, state, job, progress.get("stage") == "done")
-    if job is not None:
-        with st.expander("Command and log", expanded=state != "done"):
-            st.code(shlex.join(job["argv"]), language="bash", wrap_lines=True)
-            st.code(log_tail(run_dir) or "(no output yet)", language=None, wrap_lines=True)
-    was_running = st.session_state.setdefault("was_running", {})
-    if was_running.get(path) and not running:
-        was_running[path] = False
-        st.rerun(scope="app")  # the run ended: reload its files on every element of the page
-    was_running[path] = running
+    finished = progress.get("stage") == "done"
+    job_panel.controls(job, ("stop_run", "resume_run"), "finished work is kept", ended=functools.partial(run_ended, finished=finished),
+                       resumable=not (job.state == "unknown" and finished))  # fmt: skip
+    job_panel.command_and_log(job, expanded=job.state != "done")
+    job_panel.rerun_when_ended(job)  # the run ended: reload its files on every element of the page
 
 
-def outcome(run_dir: Path, state: str, job: dict | None, finished: bool) -> None:
-    """What the run's own status.json says (or, for older runs, what its files suggest)."""
-    status = read_status(run_dir) or {}
-    c1, c2 = st.columns([1, 5])
-    if state == "running":
-        c2.caption(f"Running in the background (pid {job['pid'] if job else '?'}); you can leave this page and come back.")
-        if job is not None and c1.button("Stop", key="stop_run"):
-            with st.spinner("Stopping (SIGINT, then SIGTERM, then SIGKILL if it does not stop)…"):
-                st.session_state.setdefault("stopped", {})[str(run_dir)] = stop_run(run_dir).message
-            st.rerun(scope="app")
-        return
-    stopped = st.session_state.get("stopped", {}).get(str(run_dir))
-    if stopped:
-        st.info(f"Stop: {stopped}")
-    if state == "done" and not status.get("exit_code"):
+def run_ended(job: job_panel.Job, c2, finished: bool) -> bool:
+    """A run's own ends (done, done with failures; an older run's files); the shared ones otherwise."""
+    status, code = job.status, job.status.get("exit_code")
+    if job.state == "done" and not code:
         c2.success("Done: every stage finished.")
-    elif state == "done":  # every stage finished, but with nothing selected
-        c2.warning(f"Done (exit code {status.get('exit_code')}): {status.get('error') or 'see the log'}")
-    elif state == "done_with_failures":
+    elif job.state == "done":  # every stage finished, but with nothing selected
+        c2.warning(f"Done (exit code {code}): {common.md(status.get('error') or 'see the log')}")
+    elif job.state == "done_with_failures":
         counts = failure_counts(status.get("failures") or {}) or "some records failed"
-        c2.warning(f"Done with failures (exit code {status.get('exit_code')}): {counts}. Retry runs the same command "
+        c2.warning(f"Done with failures (exit code {code}): {counts}. Retry runs the same command "
                    "again and asks the failed records only.")  # fmt: skip
         if status.get("retry_error"):
             st.warning(f"The last retry stopped before it fixed them: {common.md(status['retry_error'])}")
         failed_records(status.get("failures") or {})
-    elif state == "failed":
-        c2.error(f"Failed (exit code {status.get('exit_code')}): {status.get('error') or 'see the log'}")
-    elif state == "stopped":
-        how = STOP_SIGNALS.get(status.get("exit_code"), "interrupted")
-        c2.warning(f"Stopped by the user ({how}). Resume runs the same command again; finished work is kept.")
-    elif state == "killed":
-        c2.warning("Ended without recording how (killed?). Resume runs the same command again; finished work is kept.")
-    elif job is not None and not finished:
+    elif job.state == "unknown" and job.record is not None and not finished:
         c2.caption("Stopped before the end. Resume runs the same command again; finished work is kept.")
-    if job is not None and state != "done" and not (state == "unknown" and finished):
-        label = {"failed": "Run again", "done_with_failures": "Retry failed"}.get(state, "Resume")
-        if c1.button(label, key="resume_run"):
-            if start_background(job["argv"], run_dir):
-                st.rerun(scope="app")
+    else:
+        return False
+    return True
 
 
 def failed_records(failures: dict) -> None:

@@ -56,7 +56,8 @@ PENDING_BRUSH = "url_brush"  # a brush read from a link (None: none), applied on
 # The Samples page's filters and sort: URL name -> widget key (lists joined by ","; the sort a name).
 SAMPLES_VIEW = {"verdict": "samples_verdict", "why": "samples_reason", "flags": "samples_flags", "sort": "samples_sort"}
 SAMPLES_DEFAULTS = {"verdict": ",".join(VERDICTS), "sort": "pick rank"}  # left out of the URL
-VIEW = ("id", "search", *SAMPLES_VIEW, "logx", "brush", "brush_label")  # what the URL holds besides the run and the selection
+VIEW = ("id", "search", *SAMPLES_VIEW, "logx", "brush", "brush_label", "experiment", "item")  # what the URL holds besides the run and the selection
+EXPERIMENT, ITEM = "outcomes_experiment", "outcomes_item"  # the Outcomes page's experiment and opened item
 
 
 def default_selection() -> SelectConfig:
@@ -208,7 +209,7 @@ def encode(run_name: str | None, config: SelectConfig | None, view: dict[str, st
 
 def view(page_path: str, inspector_path: str) -> dict[str, str]:
     """The view's URL part for the page shown: the sample id on the inspector, the search on Samples,
-    the brush (rows of the run) on every page."""
+    the experiment and its opened item on Outcomes, the brush (rows of the run) on every page."""
     rows = brushed_rows()
     found = {"brush": encode_rows(rows), "brush_label": st.session_state.get("brush_label", "")} if rows is not None else {}
     if page_path == inspector_path:
@@ -221,6 +222,8 @@ def view(page_path: str, inspector_path: str) -> dict[str, str]:
             found[name] = "" if text == SAMPLES_DEFAULTS.get(name) else text
     if page_path == "difficulty" and st.session_state.get("ins_ppl_log"):
         found["logx"] = "1"
+    if page_path == "outcomes":
+        found.update(experiment=st.session_state.get(EXPERIMENT) or "", item=st.session_state.get(ITEM) or "")
     return found
 
 
@@ -291,6 +294,9 @@ def read_url(run_names: list[str], page_path: str) -> None:
             st.sidebar.warning(f"{exc}; the link's selection is ignored.")
     if params.get("id"):
         st.session_state["inspect_id"] = params["id"]
+    if params.get("experiment"):
+        st.session_state["outcomes_next"] = params["experiment"]  # the Outcomes page opens it once it lists it
+    st.session_state[ITEM] = params.get("item") or None
     st.session_state["samples_query"] = params.get("search", "")
     for name, key in SAMPLES_VIEW.items():  # checked against the page's options when it draws them
         if name in params:

@@ -519,7 +519,7 @@ def test_runs_page_shows_a_failed_run_as_failed(demo, tmp_path):
     at.session_state["run_name"] = "broken"
     at.run()
     assert not at.exception
-    shown = texts(at.error)
+    shown = re.sub(r"\\(.)", r"\1", texts(at.error))  # the markdown source, unescaped
     assert "Failed (exit code 1)" in shown and "line 2" in shown and str(bad) in shown
     assert at.button(key="resume_run").label == "Run again"
     table = at.dataframe[0].value.set_index("run")
@@ -969,6 +969,37 @@ def test_the_search_and_the_brush_are_kept_in_the_url(demo):
     bad.query_params.update({"run": "demo", "brush": "!!"})
     bad.run()
     assert "brush='!!' is not a brush this app wrote" in texts(bad.sidebar.warning) and "brush" not in bad.query_params
+
+
+def test_a_pasted_outcomes_link_opens_its_experiment_and_item_and_a_stopped_unit_reads_stopped(demo):
+    """Issue 31 (3): the experiment and the opened item are in the URL; a unit that was running when
+    the experiment was stopped shows as stopped; a Stop notice of another job is not shown."""
+    import os
+
+    from threeds.rundir.progress import write_status
+
+    exp = make_experiment(demo)
+    other = make_experiment(demo, "other")
+    os.utime(other, (exp.stat().st_mtime + 10,) * 2)  # the newest: the one a plain visit opens
+    units = json.loads((exp / "units.json").read_text())
+    units["rand/seed0"]["eval"] = "running"
+    (exp / "units.json").write_text(json.dumps(units))
+    write_status(exp, "stopped", exit_code=143, pid=12345)
+    at = app()
+    at.query_params.update(run="demo", experiment="sel-vs-rand", item="q4")
+    at.session_state["job_stops"] = {str(exp): (999999, "stopped (SIGINT): from another job")}
+    at.switch_page("app_pages/outcomes.py").run()
+    assert not at.exception
+    assert at.selectbox(key="outcomes_experiment").value == "sel-vs-rand"
+    assert "Item `q4`: the prompt exactly as the model read it" in texts(at.caption)
+    assert "Question 4?" in [c.value for c in at.code]
+    table = next(d.value for d in at.dataframe if "train s" in d.value.columns)
+    assert table["eval"].tolist() == ["done", "stopped"]
+    assert "Stopped by the user (ended by SIGTERM after SIGINT went unheeded)" in texts(at.warning) and not at.info
+    assert dict(at.query_params).items() >= {"run": "demo", "experiment": "sel-vs-rand", "item": "q4"}.items()
+    at = app().run()
+    at.switch_page("app_pages/outcomes.py").run()  # a plain visit: the newest experiment, no item
+    assert at.selectbox(key="outcomes_experiment").value == "other" and "item" not in dict(at.query_params)
 
 
 def test_outcomes_page_shows_an_experiment_and_starts_one(demo, monkeypatch):

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import os
 
 import pytest
 from tqdm import tqdm
 
-from threeds.rundir import layout
+from threeds.errors import ThreedsError
+from threeds.io.lock import holder
+from threeds.outcomes import pace
+from threeds.rundir import layout, lifecycle
 from threeds.rundir import progress as pg
 
 
@@ -163,3 +168,53 @@ def test_terminal_text_of_a_real_tqdm_bar():
     shown = pg.terminal_text(raw)
     assert "\r" not in shown and "\x1b" not in shown
     assert shown.strip().startswith("generate: 100%") and "3/3" in shown and shown.count("generate") == 1
+
+
+@pytest.mark.parametrize(
+    "raised, state, code",
+    [(None, "done", 0), ("ending", "done_with_failures", 3), (KeyboardInterrupt(), "stopped", 130),
+     (ThreedsError("bad record"), "failed", 1)],
+)  # fmt: skip
+def test_run_lifecycle_records_running_then_the_end_inside_the_lock(tmp_path, monkeypatch, raised, state, code):
+    """One lifecycle for runs and experiments: every status.json write happens while this process
+    holds the directory's lock (a Stop's record or a Resume never sees the lock free and `running`)."""
+    written = []
+    real = lifecycle.write_status
+
+    def recording(directory, state, **kw):
+        written.append((state, holder(directory) == os.getpid()))
+        real(directory, state, **kw)
+
+    monkeypatch.setattr(lifecycle, "write_status", recording)
+    with contextlib.suppress(KeyboardInterrupt, ThreedsError):
+        with lifecycle.run_lifecycle(tmp_path / "run") as ending:
+            assert pg.read_status(tmp_path / "run")["state"] == "running"
+            if raised == "ending":
+                ending.state, ending.exit_code, ending.error, ending.failures = "done_with_failures", 3, "2 failed", {"rate": {"failed": 2}}
+            elif raised is not None:
+                raise raised
+    assert written == [("running", True), (state, True)]
+    status = pg.read_status(tmp_path / "run")
+    assert (status["state"], status["exit_code"]) == (state, code) and holder(tmp_path / "run") is None
+    if raised == "ending":
+        assert status["error"] == "2 failed" and status["failures"] == {"rate": {"failed": 2}}
+    if isinstance(raised, ThreedsError):
+        assert status["error"] == "bad record"
+
+
+def test_experiment_time_left_by_hand():
+    """Steps and items at their own paces; work whose pace is unknown is named, not guessed."""
+    described = {"train": {"batch_size": 2, "grad_accum": 2, "epochs": 3}}
+    assert pace.planned_steps(described, 10) == 9 and pace.planned_steps(described, None) == 0  # 3 x ceil(10 / 4)
+    units = {"sel/seed0": {"records": 10, "train": "running"}, "rand/seed0": {"records": 4}, "base/seed0": {"records": None, "train": "none"}}
+    # the first unit's first step: 2 steps done in 20 s since the stage began -> 10 s a step
+    progress = {"stage": "sel/seed0 train", "done": 2, "total": 9, "done_at_start": 0, "started": 100.0, "updated": 120.0}
+    left = pace.time_left(described, units, progress)
+    assert left == pace.TimeLeft((7 + 3) * 10.0, ("eval",))  # 7 steps of sel, 3 of rand; no evaluation measured yet
+    assert pace.time_left(described, units, {**progress, "done": 0, "updated": 100.0}) is None  # no pace yet
+    # sel trained (9 steps in 90 s) and evaluated (50 items in 25 s); rand evaluating: 10 of 50 items
+    units = {"sel/seed0": {"records": 10, "train": "done", "train_s": 90.0, "steps": 9, "eval": "done", "eval_s": 25.0, "n_items": 50},
+             "rand/seed0": {"records": 4, "train": "done", "train_s": 30.0, "steps": 3, "eval": "running"},
+             "base/seed0": {"records": None, "train": "none"}}  # fmt: skip
+    progress = {"stage": "rand/seed0 eval", "done": 10, "total": 50, "done_at_start": 0, "started": 0.0, "updated": 5.0}
+    assert pace.time_left(described, units, progress) == pace.TimeLeft((40 + 50) * 25.0 / 50, ())  # rand's 40 + base's 50

@@ -8,10 +8,8 @@ import logging
 from pathlib import Path
 
 from threeds.config import ExperimentConfig, TrainConfig, add_arguments, from_args
-from threeds.errors import INTERRUPTED, describe
-from threeds.io.lock import locked
 from threeds.rundir import layout
-from threeds.rundir.progress import write_status
+from threeds.rundir.lifecycle import run_lifecycle
 
 log = logging.getLogger(__name__)
 
@@ -51,15 +49,8 @@ def main(args: argparse.Namespace) -> int:
 
     config, train = from_args(ExperimentConfig, args), from_args(TrainConfig, args)
     exp = experiment_dir(args.run, config.name)
-    with locked(exp):  # status.json is the experiment's own: only its one writer records it
-        write_status(exp, "running")
-        try:
-            run_experiment(args.run, config, train, say=log.info)
-        except BaseException as exc:
-            message, code = describe(exc)
-            write_status(exp, "stopped" if code == INTERRUPTED else "failed", exit_code=code, error=message)
-            raise
-        write_status(exp, "done", exit_code=0)
+    with run_lifecycle(exp):  # status.json is the experiment's own: its end is recorded before the lock goes
+        run_experiment(args.run, config, train, say=log.info)
     print((exp / layout.REPORT_MD).read_text(encoding="utf-8"))
     print(json.dumps({"summary": str(exp / layout.EXPERIMENT_SUMMARY), "report": str(exp / layout.REPORT_MD)}, indent=2))
     return 0

@@ -25,10 +25,9 @@ from threeds.config import (
     add_arguments,
     from_args,
 )  # fmt: skip
-from threeds.errors import INTERRUPTED, describe
-from threeds.io.lock import locked
 from threeds.rundir import layout
-from threeds.rundir.progress import ProgressFile, read_status, write_status
+from threeds.rundir.lifecycle import run_lifecycle
+from threeds.rundir.progress import ProgressFile
 from threeds.rundir.write import RunDir
 from threeds.stages.outcome import run_outcome
 from threeds.stages.pipeline import run_pipeline
@@ -70,35 +69,17 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     return RunConfig(**{name: from_args(cls, args, RUN_FLAGS.get(cls)) for name, (cls, _) in GROUPS.items()})
 
 
-def kept_failures(out: Path, before: dict, message: str) -> None:
-    """A retry of a run done with failures that stops on an error (the preflight refuses again, the
-    server is down) has fixed nothing: the run stays done with failures, its failed records listed, and
-    says why the retry stopped."""
-    write_status(out, "done_with_failures", exit_code=before.get("exit_code"), error=before.get("error"),
-                 failures=before.get("failures"), retry_error=message)  # fmt: skip
-
-
 def main(args: argparse.Namespace) -> int:
     """Run the pipeline and record how it ended in OUT/status.json (done, done with failures, stopped,
     failed); the last line printed says the same."""
     out = args.out or Path("cache") / args.data.stem
-    with locked(out):  # status.json is the run's own: only its one writer records it
-        before = read_status(out)
-        write_status(out, "running")
+    with run_lifecycle(out) as ending:  # status.json is the run's own: its end is recorded before the lock goes
         ProgressFile(out / layout.PROGRESS, "start", 0, ahead=[]).phase("reading the data")  # a phase line from the first second
-        try:
-            config = config_from_args(args)  # refused settings are recorded as the run's end too
-            result = run_pipeline(args.data, RunDir(out), config)
-        except BaseException as exc:
-            message, code = describe(exc)
-            if code != INTERRUPTED and (before or {}).get("state") == "done_with_failures":
-                kept_failures(out, before, message)
-            else:
-                write_status(out, "stopped" if code == INTERRUPTED else "failed", exit_code=code, error=message)
-            raise
+        config = config_from_args(args)  # refused settings are recorded as the run's end too
+        result = run_pipeline(args.data, RunDir(out), config)
+        outcome = run_outcome(result, config.select)
+        ending.state, ending.exit_code, ending.failures = outcome.state, outcome.exit_code, outcome.failures
+        ending.error = outcome.line if outcome.exit_code else None
     print(json.dumps(result, indent=2, ensure_ascii=False, default=str))
-    outcome = run_outcome(result, config.select)
     (log.warning if outcome.exit_code else log.info)("%s", outcome.line)
-    write_status(out, outcome.state, exit_code=outcome.exit_code, error=outcome.line if outcome.exit_code else None,
-                 failures=outcome.failures)  # fmt: skip
     return outcome.exit_code

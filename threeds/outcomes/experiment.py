@@ -37,7 +37,7 @@ from threeds.outcomes.arms import ARM_NAME, SIZED, Arm, ArmSource, default_basel
 from threeds.outcomes.benchsets import Bench, load_bench
 from threeds.outcomes.evaluate import answer_key, check_shots, evaluate
 from threeds.outcomes.files import read_described, read_items, read_losses, read_summary, read_units
-from threeds.outcomes.train import Trained, finished, train_arm
+from threeds.outcomes.train import Trained, finished, step_plan, train_arm
 from threeds.rundir import layout
 from threeds.rundir.check import read_json_object
 from threeds.rundir.progress import ProgressFile
@@ -175,9 +175,12 @@ class Runner:
         self.state: dict[str, dict] = read_units(path) if path.is_file() else {}
 
     def run(self) -> None:
-        for index, unit in enumerate(self.units):
+        for unit in self.units:  # every unit listed from the start: the page counts the work still to do
             row = self.state.setdefault(unit.key, {"arm": unit.arm.name, "seed": unit.seed})
             row["records"] = None if unit.ids is None else len(unit.ids)
+        self.save_state()
+        for index, unit in enumerate(self.units):
+            row = self.state[unit.key]
             if self.evaluated(unit):
                 row.update(train=row.get("train") or ("none" if unit.ids is None else "done"), eval="done")
                 trained = read_json_object(self.folder(unit, "train") / layout.TRAIN_SUMMARY) if unit.ids is not None else {}
@@ -202,7 +205,7 @@ class Runner:
         row[phase] = "done"
         if result is not None:
             row[f"{phase}_s"] = round(time.perf_counter() - start, 2)
-            row.update({"steps": result.summary["steps"]} if phase == "train" else {})
+            row.update({"steps": result.summary["steps"]} if phase == "train" else {"n_items": result.get("n_items")})
         self.save_state()
         return result
 
@@ -221,7 +224,8 @@ class Runner:
         records = self.source.records_of(unit.ids)
         config = dataclasses.replace(self.train, seed=unit.seed)
         meta = {"model": model_label(self.spec.model), "run": str(self.source.run_dir), "arm": unit.arm.spec}
-        bar = ProgressFile(self.exp / layout.PROGRESS, f"{unit.key} train", 0, unit="steps")
+        steps = len(step_plan(len(records), config))  # the page shows the real count from the start, not 0 / 0
+        bar = ProgressFile(self.exp / layout.PROGRESS, f"{unit.key} train", steps, unit="steps")
         trained = train_arm(self.spec, records, config, out, meta, progress=lambda d, t: self.tick(bar, d, t))
         bar.close()
         summary = trained.summary
@@ -238,7 +242,7 @@ class Runner:
             model, tokenizer = merged(trained.model), trained.tokenizer
         else:
             model, tokenizer = load_model(self.spec.model, adapter, self.spec.dtype)
-        bar = ProgressFile(self.exp / layout.PROGRESS, f"{unit.key} eval", 0, unit="items")
+        bar = ProgressFile(self.exp / layout.PROGRESS, f"{unit.key} eval", len(self.bench.items), unit="items")
         summary = evaluate(model, tokenizer, self.bench, out, config, self.spec, progress=lambda d, t: self.tick(bar, d, t))
         bar.close()
         self.say(f"{unit.key}: accuracy {summary.get('acc', float('nan')):.3f} on {summary.get('n_items', '?')} items")

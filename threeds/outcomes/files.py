@@ -84,7 +84,7 @@ def read_described(path: Path) -> dict:
 # ------------------------------------------------------------------------------ units.json
 
 
-UNIT_NUMBERS = ("records", "steps", "train_s", "eval_s")
+UNIT_NUMBERS = ("records", "steps", "train_s", "eval_s", "n_items")
 
 
 def read_units(path: Path) -> dict:
