@@ -11,7 +11,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from app_pages import common
+from app_pages import common, proxy_view
 from threeds.names import METRIC_NAMES, METRICS, metric_column
 from threeds.rundir import layout
 from threeds.selection.apply import (
@@ -104,6 +104,7 @@ def main() -> None:
     overlap_map(run_a, parts)
     st.subheader("Difference")
     st.dataframe(diff.head(2000), hide_index=True, width="stretch", key="compare_diff")
+    proxy_view.section([run_a, run_b])
 
 
 main()

@@ -67,17 +67,25 @@ class SubsetConfig:
     sample: int | None = setting(None, "only N records drawn at random with --sample-seed, kept in input order; "
                                  "not with --limit (default: all)", kind=int, low=1)  # fmt: skip
     sample_seed: int = setting(0, "seed of --sample (default: 0)", low=0)
+    stratify: str | None = setting(None, "with --sample: draw the N records stratified by this field, e.g. source: "
+                                   "each value gets its share of N (threeds sample) (default: a plain random sample)",
+                                   kind=str)  # fmt: skip
 
     def _relations(self, flag: Callable[[str], str]) -> dict[str, str]:
         if self.limit is not None and self.sample is not None:
             return {"sample": f"not with {flag('limit')}: give a record limit or a random sample size, not both"}
+        if self.stratify is not None and self.sample is None:
+            return {"stratify": f"needs {flag('sample')} N: the number of records to draw"}
         return {}
 
     def recorded(self) -> dict:
         """As the rate stage records it under `data`: absent for the whole data."""
         if self.limit is not None:
             return {"subset": {"limit": self.limit}}
-        return {"subset": {"sample": self.sample, "seed": self.sample_seed}} if self.sample is not None else {}
+        if self.sample is None:
+            return {}
+        strata = {"stratify": self.stratify} if self.stratify is not None else {}
+        return {"subset": {"sample": self.sample, "seed": self.sample_seed, **strata}}
 
 
 @dataclass(frozen=True)
@@ -104,6 +112,11 @@ class ModelConfig:
         "auto", "precision of the model's weights: auto = float32 on CPU, bfloat16 on a GPU. bfloat16 on a CPU with "
         "AVX512-BF16 or AMX scores about 1.7x faster and moves the metrics by up to a few percent (BENCHMARKS.md (a))",
         choices=("auto", "float32", "bfloat16"),
+    )  # fmt: skip
+    proxy_check: str | None = setting(
+        None, "threeds run / score: the folder of a `threeds proxy-check` that justifies scoring with --model in place "
+        "of the target model; it must have checked this --model. The manifest links it and the app shows it "
+        "(default: none)", kind=str,
     )  # fmt: skip
 
     @property

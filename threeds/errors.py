@@ -24,7 +24,8 @@ EXIT_CODES = {
     OK: "success",
     BAD_INPUT: "bad input, bad or inconsistent run files, or bad settings",
     USAGE: "command-line usage error",
-    RECORDS_FAILED: "done with failures (run the same command again to retry the failed records) or an empty selection",
+    RECORDS_FAILED: "done with failures (run the same command again to retry the failed records), an empty selection, "
+    "or a proxy check that did not pass",
     LOCKED: "another process is writing the run directory",
     IO_ERROR: "the operating system refused a read or write (disk full, permission denied, ...)",
     SERVER_DOWN: "the model server is down; finished records are kept, run again to resume",

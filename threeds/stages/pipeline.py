@@ -36,11 +36,13 @@ from threeds.io.data import (
     write_jsonl,
 )  # fmt: skip
 from threeds.io.lock import locked
+from threeds.io.sampling import stratified_sample
 from threeds.model.backends import Backend, LocalBackend, OpenAIBackend
 from threeds.names import METRIC_COLUMNS
 from threeds.rundir import layout
 from threeds.rundir.check import selected_records
 from threeds.rundir.progress import ProgressFile, set_ahead
+from threeds.rundir.proxy_link import proxy_link
 from threeds.rundir.write import RunDir, RunError, package_versions
 from threeds.selection.apply import select_dir
 from threeds.stages.engine import Engine
@@ -182,6 +184,8 @@ def _score_run(
         raise DataError(f"{data_path or run.path}: no record to score ({len(rejects)} rejected{first})")
     config = score_config(score, spec, kept, loaded)
     manifest = _open_scoring(run, config, overwrite)
+    if spec.proxy_check is not None:
+        manifest = run.update_manifest(proxy_check=proxy_link(spec.proxy_check, spec.model))
     run.remove_stale_temps()
     if manifest.get("status") == "scored":
         run.remove_chunks()  # a run killed after its completion marker, while cleaning up
@@ -298,13 +302,19 @@ def run_pipeline(data: Path, run: RunDir, config: RunConfig) -> dict:
 
 def _run_stages(data: Path, run: RunDir, config: RunConfig) -> dict:
     run.remove_stale_temps()  # a killed run's; this process holds the lock, so none is being written
+    if config.model.proxy_check is not None:
+        proxy_link(config.model.proxy_check, config.model.model)  # a wrong link stops the run before any work
     stages = Stages(run)
     records, rejects = read_data(data, config.data)
     require_records(data, records, rejects)
     if rejects:
         write_jsonl(run.file(layout.REJECTS), rejects)
         log.warning("%d input records rejected (see %s)", len(rejects), run.file(layout.REJECTS))
-    records = take_records(records, config.subset)
+    subset = config.subset
+    if subset.stratify is not None:
+        records = stratified_sample(records, subset.sample, subset.stratify, seed=subset.sample_seed)[0]
+    else:
+        records = take_records(records, subset)
     backend = make_backend(config)
     rated = _rate(stages, data, records, len(rejects), backend, config)
     kept, report = _filter(stages, records, config)
