@@ -4,7 +4,7 @@
 
 Deterministic (`threeds.model.layer_cut`): layers round(i * 29 / (K - 1)), i = 0..K-1, so the first
 and the last are always kept; embeddings, final norm and head unchanged. Writes config.json,
-model.safetensors, the tokenizer and layer_cut.json (the kept layers) into --out, loadable with
+model.safetensors and the tokenizer into --out (config.json's `layer_cut` names the kept layers), loadable with
 `--model DIR` / `threeds proxy-check --proxy DIR`. A few seconds on a CPU (the embedded model's
 one-time GGUF conversion aside). BENCHMARKS.md (p) gives what the check says about it.
 """

@@ -179,7 +179,8 @@ def test_kept_layers_are_evenly_spaced_with_both_ends():
 def test_cut_model_runs_the_kept_layers_of_the_original(tmp_path, tokenizer):
     model = tiny_llama(len(tokenizer), layers=4)
     described = save_cut(model, tokenizer, 2, tmp_path / "cut", "tiny")
-    assert described["kept"] == [0, 3] and json.loads((tmp_path / "cut" / "config.json").read_text())["num_hidden_layers"] == 2
+    config = json.loads((tmp_path / "cut" / "config.json").read_text())
+    assert described["kept"] == [0, 3] and config["num_hidden_layers"] == 2 and config["layer_cut"]["kept"] == [0, 3]
     loaded, _ = load_model(str(tmp_path / "cut"), device="cpu")
     model.model.layers = torch.nn.ModuleList([model.model.layers[0], model.model.layers[3]])  # the original, layers 1-2 skipped
     model.config.num_hidden_layers = 2

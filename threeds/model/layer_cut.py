@@ -5,14 +5,14 @@ real weights offline: of a model's L decoder layers keep K, evenly spaced and al
 the last, i.e. layer round(i (L - 1) / (K - 1)) for i = 0 .. K-1 (`kept_layers`). Embeddings, the
 final norm and the output head are kept as they are; kept layer j takes the weights of original
 layer kept[j]. The result is written like any model directory (config.json with
-`num_hidden_layers = K`, model.safetensors, the tokenizer) and loads with `--model DIR`.
+`num_hidden_layers = K` and `layer_cut` saying which layers, model.safetensors, the tokenizer) and
+loads with `--model DIR`.
 Dropping layers of a residual network leaves a model that still predicts tokens, less well: how
 well its difficulty ranks agree with the full model's is what `threeds proxy-check` measures.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -64,7 +64,7 @@ def cut_model(model: PreTrainedModel, keep: int) -> tuple[PreTrainedModel, list[
 def save_cut(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, keep: int, out: str | os.PathLike,
              source: str) -> dict:  # fmt: skip
     """Cut `model` to `keep` layers and write it with `tokenizer` into `out` (replaced whole, atomically);
-    returns the description also written as `layer_cut.json` beside the weights."""
+    returns the description, also kept in the config as `layer_cut`."""
     out = Path(out)
     small, kept = cut_model(model, keep)
     described = {
@@ -73,12 +73,12 @@ def save_cut(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, keep: i
         "parameters": sum(p.numel() for p in small.parameters()),
         "source_parameters": sum(p.numel() for p in model.parameters()),
     }  # fmt: skip
+    small.config.layer_cut = described  # kept in config.json: where the model came from
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
     try:
         small.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        (tmp / "layer_cut.json").write_text(json.dumps(described, indent=2) + "\n")
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -28,12 +28,12 @@ from threeds.io.data import write_json
 from threeds.io.lock import locked
 from threeds.model.backends import LocalBackend
 from threeds.rundir import layout
-from threeds.rundir.check import load_scored, read_json_object, read_manifest, read_scored_records
+from threeds.rundir.check import load_scored, read_json_object, read_manifest, read_scored_records, stage_part
 from threeds.rundir.read import Run, run_settings
 from threeds.rundir.write import RunDir
 from threeds.selection.proxy_agreement import Gates, Side, compare, scaled_k, verdict
 from threeds.stages.generate import generate_records
-from threeds.stages.pipeline import make_backend, score_run
+from threeds.stages.pipeline import Stages, make_backend, score_run
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def target_settings(run_dir: Path) -> tuple[dict, list[dict], dict]:
     if manifest.get("status") != "scored" or not isinstance(manifest.get("score_config"), dict):
         raise ProxyCheckError(f"{run_dir}: not a finished scored run (manifest status {manifest.get('status')!r}); "
                               "finish `threeds run` or `threeds score` into it first")  # fmt: skip
-    records = read_scored_records(run_dir / layout.DATA, metrics["id"].tolist())
+    records = read_scored_records(run_dir, metrics["id"].tolist()).take(range(len(metrics)))  # a sample: small
     return manifest, records, manifest["score_config"]
 
 
@@ -98,7 +98,7 @@ def proxy_answers(records: list[dict], out: Path, spec: ModelConfig, check: Chec
 def per_record(manifest: dict, n: int) -> dict:
     """Seconds per record of a run's scoring and A' generation, from its manifest (None where unknown)."""
     score = (manifest.get("timings") or {}).get("score_seconds")
-    summary = ((manifest.get("stages") or {}).get("generate") or {}).get("summary") or {}
+    summary = stage_part(manifest, "generate", "summary")
     generate = summary["seconds"] / summary["new"] if summary.get("new") and summary.get("seconds") else None
     return {"score": score / n if score and n else None, "generate": generate}
 
@@ -126,13 +126,12 @@ def run_check(target_dir: str | os.PathLike, out: str | os.PathLike, check: Chec
     with locked(out):
         generated = None
         if check.answers == "proxy":
-            tokens = check.max_new_tokens or (((manifest.get("stages") or {}).get("generate") or {}).get("config") or {}).get(
-                "max_new_tokens", GenerateConfig.max_new_tokens)  # fmt: skip
+            tokens = check.max_new_tokens or stage_part(manifest, "generate", "config").get("max_new_tokens", GenerateConfig.max_new_tokens)
             records, generated = proxy_answers(records, out, spec, check, tokens)
         started = time.perf_counter()
         score_run(records, out, score, spec, EngineConfig(), data_path=str(target_dir / layout.DATA), overwrite=overwrite)
         if generated is not None:
-            RunDir(out).update_manifest(stages={"generate": {"config": {"max_new_tokens": tokens}, "summary": generated}})
+            Stages(RunDir(out)).record("generate", config={"max_new_tokens": tokens}, summary=generated)
         result = check_scored(target_dir, out, check)
         result["seconds"] = round(time.perf_counter() - started, 3)
         write_json(out / layout.PROXY_CHECK, result)
@@ -160,8 +159,8 @@ def _compare(target_dir: Path, out: Path, manifest: dict, check: CheckConfig) ->
     proxy = Side(p_metrics.iloc[p_rows].reset_index(drop=True), np.asarray(p_emb[p_rows], dtype=np.float32))
     settings = run_settings_of(target_dir, manifest)
     k = min(check.sample_num, len(shared)) if check.sample_num else scaled_k(settings.sample_num, len(shared), check.pool_size)
-    records = read_scored_records(target_dir / layout.DATA, t_metrics["id"].tolist())
-    sources = [str(records[r].get("source", "(none)")) for r in t_rows]
+    records = read_scored_records(target_dir, t_metrics["id"].tolist()).take(t_rows)
+    sources = [str(record.get("source", "(none)")) for record in records]
     agreement = compare(target, proxy, settings, k, sources)
     target_model = (manifest.get("model") or {}).get("spec") or (manifest.get("score_config") or {}).get("model")
     return {
