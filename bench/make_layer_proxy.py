@@ -6,7 +6,7 @@ Deterministic (`threeds.model.layer_cut`): layers round(i * 29 / (K - 1)), i = 0
 and the last are always kept; embeddings, final norm and head unchanged. Writes config.json,
 model.safetensors and the tokenizer into --out (config.json's `layer_cut` names the kept layers), loadable with
 `--model DIR` / `threeds proxy-check --proxy DIR`. A few seconds on a CPU (the embedded model's
-one-time GGUF conversion aside). BENCHMARKS.md (p) gives what the check says about it.
+one-time GGUF conversion aside). BENCHMARKS.md (w) gives what the check says about it.
 """
 
 from __future__ import annotations
