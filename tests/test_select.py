@@ -415,3 +415,34 @@ def test_bench_baseline_matches_on_float16_exact_data():
 
     x = np.random.default_rng(5).integers(-50, 50, (300, 8)).astype(np.float16)  # ties included
     assert baseline_kcenter(x, 40, 2) == k_center_greedy(x.astype(np.float32), 40, seed=2).tolist()
+
+
+def test_k_center_lower_bounds_skip_centres_not_picks(tmp_path, monkeypatch):
+    """Memory-mapped float16 rows in clusters, with exact copies and exact ties (small integers sum
+    exactly in float32): the projection's lower bounds rule out most exact distances, and the picks
+    equal the plain float32 reference and the run without bounds."""
+    import threeds.selection.kcenter as select
+
+    rng = np.random.default_rng(7)
+    centres = rng.integers(-30, 30, (12, 48))
+    x = centres[rng.integers(12, size=1500)] + rng.integers(-2, 3, (1500, 48))
+    x[1000:1100] = x[:100]
+    np.save(tmp_path / "emb.npy", x.astype(np.float16))
+    rows = np.load(tmp_path / "emb.npy", mmap_mode="r")
+    exact = []
+    real_exact = select._LazyFarthest._exact
+
+    def counted(self, rows, hidden, lo):
+        exact[-1] += int((~hidden).sum())
+        return real_exact(self, rows, hidden, lo)
+
+    monkeypatch.setattr(select._LazyFarthest, "_exact", counted)
+    expected = reference_kcenter(x, 400, 4)
+    exact.append(0)
+    assert k_center_greedy(rows, 400, seed=4, device="cpu").tolist() == expected
+    monkeypatch.setattr(select._Projection, "directions", classmethod(lambda cls, x, ops: None))
+    exact.append(0)
+    assert k_center_greedy(rows, 400, seed=4, device="cpu").tolist() == expected
+    assert exact[0] < exact[1] / 3, exact
+    assert expected[0] == 1089  # the seed's first centre is a copy: its original is then at distance 0
+    assert not [r for r in expected[1:] if 1000 <= r < 1100 and r - 1000 not in expected[: expected.index(r)]]

@@ -81,8 +81,10 @@ class NumpyOps:
         return np.asarray(rows, dtype=np.int64)
 
     def shared(self, emb) -> np.ndarray | None:
-        """The input itself when it is float32 rows that need no copy."""
-        if is_tensor(emb) or emb.dtype != np.float32 or not emb.flags.c_contiguous:
+        """The input itself when it is float32 rows, or float16 rows for float32 storage (they convert
+        exactly, block by block: a memory-mapped float16 matrix is never copied whole)."""
+        usable = (np.float32, np.float16) if self.dtype == np.float32 else (np.float32,)
+        if is_tensor(emb) or emb.dtype not in usable or not emb.flags.c_contiguous:
             return None
         return emb
 
@@ -91,6 +93,17 @@ class NumpyOps:
 
     def f32(self, array: np.ndarray) -> np.ndarray:
         return array.astype(np.float32, copy=False)
+
+    def host(self, array: np.ndarray) -> np.ndarray:
+        return np.asarray(array)
+
+    def argsort(self, values: np.ndarray) -> np.ndarray:
+        return np.argsort(values, kind="stable")
+
+    def rowargmin(self, array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each row's min and its column."""
+        at = array.argmin(1)
+        return np.take_along_axis(array, at[:, None], 1)[:, 0], at
 
     def nonzero(self, mask: np.ndarray) -> np.ndarray:
         return np.flatnonzero(mask)
@@ -116,11 +129,33 @@ class NumpyOps:
     concat = staticmethod(np.concatenate)
 
     def first_copies(self, x: np.ndarray, chunk_rows: int) -> np.ndarray:
-        """For every row, the lowest index of a row with the same values (itself if none earlier)."""
-        rows = np.ascontiguousarray(x + x.dtype.type(0))  # -0.0 and 0.0 are the same point
-        keys = rows.view(np.dtype((np.void, rows.dtype.itemsize * rows.shape[1]))).ravel()
-        _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)  # first occurrences
-        return first[inverse.ravel()].astype(np.int64)
+        """For every row, the lowest index of a row with the same values (itself if none earlier).
+
+        Rows are hashed by the bits of their float32 values, 64 bits at a time with integer
+        arithmetic (wraps around, exact and order-free), block by block; rows of equal hash are
+        then compared value by value (`_group_copies`).
+        """
+        n, dim = x.shape
+        words = dim // 2 if dim % 2 == 0 else dim  # pairs of float32 as one uint64 where they pair up
+        weights = np.random.default_rng(0).integers(1, 2**63, words, dtype=np.uint64) | np.uint64(1)
+        hashes = np.empty(n, dtype=np.uint64)
+        for s in range(0, n, chunk_rows):
+            rows = x[s : s + chunk_rows].astype(np.float32) + np.float32(0)  # -0.0 and 0.0 are the same point
+            bits = rows.view(np.uint64) if dim % 2 == 0 else rows.view(np.uint32).astype(np.uint64)
+            hashes[s : s + chunk_rows] = (bits * weights).sum(1, dtype=np.uint64)
+        order = np.argsort(hashes, kind="stable")
+        ordered = hashes[order]
+        starts = np.ones(n, dtype=bool)
+        starts[1:] = ordered[1:] != ordered[:-1]
+        run_start = np.maximum.accumulate(np.where(starts, np.arange(n), 0))
+        first = np.empty(n, dtype=np.int64)
+        first[order] = order[run_start]
+        copies = np.flatnonzero(first != np.arange(n))
+        for s in range(0, len(copies), chunk_rows):  # a hash collision is not a copy
+            c = copies[s : s + chunk_rows]
+            same = (x[c].astype(np.float32) == x[first[c]].astype(np.float32)).all(1)
+            first[c] = np.where(same, first[c], c)
+        return first
 
     @contextmanager
     def exact_matmul(self):
@@ -171,6 +206,15 @@ class TorchOps:
 
     def f32(self, array):
         return array.to(self.torch.float32)
+
+    def host(self, array) -> np.ndarray:
+        return array.cpu().numpy()
+
+    def argsort(self, values):
+        return self.torch.argsort(values, stable=True)
+
+    def rowargmin(self, array):
+        return array.min(1)
 
     def nonzero(self, mask):
         return self.torch.nonzero(mask)[:, 0]

@@ -26,6 +26,9 @@ NAN_REASONS = {
 _CHUNK_BYTES = 64 << 20  # float32 bytes per chunk when uploading / converting rows
 _CENTRE_ROWS = 4096  # about this many evenly spaced rows estimate the centroid
 _REFRESH_ROWS = 64  # rows brought up to date per try when looking for the farthest one
+_BOUND_DIMS = 64  # principal directions of the cheap lower bounds on distances
+_BASIS_ROWS = 1024  # about this many evenly spaced rows give those directions
+_EXACT_ROWS = 64  # rows per exact product (sorted by nearest centre, so they need few of the same centres)
 
 
 class NonFiniteError(ValueError):
@@ -144,10 +147,14 @@ def _centre(emb) -> np.ndarray:
 
 
 def _upload(emb, ops, chunk_rows: int):
-    """Rows in storage dtype on the backend's device (centred if half), and their float32 squared norms.
+    """Rows in storage dtype on the backend's device (centred if half), their float32 squared norms,
+    and their lower-bound projection (`_Projection`, None when the rows are too narrow).
 
-    Chunked so that only one float32 chunk exists besides the stored matrix. Norms come from the
-    stored (possibly rounded) values so that a point's distance to itself is ~0.
+    Float32 and float16 inputs on the CPU are used as they are (float16 converts to float32
+    exactly, block by block), so a memory-mapped float16 matrix is never copied whole. Otherwise
+    the rows are copied chunk by chunk, so that only one float32 chunk exists besides the stored
+    matrix. Norms come from the stored (possibly rounded) values so that a point's distance to
+    itself is ~0.
     """
     n, d = emb.shape
     half = storage_dtype(ops.dtype) != "float32"
@@ -159,14 +166,72 @@ def _upload(emb, ops, chunk_rows: int):
             for s in range(0, n, chunk_rows):
                 rows = ops.rows(emb, s, s + chunk_rows)
                 x[s : s + chunk_rows] = rows if centre is None else rows - centre
+    projection = _Projection.directions(x, ops)
     norms = ops.empty(n)
     for s in range(0, n, chunk_rows):
         stored = ops.f32(x[s : s + chunk_rows])
         norms[s : s + chunk_rows] = (stored * stored).sum(1)
+        if projection is not None:
+            projection.project(stored, s)
     if not ops.all_finite(norms):
         hint = f" or overflow {storage_dtype(ops.dtype)} storage (try float32)" if half else ""
         raise NonFiniteError(f"embeddings contain NaN/inf{hint}")
-    return x, norms
+    if projection is not None:
+        projection.finish(norms)
+    return x, norms, projection
+
+
+class _Projection:
+    """Lower bounds on squared distances from the rows projected on a few principal directions.
+
+    For an orthonormal basis B, ||B'(x - c)|| <= ||x - c||, so a centre whose projected distance
+    to a row exceeds the row's current min distance cannot lower it, and its exact distance (a
+    product over all `dim` values) is skipped. The bound is loosened by `slack`, more than the
+    float32 round-off of both the exact and the projected distance can be (about 2 * dim * 2^-24
+    times the squared norms involved, times 4), so a skipped centre is one whose computed distance
+    is not below the min either: the min distances, and so the picks, are those without it.
+    """
+
+    def __init__(self, ops, n: int, mean: np.ndarray, basis: np.ndarray) -> None:
+        self.ops, self.dim = ops, basis.shape[0]
+        self.mean, self.mean_sq = ops.rows(mean[None], 0, 1), float(mean @ mean)
+        self.basis = ops.rows(basis, 0, len(basis))
+        self.rows = ops.empty((n, basis.shape[1]))
+        self.sq = self.slack = None
+
+    @classmethod
+    def directions(cls, x, ops) -> _Projection | None:
+        """About the principal directions of evenly spaced rows (None for rows narrower than 8 values);
+        any orthonormal basis gives valid bounds, one closer to them gives tighter ones."""
+        n, dim = x.shape
+        sample = ops.host(ops.f32(x[:: -(-n // _BASIS_ROWS)])).astype(np.float64)
+        dims = min(_BOUND_DIMS, dim // 4, len(sample) - 1)
+        if dims < 2:
+            return None
+        mean = sample.mean(0)
+        sample -= mean
+        basis = np.random.default_rng(0).standard_normal((dim, dims))
+        for _ in range(3):  # subspace iteration: a few small products, no eigendecomposition
+            basis, _ = np.linalg.qr(sample.T @ (sample @ basis))  # orthonormal whatever the rank
+        return cls(ops, n, mean, basis)
+
+    def project(self, stored, start: int) -> None:
+        self.rows[start : start + len(stored)] = (stored - self.mean) @ self.basis
+
+    def finish(self, norms) -> None:
+        self.sq = (self.rows * self.rows).sum(1)
+        self.slack = (norms + self.mean_sq) * (8 * self.dim * 2.0**-24)
+
+    def lower(self, rows, centres):
+        """[len(rows), len(centres)] lower bounds on the computed squared distances (minus slack)."""
+        bound = self.rows[rows] @ self.rows[centres].T
+        bound *= -2.0
+        bound += self.sq[rows][:, None]
+        bound += self.sq[centres]
+        bound *= 1 - 1e-4  # the basis is orthonormal to float32 round-off only
+        bound -= self.slack[rows][:, None]
+        bound -= self.slack[centres]
+        return bound
 
 
 class _LazyFarthest:
@@ -175,18 +240,22 @@ class _LazyFarthest:
     `bound[i]` is row i's min squared distance over the first `seen[i]` centres: an upper bound
     on its min over all of them. Bringing a row up to date costs one small matrix product
     against the centres it has not seen, and a new centre moves few rows' distances, so the
-    farthest row is usually found among the few rows with the largest bounds. Arrays are the
-    backend's (`ops`: numpy or torch).
+    farthest row is usually found among the few rows with the largest bounds. Of those centres,
+    the ones the projection's lower bound rules out are skipped (`_Projection`); `near[i]` is the
+    centre that gave `bound[i]`, so rows near each other are brought up to date together. Arrays
+    are the backend's (`ops`: numpy or torch).
     """
 
-    def __init__(self, ops, x, norms, k: int, chunk_rows: int) -> None:
+    def __init__(self, ops, x, norms, projection: _Projection | None, k: int, chunk_rows: int) -> None:
         n, dim = x.shape
-        self.ops, self.x, self.norms, self.chunk_rows = ops, x, norms, chunk_rows
+        self.ops, self.x, self.norms, self.projection, self.chunk_rows = ops, x, norms, projection, chunk_rows
         self.centres = ops.empty((max(k, 1), dim))
         self.centre_norms = ops.empty(max(k, 1))
+        self.centre_rows = ops.counters(max(k, 1))
         self.count = 0
         self.bound = ops.full(n, float("inf"))
         self.seen = ops.counters(n)
+        self.near = ops.counters(n)
         self.remaining = n
 
     def add(self, row: int) -> None:
@@ -194,8 +263,10 @@ class _LazyFarthest:
         if self.count == len(self.centres):  # continued past the k it was made for: double the room
             self.centres = self.ops.concat([self.centres, self.ops.empty(self.centres.shape)])
             self.centre_norms = self.ops.concat([self.centre_norms, self.ops.empty(self.centre_norms.shape)])
+            self.centre_rows = self.ops.concat([self.centre_rows, self.ops.counters(len(self.centre_rows))])
         self.centres[self.count] = self.ops.f32(self.x[row])
         self.centre_norms[self.count] = self.norms[row]
+        self.centre_rows[self.count] = row
         self.count += 1
         self.drop(self.ops.indices([row]))
 
@@ -220,18 +291,40 @@ class _LazyFarthest:
         self.seen[rows] = t
 
     def _catch_up(self, rows, lo: int) -> None:
-        """Fold centres [lo, count) into `rows`' bounds, in blocks of about chunk_rows x dim floats."""
+        """Fold centres [lo, count) into `rows`' bounds, in blocks of about chunk_rows x dim values.
+
+        Per block: the centres each row has seen or can rule out by the lower bound are hidden;
+        the rows with any centre left, sorted by nearest centre, get exact distances
+        `_EXACT_ROWS` at a time.
+        """
         t = self.count
         cols = self.ops.arange(lo, t)
         step = max(1, min(self.chunk_rows, self.chunk_rows * self.x.shape[1] // (t - lo)))
         for s in range(0, len(rows), step):
             r = rows[s : s + step]
-            dist = self.ops.f32(self.x[r]) @ self.centres[lo:t].T
-            dist *= -2.0
-            dist += self.norms[r][:, None]
-            dist += self.centre_norms[lo:t]
-            self.ops.clamp_and_hide(dist, cols < self.seen[r][:, None])
-            self.bound[r] = self.ops.minimum(self.bound[r], self.ops.rowmin(dist))
+            hidden = cols < self.seen[r][:, None]
+            if self.projection is not None:
+                hidden |= self.projection.lower(r, self.centre_rows[lo:t]) > self.bound[r][:, None]
+            todo = self.ops.nonzero(~hidden.all(1))
+            todo = todo[self.ops.argsort(self.near[r[todo]])]
+            for e in range(0, len(todo), _EXACT_ROWS):
+                block = todo[e : e + _EXACT_ROWS]
+                self._exact(r[block], hidden[block], lo)
+
+    def _exact(self, rows, hidden, lo: int) -> None:
+        """Fold the centres [lo, count) not `hidden` into `rows`' bounds: one product over the centres
+        any of the rows needs, d = ||x||^2 + ||c||^2 - 2 x.c in float32, clamped at 0."""
+        cols = self.ops.nonzero(~hidden.all(0))
+        centres = lo + cols
+        dist = self.ops.f32(self.x[rows]) @ self.centres[centres].T
+        dist *= -2.0
+        dist += self.norms[rows][:, None]
+        dist += self.centre_norms[centres]
+        self.ops.clamp_and_hide(dist, hidden[:, cols])
+        best, at = self.ops.rowargmin(dist)
+        closer = best < self.bound[rows]
+        self.bound[rows] = self.ops.minimum(self.bound[rows], best)
+        self.near[rows[closer]] = centres[at[closer]]
 
     def refresh_all(self) -> None:
         n = len(self.bound)
@@ -294,7 +387,8 @@ def k_center_greedy(
     Distances are d = ||x||^2 + ||c||^2 - 2 x.c in float32, clamped at 0. Rather than updating
     every row's min distance after every pick (one pass over all n x dim values per pick, which
     is memory-bound), rows are brought up to date lazily (`_LazyFarthest`): the picks are the
-    same, the work is a few small matrix products per pick. On random float32 data the picks
+    same, the work is a few small matrix products per pick, and a centre whose distance to a row
+    a cheap lower bound already rules out is skipped (`_Projection`). On random float32 data the picks
     equal a plain float32 `((x - c) ** 2).sum()` reference (tested); the two can differ only
     where candidates lie within float32 round-off of each other. `device`: "cpu" (numpy, no
     torch), "cuda"..., None for CUDA when present (`threeds.selection.arrays`). `dtype`
@@ -324,8 +418,8 @@ class KCenter:
         self.n, self.seed, self.initial = n, seed, _initial_rows(embeddings, initial, max(len(initial), 1))
         self.ops = ops_for(resolve_device(device), storage_dtype(dtype))
         chunk_rows = chunk_rows or max(1, _CHUNK_BYTES // (4 * embeddings.shape[1]))
-        x, norms = _upload(embeddings, self.ops, chunk_rows)
-        self.state = _LazyFarthest(self.ops, x, norms, max(capacity, len(self.initial)), chunk_rows)
+        x, norms, projection = _upload(embeddings, self.ops, chunk_rows)
+        self.state = _LazyFarthest(self.ops, x, norms, projection, max(capacity, len(self.initial)), chunk_rows)
         self.first = self.ops.first_copies(x, chunk_rows)
         # a later copy of a row ties with it at every step and loses on index: never a candidate
         self.state.drop(self.ops.nonzero(self.first != self.ops.arange(0, n)))
