@@ -150,7 +150,8 @@ def verdict(result: dict, gates: Gates = Gates()) -> dict:
         state, words = "inconclusive", f"only {n} records: too few to judge a proxy either way; check on a few hundred"
     elif failed:
         state = "fails"
-        words = (f"the proxy does not rank these {n} records like the target: {'; '.join(failed)} fails. "
+        words = (f"the proxy does not rank these {n} records like the target; {len(failed)} of {len(rows)} gates fail "
+                 f"even on the estimates: {'; '.join(failed)}. "
                  "Do not score the pool with it; a selection it makes would differ from the target's.")  # fmt: skip
     elif all(r["interval_passes"] for r in rows):
         state = "passes"
