@@ -163,3 +163,17 @@ def test_ratings_are_read_as_columns_with_the_line_reader_as_fallback(tmp_path):
     with pytest.warns(UserWarning, match="truncated last line"):
         mixed = read_ratings(path)
     assert mixed["id"].tolist() == ["b", "a", "7"] and mixed["score"].iloc[2] == 80.0
+
+
+def test_float16_rows_are_used_as_they_are_and_pick_exactly_as_their_float32_copy():
+    from threeds.selection.arrays import NumpyOps
+    from threeds.selection.kcenter import k_center_greedy
+
+    rng = np.random.default_rng(4)
+    x16 = (rng.normal(0, 3, (500, 12)) + 20).astype(np.float16)
+    x16[400:450] = x16[:50]  # exact copies: found by hashing, never picked before their first
+    assert NumpyOps("float32").shared(x16) is x16  # no float32 copy of the candidates
+    assert NumpyOps("float16").shared(x16) is None  # half storage centres the rows: a copy
+    picks = k_center_greedy(x16, 470, seed=5, device="cpu")
+    assert picks.tolist() == k_center_greedy(x16.astype(np.float32), 470, seed=5, device="cpu").tolist()
+    assert not set(picks[:450].tolist()) & set(range(400, 450))
