@@ -639,8 +639,12 @@ def test_retry_that_fixes_nothing_and_a_pasted_samples_link(server, browser, tmp
     (run_dir / layout.JOB).write_text(json.dumps({"pid": int(ended.stdout), "argv": argv, "started": time.time()}))
     d.get(f"{url}/?run=retry")
     wait_for(d, lambda d: "Done with failures (exit code 3)" in body_text(d), "the amber state")
-    next(b for b in d.find_elements("css selector", "button") if b.text.strip() == "Retry failed").click()
-    wait_for(d, lambda d: "The last retry stopped before it fixed them" in body_text(d), "why the retry stopped")
+    retry = wait_for(d, lambda d: next((b for b in d.find_elements("css selector", "button") if b.text.strip() == "Retry failed"), None),
+                     "the Retry button")  # fmt: skip
+    retry.click()
+    wait_for(d, lambda d: "The last retry stopped before it fixed them" in body_text(d) and "Retry failed" in body_text(d),
+             "why the retry stopped, and Retry offered again")  # fmt: skip
+    idle(d)
     text = body_text(d)
     assert "Done with failures (exit code 3)" in text and str(gone) in text and "Failed (exit code" not in text
     assert "All 1 failed records of rate" in text and "Retry failed" in text
