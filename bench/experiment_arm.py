@@ -3,8 +3,8 @@
 Issue 29: the runner used to load the base model again to evaluate an arm it had just trained and
 merge the adapter it had just saved; it now evaluates the model it trained. Each round copies the
 run to a fresh folder and runs the same small experiment with each tree (`PYTHONPATH=TREE python -m
-threeds experiment ...`: this interpreter and its packages, only the code differs), alternating which
-tree goes first. Prints per tree the seconds of every trained arm (train_s + eval_s from units.json:
+threeds experiment ...` from a folder outside both trees, sharing this checkout's cache/models: this
+interpreter and its packages, only the code differs), alternating which tree goes first. Prints per tree the seconds of every trained arm (train_s + eval_s from units.json:
 model load, training, evaluation), the command's wall time, and whether every arm's items.jsonl
 log-probabilities and accuracy are equal across the trees.
 
@@ -25,17 +25,21 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ARMS = ("a=random:16", "b=random:24")
+ARMS = ("a=random:4", "b=random:8")  # 1 and 2 optimizer steps of 4 records
 
 
-def experiment(tree: Path, run: Path, args: argparse.Namespace) -> tuple[float, dict, dict]:
+def experiment(tree: Path, run: Path, cwd: Path, args: argparse.Namespace) -> tuple[float, dict, dict]:
     """Run the experiment with `tree`'s code: (wall seconds, units.json, arm -> [(logprobs, correct) per item])."""
     argv = [sys.executable, "-m", "threeds", "experiment", "--run", str(run), "--name", "bench", "--bench", args.bench,
-            "--limit", str(args.limit), "--batch-size", "4", "--grad-accum", "4", "--dtype", "float32",
+            "--limit", str(args.limit), "--batch-size", "4", "--grad-accum", "1", "--cutoff", "256", "--dtype", "float32",
             *[a for arm in ARMS for a in ("--arm", arm)]]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(tree.resolve())}
+    where = subprocess.run([sys.executable, "-c", "import threeds; print(threeds.__file__)"], env=env, cwd=cwd,
+                           capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    if not Path(where).is_relative_to(tree.resolve()):
+        raise SystemExit(f"PYTHONPATH={tree} imports threeds from {where}")
     start = time.perf_counter()
-    subprocess.run(argv, env=env, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(argv, env=env, cwd=cwd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wall = time.perf_counter() - start
     exp = run / "experiments" / "bench"
     units = json.loads((exp / "units.json").read_text())
@@ -60,13 +64,16 @@ def main() -> None:
     walls: dict[str, list[float]] = {name: [] for name in trees}
     numbers: dict[str, dict] = {}
     load = os.getloadavg()[0]
+    cwd = Path(tempfile.mkdtemp())  # not a tree (the current folder comes first on sys.path), the model copy shared
+    (cwd / "cache").mkdir()
+    (cwd / "cache" / "models").symlink_to(ROOT / "cache" / "models")
     for round_ in range(args.rounds):
         order = list(trees) if round_ % 2 == 0 else list(reversed(trees))
         for name in order:
             with tempfile.TemporaryDirectory() as tmp:
                 run = Path(tmp) / "run"
                 shutil.copytree(args.run, run, ignore=shutil.ignore_patterns("experiments", "pick_orders", ".lock"))
-                wall, units, items = experiment(trees[name], run, args)
+                wall, units, items = experiment(trees[name], run, cwd, args)
             walls[name].append(wall)
             per_arm[name] += [u["train_s"] + u["eval_s"] for u in units.values()]
             if numbers.setdefault(name, items) != items:
