@@ -11,9 +11,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -249,11 +250,18 @@ FLAGS_INLINE_ROWS = 20_000  # runs up to this size flag their answers while the 
 
 @st.cache_resource(max_entries=4, show_spinner=False)
 def _answer_flags(_run: Run, key: tuple) -> Future:
-    """The run's flags, computed once per run in a thread of the server (seconds per 100k answers)."""
-    return _FLAGGING.submit(run_answer_flags, _run.path, _run.metrics, _run.records, _run.manifest)
+    """The run's flags, computed once per run in a daemon thread of the server (seconds per 100k
+    answers): a daemon, so a server told to stop does not wait for it (a pool's threads it would)."""
+    future: Future = Future()
 
+    def work() -> None:
+        try:
+            future.set_result(run_answer_flags(_run.path, _run.metrics, _run.records, _run.manifest))
+        except BaseException as exc:  # the page that waits raises it
+            future.set_exception(exc)
 
-_FLAGGING = ThreadPoolExecutor(max_workers=1, thread_name_prefix="threeds-flags")
+    threading.Thread(target=work, name="threeds-flags", daemon=True).start()
+    return future
 
 
 def answer_flags(run: Run, wait: bool = True) -> AnswerFlags | None:
