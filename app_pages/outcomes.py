@@ -20,7 +20,7 @@ from threeds.errors import SettingsError, ThreedsError
 from threeds.outcomes import pace, report
 from threeds.outcomes.arms import parse_arms
 from threeds.outcomes.benchsets import BUNDLED
-from threeds.outcomes.experiment import Results, experiment_dir, list_experiments, load_results
+from threeds.outcomes.results import Results, experiment_dir, list_experiments, load_results
 from threeds.rundir import layout
 from threeds.rundir.check import stage_part
 from threeds.rundir.jobs import job_running
@@ -275,7 +275,9 @@ def experiment_problems(run_dir: Path, config: ExperimentConfig, train: TrainCon
         experiment_dir(run_dir, config.name)
     except SettingsError as exc:
         found["Arms and name"] = common.one_line_error(exc)
-    from threeds.model.load import model_problem  # torch: only when the form is drawn
+    if model is None:  # the embedded model: nothing to check, and no torch import before the page is drawn
+        return found
+    from threeds.model.load import model_problem  # torch: only for a model to check
 
     problem = model_problem(model)
     if problem:

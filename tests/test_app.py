@@ -1004,7 +1004,7 @@ def test_a_pasted_outcomes_link_opens_its_experiment_and_item_and_a_stopped_unit
 
 def test_outcomes_page_shows_an_experiment_and_starts_one(demo, monkeypatch):
     from threeds.outcomes import report
-    from threeds.outcomes.experiment import load_results
+    from threeds.outcomes.results import load_results
 
     exp = make_experiment(demo)
     at = open_page("app_pages/outcomes.py")

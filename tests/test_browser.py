@@ -593,7 +593,7 @@ def test_outcomes_page_shows_the_experiment_and_an_item_on_click(server, browser
     from selenium.webdriver.common.action_chains import ActionChains
 
     from threeds.outcomes import report
-    from threeds.outcomes.experiment import list_experiments, load_results
+    from threeds.outcomes.results import list_experiments, load_results
 
     url, cache = server
     d = browser

@@ -31,7 +31,7 @@ from threeds.model.prompts import prompt_format
 from threeds.outcomes import train
 from threeds.outcomes.benchsets import load_bench
 from threeds.outcomes.evaluate import NonFiniteError, evaluate
-from threeds.outcomes.experiment import load_results
+from threeds.outcomes.results import load_results
 
 SELECTED = ["s000003", "s000007", "s000001", "s000010"]
 

@@ -6,6 +6,9 @@ import contextlib
 import io
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from tqdm import tqdm
@@ -15,6 +18,8 @@ from threeds.io.lock import holder
 from threeds.outcomes import pace
 from threeds.rundir import layout, lifecycle
 from threeds.rundir import progress as pg
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class Clock:
@@ -218,3 +223,12 @@ def test_experiment_time_left_by_hand():
              "base/seed0": {"records": None, "train": "none"}}  # fmt: skip
     progress = {"stage": "rand/seed0 eval", "done": 10, "total": 50, "done_at_start": 0, "started": 0.0, "updated": 5.0}
     assert pace.time_left(described, units, progress) == pace.TimeLeft((40 + 50) * 25.0 / 50, ())  # rand's 40 + base's 50
+
+
+def test_the_outcomes_page_reads_an_experiment_without_torch():
+    """First paint: the Outcomes page's reading of an experiment (`threeds.outcomes.results`, the
+    statistics' report, the pace) imports no torch; `threeds.outcomes.experiment` (the runner) does."""
+    code = ("import sys\nimport threeds.outcomes.results, threeds.outcomes.report, threeds.outcomes.pace, threeds.outcomes.arms\n"
+            "print('torch' in sys.modules)\nimport threeds.outcomes.experiment\nprint('torch' in sys.modules)\n")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.stdout.split() == ["False", "True"], out.stderr[-2000:]

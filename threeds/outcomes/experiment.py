@@ -33,10 +33,11 @@ from threeds.io.lock import locked
 from threeds.model.load import load_model, model_label
 from threeds.model.lora import merged
 from threeds.outcomes import report
-from threeds.outcomes.arms import ARM_NAME, SIZED, Arm, ArmSource, default_baseline, parse_arms
+from threeds.outcomes.arms import SIZED, Arm, ArmSource, default_baseline, parse_arms
 from threeds.outcomes.benchsets import Bench, load_bench
 from threeds.outcomes.evaluate import answer_key, check_shots, evaluate
-from threeds.outcomes.files import read_described, read_items, read_losses, read_summary, read_units
+from threeds.outcomes.files import read_described, read_units
+from threeds.outcomes.results import arm_items, experiment_dir
 from threeds.outcomes.train import Trained, finished, step_plan, train_arm
 from threeds.rundir import layout
 from threeds.rundir.check import read_json_object
@@ -65,19 +66,6 @@ class Unit:
     @property
     def key(self) -> str:
         return f"{self.arm.name}/seed{self.seed}"
-
-
-def experiment_dir(run_dir: str | os.PathLike, name: str) -> Path:
-    if not ARM_NAME.fullmatch(name or ""):
-        raise SettingsError(f"--name {name!r}: letters, digits, '.', '_' and '-' only (up to 64)")
-    return Path(run_dir) / layout.EXPERIMENTS / name
-
-
-def list_experiments(run_dir: str | os.PathLike) -> list[str]:
-    """Experiments of a run, newest first (a folder started in the background counts before it plans)."""
-    folder = Path(run_dir) / layout.EXPERIMENTS
-    found = [p for p in folder.iterdir() if (p / layout.EXPERIMENT).is_file() or (p / layout.JOB).is_file()] if folder.is_dir() else []
-    return [p.name for p in sorted(found, key=lambda p: (-p.stat().st_mtime, p.name))]
 
 
 def plan_units(source: ArmSource, arms: list[Arm], seeds: int) -> list[Unit]:
@@ -290,19 +278,6 @@ def run_experiment(run_dir: str | os.PathLike, config: ExperimentConfig, train: 
     return summary
 
 
-def arm_items(exp: Path, described: dict, ids: set[str] | None = None) -> dict[str, list[list[dict]]]:
-    """items.jsonl rows of every finished evaluation (its summary.json written), one list per seed (the
-    stats' input); only the rows of `ids` when given (an evaluation keeps rows of items the set no longer has)."""
-    found: dict[str, list[list[dict]]] = {}
-    for arm in described["arms"]:
-        for seed in range(described["seeds"]):
-            folder = layout.unit_dir(exp, "eval", arm["name"], seed)
-            if (folder / layout.EVAL_SUMMARY).is_file():
-                rows = read_items(folder / layout.ITEMS)
-                found.setdefault(arm["name"], []).append(rows if ids is None else [r for r in rows if r["id"] in ids])
-    return found
-
-
 def summarize_experiment(exp: Path, bench: Bench | None = None) -> dict:
     """summary.json from the arms' evaluations (of `bench`'s items when given), and the Markdown + CSV report."""
     from threeds.outcomes.stats import summarize
@@ -316,35 +291,3 @@ def summarize_experiment(exp: Path, bench: Bench | None = None) -> dict:
     (exp / layout.REPORT_MD).write_text(report.markdown(described, summary), encoding="utf-8")
     (exp / layout.REPORT_CSV).write_text(report.csv_text(summary, described), encoding="utf-8")
     return summary
-
-
-# ------------------------------------------------------------------------------ reading back
-
-
-@dataclass(frozen=True)
-class Results:
-    """An experiment's files as the page shows them (any may be missing while it runs)."""
-
-    described: dict
-    summary: dict | None
-    units: dict
-    evals: dict[str, list[list[dict]]]
-
-    def losses(self, exp: Path) -> list[dict]:
-        """Every training's loss per step: arm, seed, step, loss."""
-        rows = []
-        for arm in self.described.get("arms", []):
-            for seed in range(self.described.get("seeds", 1)):
-                path = layout.unit_dir(exp, "train", arm["name"], seed) / layout.LOSS
-                if path.is_file():
-                    rows += [{"arm": arm["name"], "seed": seed, "step": r["step"], "loss": r["loss"]} for r in read_losses(path)]
-        return rows
-
-
-def load_results(exp: str | os.PathLike) -> Results:
-    exp = Path(exp)
-    described = read_described(exp / layout.EXPERIMENT) if (exp / layout.EXPERIMENT).is_file() else {}
-    summary = read_summary(exp / layout.EXPERIMENT_SUMMARY) if (exp / layout.EXPERIMENT_SUMMARY).is_file() else None
-    units = read_units(exp / layout.UNITS) if (exp / layout.UNITS).is_file() else {}
-    evals = arm_items(exp, described) if described else {}
-    return Results(described, summary, units, evals)
