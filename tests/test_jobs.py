@@ -72,8 +72,11 @@ def test_stop_escalates_until_the_whole_group_is_gone(tmp_path, ignores, signals
 
 
 def test_a_plain_stop_is_one_sigint(tmp_path):
-    start_run([sys.executable, "-c", "import time; time.sleep(600)"], tmp_path / "run")
-    result = stop_run(tmp_path / "run", grace=(WAIT, WAIT, WAIT))  # SIGINT ends python at any point of its start
+    # up once Python runs the script: a SIGINT sent between fork and exec would be taken by the parent's handler and lost
+    start_run([sys.executable, "-c", "import pathlib, sys, time; pathlib.Path(sys.argv[1], 'up').touch(); time.sleep(600)",
+               str(tmp_path / "run")], tmp_path / "run")  # fmt: skip
+    wait_for((tmp_path / "run" / "up").exists, "the run started")
+    result = stop_run(tmp_path / "run", grace=(WAIT, WAIT, WAIT))
     assert result == StopResult(("SIGINT",), stopped=True) and "saved" in result.message
 
 
