@@ -12,12 +12,16 @@ from pathlib import Path
 import pytest
 from waiting import WAIT, wait_for
 
+from threeds.cli import main
 from threeds.errors import LockedError
 from threeds.io.lock import holder
 from threeds.rundir.jobs import STOP_SIGNALS, StopResult, job_running, start_run, stop_run
 from threeds.rundir.progress import job_state, read_status
 
 ROOT = Path(__file__).resolve().parents[1]
+# A test run's script honours SIGINT as `threeds` does (threeds.cli.honour_interrupts): this suite may
+# itself run with SIGINT ignored (started with `&` from a script), and its children inherit that.
+HONOUR = "from threeds.cli import honour_interrupts; honour_interrupts(); "
 
 IGNORED = 0.2  # the grace given a signal the run ignores: escalation does not depend on how long it is
 
@@ -73,7 +77,7 @@ def test_stop_escalates_until_the_whole_group_is_gone(tmp_path, ignores, signals
 
 def test_a_plain_stop_is_one_sigint(tmp_path):
     # up once Python runs the script: a SIGINT sent between fork and exec would be taken by the parent's handler and lost
-    start_run([sys.executable, "-c", "import pathlib, sys, time; pathlib.Path(sys.argv[1], 'up').touch(); time.sleep(600)",
+    start_run([sys.executable, "-c", f"{HONOUR}import pathlib, sys, time; pathlib.Path(sys.argv[1], 'up').touch(); time.sleep(600)",
                str(tmp_path / "run")], tmp_path / "run")  # fmt: skip
     wait_for((tmp_path / "run" / "up").exists, "the run started")
     result = stop_run(tmp_path / "run", grace=(WAIT, WAIT, WAIT))
@@ -99,6 +103,7 @@ def test_start_is_refused_while_another_process_holds_the_lock(tmp_path):
 # leaving the process to its other thread (a killed process passes through that state as its
 # threads exit one by one: the lock is held until the last one has).
 RECORDING = (
+    HONOUR + "\n"
     "import ctypes, platform, signal, sys, threading, time\n"
     "from threeds.io.lock import locked\n"
     "from threeds.rundir.progress import write_status\n"
@@ -168,3 +173,14 @@ def test_a_process_whose_main_thread_is_a_zombie_is_alive_until_its_last_thread_
     status = read_status(run_dir)
     assert (status["state"], status["exit_code"], status["pid"]) == ("stopped", 137, pid)
     assert holder(run_dir) is None
+
+
+def test_the_command_line_honours_sigint_when_started_with_it_ignored(capsys):
+    """A run started in the background of a script inherits SIGINT ignored; Stop's SIGINT must still
+    reach it as KeyboardInterrupt (it saves its work), not wait for SIGTERM."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        main([])  # prints the help: any command line takes SIGINT back first
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)

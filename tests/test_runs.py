@@ -186,6 +186,7 @@ def test_run_command_is_accepted_by_the_cli(tmp_path):
 def test_background_job_start_status_stop(tmp_path):
     run_dir = tmp_path / "job"
     script = (
+        "from threeds.cli import honour_interrupts; honour_interrupts()\n"  # as `threeds` does
         "import json, time, pathlib, sys\n"
         "p = pathlib.Path(sys.argv[1])\n"
         "for i in range(10**9):\n"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 
 from threeds import __version__
 from threeds.commands import COMMANDS
@@ -42,7 +43,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def honour_interrupts() -> None:
+    """Take SIGINT as KeyboardInterrupt even when this process was started with it ignored.
+
+    A program started in the background of a non-interactive shell (`cmd &` in a script, a service
+    manager) inherits SIGINT ignored, and Python keeps it so: the app's Stop and Ctrl-C, which ask a
+    run to save its work and leave, would go unheeded until SIGTERM, losing what was unsaved.
+    """
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def main(argv: list[str] | None = None) -> int:
+    honour_interrupts()
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
