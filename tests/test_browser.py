@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from synthetic_run import make_experiment, make_run
+from waiting import WAIT
 
 from threeds.rundir import layout
 from threeds.rundir.read import load_run
@@ -37,7 +38,7 @@ FLAGS = [
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
     "--disable-dev-shm-usage", "--window-size=1400,1300", "--force-device-scale-factor=1",
 ]  # fmt: skip
-TIMEOUT = 60
+TIMEOUT = WAIT  # a bound for a broken page, not a pace: a saturated machine takes minutes where a quiet one takes seconds
 
 pytestmark = [
     pytest.mark.browser,
@@ -101,7 +102,11 @@ def server(tmp_path_factory):
         yield url, cache
     finally:
         proc.terminate()
-        proc.wait(timeout=20)
+        try:
+            proc.wait(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:  # the server did not stop: end it, so the next test's port is free
+            proc.kill()
+            proc.wait()
         log.close()
 
 
