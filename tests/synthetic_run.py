@@ -145,9 +145,10 @@ def flag_answers(path: Path, cap: int = 400, hit: tuple[int, ...] = (2, 5), loop
     return {"hit_max": [ids[r] for r in hit], "repeats": [ids[r] for r in loop], "empty": [ids[r] for r in blank]}
 
 
-def make_experiment(run_dir: Path, name: str = "sel-vs-rand") -> Path:
+def make_experiment(run_dir: Path, name: str = "sel-vs-rand", question: str = "Question") -> Path:
     """A finished two-arm experiment's files, written by hand (no training): arm `sel` answers items
-    0-5 right, `rand` items 0-2; the statistics and the report from the library."""
+    0-5 right, `rand` items 0-2 (item i's prompt: f"{question} {i}?"); the statistics and the report
+    from the library."""
     from threeds.outcomes.experiment import summarize_experiment
 
     exp = run_dir / "experiments" / name
@@ -162,7 +163,7 @@ def make_experiment(run_dir: Path, name: str = "sel-vs-rand") -> Path:
         folder.mkdir(parents=True)
         rows = [{"id": f"q{i}", "subject": "anatomy" if i < 4 else "virology", "gold": 0, "pred": 0 if i < right else 1,
                  "correct": i < right, "pred_norm": 0 if i < right else 1, "correct_norm": i < right,
-                 "gold_prob": 0.73 if i < right else 0.27, "prompt": f"Question {i}?", "choices": ["yes", "no"],
+                 "gold_prob": 0.73 if i < right else 0.27, "prompt": f"{question} {i}?", "choices": ["yes", "no"],
                  "logprobs": [-1.0, -2.0] if i < right else [-2.0, -1.0]} for i in range(8)]  # fmt: skip
         (folder / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         (folder / "summary.json").write_text(json.dumps({"acc": right / 8}))

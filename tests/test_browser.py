@@ -626,6 +626,30 @@ def test_outcomes_page_shows_the_experiment_and_an_item_on_click(server, browser
     assert not outside(requested_urls(d)), "the app fetched something from the internet"
 
 
+def test_a_pasted_outcomes_link_opens_its_experiment_and_item(server, browser):
+    """Issue 31 (3): a link naming a run's older experiment and one of its items, opened in a new
+    session, shows that experiment (not the newest, the page's default) with that item open."""
+    from threeds.outcomes.results import list_experiments
+
+    url, cache = server
+    d = browser
+    run_dir = cache / "linked"
+    make_run(run_dir, n=20, n_dropped=4)
+    linked = make_experiment(run_dir, "older-one", question="Which nerve supplies muscle")
+    make_experiment(run_dir, "newest-one", question="Which virus causes case")
+    os.utime(linked, (1e9, 1e9))  # listed last: the page opens the newest unless the link says otherwise
+    assert list_experiments(run_dir) == ["newest-one", "older-one"]
+    d.get(f"{url}/outcomes?run=linked&experiment=older-one&item=q4")  # a new session, as a pasted link
+    wait_for(d, lambda d: "Which nerve supplies muscle 4?" in body_text(d), "the linked experiment's item, opened")
+    idle(d)
+    text = body_text(d)
+    shown = {label: d.find_element("css selector", f'[data-testid="stSelectbox"] input[aria-label="{label}"]').get_attribute("value")
+             for label in ("Run", "Experiment")}  # the pickers, as a person reads them
+    assert shown == {"Run": "linked", "Experiment": "older-one"}, shown
+    assert "Item q4: the prompt exactly as the model read it" in text and "Which virus" not in text
+    assert "experiment=older-one" in d.current_url and "item=q4" in d.current_url
+
+
 def test_retry_that_fixes_nothing_and_a_pasted_samples_link(server, browser, tmp_path):
     """Retry on a run done with failures whose retry stops again (its input is gone) keeps the amber
     state and the failed records and says why; a pasted Samples link with a verdict filter and a sort
