@@ -237,7 +237,17 @@ def make_scale_run(out: Path, n: int, dim: int, dtype: str = "float32", seed: in
     del emb
     (out / "rejects.jsonl").write_text("")
     (out / "manifest.json").write_text(json.dumps(manifest(out, n, dropped, dim, dtype, seed), indent=1))
+    index_records(out)
     return out
+
+
+def index_records(out: Path) -> None:
+    """data.jsonl's row index, as Stage 2 leaves it (`RunDir.consolidate`): a first open of the run
+    (the app, `threeds select`) then costs what it costs after a real `threeds score`."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from threeds.rundir.check import read_scored_records
+
+    read_scored_records(out, pq.read_table(out / "metrics.parquet", columns=["id"])["id"].to_pylist())
 
 
 def short_copy(source: Path, out: Path) -> Path:

@@ -106,6 +106,7 @@ def test_loading_a_float16_run_makes_no_float32_copy_of_the_embeddings(tmp_path)
 
 def test_make_scale_run_writes_a_run_threeds_reads(tmp_path):
     run = make_scale_run(tmp_path / "s", n=4000, dim=24, dtype="float16", seed=1, chunk=1500, token_rows=5)
+    assert len(np.load(run / layout.DATA_INDEX[0])) == 4001  # left as Stage 2 leaves it
     loaded = load_run(run)
     assert loaded.errors == {} and loaded.embeddings.shape == (4000, 24) and loaded.embeddings.dtype == np.float16
     assert len(loaded.ratings) == 4200 and (loaded.ratings["score"].to_numpy()[:4000] >= 85).all()
@@ -148,6 +149,27 @@ def test_stage2_writes_float16_embeddings_chunk_by_chunk(tmp_path):
     assert written.dtype == np.float16 and np.array_equal(written, emb.astype(np.float16))
     assert "embeddings_dtype" not in ScoreConfig().recorded(ModelConfig())  # float32 runs scored before the option still match
     assert ScoreConfig(embeddings_dtype="float16").recorded(ModelConfig())["embeddings_dtype"] == "float16"
+
+
+def test_stage2_leaves_the_row_index_so_the_first_open_parses_no_record(tmp_path, monkeypatch):
+    from threeds.rundir import record_index
+    from threeds.rundir.check import read_scored_records
+    from threeds.rundir.write import RunDir
+
+    records = [{"id": f"s{i}", "instruction": "q" * (i + 1), "output": "ä"} for i in range(5)]
+    metrics = pd.DataFrame({"id": [r["id"] for r in records], "ins_ppl": np.arange(5.0)})
+    run = RunDir(tmp_path / "r")
+    run.write_chunk(0, metrics, np.zeros((5, 2), np.float32), pd.DataFrame({"id": metrics["id"]}))
+    run.consolidate(1, records)
+    lines = (tmp_path / "r" / layout.DATA).read_bytes().splitlines(keepends=True)
+    starts = np.cumsum([0] + [len(line) for line in lines])
+    assert np.load(tmp_path / "r" / layout.DATA_INDEX[0]).tolist() == starts.tolist()  # bytes by hand
+
+    def parse(*_):
+        raise AssertionError("data.jsonl parsed again")
+
+    monkeypatch.setattr(record_index, "index_lines", parse)
+    assert read_scored_records(tmp_path / "r", list(metrics["id"])).take([4, 0]) == [records[4], records[0]]
 
 
 def test_ratings_are_read_as_columns_with_the_line_reader_as_fallback(tmp_path):
