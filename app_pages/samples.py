@@ -98,6 +98,8 @@ def main() -> None:
     brush_and_rules(run)
     chosen = common.selection(run)
     flags = common.answer_flags(run, wait=False)  # a large run's come later: the A' flags column fills in then
+    if flags is None and run.records is not None:
+        common.flags_coming(run)  # the page reruns once they are in
     made = None if chosen.funnel["picked"] and not len(chosen.picked) else len(chosen.picked)  # picks pending or made
     table_view(run, table_of(run, common.key_of(run), (dataclasses.astuple(chosen.config), made), chosen, flags, flags is not None))
 

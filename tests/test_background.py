@@ -7,6 +7,7 @@ held at a gate (a file the test creates) so "while the picks are pending" is a s
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ from synthetic_run import make_run
 from app_pages import pick_jobs
 from app_pages import state as app_state
 from threeds.config import SelectConfig
+from threeds.rundir import layout
 from threeds.rundir.read import load_run
 from threeds.selection import pick_job
 from threeds.selection.apply import apply, explain, filter_rows, quality_per_row
@@ -160,3 +162,33 @@ def test_the_difficulty_page_does_not_wait_for_a_large_runs_flags(tmp_path, monk
     run = load_run(cache / "demo")
     flags = real(run.path, run.metrics, run.records, run.manifest)
     assert metric(at, "A' hit max-new-tokens") == f"{flags.counts()['hit_max']:,}"
+
+
+def test_the_samples_page_fills_in_a_large_runs_flags_when_they_arrive(tmp_path, monkeypatch):
+    """The Samples table shows the rows at once and its A' flags column once the background
+    flagging ends, without the user touching a control."""
+    import threading
+
+    from app_pages import common
+    from threeds.selection import answer_flags
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("THREEDS_CACHE", str(cache))
+    make_run(cache / "demo", n=150, n_dropped=10, dim=8)
+    run = load_run(cache / "demo")
+    records = list(run.records)
+    for row in (3, 7):  # two answers that repeat themselves: flagged
+        records[row] = {**records[row], "generated_output": "word " * 600}
+    (cache / "demo" / layout.DATA).write_text("".join(json.dumps(r) + "\n" for r in records))
+    monkeypatch.setattr(common, "FLAGS_INLINE_ROWS", 0)
+    gate, real = threading.Event(), answer_flags.run_answer_flags
+    monkeypatch.setattr(common, "run_answer_flags", lambda *args: gate.wait(TIMEOUT) and real(*args))
+    at = open_page("app_pages/samples.py")
+    assert "Flagging the model's answers in the background" in " ".join(c.value for c in at.caption)
+    assert not at.dataframe[0].value["A' flags"].astype(bool).any()
+    gate.set()
+    until(at, lambda at: at.dataframe[0].value["A' flags"].astype(bool).any(), "the A' flags column")
+    run = load_run(cache / "demo")
+    want = real(run.path, run.metrics, run.records, run.manifest).labels()
+    shown = at.dataframe[0].value.set_index("id")["A' flags"]
+    assert shown.to_dict() == dict(zip(run.metrics["id"], want)), "every row's flags as computed"
