@@ -13,7 +13,7 @@ from threeds.config import SelectConfig
 from threeds.names import METRICS, metric_column
 from threeds.rundir.check import RunFileError, selected_records
 from threeds.selection.apply import select_dir
-from threeds.selection.arrays import NumpyOps, _first_copies
+from threeds.selection.arrays import NumpyOps, TorchOps
 from threeds.selection.kcenter import (
     band_filter,
     band_thresholds,
@@ -261,10 +261,16 @@ def test_k_center_widening_search_and_small_blocks(monkeypatch):
 
 def test_first_copies():
     x = torch.tensor([[1.0, 2.0], [0.0, -0.0], [1.0, 2.0], [0.0, 0.0], [2.0, 1.0], [1.0, 2.0]])
-    assert _first_copies(torch, x, chunk_rows=2).tolist() == [0, 1, 0, 1, 4, 0]
-    assert _first_copies(torch, x.to(torch.float16), chunk_rows=4).tolist() == [0, 1, 0, 1, 4, 0]
+    for dtype in (torch.float32, torch.float16):
+        ops = TorchOps("cpu", str(dtype).removeprefix("torch."))
+        rows = x.to(dtype)
+        assert ops.first_copies(rows, ops.hash_rows(ops.f32(rows)), chunk_rows=2).tolist() == [0, 1, 0, 1, 4, 0]
     for dtype in ("float32", "float16"):  # the numpy backend's
-        assert NumpyOps(dtype).first_copies(x.numpy().astype(dtype), 2).tolist() == [0, 1, 0, 1, 4, 0]
+        ops, rows = NumpyOps(dtype), x.numpy().astype(dtype)
+        assert ops.first_copies(rows, ops.hash_rows(ops.f32(rows)), 2).tolist() == [0, 1, 0, 1, 4, 0]
+    # a hash collision is not a copy: rows of equal hash that differ from the first of them keep their own index
+    ops, rows = NumpyOps("float32"), x.numpy()
+    assert ops.first_copies(rows, np.zeros(6, np.uint64), 2).tolist() == [0, 1, 0, 3, 4, 0]
 
 
 def test_k_center_clustered_copies_farthest_within_round_off():
@@ -437,6 +443,7 @@ def test_k_center_lower_bounds_skip_centres_not_picks(tmp_path, monkeypatch):
         return real_exact(self, rows, hidden, lo)
 
     monkeypatch.setattr(select._LazyFarthest, "_exact", counted)
+    monkeypatch.setattr(select, "_BOUND_MIN_ROWS", 1000)  # 1500 rows: projected as a large input would be
     expected = reference_kcenter(x, 400, 4)
     exact.append(0)
     assert k_center_greedy(rows, 400, seed=4, device="cpu").tolist() == expected
@@ -446,3 +453,34 @@ def test_k_center_lower_bounds_skip_centres_not_picks(tmp_path, monkeypatch):
     assert exact[0] < exact[1] / 3, exact
     assert expected[0] == 1089  # the seed's first centre is a copy: its original is then at distance 0
     assert not [r for r in expected[1:] if 1000 <= r < 1100 and r - 1000 not in expected[: expected.index(r)]]
+
+
+def test_k_center_blas_on_one_thread_and_start_pass_in_small_blocks(monkeypatch):
+    """The greedy's products run on one BLAS thread (a second one spins on a busy machine: 20x the
+    CPU time), the setting is put back after; float16 rows go through the start's pass (norms,
+    projection, hashes) in blocks of 7 rows converted into one buffer, and pick as the reference."""
+    from threadpoolctl import threadpool_info
+
+    import threeds.selection.kcenter as select
+
+    def blas_threads() -> list[int]:
+        return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+
+    before = blas_threads()
+    during = []
+    real_exact = select._LazyFarthest._exact
+
+    def watched(self, rows, hidden, lo):
+        during.append(blas_threads())
+        return real_exact(self, rows, hidden, lo)
+
+    monkeypatch.setattr(select._LazyFarthest, "_exact", watched)
+    monkeypatch.setattr(select, "_PASS_ROWS", 7)
+    monkeypatch.setattr(select, "_BOUND_MIN_ROWS", 100)
+    rng = np.random.default_rng(9)
+    x = (rng.integers(-20, 20, (10, 32))[rng.integers(10, size=500)] + rng.integers(-3, 4, (500, 32))).astype(np.float16)
+    x[400:450] = x[:50]  # copies, found through the hashes of the blocks
+    expected = reference_kcenter(x.astype(np.float32), 120, 6)
+    assert k_center_greedy(x, 120, seed=6, device="cpu").tolist() == expected
+    assert during and all(threads == [1] * len(before) for threads in during)
+    assert blas_threads() == before

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -59,11 +60,20 @@ def host_rows(emb, start: int, stop: int) -> np.ndarray:
     return np.ascontiguousarray(emb[start:stop], dtype=np.float32)
 
 
+@cache
+def _blas_threads():
+    """The loaded BLAS libraries' thread settings (looked up once: a look-up takes milliseconds)."""
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
 class NumpyOps:
     """numpy on the host."""
 
     def __init__(self, dtype: str) -> None:
         self.dtype, self.device_kind = np.dtype(dtype), "cpu"
+        self._weights: np.ndarray | None = None
 
     def empty(self, shape, dtype=np.float32) -> np.ndarray:
         return np.empty(shape, dtype=dtype)
@@ -91,8 +101,13 @@ class NumpyOps:
     def rows(self, emb, start: int, stop: int) -> np.ndarray:
         return host_rows(emb, start, stop)
 
-    def f32(self, array: np.ndarray) -> np.ndarray:
-        return array.astype(np.float32, copy=False)
+    def f32(self, array: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """`array` as float32: itself if it is, else converted into `out[:len(array)]` when given
+        (a buffer used again and again: a fresh block would pay its page faults every time)."""
+        if array.dtype == np.float32 or out is None:
+            return array.astype(np.float32, copy=False)
+        np.copyto(out[: len(array)], array)
+        return out[: len(array)]
 
     def host(self, array: np.ndarray) -> np.ndarray:
         return np.asarray(array)
@@ -128,21 +143,21 @@ class NumpyOps:
     minimum = staticmethod(np.minimum)
     concat = staticmethod(np.concatenate)
 
-    def first_copies(self, x: np.ndarray, chunk_rows: int) -> np.ndarray:
-        """For every row, the lowest index of a row with the same values (itself if none earlier).
+    def hash_rows(self, rows: np.ndarray) -> np.ndarray:
+        """A 64-bit hash of each float32 row's bits: integer arithmetic (wraps around, exact and
+        order-free, so equal rows hash equally wherever they sit); -0.0 and 0.0 hash alike."""
+        dim = rows.shape[1]
+        if self._weights is None or len(self._weights) != (dim // 2 if dim % 2 == 0 else dim):
+            words = dim // 2 if dim % 2 == 0 else dim  # pairs of float32 as one uint64 where they pair up
+            self._weights = np.random.default_rng(0).integers(1, 2**63, words, dtype=np.uint64) | np.uint64(1)
+        rows = rows + np.float32(0)  # -0.0 and 0.0 are the same point
+        bits = rows.view(np.uint64) if dim % 2 == 0 else rows.view(np.uint32).astype(np.uint64)
+        return bits @ self._weights
 
-        Rows are hashed by the bits of their float32 values, 64 bits at a time with integer
-        arithmetic (wraps around, exact and order-free), block by block; rows of equal hash are
-        then compared value by value (`_group_copies`).
-        """
-        n, dim = x.shape
-        words = dim // 2 if dim % 2 == 0 else dim  # pairs of float32 as one uint64 where they pair up
-        weights = np.random.default_rng(0).integers(1, 2**63, words, dtype=np.uint64) | np.uint64(1)
-        hashes = np.empty(n, dtype=np.uint64)
-        for s in range(0, n, chunk_rows):
-            rows = x[s : s + chunk_rows].astype(np.float32) + np.float32(0)  # -0.0 and 0.0 are the same point
-            bits = rows.view(np.uint64) if dim % 2 == 0 else rows.view(np.uint32).astype(np.uint64)
-            hashes[s : s + chunk_rows] = (bits * weights).sum(1, dtype=np.uint64)
+    def first_copies(self, x: np.ndarray, hashes: np.ndarray, chunk_rows: int) -> np.ndarray:
+        """For every row, the lowest index of a row with the same values (itself if none earlier):
+        rows of equal `hashes` (`hash_rows`) are compared value by value."""
+        n = len(x)
         order = np.argsort(hashes, kind="stable")
         ordered = hashes[order]
         starts = np.ones(n, dtype=bool)
@@ -158,8 +173,11 @@ class NumpyOps:
         return first
 
     @contextmanager
-    def exact_matmul(self):
-        yield
+    def greedy_settings(self):
+        """BLAS on one thread: k-center's products are small (tens of rows), where OpenBLAS's second
+        thread costs more than it saves and, on a busy machine, spins: 20x the CPU time measured."""
+        with _blas_threads().limit(limits=1, user_api="blas"):
+            yield
 
 
 class TorchOps:
@@ -170,6 +188,7 @@ class TorchOps:
 
         self.torch, self.device = torch, torch.device(device)
         self.dtype, self.device_kind = getattr(torch, dtype), self.device.type
+        self._weights = None
 
     def empty(self, shape, dtype=None):
         return self.torch.empty(shape, dtype=dtype or self.torch.float32, device=self.device)
@@ -204,7 +223,7 @@ class TorchOps:
             rows = rows.copy()
         return self.torch.from_numpy(rows).to(self.device)
 
-    def f32(self, array):
+    def f32(self, array, out=None):
         return array.to(self.torch.float32)
 
     def host(self, array) -> np.ndarray:
@@ -237,11 +256,22 @@ class TorchOps:
     def concat(self, arrays):
         return self.torch.cat(arrays)
 
-    def first_copies(self, x, chunk_rows: int):
-        return _first_copies(self.torch, x, chunk_rows)
+    def hash_rows(self, rows):
+        """`NumpyOps.hash_rows` on the device: the float32 bits times int64 weights small enough
+        that no sum overflows."""
+        dim = rows.shape[1]
+        if self._weights is None or len(self._weights) != dim:
+            span = 2 ** (62 - 32 - max(1, dim - 1).bit_length())
+            gen = self.torch.Generator().manual_seed(0)
+            self._weights = self.torch.randint(-span, span, (dim,), generator=gen, dtype=self.torch.int64).to(self.device)
+        rows = rows + 0.0  # -0.0 and 0.0 are the same point
+        return (rows.view(self.torch.int32).to(self.torch.int64) * self._weights).sum(1)
+
+    def first_copies(self, x, hashes, chunk_rows: int):
+        return _first_copies(self.torch, x, hashes, chunk_rows)
 
     @contextmanager
-    def exact_matmul(self):
+    def greedy_settings(self):
         """TF32 would round the dot products."""
         precision = self.torch.get_float32_matmul_precision()
         self.torch.set_float32_matmul_precision("highest")
@@ -251,20 +281,10 @@ class TorchOps:
             self.torch.set_float32_matmul_precision(precision)
 
 
-def _first_copies(torch, x, chunk_rows: int):
-    """`NumpyOps.first_copies` on the device: rows are hashed by their bits with integer arithmetic
-    (exact and order-free, so equal rows hash equally wherever they sit), hash collisions are ruled
-    out by comparing the rows, and a stable sort groups them."""
-    n, dim = x.shape
-    bits_dtype = torch.int32 if x.element_size() == 4 else torch.int16
-    span = 2 ** (62 - 8 * x.element_size() - max(1, dim - 1).bit_length())  # no int64 overflow
-    gen = torch.Generator().manual_seed(0)
-    weights = torch.randint(-span, span, (dim,), generator=gen, dtype=torch.int64).to(x.device)
-    hashes = torch.empty(n, dtype=torch.int64, device=x.device)
-    step = max(1, chunk_rows // 4)  # two int64 temporaries per value: about the float32 chunk's bytes
-    for s in range(0, n, step):
-        rows = x[s : s + step] + 0.0  # -0.0 and 0.0 are the same point
-        hashes[s : s + step] = (rows.view(bits_dtype).to(torch.int64) * weights).sum(1)
+def _first_copies(torch, x, hashes, chunk_rows: int):
+    """`NumpyOps.first_copies` on the device: a stable sort groups equal `hashes`, and comparing
+    the rows rules out hash collisions."""
+    n = len(x)
     ordered, order = torch.sort(hashes, stable=True)
     starts = torch.ones(n, dtype=torch.bool, device=x.device)
     starts[1:] = ordered[1:] != ordered[:-1]

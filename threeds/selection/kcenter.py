@@ -29,6 +29,8 @@ _REFRESH_ROWS = 64  # rows brought up to date per try when looking for the farth
 _BOUND_DIMS = 64  # principal directions of the cheap lower bounds on distances
 _BASIS_ROWS = 1024  # about this many evenly spaced rows give those directions
 _EXACT_ROWS = 64  # rows per exact product (sorted by nearest centre, so they need few of the same centres)
+_BOUND_MIN_ROWS = 4096  # fewer rows: exact distances are cheap, the projection's set-up would cost more
+_PASS_ROWS = 512  # rows per float32 block of the pass that computes norms, projection and hashes
 
 
 class NonFiniteError(ValueError):
@@ -148,13 +150,15 @@ def _centre(emb) -> np.ndarray:
 
 def _upload(emb, ops, chunk_rows: int):
     """Rows in storage dtype on the backend's device (centred if half), their float32 squared norms,
-    and their lower-bound projection (`_Projection`, None when the rows are too narrow).
+    their hashes (`first_copies`), and their lower-bound projection (`_Projection`, None when not
+    worth it).
 
     Float32 and float16 inputs on the CPU are used as they are (float16 converts to float32
     exactly, block by block), so a memory-mapped float16 matrix is never copied whole. Otherwise
     the rows are copied chunk by chunk, so that only one float32 chunk exists besides the stored
     matrix. Norms come from the stored (possibly rounded) values so that a point's distance to
-    itself is ~0.
+    itself is ~0. Norms, projection and hashes come from one pass that converts each block of at
+    most `_PASS_ROWS` rows once, into one buffer used again (8 MB at 4096 values a row).
     """
     n, d = emb.shape
     half = storage_dtype(ops.dtype) != "float32"
@@ -166,19 +170,24 @@ def _upload(emb, ops, chunk_rows: int):
             for s in range(0, n, chunk_rows):
                 rows = ops.rows(emb, s, s + chunk_rows)
                 x[s : s + chunk_rows] = rows if centre is None else rows - centre
-    projection = _Projection.directions(x, ops)
-    norms = ops.empty(n)
-    for s in range(0, n, chunk_rows):
-        stored = ops.f32(x[s : s + chunk_rows])
-        norms[s : s + chunk_rows] = (stored * stored).sum(1)
+    projection = _Projection.directions(x, ops) if n >= _BOUND_MIN_ROWS else None
+    norms, hashes = ops.empty(n), None
+    step = min(chunk_rows, _PASS_ROWS)
+    buffer = ops.empty((step, d))
+    for s in range(0, n, step):
+        stored = ops.f32(x[s : s + step], buffer)
+        norms[s : s + step] = (stored * stored).sum(1)
         if projection is not None:
             projection.project(stored, s)
+        block = ops.hash_rows(stored)
+        hashes = ops.empty(n, block.dtype) if hashes is None else hashes
+        hashes[s : s + step] = block
     if not ops.all_finite(norms):
         hint = f" or overflow {storage_dtype(ops.dtype)} storage (try float32)" if half else ""
         raise NonFiniteError(f"embeddings contain NaN/inf{hint}")
     if projection is not None:
         projection.finish(norms)
-    return x, norms, projection
+    return x, norms, hashes, projection
 
 
 class _Projection:
@@ -418,9 +427,10 @@ class KCenter:
         self.n, self.seed, self.initial = n, seed, _initial_rows(embeddings, initial, max(len(initial), 1))
         self.ops = ops_for(resolve_device(device), storage_dtype(dtype))
         chunk_rows = chunk_rows or max(1, _CHUNK_BYTES // (4 * embeddings.shape[1]))
-        x, norms, projection = _upload(embeddings, self.ops, chunk_rows)
+        with self.ops.greedy_settings():
+            x, norms, hashes, projection = _upload(embeddings, self.ops, chunk_rows)
+            self.first = self.ops.first_copies(x, hashes, chunk_rows)
         self.state = _LazyFarthest(self.ops, x, norms, projection, max(capacity, len(self.initial)), chunk_rows)
-        self.first = self.ops.first_copies(x, chunk_rows)
         # a later copy of a row ties with it at every step and loses on index: never a candidate
         self.state.drop(self.ops.nonzero(self.first != self.ops.arange(0, n)))
         self.picks: list[int] = []
@@ -433,7 +443,7 @@ class KCenter:
 
             bar = tqdm(desc="k-center", unit="pick", initial=len(self.picks), total=k)
         try:
-            with self.ops.exact_matmul():
+            with self.ops.greedy_settings():
                 if not self.picks and self.n:
                     self._start()
                 while len(self.picks) < k and self.state.remaining:
