@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from threeds.io.data import read_jsonl
 from threeds.outcomes import loglik
 from threeds.outcomes.benchsets import Bench, BenchItem
 from threeds.config import EvalConfig, ModelConfig
-from threeds.outcomes.evaluate import EvalSettingsError, encode, evaluate, render
+from threeds.outcomes.evaluate import EvalSettingsError, encode, evaluate, render, shots_for
 from threeds.outcomes.loglik import Request, choice_logprobs
 
 
@@ -115,6 +116,21 @@ def test_letters_prompt_is_lm_eval_harness_mmlu_default_exactly():
     two = BenchItem("m", "Which?", ["x", "y"], 1, "college_medicine")
     assert render(two, "letters", [], None) == (MMLU_DESCRIPTION.format("college medicine") + "Which?\nA. x\nB. y\nAnswer:",
                                                 [" A", " B"])  # fmt: skip
+
+
+def test_five_shot_letters_prompt_is_lm_eval_harness_string_for_string():
+    """The 5-shot request lm-evaluation-harness 0.4.13 itself built (tasks/mmlu/default: `first_n` shots
+    from the subject's dev split; `bench/lmeval_prompts.py`'s harness side) for college medicine's second
+    test item, kept in tests/golden: threeds' K-shot letters prompt, with the shots `shots_for` picks (the
+    item's own subject's, not anatomy's, which come first in the files), is the same string."""
+    from threeds.outcomes.benchsets import load_bench
+
+    pinned = json.loads((Path(__file__).parent / "golden" / "lmeval_mmlu_college_medicine_5shot.json").read_text())
+    bench = load_bench("mmlu-medical")
+    item = [i for i in bench.items if i.subject == "college_medicine"][1]
+    shots = shots_for(item, bench.dev, 5)
+    assert [s.subject for s in shots] == ["college_medicine"] * 5
+    assert render(item, "letters", shots, None) == (pinned["context"], pinned["continuations"])
 
 
 def test_letters_prompt_for_pubmedqa_and_files_without_subject():

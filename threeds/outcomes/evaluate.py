@@ -22,7 +22,10 @@ first, in file order):
   choice\\nB. choice ...\\nAnswer:`, a shot followed by `" " + its gold letter + "\\n\\n"`; the
   continuations are `" A"`, `" B"`, .... An item with a context (PubMedQA's abstract) starts its
   block with `Abstract: context\\nQuestion: ` as the harness's PubMedQA task does, and has no
-  description line. Its acc_norm equals acc: every continuation is one letter long.
+  description line. Its acc_norm equals acc: every continuation is one letter long. The harness's
+  own 0- and 5-shot MMLU requests are the same strings (`bench/lmeval_prompts.py`) but for an option
+  with surrounding spaces, which threeds strips and the harness keeps (one of MMLU-medical's 1,089
+  test items).
 
 acc_norm divides by the length of the choice as the harness counts it: the continuation without
 its leading space.
