@@ -255,6 +255,7 @@ def test_k_center_widening_search_and_small_blocks(monkeypatch):
     x = rng.standard_normal((700, 16)).astype(np.float32)
     expected = reference_kcenter(x, 120, 1)
     monkeypatch.setattr(select, "_REFRESH_ROWS", 1)
+    monkeypatch.setattr(select, "_TOP_ROWS", 20)  # the rows kept at hand: used, searched again, outgrown
     assert k_center_greedy(x, 120, seed=1, device="cpu").tolist() == expected
     assert k_center_greedy(x, 120, seed=1, device="cpu", chunk_rows=3).tolist() == expected
 
@@ -477,6 +478,7 @@ def test_k_center_blas_on_one_thread_and_start_pass_in_small_blocks(monkeypatch)
     monkeypatch.setattr(select._LazyFarthest, "_exact", watched)
     monkeypatch.setattr(select, "_PASS_ROWS", 7)
     monkeypatch.setattr(select, "_BOUND_MIN_ROWS", 100)
+    monkeypatch.setattr(select, "_TOP_ROWS", 80)
     rng = np.random.default_rng(9)
     x = (rng.integers(-20, 20, (10, 32))[rng.integers(10, size=500)] + rng.integers(-3, 4, (500, 32))).astype(np.float16)
     x[400:450] = x[:50]  # copies, found through the hashes of the blocks

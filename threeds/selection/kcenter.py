@@ -30,6 +30,7 @@ _BOUND_DIMS = 64  # principal directions of the cheap lower bounds on distances
 _BASIS_ROWS = 1024  # about this many evenly spaced rows give those directions
 _EXACT_ROWS = 64  # rows per exact product (sorted by nearest centre, so they need few of the same centres)
 _BOUND_MIN_ROWS = 4096  # fewer rows: exact distances are cheap, the projection's set-up would cost more
+_TOP_ROWS = 4096  # rows with the largest bounds kept at hand between picks (no pass over all bounds per pick)
 _PASS_ROWS = 512  # rows per float32 block of the pass that computes norms, projection and hashes
 
 
@@ -266,6 +267,7 @@ class _LazyFarthest:
         self.seen = ops.counters(n)
         self.near = ops.counters(n)
         self.remaining = n
+        self.top, self.top_floor = None, float("inf")  # see `_largest`
 
     def add(self, row: int) -> None:
         """Make `row` a centre; a chosen row is never picked again (bound -inf)."""
@@ -349,7 +351,7 @@ class _LazyFarthest:
         """
         m = _REFRESH_ROWS
         while m < self.remaining:
-            values, rows = self.ops.largest(self.bound, m + 1)
+            values, rows = self._largest(m + 1)
             rows = rows[:m]
             self.refresh(rows)
             fresh = self.bound[rows]
@@ -359,6 +361,24 @@ class _LazyFarthest:
             m *= 4
         self.refresh_all()
         return int(self.bound.argmax())
+
+    def _largest(self, m: int):
+        """The m largest bounds, largest first, and their rows; ties between rows at the m-th value
+        may go either way (`farthest` needs only that no row left out has a larger bound).
+
+        Bounds only fall, so the `_TOP_ROWS` rows that had the largest ones hold the m largest
+        as long as their m-th is not below the largest bound outside them at the time they were
+        chosen; only then are all the bounds searched again.
+        """
+        if m > _TOP_ROWS or len(self.bound) <= _TOP_ROWS:
+            return self.ops.largest(self.bound, m)
+        if self.top is not None:
+            values, at = self.ops.largest(self.bound[self.top], m)
+            if bool(values[m - 1] >= self.top_floor):
+                return values, self.top[at]
+        values, rows = self.ops.largest(self.bound, _TOP_ROWS + 1)
+        self.top, self.top_floor = rows[:_TOP_ROWS], values[_TOP_ROWS]
+        return values[:m], rows[:m]
 
 
 def _initial_rows(embeddings, initial: Sequence[int], k: int) -> list[int]:
