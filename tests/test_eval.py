@@ -165,9 +165,12 @@ def test_rows_summary_and_resume(tmp_path, tiny_model, tokenizer):
     bench = small_bench(3)
     calls = []
     first = evaluate(tiny_model, tokenizer, Bench("tiny", bench.items[:2], bench.dev), out, PLAIN, TINY,
-                     progress=lambda done, total: calls.append((done, total)))  # fmt: skip
-    assert first["n_items"] == 2 and calls[-1] == (2, 2)
+                     progress=lambda *report: calls.append(report))  # fmt: skip
     rows = read_jsonl(out / "items.jsonl")
+    # the work reported is each item's tokens (prompt and every choice), so the time left follows them
+    tokens = [len(r.prompt) + sum(map(len, r.choices)) for r in (encode(tokenizer, row["prompt"], row["choices"], "plain") for row in rows)]
+    assert first["n_items"] == 2 and calls[0] == (0, 2, 0, sum(tokens)) and calls[-1] == (2, 2, sum(tokens), sum(tokens))
+    assert all(done != 1 or work in tokens for done, _, work, _ in calls)  # one item done: its own tokens
     row = rows[0]
     assert set(row) >= {"id", "subject", "gold", "pred", "correct", "pred_norm", "correct_norm", "gold_prob", "prompt",
                         "choices", "logprobs"}  # fmt: skip
@@ -179,9 +182,13 @@ def test_rows_summary_and_resume(tmp_path, tiny_model, tokenizer):
     # mark a finished row, tear the file's tail as a kill would: the rerun keeps the row, scores only q2
     rows[0]["logprobs"], rows[0]["correct"] = [0.0, -1.0], True
     (out / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"id": "q', encoding="utf-8")
+    calls.clear()
     with pytest.warns(UserWarning, match="truncated last line"):
-        summary = evaluate(tiny_model, tokenizer, bench, out, PLAIN, TINY)
+        summary = evaluate(tiny_model, tokenizer, bench, out, PLAIN, TINY, progress=lambda *report: calls.append(report))
     rows = read_jsonl(out / "items.jsonl")
+    q2 = encode(tokenizer, rows[2]["prompt"], rows[2]["choices"], "plain")
+    whole = sum(tokens) + len(q2.prompt) + sum(map(len, q2.choices))
+    assert calls == [(2, 3, sum(tokens), whole), (3, 3, whole, whole)]  # the resumed items' work is done before the pace starts
     assert [r["id"] for r in rows] == ["q0", "q1", "q2"] and rows[0]["logprobs"] == [0.0, -1.0]
     assert summary["n_items"] == 3 and summary["acc"] == pytest.approx(sum(r["correct"] for r in rows) / 3)
     assert summary["majority_acc"] == pytest.approx(2 / 3) and summary["subjects"]["biology"]["n_items"] == 1

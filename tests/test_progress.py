@@ -131,6 +131,65 @@ def test_eta_of_a_real_progress_file(tmp_path):
     assert pg.eta_seconds(read(tmp_path)) == pytest.approx(6 * 2.0)
 
 
+def test_one_report_to_the_terminal_bar_and_the_progress_file(tmp_path):
+    """The two adapters of `Progress` fed one sequence: 2 of 5 records done before (a resumed stage),
+    then 3, then 5. The bar starts at 2 and ends at 5 of 5; progress.json counts the pace from the
+    first report (its time and count), so the 2 resumed records are not part of it."""
+    clock = Clock(50.0)
+    file = pg.ProgressFile(tmp_path / layout.PROGRESS, "rate", total=0, min_interval=0, clock=clock)
+    bar, err = pg.TerminalBar("rate", "rec"), io.StringIO()
+    report = pg.fan_out(bar, file)
+    with contextlib.redirect_stderr(err):
+        clock.t = 60.0
+        report(2, 5)
+        start = err.getvalue()
+        clock.t = 64.0
+        report(3, 5)
+        report(5, 5)
+        bar.close()
+    assert "rate:  40%" in start and "2/5" in start
+    assert pg.terminal_text(err.getvalue()).strip().startswith("rate: 100%") and "5/5" in err.getvalue()
+    state = read(tmp_path)
+    assert (state["done"], state["total"], state["done_at_start"], state["started"], state["updated"]) == (5, 5, 2, 60.0, 64.0)
+    assert "work" not in state
+    quiet = pg.TerminalBar("rate", "rec", enabled=False)
+    with contextlib.redirect_stderr(err := io.StringIO()):
+        quiet(1, 2)
+        quiet.close()
+    assert err.getvalue() == ""
+
+
+def test_the_bar_over_the_work_names_the_items():
+    bar, err = pg.TerminalBar("eval", "items"), io.StringIO()
+    with contextlib.redirect_stderr(err):
+        bar(0, 4, 0, 130)
+        bar(1, 4, 100, 130)
+        bar.close()
+    last = pg.terminal_text(err.getvalue()).strip().splitlines()[-1]
+    assert last.startswith("eval:  77%") and "100/130" in last and "tok" in last and "1/4 items" in last
+
+
+def test_eta_from_the_work_done_not_the_items(tmp_path):
+    """Items of 100, 10, 10 and 10 tokens, the longest first (as an evaluation runs them): 10 s after
+    the start the first is done, 30 of the 130 tokens are left: 3 s left (30/100 of the time spent),
+    not the 30 s that 3 items left at 10 s an item would say. The experiment's time left (no
+    evaluation finished yet) counts the running one the same way."""
+    clock = Clock(0.0)
+    file = pg.ProgressFile(tmp_path / layout.PROGRESS, "sel/seed0 eval", total=4, unit="items", min_interval=0, clock=clock)
+    file(0, 4, 0, 130)
+    clock.t = 10.0
+    file(1, 4, 100, 130)
+    state = read(tmp_path)
+    assert pg.eta_seconds(state) == pytest.approx(3.0)
+    assert pg.eta_seconds({k: v for k, v in state.items() if not k.startswith("work")}) == pytest.approx(30.0)  # by items
+    assert pg.units_left(state) == pytest.approx(4 * 30 / 130) and pg.seconds_per_unit(state) == pytest.approx(10 / (4 * 100 / 130))
+    units = {"sel/seed0": {"records": None, "train": "none", "eval": "running"}}
+    assert pace.time_left({}, units, state) == pace.TimeLeft(pytest.approx(3.0), ())
+    clock.t = 11.0
+    file(2, 4, 110, 130)  # 10 more tokens in 1 s: 20 left at 110 tokens in 11 s
+    assert pg.eta_seconds(read(tmp_path)) == pytest.approx(2.0)
+
+
 def test_status_written_and_read_back(tmp_path):
     assert pg.read_status(tmp_path) is None
     pg.write_status(tmp_path, "failed", exit_code=1, error="DataError: data.jsonl line 3: not JSON")

@@ -92,8 +92,9 @@ def test_a_killed_training_resumes_from_its_checkpoint_with_the_same_numbers(tok
     with pytest.raises(KeyboardInterrupt):
         run(tokenizer, records, tmp_path / "part", progress=kill_after_three)
     assert json.loads((tmp_path / "part" / "checkpoint.json").read_text())["step"] == 3
-    summary = run(tokenizer, records, tmp_path / "part")
-    assert summary["resumed_at_step"] == 3
+    reports = []
+    summary = run(tokenizer, records, tmp_path / "part", progress=lambda *report: reports.append(report))
+    assert summary["resumed_at_step"] == 3 and reports == [(3, 4), (4, 4)]  # the first report: where it resumes
     assert train.loss_rows(tmp_path / "part") == train.loss_rows(tmp_path / "whole")
     a, b = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("whole", "part"))
     assert all(torch.equal(a[k], b[k]) for k in a)

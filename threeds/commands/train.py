@@ -12,6 +12,7 @@ from threeds.errors import ThreedsError
 from threeds.io.data import loads_bounded, read_text
 from threeds.io.lock import locked
 from threeds.outcomes.arms import Arm, ArmSource
+from threeds.rundir.progress import TerminalBar
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,9 @@ def _unique(path: Path, ids: list[str], unit: str) -> list[str]:
 
 
 def main(args: argparse.Namespace) -> int:
-    from threeds.model.load import model_label  # torch and transformers only when it trains: not for `threeds --help`
+    from threeds.model.load import (
+        model_label,  # torch and transformers only when it trains: not for `threeds --help`
+    )
     from threeds.outcomes.train import train_arm
 
     config = from_args(TrainConfig, args)
@@ -97,22 +100,10 @@ def main(args: argparse.Namespace) -> int:
             "source": str(args.ids) if args.ids else f"preset:{args.preset}" if args.preset else "current"}  # fmt: skip
     with locked(args.out):
         log.info("training on %d records of %s", len(records), args.run)
-        summary = train_arm(spec, records, config, args.out, meta, progress=_bar()).summary
+        bar = TerminalBar("train", "step")
+        try:
+            summary = train_arm(spec, records, config, args.out, meta, progress=bar).summary
+        finally:
+            bar.close()
     print(json.dumps({**summary, "out": str(args.out)}, indent=2))
     return 0
-
-
-def _bar():
-    from tqdm.auto import tqdm
-
-    bar = None
-
-    def tick(done: int, total: int) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = tqdm(total=total, initial=done - 1, desc="train", unit="step", dynamic_ncols=True)
-        bar.update(1)
-        if done == total:
-            bar.close()
-
-    return tick

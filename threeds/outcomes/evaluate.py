@@ -45,10 +45,10 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+from threeds.config import EvalConfig, ModelConfig, check_settings
 from threeds.errors import SettingsError, ThreedsError
 from threeds.io.data import DataError, append_jsonl, read_jsonl, write_json, write_jsonl
 from threeds.io.lock import locked
-from threeds.config import EvalConfig, ModelConfig, check_settings
 from threeds.model.load import model_label
 from threeds.model.prompts import PromptFormat
 from threeds.model.prompts import prompt_format as make_prompt_format
@@ -56,8 +56,7 @@ from threeds.outcomes.benchsets import LETTERS, Bench, BenchItem
 from threeds.outcomes.loglik import Request, choice_logprobs
 from threeds.rundir import layout
 from threeds.rundir.check import read_json_object
-
-Progress = Callable[[int, int], None]
+from threeds.rundir.progress import Progress, TerminalBar
 
 
 class EvalSettingsError(ThreedsError):
@@ -126,6 +125,11 @@ def _lettered_block(item: BenchItem) -> str:
 
 def _user_text(item: BenchItem) -> str:
     return f"{item.context}\n\n{item.question}" if item.context else item.question
+
+
+def item_tokens(request: Request) -> int:
+    """Tokens an item puts through the model (its prompt and every choice): what its time is proportional to."""
+    return len(request.prompt) + sum(map(len, request.choices))
 
 
 def encode(tokenizer, prompt: str, continuations: list[str], fmt: str) -> Request:
@@ -210,7 +214,7 @@ def evaluate(
 
     `spec` names the model, its template and system prompt in the files (None: the model's own
     name, its tokenizer's template). Items already in `out/items.jsonl` are not scored again.
-    `progress`: True for a bar on stderr, or `f(done, total)`."""
+    `progress`: True for a bar on stderr, or a `Progress` (told items and tokens done)."""
     check_settings(config)  # a config built in code: the CLI checked its flags already
     spec = spec or ModelConfig(model=str(getattr(model.config, "_name_or_path", "")))
     template, system, shots = spec.template, spec.system, config.shots
@@ -223,15 +227,22 @@ def evaluate(
     with locked(out):
         done = _resume(out, settings, rendered, {item.id: item for item in bench.items}, overwrite)
         todo = [item for item in bench.items if item.id not in done]
-        requests = [encode(tokenizer, *rendered[item.id], fmt) for item in todo]
+        encoded = {item.id: encode(tokenizer, *rendered[item.id], fmt) for item in bench.items}
+        requests = [encoded[item.id] for item in todo]
         check_context(bench.name, todo, requests, getattr(model.config, "max_position_embeddings", None))
-        tick, close = _progress(progress, len(bench.items) - len(todo), len(bench.items))
+        # an item's work is its tokens: items run longest first, so counting items would overstate the time left
+        work = {key: item_tokens(req) for key, req in encoded.items()}
+        report, close = _reporter(progress)
+        count, work_done, work_total = len(bench.items) - len(todo), sum(work.values()) - sum(work[i.id] for i in todo), sum(work.values())
+        report(count, len(bench.items), work_done, work_total)
 
         def save(finished: dict[int, list[float]], seconds: float) -> None:
+            nonlocal count, work_done
             rows = [item_row(todo[r], *rendered[todo[r].id], lps, seconds / len(finished)) for r, lps in finished.items()]
             append_jsonl(out / layout.ITEMS, rows)
             done.update((row["id"], row) for row in rows)
-            tick(len(rows))
+            count, work_done = count + len(rows), work_done + sum(work[row["id"]] for row in rows)
+            report(count, len(bench.items), work_done, work_total)
 
         training = model.training
         model.eval()  # no dropout (a model straight from training); restored below
@@ -336,18 +347,11 @@ def _finish(out: Path, bench: Bench, done: dict[str, dict], settings: dict) -> d
     return summary
 
 
-def _progress(progress: bool | Progress | None, done: int, total: int) -> tuple[Callable[[int], None], Callable[[], None]]:
-    """(advance by n, close) for a tqdm bar (progress=True), a callback `f(done, total)`, or nothing."""
+def _reporter(progress: bool | Progress | None) -> tuple[Progress, Callable[[], None]]:
+    """(report, close): a terminal bar (progress=True), the caller's `Progress`, or nothing."""
     if progress is True:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, initial=done, desc="eval", unit="item", dynamic_ncols=True)
-        return bar.update, bar.close
-    count = [done]
-
-    def tick(n: int) -> None:
-        count[0] += n
-        if callable(progress):
-            progress(count[0], total)
-
-    return tick, lambda: None
+        bar = TerminalBar("eval", "items")
+        return bar, bar.close
+    if callable(progress):
+        return progress, lambda: None
+    return (lambda *_: None), lambda: None

@@ -26,7 +26,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from threeds.config import EvalConfig, ExperimentConfig, ModelConfig, TrainConfig, check_settings
+from threeds.config import (
+    EvalConfig,
+    ExperimentConfig,
+    ModelConfig,
+    TrainConfig,
+    check_settings,
+)
 from threeds.errors import SettingsError, ThreedsError
 from threeds.io.data import write_json
 from threeds.io.lock import locked
@@ -214,7 +220,7 @@ class Runner:
         meta = {"model": model_label(self.spec.model), "run": str(self.source.run_dir), "arm": unit.arm.spec}
         steps = len(step_plan(len(records), config))  # the page shows the real count from the start, not 0 / 0
         bar = ProgressFile(self.exp / layout.PROGRESS, f"{unit.key} train", steps, unit="steps")
-        trained = train_arm(self.spec, records, config, out, meta, progress=lambda d, t: self.tick(bar, d, t))
+        trained = train_arm(self.spec, records, config, out, meta, progress=bar)
         bar.close()
         summary = trained.summary
         self.say(f"{unit.key}: trained {summary['records']} records in {summary['steps']} steps, final loss {summary['final_loss']:.3f}")
@@ -231,15 +237,10 @@ class Runner:
         else:
             model, tokenizer = load_model(self.spec.model, adapter, self.spec.dtype)
         bar = ProgressFile(self.exp / layout.PROGRESS, f"{unit.key} eval", len(self.bench.items), unit="items")
-        summary = evaluate(model, tokenizer, self.bench, out, config, self.spec, progress=lambda d, t: self.tick(bar, d, t))
+        summary = evaluate(model, tokenizer, self.bench, out, config, self.spec, progress=bar)
         bar.close()
         self.say(f"{unit.key}: accuracy {summary.get('acc', float('nan')):.3f} on {summary.get('n_items', '?')} items")
         return summary
-
-    @staticmethod
-    def tick(bar: ProgressFile, done: int, total: int) -> None:
-        bar.state["total"] = total
-        bar.update(done)
 
     def evaluated(self, unit: Unit) -> bool:
         """Whether the unit's evaluation finished (its summary is there) against the set's answers as they

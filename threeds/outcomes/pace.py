@@ -3,8 +3,9 @@ experiment.json), for the Outcomes page while it runs.
 
 Work is counted in its two units, optimizer steps and evaluated items, each at its own pace: seconds
 per step and per item from the units finished in this experiment, else from the running unit's
-progress since its stage began. So a time left is there from the first step on; work whose pace is
-not measured yet (the evaluations, while the first arm trains) is named instead of guessed.
+progress since its stage began (an evaluation's items weighted by their tokens). So a time left is
+there from the first step on; work whose pace is not measured yet (the evaluations, while the first
+arm trains) is named instead of guessed.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from threeds.rundir.progress import eta_seconds
+from threeds.rundir.progress import seconds_per_unit, units_left
 
 
 @dataclass(frozen=True)
@@ -45,14 +46,14 @@ def time_left(described: dict, units: dict, progress: dict) -> TimeLeft | None:
     paces = {"train": _pace(units, "train", "steps"), "eval": _pace(units, "eval", "n_items")}
     now = running_unit(progress)
     if now is not None and paces[now[1]] is None:
-        paces[now[1]] = _progress_pace(progress)
+        paces[now[1]] = seconds_per_unit(progress)
     left = {"train": 0.0, "eval": 0.0}
     for key, unit in units.items():
         for phase, work in (("train", planned_steps(described, unit.get("records"))), ("eval", items)):
             if unit.get(phase) in ("done", "none") or (phase == "train" and not work):
                 continue
             if now == (key, phase):
-                work = max(int(progress.get("total", 0)) - int(progress.get("done", 0)), 0)
+                work = units_left(progress)  # an evaluation's items weighted by their tokens
             pace = paces[phase]
             left[phase] += math.nan if pace is None or work is None else work * pace
     known = [v for v in left.values() if not math.isnan(v)]
@@ -60,14 +61,6 @@ def time_left(described: dict, units: dict, progress: dict) -> TimeLeft | None:
     if not known and unmeasured:
         return None
     return TimeLeft(sum(known), unmeasured)
-
-
-def _progress_pace(progress: dict) -> float | None:
-    """Seconds per unit of the running stage since it began (`eta_seconds`' pace); None before one is done."""
-    if eta_seconds(progress) is None:
-        return None
-    done = int(progress["done"]) - int(progress.get("done_at_start", 0))
-    return (float(progress["updated"]) - float(progress["started"])) / done
 
 
 def _pace(units: dict, phase: str, count: str) -> float | None:

@@ -31,13 +31,13 @@ import random
 import re
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 import torch.nn.functional as F
+import yaml
 from safetensors.torch import load_file, save
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -55,6 +55,7 @@ from threeds.model.load import load_model, resolve_model
 from threeds.model.lora import ADAPTER_WEIGHTS, add_lora
 from threeds.model.prompts import PromptFormat, prompt_format
 from threeds.rundir import layout
+from threeds.rundir.progress import Progress
 from threeds.rundir.write import package_versions
 from threeds.stages.score import encode
 from threeds.views.export import dataset_info_entry, export_text
@@ -240,7 +241,6 @@ def load_checkpoint(out: Path, model: PreTrainedModel, optimizer: torch.optim.Op
 # ------------------------------------------------------------------------------ the loop
 
 
-Progress = Callable[[int, int], None]  # (optimizer steps done, total)
 
 
 @dataclass(frozen=True)
@@ -287,6 +287,8 @@ def train_lora(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, fmt: 
     done = load_checkpoint(out, model, optimizer)
     keep_loss_rows(out, done)
     started, device = time.perf_counter(), next(model.parameters()).device
+    if progress:
+        progress(done, len(plan))  # where training starts: steps of a checkpoint resumed do not count in its pace
     for step in range(done, len(plan)):
         try:
             row = one_step(model, optimizer, [examples[i] for i in plan[step]], step, len(plan), config, tokenizer.pad_token_id, device)

@@ -10,6 +10,11 @@
   line and the exit code). A run killed outright cannot record its end: its status stays `running` with no
   process behind it (`job_state` says `killed`), unless the app's Stop killed it: the stopper
   then records `stopped` for it, naming the signal (`threeds.rundir.jobs.stop_run`).
+- `Progress`: how every stage (rate, generate, score, train, eval, an experiment's units) reports
+  how far it is, `report(done, total)` and, when its items differ in size, `work` of `work_total` in
+  the unit its time is proportional to (an evaluation's tokens), so a time left follows the work, not
+  the item count; its two adapters are `TerminalBar` (a tqdm bar on stderr) and `ProgressFile`
+  (progress.json), `fan_out` gives one report to both.
 - `terminal_text`: a log written for a terminal (tqdm's carriage returns, ANSI colours) as the
   lines a terminal would end up showing.
 """
@@ -23,6 +28,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from threeds.io.data import write_json
 from threeds.rundir import layout
@@ -30,9 +36,55 @@ from threeds.rundir import layout
 STATES = ("running", "done", "done_with_failures", "stopped", "failed")
 
 
+class Progress(Protocol):
+    """How far a stage is: `done` of `total` counted items (records, steps, sequences, items) and, for
+    items of unequal size, `work` of `work_total` in the unit their time is proportional to (tokens).
+    The first report says where the stage starts (what an earlier run finished), later ones how far it is."""
+
+    def __call__(self, done: int, total: int, work: float | None = None, work_total: float | None = None) -> None: ...
+
+
+class TerminalBar:
+    """The terminal adapter: a tqdm bar on stderr, made at the first report (which sets what was done
+    before: tqdm's pace counts from there); over `work` when reported, the items then in its postfix."""
+
+    def __init__(self, desc: str, unit: str, work_unit: str = "tok", enabled: bool = True) -> None:
+        self.desc, self.unit, self.work_unit, self.enabled = desc, unit, work_unit, enabled
+        self.bar = None
+
+    def __call__(self, done: int, total: int, work: float | None = None, work_total: float | None = None) -> None:
+        if not self.enabled:
+            return
+        n, whole = (done, total) if work is None or work_total is None else (int(work), int(work_total))
+        if self.bar is None:
+            from tqdm.auto import tqdm
+
+            unit = self.unit if work is None else self.work_unit
+            self.bar = tqdm(total=whole, initial=n, desc=self.desc, unit=unit, dynamic_ncols=True, unit_scale=work is not None)
+        if work is not None:
+            self.bar.set_postfix_str(f"{done:,}/{total:,} {self.unit}", refresh=False)
+        self.bar.total = whole
+        self.bar.update(n - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def fan_out(*reports: Progress) -> Progress:
+    """One report given to each of `reports` (a terminal bar and progress.json)."""
+
+    def report(done: int, total: int, work: float | None = None, work_total: float | None = None) -> None:
+        for each in reports:
+            each(done, total, work, work_total)
+
+    return report
+
+
 class ProgressFile:
     """progress.json (at `path`) of one stage: {stage, done, total, unit, updated, started, done_at_start,
-    phase, phase_since}; `phase` says what the stage is doing now ("loading the model", or the stage's
+    phase, phase_since, and for items of unequal size work, work_total, work_at_start}; the file
+    adapter of `Progress` (called as one). `phase` says what the stage is doing now ("loading the model", or the stage's
     own name once it works through its records) and `phase_since` since when (`phase_line`).
 
     `update` writes at most every `min_interval` seconds (an atomic, fsynced write per record
@@ -52,6 +104,7 @@ class ProgressFile:
         self.state = {"stage": stage, "done": done, "total": total, "unit": unit, "started": now, "done_at_start": done,
                       "phase": stage, "phase_since": now, "ahead": _ahead(self.path) if ahead is None else ahead}  # fmt: skip
         self.written = -float("inf")
+        self.reported = False
         self.lock = threading.Lock()
         self.pending: threading.Timer | None = None
         self.update(done, force=True)
@@ -75,7 +128,23 @@ class ProgressFile:
             self.state.update(phase=text, phase_since=now)
             if text == self.state["stage"]:  # loading the model or the preflight is not part of the stage's pace
                 self.state.update(started=now, done_at_start=self.state["done"])
+                if "work" in self.state:
+                    self.state["work_at_start"] = self.state["work"]
         self.update(self.state["done"], force=True)
+
+    def __call__(self, done: int, total: int, work: float | None = None, work_total: float | None = None) -> None:
+        """A `Progress` report; the first one marks where the stage's pace starts (what was done before)."""
+        with self.lock:
+            first = not self.reported
+            self.reported = True
+            self.state["total"] = total
+            if work is not None and work_total is not None:
+                self.state.update(work=work, work_total=work_total)
+            if first:
+                self.state.update(started=self.clock(), done_at_start=done)
+                if work is not None:
+                    self.state["work_at_start"] = work
+        self.update(done, force=first)
 
     def close(self) -> None:
         self.update(self.state["done"], force=True)
@@ -134,15 +203,38 @@ def eta_seconds(progress: dict) -> float | None:
     """Seconds left, as of the last update, for the stage in `progress` at the pace of the work
     done since it started (records resumed from an earlier run do not count); None before the
     first one finished or for a progress.json without the start (older runs)."""
+    pace = seconds_per_unit(progress)
+    return None if pace is None else units_left(progress) * pace
+
+
+def seconds_per_unit(progress: dict) -> float | None:
+    """Seconds per counted unit (record, step, item) of the stage since it started. When it records
+    its work (items of unequal size: an evaluation runs its longest items first), an item counts as
+    its share of the work, so the pace of the long first items does not stretch the short rest."""
     try:
         done, total = int(progress["done"]), int(progress["total"])
-        new = done - int(progress.get("done_at_start", 0))
         elapsed = float(progress["updated"]) - float(progress["started"])
+        if _weighted(progress):
+            new = (float(progress["work"]) - float(progress.get("work_at_start", 0))) * total / float(progress["work_total"])
+        else:
+            new = done - int(progress.get("done_at_start", 0))
     except (KeyError, TypeError, ValueError):
         return None
     if new <= 0 or elapsed <= 0:
         return None
-    return max(total - done, 0) * elapsed / new
+    return elapsed / new
+
+
+def units_left(progress: dict) -> float:
+    """Counted units still to do; for a stage that records its work, the share of the work left."""
+    total = int(progress.get("total", 0))
+    if _weighted(progress):
+        return max(total * (1 - float(progress["work"]) / float(progress["work_total"])), 0.0)
+    return float(max(total - int(progress.get("done", 0)), 0))
+
+
+def _weighted(progress: dict) -> bool:
+    return all(isinstance(progress.get(k), (int, float)) for k in ("work", "work_total")) and progress["work_total"] > 0
 
 
 # A stage's own phase, as the phase line words it: (verb, unit)

@@ -23,13 +23,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm import tqdm
-
 from threeds.errors import ThreedsError
 from threeds.io.data import append_jsonl, read_jsonl, write_jsonl
 from threeds.io.lock import locked
 from threeds.model.backends import Backend, Reply
-from threeds.rundir.progress import ProgressFile
+from threeds.rundir.progress import ProgressFile, TerminalBar, fan_out
 
 log = logging.getLogger(__name__)
 
@@ -102,9 +100,9 @@ def resume(log_path: Path, tasks: Sequence[Task], overwrite: bool) -> tuple[list
 FIRST_FAILURES = 5  # failed records a summary names (id, error, the start of the reply)
 
 
-class Progress:
-    """A tqdm bar, the run's counts, the first failed records, and `progress_path` (progress.json,
-    which the app polls) if given."""
+class JobProgress:
+    """The run's counts, the first failed records, and their report (`threeds.rundir.progress.Progress`)
+    to a terminal bar and to `progress_path` (progress.json, which the app polls) if given."""
 
     def __init__(
         self, stage: str, log_path: Path, total: int, done_before: int, enabled: bool, progress_path: Path | None
@@ -113,8 +111,10 @@ class Progress:
         self.before, self.ok, self.failed = done_before, 0, 0
         self.first_failures: list[dict] = []
         self.started = time.monotonic()
-        self.bar = tqdm(total=total, initial=done_before, desc=stage, unit="rec", disable=not enabled, dynamic_ncols=True)
+        self.bar = TerminalBar(stage, "rec", enabled=enabled)
         self.file = ProgressFile(progress_path, stage, total, done_before) if progress_path is not None else None
+        self.report = fan_out(self.bar, self.file) if self.file is not None else self.bar
+        self.report(done_before, total)
 
     def phase(self, text: str) -> None:
         """What the stage is doing now ("loading the model", the stage's own name once it asks)."""
@@ -128,9 +128,7 @@ class Progress:
         if not ok and len(self.first_failures) < FIRST_FAILURES:
             raw = row.get("raw")
             self.first_failures.append({"id": row["id"], "error": row["error"], **({"raw": raw[:200]} if isinstance(raw, str) else {})})
-        self.bar.update()
-        if self.file is not None:
-            self.file.update(self.before + self.ok + self.failed)  # per record, rate-limited
+        self.report(self.before + self.ok + self.failed, self.total)  # per record; the file's writes rate-limited
 
     def close(self) -> dict:
         self.bar.close()
@@ -160,7 +158,7 @@ def run_job(
     log_path = Path(log_path)
     with locked(log_path.parent):
         todo, pending = resume(log_path, tasks, overwrite)
-        bar = Progress(job.stage, log_path, len(tasks), len(tasks) - len(todo), progress, progress_path)
+        bar = JobProgress(job.stage, log_path, len(tasks), len(tasks) - len(todo), progress, progress_path)
         # seconds and attempts of earlier rounds, and the round to go on with, per id
         spent = {rid: (float(row.get("seconds") or 0), int(row.get("attempts") or 0)) for rid, row in pending.items()}
         start = {rid: min(int(row.get("round", 0)) + 1, job.reasks) for rid, row in pending.items()}
@@ -191,7 +189,7 @@ def _settle(log_path: Path) -> None:
         write_jsonl(log_path, keep)
 
 
-def _load(backend: Backend, bar: Progress) -> None:
+def _load(backend: Backend, bar: JobProgress) -> None:
     """Load an in-process model now, so progress.json can say that this is what takes the time."""
     load = getattr(backend, "load", None)
     if load is not None:
@@ -202,7 +200,7 @@ def _load(backend: Backend, bar: Progress) -> None:
 
 def _ask_rounds(
     job: Job, todo: list[Task], start: dict[str, int], backend: Backend, log_path: Path, max_new_tokens: int,
-    bar: Progress, spent: dict[str, tuple[float, int]], written: list[dict] | None,
+    bar: JobProgress, spent: dict[str, tuple[float, int]], written: list[dict] | None,
 ) -> None:  # fmt: skip
     """The first question, then the re-asks of the replies that came back unusable; a task resumed
     from a pending row joins at the round after it."""
@@ -216,7 +214,7 @@ def _ask_rounds(
 
 def _ask_round(
     job: Job, tasks: list[Task], prompts: list[str], backend: Backend, log_path: Path, max_new_tokens: int,
-    bar: Progress, spent: dict[str, tuple[float, int]], round_: int, written: list[dict] | None,
+    bar: JobProgress, spent: dict[str, tuple[float, int]], round_: int, written: list[dict] | None,
 ) -> list[Task]:  # fmt: skip
     """One pass over `tasks`; returns those whose reply came back unusable, to ask again (their reply
     is logged at once as a `pending` row, so a stop before the re-ask keeps it)."""

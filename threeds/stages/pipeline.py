@@ -20,7 +20,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
-from tqdm.auto import tqdm
 
 from threeds.config import EngineConfig, ModelConfig, RunConfig, ScoreConfig
 from threeds.io.data import (
@@ -41,7 +40,7 @@ from threeds.model.backends import Backend, LocalBackend, OpenAIBackend
 from threeds.names import METRIC_COLUMNS
 from threeds.rundir import layout
 from threeds.rundir.check import selected_records
-from threeds.rundir.progress import ProgressFile, set_ahead
+from threeds.rundir.progress import ProgressFile, TerminalBar, fan_out, set_ahead
 from threeds.rundir.proxy_link import proxy_link
 from threeds.rundir.write import RunDir, RunError, package_versions
 from threeds.selection.apply import select_dir
@@ -262,21 +261,24 @@ def score_chunks(run: RunDir, engine: Engine, chunks: list[list[dict]], pending:
     load_seconds = time.perf_counter() - started
     started = time.perf_counter()
     file.phase("score")
+    bar = TerminalBar("score", "seq", enabled=progress)
+    report, done = fan_out(bar, file), [before]
+    report(before, before + total)
+
+    def advance(n: int) -> None:
+        done[0] += n
+        report(done[0], before + total)  # per batch; the file's writes rate-limited
+
     try:
-        with tqdm(total=total, unit="seq", desc="score", disable=not progress) as bar:
-
-            def advance(n: int) -> None:
-                bar.update(n)
-                file.update(before + bar.n)  # per batch, rate-limited
-
-            for scored in engine.results(chunks, pending, advance):
-                if scored.info and not described:
-                    run.update_manifest(**scored.info)
-                    described = scored.info
-                result = scored.result
-                run.write_chunk(scored.index, result.metrics, result.embeddings, result.tokens)
+        for scored in engine.results(chunks, pending, advance):
+            if scored.info and not described:
+                run.update_manifest(**scored.info)
+                described = scored.info
+            result = scored.result
+            run.write_chunk(scored.index, result.metrics, result.embeddings, result.tokens)
         file.close()
     finally:
+        bar.close()
         engine.close()
     return {"load_seconds": load_seconds, "score_seconds": time.perf_counter() - started}
 
