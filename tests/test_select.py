@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from threeds.config import SelectConfig
+from threeds.errors import SettingsError
 from threeds.names import METRICS, metric_column
 from threeds.rundir.check import RunFileError, selected_records
 from threeds.selection.apply import select_dir
@@ -73,10 +75,12 @@ def test_band_mask_ignores_nan_and_inf():
     assert not band_mask(np.full(3, np.nan), 0, 100).any()
 
 
-@pytest.mark.parametrize("low, high", [(-1, 50), (10, 101), (60, 40), (np.nan, 50)])
-def test_band_mask_rejects_bad_bands(low, high):
-    with pytest.raises(ValueError, match="0 <= low <= high <= 100"):
-        band_mask(np.arange(5.0), low, high)
+@pytest.mark.parametrize("low, high, message", [(-1, 50, "--ins-low -1: must be within 0-100"), (10, 101, "--ins-up 101: must be within 0-100"),
+                                                (60, 40, "--ins-low 60: above --ins-up 40"), (np.nan, 50, "--ins-low nan: must be a finite number")])  # fmt: skip
+def test_band_filter_rejects_bad_bands_by_the_settings_rules(low, high, message):
+    """A band is checked once, by threeds.config's rules, with the flag that would carry it."""
+    with pytest.raises(SettingsError, match=re.escape(message)):
+        band_filter(_hand_metrics(), {"ins_ppl": (low, high)})
 
 
 def _hand_metrics() -> pd.DataFrame:

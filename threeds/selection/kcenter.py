@@ -11,12 +11,10 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from threeds.config import SelectConfig
-from threeds.errors import SettingsError
-from threeds.names import METRIC_NAMES, METRICS, metric_column
+from threeds.config import SelectConfig, check_settings
+from threeds.names import METRIC_NAMES, METRICS, SHORT_NAMES, metric_column
 from threeds.selection.arrays import is_tensor, ops_for, resolve_device, storage_dtype
 
-DEFAULT_BAND = (SelectConfig.low_th, SelectConfig.up_th)  # the method's band, 25-75
 # Why a metric can be NaN (spec item 6); inf (overflow) is counted with NaN.
 NAN_REASONS = {
     "ins_ppl": "no prompt token to score",
@@ -41,16 +39,9 @@ class NonFiniteError(ValueError):
 # ---------------------------------------------------------------------------- band filter
 
 
-def _check_band(low: float, high: float) -> tuple[float, float]:
-    low, high = float(low), float(high)
-    if not (0.0 <= low <= high <= 100.0):
-        raise SettingsError(f"percentile band needs 0 <= low <= high <= 100, got low={low}, high={high}")
-    return low, high
-
-
 def band_thresholds(values: np.ndarray, low: float, high: float) -> tuple[float, float]:
-    """Values at the `low` and `high` percentiles of the finite entries (NaN, NaN if none)."""
-    low, high = _check_band(low, high)
+    """Values at the `low` and `high` percentiles of the finite entries (NaN, NaN if none); the band
+    is one `threeds.config` checked (`SelectConfig.bands()`, `resolve_bands`)."""
     v = np.asarray(values, dtype=np.float64)
     finite = v[np.isfinite(v)]
     if finite.size == 0:
@@ -66,18 +57,18 @@ def within(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
 
 
 def resolve_bands(bands: Mapping[str, Sequence[float]] | None) -> dict[str, tuple[float, float]]:
-    """A (low, high) percentile band for every metric, DEFAULT_BAND where none is given; ValueError names a bad one."""
+    """A (low, high) percentile band for every metric, the method's (25, 75) where none is given, checked by
+    `threeds.config`'s rules (as `SelectConfig`'s band fields: a SettingsError names a bad one)."""
     bands = dict(bands or {})
     unknown = set(bands) - set(METRICS)
     if unknown:
         raise ValueError(f"bands for unknown metrics {sorted(unknown)}; expected keys from {METRICS}")
-    out = {}
-    for m in METRICS:
-        band = bands.get(m, DEFAULT_BAND)
+    fields = {}
+    for m, band in bands.items():
         if len(band) != 2:
             raise ValueError(f"band for {m} must be (low, high), got {band!r}")
-        out[m] = _check_band(*band)
-    return out
+        fields[f"{SHORT_NAMES[m]}_low"], fields[f"{SHORT_NAMES[m]}_up"] = (float(end) for end in band)
+    return check_settings(SelectConfig(**fields)).bands()
 
 
 def _float_or_none(x: float) -> float | None:
