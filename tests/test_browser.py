@@ -141,10 +141,40 @@ def body_text(driver) -> str:
     return driver.execute_script("return document.body.innerText")
 
 
-def idle(driver) -> None:
-    """Wait until the script run finished (the status widget shows while a rerun is in flight)."""
-    time.sleep(0.3)
-    wait_for(driver, lambda d: not d.find_elements("css selector", '[data-testid="stStatusWidget"]'), "app idle")
+# Counts the script runs the page has begun: Streamlit's app root carries the run's state in its
+# data-test-script-state attribute (the hook its own browser tests use); every change is recorded, so
+# a run that begins and ends between two polls still counts.
+RUNS = """
+const app = document.querySelector('[data-testid="stApp"]');
+if (!app) return -1;
+if (window.threedsRuns === undefined) {
+  window.threedsRuns = 0;
+  new MutationObserver(records => records.forEach((r, i) => {
+    const now = i + 1 < records.length ? records[i + 1].oldValue : app.getAttribute('data-test-script-state');
+    if (now === 'running') window.threedsRuns += 1;
+  })).observe(app, {attributes: true, attributeOldValue: true, attributeFilter: ['data-test-script-state']});
+}
+return window.threedsRuns;
+"""
+
+
+def runs(driver) -> int:
+    """Script runs begun since the page loaded (counted from the first call on it). Read it while the
+    app is idle: a rerun asked for during a run continues the `running` state and is not counted."""
+    return wait_for(driver, lambda d: (n := d.execute_script(RUNS)) >= 0 and n + 1, "the app's root") - 1
+
+
+def idle(driver, since: int | None = None) -> None:
+    """Wait until the script run finished: its state on the app's root says it is not running and no
+    status widget shows; with `since` (`runs` before an action that reruns the script), until a run
+    begun after it finished too, so a rerun that has not started yet is not taken for idle."""
+
+    def settled(d) -> bool:
+        state = d.execute_script("return document.querySelector('[data-testid=\"stApp\"]')?.getAttribute('data-test-script-state')")
+        return (state == "notRunning" and (since is None or runs(d) > since)
+                and not d.find_elements("css selector", '[data-testid="stStatusWidget"]'))  # fmt: skip
+
+    wait_for(driver, settled, "app idle")
 
 
 def metrics(driver) -> dict[str, str]:
@@ -162,10 +192,12 @@ def metric(driver, label: str) -> str:
 
 def go(driver, title: str) -> None:
     """Open a page through the sidebar navigation (keeps the session, like a user)."""
+    idle(driver)
     link = next(a for a in driver.find_elements("css selector", '[data-testid="stSidebarNavLink"]') if a.text.strip().endswith(title))
+    before = runs(driver)
     link.click()
     wait_for(driver, lambda d: any(h.text.strip() == title or h.text.startswith(title) for h in d.find_elements("css selector", "h1")), f"page {title}")
-    idle(driver)
+    idle(driver, before)
 
 
 def requested_urls(driver) -> set[str]:
@@ -189,18 +221,23 @@ def pick_radio(driver, label: str, option: str) -> None:
     def group(d):
         return next((r for r in d.find_elements("css selector", '[data-testid="stRadio"]') if r.text.startswith(label)), None)
 
-    next(o for o in wait_for(driver, group, f"radio {label}").find_elements("css selector", "label") if o.text.strip() == option).click()
     idle(driver)
+    choice = next(o for o in wait_for(driver, group, f"radio {label}").find_elements("css selector", "label") if o.text.strip() == option)
+    before = None if any(i.is_selected() for i in choice.find_elements("css selector", "input")) else runs(driver)  # a new choice reruns
+    choice.click()
+    idle(driver, before)
 
 
 def nudge_slider(driver, index: int, key: str, times: int) -> None:
     """Move the `index`-th slider thumb on the page with the keyboard, as a user can."""
     from selenium.webdriver.common.action_chains import ActionChains
 
+    idle(driver)
     thumb = wait_for(driver, lambda d: d.find_elements("css selector", '[data-testid="stSlider"] input[type="range"]')[index:], "slider")[0]
     driver.execute_script("arguments[0].focus()", thumb)
+    value, before = thumb.get_attribute("value"), runs(driver)
     ActionChains(driver).send_keys(key * times).perform()
-    idle(driver)
+    idle(driver, before if thumb.get_attribute("value") != value else None)  # a moved thumb reruns (once its debounce ends)
 
 
 @pytest.fixture(scope="module")
@@ -210,8 +247,16 @@ def shots(tmp_path_factory) -> Path:
     return folder
 
 
+DRAWN = """
+return Array.from(document.querySelectorAll('.js-plotly-plot')).every(p => p._fullLayout && p.querySelector('.main-svg')
+  && !(p._transitionData && p._transitionData._frameQueue && p._transitionData._frameQueue.length))
+  && Array.from(document.images).every(i => i.complete);
+"""
+
+
 def shot(driver, folder: Path, name: str) -> None:
-    time.sleep(0.5)  # let Plotly finish drawing
+    idle(driver)
+    wait_for(driver, lambda d: d.execute_script(DRAWN), "every chart and image drawn")
     driver.save_screenshot(str(folder / f"{name}.png"))
     assert (folder / f"{name}.png").stat().st_size > 10_000  # a drawn page, not a blank one
 
@@ -315,9 +360,12 @@ def type_into(driver, label: str, text: str, kind: str = "stTextInput") -> None:
     def box(d):
         return next((b for b in d.find_elements("css selector", f'[data-testid="{kind}"]') if b.text.strip().startswith(label)), None)
 
+    idle(driver)
     field = wait_for(driver, box, f"text input {label}").find_element("css selector", "input")
+    changed, before = field.get_attribute("value") != text, runs(driver)
     field.send_keys(Keys.CONTROL, "a")  # replace what is there (clear() bypasses React's state)
     field.send_keys(text + Keys.TAB)
+    idle(driver, before if changed else None)  # a changed value, committed, reruns the script
 
 
 def test_a_run_started_on_the_page_updates_live_and_ends_failed(server, browser, tmp_path, shots):
@@ -366,7 +414,7 @@ def test_a_run_started_on_the_page_updates_live_and_ends_failed(server, browser,
         d.execute_script("window.notReloaded = true")
         next(b for b in d.find_elements("css selector", "button") if b.text.strip() == "Start run").click()
         seen, counts = set(), set()
-        deadline = time.time() + 150
+        deadline = time.time() + TIMEOUT
         while "Failed (exit code" not in body_text(d) and time.time() < deadline:
             bars = d.find_elements("css selector", '[data-testid="stProgress"]')
             seen.update(b.text.split(" · ")[0].split(" (")[0] for b in bars if b.text)
