@@ -286,7 +286,7 @@ def test_every_page_in_chromium(server, browser, shots):
     before = metric(d, "in all three bands")
     nudge_slider(d, 0, Keys.ARROW_LEFT, 15)  # the low end of Instruction Understanding's band
     wait_for(d, lambda d: metric(d, "in all three bands") != before, "intersection changes with a band")
-    assert len(d.find_elements("css selector", ".js-plotly-plot")) == 4  # three histograms + scatter matrix
+    wait_for(d, lambda d: len(d.find_elements("css selector", ".js-plotly-plot")) == 4, "three histograms + scatter matrix")  # drawn after the script run
     shot(d, shots, "difficulty")
 
     go(d, "Embedding map")
@@ -657,7 +657,7 @@ def test_outcomes_page_shows_the_experiment_and_an_item_on_click(server, browser
     go(d, "Outcomes")
     wait_for(d, lambda d: "Items where the arms disagree" in body_text(d), "the experiment's results")
     idle(d)
-    assert len(d.find_elements("css selector", ".js-plotly-plot")) == 2  # accuracy with error bars, loss curves
+    wait_for(d, lambda d: len(d.find_elements("css selector", ".js-plotly-plot")) == 2, "accuracy with error bars, loss curves")  # drawn after the script run
     text = body_text(d)
     assert "SmolLM2-135M" in text and "Tiny training sets" in text
     shot(d, shots, "outcomes")
