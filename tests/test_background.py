@@ -120,7 +120,8 @@ def test_the_job_writes_progress_and_the_greedy_picks(tmp_path):
     picks = np.load(tmp_path / "p.npy")
     assert picks.tolist() == apply(config, run.metrics, run.embeddings, run.ratings).picked.tolist()
     progress = __import__("json").loads((tmp_path / "progress.json").read_text())
-    assert (progress["stage"], progress["done"], progress["total"]) == ("k-center", 10, 10)
+    assert (progress["stage"], progress["done"], progress["total"], progress["unit"]) == ("k-center", 10, 10, "picks")
+    assert progress["done_at_start"] == 0 and progress["updated"] >= progress["started"]  # the pace from the picks' start
     assert len(list((run_dir / "pick_orders").glob("*.npy"))) == 1
     assert pick_job.main([*argv[:3], "999", *argv[4:]]) == 1  # embeddings of another length: one line, status 1
 

@@ -13,6 +13,7 @@ import pandas as pd
 
 from threeds.config import SelectConfig, check_settings
 from threeds.names import METRIC_NAMES, METRICS, SHORT_NAMES, metric_column
+from threeds.rundir.progress import TerminalBar
 from threeds.selection.arrays import is_tensor, ops_for, resolve_device, storage_dtype
 
 # Why a metric can be NaN (spec item 6); inf (overflow) is counted with NaN.
@@ -448,11 +449,8 @@ class KCenter:
 
     def extend(self, k: int, progress: bool = False) -> np.ndarray:
         """The first k picks (k >= len(initial)), continuing the greedy where it stopped."""
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(desc="k-center", unit="pick", initial=len(self.picks), total=k)
+        bar = TerminalBar("k-center", "pick", enabled=progress)
+        bar(len(self.picks), k)
         try:
             with self.ops.greedy_settings():
                 if not self.picks and self.n:
@@ -460,11 +458,9 @@ class KCenter:
                 while len(self.picks) < k and self.state.remaining:
                     self.picks.append(self.state.farthest())
                     self.state.add(self.picks[-1])
-                    if bar is not None:
-                        bar.update()
+                    bar(len(self.picks), k)
         finally:
-            if bar is not None:
-                bar.close()
+            bar.close()
         picks = self.picks[:k]
         if len(picks) < k:  # every distinct point is a centre; the rest are at distance 0
             rest = np.setdiff1d(np.arange(self.n), picks)  # ascending: ties go to the lowest index

@@ -6,7 +6,7 @@ threeds.selection.pick_job`) so no slider waits for it and the rows never enter 
 memory. The job reads the run's embeddings memory-mapped, gathers the candidates' rows in
 chunks, continues the run's stored pick order (`PickOrder`: `threeds select`'s or an earlier
 job's order is reused, never recomputed) in steps, and after each step writes `progress.json`
-(phase, picks done, total, times) for the app's progress bar; the picks (rows of metrics.parquet,
+(`threeds.rundir.progress.ProgressFile`: picks done, total, times) for the app's progress bar; the picks (rows of metrics.parquet,
 in pick order) go to `--out` when all are made. Exit 0 on success, 1 with one line on stderr
 otherwise.
 """
@@ -14,9 +14,7 @@ otherwise.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +23,7 @@ from threeds.errors import ThreedsError
 from threeds.io.atomic import atomic_write
 from threeds.rundir import layout
 from threeds.rundir.check import read_embeddings
+from threeds.rundir.progress import ProgressFile
 from threeds.selection.pick_order import PickOrder
 
 STEPS = 40  # progress updates over a job's picks
@@ -39,24 +38,20 @@ def gather(embeddings: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return out
 
 
-def write_progress(path: Path, **fields) -> None:
-    atomic_write(path, lambda f: f.write(json.dumps({**fields, "updated": time.time()})), "w")
-
-
 def make_picks(run_dir: Path, rows: int, candidates: np.ndarray, initial: np.ndarray, seed: int, k: int, progress: Path) -> np.ndarray:
     """Rows of metrics.parquet (`rows` of them) picked by k-center among `candidates`, the first k
     in pick order."""
-    started = time.time()
     k = min(k, len(candidates))
-    write_progress(progress, stage="reading the candidates' embeddings", done=0, total=k, unit="picks", started=started)
+    ProgressFile(progress, "reading the candidates' embeddings", k, unit="picks", ahead=[]).close()
     embeddings = read_embeddings(run_dir / layout.EMBEDDINGS, rows)
     order = PickOrder(gather(embeddings, candidates), seed, initial.tolist(), run_dir)
-    step_started = time.time()
+    report = ProgressFile(progress, "k-center", k, unit="picks", ahead=[], min_interval=0)
+    report(0, k)
     step = max(1, -(-k // STEPS))
     picks = np.empty(0, dtype=np.int64)
     for target in [*range(max(step, len(initial)), k, step), k]:
         picks = order.picks(target)
-        write_progress(progress, stage="k-center", done=len(picks), total=k, unit="picks", started=step_started)
+        report(len(picks), k)
     return candidates[picks]
 
 
