@@ -326,3 +326,30 @@ def test_exclude_flagged_round_trip_export_cli_preset(run_dir, tmp_path, capsys)
     with pytest.raises(SystemExit) as exited:  # argparse: a usage error
         cli.main(["select", "--run", str(run_dir), "--out", str(tmp_path / "x.json"), "--exclude-flagged", "loops"])
     assert exited.value.code == 2 and "--exclude-flagged: unknown A' flag 'loops'" in capsys.readouterr().err
+
+
+def test_reasons_of_many_rows_share_their_strings_and_name_each_failed_score():
+    """Rows dropped by the same stages share one string object (a 1.9M-row run holds a few hundred
+    texts, not 1.9M); a failed quality threshold names the row's own score, in stage order."""
+    rng = np.random.default_rng(3)
+    n = 4000
+    v = {c: rng.normal(size=n) for c in ("ins_ppl", "gen_wloss_mean", "gen_wloss_max", "gt_wloss_mean", "gt_wloss_max")}
+    v["ins_ppl"][:7] = np.nan
+    ids = [f"s{i}" for i in range(n)]
+    ratings = pd.DataFrame({"id": ids, "score": rng.integers(80, 100, n).astype(float)})
+    chosen = apply(SelectConfig(quality_threshold=85.0, sample_num=5, exclude=("s9",)), pd.DataFrame({"id": ids, **v}), rng.normal(size=(n, 2)), ratings)
+    report = chosen.report["metrics"]
+    for row in range(n):
+        score, ins = ratings["score"][row], v["ins_ppl"][row]
+        want = ["excluded by rule"] if row == 9 else []
+        want += [f"quality {score:g} < 85"] if score < 85 else []
+        want += ["Instruction Understanding: no value (no prompt token to score)"] if np.isnan(ins) else []
+        for metric, name in (("ins_ppl", "Instruction Understanding"), ("gen_wloss", "Response Confidence"), ("gt_wloss", "Response Correctness")):
+            value = v[metric if metric == "ins_ppl" else f"{metric}_mean"][row]
+            want += [f"{name} below the 25th percentile"] if value < report[metric]["lo"] else []
+            want += [f"{name} above the 75th percentile"] if value > report[metric]["hi"] else []
+        if want:
+            assert chosen.reason[row] == "; ".join(want), row
+    dropped = (chosen.verdict == "dropped") & (ratings["score"].to_numpy() >= 85)
+    assert len({id(text) for text in chosen.reason[dropped]}) == len(set(chosen.reason[dropped])) < 100
+    assert len({id(text) for text in chosen.verdict}) == len(set(chosen.verdict)) == 3

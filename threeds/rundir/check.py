@@ -66,6 +66,14 @@ def stage_part(manifest: dict, stage: str, part: str) -> dict:
     return value if isinstance(value, dict) else {}
 
 
+def _not_ids(ids: pd.Series) -> np.ndarray:
+    """Per row, whether it is not a non-empty string: vectorised for a string column (1.9M ids in
+    tens of milliseconds, not seconds), value by value for a column of mixed objects."""
+    if isinstance(ids.dtype, pd.StringDtype):
+        return (ids.isna() | (ids.str.len() == 0)).to_numpy(dtype=bool)
+    return np.fromiter((not (isinstance(i, str) and i) for i in ids), dtype=bool, count=len(ids))
+
+
 def read_metrics(path: Path) -> pd.DataFrame:
     """metrics.parquet: the metric columns as numbers, non-empty unique string ids."""
     frame = _read_parquet(path)
@@ -73,9 +81,9 @@ def read_metrics(path: Path) -> pd.DataFrame:
     if missing:
         raise _fail(path, f"missing columns {missing}", "score again with this version of threeds")
     ids = frame["id"]
-    if not all(isinstance(i, str) and i for i in ids):
-        row = next(r for r, i in enumerate(ids) if not (isinstance(i, str) and i))
-        raise _fail(path, f"row {row}: field id: expected a non-empty string, got {ids.iloc[row]!r}")
+    bad = np.flatnonzero(_not_ids(ids))
+    if len(bad):
+        raise _fail(path, f"row {bad[0]}: field id: expected a non-empty string, got {ids.iloc[bad[0]]!r}")
     _require_unique(path, ids)
     for column in METRIC_COLUMNS[1:]:
         if not pd.api.types.is_numeric_dtype(frame[column]) or pd.api.types.is_bool_dtype(frame[column]):
