@@ -353,3 +353,12 @@ def test_reasons_of_many_rows_share_their_strings_and_name_each_failed_score():
     dropped = (chosen.verdict == "dropped") & (ratings["score"].to_numpy() >= 85)
     assert len({id(text) for text in chosen.reason[dropped]}) == len(set(chosen.reason[dropped])) < 100
     assert len({id(text) for text in chosen.verdict}) == len(set(chosen.verdict)) == 3
+
+
+def test_quality_per_row_takes_each_ids_last_rating():
+    from threeds.selection.apply import quality_per_row
+
+    ratings = pd.DataFrame({"id": ["a", "b", "a", "c", "b"], "score": [1.0, 2.0, 3.0, np.nan, 5.0]})
+    got = quality_per_row(ratings, pd.Series(["a", "c", "d", "b"]))
+    assert np.array_equal(got, [3.0, np.nan, np.nan, 5.0], equal_nan=True)  # a re-rated: 3; c unscored; d unrated
+    assert np.isnan(quality_per_row(ratings.iloc[:0], ["a"])).all() and quality_per_row(None, ["a"]) is None
