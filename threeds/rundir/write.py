@@ -29,9 +29,10 @@ from threeds.rundir.check import read_manifest
 from threeds.rundir.record_index import open_records
 
 CHUNK_PARTS = (layout.TOKENS, layout.CHUNK_EMBEDDINGS, layout.METRICS)  # in the order written: metrics last
-# Files the run's writer replaces atomically (the app's caches beside them are not its own).
+# Files the run's writer replaces atomically (the app's caches beside them are not its own; data.jsonl's
+# row index is both: consolidation writes it, a reader that finds it stale writes it again).
 WRITER_FILES = (layout.MANIFEST, layout.PROGRESS, layout.STATUS, layout.REJECTS, layout.SELECTION, layout.SELECTED,
-                *layout.SCORE_OUTPUTS)  # fmt: skip
+                *layout.SCORE_OUTPUTS, *layout.DATA_INDEX)  # fmt: skip
 PACKAGES = ("threeds", "torch", "transformers", "numpy", "pandas", "pyarrow", "spacy", "jieba")
 
 
