@@ -113,10 +113,11 @@ class RunDir:
         metrics = pd.concat([pd.read_parquet(self._chunk(i, layout.METRICS)) for i in range(n_chunks)], ignore_index=True)
         parts = [self._chunk(i, layout.CHUNK_EMBEDDINGS) for i in range(n_chunks)]
         tokens = pd.concat([pd.read_parquet(self._chunk(i, layout.TOKENS)) for i in range(n_chunks)], ignore_index=True)
-        if list(metrics["id"]) != [r["id"] for r in records]:
+        ids = list(metrics["id"])
+        if ids != [r["id"] for r in records]:
             raise RunError(f"{self.chunks}: chunks do not match the input records; delete the run and score again")
         write_jsonl(self.file(layout.DATA), records)
-        self._index_records(list(metrics["id"]))
+        self._index_records(ids)
         atomic_write(self.file(layout.EMBEDDINGS), lambda f: _join_npy(f, parts, np.dtype(embeddings_dtype)))
         atomic_write(self.file(layout.TOKENS), lambda f: tokens.to_parquet(f, index=False))
         atomic_write(self.file(layout.METRICS), lambda f: metrics.to_parquet(f, index=False))

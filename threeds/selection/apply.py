@@ -97,7 +97,7 @@ def quality_per_row(ratings: pd.DataFrame | None, ids: Sequence[str]) -> np.ndar
     if ratings.empty:
         return np.full(len(ids), np.nan)
     last_first = pa.array(ratings["id"].astype(str))[::-1]  # an id's last rating is its first here
-    found = pc.index_in(pa.array(pd.Series(ids, dtype=object).astype(str)), value_set=last_first)  # Arrow's hash table: 1.9M ids in ~1 s
+    found = pc.index_in(pa.array(pd.Series(ids).astype(str)), value_set=last_first)  # Arrow's hash table: 1.9M ids in ~1 s
     where = pc.fill_null(found, -1).to_numpy(zero_copy_only=False)
     scores = ratings["score"].to_numpy(dtype=float)[::-1]
     return np.where(where >= 0, scores[where], np.nan)
@@ -146,18 +146,19 @@ def filter_rows(config: SelectConfig, metrics: pd.DataFrame, quality: np.ndarray
     inside, report = band_filter(banded, config.bands(), config.atten_method)
     in_bands = np.zeros(n, dtype=bool)
     in_bands[pool[inside]] = True
-    include = _rule_rows(metrics, config.include, "include")
-    excluded, included = _mask(n, _rule_rows(metrics, config.exclude, "exclude")), _mask(n, include)
+    row_of = pd.Index(metrics["id"].astype(str)) if config.include or config.exclude else None  # only a rule needs it
+    include = _rule_rows(row_of, config.include, "include")
+    excluded, included = _mask(n, _rule_rows(row_of, config.exclude, "exclude")), _mask(n, include)
     candidates = np.flatnonzero((in_bands & ~excluded) | included)
     initial = np.searchsorted(candidates, include)
     return Filtered(quality_ok, flagged, in_bands, excluded, included, candidates, initial.astype(np.int64), report, quality)
 
 
-def _rule_rows(metrics: pd.DataFrame, ids: Sequence[str], rule: str) -> np.ndarray:
-    """Rows of the ids a rule names, in its order; the run's ids are indexed only when there are some."""
+def _rule_rows(row_of: pd.Index | None, ids: Sequence[str], rule: str) -> np.ndarray:
+    """Rows of the ids a rule names, in its order (`row_of`: the run's ids, None when no rule names any)."""
     if not ids:
         return np.empty(0, dtype=np.int64)
-    rows = pd.Index(metrics["id"].astype(str)).get_indexer(list(ids))
+    rows = row_of.get_indexer(list(ids))
     if (rows < 0).any():
         missing = [i for i, r in zip(ids, rows) if r < 0]
         raise SelectionError(f"{rule} rule: {len(missing)} id(s) are not scored samples of this run, e.g. {missing[0]!r}")
@@ -241,7 +242,7 @@ def reasons(config: SelectConfig, metrics: pd.DataFrame, quality: np.ndarray | N
         bits |= np.asarray(mask, dtype=np.int64) << i
     combos, codes = np.unique(bits, return_inverse=True)
     texts = np.array(["; ".join(text for i, (_, text) in enumerate(stages) if combo >> i & 1) for combo in combos], dtype=object)
-    out = texts[codes.reshape(-1)]
+    out = texts[codes]
     if threshold is not None:
         rows = np.flatnonzero(~filtered.quality_ok & ~np.isnan(q))
         out[rows] = [out[r].replace(_SCORE, f"quality {q[r]:g} < {threshold:g}") for r in rows]
@@ -267,7 +268,7 @@ def explain(
     labels = np.array(["picked", VERDICTS[3] if pending else "not picked", "dropped"], dtype=object)
     verdict = labels[np.where(rank > 0, 0, np.where(kept, 1, 2))]  # three strings shared by every row
     k = min(pick_count(config), len(filtered.candidates)) if pending else len(picked)
-    why[(rank == 0) & (why == "")] = "in all bands; the k-center picks are being made" if pending else f"in all bands; not among the {k:,} k-center picks"
+    why[(rank == 0) & kept] = "in all bands; the k-center picks are being made" if pending else f"in all bands; not among the {k:,} k-center picks"
     dropped_but_kept = filtered.included & (why != "")
     why[dropped_but_kept] = ["always include (rule) over: " + w for w in why[dropped_but_kept]]
     why[filtered.included & (why == "")] = "always include (rule)"
