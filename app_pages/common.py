@@ -13,10 +13,11 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import streamlit as st
@@ -245,23 +246,46 @@ def quality_of(_run: Run, key: tuple) -> np.ndarray | None:
     return quality_per_row(_run.ratings, _run.metrics["id"])
 
 
-FLAGS_INLINE_ROWS = 20_000  # runs up to this size flag their answers while the page waits (a second or two)
+INLINE_ROWS = 20_000  # runs up to this size compute what a page shows while it waits (a second or two)
+
+
+def in_background(work: Callable[[], Any], name: str) -> Future:
+    """`work()` in a daemon thread of the server, its result (or exception) in the returned future:
+    a daemon, so a server told to stop does not wait for it (a pool's threads it would)."""
+    future: Future = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(work())
+        except BaseException as exc:  # the page that waits raises it
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return future
+
+
+def ready_result(future: Future, rows: int, wait: bool, spinner: str) -> tuple[bool, Any]:
+    """(True, the result) once `future` is done, or when the page waits for it (`wait`, or a run of
+    at most INLINE_ROWS rows); (False, None) while a large run's result is still being computed."""
+    if not future.done() and not wait and rows > INLINE_ROWS:
+        return False, None
+    with st.spinner(spinner):
+        return True, future.result()
+
+
+@st.fragment(run_every=pick_jobs.POLL_S)
+def coming(future: Future, key: str, text: str) -> None:
+    """Says what is being computed in the background; reruns the page once it is in."""
+    if future.done():
+        st.rerun()
+    with st.container(key=key):
+        st.caption(text)
 
 
 @st.cache_resource(max_entries=4, show_spinner=False)
 def _answer_flags(_run: Run, key: tuple) -> Future:
-    """The run's flags, computed once per run in a daemon thread of the server (seconds per 100k
-    answers): a daemon, so a server told to stop does not wait for it (a pool's threads it would)."""
-    future: Future = Future()
-
-    def work() -> None:
-        try:
-            future.set_result(run_answer_flags(_run.path, _run.metrics, _run.records, _run.manifest))
-        except BaseException as exc:  # the page that waits raises it
-            future.set_exception(exc)
-
-    threading.Thread(target=work, name="threeds-flags", daemon=True).start()
-    return future
+    """The run's flags, computed once per run in the background (seconds per 100k answers)."""
+    return in_background(lambda: run_answer_flags(_run.path, _run.metrics, _run.records, _run.manifest), "threeds-flags")
 
 
 def answer_flags(run: Run, wait: bool = True) -> AnswerFlags | None:
@@ -270,20 +294,13 @@ def answer_flags(run: Run, wait: bool = True) -> AnswerFlags | None:
     background: what only shows them (counts, badges) does not wait, a rule that needs them does."""
     if run.metrics is None or run.records is None:
         return None
-    future = _answer_flags(run, key_of(run))
-    if not future.done() and not wait and len(run.metrics) > FLAGS_INLINE_ROWS:
-        return None
-    with st.spinner("Flagging the model's answers (once per run)…"):
-        return future.result()
+    return ready_result(_answer_flags(run, key_of(run)), len(run.metrics), wait, "Flagging the model's answers (once per run)…")[1]
 
 
-@st.fragment(run_every=pick_jobs.POLL_S)
 def flags_coming(run: Run) -> None:
     """Says the flags on A' are being computed; reruns the page once they are in."""
-    if _answer_flags(run, key_of(run)).done():
-        st.rerun()
-    with st.container(key="flags_pending"):
-        st.caption(f"Flagging the model's answers in the background (once per run; {len(run.metrics):,} answers); every control works meanwhile…")
+    coming(_answer_flags(run, key_of(run)), "flags_pending",
+           f"Flagging the model's answers in the background (once per run; {len(run.metrics):,} answers); every control works meanwhile…")  # fmt: skip
 
 
 @st.cache_resource(max_entries=64, show_spinner=False)

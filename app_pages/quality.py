@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import Future
+
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
@@ -11,34 +13,31 @@ from app_pages import common, state
 from threeds.rundir import layout
 from threeds.rundir.read import Run, run_settings
 from threeds.selection.quality import kept_per_bin, quality_mask
+from threeds.views.sources import rating_sources, scored_sources
 
 EXAMPLES = 3
 
 
-@st.cache_data(max_entries=8, show_spinner=False)
+@st.cache_resource(max_entries=8, show_spinner=False)  # a resource, not data: 1.9M scores are not copied on every rerun
 def score_order(_run: Run, key: tuple) -> tuple[np.ndarray, np.ndarray]:
     """(scores, row order by score) of the rated records; NaN (unrated) sorts last."""
     scores = _run.ratings["score"].to_numpy(dtype=float)
     return scores, np.argsort(scores, kind="stable")
 
 
-@st.cache_data(max_entries=8, show_spinner="Reading the records' sources…")
-def source_codes(_run: Run, key: tuple) -> tuple[np.ndarray, list[str]] | None:
-    """Per rated row, an index into the list of `source` values; None when records have none. The
-    scored records' sources are read from data.jsonl a chunk at a time (a code per row, not a record
-    per row); the others' from the input file where `Run.unscored_records` reads it."""
-    names: dict[str, int] = {"": 0}
-    code = lambda value: names.setdefault(str(value or ""), len(names))  # noqa: E731
-    scored = np.zeros(0, dtype=np.int64)
-    if _run.records is not None:
-        scored = np.fromiter((code(s) for chunk in _run.records.field("source") for s in chunk), dtype=np.int64, count=len(_run.records))
-    unscored = _run.unscored_records
-    rows = _run.row_of.ids.get_indexer(_run.ratings["id"].astype(str))
-    codes = np.array([scored[r] if r >= 0 else code((unscored.get(i) or {}).get("source")) for r, i in zip(rows, _run.ratings["id"])], dtype=np.int64)
-    if not codes.any():
-        return None
-    order = sorted(names, key=names.get)
-    return codes, [n or "(none)" for n in order]
+@st.cache_resource(max_entries=4, show_spinner=False)
+def _sources(_run: Run, key: tuple) -> Future:
+    """Per rated row, an index into a list of `source` values, or None when no record names one:
+    made in the background, since the first time a large run's data.jsonl is read whole."""
+
+    def work() -> tuple[np.ndarray, list[str]] | None:
+        ids = _run.ratings["id"].astype(str)
+        if _run.records is None:
+            return rating_sources(ids, np.full(len(ids), -1), (np.zeros(0, np.int32), []), _run.unscored_records)
+        rows = _run.row_of.ids.get_indexer(ids)
+        return rating_sources(ids, rows, scored_sources(_run.path, _run.records), _run.unscored_records if (rows < 0).any() else {})
+
+    return common.in_background(work, "threeds-sources")
 
 
 def histogram_figure(scores: np.ndarray, threshold: float, key: tuple) -> go.Figure:
@@ -106,8 +105,12 @@ def main() -> None:
         st.caption(f"This run scored the records rated ≥ {used:g}; the slider explores other thresholds without re-scoring.")
     st.plotly_chart(histogram_figure(scores, threshold, key), width="stretch")
     border_examples(run, scores, order, threshold)
-    sources = source_codes(run, key)
-    if sources is not None:
+    future = _sources(run, key)
+    ready, sources = common.ready_result(future, len(scores), False, "Reading the records' sources…")
+    if not ready:
+        st.subheader("By source")
+        common.coming(future, "sources_pending", f"Reading the sources of {len(scores):,} records in the background (once per run)…")
+    elif sources is not None:
         st.subheader("By source")
         st.table(source_breakdown(*sources, kept).set_index("source"))  # static: a few rows, no data-grid redraw
 

@@ -463,6 +463,7 @@ def test_runs_page_follows_a_background_run(demo):
     from threeds.rundir.jobs import job_running, start_run
 
     script = (
+        "from threeds.cli import honour_interrupts; honour_interrupts()\n"  # as `threeds` does: this suite may run with SIGINT ignored
         "import json, sys, time, pathlib\n"
         "p = pathlib.Path(sys.argv[1]) / 'progress.json'\n"
         "p.write_text(json.dumps({'stage': 'rate', 'done': 3, 'total': 10, 'updated': time.time()}))\n"

@@ -115,8 +115,8 @@ def test_the_job_writes_progress_and_the_greedy_picks(tmp_path):
     np.save(tmp_path / "c.npy", done.candidates)
     np.save(tmp_path / "i.npy", done.initial)
     argv = ["--run", str(run_dir), "--rows", str(len(run.metrics)), "--candidates", str(tmp_path / "c.npy"), "--initial", str(tmp_path / "i.npy"),
-            "--k", "10", "--out", str(tmp_path / "p.npy"), "--progress", str(tmp_path / "progress.json")]  # fmt: skip
-    assert pick_job.main(argv) == 0
+            "--k", "10", "--out", str(tmp_path / "p.npy"), "--progress", str(tmp_path / "progress.json"), "--nice", "0"]  # fmt: skip
+    assert pick_job.main(argv) == 0  # --nice 0: in process, the test's own niceness stays
     picks = np.load(tmp_path / "p.npy")
     assert picks.tolist() == apply(config, run.metrics, run.embeddings, run.ratings).picked.tolist()
     progress = __import__("json").loads((tmp_path / "progress.json").read_text())
@@ -124,6 +124,23 @@ def test_the_job_writes_progress_and_the_greedy_picks(tmp_path):
     assert progress["done_at_start"] == 0 and progress["updated"] >= progress["started"]  # the pace from the picks' start
     assert len(list((run_dir / "pick_orders").glob("*.npy"))) == 1
     assert pick_job.main([*argv[:3], "999", *argv[4:]]) == 1  # embeddings of another length: one line, status 1
+
+
+def test_the_job_yields_the_cpu_to_the_server_and_the_browser(tmp_path):
+    """By default the job runs NICE steps nicer than the server that starts it, so on two cores a
+    band move is not slowed by the picks of the move before."""
+    import os
+    import subprocess
+
+    seen = tmp_path / "niceness"
+    code = ("import os, sys, numpy as np; from threeds.selection import pick_job; "
+            f"pick_job.make_picks = lambda *a: open({str(seen)!r}, 'w').write(str(os.nice(0))) and np.zeros(0, np.int64); "
+            "sys.exit(pick_job.main(sys.argv[1:]))")  # fmt: skip
+    np.save(tmp_path / "c.npy", np.zeros(0, np.int64))
+    argv = ["--run", str(tmp_path), "--rows", "1", "--candidates", str(tmp_path / "c.npy"), "--initial", str(tmp_path / "c.npy"),
+            "--k", "1", "--out", str(tmp_path / "p.npy"), "--progress", str(tmp_path / "progress.json")]  # fmt: skip
+    subprocess.run([sys.executable, "-c", code, *argv], check=True, cwd=ROOT, timeout=TIMEOUT)
+    assert int(seen.read_text()) == min(19, os.nice(0) + pick_job.NICE)
 
 
 def test_pending_picks_have_their_own_verdict():
@@ -140,7 +157,7 @@ def test_pending_picks_have_their_own_verdict():
 
 
 def test_the_difficulty_page_does_not_wait_for_a_large_runs_flags(tmp_path, monkeypatch):
-    """Above FLAGS_INLINE_ROWS the flags on A' are computed in a thread: the page says so, the
+    """Above INLINE_ROWS the flags on A' are computed in a thread: the page says so, the
     bands work meanwhile, and the counts appear once they are in."""
     import threading
 
@@ -150,7 +167,7 @@ def test_the_difficulty_page_does_not_wait_for_a_large_runs_flags(tmp_path, monk
     cache = tmp_path / "cache"
     monkeypatch.setenv("THREEDS_CACHE", str(cache))
     make_run(cache / "demo", n=150, n_dropped=10, dim=8)
-    monkeypatch.setattr(common, "FLAGS_INLINE_ROWS", 0)
+    monkeypatch.setattr(common, "INLINE_ROWS", 0)
     gate, real = threading.Event(), answer_flags.run_answer_flags
     monkeypatch.setattr(common, "run_answer_flags", lambda *args: gate.wait(TIMEOUT) and real(*args))
     at = open_page("app_pages/difficulty.py")
@@ -181,7 +198,7 @@ def test_the_samples_page_fills_in_a_large_runs_flags_when_they_arrive(tmp_path,
     for row in (3, 7):  # two answers that repeat themselves: flagged
         records[row] = {**records[row], "generated_output": "word " * 600}
     (cache / "demo" / layout.DATA).write_text("".join(json.dumps(r) + "\n" for r in records))
-    monkeypatch.setattr(common, "FLAGS_INLINE_ROWS", 0)
+    monkeypatch.setattr(common, "INLINE_ROWS", 0)
     gate, real = threading.Event(), answer_flags.run_answer_flags
     monkeypatch.setattr(common, "run_answer_flags", lambda *args: gate.wait(TIMEOUT) and real(*args))
     at = open_page("app_pages/samples.py")
@@ -193,3 +210,33 @@ def test_the_samples_page_fills_in_a_large_runs_flags_when_they_arrive(tmp_path,
     want = real(run.path, run.metrics, run.records, run.manifest).labels()
     shown = at.dataframe[0].value.set_index("id")["A' flags"]
     assert shown.to_dict() == dict(zip(run.metrics["id"], want)), "every row's flags as computed"
+
+
+def test_the_quality_page_does_not_wait_for_a_large_runs_sources(tmp_path, monkeypatch):
+    """Above INLINE_ROWS the records' sources are read in a thread: the page says so, the threshold
+    works meanwhile, and the breakdown by source appears once they are in, counted as by hand."""
+    import threading
+
+    from app_pages import common
+    from threeds.views import sources
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("THREEDS_CACHE", str(cache))
+    run_dir = make_run(cache / "demo", n=150, n_dropped=10, dim=8)
+    monkeypatch.setattr(common, "INLINE_ROWS", 0)
+    gate, real = threading.Event(), sources.scored_sources
+    monkeypatch.setattr(sources, "scored_sources", lambda *args: gate.wait(TIMEOUT) and real(*args))
+    at = open_page("app_pages/quality.py")
+    assert "Reading the sources of 160 records in the background" in " ".join(c.value for c in at.caption)
+    before = metric(at, "kept")
+    at.slider(key=app_state.widget_key("quality_threshold")).set_value(95.0).run()
+    assert metric(at, "kept") != before and not at.exception
+    gate.set()
+    until(at, lambda at: len(at.table) > 0, "the table by source")
+    source_of = {r["id"]: r["source"] for r in map(json.loads, (run_dir / "input.jsonl").read_text().splitlines())}
+    ratings = [json.loads(line) for line in (run_dir / layout.RATINGS).read_text().splitlines()]
+    shown = at.table[0].value
+    for name in set(source_of.values()):
+        mine = [r for r in ratings if source_of[r["id"]] == name]
+        kept = sum(r["score"] is not None and r["score"] >= 95.0 for r in mine)
+        assert (int(shown.loc[name, "rated"]), int(shown.loc[name, "kept"])) == (len(mine), kept), name

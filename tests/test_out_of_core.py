@@ -199,3 +199,59 @@ def test_float16_rows_are_used_as_they_are_and_pick_exactly_as_their_float32_cop
     picks = k_center_greedy(x16, 470, seed=5, device="cpu")
     assert picks.tolist() == k_center_greedy(x16.astype(np.float32), 470, seed=5, device="cpu").tolist()
     assert not set(picks[:450].tolist()) & set(range(400, 450))
+
+
+def test_a_field_of_every_record_as_codes_read_by_arrow_or_line_by_line(tmp_path):
+    """`RecordFile.codes` gives each row its value's position in the returned names ("" for a
+    record without the field, null or empty); a value Arrow cannot read as a string (a number)
+    sends the file through the line reader, with the same answer."""
+    rows = [{"id": f"i{i}", "instruction": "q", "source": ["pubmed", "wiki", None, ""][i % 4]} for i in range(10)]
+    del rows[5]["source"]
+    path = tmp_path / layout.DATA
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ids = [r["id"] for r in rows]
+    codes, names = open_records(path, ids, tmp_path).codes("source")
+    assert [names[c] for c in codes] == ["pubmed", "wiki", "", "", "pubmed", "", "", "", "pubmed", "wiki"]
+    rows[3]["source"] = 7  # not a string: Arrow refuses the column
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    codes, names = open_records(path, ids, tmp_path).codes("source")
+    assert [names[c] for c in codes] == ["pubmed", "wiki", "", "7", "pubmed", "", "", "", "pubmed", "wiki"]
+
+
+def test_the_scored_records_sources_are_read_once_and_kept_beside_the_run(tmp_path, monkeypatch):
+    """The first call reads data.jsonl; a later one reads layout.SOURCES, not a record; a changed
+    data.jsonl (its stamp) or a corrupt cache is read again."""
+    from threeds.views.sources import scored_sources
+
+    run = make_run(tmp_path / "r", n=12, n_dropped=0)
+    records = load_run(run).records
+    codes, names = scored_sources(run, records)
+    assert [names[c] for c in codes] == [r["source"] for r in _lines(run)]
+    assert all((run / name).is_file() for name in layout.SOURCES)
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("data.jsonl read again")
+
+    with monkeypatch.context() as m:
+        m.setattr(RecordFile, "codes", no_reading)
+        again = scored_sources(run, load_run(run).records)
+    assert (again[0] == codes).all() and again[1] == names
+    lines = _lines(run)
+    lines[0]["source"] = "a source of its own"
+    (run / layout.DATA).write_text("".join(json.dumps(r) + "\n" for r in lines))
+    codes, names = scored_sources(run, load_run(run).records)
+    assert names[codes[0]] == "a source of its own" and [names[c] for c in codes[1:]] == [r["source"] for r in lines[1:]]
+    (run / layout.SOURCES[0]).write_bytes(b"not a npy file")
+    assert [names[c] for c in scored_sources(run, load_run(run).records)[0]] == [r["source"] for r in lines]
+
+
+def test_each_ratings_source_comes_from_its_scored_record_or_the_input_file():
+    """Rows -1 (Stage-1-only records) are looked up in the input file's records; None when no
+    rated record names a source."""
+    from threeds.views.sources import rating_sources
+
+    ids = pd.Series(["a", "b", "c", "d"])
+    scored = (np.array([1, 0], dtype=np.int32), ["", "pubmed"])
+    codes, names = rating_sources(ids, np.array([1, -1, 0, -1]), scored, {"b": {"source": "forum"}, "d": {}})
+    assert [names[c] for c in codes] == ["(none)", "forum", "pubmed", "(none)"]
+    assert rating_sources(ids, np.array([1, -1, 1, -1]), scored, {}) is None

@@ -196,6 +196,7 @@ def test_runs_page_shows_the_phase_from_the_first_second(run_dir):
     from threeds.rundir.jobs import job_running, start_run, stop_run
 
     script = (
+        "from threeds.cli import honour_interrupts; honour_interrupts()\n"  # as `threeds` does: Stop's SIGINT ends it
         "import sys, time\n"
         "from threeds.rundir.progress import ProgressFile\n"
         "ProgressFile(sys.argv[1] + '/progress.json', 'rate', 10).phase('loading the model')\n"

@@ -20,6 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.json as pa_json
 
 from threeds.io.array_cache import read_cached, write_cached
 from threeds.io.data import Limits, checked_size, loads_bounded
@@ -81,6 +84,23 @@ class RecordFile(Sequence[dict]):
         for chunk in self.chunks(size):
             yield [r.get(name) for r in chunk]
 
+    def codes(self, name: str) -> tuple[np.ndarray, list[str]]:
+        """One field of few values (a record's source) as a code per row into the list of its values
+        ("" where absent, null or empty). Arrow's JSON reader parses the file in C++ threads, outside
+        the GIL, so a server computing this beside its pages stays responsive; a file it cannot read
+        as one string column of these rows (a value of another type) is read line by line instead."""
+        try:
+            values = _string_column(self.path, name)
+        except (pa.ArrowException, OSError):
+            values = None
+        if values is None or len(values) != len(self):
+            names: dict[str, int] = {"": 0}
+            codes = np.fromiter((names.setdefault(str(v or ""), len(names)) for chunk in self.field(name) for v in chunk),
+                                dtype=np.int32, count=len(self))  # fmt: skip
+            return codes, list(names)
+        encoded = pc.fill_null(values, "").dictionary_encode()
+        return encoded.indices.to_numpy(zero_copy_only=False).astype(np.int32), encoded.dictionary.to_pylist()
+
     def matching(self, needle: str, text_of: Callable[[dict], str], limit: int | None = None, size: int = 50_000) -> np.ndarray:
         """Rows whose `text_of(record)` contains `needle`, case-insensitively (str.lower), ascending;
         the first `limit` only. Reads `size` records' bytes at a time and parses only the lines
@@ -120,6 +140,14 @@ class RecordFile(Sequence[dict]):
         if not isinstance(value, dict):
             raise RunFileError(f"row {row}: expected a JSON object; {RESCORE}", path=self.path)
         return value
+
+
+def _string_column(path: Path, name: str) -> pa.Array:
+    """Field `name` of every line of a JSONL file as one string array (null where absent), the
+    other fields skipped; ArrowInvalid when a value is not a string or a line is not JSON."""
+    options = pa_json.ParseOptions(explicit_schema=pa.schema([(name, pa.string())]), unexpected_field_behavior="ignore")
+    with pa_json.open_json(path, read_options=pa_json.ReadOptions(block_size=_READ_BYTES), parse_options=options) as reader:
+        return pa.chunked_array([batch.column(0) for batch in reader], pa.string()).combine_chunks()
 
 
 def _raw_needle(needle: str) -> bytes | None:

@@ -14,6 +14,7 @@ otherwise.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -25,6 +26,8 @@ from threeds.rundir import layout
 from threeds.rundir.check import read_embeddings
 from threeds.rundir.progress import ProgressFile
 from threeds.selection.pick_order import PickOrder
+
+NICE = 10  # CFS then gives the job about a tenth of a core the server wants, and every idle cycle
 
 STEPS = 40  # progress updates over a job's picks
 _GATHER_ROWS = 16_384  # candidate rows copied out of the memory map at a time
@@ -65,7 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", type=int, required=True, help="how many picks")
     parser.add_argument("--out", type=Path, required=True, help=".npy the picks are written to")
     parser.add_argument("--progress", type=Path, required=True, help="progress.json, rewritten as the job goes")
+    parser.add_argument("--nice", type=int, default=NICE, help=f"added to the job's niceness (default {NICE}): the server and the browser "
+                        "that show the controls come first on a machine of few cores; the job takes the CPU they leave")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.nice and hasattr(os, "nice"):
+        os.nice(args.nice)
     try:
         candidates = np.load(args.candidates, allow_pickle=False)
         initial = np.load(args.initial, allow_pickle=False)
