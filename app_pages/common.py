@@ -25,7 +25,7 @@ import streamlit as st
 from app_pages import pick_jobs, state
 from threeds.config import SelectConfig
 from threeds.errors import describe
-from threeds.names import ATTEN_METHODS, METRIC_NAMES, metric_column
+from threeds.names import ATTEN_METHODS, METRIC_NAMES, METRICS, metric_column
 from threeds.rundir import layout
 from threeds.rundir.progress import duration, eta_seconds, run_time_left
 from threeds.rundir.read import (
@@ -41,13 +41,16 @@ from threeds.selection.apply import (
     Filtered,
     Selection,
     SelectionError,
+    column_order,
     empty_reason,
     explain,
     filter_rows,
     funnel,
     list_presets,
     pick_count,
+    pool_rows,
     quality_per_row,
+    sorted_pool,
 )
 from threeds.selection.pick_order import PickOrder
 from threeds.views.embed_map import load_or_compute_umap
@@ -303,10 +306,33 @@ def flags_coming(run: Run) -> None:
            f"Flagging the model's answers in the background (once per run; {len(run.metrics):,} answers); every control works meanwhile…")  # fmt: skip
 
 
+@st.cache_resource(max_entries=8, show_spinner=False)
+def _column_order(_run: Run, key: tuple, column: str) -> tuple[np.ndarray, np.ndarray]:
+    """A metric column's finite values ascending and their rows, once per run (23 MB per column at 1.9M rows)."""
+    return column_order(_run.metrics[column].to_numpy(dtype=np.float64))
+
+
+@st.cache_resource(max_entries=2, show_spinner=False)
+def _sorted_pool(_run: Run, key: tuple, pool: tuple, _config: SelectConfig, _flags: AnswerFlags | None) -> dict[str, np.ndarray] | None:
+    """Per metric, the pool's finite values sorted, kept while only the bands move: a band move then
+    finds its percentiles in constant time (np.percentile over 1.9M values took ~0.1 s a metric).
+    None when a metric column is missing (filter_rows then names it)."""
+    columns = {m: metric_column(m, _config.atten_method) for m in METRICS}
+    if not set(columns.values()) <= set(_run.metrics.columns):
+        return None
+    in_pool = pool_rows(_config, len(_run.metrics), quality_of(_run, key), _flags)[1]
+    return sorted_pool({m: _column_order(_run, key, c) for m, c in columns.items()}, in_pool)
+
+
 @st.cache_resource(max_entries=64, show_spinner=False)
 def _filtered(_run: Run, key: tuple, _config: SelectConfig, stages: tuple) -> Filtered:
     flags = answer_flags(_run) if _config.exclude_flags else None  # computed only when a rule needs them
-    return filter_rows(_config, _run.metrics, quality_of(_run, key), flags)
+    pool = (_config.quality_threshold, _config.exclude_flags, _config.atten_method)
+    try:
+        ordered = _sorted_pool(_run, key, pool, _config, flags)
+    except SelectionError:
+        ordered = None  # filter_rows says why
+    return filter_rows(_config, _run.metrics, quality_of(_run, key), flags, ordered)
 
 
 def filtered(run: Run, config: SelectConfig | None = None) -> Filtered:

@@ -490,3 +490,33 @@ def test_k_center_blas_on_one_thread_and_start_pass_in_small_blocks(monkeypatch)
     assert k_center_greedy(x, 120, seed=6, device="cpu").tolist() == expected
     assert during and all(threads == [1] * len(before) for threads in during)
     assert blas_threads() == before
+
+
+def test_bands_from_a_sorted_pool_are_numpys_percentiles_to_the_bit():
+    """`percentile_of_sorted` equals np.percentile exactly (its index and two-sided interpolation),
+    and filter_rows given the pool's sorted values (as the app keeps them per pool, from each
+    column's order) returns what it computes itself, NaN, inf and a quality pool included."""
+    from threeds.selection.apply import column_order, filter_rows, pool_rows, sorted_pool
+    from threeds.selection.kcenter import finite_sorted, percentile_of_sorted
+
+    rng = np.random.default_rng(3)
+    for n in (1, 2, 3, 7, 100, 1001):
+        values = np.round(rng.normal(size=n) * 10.0 ** rng.integers(-2, 3), int(rng.integers(0, 4)))
+        for q in (0.0, 100.0, 25.0, 75.0, 33.3, 66.7, 12.5, 99.9, float(rng.uniform(0, 100))):
+            assert percentile_of_sorted(finite_sorted(values), q) == np.percentile(values, q), (n, q)
+    assert np.isnan(percentile_of_sorted(np.empty(0), 50.0))
+    n = 500
+    metrics = pd.DataFrame({"id": [f"s{i}" for i in range(n)], **{c: rng.gamma(2.0, 1.0, n) for c in ("ins_ppl", "gt_wloss_mean", "gt_wloss_max", "gen_wloss_mean", "gen_wloss_max")}})
+    metrics.loc[rng.choice(n, 20), "ins_ppl"] = np.nan
+    metrics.loc[rng.choice(n, 5), "gen_wloss_mean"] = np.inf
+    quality = rng.uniform(60, 100, n)
+    quality[:7] = np.nan
+    for config in (SelectConfig(sample_num=5), SelectConfig(quality_threshold=90.0, ins_low=10.0, conf_up=95.0, corr_low=40.0, corr_up=41.0),
+                   SelectConfig(quality_threshold=None, atten_method="max", ins_low=0.0, ins_up=100.0)):  # fmt: skip
+        in_pool = pool_rows(config, n, quality)[1]
+        columns = {m: metric_column(m, config.atten_method) for m in METRICS}
+        ordered = sorted_pool({m: column_order(metrics[c].to_numpy()) for m, c in columns.items()}, in_pool)
+        fast, plain = filter_rows(config, metrics, quality, sorted_finite=ordered), filter_rows(config, metrics, quality)
+        assert (fast.in_bands == plain.in_bands).all() and fast.report == plain.report and 0 < plain.report["n_kept"] < n
+        copied, report = band_filter(metrics.iloc[np.flatnonzero(in_pool)], config.bands(), config.atten_method)  # the pool as a frame of its own
+        assert report == plain.report and (np.flatnonzero(in_pool)[copied] == np.flatnonzero(plain.in_bands)).all()

@@ -40,15 +40,42 @@ class NonFiniteError(ValueError):
 # ---------------------------------------------------------------------------- band filter
 
 
-def band_thresholds(values: np.ndarray, low: float, high: float) -> tuple[float, float]:
+def band_thresholds(values: np.ndarray, low: float, high: float, sorted_finite: np.ndarray | None = None) -> tuple[float, float]:
     """Values at the `low` and `high` percentiles of the finite entries (NaN, NaN if none); the band
-    is one `threeds.config` checked (`SelectConfig.bands()`, `resolve_bands`)."""
+    is one `threeds.config` checked (`SelectConfig.bands()`, `resolve_bands`). `sorted_finite`, when
+    given, is those entries already sorted (`finite_sorted`): then each end is found in constant time."""
+    if sorted_finite is not None:
+        return percentile_of_sorted(sorted_finite, low), percentile_of_sorted(sorted_finite, high)
     v = np.asarray(values, dtype=np.float64)
     finite = v[np.isfinite(v)]
     if finite.size == 0:
         return float("nan"), float("nan")
     lo, hi = np.percentile(finite, [low, high])  # numpy's default: linear interpolation
     return float(lo), float(hi)
+
+
+def finite_sorted(values: np.ndarray) -> np.ndarray:
+    """The finite entries of `values`, ascending, as float64: what `percentile_of_sorted` reads."""
+    v = np.asarray(values, dtype=np.float64)
+    return np.sort(v[np.isfinite(v)])
+
+
+def percentile_of_sorted(sorted_values: np.ndarray, q: float) -> float:
+    """`np.percentile(values, q)` (linear interpolation) from the values already sorted, equal to
+    numpy's to the last bit: the same virtual index ((n - 1) * q / 100), neighbours and two-sided
+    interpolation (numpy 2's `_lerp`), without numpy's O(n) partition. NaN for no values."""
+    n = len(sorted_values)
+    if n == 0:
+        return float("nan")
+    at = (n - 1) * np.true_divide(np.float64(q), 100)
+    below = np.floor(at)
+    if at >= n - 1:
+        return float(sorted_values[n - 1])
+    if at < 0:
+        return float(sorted_values[0])
+    a, b = sorted_values[int(below)], sorted_values[int(below) + 1]
+    t, diff = at - below, b - a
+    return float(b - diff * (1 - t) if t >= 0.5 else a + diff * t)
 
 
 def within(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
@@ -80,6 +107,8 @@ def band_filter(
     metrics: pd.DataFrame,
     bands: Mapping[str, Sequence[float]] | None = None,
     atten_method: str = SelectConfig.atten_method,
+    sorted_finite: Mapping[str, np.ndarray] | None = None,
+    pool: np.ndarray | None = None,
 ) -> tuple[np.ndarray, dict]:
     """Intersection of the three percentile bands (spec item 7) and a report of what each removed.
 
@@ -87,7 +116,10 @@ def band_filter(
     that metric's finite values. Report: `n_total`; `n_excluded_nan` (rows with a non-finite value
     in any metric); `n_finite`; per metric its column, band, thresholds `lo`/`hi`, `n_nan` with
     the reason, and `n_removed` (rows finite in all metrics that this band alone rejects; bands
-    overlap, so these do not add up); `n_kept`.
+    overlap, so these do not add up); `n_kept`. `pool` (bool per row) applies all of it to those
+    rows only, as a frame of them would, without copying them (the mask is then False outside);
+    `sorted_finite` (per metric, the finite values of those rows sorted, `finite_sorted`: the app
+    keeps them per pool) spares the percentiles' O(n) work.
     """
     bands = resolve_bands(bands)
     columns = {m: metric_column(m, atten_method) for m in METRICS}
@@ -95,11 +127,16 @@ def band_filter(
     if missing:
         raise ValueError(f"metrics table lacks columns {missing}")
     values = {m: metrics[c].to_numpy(dtype=np.float64) for m, c in columns.items()}
-    finite_all = np.logical_and.reduce([np.isfinite(v) for v in values.values()])
+    rows = np.ones(len(metrics), dtype=bool) if pool is None else np.asarray(pool, dtype=bool)
+    finite = {m: np.isfinite(v) for m, v in values.items()}
+    finite_all = np.logical_and.reduce([rows, *finite.values()])
     keep = finite_all.copy()
     per_metric = {}
     for m in METRICS:
-        lo, hi = band_thresholds(values[m], *bands[m])
+        if sorted_finite is not None:
+            lo, hi = band_thresholds(values[m], *bands[m], sorted_finite[m])
+        else:
+            lo, hi = band_thresholds(values[m] if pool is None else values[m][rows], *bands[m])
         inside = within(values[m], lo, hi)
         keep &= inside
         per_metric[m] = {
@@ -108,14 +145,15 @@ def band_filter(
             "band": list(bands[m]),
             "lo": _float_or_none(lo),
             "hi": _float_or_none(hi),
-            "n_nan": int((~np.isfinite(values[m])).sum()),
+            "n_nan": int((rows & ~finite[m]).sum()),
             "nan_reason": NAN_REASONS[m],
             "n_removed": int((finite_all & ~inside).sum()),
         }
+    n_total = int(rows.sum())
     report = {
-        "n_total": int(len(metrics)),
+        "n_total": n_total,
         "atten_method": atten_method,
-        "n_excluded_nan": int((~finite_all).sum()),
+        "n_excluded_nan": n_total - int(finite_all.sum()),
         "n_finite": int(finite_all.sum()),
         "metrics": per_metric,
         "n_kept": int(keep.sum()),
