@@ -32,8 +32,13 @@ RAY = EngineConfig(engine="ray")
 
 @pytest.fixture(scope="module")
 def cluster():
-    """One local cluster for the module (start-up takes ~10-20 s); yields its address."""
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    """One local cluster for the module (start-up takes ~10-20 s); yields its address. Its workers
+    run at the suite's own priority: Ray starts them at niceness 15, and on a saturated machine
+    (busy loops beside the suite) they then got so little CPU that the model actors were still
+    importing torch after 25 minutes."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("RAY_worker_niceness", "0")  # read by the raylet this init starts
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
