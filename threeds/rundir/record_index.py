@@ -86,8 +86,8 @@ class RecordFile(Sequence[dict]):
 
     def codes(self, name: str) -> tuple[np.ndarray, list[str]]:
         """One field of few values (a record's source) as a code per row into the list of its values
-        ("" where absent, null or empty). Arrow's JSON reader parses the file in C++ threads, outside
-        the GIL, so a server computing this beside its pages stays responsive; a file it cannot read
+        ("" where absent, null or empty). Arrow's JSON reader parses the file in C++, outside the GIL
+        and on one thread, so a server computing this beside its pages stays responsive; a file it cannot read
         as one string column of these rows (a value of another type) is read line by line instead."""
         try:
             values = _string_column(self.path, name)
@@ -146,7 +146,8 @@ def _string_column(path: Path, name: str) -> pa.Array:
     """Field `name` of every line of a JSONL file as one string array (null where absent), the
     other fields skipped; ArrowInvalid when a value is not a string or a line is not JSON."""
     options = pa_json.ParseOptions(explicit_schema=pa.schema([(name, pa.string())]), unexpected_field_behavior="ignore")
-    with pa_json.open_json(path, read_options=pa_json.ReadOptions(block_size=_READ_BYTES), parse_options=options) as reader:
+    read = pa_json.ReadOptions(block_size=_READ_BYTES, use_threads=False)  # one core: a server's pages keep the others
+    with pa_json.open_json(path, read_options=read, parse_options=options) as reader:
         return pa.chunked_array([batch.column(0) for batch in reader], pa.string()).combine_chunks()
 
 
