@@ -240,3 +240,16 @@ def test_the_quality_page_does_not_wait_for_a_large_runs_sources(tmp_path, monke
         mine = [r for r in ratings if source_of[r["id"]] == name]
         kept = sum(r["score"] is not None and r["score"] >= 95.0 for r in mine)
         assert (int(shown.loc[name, "rated"]), int(shown.loc[name, "kept"])) == (len(mine), kept), name
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a thread's own niceness is Linux's")
+def test_background_threads_run_nicer_than_the_server():
+    """Work the server does in the background (A' flags, sources) takes the CPU the pages leave:
+    its thread runs BACKGROUND_NICE steps nicer than the thread that started it (capped at 19)."""
+    import os
+
+    from app_pages import common
+
+    mine = os.getpriority(os.PRIO_PROCESS, 0)
+    seen = common.in_background(lambda: os.getpriority(os.PRIO_PROCESS, 0), "test").result(timeout=TIMEOUT)
+    assert seen == min(19, mine + common.BACKGROUND_NICE) and os.getpriority(os.PRIO_PROCESS, 0) == mine
