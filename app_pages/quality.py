@@ -32,10 +32,11 @@ def _sources(_run: Run, key: tuple) -> Future:
 
     def work() -> tuple[np.ndarray, list[str]] | None:
         ids = _run.ratings["id"].astype(str)
-        if _run.records is None:
-            return rating_sources(ids, np.full(len(ids), -1), (np.zeros(0, np.int32), []), _run.unscored_records)
-        rows = _run.row_of.ids.get_indexer(ids)
-        return rating_sources(ids, rows, scored_sources(_run.path, _run.records), _run.unscored_records if (rows < 0).any() else {})
+        if _run.records is None:  # no data.jsonl: every source from the input file
+            rows, scored = np.full(len(ids), -1), (np.zeros(0, np.int32), [])
+        else:
+            rows, scored = _run.row_of.ids.get_indexer(ids), scored_sources(_run.path, _run.records)
+        return rating_sources(ids, rows, scored, _run.unscored_records if (rows < 0).any() else {})
 
     return common.in_background(work, "threeds-sources")
 
