@@ -4,7 +4,7 @@ The settings become the `RunConfig` the launcher starts, and `threeds.config.pro
 `threeds run` applies to its flags) says what is wrong with it, so the form cannot start a run the
 command line would refuse. The data file is read at once with the reader the run uses
 (`threeds.io.data.read_records`), an upload under its own name, so a bad line is named before
-anything starts, and the model is checked as the loader will (`threeds.model.load.model_problem`: it
+anything starts, and the model is checked as the loader will (`threeds.model.files.model_problem`: it
 exists, is a model directory, a GGUF file or a hub id in the local cache). Start stays disabled while
 anything is wrong, and says why.
 """
@@ -36,6 +36,7 @@ from threeds.config import (
 )  # fmt: skip
 from threeds.errors import ThreedsError
 from threeds.io.data import read_records
+from threeds.model.files import model_problem
 from threeds.rundir import jobs
 from threeds.rundir.read import NOT_RUNS
 from threeds.stages.rate import PROMPT_NAMES
@@ -160,10 +161,8 @@ def name_problems(name: str) -> dict[str, str]:
 
 
 def model_problems(spec: str | None) -> dict[str, str]:
-    """What the run's model loader would refuse about `spec` (`threeds.model.load.model_problem`), found
+    """What the run's model loader would refuse about `spec` (`threeds.model.files.model_problem`), found
     before the run starts: a missing path, a plain folder, a file that is not GGUF, an uncached hub id."""
-    from threeds.model.load import model_problem  # torch: only when a model is typed
-
     problem = model_problem(spec) if spec else None
     return {"Model": problem.removeprefix(f"--model {spec}: ")} if problem else {}
 

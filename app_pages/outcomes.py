@@ -17,6 +17,7 @@ from app_pages import state as app_state
 from app_pages.new_run import start_background
 from threeds.config import ExperimentConfig, TrainConfig, problems, to_argv
 from threeds.errors import SettingsError, ThreedsError
+from threeds.model.files import model_problem
 from threeds.outcomes import pace, report
 from threeds.outcomes.arms import parse_arms
 from threeds.outcomes.benchsets import BUNDLED
@@ -275,10 +276,8 @@ def experiment_problems(run_dir: Path, config: ExperimentConfig, train: TrainCon
         experiment_dir(run_dir, config.name)
     except SettingsError as exc:
         found["Arms and name"] = common.one_line_error(exc)
-    if model is None:  # the embedded model: nothing to check, and no torch import before the page is drawn
+    if model is None:  # the embedded model: nothing to check
         return found
-    from threeds.model.load import model_problem  # torch: only for a model to check
-
     problem = model_problem(model)
     if problem:
         found["Model"] = f"the run's model: {problem}"

@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from threeds.model.layer_cut import save_cut  # noqa: E402
-from threeds.model.load import load_model, model_label  # noqa: E402
+from threeds.model.files import model_label  # noqa: E402
+from threeds.model.load import load_model  # noqa: E402
 
 
 def main() -> int:

@@ -176,7 +176,7 @@ def llama_server(tmp_path_factory):
     """llama.cpp's OpenAI-compatible server (llama-cpp-python[server]) on the embedded GGUF."""
     if not LLAMA_CPP:
         pytest.skip('llama-cpp-python is not installed: pip install "llama-cpp-python[server]==0.3.36"')
-    from threeds.model.load import embedded_gguf_path
+    from threeds.model.files import embedded_gguf_path
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

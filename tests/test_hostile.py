@@ -523,7 +523,8 @@ def test_a_hub_id_without_network_fails_at_once(no_hub, tmp_path, caplog):
 
 
 def test_hf_hub_offline_is_honoured_without_a_request(no_hub, tmp_path, monkeypatch):
-    from threeds.model.load import ModelError, resolve_model
+    from threeds.model.files import ModelError
+    from threeds.model.load import resolve_model
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr("huggingface_hub.HfApi.model_info", lambda *a, **k: pytest.fail("a request was made"))

@@ -12,7 +12,8 @@ from conftest import ROOT
 
 from threeds.config import ScoreConfig, SelectConfig
 from threeds.io.data import read_records
-from threeds.model.load import embedded_gguf_path, load_model
+from threeds.model.files import embedded_gguf_path
+from threeds.model.load import load_model
 from threeds.selection.apply import select_dir
 from threeds.stages.pipeline import score_run
 

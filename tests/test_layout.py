@@ -124,7 +124,7 @@ FILE_NAME = re.compile(r"[\w.\-]*[\w\-]\.(?:json|jsonl|npy|npz|parquet|safetenso
 NAMED_BY = {
     ".lock": LIBRARY / "io" / "lock.py",
     **dict.fromkeys(("config.json", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"),
-                    LIBRARY / "model" / "load.py"),  # transformers'
+                    LIBRARY / "model" / "files.py"),  # transformers'
     **dict.fromkeys(("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"), LIBRARY / "model" / "lora.py"),  # PEFT's
     **dict.fromkeys(("ori_pqal.json", "test_ground_truth.json"), LIBRARY / "outcomes" / "benchsets.py"),  # PubMedQA's release
     **dict.fromkeys(("_sharegpt.json", "_selected.json"), LIBRARY / "views" / "export.py"),  # files the user exports

@@ -187,6 +187,30 @@ def test_ratings_are_read_as_columns_with_the_line_reader_as_fallback(tmp_path):
     assert mixed["id"].tolist() == ["b", "a", "7"] and mixed["score"].iloc[2] == 80.0
 
 
+@pytest.mark.parametrize("rows, ids, scores", [
+    ([{"id": "a", "score": 90, "raw": "90", "seconds": 0.1}, {"id": "b", "score": 70.5}], ["a", "b"], [90.0, 70.5]),  # typed: other fields skipped
+    ([{"id": 1, "score": 90}, {"id": 2, "score": 80}], ["1", "2"], [90.0, 80.0]),  # ids as numbers: types inferred
+    ([{"id": "a", "score": None, "error": "x"}, {"id": "b", "score": None}], ["a", "b"], [np.nan, np.nan]),  # never a score
+])  # fmt: skip
+def test_ratings_read_with_their_types_given_or_inferred_alike(tmp_path, rows, ids, scores):
+    from threeds.rundir.read import read_ratings
+
+    path = tmp_path / "ratings.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    frame = read_ratings(path)
+    assert frame["id"].tolist() == ids and np.array_equal(frame["score"].to_numpy(), scores, equal_nan=True)
+    path.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "score"}) + "\n" for r in rows))
+    with pytest.raises(RunFileError, match=r"rows lack \['score'\]"):
+        read_ratings(path)
+
+
+def test_has_repeats_counts_distinct_values():
+    from threeds.rundir.check import has_repeats
+
+    assert not has_repeats(pd.Series(["a", "b", "c"])) and has_repeats(pd.Series(["a", "b", "a"]))
+    assert not has_repeats(pd.Series([], dtype=str))
+
+
 def test_float16_rows_are_used_as_they_are_and_pick_exactly_as_their_float32_copy():
     from threeds.selection.arrays import NumpyOps
     from threeds.selection.kcenter import k_center_greedy

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 from threeds.errors import ServerDownError, ThreedsError
+from threeds.model.files import model_label
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -94,8 +95,6 @@ class LocalBackend:
 
     @property
     def label(self) -> str:
-        from threeds.model.load import model_label
-
         return model_label(self.model_spec)
 
     @property

@@ -49,7 +49,7 @@ from threeds.config import EvalConfig, ModelConfig, check_settings
 from threeds.errors import SettingsError, ThreedsError
 from threeds.io.data import DataError, append_jsonl, read_jsonl, write_json, write_jsonl
 from threeds.io.lock import locked
-from threeds.model.load import model_label
+from threeds.model.files import model_label
 from threeds.model.prompts import PromptFormat
 from threeds.model.prompts import prompt_format as make_prompt_format
 from threeds.outcomes.benchsets import LETTERS, Bench, BenchItem

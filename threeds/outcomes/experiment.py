@@ -36,7 +36,8 @@ from threeds.config import (
 from threeds.errors import SettingsError, ThreedsError
 from threeds.io.data import write_json
 from threeds.io.lock import locked
-from threeds.model.load import load_model, model_label
+from threeds.model.files import model_label
+from threeds.model.load import load_model
 from threeds.model.lora import merged
 from threeds.outcomes import report
 from threeds.outcomes.arms import SIZED, Arm, ArmSource, default_baseline, parse_arms

@@ -33,7 +33,8 @@ from threeds.config import ModelConfig, ScoreConfig
 from threeds.io.data import full_instruction
 from threeds.model.attention import capture_last_layer, use_threeds_attention
 from threeds.model.function_words import FunctionWords
-from threeds.model.load import load_model, model_label
+from threeds.model.files import model_label
+from threeds.model.load import load_model
 from threeds.model.prompts import PromptFormat, prompt_format
 from threeds.names import SCORE_COLUMNS, TOKEN_COLUMNS
 
