@@ -7,7 +7,10 @@ A user message may hold a directive `[[k=v;k=v]]` that shapes the reply to it:
 directive only to the first N attempts of that message (default: every attempt). Attempts are
 counted per directive text, so give each record its own (e.g. include its id). Without a
 directive the reply is `default_reply` (a string, or a function of the message), after `delay`
-seconds. `max_in_flight` is the most requests it was answering at once.
+seconds. `max_in_flight` is the most requests it was answering at once; with `gate`, every request
+waits until `gate` of them are in flight (then the gate stays open), which shows a client's
+concurrency whatever the machine's speed (with a delay alone, on a busy machine the first replies
+went out before the last requests of a wave were sent).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 DIRECTIVE = re.compile(r"\[\[([^\]]*)\]\]")
+GATE_WAIT_S = 120  # the longest a request waits for the gate: a client that never gets there fails its test
 
 
 class _Server(ThreadingHTTPServer):
@@ -32,12 +36,13 @@ class FakeOpenAIServer:
 
     def __init__(
         self, default_reply: str | Callable[[str], str] = "85", delay: float = 0.0, model: str = "fake-model",
-        keep_alive: bool = False,
+        keep_alive: bool = False, gate: int = 0,
     ) -> None:  # fmt: skip
         """keep_alive: speak HTTP/1.1 so clients reuse connections; `connections` counts them."""
         self.default_reply, self.delay, self.model = default_reply, delay, model
         self.keep_alive, self.connections = keep_alive, 0
         self.in_flight = self.max_in_flight = 0
+        self.gate, self.opened = gate, threading.Event()
         self.attempts: Counter[str] = Counter()
         self.requests: list[dict] = []
         self.lock = threading.Lock()
@@ -107,7 +112,10 @@ class FakeOpenAIServer:
                 with server.lock:
                     server.in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                    if server.in_flight >= server.gate:
+                        server.opened.set()
                 try:
+                    server.opened.wait(GATE_WAIT_S)
                     time.sleep(float(rules.get("sleep", server.delay)))
                     self._answer(rules, content)
                 finally:

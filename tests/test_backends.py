@@ -21,6 +21,7 @@ from threeds.errors import ServerDownError
 from threeds.model.backends import BackendError, LocalBackend, OpenAIBackend
 
 FAST = {"retries": 2, "backoff": 0.01, "timeout": 5.0}
+PATIENT = FAST | {"timeout": 120.0}  # behind a server's gate: a retried request would count twice in flight
 
 
 @pytest.fixture()
@@ -82,10 +83,10 @@ def test_400_after_a_success_fails_only_its_record(server):
 
 
 def test_concurrency_is_bounded_and_replies_keep_prompt_order():
-    with FakeOpenAIServer(default_reply=lambda content: content.upper(), delay=0.05) as server:
+    with FakeOpenAIServer(default_reply=lambda content: content.upper(), delay=0.05, gate=3) as server:
         seen = []
         prompts = [f"p{i}" for i in range(12)]
-        replies = OpenAIBackend(server.base_url, concurrency=3, **FAST).chat(prompts, 8, on_reply=lambda i, r: seen.append(i))
+        replies = OpenAIBackend(server.base_url, concurrency=3, **PATIENT).chat(prompts, 8, on_reply=lambda i, r: seen.append(i))
         assert [r.text for r in replies] == [p.upper() for p in prompts]
         assert sorted(seen) == list(range(12))
         assert server.max_in_flight == 3
@@ -95,8 +96,8 @@ def test_concurrency_is_bounded_and_replies_keep_prompt_order():
 def test_connections_are_reused_above_a_hundred_in_flight():
     """The SDK's own pool keeps only 100 idle connections: at 150 in flight, 50 would be reopened
     for every wave of requests. The backend sizes the pool to its concurrency."""
-    with FakeOpenAIServer(delay=0.5, keep_alive=True) as server:
-        replies = OpenAIBackend(server.base_url, "m", concurrency=150, **FAST).chat(["x"] * 450, 4)
+    with FakeOpenAIServer(delay=0.05, keep_alive=True, gate=150) as server:
+        replies = OpenAIBackend(server.base_url, "m", concurrency=150, **PATIENT).chat(["x"] * 450, 4)
         assert all(r.text == "85" for r in replies)
         assert server.max_in_flight == 150
         assert server.connections <= 160  # about one per worker, not one per request
