@@ -12,8 +12,9 @@ import streamlit as st
 from app_pages import common, state
 from threeds.rundir import layout
 from threeds.rundir.read import Run, run_settings
+from threeds.rundir.sources import scored_sources
 from threeds.selection.quality import kept_per_bin, quality_mask
-from threeds.views.sources import rating_sources, scored_sources
+from threeds.views.sources import rating_sources
 
 EXAMPLES = 3
 

@@ -47,7 +47,7 @@ from threeds.rundir import layout  # noqa: E402
 QUIET_MS = 600
 WAIT_S = 900  # the longest a page may take to settle (a cold map or k-center at the paper's shape)
 PENDING = ".st-key-picks_pending"  # the background picks' panel (app_pages/common.pending_picks)
-APP_CACHES = (layout.PICK_ORDERS, *layout.REPEAT_SHARES, *layout.SOURCES, layout.PRESETS)  # left out of a cold copy
+APP_CACHES = (layout.PICK_ORDERS, *layout.REPEAT_SHARES, layout.PRESETS)  # left out of a cold copy (the row index and sources: Stage 2 writes them)
 MAP_CACHES = layout.UMAP
 OBSERVER = """
 window.__last = performance.now();

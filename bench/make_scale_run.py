@@ -242,12 +242,13 @@ def make_scale_run(out: Path, n: int, dim: int, dtype: str = "float32", seed: in
 
 
 def index_records(out: Path) -> None:
-    """data.jsonl's row index, as Stage 2 leaves it (`RunDir.consolidate`): a first open of the run
-    (the app, `threeds select`) then costs what it costs after a real `threeds score`."""
+    """data.jsonl's row index and its records' sources, as Stage 2 leaves them (`RunDir.consolidate`):
+    a first open of the run (the app, `threeds select`) then costs what it costs after a real `threeds score`."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from threeds.rundir.check import read_scored_records
+    from threeds.rundir.sources import scored_sources
 
-    read_scored_records(out, pq.read_table(out / "metrics.parquet", columns=["id"])["id"].to_pylist())
+    scored_sources(out, read_scored_records(out, pq.read_table(out / "metrics.parquet", columns=["id"])["id"].to_pylist()))
 
 
 def short_copy(source: Path, out: Path) -> Path:

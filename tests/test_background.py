@@ -218,7 +218,7 @@ def test_the_quality_page_does_not_wait_for_a_large_runs_sources(tmp_path, monke
     import threading
 
     from app_pages import common
-    from threeds.views import sources
+    from threeds.rundir import sources
 
     cache = tmp_path / "cache"
     monkeypatch.setenv("THREEDS_CACHE", str(cache))

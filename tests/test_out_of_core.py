@@ -106,7 +106,8 @@ def test_loading_a_float16_run_makes_no_float32_copy_of_the_embeddings(tmp_path)
 
 def test_make_scale_run_writes_a_run_threeds_reads(tmp_path):
     run = make_scale_run(tmp_path / "s", n=4000, dim=24, dtype="float16", seed=1, chunk=1500, token_rows=5)
-    assert len(np.load(run / layout.DATA_INDEX[0])) == 4001  # left as Stage 2 leaves it
+    assert len(np.load(run / layout.DATA_INDEX[0])) == 4001  # left as Stage 2 leaves it, with the sources
+    assert all((run / name).is_file() for name in layout.SOURCES)
     loaded = load_run(run)
     assert loaded.errors == {} and loaded.embeddings.shape == (4000, 24) and loaded.embeddings.dtype == np.float16
     assert len(loaded.ratings) == 4200 and (loaded.ratings["score"].to_numpy()[:4000] >= 85).all()
@@ -151,12 +152,14 @@ def test_stage2_writes_float16_embeddings_chunk_by_chunk(tmp_path):
     assert ScoreConfig(embeddings_dtype="float16").recorded(ModelConfig())["embeddings_dtype"] == "float16"
 
 
-def test_stage2_leaves_the_row_index_so_the_first_open_parses_no_record(tmp_path, monkeypatch):
+def test_stage2_leaves_the_row_index_and_sources_so_the_first_open_parses_no_record(tmp_path, monkeypatch):
     from threeds.rundir import record_index
     from threeds.rundir.check import read_scored_records
+    from threeds.rundir.sources import scored_sources
     from threeds.rundir.write import RunDir
 
-    records = [{"id": f"s{i}", "instruction": "q" * (i + 1), "output": "ä"} for i in range(5)]
+    records = [{"id": f"s{i}", "instruction": "q" * (i + 1), "output": "ä", **({"source": "pubmed" if i % 2 else 7} if i < 4 else {})}
+               for i in range(5)]  # fmt: skip
     metrics = pd.DataFrame({"id": [r["id"] for r in records], "ins_ppl": np.arange(5.0)})
     run = RunDir(tmp_path / "r")
     run.write_chunk(0, metrics, np.zeros((5, 2), np.float32), pd.DataFrame({"id": metrics["id"]}))
@@ -170,6 +173,9 @@ def test_stage2_leaves_the_row_index_so_the_first_open_parses_no_record(tmp_path
 
     monkeypatch.setattr(record_index, "index_lines", parse)
     assert read_scored_records(tmp_path / "r", list(metrics["id"])).take([4, 0]) == [records[4], records[0]]
+    monkeypatch.setattr(RecordFile, "codes", parse)
+    codes, names = scored_sources(tmp_path / "r", read_scored_records(tmp_path / "r", list(metrics["id"])))
+    assert [names[c] for c in codes] == ["7", "pubmed", "7", "pubmed", ""]  # as RecordFile.codes reads them
 
 
 def test_ratings_are_read_as_columns_with_the_line_reader_as_fallback(tmp_path):
@@ -245,7 +251,7 @@ def test_a_field_of_every_record_as_codes_read_by_arrow_or_line_by_line(tmp_path
 def test_the_scored_records_sources_are_read_once_and_kept_beside_the_run(tmp_path, monkeypatch):
     """The first call reads data.jsonl; a later one reads layout.SOURCES, not a record; a changed
     data.jsonl (its stamp) or a corrupt cache is read again."""
-    from threeds.views.sources import scored_sources
+    from threeds.rundir.sources import scored_sources
 
     run = make_run(tmp_path / "r", n=12, n_dropped=0)
     records = load_run(run).records

@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -94,10 +94,7 @@ class RecordFile(Sequence[dict]):
         except (pa.ArrowException, OSError):
             values = None
         if values is None or len(values) != len(self):
-            names: dict[str, int] = {"": 0}
-            codes = np.fromiter((names.setdefault(str(v or ""), len(names)) for chunk in self.field(name) for v in chunk),
-                                dtype=np.int32, count=len(self))  # fmt: skip
-            return codes, list(names)
+            return codes_of((v for chunk in self.field(name) for v in chunk), len(self))
         encoded = pc.fill_null(values, "").dictionary_encode()
         return encoded.indices.to_numpy(zero_copy_only=False).astype(np.int32), encoded.dictionary.to_pylist()
 
@@ -140,6 +137,14 @@ class RecordFile(Sequence[dict]):
         if not isinstance(value, dict):
             raise RunFileError(f"row {row}: expected a JSON object; {RESCORE}", path=self.path)
         return value
+
+
+def codes_of(values: Iterable, count: int = -1) -> tuple[np.ndarray, list[str]]:
+    """Values of few kinds as a code per value into the list of the kinds (as text; "" for None or
+    empty), in the order first seen."""
+    names: dict[str, int] = {"": 0}
+    codes = np.fromiter((names.setdefault(str(v or ""), len(names)) for v in values), dtype=np.int32, count=count)
+    return codes, list(names)
 
 
 def _string_column(path: Path, name: str) -> pa.Array:

@@ -27,12 +27,13 @@ from threeds.io.data import write_json, write_jsonl
 from threeds.rundir import layout
 from threeds.rundir.check import read_manifest
 from threeds.rundir.record_index import open_records
+from threeds.rundir.sources import keep_sources, source_codes
 
 CHUNK_PARTS = (layout.TOKENS, layout.CHUNK_EMBEDDINGS, layout.METRICS)  # in the order written: metrics last
 # Files the run's writer replaces atomically (the app's caches beside them are not its own; data.jsonl's
-# row index is both: consolidation writes it, a reader that finds it stale writes it again).
+# row index and sources are both: consolidation writes them, a reader that finds them stale writes them again).
 WRITER_FILES = (layout.MANIFEST, layout.PROGRESS, layout.STATUS, layout.REJECTS, layout.SELECTION, layout.SELECTED,
-                *layout.SCORE_OUTPUTS, *layout.DATA_INDEX)  # fmt: skip
+                *layout.SCORE_OUTPUTS, *layout.DATA_INDEX, *layout.SOURCES)  # fmt: skip
 PACKAGES = ("threeds", "torch", "transformers", "numpy", "pandas", "pyarrow", "spacy", "jieba")
 
 
@@ -117,18 +118,18 @@ class RunDir:
         if ids != [r["id"] for r in records]:
             raise RunError(f"{self.chunks}: chunks do not match the input records; delete the run and score again")
         write_jsonl(self.file(layout.DATA), records)
-        self._index_records(ids)
+        self._index_records(ids, records)
         atomic_write(self.file(layout.EMBEDDINGS), lambda f: _join_npy(f, parts, np.dtype(embeddings_dtype)))
         atomic_write(self.file(layout.TOKENS), lambda f: tokens.to_parquet(f, index=False))
         atomic_write(self.file(layout.METRICS), lambda f: metrics.to_parquet(f, index=False))
         return metrics
 
-    def _index_records(self, ids: list) -> None:
-        """data.jsonl's row index made now, while its pages are in the cache, so that the first open of
-        a large run (the app, `threeds select`) reads 8 bytes a row instead of parsing every record.
-        Ids that are not strings make a run the readers refuse: nothing to index then."""
+    def _index_records(self, ids: list, records: list[dict]) -> None:
+        """data.jsonl's row index and its records' sources, made now while they are at hand, so that
+        the first open of a large run (the app, `threeds select`) reads 8 + 4 bytes a row instead of
+        parsing every record. Ids that are not strings make a run the readers refuse: nothing to index then."""
         if all(isinstance(i, str) for i in ids):
-            open_records(self.file(layout.DATA), ids, self.path)
+            keep_sources(self.path, open_records(self.file(layout.DATA), ids, self.path), *source_codes(records))
 
     def clear_scores(self) -> None:
         """Forget earlier scoring output (used with --overwrite or a changed config)."""
