@@ -5,6 +5,7 @@ single-process answers into the same per-record log, and either engine finishes 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections import Counter
@@ -189,3 +190,24 @@ def test_ray_engine_with_the_openai_backend_is_an_error(tmp_path, caplog):
     assert cli(args) == 1
     assert "--engine ray" in caplog.text and "--backend openai" in caplog.text
     assert not (tmp_path / "g.generations.jsonl").exists()
+
+
+def test_a_local_cluster_threeds_starts_runs_its_workers_at_the_drivers_priority(monkeypatch):
+    """Ray starts workers at niceness 15: beside other work they crawl. threeds asks for 0 when it
+    may start the cluster itself, leaves a cluster at an address alone, and a user's own setting stays."""
+    from threeds.stages import engine_ray
+
+    seen = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda address, **kw: seen.append((address, os.environ.get("RAY_worker_niceness"))))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_worker_niceness", raising=False)
+    assert engine_ray._connect(None) is True
+    monkeypatch.delenv("RAY_worker_niceness")
+    engine_ray._connect("ray://head:10001")
+    monkeypatch.setenv("RAY_ADDRESS", "head:6379")
+    engine_ray._connect(None)
+    monkeypatch.delenv("RAY_ADDRESS")
+    monkeypatch.setenv("RAY_worker_niceness", "5")
+    engine_ray._connect(None)
+    assert seen == [(None, "0"), ("ray://head:10001", None), (None, None), (None, "5")]

@@ -24,6 +24,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -86,13 +87,22 @@ def _import_ray():
     return ray
 
 
+WORKER_NICENESS = "0"  # of a local cluster's workers that threeds starts (Ray's default: 15)
+
+
 def _connect(address: str | None) -> bool:
     """Join the cluster at `address` (None: Ray's default, `RAY_ADDRESS` or a local cluster);
-    True when this call started the connection, so the caller shuts it down again."""
+    True when this call started the connection, so the caller shuts it down again. A local cluster
+    that this call may start runs its workers at the driver's priority unless RAY_worker_niceness
+    says otherwise: they do the scoring while the driver waits, and at Ray's niceness 15 beside
+    other work on the machine they crawled (the model actors of a test run beside four busy loops
+    were still importing torch after 25 minutes)."""
     import ray
 
     if ray.is_initialized():
         return False
+    if address is None and not os.environ.get("RAY_ADDRESS"):
+        os.environ.setdefault("RAY_worker_niceness", WORKER_NICENESS)  # read by the raylet that init starts
     ray.init(address=address, log_to_driver=False)
     return True
 
