@@ -109,6 +109,7 @@ class Filtered:
 
     quality_ok: np.ndarray  # bool per row: rated >= threshold (all True without a threshold)
     flagged: dict[str, np.ndarray]  # per flag of exclude_flags: bool per row, A' carries it
+    pool: np.ndarray  # bool per row: kept by quality and not flagged, what the bands' percentiles are taken over
     in_bands: np.ndarray  # bool per row: in the pool and inside all three bands
     excluded: np.ndarray  # bool per row: an exclude rule names it
     included: np.ndarray  # bool per row: an include rule names it
@@ -116,14 +117,6 @@ class Filtered:
     initial: np.ndarray  # positions in `candidates` of the include ids, in rule order
     report: dict  # `band_filter`'s report over the pool
     quality: np.ndarray | None  # Stage-1 score per row (None: the run has no ratings)
-
-    @property
-    def pool(self) -> np.ndarray:
-        """Bool per row: kept by quality and not flagged, the samples the bands' percentiles are taken over."""
-        out = self.quality_ok.copy()
-        for mask in self.flagged.values():
-            out &= ~mask
-        return out
 
 
 def pool_rows(config: SelectConfig, n: int, quality: np.ndarray | None, flags: AnswerFlags | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -171,7 +164,7 @@ def filter_rows(config: SelectConfig, metrics: pd.DataFrame, quality: np.ndarray
     excluded, included = _mask(n, _rule_rows(row_of, config.exclude, "exclude")), _mask(n, include)
     candidates = np.flatnonzero((in_bands & ~excluded) | included)
     initial = np.searchsorted(candidates, include)
-    return Filtered(quality_ok, flagged, in_bands, excluded, included, candidates, initial.astype(np.int64), report, quality)
+    return Filtered(quality_ok, flagged, pool, in_bands, excluded, included, candidates, initial.astype(np.int64), report, quality)
 
 
 def _rule_rows(row_of: pd.Index | None, ids: Sequence[str], rule: str) -> np.ndarray:
