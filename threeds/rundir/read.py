@@ -231,7 +231,8 @@ def read_ratings(path: Path) -> pd.DataFrame:
     return frame.drop_duplicates("id", keep="last").reset_index(drop=True) if has_repeats(frame["id"]) else frame
 
 
-_RATING_TYPES = pa_json.ParseOptions(explicit_schema=pa.schema([("id", pa.string()), ("score", pa.float64())]), unexpected_field_behavior="ignore")
+_RATING_TYPES = pa_json.ParseOptions(explicit_schema=pa.schema([("id", pa.string()), ("score", pa.float64())]),
+                                     unexpected_field_behavior="ignore")  # fmt: skip
 
 
 def _rating_columns(path: Path) -> pd.DataFrame:
