@@ -14,7 +14,7 @@ A first visit is timed from the browser's navigation start (performance.now()'s 
 script Chromium runs before the page's own) to the first paint of the page's content (its title,
 the h1, drawn by the page's script: the server has run the page's imports and started the page)
 and to the last repaint. First visits are timed twice: cold (a server just started on a copy of the run without any of
-the app's caches: no pick orders, no A' repeat shares; the map's umap.npy is kept unless
+the app's caches: no pick orders or presets (what Stage 2 leaves beside data.jsonl is kept); the map's umap.npy is kept unless
 --cold-map, its time is `bench/map_scale.py`'s) and warm (a new browser session on the same
 server, after the moves). The copy is a folder of symbolic links to the run's files, so a run of
 many gigabytes costs nothing to copy and the run itself is never written.
@@ -47,7 +47,7 @@ from threeds.rundir import layout  # noqa: E402
 QUIET_MS = 600
 WAIT_S = 900  # the longest a page may take to settle (a cold map or k-center at the paper's shape)
 PENDING = ".st-key-picks_pending"  # the background picks' panel (app_pages/common.pending_picks)
-APP_CACHES = (layout.PICK_ORDERS, *layout.REPEAT_SHARES, layout.PRESETS)  # left out of a cold copy (the row index and sources: Stage 2 writes them)
+APP_CACHES = (layout.PICK_ORDERS, layout.PRESETS)  # left out of a cold copy (the row index, sources and A' checks: Stage 2 writes them)
 MAP_CACHES = layout.UMAP
 OBSERVER = """
 window.__last = performance.now();

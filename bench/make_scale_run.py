@@ -242,13 +242,17 @@ def make_scale_run(out: Path, n: int, dim: int, dtype: str = "float32", seed: in
 
 
 def index_records(out: Path) -> None:
-    """data.jsonl's row index and its records' sources, as Stage 2 leaves them (`RunDir.consolidate`):
-    a first open of the run (the app, `threeds select`) then costs what it costs after a real `threeds score`."""
+    """data.jsonl's row index, its records' sources and their A' checks, as Stage 2 leaves them
+    (`RunDir.consolidate`, `keep_answer_checks`): a first open of the run (the app, `threeds select`)
+    then costs what it costs after a real `threeds score`."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from threeds.rundir.check import read_scored_records
     from threeds.rundir.sources import scored_sources
+    from threeds.selection.answer_flags import cached_answer_checks
 
-    scored_sources(out, read_scored_records(out, pq.read_table(out / "metrics.parquet", columns=["id"])["id"].to_pylist()))
+    records = read_scored_records(out, pq.read_table(out / "metrics.parquet", columns=["id"])["id"].to_pylist())
+    scored_sources(out, records)
+    cached_answer_checks(out, records)
 
 
 def short_copy(source: Path, out: Path) -> Path:

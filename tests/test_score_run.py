@@ -18,7 +18,11 @@ from waiting import WAIT, wait_for
 from threeds.config import ModelConfig, ScoreConfig
 from threeds.io.data import read_jsonl
 from threeds.names import SCORE_COLUMNS
+from threeds.rundir.check import read_scored_records
+from threeds.rundir.record_index import RecordFile
+from threeds.rundir.sources import scored_sources
 from threeds.rundir.write import RunError
+from threeds.selection.answer_flags import cached_answer_checks, repeat_shares
 from threeds.stages.pipeline import score_run
 
 
@@ -54,6 +58,15 @@ def test_score_run_writes_every_file(tmp_path, tiny_model_dir):
     assert manifest["data"]["n_scored"] == 6 and manifest["data"]["n_rejected"] == 1
     assert manifest["status"] == "scored" and "transformers" in manifest["packages"]
     assert not (run / "chunks").exists()
+    # what a reader would otherwise parse data.jsonl for is left beside it: each record's source, its A' checks
+    found = read_scored_records(run, list(metrics.id))
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(RecordFile, "field", lambda *a, **k: pytest.fail("data.jsonl parsed again"))
+        m.setattr(RecordFile, "codes", lambda *a, **k: pytest.fail("data.jsonl parsed again"))
+        codes, names = scored_sources(run, found)
+        shares, empty = cached_answer_checks(run, found)
+    assert [names[c] for c in codes] == ["synthetic"] * 6 and not empty.any()
+    assert shares.tolist() == repeat_shares([d["generated_output"] for d in data]).tolist()
     # same config again: nothing recomputed; another config: refused unless --overwrite
     assert score_run(records, run, lexical, model, progress=False)["timings"] == manifest["timings"]
     with pytest.raises(RunError, match="--overwrite"):

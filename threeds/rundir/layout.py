@@ -37,7 +37,7 @@ CHUNK_EMBEDDINGS = "emb.npy"  # a chunk's part beside its TOKENS and METRICS: ch
 PICK_ORDERS = "pick_orders"  # k-center orders (io.array_cache pairs)
 PRESETS = "selections"  # named selections saved by the app
 UMAP = ("umap.npy", "umap.json")  # the app's 2-D map: array, description
-REPEAT_SHARES = ("repeat_shares.npy", "repeat_shares.json")  # A' repeat rule per sample: array, description
+REPEAT_SHARES = ("repeat_shares.npy", "repeat_shares.json")  # A' checks per sample (repeat share, blank): array, description (Stage 2 writes them)
 SOURCES = ("sources.npy", "sources.json")  # each scored record's source: codes, description with the names (Stage 2 writes them beside DATA_INDEX)
 # The app's background k-center job (a temporary folder; threeds.selection.pick_job): its inputs,
 # its picks and its output, beside a PROGRESS file

@@ -31,9 +31,9 @@ from threeds.rundir.sources import keep_sources, source_codes
 
 CHUNK_PARTS = (layout.TOKENS, layout.CHUNK_EMBEDDINGS, layout.METRICS)  # in the order written: metrics last
 # Files the run's writer replaces atomically (the app's caches beside them are not its own; data.jsonl's
-# row index and sources are both: consolidation writes them, a reader that finds them stale writes them again).
+# row index, sources and A' checks are both: Stage 2 writes them, a reader that finds them stale writes them again).
 WRITER_FILES = (layout.MANIFEST, layout.PROGRESS, layout.STATUS, layout.REJECTS, layout.SELECTION, layout.SELECTED,
-                *layout.SCORE_OUTPUTS, *layout.DATA_INDEX, *layout.SOURCES)  # fmt: skip
+                *layout.SCORE_OUTPUTS, *layout.DATA_INDEX, *layout.SOURCES, *layout.REPEAT_SHARES)  # fmt: skip
 PACKAGES = ("threeds", "torch", "transformers", "numpy", "pandas", "pyarrow", "spacy", "jieba")
 
 

@@ -208,22 +208,33 @@ class _Answers(Sequence):
 
 
 def cached_answer_checks(run_dir: Path, records: RecordFile, chunk: int = 50_000) -> tuple[np.ndarray, np.ndarray]:
-    """Per record of data.jsonl, the repeat share and the blankness of its A', computed `chunk`
-    records at a time and kept in the run directory (`layout.REPEAT_SHARES`, described by
-    data.jsonl's size and mtime, as its row index is): a run of 1.9M answers is read once."""
-    meta = {"data": records.stamp, "rows": len(records), "n": REPEAT_N, "min_count": REPEAT_MIN_COUNT, "columns": ["share", "empty"]}
+    """Per record of data.jsonl, the repeat share and the blankness of its A', kept in the run
+    directory (`layout.REPEAT_SHARES`, described by data.jsonl's size and mtime, as its row index
+    is): Stage 2 writes them (`keep_answer_checks`); for a run scored before, they are computed
+    here `chunk` records at a time, so a run of 1.9M answers is read once."""
     array, description = (run_dir / name for name in layout.REPEAT_SHARES)
-    cached = read_cached(array, description, meta, (len(records), 2))
+    cached = read_cached(array, description, _checks_meta(records), (len(records), 2))
     if cached is None:
-        cached = np.empty((len(records), 2))
-        start = 0
-        for texts in records.field("generated_output", chunk):
-            texts = ["" if t is None else str(t) for t in texts]
-            cached[start : start + len(texts), 0] = repeat_shares(texts)
-            cached[start : start + len(texts), 1] = [is_blank(t) for t in texts]
-            start += len(texts)
-        write_cached(array, description, cached, meta)
+        cached = np.concatenate([answer_checks(texts) for texts in records.field("generated_output", chunk)] or [np.empty((0, 2))])
+        write_cached(array, description, cached, _checks_meta(records))
     return cached[:, 0], cached[:, 1] > 0
+
+
+def keep_answer_checks(run_dir: Path, records: RecordFile, answers: Sequence[str | None]) -> None:
+    """Stage 2's: the checks of the A' it has just written to data.jsonl (`records`), made from the
+    answers at hand (~2 min at 1.9M), so that no reader parses data.jsonl's gigabytes for them."""
+    array, description = (run_dir / name for name in layout.REPEAT_SHARES)
+    write_cached(array, description, answer_checks(answers), _checks_meta(records))
+
+
+def answer_checks(answers: Sequence[str | None]) -> np.ndarray:
+    """Per A', its repeat share and whether it is blank (1.0), as two columns."""
+    texts = ["" if t is None else str(t) for t in answers]
+    return np.column_stack([repeat_shares(texts), [is_blank(t) for t in texts]]).reshape(len(texts), 2)
+
+
+def _checks_meta(records: RecordFile) -> dict:
+    return {"data": records.stamp, "rows": len(records), "n": REPEAT_N, "min_count": REPEAT_MIN_COUNT, "columns": ["share", "empty"]}
 
 
 def cached_repeat_shares(run_dir: Path, texts: Sequence[str | None]) -> np.ndarray:

@@ -39,10 +39,11 @@ from threeds.io.sampling import stratified_sample
 from threeds.model.backends import Backend, LocalBackend, OpenAIBackend
 from threeds.names import METRIC_COLUMNS
 from threeds.rundir import layout
-from threeds.rundir.check import selected_records
+from threeds.rundir.check import read_scored_records, selected_records
 from threeds.rundir.progress import ProgressFile, TerminalBar, fan_out, set_ahead
 from threeds.rundir.proxy_link import proxy_link
 from threeds.rundir.write import RunDir, RunError, package_versions
+from threeds.selection.answer_flags import keep_answer_checks
 from threeds.selection.apply import select_dir
 from threeds.stages.engine import Engine
 from threeds.stages.generate import generate_records
@@ -206,6 +207,7 @@ def _score_run(
         spent = score_chunks(run, _engine(score, spec, engine, loaded), chunks, pending, progress)
         timings = {name: timings.get(name, 0.0) + seconds for name, seconds in spent.items()}
     metrics = run.consolidate(len(chunks), kept, score.embeddings_dtype)
+    keep_answer_checks(run.path, read_scored_records(run.path, list(metrics["id"])), [r.get("generated_output") for r in kept])
     manifest = run.update_manifest(status="scored", timings=timings, report=score_report(metrics))  # the marker, last
     run.remove_chunks()
     return manifest
