@@ -11,6 +11,7 @@ from threeds.config import ModelConfig, TrainConfig, add_arguments, from_args
 from threeds.errors import ThreedsError
 from threeds.io.data import loads_bounded, read_text
 from threeds.io.lock import locked
+from threeds.model.files import model_label
 from threeds.outcomes.arms import Arm, ArmSource
 from threeds.rundir.progress import TerminalBar
 
@@ -80,10 +81,7 @@ def _unique(path: Path, ids: list[str], unit: str) -> list[str]:
 
 
 def main(args: argparse.Namespace) -> int:
-    from threeds.model.load import (
-        model_label,  # torch and transformers only when it trains: not for `threeds --help`
-    )
-    from threeds.outcomes.train import train_arm
+    from threeds.outcomes.train import train_arm  # torch and transformers only when it trains: not for `threeds --help`
 
     config = from_args(TrainConfig, args)
     source = ArmSource(args.run)
