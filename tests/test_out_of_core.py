@@ -106,7 +106,7 @@ def test_loading_a_float16_run_makes_no_float32_copy_of_the_embeddings(tmp_path)
 
 def test_make_scale_run_writes_a_run_threeds_reads(tmp_path):
     run = make_scale_run(tmp_path / "s", n=4000, dim=24, dtype="float16", seed=1, chunk=1500, token_rows=5)
-    assert len(np.load(run / layout.DATA_INDEX[0])) == 4001  # left as Stage 2 leaves it, with the sources
+    assert len(np.load(run / layout.DATA_INDEX[0])) == 4001  # left as Stage 2 leaves it, with the sources and A' checks
     assert all((run / name).is_file() for name in (*layout.SOURCES, *layout.REPEAT_SHARES))
     loaded = load_run(run)
     assert loaded.errors == {} and loaded.embeddings.shape == (4000, 24) and loaded.embeddings.dtype == np.float16
@@ -257,7 +257,7 @@ def test_the_scored_records_sources_are_read_once_and_kept_beside_the_run(tmp_pa
     records = load_run(run).records
     codes, names = scored_sources(run, records)
     assert [names[c] for c in codes] == [r["source"] for r in _lines(run)]
-    assert all((run / name).is_file() for name in (*layout.SOURCES, *layout.REPEAT_SHARES))
+    assert all((run / name).is_file() for name in layout.SOURCES)
 
     def no_reading(*args, **kwargs):
         raise AssertionError("data.jsonl read again")
