@@ -123,6 +123,7 @@ def browser(tmp_path_factory):
     options.set_capability("goog:loggingPrefs", {"performance": "ALL"})  # every request, for `requested_urls`
     driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
     driver.set_page_load_timeout(TIMEOUT)
+    driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": RUNS_HOOK})
     try:
         yield driver
     finally:
@@ -141,40 +142,66 @@ def body_text(driver) -> str:
     return driver.execute_script("return document.body.innerText")
 
 
-# Counts the script runs the page has begun: Streamlit's app root carries the run's state in its
-# data-test-script-state attribute (the hook its own browser tests use); every change is recorded, so
-# a run that begins and ends between two polls still counts.
-RUNS = """
-const app = document.querySelector('[data-testid="stApp"]');
-if (!app) return -1;
-if (window.threedsRuns === undefined) {
-  window.threedsRuns = 0;
-  new MutationObserver(records => records.forEach((r, i) => {
-    const now = i + 1 < records.length ? records[i + 1].oldValue : app.getAttribute('data-test-script-state');
-    if (now === 'running') window.threedsRuns += 1;
-  })).observe(app, {attributes: true, attributeOldValue: true, attributeFilter: ['data-test-script-state']});
-}
-return window.threedsRuns;
-"""
+# Counts the script runs that ended, read from the server's messages as they arrive (ForwardMsg
+# protobufs: field 6 `script_finished`, whose value 2 is a run cut short by a rerun; field 9
+# `session_status_changed`, its field 2 `script_is_running`). The app root's data-test-script-state
+# cannot count them: React may render `running` and `notRunning` in one commit, so a short run under
+# load never shows, and a rerun asked for during a run merges into it. Installed before the page's
+# own scripts (`browser`), for every page the tab loads.
+RUNS_HOOK = """(() => {
+window.threedsRuns = {ended: 0, running: false};
+const varint = (b, at) => { let v = 0, shift = 0, c; do { c = b[at++]; v += (c & 0x7f) * 2 ** shift; shift += 7; } while (c & 0x80); return [v, at]; };
+const fields = (b, seen) => { let at = 0; while (at < b.length) {
+  let key, v; [key, at] = varint(b, at);
+  const field = Math.floor(key / 8), wire = key % 8;
+  if (wire === 0) { [v, at] = varint(b, at); seen(field, v); }
+  else if (wire === 2) { [v, at] = varint(b, at); seen(field, b.subarray(at, at + v)); at += v; }
+  else if (wire === 1 || wire === 5) at += wire === 1 ? 8 : 4;
+  else return;
+} };
+const Native = window.WebSocket;
+window.WebSocket = class extends Native {
+  constructor(...args) {
+    super(...args);
+    this.addEventListener('message', event => {
+      if (!(event.data instanceof ArrayBuffer)) return;
+      fields(new Uint8Array(event.data), (field, value) => {
+        if (field === 6 && value !== 2) window.threedsRuns.ended += 1;
+        if (field === 9) { let running = false; fields(value, (f, v) => { if (f === 2) running = v === 1; }); window.threedsRuns.running = running; }
+      });
+    });
+  }
+};
+})();"""
 
 
 def runs(driver) -> int:
-    """Script runs begun since the page loaded (counted from the first call on it). Read it while the
-    app is idle: a rerun asked for during a run continues the `running` state and is not counted."""
-    return wait_for(driver, lambda d: (n := d.execute_script(RUNS)) >= 0 and n + 1, "the app's root") - 1
+    """Script runs (whole or fragment) that ended since the page loaded, read when the server last said
+    no run was under way and the page shows none: a count taken during a run would already hold it."""
+    read = "const r = window.threedsRuns; const app = document.querySelector('[data-testid=\"stApp\"]'); " \
+           "return r && app && !r.running && app.getAttribute('data-test-script-state') === 'notRunning' ? [r.ended] : null;"  # fmt: skip
+    return wait_for(driver, lambda d: d.execute_script(read), "the app idle, its runs counted")[0]
 
 
 def idle(driver, since: int | None = None) -> None:
-    """Wait until the script run finished: its state on the app's root says it is not running and no
-    status widget shows; with `since` (`runs` before an action that reruns the script), until a run
-    begun after it finished too, so a rerun that has not started yet is not taken for idle."""
+    """Wait until the script run finished: the server and the app's root say no run is under way and
+    no status widget shows; with `since` (`runs` before an action that reruns the script), until a
+    run ended after it too, so a rerun that has not started yet is not taken for idle."""
+    from selenium.common.exceptions import TimeoutException
 
     def settled(d) -> bool:
         state = d.execute_script("return document.querySelector('[data-testid=\"stApp\"]')?.getAttribute('data-test-script-state')")
-        return (state == "notRunning" and (since is None or runs(d) > since)
+        counted = d.execute_script("return window.threedsRuns")
+        return (state == "notRunning" and counted is not None and not counted["running"] and (since is None or counted["ended"] > since)
                 and not d.find_elements("css selector", '[data-testid="stStatusWidget"]'))  # fmt: skip
 
-    wait_for(driver, settled, "app idle")
+    try:
+        wait_for(driver, settled, "app idle")
+    except TimeoutException:  # say what was seen: a run never begun, one never ended, a status shown
+        state = driver.execute_script("return document.querySelector('[data-testid=\"stApp\"]')?.getAttribute('data-test-script-state')")
+        status = [e.text for e in driver.find_elements("css selector", '[data-testid="stStatusWidget"]')]
+        counted = driver.execute_script("return window.threedsRuns")
+        raise AssertionError(f"app not idle: script state {state!r}, runs {counted} (since {since}), status widget {status}") from None
 
 
 def metrics(driver) -> dict[str, str]:
