@@ -175,12 +175,22 @@ window.WebSocket = class extends Native {
 })();"""
 
 
+def app_state(driver) -> tuple[str | None, dict | None]:
+    """The app root's script state and the runs counted from the server's messages (`RUNS_HOOK`)."""
+    return tuple(driver.execute_script(
+        "return [document.querySelector('[data-testid=\"stApp\"]')?.getAttribute('data-test-script-state'), window.threedsRuns];"
+    ))  # fmt: skip
+
+
+def quiet(state: str | None, counted: dict | None) -> bool:
+    """No run under way, as the server last said and as the page shows."""
+    return state == "notRunning" and counted is not None and not counted["running"]
+
+
 def runs(driver) -> int:
-    """Script runs (whole or fragment) that ended since the page loaded, read when the server last said
-    no run was under way and the page shows none: a count taken during a run would already hold it."""
-    read = "const r = window.threedsRuns; const app = document.querySelector('[data-testid=\"stApp\"]'); " \
-           "return r && app && !r.running && app.getAttribute('data-test-script-state') === 'notRunning' ? [r.ended] : null;"  # fmt: skip
-    return wait_for(driver, lambda d: d.execute_script(read), "the app idle, its runs counted")[0]
+    """Script runs (whole or fragment) that ended since the page loaded, read when no run is under
+    way: a count taken during a run would already hold it."""
+    return wait_for(driver, lambda d: quiet(*(now := app_state(d))) and now[1]["ended"] + 1, "the app idle, its runs counted") - 1
 
 
 def idle(driver, since: int | None = None) -> None:
@@ -190,18 +200,15 @@ def idle(driver, since: int | None = None) -> None:
     from selenium.common.exceptions import TimeoutException
 
     def settled(d) -> bool:
-        state = d.execute_script("return document.querySelector('[data-testid=\"stApp\"]')?.getAttribute('data-test-script-state')")
-        counted = d.execute_script("return window.threedsRuns")
-        return (state == "notRunning" and counted is not None and not counted["running"] and (since is None or counted["ended"] > since)
+        state, counted = app_state(d)
+        return (quiet(state, counted) and (since is None or counted["ended"] > since)
                 and not d.find_elements("css selector", '[data-testid="stStatusWidget"]'))  # fmt: skip
 
     try:
         wait_for(driver, settled, "app idle")
     except TimeoutException:  # say what was seen: a run never begun, one never ended, a status shown
-        state = driver.execute_script("return document.querySelector('[data-testid=\"stApp\"]')?.getAttribute('data-test-script-state')")
         status = [e.text for e in driver.find_elements("css selector", '[data-testid="stStatusWidget"]')]
-        counted = driver.execute_script("return window.threedsRuns")
-        raise AssertionError(f"app not idle: script state {state!r}, runs {counted} (since {since}), status widget {status}") from None
+        raise AssertionError(f"app not idle: script state and runs {app_state(driver)} (since {since}), status widget {status}") from None
 
 
 def metrics(driver) -> dict[str, str]:
